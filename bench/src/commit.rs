@@ -1,0 +1,289 @@
+//! Output-commit latency: the time from the primary appending an output marker (behind an
+//! input entry of `--payload` bytes) until it sees the backup's ACK for it — the wait every
+//! guest output pays under the output rule. The primary (this thread) and the backup (a second
+//! thread running the real channel over the real medium) are pinned to different cores. In the
+//! same run the raw medium's own ping-pong of the same payload is measured, so each row is also
+//! a ratio: what the protocol costs over the medium.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use logfmt::{ControlOp, Entry, Event, Position};
+use serde::Serialize;
+use transport::{shm, tcp, BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
+
+use crate::raw::{self, RawConfig, RawMedium};
+
+/// Media the commit benchmark knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Medium {
+    /// Kernel TCP on loopback, waits sleep in poll(2).
+    Tcp,
+    /// Kernel TCP on loopback, busy-polled non-blocking sockets.
+    TcpSpin,
+    /// A ring in memory shared by the two sides.
+    Shm,
+}
+
+impl Medium {
+    fn name(self) -> &'static str {
+        match self {
+            Medium::Tcp => "tcp",
+            Medium::TcpSpin => "tcp-spin",
+            Medium::Shm => "shm",
+        }
+    }
+
+    fn raw(self) -> RawMedium {
+        match self {
+            Medium::Tcp => RawMedium::TcpBlocking,
+            Medium::TcpSpin => RawMedium::TcpSpin,
+            Medium::Shm => RawMedium::Shm,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CommitArgs {
+    /// Media to measure (comma separated).
+    #[arg(long = "transport", value_delimiter = ',', default_value = "tcp-spin")]
+    transports: Vec<Medium>,
+    /// Bytes of guest input logged before each output marker (and sent each way by the raw
+    /// ping-pong).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Measured commits per medium.
+    #[arg(long, default_value_t = 100_000)]
+    count: u64,
+    /// Commits before measuring, excluded.
+    #[arg(long, default_value_t = 10_000)]
+    warmup: u64,
+    /// Core for the primary.
+    #[arg(long, default_value_t = 0)]
+    primary_core: usize,
+    /// Core for the backup.
+    #[arg(long, default_value_t = 1)]
+    backup_core: usize,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// One row of results; later media add rows with the same fields.
+#[derive(Debug, Serialize)]
+pub struct CommitRow {
+    transport: String,
+    payload_bytes: usize,
+    count: u64,
+    commit_p50_us: f64,
+    commit_p90_us: f64,
+    commit_p99_us: f64,
+    commit_p999_us: f64,
+    commit_max_us: f64,
+    raw_p50_us: f64,
+    raw_p99_us: f64,
+    overhead_ratio_p50: f64,
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
+    let key = PreSharedKey::new(b"ftvm-bench-pre-shared-key".to_vec())?;
+    let mut cfg = ChannelConfig::new(0xBE7C, 1, key);
+    cfg.blocking = medium == Medium::Tcp;
+    cfg.poll = PollPolicy::BUSY;
+    cfg.heartbeat_timeout = Duration::from_secs(2);
+    Ok(cfg)
+}
+
+fn pin(core: usize) {
+    let found = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.id == core);
+    match found {
+        Some(id) if core_affinity::set_for_current(id) => {}
+        _ => eprintln!("warning: could not pin to core {core}; running unpinned"),
+    }
+}
+
+pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    println!(
+        "output commit latency: {} B input + output marker per commit, {} commits after {} warm-up, primary core {}, backup core {}",
+        args.payload, args.count, args.warmup, args.primary_core, args.backup_core
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7}",
+        "transport", "p50 µs", "p90", "p99", "p99.9", "max", "raw p50", "raw p99", "ratio"
+    );
+    let mut rows = Vec::new();
+    for &medium in &args.transports {
+        let commit = measure_commit(medium, args)
+            .with_context(|| format!("commit latency over {}", medium.name()))?;
+        let raw = raw::ping_pong(
+            medium.raw(),
+            &RawConfig {
+                payload: args.payload.max(8),
+                count: args.count,
+                warmup: args.warmup,
+                client_core: Some(args.primary_core),
+                server_core: Some(args.backup_core),
+            },
+        )
+        .with_context(|| format!("raw ping-pong over {}", medium.name()))?;
+        let row = CommitRow {
+            transport: medium.name().into(),
+            payload_bytes: args.payload,
+            count: args.count,
+            commit_p50_us: us(&commit, 0.5),
+            commit_p90_us: us(&commit, 0.9),
+            commit_p99_us: us(&commit, 0.99),
+            commit_p999_us: us(&commit, 0.999),
+            commit_max_us: commit.max() as f64 / 1000.0,
+            raw_p50_us: us(&raw, 0.5),
+            raw_p99_us: us(&raw, 0.99),
+            overhead_ratio_p50: us(&commit, 0.5) / us(&raw, 0.5).max(f64::MIN_POSITIVE),
+        };
+        println!(
+            "{:<10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2}",
+            row.transport,
+            row.commit_p50_us,
+            row.commit_p90_us,
+            row.commit_p99_us,
+            row.commit_p999_us,
+            row.commit_max_us,
+            row.raw_p50_us,
+            row.raw_p99_us,
+            row.overhead_ratio_p50
+        );
+        rows.push(row);
+    }
+    if let Some(path) = &args.json {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let json = serde_json::json!({ "rows": rows });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs the backup end until it sees a Shutdown entry.
+fn backup_loop<L: BackupLink>(mut backup: transport::Backup<L>) -> anyhow::Result<u64> {
+    let mut entries = 0u64;
+    let mut done = false;
+    let mut poller = PollPolicy::BUSY.poller();
+    while !done {
+        let n = backup.poll(|frame| {
+            for entry in frame.entries() {
+                entries += 1;
+                if entry.event == Event::Control(ControlOp::Shutdown) {
+                    done = true;
+                }
+            }
+        })?;
+        if n == 0 {
+            poller.wait();
+        } else {
+            poller.reset();
+        }
+    }
+    // Let the primary see the last ACK before this end goes away.
+    let until = Instant::now() + Duration::from_millis(50);
+    while Instant::now() < until {
+        if backup.poll(|_| {}).is_err() {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+fn primary_loop<L: PrimaryLink>(
+    mut primary: transport::Primary<L>,
+    args: &CommitArgs,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let input = vec![0xA5u8; args.payload];
+    let mut exit = 0u64;
+    for i in 0..args.warmup + args.count {
+        exit += 1;
+        let start = Instant::now();
+        if !input.is_empty() {
+            primary.append(&Entry::new(
+                Position::at_exit(exit),
+                Event::DeviceInput {
+                    device: 1,
+                    data: &input,
+                },
+            ))?;
+        }
+        let seq = primary.append(&Entry::new(
+            Position::at_exit(exit),
+            Event::OutputMarker {
+                device: 2,
+                len: args.payload as u32,
+                digest: i,
+            },
+        ))?;
+        primary.wait_acked(seq)?;
+        let took = start.elapsed();
+        if i >= args.warmup {
+            hist.saturating_record(took.as_nanos() as u64);
+        }
+    }
+    let end = primary.append(&Entry::new(
+        Position::at_exit(exit + 1),
+        Event::Control(ControlOp::Shutdown),
+    ))?;
+    primary.wait_acked(end)?;
+    Ok(hist)
+}
+
+fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram<u64>> {
+    let backup_core = args.backup_core;
+    match medium {
+        Medium::Tcp | Medium::TcpSpin => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            let cfg = channel_config(medium)?;
+            let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+                pin(backup_core);
+                backup_loop(tcp::accept(&listener, cfg)?)
+            });
+            pin(args.primary_core);
+            let primary = tcp::connect(addr, channel_config(medium)?)?;
+            let hist = primary_loop(primary, args);
+            join(backup)?;
+            hist
+        }
+        Medium::Shm => {
+            let sock = std::env::temp_dir().join(format!("ftvm-bench-{}.sock", std::process::id()));
+            let listener = shm::listen(&sock)?;
+            let cfg = channel_config(medium)?;
+            let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+                pin(backup_core);
+                backup_loop(shm::accept(&listener, cfg)?)
+            });
+            pin(args.primary_core);
+            let primary = shm::connect(&sock, channel_config(medium)?)?;
+            let hist = primary_loop(primary, args);
+            join(backup)?;
+            let _ = std::fs::remove_file(&sock);
+            hist
+        }
+    }
+}
+
+fn join(handle: std::thread::JoinHandle<anyhow::Result<u64>>) -> anyhow::Result<u64> {
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("backup thread panicked"))?
+}

@@ -1,0 +1,33 @@
+//! ftvm's benchmark harness.
+//!
+//! `bench ring` measures the log ring between two pinned threads (records/s, GB/s);
+//! `bench commit` measures output-commit latency per medium next to the raw medium's ping-pong.
+//! Results print as a table; `--json PATH` writes them for plots and reports.
+
+mod commit;
+mod raw;
+mod ring;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "bench", about = "ftvm benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ring push→pop throughput between two threads pinned to different cores.
+    Ring(ring::RingArgs),
+    /// Output-commit latency per medium, next to the raw medium's ping-pong.
+    Commit(commit::CommitArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Ring(args) => ring::run(&args),
+        Command::Commit(args) => commit::run(&args),
+    }
+}

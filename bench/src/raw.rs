@@ -1,0 +1,997 @@
+//! Raw medium baselines: ping-pong round-trip latency over the bare medium, with none of the
+//! log channel's protocol on top, so that `bench` can report the protocol's overhead as a ratio.
+//!
+//! Two threads of this process play the two sides: the client (the timing side, "primary")
+//! sends `payload` bytes and waits for them to come back; the server ("backup") echoes them.
+//! One sample is one measured round trip, timed with [`Instant`] around send + receive
+//! (including the copies into and out of the medium), recorded in nanoseconds.
+//!
+//! Every echoed payload is compared in full with what was sent (its first and last 8 bytes
+//! carry the round-trip index, the rest a fixed pattern), and the server checks the index too,
+//! so a broken medium fails the run instead of producing a flattering number.
+//!
+//! Busy-waiting sides spin with [`std::hint::spin_loop`] and call [`thread::yield_now`] every
+//! [`YIELD_EVERY`] empty polls, so two spinners that share a core (unpinned, or on a 2-core
+//! machine with something else running) still make progress. A side that waits for more than
+//! [`STALL_TIMEOUT`], or whose peer thread failed, gives up with an error instead of hanging.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Once;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use core_affinity::CoreId;
+use hdrhistogram::Histogram;
+
+/// Which raw medium to ping-pong over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawMedium {
+    /// Loopback TCP, blocking `write_all`/`read_exact`, `TCP_NODELAY` on both sides.
+    TcpBlocking,
+    /// Loopback TCP, non-blocking sockets busy-polled, `TCP_NODELAY` on both sides.
+    TcpSpin,
+    /// Two cache-line-aligned shared-memory mailboxes, each a sequence number plus payload.
+    Shm,
+}
+
+#[derive(Debug, Clone)]
+pub struct RawConfig {
+    /// Bytes sent each way per round trip (8 ..= 64 KiB).
+    pub payload: usize,
+    /// Measured round trips.
+    pub count: u64,
+    /// Round trips before measuring, excluded from the histogram.
+    pub warmup: u64,
+    /// Pin the timing side (the "primary") here.
+    pub client_core: Option<usize>,
+    /// Pin the echo side (the "backup") here.
+    pub server_core: Option<usize>,
+}
+
+/// Smallest payload: the round-trip index travels in the first 8 bytes.
+const MIN_PAYLOAD: usize = 8;
+/// Largest payload accepted, for every medium alike.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// Empty polls between two `yield_now` calls in a busy wait.
+const YIELD_EVERY: u32 = 1000;
+/// A side that sees no progress for this long fails instead of waiting forever.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Histogram range: 1 ns to 60 s, 3 significant digits.
+const HIST_LOW: u64 = 1;
+const HIST_HIGH: u64 = 60_000_000_000;
+const HIST_SIGFIG: u8 = 3;
+
+/// Round-trip times in nanoseconds, one sample per measured round trip.
+pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram<u64>> {
+    ensure!(
+        (MIN_PAYLOAD..=MAX_PAYLOAD).contains(&cfg.payload),
+        "raw ping-pong payload must be {MIN_PAYLOAD}..={MAX_PAYLOAD} bytes, got {}",
+        cfg.payload
+    );
+    let total = cfg
+        .warmup
+        .checked_add(cfg.count)
+        .context("raw ping-pong: warmup + count overflows u64")?;
+    let hist = Histogram::<u64>::new_with_bounds(HIST_LOW, HIST_HIGH, HIST_SIGFIG)
+        .context("creating the round-trip histogram")?;
+    let pins = Pins::resolve(cfg);
+    let peer_failed = FailFlag::default();
+    let plan = Plan {
+        payload: cfg.payload,
+        warmup: cfg.warmup,
+        total,
+        pins,
+    };
+    let run = || -> anyhow::Result<Histogram<u64>> {
+        match medium {
+            RawMedium::TcpBlocking => {
+                let (client, server) = tcp_pair()?;
+                for s in [&client, &server] {
+                    s.set_read_timeout(Some(STALL_TIMEOUT))
+                        .context("setting the socket read timeout")?;
+                    s.set_write_timeout(Some(STALL_TIMEOUT))
+                        .context("setting the socket write timeout")?;
+                }
+                drive(
+                    BlockingTcp(client),
+                    BlockingTcp(server),
+                    hist,
+                    &plan,
+                    &peer_failed,
+                )
+            }
+            RawMedium::TcpSpin => {
+                let (client, server) = tcp_pair()?;
+                for s in [&client, &server] {
+                    s.set_nonblocking(true)
+                        .context("making the socket non-blocking")?;
+                }
+                drive(
+                    SpinTcp::new(client, &peer_failed),
+                    SpinTcp::new(server, &peer_failed),
+                    hist,
+                    &plan,
+                    &peer_failed,
+                )
+            }
+            RawMedium::Shm => {
+                let ping = Mailbox::new(cfg.payload);
+                let pong = Mailbox::new(cfg.payload);
+                drive(
+                    ShmEnd::new(&ping, &pong, &peer_failed),
+                    ShmEnd::new(&pong, &ping, &peer_failed),
+                    hist,
+                    &plan,
+                    &peer_failed,
+                )
+            }
+        }
+    };
+    run().with_context(|| {
+        format!(
+            "raw {medium:?} ping-pong ({} B payload, {} round trips + {} warm-up)",
+            cfg.payload, cfg.count, cfg.warmup
+        )
+    })
+}
+
+/// What both threads need to know about one run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    payload: usize,
+    warmup: u64,
+    total: u64,
+    pins: Pins,
+}
+
+/// One side of a medium: moves exactly `buf.len()` bytes per call.
+trait Endpoint {
+    fn send(&mut self, buf: &[u8]) -> anyhow::Result<()>;
+    fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()>;
+}
+
+/// Runs the echo server and the timing client on two pinned threads and joins both.
+fn drive<C, S>(
+    client: C,
+    server: S,
+    hist: Histogram<u64>,
+    plan: &Plan,
+    peer_failed: &FailFlag,
+) -> anyhow::Result<Histogram<u64>>
+where
+    C: Endpoint + Send,
+    S: Endpoint + Send,
+{
+    let plan = *plan;
+    thread::scope(|scope| {
+        let server_thread = thread::Builder::new()
+            .name("raw-echo".into())
+            .spawn_scoped(scope, move || {
+                // The endpoint outlives `guarded`, so the flag is raised before a failing
+                // side's socket closes and the peer sees EOF: the first failure is known.
+                let mut server = server;
+                guarded(peer_failed, Side::Echo, || {
+                    pin_current(plan.pins.server, "echo (server)");
+                    echo_loop(&mut server, &plan)
+                })
+            })
+            .context("spawning the echo thread")?;
+        let client_thread = match thread::Builder::new()
+            .name("raw-client".into())
+            .spawn_scoped(scope, move || {
+                let mut client = client;
+                guarded(peer_failed, Side::Client, || {
+                    pin_current(plan.pins.client, "client");
+                    client_loop(&mut client, hist, &plan)
+                })
+            }) {
+            Ok(handle) => handle,
+            Err(e) => {
+                // The client endpoint is already dropped (closing a socket); the flag stops
+                // a spinning server.
+                peer_failed.raise(Side::Client);
+                let server = join(server_thread, "echo");
+                return Err(anyhow::Error::new(e).context(match server {
+                    Ok(()) => "spawning the client thread".to_owned(),
+                    Err(s) => format!("spawning the client thread (echo thread: {s:#})"),
+                }));
+            }
+        };
+        let client = join(client_thread, "client");
+        let server = join(server_thread, "echo");
+        match (client, server) {
+            (Ok(hist), Ok(())) => Ok(hist),
+            (Err(c), Ok(())) => Err(c.context("client thread")),
+            (Ok(_), Err(s)) => Err(s.context("echo thread")),
+            (Err(c), Err(s)) if peer_failed.first() == Some(Side::Echo) => {
+                Err(s.context(format!("echo thread (then the client thread: {c:#})")))
+            }
+            (Err(c), Err(s)) => {
+                Err(c.context(format!("client thread (then the echo thread: {s:#})")))
+            }
+        }
+    })
+}
+
+/// The timing side: send, wait for the echo, record, verify.
+fn client_loop<E: Endpoint>(
+    ep: &mut E,
+    mut hist: Histogram<u64>,
+    plan: &Plan,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut out = pattern(plan.payload);
+    let mut back = vec![0u8; plan.payload];
+    for i in 0..plan.total {
+        stamp(&mut out, i);
+        let start = Instant::now();
+        ep.send(&out)
+            .with_context(|| format!("round trip {i}: sending"))?;
+        ep.recv(&mut back)
+            .with_context(|| format!("round trip {i}: waiting for the echo"))?;
+        let rtt = start.elapsed();
+        if back != out {
+            let differ = out.iter().zip(&back).filter(|(a, b)| a != b).count();
+            bail!(
+                "round trip {i}: echoed payload differs from the one sent in {differ} of {} \
+                 bytes (it carries index {}, expected {i})",
+                plan.payload,
+                index_of(&back)
+            );
+        }
+        if i >= plan.warmup {
+            hist.saturating_record(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    Ok(hist)
+}
+
+/// The echo side: receive, check the index, send the same bytes back.
+fn echo_loop<E: Endpoint>(ep: &mut E, plan: &Plan) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; plan.payload];
+    for i in 0..plan.total {
+        ep.recv(&mut buf)
+            .with_context(|| format!("round trip {i}: waiting for the request"))?;
+        let first = index_of(&buf);
+        // Below 16 bytes the two stamps overlap and only the first survives intact.
+        let last = if buf.len() >= 16 {
+            last_index_of(&buf)
+        } else {
+            first
+        };
+        ensure!(
+            first == i && last == i,
+            "round trip {i}: request carries indices {first} and {last}, expected {i}"
+        );
+        ep.send(&buf)
+            .with_context(|| format!("round trip {i}: sending the echo"))?;
+    }
+    Ok(())
+}
+
+/// A fixed, non-zero byte pattern so a medium that drops or zeroes bytes is caught.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| (j as u8).wrapping_mul(167).wrapping_add(13))
+        .collect()
+}
+
+/// Writes the round-trip index into the first and the last 8 bytes (they overlap below 16 B).
+fn stamp(buf: &mut [u8], index: u64) {
+    let bytes = index.to_le_bytes();
+    let len = buf.len();
+    buf[len - 8..].copy_from_slice(&bytes);
+    buf[..8].copy_from_slice(&bytes);
+}
+
+fn index_of(buf: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&buf[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+fn last_index_of(buf: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&buf[buf.len() - 8..]);
+    u64::from_le_bytes(bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: pinning, failure propagation, joining.
+
+/// Resolved cores for the two threads (`None`: run unpinned).
+#[derive(Debug, Clone, Copy)]
+struct Pins {
+    client: Option<CoreId>,
+    server: Option<CoreId>,
+}
+
+impl Pins {
+    fn resolve(cfg: &RawConfig) -> Pins {
+        if cfg.client_core.is_none() && cfg.server_core.is_none() {
+            return Pins {
+                client: None,
+                server: None,
+            };
+        }
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let pick = |wanted: Option<usize>, role: &str| {
+            let id = wanted?;
+            let core = cores.iter().copied().find(|c| c.id == id);
+            if core.is_none() {
+                warn_once(&format!(
+                    "raw ping-pong: core {id} for the {role} thread is not available ({} cores \
+                     visible); running it unpinned",
+                    cores.len()
+                ));
+            }
+            core
+        };
+        Pins {
+            client: pick(cfg.client_core, "client"),
+            server: pick(cfg.server_core, "echo (server)"),
+        }
+    }
+}
+
+fn pin_current(core: Option<CoreId>, role: &str) {
+    if let Some(core) = core {
+        if !core_affinity::set_for_current(core) {
+            warn_once(&format!(
+                "raw ping-pong: could not pin the {role} thread to core {}; running it unpinned",
+                core.id
+            ));
+        }
+    }
+}
+
+/// Prints the first pinning warning of the process to stderr; later ones are dropped.
+fn warn_once(message: &str) {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| eprintln!("warning: {message}"));
+}
+
+/// Shared by the two threads of a run: raised by whichever fails (error or panic) first, so
+/// that the other, possibly spinning on a mailbox that will never change, gives up, and so
+/// that the report leads with the cause rather than its consequence.
+#[derive(Debug, Default)]
+struct FailFlag(AtomicU8);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client = 1,
+    Echo = 2,
+}
+
+impl FailFlag {
+    fn raise(&self, side: Side) {
+        // Losing the race means the other side failed first; its mark stays.
+        let _ = self
+            .0
+            .compare_exchange(0, side as u8, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn raised(&self) -> bool {
+        self.0.load(Ordering::Acquire) != 0
+    }
+
+    fn first(&self) -> Option<Side> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some(Side::Client),
+            2 => Some(Side::Echo),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `body`; if it returns an error or panics, raises `flag` for `side`.
+fn guarded<T>(
+    flag: &FailFlag,
+    side: Side,
+    body: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    struct RaiseUnlessOk<'a> {
+        flag: &'a FailFlag,
+        side: Side,
+        ok: bool,
+    }
+    impl Drop for RaiseUnlessOk<'_> {
+        fn drop(&mut self) {
+            if !self.ok {
+                self.flag.raise(self.side);
+            }
+        }
+    }
+    let mut guard = RaiseUnlessOk {
+        flag,
+        side,
+        ok: false,
+    };
+    let result = body();
+    guard.ok = result.is_ok();
+    result
+}
+
+fn join<T>(
+    handle: thread::ScopedJoinHandle<'_, anyhow::Result<T>>,
+    role: &str,
+) -> anyhow::Result<T> {
+    match handle.join() {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            bail!("{role} thread panicked: {message}")
+        }
+    }
+}
+
+/// Busy-wait step: spin, yield every [`YIELD_EVERY`] empty polls, and at each yield check
+/// whether the peer failed or the wait has stalled past [`STALL_TIMEOUT`].
+#[derive(Debug)]
+struct Backoff<'a> {
+    polls: u32,
+    since: Option<Instant>,
+    peer_failed: &'a FailFlag,
+}
+
+impl<'a> Backoff<'a> {
+    fn new(peer_failed: &'a FailFlag) -> Self {
+        Backoff {
+            polls: 0,
+            since: None,
+            peer_failed,
+        }
+    }
+
+    fn snooze(&mut self, waiting_for: &'static str) -> anyhow::Result<()> {
+        self.polls = self.polls.wrapping_add(1);
+        if self.polls % YIELD_EVERY != 0 {
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        thread::yield_now();
+        if self.peer_failed.raised() {
+            bail!("the peer thread failed while this one was waiting for {waiting_for}");
+        }
+        let now = Instant::now();
+        match self.since {
+            None => self.since = Some(now),
+            Some(since) if now.duration_since(since) > STALL_TIMEOUT => {
+                bail!("no progress for {STALL_TIMEOUT:?} while waiting for {waiting_for}")
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP.
+
+/// A connected loopback pair, `TCP_NODELAY` on both ends: (client, server).
+fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding a 127.0.0.1 listener on an ephemeral port")?;
+    let addr = listener
+        .local_addr()
+        .context("reading the listener's address")?;
+    // The connection completes in the listen backlog, so one thread can connect, then accept.
+    let client = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let client_addr = client
+        .local_addr()
+        .context("reading the client socket's address")?;
+    let (server, peer) = listener
+        .accept()
+        .with_context(|| format!("accepting on {addr}"))?;
+    ensure!(
+        peer == client_addr,
+        "accepted a connection from {peer}, expected our own client at {client_addr}"
+    );
+    for s in [&client, &server] {
+        s.set_nodelay(true).context("setting TCP_NODELAY")?;
+    }
+    Ok((client, server))
+}
+
+#[derive(Debug)]
+struct BlockingTcp(TcpStream);
+
+impl Endpoint for BlockingTcp {
+    fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        self.0
+            .write_all(buf)
+            .with_context(|| format!("writing {} bytes to the TCP socket", buf.len()))
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+        self.0.read_exact(buf).map_err(|e| {
+            let timed_out = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+            let what = if timed_out {
+                format!("no data on the TCP socket for {STALL_TIMEOUT:?}")
+            } else {
+                format!("reading {} bytes from the TCP socket", buf.len())
+            };
+            anyhow::Error::new(e).context(what)
+        })
+    }
+}
+
+#[derive(Debug)]
+struct SpinTcp<'a> {
+    stream: TcpStream,
+    peer_failed: &'a FailFlag,
+}
+
+impl<'a> SpinTcp<'a> {
+    fn new(stream: TcpStream, peer_failed: &'a FailFlag) -> Self {
+        SpinTcp {
+            stream,
+            peer_failed,
+        }
+    }
+}
+
+impl Endpoint for SpinTcp<'_> {
+    fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        let mut done = 0;
+        let mut backoff = Backoff::new(self.peer_failed);
+        while done < buf.len() {
+            match self.stream.write(&buf[done..]) {
+                Ok(0) => bail!(
+                    "the TCP socket accepted 0 bytes ({done} of {} written)",
+                    buf.len()
+                ),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    backoff.snooze("room in the TCP send buffer")?;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "writing to the TCP socket ({done} of {} bytes written)",
+                        buf.len()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+        let mut done = 0;
+        let mut backoff = Backoff::new(self.peer_failed);
+        while done < buf.len() {
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => bail!(
+                    "the TCP peer closed the connection ({done} of {} bytes read)",
+                    buf.len()
+                ),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    backoff.snooze("data on the TCP socket")?;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "reading from the TCP socket ({done} of {} bytes read)",
+                        buf.len()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared memory.
+
+/// Words per 128-byte line.
+const LINE_WORDS: usize = 16;
+
+/// One 128-byte-aligned block (two 64-byte cache lines, so the adjacent-line prefetcher does
+/// not couple it with a neighbour).
+#[derive(Debug, Default)]
+#[repr(C, align(128))]
+struct Line([AtomicU64; LINE_WORDS]);
+
+/// A one-slot mailbox in its own heap allocation of whole 128-byte blocks: word 0 is the
+/// sequence number, words 1.. the payload (little-endian bytes), so a payload of up to 120
+/// bytes travels in the same block as its sequence number.
+///
+/// The payload is copied with Relaxed atomic loads and stores, word by word: safe Rust, and the
+/// Release store / Acquire load of the sequence number orders them. The loops run block by
+/// block over plain slices (a `flat_map` over the blocks ran 3× slower); measured round trips at
+/// 1500 B came within about 10 % of an unsynchronised `memcpy` version (0.72 vs 0.67 µs).
+#[derive(Debug)]
+struct Mailbox {
+    lines: Box<[Line]>,
+    capacity: usize,
+}
+
+impl Mailbox {
+    fn new(capacity: usize) -> Self {
+        let words = 1 + capacity.div_ceil(8);
+        let lines = (0..words.div_ceil(LINE_WORDS))
+            .map(|_| Line::default())
+            .collect();
+        Mailbox { lines, capacity }
+    }
+
+    fn seq(&self) -> &AtomicU64 {
+        &self.lines[0].0[0]
+    }
+
+    /// The payload words held by block `index`, and the payload byte offset of the first.
+    fn block(&self, index: usize) -> (&[AtomicU64], usize) {
+        let words = &self.lines[index].0;
+        if index == 0 {
+            (&words[1..], 0)
+        } else {
+            (&words[..], (index * LINE_WORDS - 1) * 8)
+        }
+    }
+
+    /// The part of `len` payload bytes that block `index` holds: `start..end`.
+    fn span(&self, index: usize, len: usize) -> (&[AtomicU64], usize, usize) {
+        let (words, start) = self.block(index);
+        let start = start.min(len);
+        let end = (start + words.len() * 8).min(len);
+        (words, start, end)
+    }
+
+    fn check_fits(&self, len: usize) -> anyhow::Result<()> {
+        ensure!(
+            len <= self.capacity,
+            "{len} bytes do not fit the {}-byte mailbox",
+            self.capacity
+        );
+        Ok(())
+    }
+
+    /// Copies `buf` into the payload words. Blocks go last to first, so the block holding the
+    /// sequence number, which the reader is polling, is taken from it once, at the end of the
+    /// copy, rather than at its start and then again for the sequence number.
+    fn write_payload(&self, buf: &[u8]) -> anyhow::Result<()> {
+        self.check_fits(buf.len())?;
+        for index in (0..self.lines.len()).rev() {
+            let (words, start, end) = self.span(index, buf.len());
+            let mut chunks = buf[start..end].chunks_exact(8);
+            for (word, chunk) in words.iter().zip(chunks.by_ref()) {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(chunk);
+                word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+            }
+            let tail = chunks.remainder();
+            if let (false, Some(word)) = (tail.is_empty(), words.get((end - start) / 8)) {
+                let mut bytes = [0u8; 8];
+                bytes[..tail.len()].copy_from_slice(tail);
+                word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the payload words out into `buf`.
+    fn read_payload(&self, buf: &mut [u8]) -> anyhow::Result<()> {
+        self.check_fits(buf.len())?;
+        let len = buf.len();
+        for index in 0..self.lines.len() {
+            let (words, start, end) = self.span(index, len);
+            let mut chunks = buf[start..end].chunks_exact_mut(8);
+            for (word, chunk) in words.iter().zip(chunks.by_ref()) {
+                chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            }
+            let tail = chunks.into_remainder();
+            if let (false, Some(word)) = (tail.is_empty(), words.get((end - start) / 8)) {
+                let n = tail.len();
+                tail.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes()[..n]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One side of the shared-memory medium: writes `tx`, reads `rx`.
+#[derive(Debug)]
+struct ShmEnd<'a> {
+    tx: &'a Mailbox,
+    rx: &'a Mailbox,
+    sent: u64,
+    received: u64,
+    peer_failed: &'a FailFlag,
+}
+
+impl<'a> ShmEnd<'a> {
+    fn new(tx: &'a Mailbox, rx: &'a Mailbox, peer_failed: &'a FailFlag) -> Self {
+        ShmEnd {
+            tx,
+            rx,
+            sent: 0,
+            received: 0,
+            peer_failed,
+        }
+    }
+}
+
+impl Endpoint for ShmEnd<'_> {
+    fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        self.tx.write_payload(buf)?;
+        self.sent += 1;
+        self.tx.seq().store(self.sent, Ordering::Release);
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(self.peer_failed);
+        let seq = loop {
+            let seq = self.rx.seq().load(Ordering::Acquire);
+            if seq != self.received {
+                break seq;
+            }
+            backoff.snooze("the mailbox's sequence number to advance")?;
+        };
+        ensure!(
+            seq == self.received + 1,
+            "mailbox sequence jumped from {} to {seq}",
+            self.received
+        );
+        self.rx.read_payload(buf)?;
+        self.received = seq;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(payload: usize) -> RawConfig {
+        RawConfig {
+            payload,
+            count: 2_000,
+            warmup: 100,
+            // Unpinned: tests run in parallel, and pinning them all to the same two cores
+            // would only make them queue.
+            client_core: None,
+            server_core: None,
+        }
+    }
+
+    fn check(medium: RawMedium, payload: usize) -> anyhow::Result<()> {
+        let cfg = cfg(payload);
+        let hist = ping_pong(medium, &cfg)?;
+        assert_eq!(hist.len(), cfg.count, "{medium:?} {payload} B");
+        assert!(hist.min() > 0, "{medium:?} {payload} B: min {}", hist.min());
+        Ok(())
+    }
+
+    #[test]
+    fn tcp_blocking_64() -> anyhow::Result<()> {
+        check(RawMedium::TcpBlocking, 64)
+    }
+
+    #[test]
+    fn tcp_blocking_1500() -> anyhow::Result<()> {
+        check(RawMedium::TcpBlocking, 1500)
+    }
+
+    #[test]
+    fn tcp_spin_64() -> anyhow::Result<()> {
+        check(RawMedium::TcpSpin, 64)
+    }
+
+    #[test]
+    fn tcp_spin_1500() -> anyhow::Result<()> {
+        check(RawMedium::TcpSpin, 1500)
+    }
+
+    #[test]
+    fn shm_64() -> anyhow::Result<()> {
+        check(RawMedium::Shm, 64)
+    }
+
+    #[test]
+    fn shm_1500() -> anyhow::Result<()> {
+        check(RawMedium::Shm, 1500)
+    }
+
+    #[test]
+    fn shm_odd_and_extreme_sizes() -> anyhow::Result<()> {
+        for payload in [MIN_PAYLOAD, 13, 120, 121, MAX_PAYLOAD] {
+            let cfg = RawConfig {
+                count: 50,
+                warmup: 0,
+                ..cfg(payload)
+            };
+            let hist = ping_pong(RawMedium::Shm, &cfg)?;
+            assert_eq!(hist.len(), 50, "{payload} B");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn zero_count_gives_an_empty_histogram() -> anyhow::Result<()> {
+        let cfg = RawConfig {
+            count: 0,
+            warmup: 10,
+            ..cfg(64)
+        };
+        assert_eq!(ping_pong(RawMedium::Shm, &cfg)?.len(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_payload_sizes() {
+        for payload in [0, 7, MAX_PAYLOAD + 1] {
+            assert!(
+                ping_pong(RawMedium::Shm, &cfg(payload)).is_err(),
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn unavailable_core_runs_unpinned() -> anyhow::Result<()> {
+        let cfg = RawConfig {
+            count: 100,
+            client_core: Some(usize::MAX),
+            server_core: Some(usize::MAX - 1),
+            ..cfg(64)
+        };
+        assert_eq!(ping_pong(RawMedium::Shm, &cfg)?.len(), 100);
+        Ok(())
+    }
+
+    #[test]
+    fn mailbox_round_trips_every_length() -> anyhow::Result<()> {
+        let mailbox = Mailbox::new(300);
+        for len in 0..=300 {
+            let sent = pattern(len);
+            let mut got = vec![0u8; len];
+            mailbox.write_payload(&sent)?;
+            mailbox.read_payload(&mut got)?;
+            assert_eq!(got, sent, "{len}");
+        }
+        assert!(mailbox.write_payload(&[0; 301]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn mailbox_is_block_aligned() {
+        let mailbox = Mailbox::new(1500);
+        let addr = mailbox.seq() as *const AtomicU64 as usize;
+        assert_eq!(addr % 128, 0);
+        assert_eq!(
+            mailbox.lines.len(),
+            (1 + 1500usize.div_ceil(8)).div_ceil(16)
+        );
+    }
+
+    /// Flips a byte of the echo on one round trip: a stand-in for a broken medium.
+    struct Corrupting<E> {
+        inner: E,
+        sends: u64,
+        corrupt_at: u64,
+    }
+
+    impl<E: Endpoint> Endpoint for Corrupting<E> {
+        fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+            let mut copy = buf.to_vec();
+            if self.sends == self.corrupt_at {
+                let mid = copy.len() / 2;
+                copy[mid] ^= 0x40;
+            }
+            self.sends += 1;
+            self.inner.send(&copy)
+        }
+
+        fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+            self.inner.recv(buf)
+        }
+    }
+
+    fn plan(payload: usize) -> Plan {
+        Plan {
+            payload,
+            warmup: 0,
+            total: 100,
+            pins: Pins {
+                client: None,
+                server: None,
+            },
+        }
+    }
+
+    fn hist() -> anyhow::Result<Histogram<u64>> {
+        Ok(Histogram::<u64>::new_with_bounds(
+            HIST_LOW,
+            HIST_HIGH,
+            HIST_SIGFIG,
+        )?)
+    }
+
+    #[test]
+    fn broken_shm_echo_is_an_error_not_a_hang() -> anyhow::Result<()> {
+        let flag = FailFlag::default();
+        let (ping, pong) = (Mailbox::new(64), Mailbox::new(64));
+        let server = Corrupting {
+            inner: ShmEnd::new(&pong, &ping, &flag),
+            sends: 0,
+            corrupt_at: 37,
+        };
+        let err = drive(
+            ShmEnd::new(&ping, &pong, &flag),
+            server,
+            hist()?,
+            &plan(64),
+            &flag,
+        )
+        .expect_err("a corrupted echo must fail the run");
+        let text = format!("{err:#}");
+        assert!(text.contains("round trip 37"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn broken_tcp_echo_is_an_error_not_a_hang() -> anyhow::Result<()> {
+        let flag = FailFlag::default();
+        let (client, server) = tcp_pair()?;
+        client.set_nonblocking(true)?;
+        server.set_nonblocking(true)?;
+        let server = Corrupting {
+            inner: SpinTcp::new(server, &flag),
+            sends: 0,
+            corrupt_at: 5,
+        };
+        let err = drive(
+            SpinTcp::new(client, &flag),
+            server,
+            hist()?,
+            &plan(1500),
+            &flag,
+        )
+        .expect_err("a corrupted echo must fail the run");
+        assert!(format!("{err:#}").contains("round trip 5"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn panicking_echo_is_an_error() {
+        struct Panics;
+        impl Endpoint for Panics {
+            fn send(&mut self, _: &[u8]) -> anyhow::Result<()> {
+                panic!("echo exploded")
+            }
+            fn recv(&mut self, _: &mut [u8]) -> anyhow::Result<()> {
+                panic!("echo exploded")
+            }
+        }
+        let flag = FailFlag::default();
+        let (ping, pong) = (Mailbox::new(64), Mailbox::new(64));
+        let hist = Histogram::<u64>::new_with_bounds(HIST_LOW, HIST_HIGH, HIST_SIGFIG)
+            .expect("histogram bounds are valid");
+        let err = drive(
+            ShmEnd::new(&ping, &pong, &flag),
+            Panics,
+            hist,
+            &plan(64),
+            &flag,
+        )
+        .expect_err("a panicking echo must fail the run");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("panicked") && text.contains("echo exploded"),
+            "{text}"
+        );
+        assert!(text.contains("peer thread failed"), "{text}");
+        // The cause leads, its consequence (the client giving up) follows.
+        assert!(text.starts_with("echo thread"), "{text}");
+    }
+}

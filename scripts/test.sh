@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI): installs what the tests need, then runs formatting,
+# lints, the whole test suite, and the ring under miri.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/install-deps.sh
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "miri: the ring's unit tests under the interpreter's UB and data-race checks"
+scripts/miri-ring.sh

@@ -1,0 +1,929 @@
+//! The channel protocol, independent of the medium.
+//!
+//! ```text
+//! primary                                                      backup
+//!  LogWriter ──frames──► log ring ──► Sender ──PrimaryLink══BackupLink──► Receiver ──► backup ring ──► replay
+//!      ▲                                 │                                   │
+//!      └──── acked (cumulative seq) ◄────┴──────────── ACK ◄─────────────────┘
+//! ```
+//! - [`LogWriter`] (the vCPU thread) batches entries into frames; an output marker flushes at
+//!   once, so its commit waits for no batch. Appends are throttled (and counted) when the backup
+//!   lags more than [`ChannelConfig::max_lag_entries`] behind.
+//! - [`Sender`] moves frames from the log ring onto the medium, reads ACKs, sends heartbeats
+//!   (empty frames) and notices a silent backup. It runs on its own pinned thread, or inline in
+//!   the caller's thread ([`Primary`]) — on a 2-core machine a separate sender thread would
+//!   share a core with the vCPU or the backup and cost a context switch per hand-off.
+//! - [`Receiver`] validates every frame completely (CRC, sequence, epoch) before it lands in the
+//!   backup's own ring, and only then acknowledges it: nothing acknowledged can be lost by the
+//!   receiver, and a bad frame is never applied.
+//!
+//! Sequence numbers start at 1; an ACK of `n` covers every entry up to and including `n`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use logfmt::{Entry, Event, FrameBuf, FrameHeader, FrameView};
+
+use crate::error::ChannelError;
+use crate::handshake::PreSharedKey;
+use crate::poll::PollPolicy;
+use crate::region::HeapRegion;
+use crate::ring::{self, Consumer, Producer, RingError};
+
+/// How the channel behaves; both sides should use the same timing values.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    /// Identifies the FT pair.
+    pub session_id: u64,
+    /// This side's fencing epoch.
+    pub epoch: u64,
+    /// The pre-shared key for the handshake.
+    pub key: PreSharedKey,
+    /// How often a side that has nothing else to send tells the other it is alive.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the peer is declared gone.
+    pub heartbeat_timeout: Duration,
+    /// Limit for each handshake step.
+    pub handshake_timeout: Duration,
+    /// Largest frame (header included); entries are batched up to this size.
+    pub max_frame_bytes: usize,
+    /// Backpressure bound: appends wait while more entries than this are unacknowledged.
+    pub max_lag_entries: u64,
+    /// Data capacity of each side's log ring (a power of two, at least 2 × `max_frame_bytes`).
+    pub ring_capacity: usize,
+    /// How waits escalate from spinning to sleeping.
+    pub poll: PollPolicy,
+    /// Wait for the medium in the kernel (`poll(2)`) instead of busy-polling, where the medium
+    /// supports it (TCP). Lower CPU use, higher latency.
+    pub blocking: bool,
+}
+
+impl ChannelConfig {
+    /// Defaults suited to a local pair: 5 ms heartbeats, 200 ms timeout, 64 KiB frames.
+    pub fn new(session_id: u64, epoch: u64, key: PreSharedKey) -> Self {
+        ChannelConfig {
+            session_id,
+            epoch,
+            key,
+            heartbeat_interval: Duration::from_millis(5),
+            heartbeat_timeout: Duration::from_millis(200),
+            handshake_timeout: Duration::from_secs(5),
+            max_frame_bytes: 64 * 1024,
+            max_lag_entries: 1 << 20,
+            ring_capacity: 4 << 20,
+            poll: PollPolicy::BUSY,
+            blocking: false,
+        }
+    }
+
+    /// Checks the values fit together.
+    pub fn validate(&self) -> Result<(), ChannelError> {
+        let bad = |m: String| Err(ChannelError::Config(m));
+        if self.max_frame_bytes < logfmt::FRAME_HEADER_LEN + 64
+            || self.max_frame_bytes > logfmt::MAX_FRAME_LEN
+        {
+            return bad(format!(
+                "max frame size {} outside {}..={}",
+                self.max_frame_bytes,
+                logfmt::FRAME_HEADER_LEN + 64,
+                logfmt::MAX_FRAME_LEN
+            ));
+        }
+        if !self.ring_capacity.is_power_of_two()
+            || self.ring_capacity / 2 - ring::RECORD_HEADER_LEN < self.max_frame_bytes
+        {
+            return bad(format!(
+                "ring capacity {} must be a power of two of at least twice the max frame size {} (+16)",
+                self.ring_capacity, self.max_frame_bytes
+            ));
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
+            return bad(format!(
+                "heartbeat timeout {:?} must exceed the heartbeat interval {:?} (> 0)",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.max_lag_entries == 0 {
+            return bad("max lag must be at least one entry".into());
+        }
+        Ok(())
+    }
+}
+
+/// Counters of a channel end, readable from any thread while it runs.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// Frames handed to the medium (primary) or accepted (backup), heartbeats excluded.
+    pub frames: AtomicU64,
+    /// Entries in those frames.
+    pub entries: AtomicU64,
+    /// Bytes of those frames.
+    pub bytes: AtomicU64,
+    /// Heartbeats sent.
+    pub heartbeats: AtomicU64,
+    /// Times an append waited because the backup lagged or the ring was full.
+    pub throttle_events: AtomicU64,
+    /// Total nanoseconds appends spent throttled.
+    pub throttled_ns: AtomicU64,
+    /// Times the medium refused a frame for lack of room (it was retried later).
+    pub medium_full: AtomicU64,
+}
+
+impl ChannelStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A plain copy of the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            frames: g(&self.frames),
+            entries: g(&self.entries),
+            bytes: g(&self.bytes),
+            heartbeats: g(&self.heartbeats),
+            throttle_events: g(&self.throttle_events),
+            throttled_ns: g(&self.throttled_ns),
+            medium_full: g(&self.medium_full),
+        }
+    }
+}
+
+/// A copy of [`ChannelStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct StatsSnapshot {
+    pub frames: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub heartbeats: u64,
+    pub throttle_events: u64,
+    pub throttled_ns: u64,
+    pub medium_full: u64,
+}
+
+/// What a primary learns from one poll of its medium.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackupNews {
+    /// The newest cumulative ACK that arrived, if any.
+    pub acked: Option<u64>,
+    /// Whether anything at all (ACK or heartbeat) arrived.
+    pub heard: bool,
+}
+
+/// The primary's end of a medium: one-sided appends of whole frames into the backup's buffer,
+/// cumulative ACKs back. Implemented once per medium; nothing above it knows which one runs.
+pub trait PrimaryLink: Send {
+    /// Offers one whole frame. `Ok(true)`: the link took it and will deliver it unless the link
+    /// fails. `Ok(false)`: no room right now (backpressure); offer the same frame again later.
+    fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError>;
+    /// Pushes out bytes the link buffered; `Ok(true)` when nothing is left.
+    fn flush(&mut self) -> Result<bool, ChannelError>;
+    /// Reads whatever the backup sent, without blocking.
+    fn poll(&mut self) -> Result<BackupNews, ChannelError>;
+    /// Checks, at heartbeat pace, for a peer that is gone in ways `poll` does not show (e.g. a
+    /// closed control socket).
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        Ok(())
+    }
+    /// Blocks until the backup may have sent something or `timeout` passes. Media without a
+    /// kernel wait return at once (the caller then polls under its [`PollPolicy`]).
+    fn block(&mut self, _timeout: Duration) -> Result<bool, ChannelError> {
+        Ok(false)
+    }
+}
+
+/// The backup's end of a medium: whole frames in order, cumulative ACKs out.
+pub trait BackupLink: Send {
+    /// The next whole frame's bytes, if one has fully arrived; it stays the next frame until
+    /// [`BackupLink::consume`]. The bytes are not yet validated.
+    fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError>;
+    /// Drops the frame the last `peek` returned.
+    fn consume(&mut self) -> Result<(), ChannelError>;
+    /// Publishes a cumulative ACK (also the backup's heartbeat, when sent unchanged).
+    fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError>;
+    /// As [`PrimaryLink::check_peer`].
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        Ok(())
+    }
+    /// As [`PrimaryLink::block`].
+    fn block(&mut self, _timeout: Duration) -> Result<bool, ChannelError> {
+        Ok(false)
+    }
+}
+
+/// State the primary's writer and sender share across threads.
+#[derive(Debug, Default)]
+struct PrimaryShared {
+    acked: crossbeam_utils::CachePadded<AtomicU64>,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    stats: ChannelStats,
+}
+
+impl PrimaryShared {
+    fn fail(&self, err: &ChannelError) {
+        if let Ok(mut slot) = self.failure.lock() {
+            slot.get_or_insert_with(|| err.to_string());
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn check(&self) -> Result<(), ChannelError> {
+        if self.failed.load(Ordering::Acquire) {
+            let why = self
+                .failure
+                .lock()
+                .ok()
+                .and_then(|s| s.clone())
+                .unwrap_or_else(|| "unknown".into());
+            return Err(ChannelError::Failed(why));
+        }
+        Ok(())
+    }
+}
+
+/// The primary's producing end: turns entries into frames in the log ring.
+#[derive(Debug)]
+pub struct LogWriter {
+    producer: Producer<Arc<HeapRegion>>,
+    frame: FrameBuf,
+    epoch: u64,
+    /// Sequence number the next appended entry gets.
+    next_seq: u64,
+    max_lag: u64,
+    shared: Arc<PrimaryShared>,
+}
+
+impl LogWriter {
+    /// The sequence number of the last appended entry (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The newest cumulative ACK: every entry up to this sequence number is in the backup's buffer.
+    pub fn acked(&self) -> u64 {
+        self.shared.acked.load(Ordering::Acquire)
+    }
+
+    /// The fencing epoch stamped on every frame.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Counters shared with the sender.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    fn append_with(
+        &mut self,
+        entry: &Entry<'_>,
+        pump: &mut dyn FnMut(Option<Instant>) -> Result<(), ChannelError>,
+        timeout: Duration,
+    ) -> Result<u64, ChannelError> {
+        // Backpressure: the backup may lag by at most `max_lag` entries.
+        if self.next_seq - self.acked() > self.max_lag {
+            let start = Instant::now();
+            let deadline = start + timeout;
+            ChannelStats::add(&self.shared.stats.throttle_events, 1);
+            while self.next_seq - self.acked() > self.max_lag {
+                if Instant::now() >= deadline {
+                    return Err(ChannelError::Timeout {
+                        what: "the backup to catch up (backpressure)",
+                        waited: start.elapsed(),
+                    });
+                }
+                pump(Some(deadline))?;
+            }
+            ChannelStats::add(
+                &self.shared.stats.throttled_ns,
+                start.elapsed().as_nanos() as u64,
+            );
+        }
+        if self.frame.is_empty() {
+            self.frame.reset(self.epoch, self.next_seq);
+        }
+        if self.frame.push(entry).is_err() {
+            // Full: ship what we have and start a new frame with this entry.
+            self.flush_with(pump, timeout)?;
+            self.frame.reset(self.epoch, self.next_seq);
+            self.frame.push(entry)?;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if matches!(entry.event, Event::OutputMarker { .. }) {
+            self.flush_with(pump, timeout)?;
+        }
+        Ok(seq)
+    }
+
+    fn flush_with(
+        &mut self,
+        pump: &mut dyn FnMut(Option<Instant>) -> Result<(), ChannelError>,
+        timeout: Duration,
+    ) -> Result<(), ChannelError> {
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        let bytes = self.frame.finish()?;
+        let mut throttled: Option<Instant> = None;
+        loop {
+            match self.producer.try_reserve(bytes.len()) {
+                Ok(slot) => {
+                    slot.copy_from_slice(bytes);
+                    self.producer.commit();
+                    break;
+                }
+                Err(RingError::Full { .. }) => {
+                    let start = *throttled.get_or_insert_with(|| {
+                        ChannelStats::add(&self.shared.stats.throttle_events, 1);
+                        Instant::now()
+                    });
+                    if start.elapsed() >= timeout {
+                        return Err(ChannelError::Timeout {
+                            what: "room in the log ring",
+                            waited: start.elapsed(),
+                        });
+                    }
+                    pump(Some(start + timeout))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(start) = throttled {
+            ChannelStats::add(
+                &self.shared.stats.throttled_ns,
+                start.elapsed().as_nanos() as u64,
+            );
+        }
+        self.frame.clear();
+        Ok(())
+    }
+}
+
+/// The primary's medium end: moves frames from the log ring onto a [`PrimaryLink`], tracks
+/// ACKs, sends heartbeats and notices a silent backup.
+#[derive(Debug)]
+pub struct Sender<L: PrimaryLink> {
+    link: L,
+    consumer: Consumer<Arc<HeapRegion>>,
+    shared: Arc<PrimaryShared>,
+    epoch: u64,
+    /// Sequence number of the last entry handed to the link.
+    sent_seq: u64,
+    heartbeat: FrameBuf,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+    last_sent: Instant,
+    last_heard: Instant,
+    last_peer_check: Instant,
+    pumps: u32,
+}
+
+impl<L: PrimaryLink> Sender<L> {
+    /// One round of work: frames out, news in, heartbeat and liveness checks. Returns whether
+    /// anything moved. Never blocks.
+    pub fn pump(&mut self) -> Result<bool, ChannelError> {
+        let result = self.pump_inner();
+        if let Err(e) = &result {
+            self.shared.fail(e);
+        }
+        result
+    }
+
+    fn pump_inner(&mut self) -> Result<bool, ChannelError> {
+        let mut progress = false;
+        let mut sent_any = false;
+        if self.link.flush()? {
+            while let Some(frame) = self.consumer.peek()? {
+                let header = FrameHeader::parse(frame)?;
+                if !self.link.offer(frame)? {
+                    ChannelStats::add(&self.shared.stats.medium_full, 1);
+                    break;
+                }
+                let stats = &self.shared.stats;
+                ChannelStats::add(&stats.frames, 1);
+                ChannelStats::add(&stats.entries, u64::from(header.entry_count));
+                ChannelStats::add(&stats.bytes, frame.len() as u64);
+                if let Some(last) = header.last_seq() {
+                    self.sent_seq = last;
+                }
+                self.consumer.advance_peeked();
+                sent_any = true;
+            }
+            self.consumer.release();
+        }
+        let news = self.link.poll()?;
+        if let Some(acked) = news.acked {
+            if acked > self.sent_seq {
+                return Err(ChannelError::CorruptMessage(format!(
+                    "backup acknowledged entry {acked}, only {} were sent",
+                    self.sent_seq
+                )));
+            }
+            if acked > self.shared.acked.load(Ordering::Relaxed) {
+                self.shared.acked.store(acked, Ordering::Release);
+                progress = true;
+            }
+        }
+        progress |= sent_any;
+        // Clocks are read every 32 rounds, or whenever something happened: a busy loop stays
+        // cheap, and a heartbeat is never late by more than 32 rounds.
+        self.pumps = self.pumps.wrapping_add(1);
+        if news.heard || sent_any || self.pumps % 32 == 0 {
+            let now = Instant::now();
+            if news.heard {
+                self.last_heard = now;
+            }
+            if sent_any {
+                self.last_sent = now;
+            }
+            self.timers(now)?;
+        }
+        Ok(progress)
+    }
+
+    fn timers(&mut self, now: Instant) -> Result<(), ChannelError> {
+        if now.duration_since(self.last_sent) >= self.heartbeat_interval {
+            // An empty frame: it carries the epoch and the next sequence number, no entries.
+            let idle = self.consumer_is_idle();
+            self.heartbeat.reset(self.epoch, self.sent_seq + 1);
+            let frame = self.heartbeat.finish()?;
+            if idle && self.link.offer(frame)? {
+                ChannelStats::add(&self.shared.stats.heartbeats, 1);
+            }
+            self.last_sent = now;
+        }
+        if now.duration_since(self.last_peer_check) >= self.heartbeat_interval {
+            self.link.check_peer()?;
+            self.last_peer_check = now;
+        }
+        let silent = now.duration_since(self.last_heard);
+        if silent >= self.heartbeat_timeout {
+            return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
+        }
+        Ok(())
+    }
+
+    /// A heartbeat may go out only when no frame is waiting, or it would overtake it.
+    fn consumer_is_idle(&mut self) -> bool {
+        matches!(self.consumer.has_records(), Ok(false))
+    }
+
+    /// The newest cumulative ACK.
+    pub fn acked(&self) -> u64 {
+        self.shared.acked.load(Ordering::Acquire)
+    }
+
+    /// Runs the sender until `stop` is set or the channel fails, waiting under `policy` when
+    /// idle. For a dedicated (pinned) sender thread.
+    pub fn run(mut self, stop: &AtomicBool, policy: PollPolicy) -> Result<(), ChannelError> {
+        let mut poller = policy.poller();
+        while !stop.load(Ordering::Relaxed) {
+            if self.pump()? {
+                poller.reset();
+            } else {
+                poller.wait();
+            }
+        }
+        Ok(())
+    }
+
+    /// The medium underneath.
+    pub fn link(&self) -> &L {
+        &self.link
+    }
+}
+
+/// The primary's end of a channel with the sender run inline, by whichever thread calls in.
+#[derive(Debug)]
+pub struct Primary<L: PrimaryLink> {
+    writer: LogWriter,
+    sender: Sender<L>,
+    config: ChannelConfig,
+}
+
+impl<L: PrimaryLink> Primary<L> {
+    /// Builds the primary's end over a connected, authenticated link. `resume_seq` is the
+    /// sequence number the backup expects next (1 for a new log).
+    pub fn new(link: L, config: ChannelConfig, resume_seq: u64) -> Result<Self, ChannelError> {
+        config.validate()?;
+        let (producer, consumer) = ring::heap(config.ring_capacity)?;
+        let shared = Arc::new(PrimaryShared::default());
+        let resume_seq = resume_seq.max(1);
+        shared.acked.store(resume_seq - 1, Ordering::Relaxed);
+        let now = Instant::now();
+        Ok(Primary {
+            writer: LogWriter {
+                producer,
+                frame: FrameBuf::new(config.max_frame_bytes),
+                epoch: config.epoch,
+                next_seq: resume_seq,
+                max_lag: config.max_lag_entries,
+                shared: shared.clone(),
+            },
+            sender: Sender {
+                link,
+                consumer,
+                shared,
+                epoch: config.epoch,
+                sent_seq: resume_seq - 1,
+                heartbeat: FrameBuf::new(logfmt::FRAME_HEADER_LEN),
+                heartbeat_interval: config.heartbeat_interval,
+                heartbeat_timeout: config.heartbeat_timeout,
+                last_sent: now,
+                last_heard: now,
+                last_peer_check: now,
+                pumps: 0,
+            },
+            config,
+        })
+    }
+
+    /// Appends one entry and returns its sequence number. Entries are batched; an output marker
+    /// (or a full batch) flushes the batch to the medium at once. Waits (counted as throttling)
+    /// while the backup lags more than the configured bound.
+    pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, ChannelError> {
+        let (writer, sender, cfg) = (&mut self.writer, &mut self.sender, &self.config);
+        let seq =
+            writer.append_with(entry, &mut pump_inline(sender, cfg), cfg.heartbeat_timeout)?;
+        if matches!(entry.event, Event::OutputMarker { .. }) {
+            sender.pump()?;
+        }
+        Ok(seq)
+    }
+
+    /// Sends any batched entries now.
+    pub fn flush(&mut self) -> Result<(), ChannelError> {
+        let (writer, sender, cfg) = (&mut self.writer, &mut self.sender, &self.config);
+        writer.flush_with(&mut pump_inline(sender, cfg), cfg.heartbeat_timeout)?;
+        sender.pump()?;
+        Ok(())
+    }
+
+    /// Does the medium's work once (send, read ACKs, heartbeats) without blocking; call it
+    /// regularly while not appending. Returns whether anything moved.
+    pub fn pump(&mut self) -> Result<bool, ChannelError> {
+        self.sender.pump()
+    }
+
+    /// The newest cumulative ACK, without waiting or touching the medium.
+    pub fn acked(&self) -> u64 {
+        self.writer.acked()
+    }
+
+    /// Sequence number of the last appended entry.
+    pub fn last_seq(&self) -> u64 {
+        self.writer.last_seq()
+    }
+
+    /// Waits until the backup has acknowledged entry `seq` (and so every entry before it).
+    /// Fails with a heartbeat timeout if the backup falls silent; never waits forever.
+    pub fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError> {
+        if self.writer.acked() >= seq {
+            return Ok(());
+        }
+        if seq > self.writer.last_seq() {
+            return Err(ChannelError::Config(format!(
+                "waiting for entry {seq}, but only {} were appended",
+                self.writer.last_seq()
+            )));
+        }
+        if self.sender.sent_seq < seq {
+            self.flush()?;
+        }
+        let (sender, cfg) = (&mut self.sender, &self.config);
+        let mut pump = pump_inline(sender, cfg);
+        while self.writer.acked() < seq {
+            pump(None)?;
+        }
+        Ok(())
+    }
+
+    /// Counters of this end.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.writer.stats()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ChannelConfig {
+        &self.config
+    }
+
+    /// Splits into a writer for the vCPU thread and a sender for its own (pinned) thread; run
+    /// the sender with [`Sender::run`]. The writer's waits then watch the sender's progress.
+    pub fn split(self) -> (ThreadedWriter, Sender<L>) {
+        let policy = self.config.poll;
+        let timeout = self.config.heartbeat_timeout;
+        (
+            ThreadedWriter {
+                writer: self.writer,
+                policy,
+                timeout,
+            },
+            self.sender,
+        )
+    }
+}
+
+/// A pump closure that does one round of the sender's work, then waits under the policy (or in
+/// the kernel, in blocking mode) if nothing moved.
+fn pump_inline<'a, L: PrimaryLink>(
+    sender: &'a mut Sender<L>,
+    cfg: &'a ChannelConfig,
+) -> impl FnMut(Option<Instant>) -> Result<(), ChannelError> + 'a {
+    let mut poller = cfg.poll.poller();
+    move |_deadline| {
+        if sender.pump()? {
+            poller.reset();
+        } else if cfg.blocking {
+            sender.link.block(cfg.heartbeat_interval)?;
+        } else {
+            poller.wait();
+        }
+        Ok(())
+    }
+}
+
+/// The writer half of a split [`Primary`], for when a separate thread runs the [`Sender`].
+#[derive(Debug)]
+pub struct ThreadedWriter {
+    writer: LogWriter,
+    policy: PollPolicy,
+    timeout: Duration,
+}
+
+impl ThreadedWriter {
+    fn waiter(
+        policy: PollPolicy,
+        shared: Arc<PrimaryShared>,
+    ) -> impl FnMut(Option<Instant>) -> Result<(), ChannelError> {
+        let mut poller = policy.poller();
+        move |_| {
+            shared.check()?;
+            poller.wait();
+            Ok(())
+        }
+    }
+
+    /// As [`Primary::append`].
+    pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, ChannelError> {
+        self.writer.shared.check()?;
+        let mut wait = Self::waiter(self.policy, self.writer.shared.clone());
+        self.writer.append_with(entry, &mut wait, self.timeout)
+    }
+
+    /// As [`Primary::flush`].
+    pub fn flush(&mut self) -> Result<(), ChannelError> {
+        let mut wait = Self::waiter(self.policy, self.writer.shared.clone());
+        self.writer.flush_with(&mut wait, self.timeout)
+    }
+
+    /// The newest cumulative ACK.
+    pub fn acked(&self) -> u64 {
+        self.writer.acked()
+    }
+
+    /// Sequence number of the last appended entry.
+    pub fn last_seq(&self) -> u64 {
+        self.writer.last_seq()
+    }
+
+    /// As [`Primary::wait_acked`]; fails if the sender thread failed.
+    pub fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError> {
+        self.flush()?;
+        let mut poller = self.policy.poller();
+        while self.writer.acked() < seq {
+            self.writer.shared.check()?;
+            poller.wait();
+        }
+        Ok(())
+    }
+
+    /// Counters shared with the sender.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.writer.stats()
+    }
+}
+
+/// The backup's end: validates frames from a [`BackupLink`], lands them in the backup's own ring,
+/// and acknowledges them once they are there.
+#[derive(Debug)]
+pub struct Receiver<L: BackupLink> {
+    link: L,
+    producer: Producer<Arc<HeapRegion>>,
+    epoch: u64,
+    /// Sequence number the next entry must have.
+    expected: u64,
+    /// Last ACK published.
+    acked: u64,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+    last_acked_at: Instant,
+    last_heard: Instant,
+    last_peer_check: Instant,
+    pumps: u32,
+    stats: Arc<ChannelStats>,
+}
+
+impl<L: BackupLink> Receiver<L> {
+    /// One round of work: accept every complete frame that fits in the backup ring, ACK, and
+    /// check liveness. Returns whether anything moved. Never blocks.
+    pub fn pump(&mut self) -> Result<bool, ChannelError> {
+        let mut accepted = false;
+        while let Some(bytes) = self.link.peek()? {
+            let (frame, len) = FrameView::parse(bytes)?;
+            if len != bytes.len() {
+                return Err(ChannelError::CorruptMessage(format!(
+                    "medium delivered {} bytes for a {len}-byte frame",
+                    bytes.len()
+                )));
+            }
+            if frame.epoch() < self.epoch {
+                return Err(ChannelError::StaleEpoch {
+                    frame: frame.epoch(),
+                    current: self.epoch,
+                });
+            }
+            if frame.first_seq() != self.expected {
+                return Err(ChannelError::SequenceGap {
+                    expected: self.expected,
+                    found: frame.first_seq(),
+                });
+            }
+            let count = u64::from(frame.entry_count());
+            if count > 0 {
+                match self.producer.try_reserve(len) {
+                    Ok(slot) => slot.copy_from_slice(bytes),
+                    // The backup's buffer is full: leave the frame on the medium (which then
+                    // fills up and pushes back on the primary) until replay frees space.
+                    Err(RingError::Full { .. }) => break,
+                    Err(e) => return Err(e.into()),
+                }
+                ChannelStats::add(&self.stats.frames, 1);
+                ChannelStats::add(&self.stats.entries, count);
+                ChannelStats::add(&self.stats.bytes, len as u64);
+            }
+            self.epoch = frame.epoch();
+            self.expected += count;
+            self.link.consume()?;
+            accepted = true;
+        }
+        self.producer.commit();
+        let mut acked_now = false;
+        if self.expected - 1 > self.acked {
+            self.acked = self.expected - 1;
+            self.link.ack(self.acked, self.epoch)?;
+            acked_now = true;
+        }
+        self.pumps = self.pumps.wrapping_add(1);
+        if accepted || acked_now || self.pumps % 32 == 0 {
+            let now = Instant::now();
+            if accepted {
+                self.last_heard = now;
+            }
+            if acked_now {
+                self.last_acked_at = now;
+            }
+            if now.duration_since(self.last_acked_at) >= self.heartbeat_interval {
+                self.link.ack(self.acked, self.epoch)?;
+                ChannelStats::add(&self.stats.heartbeats, 1);
+                self.last_acked_at = now;
+            }
+            if now.duration_since(self.last_peer_check) >= self.heartbeat_interval {
+                self.link.check_peer()?;
+                self.last_peer_check = now;
+            }
+            let silent = now.duration_since(self.last_heard);
+            if silent >= self.heartbeat_timeout {
+                return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
+            }
+        }
+        Ok(accepted || acked_now)
+    }
+
+    /// The last sequence number acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// The newest epoch seen.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The medium underneath.
+    pub fn link(&self) -> &L {
+        &self.link
+    }
+}
+
+/// The backup's end with the receiver run inline: [`Backup::poll`] pumps the medium and hands
+/// validated frames to the caller.
+#[derive(Debug)]
+pub struct Backup<L: BackupLink> {
+    receiver: Receiver<L>,
+    frames: Consumer<Arc<HeapRegion>>,
+    config: ChannelConfig,
+    stats: Arc<ChannelStats>,
+}
+
+impl<L: BackupLink> Backup<L> {
+    /// Builds the backup's end over a connected, authenticated link; `expected` is the sequence
+    /// number of the next entry (1 for a new log), `epoch` the primary's epoch from the handshake.
+    pub fn new(
+        link: L,
+        config: ChannelConfig,
+        expected: u64,
+        epoch: u64,
+    ) -> Result<Self, ChannelError> {
+        config.validate()?;
+        let (producer, frames) = ring::heap(config.ring_capacity)?;
+        let stats = Arc::new(ChannelStats::default());
+        let now = Instant::now();
+        let expected = expected.max(1);
+        Ok(Backup {
+            receiver: Receiver {
+                link,
+                producer,
+                epoch: epoch.max(config.epoch),
+                expected,
+                acked: expected - 1,
+                heartbeat_interval: config.heartbeat_interval,
+                heartbeat_timeout: config.heartbeat_timeout,
+                last_acked_at: now,
+                last_heard: now,
+                last_peer_check: now,
+                pumps: 0,
+                stats: stats.clone(),
+            },
+            frames,
+            config,
+            stats,
+        })
+    }
+
+    /// Pumps the medium once and hands every frame now in the backup's buffer to `f`, in order;
+    /// returns how many frames were handed over. Frames reach `f` only after they were
+    /// validated and acknowledged.
+    pub fn poll(&mut self, mut f: impl FnMut(&FrameView<'_>)) -> Result<usize, ChannelError> {
+        self.receiver.pump()?;
+        let mut n = 0;
+        while let Some(bytes) = self.frames.read()? {
+            // Our own ring holds only frames the receiver validated.
+            let (frame, _) = FrameView::parse(bytes)?;
+            f(&frame);
+            n += 1;
+        }
+        self.frames.release();
+        Ok(n)
+    }
+
+    /// Polls until at least one frame was handed to `f` or `timeout` passed (`Ok(0)`), waiting
+    /// under the configured policy (or in the kernel, in blocking mode).
+    pub fn poll_timeout(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(&FrameView<'_>),
+    ) -> Result<usize, ChannelError> {
+        let deadline = Instant::now() + timeout;
+        let mut poller = self.config.poll.poller();
+        loop {
+            let n = self.poll(&mut f)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if poller.is_past_spinning() && Instant::now() >= deadline {
+                return Ok(0);
+            }
+            if self.config.blocking {
+                self.receiver.link.block(self.config.heartbeat_interval)?;
+            } else {
+                poller.wait();
+            }
+        }
+    }
+
+    /// The last sequence number acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.receiver.acked()
+    }
+
+    /// The newest epoch seen.
+    pub fn epoch(&self) -> u64 {
+        self.receiver.epoch()
+    }
+
+    /// Counters of this end.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Splits into the receiver (for its own thread: call [`Receiver::pump`] in a loop) and the
+    /// consumer of the backup's ring, which yields validated frames.
+    pub fn split(self) -> (Receiver<L>, Consumer<Arc<HeapRegion>>) {
+        (self.receiver, self.frames)
+    }
+}

@@ -1,0 +1,127 @@
+//! The channel's error type: one variant per way a channel can fail, so callers (the VMM, the
+//! failover logic) can tell a dead peer from a bad key from a corrupt frame.
+
+use std::time::Duration;
+
+use crate::ring::RingError;
+
+/// Why a channel operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The peer closed the connection (or its process died and the kernel closed it).
+    #[error("peer closed the channel")]
+    PeerClosed,
+    /// Nothing arrived from the peer for longer than the heartbeat timeout.
+    #[error("peer silent for {silent_for:?} (heartbeat timeout)")]
+    HeartbeatTimeout {
+        /// How long the peer has been silent.
+        silent_for: Duration,
+    },
+    /// A frame failed validation; it was not applied.
+    #[error("corrupt frame from peer: {0}")]
+    CorruptFrame(#[from] logfmt::DecodeError),
+    /// A message on the wire that is not a frame or ack of this protocol.
+    #[error("corrupt message from peer: {0}")]
+    CorruptMessage(String),
+    /// A frame's first sequence number is not the one expected next.
+    #[error("sequence gap: expected entry {expected}, frame starts at {found}")]
+    SequenceGap {
+        /// The next sequence number expected.
+        expected: u64,
+        /// The frame's first sequence number.
+        found: u64,
+    },
+    /// A frame or peer carries an older fencing epoch than the newest seen.
+    #[error("stale epoch {frame} (current epoch {current})")]
+    StaleEpoch {
+        /// The epoch that was refused.
+        frame: u64,
+        /// The newest epoch known here.
+        current: u64,
+    },
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: we speak {ours}, peer speaks {theirs}")]
+    VersionMismatch {
+        /// Our version.
+        ours: u16,
+        /// The peer's version.
+        theirs: u16,
+    },
+    /// The peer belongs to another FT pair.
+    #[error("session mismatch: ours {ours:#x}, peer's {theirs:#x}")]
+    SessionMismatch {
+        /// Our session id.
+        ours: u64,
+        /// The peer's session id.
+        theirs: u64,
+    },
+    /// The peer was set up for another medium.
+    #[error("medium mismatch: the peer expects another transport")]
+    MediumMismatch,
+    /// The backup refused our proof of the pre-shared key.
+    #[error("authentication refused by peer: pre-shared keys differ")]
+    AuthRejected,
+    /// The peer could not prove it holds the pre-shared key.
+    #[error("peer failed pre-shared-key authentication: keys differ")]
+    PeerNotAuthenticated,
+    /// The peer broke the handshake protocol (e.g. garbage on the socket).
+    #[error("bad handshake: {0}")]
+    BadHandshake(String),
+    /// The peer did not answer the handshake in time.
+    #[error("handshake timed out waiting for {waiting_for}")]
+    HandshakeTimeout {
+        /// The message awaited.
+        waiting_for: &'static str,
+    },
+    /// A bounded wait ended before its condition held.
+    #[error("timed out after {waited:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        waited: Duration,
+    },
+    /// A frame larger than the channel's configured limit.
+    #[error("frame of {len} bytes exceeds the channel limit of {max}")]
+    FrameTooLarge {
+        /// Frame length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The local log ring failed.
+    #[error("log ring: {0}")]
+    Ring(#[from] RingError),
+    /// Encoding an entry failed.
+    #[error("encoding entry: {0}")]
+    Encode(#[from] logfmt::EncodeError),
+    /// Wrong configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The channel failed earlier (on another thread) and cannot be used.
+    #[error("channel failed earlier: {0}")]
+    Failed(String),
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ChannelError {
+    /// Maps an I/O error, turning the kinds that mean "the peer is gone" into `PeerClosed`.
+    pub(crate) fn io(context: &'static str, source: std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        match source.kind() {
+            BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof => {
+                ChannelError::PeerClosed
+            }
+            _ => ChannelError::Io { context, source },
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! ftvm's log channel.
+//!
+//! The primary's vCPU thread writes log records into a [`ring`]; a sender drains the ring onto a
+//! medium; the backup receives them in order and acknowledges them. This crate holds the parts
+//! every medium shares:
+//!
+//! - [`ring`]: a single-producer single-consumer ring of variable-size records whose layout is a
+//!   documented byte format, so it works the same in heap memory, in a mapping shared by two
+//!   processes, and in memory a remote NIC writes into;
+//! - [`region`]: the memory regions a ring can live in;
+//! - [`poll`]: the one spin → yield → park policy every busy loop uses;
+//! - [`channel`]: the medium-independent protocol (batching, cumulative ACKs, heartbeats,
+//!   backpressure) over two small traits, [`PrimaryLink`] and [`BackupLink`];
+//! - [`handshake`]: version, session, epoch and pre-shared-key authentication;
+//! - the media: [`tcp`] (kernel TCP, busy-polled or blocking) and [`shm`] (a ring shared by two
+//!   processes: the kernel-bypass reference).
+//!
+//! Where an ordinary bounded queue of owned items is needed (free buffers, for example), use
+//! `crossbeam-queue`; the ring is for records that must live in a particular memory region.
+
+pub mod channel;
+pub mod error;
+pub mod handshake;
+pub mod poll;
+pub mod region;
+pub mod ring;
+pub mod shm;
+pub mod tcp;
+
+pub use channel::{
+    Backup, BackupLink, BackupNews, ChannelConfig, ChannelStats, LogWriter, Primary, PrimaryLink,
+    Receiver, Sender, StatsSnapshot, ThreadedWriter,
+};
+pub use error::ChannelError;
+pub use handshake::{MediumKind, PreSharedKey, PROTOCOL_VERSION};
+pub use poll::{PollPolicy, Poller};
+pub use region::{HeapRegion, RegionError, RingMemory, SharedRegion};
+pub use ring::{Consumer, Producer, RingError};

@@ -1,0 +1,296 @@
+//! The shared-memory medium: the primary writes frames straight into a ring in a mapping it
+//! shares with the backup process, and reads the backup's ACK from a word in the same mapping.
+//! No system call on the data path: this is the kernel-bypass reference and the physical-limit
+//! baseline for the other media (a cache-line round trip between two cores).
+//!
+//! Set-up runs over a Unix stream socket the backup listens on: the handshake first, and only
+//! then does the backup create the mapping (`/dev/shm/ftvm-…`, mode 0600) and tell the
+//! authenticated primary its path. Once the primary has mapped it, the backup unlinks the file,
+//! so no third process can attach later. The socket stays open: its end-of-file is how each side
+//! learns at once that the other process died; heartbeats cover a hung peer.
+//!
+//! Mapping layout: the ring region (`ring::region_len(capacity)` bytes, see [`crate::ring`]),
+//! padded to 4 KiB, then a 4 KiB control page: offset 0 the backup's cumulative ACK (u64),
+//! offset 8 the backup's heartbeat counter (u64).
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::error::ChannelError;
+use crate::handshake::{self, MediumKind, SessionParams};
+use crate::region::{RingMemory, SharedRegion};
+use crate::ring::{self, Consumer, Producer, RingError};
+
+const PAGE: usize = 4096;
+
+fn control_offset(capacity: usize) -> usize {
+    ring::region_len(capacity).div_ceil(PAGE) * PAGE
+}
+
+/// The two control words, viewed in a mapped region.
+#[derive(Debug)]
+struct Control {
+    region: Arc<SharedRegion>,
+    offset: usize,
+}
+
+impl Control {
+    fn new(region: Arc<SharedRegion>, offset: usize) -> Result<Self, ChannelError> {
+        if region.len() < offset + PAGE {
+            return Err(ChannelError::BadHandshake(format!(
+                "shared region of {} bytes has no control page at {offset}",
+                region.len()
+            )));
+        }
+        Ok(Control { region, offset })
+    }
+
+    fn word(&self, index: usize) -> &AtomicU64 {
+        // SAFETY: `new` checked the control page lies inside the mapping; the mapping is
+        // page-aligned, so `offset + 8 * index` (index < 2) is 8-aligned; the `Arc` keeps the
+        // mapping alive as long as `self`; both processes only touch these words atomically.
+        unsafe {
+            &*self
+                .region
+                .as_ptr()
+                .add(self.offset + 8 * index)
+                .cast::<AtomicU64>()
+        }
+    }
+
+    fn acked(&self) -> &AtomicU64 {
+        self.word(0)
+    }
+
+    fn beats(&self) -> &AtomicU64 {
+        self.word(1)
+    }
+}
+
+fn session(config: &ChannelConfig) -> SessionParams {
+    SessionParams {
+        session_id: config.session_id,
+        epoch: config.epoch,
+        medium: MediumKind::Shm,
+        key: config.key.clone(),
+    }
+}
+
+fn with_timeouts(stream: &UnixStream, t: Duration) -> Result<(), ChannelError> {
+    let io = |e| ChannelError::io("setting control socket timeouts", e);
+    stream.set_read_timeout(Some(t)).map_err(io)?;
+    stream.set_write_timeout(Some(t)).map_err(io)?;
+    Ok(())
+}
+
+/// Checks the control socket without blocking: end-of-file means the peer process is gone.
+fn check_socket(stream: &mut UnixStream) -> Result<(), ChannelError> {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => Err(ChannelError::PeerClosed),
+        Ok(_) => Err(ChannelError::CorruptMessage(
+            "unexpected data on the shared-memory control socket".into(),
+        )),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
+        Err(e) => Err(ChannelError::io("checking the control socket", e)),
+    }
+}
+
+/// Listens for a primary on a Unix socket at `path` (a stale socket file there is replaced).
+pub fn listen(path: impl AsRef<Path>) -> Result<UnixListener, ChannelError> {
+    let path = path.as_ref();
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|e| ChannelError::io("removing a stale socket", e))?;
+    }
+    UnixListener::bind(path).map_err(|e| ChannelError::io("binding the control socket", e))
+}
+
+/// Accepts one primary, authenticates it, creates the shared ring for it and returns the
+/// backup's channel end.
+pub fn accept(
+    listener: &UnixListener,
+    config: ChannelConfig,
+) -> Result<Backup<ShmBackupLink>, ChannelError> {
+    config.validate()?;
+    let (mut stream, _) = listener
+        .accept()
+        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    with_timeouts(&stream, config.handshake_timeout)?;
+    let hello = handshake::backup_authenticate(&mut stream, &session(&config))?;
+
+    let capacity = config.ring_capacity;
+    let ctrl = control_offset(capacity);
+    let mut suffix = [0u8; 8];
+    getrandom::getrandom(&mut suffix)
+        .map_err(|e| ChannelError::io("naming the ring", std::io::Error::other(e.to_string())))?;
+    let path = PathBuf::from("/dev/shm").join(format!(
+        "ftvm-{:x}-{}-{:016x}",
+        config.session_id,
+        std::process::id(),
+        u64::from_le_bytes(suffix)
+    ));
+    let region = SharedRegion::create(&path, ctrl + PAGE).map_err(|e| ChannelError::Io {
+        context: "creating the shared ring",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| ChannelError::io("restricting the shared ring", e))?;
+    ring::format(&region, capacity)?;
+    let region = Arc::new(region);
+    let control = Control::new(region.clone(), ctrl)?;
+    let consumer = Consumer::attach(region.clone())?;
+
+    let path_bytes = path.as_os_str().as_encoded_bytes().to_vec();
+    handshake::backup_welcome(&mut stream, 1, &path_bytes)?;
+    let mut attached = [0u8; 1];
+    stream
+        .read_exact(&mut attached)
+        .map_err(|e| match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => ChannelError::HandshakeTimeout {
+                waiting_for: "the primary to map the ring",
+            },
+            _ => ChannelError::io("waiting for the primary to map the ring", e),
+        })?;
+    if attached != *b"A" {
+        return Err(ChannelError::BadHandshake(
+            "primary did not confirm the mapping".into(),
+        ));
+    }
+    // Nobody else may attach from now on.
+    let _ = std::fs::remove_file(&path);
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let link = ShmBackupLink {
+        consumer,
+        control,
+        stream,
+    };
+    Backup::new(link, config, 1, hello.epoch)
+}
+
+/// Connects to a backup's control socket, authenticates, maps the backup's ring and returns the
+/// primary's channel end.
+pub fn connect(
+    path: impl AsRef<Path>,
+    config: ChannelConfig,
+) -> Result<Primary<ShmPrimaryLink>, ChannelError> {
+    config.validate()?;
+    let mut stream = UnixStream::connect(path.as_ref())
+        .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
+    with_timeouts(&stream, config.handshake_timeout)?;
+    let accepted = handshake::primary_handshake(&mut stream, &session(&config))?;
+    let ring_path = PathBuf::from(
+        String::from_utf8(accepted.medium_info)
+            .map_err(|_| ChannelError::BadHandshake("ring path is not UTF-8".into()))?,
+    );
+    if !ring_path.starts_with("/dev/shm") {
+        return Err(ChannelError::BadHandshake(format!(
+            "ring path {} is outside /dev/shm",
+            ring_path.display()
+        )));
+    }
+    let region = Arc::new(
+        SharedRegion::open(&ring_path).map_err(|e| ChannelError::Io {
+            context: "mapping the backup's ring",
+            source: std::io::Error::other(e.to_string()),
+        })?,
+    );
+    let producer = Producer::attach(region.clone())?;
+    let control = Control::new(region, control_offset(producer.capacity()))?;
+    stream
+        .write_all(b"A")
+        .map_err(|e| ChannelError::io("confirming the mapping", e))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let link = ShmPrimaryLink {
+        producer,
+        control,
+        stream,
+        last_beats: 0,
+    };
+    Primary::new(link, config, accepted.resume_seq)
+}
+
+/// The primary's shared-memory link.
+#[derive(Debug)]
+pub struct ShmPrimaryLink {
+    producer: Producer<Arc<SharedRegion>>,
+    control: Control,
+    stream: UnixStream,
+    last_beats: u64,
+}
+
+impl PrimaryLink for ShmPrimaryLink {
+    fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError> {
+        match self.producer.try_push(frame) {
+            Ok(()) => Ok(true),
+            Err(RingError::Full { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn flush(&mut self) -> Result<bool, ChannelError> {
+        Ok(true)
+    }
+
+    fn poll(&mut self) -> Result<BackupNews, ChannelError> {
+        let acked = self.control.acked().load(Ordering::Acquire);
+        let beats = self.control.beats().load(Ordering::Relaxed);
+        let heard = beats != self.last_beats;
+        self.last_beats = beats;
+        // Always report the ACK word: reading it and the counter is not one atomic step, so an
+        // ACK may land between the two loads and must not wait for the next heartbeat.
+        Ok(BackupNews {
+            acked: Some(acked),
+            heard,
+        })
+    }
+
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        check_socket(&mut self.stream)
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        // Nothing to sleep on for memory; sleep briefly so blocking mode stays cheap.
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+        Ok(false)
+    }
+}
+
+/// The backup's shared-memory link.
+#[derive(Debug)]
+pub struct ShmBackupLink {
+    consumer: Consumer<Arc<SharedRegion>>,
+    control: Control,
+    stream: UnixStream,
+}
+
+impl BackupLink for ShmBackupLink {
+    fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        Ok(self.consumer.peek()?)
+    }
+
+    fn consume(&mut self) -> Result<(), ChannelError> {
+        self.consumer.advance_peeked();
+        self.consumer.release();
+        Ok(())
+    }
+
+    fn ack(&mut self, acked: u64, _epoch: u64) -> Result<(), ChannelError> {
+        self.control.acked().store(acked, Ordering::Release);
+        self.control.beats().fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        check_socket(&mut self.stream)
+    }
+}

@@ -1,0 +1,332 @@
+//! The kernel-TCP medium: log frames back to back on a TCP connection (`TCP_NODELAY`), 24-byte
+//! ACK messages on the way back.
+//!
+//! The socket is always non-blocking after the handshake. In busy-poll mode (`tcp-spin`) the
+//! channel spins on it under its [`PollPolicy`](crate::PollPolicy); in blocking mode
+//! ([`ChannelConfig::blocking`]) waits sleep in `poll(2)` until the socket is readable, trading
+//! latency (a kernel wake-up per message) for CPU.
+//!
+//! ACK message, little-endian: `b"FTAK"`, u32 zero, u64 epoch, u64 cumulative acked sequence.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::error::ChannelError;
+use crate::handshake::{self, MediumKind, SessionParams};
+
+const ACK_MAGIC: [u8; 4] = *b"FTAK";
+const ACK_LEN: usize = 24;
+
+fn session(config: &ChannelConfig) -> SessionParams {
+    SessionParams {
+        session_id: config.session_id,
+        epoch: config.epoch,
+        medium: MediumKind::Tcp,
+        key: config.key.clone(),
+    }
+}
+
+fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
+    let io = |context| move |e| ChannelError::io(context, e);
+    stream
+        .set_nodelay(true)
+        .map_err(io("setting TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(config.handshake_timeout))
+        .map_err(io("setting handshake timeout"))?;
+    stream
+        .set_write_timeout(Some(config.handshake_timeout))
+        .map_err(io("setting handshake timeout"))?;
+    Ok(())
+}
+
+fn go_nonblocking(stream: &TcpStream) -> Result<(), ChannelError> {
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("making the socket non-blocking", e))
+}
+
+/// Waits in `poll(2)` until `fd` is readable (or writable, if asked) or `timeout` passes.
+pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool, ChannelError> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN | if writable { libc::POLLOUT } else { 0 },
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call; nfds is 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(ChannelError::io("poll", err));
+    }
+    Ok(rc > 0)
+}
+
+/// Connects to a backup at `addr` and runs the handshake; returns the primary's channel end.
+pub fn connect(
+    addr: impl ToSocketAddrs,
+    config: ChannelConfig,
+) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
+    config.validate()?;
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| ChannelError::io("resolving the backup's address", e))?
+        .collect();
+    let mut last = None;
+    let mut stream = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, config.handshake_timeout) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let mut stream = match (stream, last) {
+        (Some(s), _) => s,
+        (None, Some(e)) => return Err(ChannelError::io("connecting to the backup", e)),
+        (None, None) => {
+            return Err(ChannelError::Config(
+                "backup address resolved to nothing".into(),
+            ))
+        }
+    };
+    prepare(&stream, &config)?;
+    let accepted = handshake::primary_handshake(&mut stream, &session(&config))?;
+    go_nonblocking(&stream)?;
+    let link = TcpPrimaryLink {
+        stream,
+        pending: Vec::new(),
+        pending_at: 0,
+        inbox: vec![0; 4096],
+        inbox_len: 0,
+    };
+    Primary::new(link, config, accepted.resume_seq)
+}
+
+/// Accepts one primary on `listener`, runs the handshake and returns the backup's channel end.
+/// A primary that fails the handshake is refused with a typed error (accept again to go on).
+pub fn accept(
+    listener: &TcpListener,
+    config: ChannelConfig,
+) -> Result<Backup<TcpBackupLink>, ChannelError> {
+    config.validate()?;
+    let (mut stream, _) = listener
+        .accept()
+        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    prepare(&stream, &config)?;
+    let hello = handshake::backup_authenticate(&mut stream, &session(&config))?;
+    let resume = 1;
+    handshake::backup_welcome(&mut stream, resume, &[])?;
+    go_nonblocking(&stream)?;
+    let max_frame = config.max_frame_bytes;
+    let link = TcpBackupLink {
+        stream,
+        inbox: vec![0; max_frame.max(64 * 1024) * 2],
+        start: 0,
+        end: 0,
+        peeked: 0,
+        max_frame,
+        ack_pending: None,
+    };
+    Backup::new(link, config, resume, hello.epoch)
+}
+
+/// The primary's TCP link.
+#[derive(Debug)]
+pub struct TcpPrimaryLink {
+    stream: TcpStream,
+    /// Bytes of a frame the socket took only partly; sent before anything else.
+    pending: Vec<u8>,
+    pending_at: usize,
+    inbox: Vec<u8>,
+    inbox_len: usize,
+}
+
+impl PrimaryLink for TcpPrimaryLink {
+    fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError> {
+        if !self.flush()? {
+            return Ok(false);
+        }
+        match self.stream.write(frame) {
+            Ok(n) if n == frame.len() => Ok(true),
+            Ok(n) => {
+                self.pending.clear();
+                self.pending.extend_from_slice(&frame[n..]);
+                self.pending_at = 0;
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(ChannelError::io("sending a frame", e)),
+        }
+    }
+
+    fn flush(&mut self) -> Result<bool, ChannelError> {
+        while self.pending_at < self.pending.len() {
+            match self.stream.write(&self.pending[self.pending_at..]) {
+                Ok(0) => return Err(ChannelError::PeerClosed),
+                Ok(n) => self.pending_at += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ChannelError::io("sending a frame", e)),
+            }
+        }
+        self.pending.clear();
+        self.pending_at = 0;
+        Ok(true)
+    }
+
+    fn poll(&mut self) -> Result<BackupNews, ChannelError> {
+        let mut news = BackupNews::default();
+        loop {
+            match self.stream.read(&mut self.inbox[self.inbox_len..]) {
+                Ok(0) => return Err(ChannelError::PeerClosed),
+                Ok(n) => {
+                    self.inbox_len += n;
+                    news.heard = true;
+                    let whole = self.inbox_len / ACK_LEN * ACK_LEN;
+                    for msg in self.inbox[..whole].chunks_exact(ACK_LEN) {
+                        if msg[..4] != ACK_MAGIC || msg[4..8] != [0; 4] {
+                            return Err(ChannelError::CorruptMessage(format!(
+                                "expected an ACK, got {:02x?}",
+                                &msg[..8]
+                            )));
+                        }
+                        let mut seq = [0; 8];
+                        seq.copy_from_slice(&msg[16..24]);
+                        let seq = u64::from_le_bytes(seq);
+                        news.acked = Some(news.acked.map_or(seq, |a: u64| a.max(seq)));
+                    }
+                    self.inbox.copy_within(whole..self.inbox_len, 0);
+                    self.inbox_len -= whole;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(news),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ChannelError::io("reading ACKs", e)),
+            }
+        }
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        poll_fd(self.stream.as_raw_fd(), !self.pending.is_empty(), timeout)
+    }
+}
+
+/// The backup's TCP link.
+#[derive(Debug)]
+pub struct TcpBackupLink {
+    stream: TcpStream,
+    /// Received bytes; the unconsumed ones are `inbox[start..end]`.
+    inbox: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Length of the frame the last `peek` returned.
+    peeked: usize,
+    max_frame: usize,
+    /// An ACK the socket had no room for; cumulative, so only the newest matters.
+    ack_pending: Option<[u8; ACK_LEN]>,
+}
+
+impl TcpBackupLink {
+    /// Reads what the socket has; `Ok(false)` if nothing.
+    fn fill(&mut self) -> Result<bool, ChannelError> {
+        if self.end == self.inbox.len() {
+            self.inbox.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match self.stream.read(&mut self.inbox[self.end..]) {
+                Ok(0) => return Err(ChannelError::PeerClosed),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ChannelError::io("receiving frames", e)),
+            }
+        }
+    }
+
+    fn send_ack(&mut self, msg: [u8; ACK_LEN]) -> Result<(), ChannelError> {
+        match self.stream.write(&msg) {
+            Ok(ACK_LEN) => {
+                self.ack_pending = None;
+                Ok(())
+            }
+            // A partial write of 24 bytes on an almost-full socket: the stream is now out of
+            // step, so treat it as fatal rather than send a torn ACK.
+            Ok(_) => Err(ChannelError::CorruptMessage("partial ACK write".into())),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                self.ack_pending = Some(msg);
+                Ok(())
+            }
+            Err(e) => Err(ChannelError::io("sending an ACK", e)),
+        }
+    }
+}
+
+impl BackupLink for TcpBackupLink {
+    fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        if let Some(msg) = self.ack_pending {
+            self.send_ack(msg)?;
+        }
+        loop {
+            let have = self.end - self.start;
+            if have >= logfmt::FRAME_HEADER_LEN {
+                let len = logfmt::peek_frame_len(&self.inbox[self.start..self.end])?;
+                if len > self.max_frame {
+                    return Err(ChannelError::FrameTooLarge {
+                        len,
+                        max: self.max_frame,
+                    });
+                }
+                if have >= len {
+                    self.peeked = len;
+                    return Ok(Some(&self.inbox[self.start..self.start + len]));
+                }
+                if self.start + len > self.inbox.len() {
+                    // Make room for the whole frame at the front of the buffer.
+                    self.inbox.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                }
+            }
+            if !self.fill()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn consume(&mut self) -> Result<(), ChannelError> {
+        self.start += self.peeked;
+        self.peeked = 0;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError> {
+        let mut msg = [0u8; ACK_LEN];
+        msg[..4].copy_from_slice(&ACK_MAGIC);
+        msg[8..16].copy_from_slice(&epoch.to_le_bytes());
+        msg[16..24].copy_from_slice(&acked.to_le_bytes());
+        self.send_ack(msg)
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        poll_fd(self.stream.as_raw_fd(), self.ack_pending.is_some(), timeout)
+    }
+}

@@ -1,0 +1,388 @@
+//! The log channel between two real processes, over each medium: this process is the primary,
+//! a child process (this binary re-executed as `backup <medium> <address>`) is the backup.
+//!
+//! - a million entries of random sizes, every checksum verified by the backup, ACKs monotone,
+//!   nothing lost or duplicated;
+//! - the backup killed mid-stream: the primary gets a clear error within the heartbeat timeout.
+//!
+//! Custom harness (`harness = false`) so the backup role is a plain command line.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use logfmt::{ControlOp, Entry, Event, Position};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use transport::{shm, tcp, ChannelConfig, ChannelError, PreSharedKey};
+
+const ENTRIES: u64 = 1_000_000;
+const DEVICE: u16 = 3;
+
+fn config() -> ChannelConfig {
+    let key = PreSharedKey::new(b"two-process-test-key".to_vec()).expect("key");
+    let mut c = ChannelConfig::new(0xF7, 1, key);
+    c.heartbeat_interval = Duration::from_millis(10);
+    c.heartbeat_timeout = Duration::from_millis(300);
+    // Two processes on two cores plus the test harness: do not spin for long.
+    c.poll = transport::PollPolicy::BALANCED;
+    c
+}
+
+/// Entry payload: u64 sequence number, random bytes, u32 CRC32C of both.
+fn payload(seq: u64, rng: &mut SmallRng, buf: &mut Vec<u8>) {
+    let len = rng.gen_range(12..=300);
+    buf.clear();
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.resize(len - 4, 0);
+    rng.fill(&mut buf[8..]);
+    let crc = crc32c::crc32c(buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+}
+
+// ---------------------------------------------------------------- backup role (child process)
+
+fn backup(medium: &str, address: &str) -> Result<(), String> {
+    let cfg = config();
+    match medium {
+        "tcp" | "tcp-blocking" => {
+            let mut cfg = cfg;
+            cfg.blocking = medium == "tcp-blocking";
+            let listener = std::net::TcpListener::bind(address).map_err(|e| e.to_string())?;
+            println!(
+                "LISTENING {}",
+                listener.local_addr().map_err(|e| e.to_string())?
+            );
+            let b = tcp::accept(&listener, cfg).map_err(|e| e.to_string())?;
+            verify_stream(b)
+        }
+        "shm" => {
+            let listener = shm::listen(address).map_err(|e| e.to_string())?;
+            println!("LISTENING {address}");
+            let b = shm::accept(&listener, cfg).map_err(|e| e.to_string())?;
+            verify_stream(b)
+        }
+        other => Err(format!("unknown medium {other}")),
+    }
+}
+
+fn verify_stream<L: transport::BackupLink>(mut b: transport::Backup<L>) -> Result<(), String> {
+    let mut next = 1u64;
+    let mut done = false;
+    let mut failure = None;
+    while !done {
+        b.poll_timeout(Duration::from_secs(1), |frame| {
+            for (seq, entry) in frame.entries_with_seq() {
+                if failure.is_some() {
+                    return;
+                }
+                if seq != next {
+                    failure = Some(format!("expected entry {next}, got {seq}"));
+                    return;
+                }
+                next += 1;
+                match entry.event {
+                    Event::DeviceInput { device, data } => {
+                        let ok = device == DEVICE
+                            && data.len() >= 12
+                            && data[..8] == seq.to_le_bytes()
+                            && data[data.len() - 4..]
+                                == crc32c::crc32c(&data[..data.len() - 4]).to_le_bytes();
+                        if !ok {
+                            failure = Some(format!("entry {seq}: bad payload"));
+                        }
+                    }
+                    Event::OutputMarker { .. } => {}
+                    Event::Control(ControlOp::Shutdown) => done = true,
+                    other => failure = Some(format!("entry {seq}: unexpected {other:?}")),
+                }
+            }
+        })
+        .map_err(|e| format!("backup after {next} entries: {e}"))?;
+        if let Some(f) = failure.take() {
+            return Err(f);
+        }
+    }
+    // Keep acknowledging until the primary has seen the final ACK and hangs up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match b.poll(|_| {}) {
+            Err(ChannelError::PeerClosed) => break,
+            Err(e) => return Err(format!("after shutdown: {e}")),
+            Ok(_) => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    println!("VERIFIED {}", next - 1);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- primary role (this process)
+
+struct BackupProcess {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+fn spawn_backup(medium: &str, address: &str) -> Result<(BackupProcess, String), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["backup", medium, address])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning backup: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .ok_or("backup exited before listening")?
+        .map_err(|e| e.to_string())?;
+    let addr = first
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| format!("backup said {first:?}"))?
+        .to_string();
+    Ok((BackupProcess { child, lines }, addr))
+}
+
+/// Either medium's primary end behind one interface, for the test's driving code.
+enum AnyPrimary {
+    Tcp(transport::Primary<tcp::TcpPrimaryLink>),
+    Shm(transport::Primary<shm::ShmPrimaryLink>),
+}
+
+impl AnyPrimary {
+    fn connect(medium: &str, addr: &str) -> Result<Self, ChannelError> {
+        let mut cfg = config();
+        cfg.blocking = medium == "tcp-blocking";
+        Ok(match medium {
+            "shm" => AnyPrimary::Shm(shm::connect(addr, cfg)?),
+            _ => AnyPrimary::Tcp(tcp::connect(addr, cfg)?),
+        })
+    }
+    fn append(&mut self, e: &Entry<'_>) -> Result<u64, ChannelError> {
+        match self {
+            AnyPrimary::Tcp(p) => p.append(e),
+            AnyPrimary::Shm(p) => p.append(e),
+        }
+    }
+    fn pump(&mut self) -> Result<bool, ChannelError> {
+        match self {
+            AnyPrimary::Tcp(p) => p.pump(),
+            AnyPrimary::Shm(p) => p.pump(),
+        }
+    }
+    fn acked(&self) -> u64 {
+        match self {
+            AnyPrimary::Tcp(p) => p.acked(),
+            AnyPrimary::Shm(p) => p.acked(),
+        }
+    }
+    fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError> {
+        match self {
+            AnyPrimary::Tcp(p) => p.wait_acked(seq),
+            AnyPrimary::Shm(p) => p.wait_acked(seq),
+        }
+    }
+    fn stats(&self) -> transport::StatsSnapshot {
+        match self {
+            AnyPrimary::Tcp(p) => p.stats(),
+            AnyPrimary::Shm(p) => p.stats(),
+        }
+    }
+}
+
+fn address_for(medium: &str) -> String {
+    match medium {
+        "shm" => std::env::temp_dir()
+            .join(format!(
+                "ftvm-chan-{}-{}.sock",
+                std::process::id(),
+                rand::random::<u32>()
+            ))
+            .display()
+            .to_string(),
+        _ => "127.0.0.1:0".to_string(),
+    }
+}
+
+fn million_entries(medium: &str) -> Result<(), String> {
+    let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
+    let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
+    let mut rng = SmallRng::seed_from_u64(0x5EED);
+    let mut buf = Vec::new();
+    let mut last_acked = 0;
+    let started = Instant::now();
+    for seq in 1..=ENTRIES {
+        payload(seq, &mut rng, &mut buf);
+        let entry = Entry::new(
+            Position::at_exit(seq),
+            Event::DeviceInput {
+                device: DEVICE,
+                data: &buf,
+            },
+        );
+        let got = p.append(&entry).map_err(|e| format!("append {seq}: {e}"))?;
+        if got != seq {
+            return Err(format!("append returned seq {got}, expected {seq}"));
+        }
+        let acked = p.acked();
+        if acked < last_acked {
+            return Err(format!("ACK went backwards: {last_acked} then {acked}"));
+        }
+        last_acked = acked;
+        if seq % 64 == 0 {
+            p.pump().map_err(|e| e.to_string())?;
+        }
+    }
+    let marker = Entry::new(
+        Position::at_exit(ENTRIES + 1),
+        Event::OutputMarker {
+            device: DEVICE,
+            len: 0,
+            digest: logfmt::digest(b""),
+        },
+    );
+    let marker_seq = p.append(&marker).map_err(|e| e.to_string())?;
+    p.wait_acked(marker_seq).map_err(|e| e.to_string())?;
+    let end = Entry::new(
+        Position::at_exit(ENTRIES + 2),
+        Event::Control(ControlOp::Shutdown),
+    );
+    let end_seq = p.append(&end).map_err(|e| e.to_string())?;
+    p.wait_acked(end_seq).map_err(|e| e.to_string())?;
+    let stats = p.stats();
+    drop(p);
+    let verdict = backup
+        .lines
+        .next()
+        .ok_or("backup printed no verdict")?
+        .map_err(|e| e.to_string())?;
+    let status = backup.child.wait().map_err(|e| e.to_string())?;
+    if !status.success() || verdict != format!("VERIFIED {end_seq}") {
+        return Err(format!("backup: {status}, said {verdict:?}"));
+    }
+    eprintln!(
+        "  {medium}: {end_seq} entries verified in {:.2?}; {} frames, {} bytes, {} throttle events",
+        started.elapsed(),
+        stats.frames,
+        stats.bytes,
+        stats.throttle_events
+    );
+    Ok(())
+}
+
+fn backup_killed(medium: &str) -> Result<(), String> {
+    let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
+    let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
+    let timeout = config().heartbeat_timeout;
+    let mut buf = vec![0u8; 64];
+    for seq in 1..=10_000u64 {
+        buf[..8].copy_from_slice(&seq.to_le_bytes());
+        p.append(&Entry::new(
+            Position::at_exit(seq),
+            Event::Random { data: &buf },
+        ))
+        .map_err(|e| e.to_string())?;
+    }
+    backup.child.kill().map_err(|e| e.to_string())?;
+    let killed = Instant::now();
+    let _ = backup.child.wait();
+    let mut seq = 10_000u64;
+    let err = loop {
+        seq += 1;
+        let marker = Entry::new(
+            Position::at_exit(seq),
+            Event::OutputMarker {
+                device: 1,
+                len: 0,
+                digest: 0,
+            },
+        );
+        let r = p.append(&marker).and_then(|s| p.wait_acked(s));
+        if let Err(e) = r {
+            break e;
+        }
+        if killed.elapsed() > timeout * 4 {
+            return Err(format!(
+                "no error {:?} after the backup died",
+                killed.elapsed()
+            ));
+        }
+    };
+    let took = killed.elapsed();
+    eprintln!("  {medium}: backup killed → primary error after {took:.1?}: {err}");
+    if !matches!(
+        err,
+        ChannelError::PeerClosed | ChannelError::HeartbeatTimeout { .. }
+    ) {
+        return Err(format!("unexpected error kind: {err:?}"));
+    }
+    // The error must come within the heartbeat timeout (plus scheduling slack).
+    if took > timeout + Duration::from_millis(200) {
+        return Err(format!(
+            "error took {took:?}, heartbeat timeout is {timeout:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("backup") {
+        let (Some(medium), Some(addr)) = (args.get(2), args.get(3)) else {
+            eprintln!("usage: channel_two_process backup <medium> <address>");
+            return ExitCode::FAILURE;
+        };
+        return match backup(medium, addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("backup: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Optional libtest-style filter (the first non-flag argument).
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
+    type Test = Box<dyn Fn() -> Result<(), String>>;
+    let tests: Vec<(String, Test)> = vec![
+        (
+            "million_entries_tcp_spin".into(),
+            Box::new(|| million_entries("tcp")),
+        ),
+        (
+            "million_entries_tcp_blocking".into(),
+            Box::new(|| million_entries("tcp-blocking")),
+        ),
+        (
+            "million_entries_shm".into(),
+            Box::new(|| million_entries("shm")),
+        ),
+        (
+            "backup_killed_tcp".into(),
+            Box::new(|| backup_killed("tcp")),
+        ),
+        (
+            "backup_killed_shm".into(),
+            Box::new(|| backup_killed("shm")),
+        ),
+    ];
+    let mut failed = 0;
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str())))
+        .collect();
+    println!("running {} tests", selected.len());
+    for (name, test) in selected {
+        match test() {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(e) => {
+                println!("test {name} ... FAILED: {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
