@@ -27,7 +27,8 @@ pub enum Medium {
 }
 
 impl Medium {
-    fn name(self) -> &'static str {
+    /// The medium's name in tables and JSON.
+    pub fn name(self) -> &'static str {
         match self {
             Medium::Tcp => "tcp",
             Medium::TcpSpin => "tcp-spin",
@@ -90,7 +91,7 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
+pub fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
     let key = PreSharedKey::new(b"ftvm-bench-pre-shared-key".to_vec())?;
     let mut cfg = ChannelConfig::new(0xBE7C, 1, key);
     cfg.blocking = medium == Medium::Tcp;
@@ -100,14 +101,7 @@ fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
 }
 
 fn pin(core: usize) {
-    let found = core_affinity::get_core_ids()
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.id == core);
-    match found {
-        Some(id) if core_affinity::set_for_current(id) => {}
-        _ => eprintln!("warning: could not pin to core {core}; running unpinned"),
-    }
+    crate::pin::pin_current(core, "commit benchmark thread");
 }
 
 pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
@@ -180,9 +174,9 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
 fn backup_loop<L: BackupLink>(mut backup: transport::Backup<L>) -> anyhow::Result<u64> {
     let mut entries = 0u64;
     let mut done = false;
-    let mut poller = PollPolicy::BUSY.poller();
     while !done {
-        let n = backup.poll(|frame| {
+        // Waits as the channel is configured: busy-polling, or in poll(2) in blocking mode.
+        backup.poll_timeout(Duration::from_millis(100), |frame| {
             for entry in frame.entries() {
                 entries += 1;
                 if entry.event == Event::Control(ControlOp::Shutdown) {
@@ -190,11 +184,6 @@ fn backup_loop<L: BackupLink>(mut backup: transport::Backup<L>) -> anyhow::Resul
                 }
             }
         })?;
-        if n == 0 {
-            poller.wait();
-        } else {
-            poller.reset();
-        }
     }
     // Let the primary see the last ACK before this end goes away.
     let until = Instant::now() + Duration::from_millis(50);
@@ -247,8 +236,23 @@ fn primary_loop<L: PrimaryLink>(
     Ok(hist)
 }
 
-fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram<u64>> {
-    let backup_core = args.backup_core;
+/// Work the primary does once its end of the channel is up; generic over the medium's link.
+pub trait PrimaryJob {
+    /// What the job measures.
+    type Output;
+    /// Runs the job on a connected primary.
+    fn run<L: PrimaryLink>(self, primary: transport::Primary<L>) -> anyhow::Result<Self::Output>;
+}
+
+/// Sets up a real channel over `medium`: the backup end in a thread pinned to `backup_core`
+/// (consuming until it sees a Shutdown entry), the primary end in this thread, pinned to
+/// `primary_core`, running `job`.
+pub fn with_pair<J: PrimaryJob>(
+    medium: Medium,
+    primary_core: usize,
+    backup_core: usize,
+    job: J,
+) -> anyhow::Result<J::Output> {
     match medium {
         Medium::Tcp | Medium::TcpSpin => {
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -258,11 +262,12 @@ fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram
                 pin(backup_core);
                 backup_loop(tcp::accept(&listener, cfg)?)
             });
-            pin(args.primary_core);
-            let primary = tcp::connect(addr, channel_config(medium)?)?;
-            let hist = primary_loop(primary, args);
+            pin(primary_core);
+            let out = tcp::connect(addr, channel_config(medium)?)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| job.run(p));
             join(backup)?;
-            hist
+            out
         }
         Medium::Shm => {
             let sock = std::env::temp_dir().join(format!("ftvm-bench-{}.sock", std::process::id()));
@@ -272,14 +277,29 @@ fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram
                 pin(backup_core);
                 backup_loop(shm::accept(&listener, cfg)?)
             });
-            pin(args.primary_core);
-            let primary = shm::connect(&sock, channel_config(medium)?)?;
-            let hist = primary_loop(primary, args);
-            join(backup)?;
+            pin(primary_core);
+            let out = shm::connect(&sock, channel_config(medium)?)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| job.run(p));
+            let joined = join(backup);
             let _ = std::fs::remove_file(&sock);
-            hist
+            joined?;
+            out
         }
     }
+}
+
+struct CommitJob<'a>(&'a CommitArgs);
+
+impl PrimaryJob for CommitJob<'_> {
+    type Output = Histogram<u64>;
+    fn run<L: PrimaryLink>(self, primary: transport::Primary<L>) -> anyhow::Result<Histogram<u64>> {
+        primary_loop(primary, self.0)
+    }
+}
+
+fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram<u64>> {
+    with_pair(medium, args.primary_core, args.backup_core, CommitJob(args))
 }
 
 fn join(handle: std::thread::JoinHandle<anyhow::Result<u64>>) -> anyhow::Result<u64> {

@@ -5,8 +5,10 @@
 //! Results print as a table; `--json PATH` writes them for plots and reports.
 
 mod commit;
+mod pin;
 mod raw;
 mod ring;
+mod throughput;
 
 use clap::{Parser, Subcommand};
 
@@ -23,11 +25,14 @@ enum Command {
     Ring(ring::RingArgs),
     /// Output-commit latency per medium, next to the raw medium's ping-pong.
     Commit(commit::CommitArgs),
+    /// Entries per second through the channel with batching.
+    Throughput(throughput::ThroughputArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ring(args) => ring::run(&args),
         Command::Commit(args) => commit::run(&args),
+        Command::Throughput(args) => throughput::run(&args),
     }
 }

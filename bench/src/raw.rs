@@ -18,12 +18,10 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Once;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use core_affinity::CoreId;
 use hdrhistogram::Histogram;
 
 /// Which raw medium to ping-pong over.
@@ -304,53 +302,23 @@ fn last_index_of(buf: &[u8]) -> u64 {
 /// Resolved cores for the two threads (`None`: run unpinned).
 #[derive(Debug, Clone, Copy)]
 struct Pins {
-    client: Option<CoreId>,
-    server: Option<CoreId>,
+    client: Option<usize>,
+    server: Option<usize>,
 }
 
 impl Pins {
     fn resolve(cfg: &RawConfig) -> Pins {
-        if cfg.client_core.is_none() && cfg.server_core.is_none() {
-            return Pins {
-                client: None,
-                server: None,
-            };
-        }
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        let pick = |wanted: Option<usize>, role: &str| {
-            let id = wanted?;
-            let core = cores.iter().copied().find(|c| c.id == id);
-            if core.is_none() {
-                warn_once(&format!(
-                    "raw ping-pong: core {id} for the {role} thread is not available ({} cores \
-                     visible); running it unpinned",
-                    cores.len()
-                ));
-            }
-            core
-        };
         Pins {
-            client: pick(cfg.client_core, "client"),
-            server: pick(cfg.server_core, "echo (server)"),
+            client: cfg.client_core,
+            server: cfg.server_core,
         }
     }
 }
 
-fn pin_current(core: Option<CoreId>, role: &str) {
+fn pin_current(core: Option<usize>, role: &str) {
     if let Some(core) = core {
-        if !core_affinity::set_for_current(core) {
-            warn_once(&format!(
-                "raw ping-pong: could not pin the {role} thread to core {}; running it unpinned",
-                core.id
-            ));
-        }
+        crate::pin::pin_current(core, &format!("raw ping-pong {role} thread"));
     }
-}
-
-/// Prints the first pinning warning of the process to stderr; later ones are dropped.
-fn warn_once(message: &str) {
-    static WARNED: Once = Once::new();
-    WARNED.call_once(|| eprintln!("warning: {message}"));
 }
 
 /// Shared by the two threads of a run: raised by whichever fails (error or panic) first, so

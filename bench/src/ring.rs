@@ -58,21 +58,14 @@ pub fn run(args: &RingArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let pick = |index: usize| cores.iter().copied().find(|c| c.id == index);
-    let producer_core = pick(args.producer_core);
-    let consumer_core = pick(args.consumer_core);
-    if producer_core.is_none()
-        || consumer_core.is_none()
-        || args.producer_core == args.consumer_core
-    {
+    if args.producer_core == args.consumer_core {
         eprintln!(
-            "warning: cannot pin to distinct cores {} and {} ({} cores visible); running unpinned",
-            args.producer_core,
-            args.consumer_core,
-            cores.len()
+            "warning: producer and consumer share core {}; the numbers measure time-slicing",
+            args.producer_core
         );
     }
+    let producer_core = Some(args.producer_core);
+    let consumer_core = Some(args.consumer_core);
     println!(
         "ring push→pop, producer core {}, consumer core {}, capacity {} B, commit every {} record(s)",
         args.producer_core, args.consumer_core, args.capacity, args.batch
@@ -107,8 +100,8 @@ pub fn run(args: &RingArgs) -> anyhow::Result<()> {
 fn measure(
     args: &RingArgs,
     size: usize,
-    producer_core: Option<core_affinity::CoreId>,
-    consumer_core: Option<core_affinity::CoreId>,
+    producer_core: Option<usize>,
+    consumer_core: Option<usize>,
 ) -> anyhow::Result<RingRow> {
     let (mut producer, mut consumer) = ring::heap(args.capacity)?;
     if size > producer.max_record_len() {
@@ -122,7 +115,7 @@ fn measure(
     let batch = args.batch;
     let producer_thread = std::thread::spawn(move || -> Result<u64, RingError> {
         if let Some(core) = producer_core {
-            core_affinity::set_for_current(core);
+            crate::pin::pin_current(core, "ring producer");
         }
         let source = vec![0x5Au8; size];
         let mut pushed = 0u64;
@@ -154,7 +147,7 @@ fn measure(
     });
 
     if let Some(core) = consumer_core {
-        core_affinity::set_for_current(core);
+        crate::pin::pin_current(core, "ring consumer");
     }
     let mut sink = vec![0u8; size];
     let mut popped = 0u64;

@@ -196,9 +196,16 @@ pub trait PrimaryLink: Send {
 
 /// The backup's end of a medium: whole frames in order, cumulative ACKs out.
 pub trait BackupLink: Send {
-    /// The next whole frame's bytes, if one has fully arrived; it stays the next frame until
-    /// [`BackupLink::consume`]. The bytes are not yet validated.
+    /// The next whole frame's bytes, if one has fully arrived and is already here, without any
+    /// I/O; it stays the next frame until [`BackupLink::consume`]. The bytes are not yet
+    /// validated.
     fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError>;
+    /// Fetches more bytes from the medium (one non-blocking read, for media that need one);
+    /// returns whether anything arrived. Kept apart from `peek` so the receiver can acknowledge
+    /// what it already has before it spends a system call looking for more.
+    fn receive(&mut self) -> Result<bool, ChannelError> {
+        Ok(false)
+    }
     /// Drops the frame the last `peek` returned.
     fn consume(&mut self) -> Result<(), ChannelError>;
     /// Publishes a cumulative ACK (also the backup's heartbeat, when sent unchanged).
@@ -254,6 +261,8 @@ pub struct LogWriter {
     next_seq: u64,
     max_lag: u64,
     shared: Arc<PrimaryShared>,
+    /// Frames put into the log ring so far.
+    frames_flushed: u64,
 }
 
 impl LogWriter {
@@ -359,6 +368,7 @@ impl LogWriter {
             );
         }
         self.frame.clear();
+        self.frames_flushed += 1;
         Ok(())
     }
 }
@@ -523,6 +533,7 @@ impl<L: PrimaryLink> Primary<L> {
                 next_seq: resume_seq,
                 max_lag: config.max_lag_entries,
                 shared: shared.clone(),
+                frames_flushed: 0,
             },
             sender: Sender {
                 link,
@@ -547,9 +558,11 @@ impl<L: PrimaryLink> Primary<L> {
     /// while the backup lags more than the configured bound.
     pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, ChannelError> {
         let (writer, sender, cfg) = (&mut self.writer, &mut self.sender, &self.config);
+        let frames_before = writer.frames_flushed;
         let seq =
             writer.append_with(entry, &mut pump_inline(sender, cfg), cfg.heartbeat_timeout)?;
-        if matches!(entry.event, Event::OutputMarker { .. }) {
+        // A frame went into the log ring (an output marker, or a full batch): move it on now.
+        if writer.frames_flushed != frames_before {
             sender.pump()?;
         }
         Ok(seq)
@@ -733,6 +746,58 @@ impl<L: BackupLink> Receiver<L> {
     /// check liveness. Returns whether anything moved. Never blocks.
     pub fn pump(&mut self) -> Result<bool, ChannelError> {
         let mut accepted = false;
+        let mut acked_now = false;
+        loop {
+            let result = self.accept_buffered();
+            // Frames validated before any bad one are kept and acknowledged, even when this
+            // round ends in an error: a bad frame is never applied, a good one never dropped.
+            self.producer.commit();
+            // Acknowledge what is in our buffer now, before looking for more on the medium:
+            // the ACK is what the primary's output is waiting for.
+            if self.expected - 1 > self.acked {
+                self.acked = self.expected - 1;
+                let acked = self.link.ack(self.acked, self.epoch);
+                if result.is_ok() {
+                    acked?;
+                }
+                acked_now = true;
+            }
+            let (took, room_left) = result?;
+            accepted |= took;
+            if !room_left || !self.link.receive()? {
+                break;
+            }
+        }
+        self.pumps = self.pumps.wrapping_add(1);
+        if accepted || acked_now || self.pumps % 32 == 0 {
+            let now = Instant::now();
+            if accepted {
+                self.last_heard = now;
+            }
+            if acked_now {
+                self.last_acked_at = now;
+            }
+            if now.duration_since(self.last_acked_at) >= self.heartbeat_interval {
+                self.link.ack(self.acked, self.epoch)?;
+                ChannelStats::add(&self.stats.heartbeats, 1);
+                self.last_acked_at = now;
+            }
+            if now.duration_since(self.last_peer_check) >= self.heartbeat_interval {
+                self.link.check_peer()?;
+                self.last_peer_check = now;
+            }
+            let silent = now.duration_since(self.last_heard);
+            if silent >= self.heartbeat_timeout {
+                return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
+            }
+        }
+        Ok(accepted || acked_now)
+    }
+
+    /// Validates and lands every frame already delivered by the link. Returns whether any was
+    /// accepted, and whether the backup ring still had room.
+    fn accept_buffered(&mut self) -> Result<(bool, bool), ChannelError> {
+        let mut accepted = false;
         while let Some(bytes) = self.link.peek()? {
             let (frame, len) = FrameView::parse(bytes)?;
             if len != bytes.len() {
@@ -759,7 +824,7 @@ impl<L: BackupLink> Receiver<L> {
                     Ok(slot) => slot.copy_from_slice(bytes),
                     // The backup's buffer is full: leave the frame on the medium (which then
                     // fills up and pushes back on the primary) until replay frees space.
-                    Err(RingError::Full { .. }) => break,
+                    Err(RingError::Full { .. }) => return Ok((accepted, false)),
                     Err(e) => return Err(e.into()),
                 }
                 ChannelStats::add(&self.stats.frames, 1);
@@ -771,37 +836,7 @@ impl<L: BackupLink> Receiver<L> {
             self.link.consume()?;
             accepted = true;
         }
-        self.producer.commit();
-        let mut acked_now = false;
-        if self.expected - 1 > self.acked {
-            self.acked = self.expected - 1;
-            self.link.ack(self.acked, self.epoch)?;
-            acked_now = true;
-        }
-        self.pumps = self.pumps.wrapping_add(1);
-        if accepted || acked_now || self.pumps % 32 == 0 {
-            let now = Instant::now();
-            if accepted {
-                self.last_heard = now;
-            }
-            if acked_now {
-                self.last_acked_at = now;
-            }
-            if now.duration_since(self.last_acked_at) >= self.heartbeat_interval {
-                self.link.ack(self.acked, self.epoch)?;
-                ChannelStats::add(&self.stats.heartbeats, 1);
-                self.last_acked_at = now;
-            }
-            if now.duration_since(self.last_peer_check) >= self.heartbeat_interval {
-                self.link.check_peer()?;
-                self.last_peer_check = now;
-            }
-            let silent = now.duration_since(self.last_heard);
-            if silent >= self.heartbeat_timeout {
-                return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
-            }
-        }
-        Ok(accepted || acked_now)
+        Ok((accepted, true))
     }
 
     /// The last sequence number acknowledged.
@@ -868,8 +903,11 @@ impl<L: BackupLink> Backup<L> {
     /// Pumps the medium once and hands every frame now in the backup's buffer to `f`, in order;
     /// returns how many frames were handed over. Frames reach `f` only after they were
     /// validated and acknowledged.
+    ///
+    /// If the channel fails, every frame that was acknowledged before the failure is still
+    /// handed to `f` first; then the error is returned.
     pub fn poll(&mut self, mut f: impl FnMut(&FrameView<'_>)) -> Result<usize, ChannelError> {
-        self.receiver.pump()?;
+        let pumped = self.receiver.pump();
         let mut n = 0;
         while let Some(bytes) = self.frames.read()? {
             // Our own ring holds only frames the receiver validated.
@@ -878,6 +916,7 @@ impl<L: BackupLink> Backup<L> {
             n += 1;
         }
         self.frames.release();
+        pumped?;
         Ok(n)
     }
 

@@ -279,11 +279,20 @@ pub fn primary_handshake<S: Read + Write>(
         });
     }
     let nonce_b = &challenge[24..56];
-    params
+    if params
         .key
         .mac(b"ftvm-backup-v1", &[&hello, nonce_b])
         .verify_slice(&challenge[56..88])
-        .map_err(|_| ChannelError::PeerNotAuthenticated)?;
+        .is_err()
+    {
+        // Tell the backup why we stop (no MAC), so it reports the key mismatch too.
+        let mut refusal = [0u8; RESPONSE_LEN];
+        refusal[..4].copy_from_slice(&MAGIC);
+        refusal[4] = RESPONSE;
+        refusal[5] = Status::AuthFailed as u8;
+        let _ = write_msg(stream, &refusal, "sending refusal");
+        return Err(ChannelError::PeerNotAuthenticated);
+    }
 
     let mut response = [0u8; RESPONSE_LEN];
     response[..4].copy_from_slice(&MAGIC);
@@ -399,6 +408,9 @@ pub fn backup_authenticate<S: Read + Write>(
     let mut response = [0u8; RESPONSE_LEN];
     read_msg(stream, &mut response, "primary's response")?;
     check_magic(&response, RESPONSE, "primary's response")?;
+    if response[5] == Status::AuthFailed as u8 {
+        return Err(ChannelError::AuthRejected);
+    }
     let verified = params
         .key
         .mac(b"ftvm-primary-v1", &[&hello, &challenge])
@@ -493,8 +505,8 @@ mod tests {
             matches!(p, Err(ChannelError::PeerNotAuthenticated)),
             "{p:?}"
         );
-        // The primary stops at the backup's bad proof; the backup then sees the stream close.
-        assert!(b.is_err());
+        // The primary stops at the backup's bad proof and says so; the backup reports it.
+        assert!(matches!(b, Err(ChannelError::AuthRejected)), "{b:?}");
     }
 
     #[test]

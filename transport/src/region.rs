@@ -105,6 +105,13 @@ impl HeapRegion {
         // SAFETY: the layout has a non-zero size (checked above).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(raw).ok_or(RegionError::OutOfMemory(len))?;
+        // Touch every page now: a large zeroed allocation is mapped lazily, and a page fault
+        // on the log's hot path costs microseconds (more under nested virtualisation).
+        for offset in (0..len).step_by(4096) {
+            // SAFETY: `offset < len`, inside the allocation we own; writing the zero it already
+            // holds changes nothing but makes the kernel back the page.
+            unsafe { ptr.as_ptr().add(offset).write_volatile(0) };
+        }
         Ok(HeapRegion { ptr, layout })
     }
 }
@@ -241,10 +248,14 @@ impl SharedRegion {
         // SAFETY: the file stays open for the life of the mapping (stored alongside it). Other
         // processes may write the mapping concurrently; the ring only touches it through raw
         // pointers and atomics, never through references that assume exclusive access.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(|source| RegionError::Map {
-            path: path.clone(),
-            source,
-        })?;
+        // `populate` (MAP_POPULATE) faults every page in now, not on the hot path.
+        let map =
+            unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(|source| {
+                RegionError::Map {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         Ok(SharedRegion {
             map,
             file,

@@ -278,34 +278,35 @@ impl TcpBackupLink {
 
 impl BackupLink for TcpBackupLink {
     fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        let have = self.end - self.start;
+        if have < logfmt::FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let len = logfmt::peek_frame_len(&self.inbox[self.start..self.end])?;
+        if len > self.max_frame {
+            return Err(ChannelError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if have < len {
+            if self.start + len > self.inbox.len() {
+                // Make room for the whole frame at the front of the buffer.
+                self.inbox.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            return Ok(None);
+        }
+        self.peeked = len;
+        Ok(Some(&self.inbox[self.start..self.start + len]))
+    }
+
+    fn receive(&mut self) -> Result<bool, ChannelError> {
         if let Some(msg) = self.ack_pending {
             self.send_ack(msg)?;
         }
-        loop {
-            let have = self.end - self.start;
-            if have >= logfmt::FRAME_HEADER_LEN {
-                let len = logfmt::peek_frame_len(&self.inbox[self.start..self.end])?;
-                if len > self.max_frame {
-                    return Err(ChannelError::FrameTooLarge {
-                        len,
-                        max: self.max_frame,
-                    });
-                }
-                if have >= len {
-                    self.peeked = len;
-                    return Ok(Some(&self.inbox[self.start..self.start + len]));
-                }
-                if self.start + len > self.inbox.len() {
-                    // Make room for the whole frame at the front of the buffer.
-                    self.inbox.copy_within(self.start..self.end, 0);
-                    self.end -= self.start;
-                    self.start = 0;
-                }
-            }
-            if !self.fill()? {
-                return Ok(None);
-            }
-        }
+        self.fill()
     }
 
     fn consume(&mut self) -> Result<(), ChannelError> {

@@ -270,18 +270,62 @@ fn million_entries(medium: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A hung backup (SIGSTOP: alive, socket open, silent) is caught by the heartbeat timeout.
+fn backup_frozen(medium: &str) -> Result<(), String> {
+    let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
+    let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
+    let timeout = config().heartbeat_timeout;
+    let pid = i32::try_from(backup.child.id()).map_err(|e| e.to_string())?;
+    // SAFETY: plain kill(2) on our own child's pid.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        return Err("SIGSTOP failed".into());
+    }
+    let frozen = Instant::now();
+    let marker = Entry::new(
+        Position::at_exit(1),
+        Event::OutputMarker {
+            device: 1,
+            len: 0,
+            digest: 0,
+        },
+    );
+    let result = p.append(&marker).and_then(|s| p.wait_acked(s));
+    let took = frozen.elapsed();
+    let _ = backup.child.kill();
+    let _ = backup.child.wait();
+    let err = match result {
+        Err(e) => e,
+        Ok(()) => return Err("a frozen backup acknowledged an entry".into()),
+    };
+    eprintln!("  {medium}: backup frozen → primary error after {took:.1?}: {err}");
+    if !matches!(err, ChannelError::HeartbeatTimeout { .. }) {
+        return Err(format!("expected a heartbeat timeout, got {err:?}"));
+    }
+    if took > timeout + Duration::from_millis(200) {
+        return Err(format!(
+            "error took {took:?}, heartbeat timeout is {timeout:?}"
+        ));
+    }
+    Ok(())
+}
+
 fn backup_killed(medium: &str) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
     let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
     let timeout = config().heartbeat_timeout;
-    let mut buf = vec![0u8; 64];
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut buf = Vec::new();
     for seq in 1..=10_000u64 {
-        buf[..8].copy_from_slice(&seq.to_le_bytes());
-        p.append(&Entry::new(
+        payload(seq, &mut rng, &mut buf);
+        let entry = Entry::new(
             Position::at_exit(seq),
-            Event::Random { data: &buf },
-        ))
-        .map_err(|e| e.to_string())?;
+            Event::DeviceInput {
+                device: DEVICE,
+                data: &buf,
+            },
+        );
+        p.append(&entry)
+            .map_err(|e| format!("append {seq} before the kill: {e}"))?;
     }
     backup.child.kill().map_err(|e| e.to_string())?;
     let killed = Instant::now();
@@ -363,6 +407,14 @@ fn main() -> ExitCode {
         (
             "backup_killed_shm".into(),
             Box::new(|| backup_killed("shm")),
+        ),
+        (
+            "backup_frozen_tcp".into(),
+            Box::new(|| backup_frozen("tcp")),
+        ),
+        (
+            "backup_frozen_shm".into(),
+            Box::new(|| backup_frozen("shm")),
         ),
     ];
     let mut failed = 0;
