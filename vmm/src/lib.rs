@@ -1,5 +1,17 @@
 //! The ftvm VMM: a KVM guest whose every non-deterministic input is recorded on the primary and
 //! replayed on the backup, with the output gate enforcing the output rule.
 //!
-//! This crate is empty until the VMM issue lands; the workspace lays out its place now so that
-//! the other crates' boundaries (logfmt below it, transport beside it) are fixed from the start.
+//! - [`vm`]: the KVM VM (one vCPU, long mode, memory via vm-memory) and the guest image;
+//! - [`layout`]: the guest ABI — memory map, hypercall port and ops (see `GUEST-ABI.md`);
+//! - [`engine`]: the run loop that numbers exits and drives the paravirtual devices from an
+//!   [`engine::EventSource`];
+//! - [`record`]: the primary's source (live inputs, logged), [`replay`]: the backup's (the log);
+//! - [`output_gate`]: the only code that releases guest outputs, once the backup has the log.
+
+pub mod engine;
+pub mod kv;
+pub mod layout;
+pub mod output_gate;
+pub mod record;
+pub mod replay;
+pub mod vm;

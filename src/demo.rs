@@ -1,0 +1,320 @@
+//! `ftvm demo`: an FT pair on one machine. Starts a backup and a primary (separate processes,
+//! pinned to different cores) on the default transport, drives client requests through the
+//! primary with a progress display, stops the pair at a logged exit, and compares the two
+//! guests. Then runs the same workload unreplicated to measure what FT costs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::client::{self, ClientReport, Workload};
+use crate::node::NodeSummary;
+
+/// `ftvm demo`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Client requests to send.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: u64,
+    /// Seed of the request mix.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Percent of GET requests.
+    #[arg(long, default_value_t = 40)]
+    pub get_percent: u8,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100)]
+    pub keys: u32,
+    /// Skip the unreplicated baseline run.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Guest program (`nondet` demonstrates divergence detection).
+    #[arg(long, value_enum, default_value = "kvstore")]
+    pub guest: crate::node::Guest,
+    /// Write the summary as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The demo's JSON summary.
+#[derive(Debug, serde::Serialize)]
+pub struct DemoSummary {
+    pub requests: u64,
+    pub responses_ok: u64,
+    pub outputs_committed: u64,
+    pub divergences: u64,
+    pub divergence_exit: Option<u64>,
+    pub first_output_exit: Option<u64>,
+    pub primary_memory_hash: String,
+    pub backup_memory_hash: String,
+    pub primary_registers_digest: String,
+    pub backup_registers_digest: String,
+    pub commit_p50_us: f64,
+    pub commit_p99_us: f64,
+    pub log_bytes: u64,
+    pub vm_exits: u64,
+    pub ft_throughput_ratio: Option<f64>,
+    pub ft_requests_per_sec: f64,
+    pub unreplicated_requests_per_sec: Option<f64>,
+}
+
+struct Node {
+    child: Child,
+    name: &'static str,
+    /// Kept open so the child never writes into a closed pipe.
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Node {
+    fn spawn(name: &'static str, args: &[String]) -> anyhow::Result<(Node, String)> {
+        let exe = std::env::current_exe().context("finding the ftvm binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut first = String::new();
+        reader
+            .read_line(&mut first)
+            .with_context(|| format!("reading the {name}'s first line"))?;
+        if first.is_empty() {
+            let status = child.wait()?;
+            bail!("the {name} exited before it was ready ({status})");
+        }
+        Ok((
+            Node {
+                child,
+                name,
+                _stdout: reader,
+            },
+            first.trim().to_string(),
+        ))
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.child.id()).context("pid")?;
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.wait()
+    }
+
+    fn wait(mut self) -> anyhow::Result<()> {
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the {} failed ({status})", self.name);
+        }
+        Ok(())
+    }
+}
+
+fn read_summary(path: &Path) -> anyhow::Result<NodeSummary> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+fn drive(service: &str, args: &DemoArgs, label: &str) -> anyhow::Result<ClientReport> {
+    let addr: SocketAddr = service
+        .split_whitespace()
+        .nth(1)
+        .context("no service address")?
+        .parse()
+        .context("service address")?;
+    let w = Workload {
+        requests: args.requests,
+        seed: args.seed,
+        keys: args.keys,
+        get_percent: args.get_percent,
+        timeout: Duration::from_secs(2),
+    };
+    let step = (args.requests / 50).max(1);
+    let report = client::run(addr, &w, |done| {
+        if done % step == 0 || done == args.requests {
+            print!(
+                "\r  {label}: {done}/{} requests ({:.0}%)",
+                args.requests,
+                100.0 * done as f64 / args.requests as f64
+            );
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    println!();
+    Ok(report)
+}
+
+fn node_args(
+    role: &str,
+    dir: &Path,
+    key: &Path,
+    core: usize,
+    guest: crate::node::Guest,
+) -> Vec<String> {
+    let guest = match guest {
+        crate::node::Guest::Kvstore => "kvstore",
+        crate::node::Guest::Nondet => "nondet",
+    };
+    vec![
+        role.into(),
+        "--guest".into(),
+        guest.into(),
+        "--key-file".into(),
+        key.display().to_string(),
+        "--core".into(),
+        core.to_string(),
+        "--json".into(),
+        dir.join(format!("{role}.json")).display().to_string(),
+    ]
+}
+
+/// Runs the demo and prints a summary.
+pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
+    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("psk");
+    let mut k = [0u8; 32];
+    getrandom::getrandom(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
+    std::fs::write(
+        &key,
+        k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    )?;
+    let sock = dir.join("backup.sock");
+
+    println!(
+        "ftvm demo: FT pair over shared memory, {} requests",
+        args.requests
+    );
+    println!("  starting backup (core 1) …");
+    let mut bargs = node_args("backup", &dir, &key, 1, args.guest);
+    bargs.extend(["--listen".into(), sock.display().to_string()]);
+    let (backup, _) = Node::spawn("backup", &bargs)?;
+    println!("  starting primary (core 0) …");
+    let mut pargs = node_args("primary", &dir, &key, 0, args.guest);
+    pargs.extend([
+        "--backup".into(),
+        sock.display().to_string(),
+        "--service".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let (primary, serving) = Node::spawn("primary", &pargs)?;
+    println!("  primary {serving}");
+    let ft = drive(&serving, args, "FT pair")?;
+    println!("  stopping the pair at a logged exit …");
+    let primary_result = primary.stop();
+    let backup_result = backup.wait();
+    let p = read_summary(&dir.join("primary.json"))?;
+    let b = read_summary(&dir.join("backup.json"))?;
+    for (name, result, s) in [
+        ("primary", &primary_result, &p),
+        ("backup", &backup_result, &b),
+    ] {
+        if let Err(e) = result {
+            eprintln!("  {name}: {e}: {}", s.error.clone().unwrap_or_default());
+        }
+    }
+
+    let mut solo_rate = None;
+    if !args.no_baseline {
+        println!("  baseline: the same workload unreplicated …");
+        let mut sargs = node_args("primary", &dir, &key, 0, args.guest);
+        if let Some(j) = sargs.iter_mut().find(|a| a.ends_with("primary.json")) {
+            *j = dir.join("solo.json").display().to_string();
+        }
+        sargs.extend([
+            "--unreplicated".into(),
+            "--service".into(),
+            "127.0.0.1:0".into(),
+        ]);
+        let (solo, serving) = Node::spawn("unreplicated primary", &sargs)?;
+        let r = drive(&serving, args, "unreplicated")?;
+        solo.stop()?;
+        if r.responses_ok != r.requests {
+            bail!("unreplicated run: {}", r.first_error.unwrap_or_default());
+        }
+        solo_rate = Some(r.throughput);
+    }
+
+    let summary = DemoSummary {
+        requests: ft.requests,
+        responses_ok: ft.responses_ok,
+        outputs_committed: p.outputs_committed,
+        divergences: u64::from(b.divergence.is_some()),
+        divergence_exit: b.divergence_exit,
+        first_output_exit: p.first_output_exit,
+        primary_memory_hash: p.memory_hash.clone(),
+        backup_memory_hash: b.memory_hash.clone(),
+        primary_registers_digest: p.registers_digest.clone(),
+        backup_registers_digest: b.registers_digest.clone(),
+        commit_p50_us: p.commit_p50_us,
+        commit_p99_us: p.commit_p99_us,
+        log_bytes: p.log_bytes,
+        vm_exits: p.exits,
+        ft_throughput_ratio: solo_rate.map(|s| ft.throughput / s),
+        ft_requests_per_sec: ft.throughput,
+        unreplicated_requests_per_sec: solo_rate,
+    };
+    print_summary(&summary, &ft, &b);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if summary.responses_ok != summary.requests
+        || summary.divergences > 0
+        || summary.primary_memory_hash != summary.backup_memory_hash
+    {
+        bail!("the FT pair did not stay in step (see above)");
+    }
+    Ok(summary)
+}
+
+fn print_summary(s: &DemoSummary, ft: &ClientReport, b: &NodeSummary) {
+    println!();
+    println!(
+        "  requests            {} sent, {} answered correctly",
+        s.requests, s.responses_ok
+    );
+    if let Some(e) = &ft.first_error {
+        println!("  first bad response  {e}");
+    }
+    println!(
+        "  outputs committed   {} (backup checked {})",
+        s.outputs_committed, b.outputs_checked
+    );
+    println!(
+        "  VM exits            {} ({} B of log, {:.0} B/request)",
+        s.vm_exits,
+        s.log_bytes,
+        s.log_bytes as f64 / s.requests.max(1) as f64
+    );
+    println!(
+        "  commit latency      p50 {:.2} µs, p99 {:.2} µs",
+        s.commit_p50_us, s.commit_p99_us
+    );
+    let same = s.primary_memory_hash == s.backup_memory_hash;
+    println!(
+        "  guest memory        primary {} / backup {} ({})",
+        s.primary_memory_hash,
+        s.backup_memory_hash,
+        if same { "equal" } else { "DIFFERENT" }
+    );
+    println!("  divergences         {}", s.divergences);
+    if let Some(d) = &b.divergence {
+        println!("    {d}");
+    }
+    match (s.ft_throughput_ratio, s.unreplicated_requests_per_sec) {
+        (Some(r), Some(solo)) => println!(
+            "  throughput          FT {:.0} req/s, unreplicated {:.0} req/s, ratio {:.3}",
+            s.ft_requests_per_sec, solo, r
+        ),
+        _ => println!(
+            "  throughput          FT {:.0} req/s",
+            s.ft_requests_per_sec
+        ),
+    }
+}

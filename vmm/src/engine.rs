@@ -1,0 +1,201 @@
+//! The vCPU run loop: numbers every guest-visible VM exit and dispatches the guest's
+//! hypercalls to the paravirtual devices, taking every non-deterministic value from an
+//! [`EventSource`].
+//!
+//! The loop is the same on the primary and the backup; only the source differs
+//! ([`crate::record::Recorder`] reads the live world and logs it, [`crate::replay::Replayer`]
+//! reads the log). That is the whole determinism argument: the guest sees the same values at the
+//! same exits, so it executes identically.
+//!
+//! Position of an event = the number of the hypercall exit at which the guest observes it
+//! (counting from 1). Our hosts have no PMU, so nothing can be injected between exits.
+
+use crate::layout::{
+    HYPERCALL_PORT, MAILBOX_ADDR, MB_CLOCK_NS, MB_PENDING_IRQS, MB_RANDOM, MB_RX_LEN, MB_TX_LEN,
+    NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX, OP_RANDOM, RX_BUF_ADDR, TX_BUF_ADDR,
+};
+use crate::vm::{Vm, VmError, VmExit};
+
+/// The device id of the paravirtual network device in log entries.
+pub const NET_DEVICE: u16 = 1;
+/// The timer's interrupt vector.
+pub use crate::layout::TIMER_VECTOR;
+
+/// Where the values the guest observes come from, and where its outputs go.
+pub trait EventSource {
+    /// Called first at every exit: `true` stops the VM here, before the hypercall is handled.
+    fn should_stop(&mut self, exit: u64) -> Result<bool, EngineError>;
+    /// Interrupt vectors to deliver at this exit (appended to `out`).
+    fn interrupts(&mut self, exit: u64, out: &mut Vec<u8>) -> Result<(), EngineError>;
+    /// The next network input (a client request), written into `buf`; empty if none.
+    fn net_rx(&mut self, exit: u64, buf: &mut Vec<u8>) -> Result<(), EngineError>;
+    /// The clock, in nanoseconds.
+    fn clock(&mut self, exit: u64) -> Result<u64, EngineError>;
+    /// Sixteen random bytes.
+    fn random(&mut self, exit: u64) -> Result<[u8; 16], EngineError>;
+    /// An output the guest produced on `device`.
+    fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError>;
+}
+
+/// Why the run loop stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// KVM or guest-memory access failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest triple-faulted (or otherwise asked KVM to shut it down).
+    #[error("guest shut down (triple fault?) at exit {exit}")]
+    GuestCrashed {
+        /// Exit number at which it happened.
+        exit: u64,
+    },
+    /// The guest did something outside its ABI.
+    #[error("guest left its ABI at exit {exit}: {what}")]
+    AbiViolation {
+        /// Exit number.
+        exit: u64,
+        /// What it did.
+        what: String,
+    },
+    /// The backup's replica did something the primary's did not.
+    #[error("divergence at exit {exit} on device {device}: primary {primary}, backup {backup}")]
+    Divergence {
+        /// Exit number.
+        exit: u64,
+        /// Device involved.
+        device: u16,
+        /// What the primary's log says (e.g. its output digest).
+        primary: String,
+        /// What the backup's replica did.
+        backup: String,
+    },
+    /// The log channel failed.
+    #[error("log channel: {0}")]
+    Channel(#[from] transport::ChannelError),
+    /// The log holds something the backup cannot replay.
+    #[error("malformed log at exit {exit}: {what}")]
+    MalformedLog {
+        /// Exit number.
+        exit: u64,
+        /// What was wrong.
+        what: String,
+    },
+    /// An I/O error outside the channel (client socket).
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Hypercall exits executed.
+    pub exits: u64,
+    /// Whether the guest asked to halt (otherwise the source stopped it).
+    pub guest_halted: bool,
+}
+
+/// Runs `vm` until the source says stop, the guest halts, or something fails. `first_exit` is
+/// the number the next exit gets (1 for a fresh VM).
+pub fn run(
+    vm: &mut Vm,
+    source: &mut impl EventSource,
+    first_exit: u64,
+) -> Result<RunSummary, EngineError> {
+    let mut exit = first_exit.max(1) - 1;
+    let mut irqs = Vec::new();
+    let mut buf = Vec::with_capacity(NET_BUF_LEN);
+    loop {
+        match vm.run()? {
+            VmExit::Hypercall { op } => {
+                exit += 1;
+                if source.should_stop(exit)? {
+                    return Ok(RunSummary {
+                        exits: exit - 1,
+                        guest_halted: false,
+                    });
+                }
+                irqs.clear();
+                source.interrupts(exit, &mut irqs)?;
+                if !irqs.is_empty() {
+                    let mut pending = vm.read_u64(MAILBOX_ADDR + MB_PENDING_IRQS)?;
+                    for &v in &irqs {
+                        if !(32..96).contains(&v) {
+                            return Err(EngineError::MalformedLog {
+                                exit,
+                                what: format!("interrupt vector {v} outside 32..96"),
+                            });
+                        }
+                        pending |= 1 << (v - 32);
+                    }
+                    vm.write_u64(MAILBOX_ADDR + MB_PENDING_IRQS, pending)?;
+                }
+                match op {
+                    OP_NET_RX => {
+                        buf.clear();
+                        source.net_rx(exit, &mut buf)?;
+                        if buf.len() > NET_BUF_LEN {
+                            return Err(EngineError::MalformedLog {
+                                exit,
+                                what: format!("network input of {} bytes", buf.len()),
+                            });
+                        }
+                        vm.write_bytes(RX_BUF_ADDR, &buf)?;
+                        vm.write_u32(MAILBOX_ADDR + MB_RX_LEN, buf.len() as u32)?;
+                    }
+                    OP_NET_TX => {
+                        let len = vm.read_u32(MAILBOX_ADDR + MB_TX_LEN)? as usize;
+                        if len > NET_BUF_LEN {
+                            return Err(EngineError::AbiViolation {
+                                exit,
+                                what: format!("transmit length {len} > {NET_BUF_LEN}"),
+                            });
+                        }
+                        buf.resize(len, 0);
+                        vm.read_bytes(TX_BUF_ADDR, &mut buf)?;
+                        source.output(exit, NET_DEVICE, &buf)?;
+                    }
+                    OP_CLOCK => {
+                        let ns = source.clock(exit)?;
+                        vm.write_u64(MAILBOX_ADDR + MB_CLOCK_NS, ns)?;
+                    }
+                    OP_RANDOM => {
+                        let bytes = source.random(exit)?;
+                        vm.write_bytes(MAILBOX_ADDR + MB_RANDOM, &bytes)?;
+                    }
+                    OP_HALT => {
+                        return Ok(RunSummary {
+                            exits: exit,
+                            guest_halted: true,
+                        })
+                    }
+                    other => {
+                        return Err(EngineError::AbiViolation {
+                            exit,
+                            what: format!("unknown hypercall {other} on port {HYPERCALL_PORT:#x}"),
+                        })
+                    }
+                }
+            }
+            VmExit::Halt => {
+                return Ok(RunSummary {
+                    exits: exit,
+                    guest_halted: true,
+                })
+            }
+            VmExit::Shutdown => return Err(EngineError::GuestCrashed { exit: exit + 1 }),
+            VmExit::Other(what) => {
+                return Err(EngineError::AbiViolation {
+                    exit: exit + 1,
+                    what,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The KVM virtual machine: one vCPU in 64-bit long mode, ring 0, identity-mapped RAM, running
+//! the guest program under the ABI of [`crate::layout`] (prose in `vmm/GUEST-ABI.md`).
+//!
+//! Everything guest-visible is set explicitly and deterministically at creation: RAM starts
+//! zeroed and holds only the page tables, the GDT and the image; every general-purpose register
+//! is zero except RIP, RSP and RFLAGS; control registers, segments and the FPU/SSE control words
+//! are fixed values. Two [`Vm`]s built from the same image are therefore identical, and stay
+//! identical as long as they are given identical inputs at identical exits.
+//!
+//! On the development host (KVM provided by PVM) every ring-0 guest instruction is executed by
+//! KVM's instruction emulator: ~0.6 µs per register instruction, ~1 µs per memory access, ~7 µs
+//! per hypercall exit, and instructions the emulator lacks (SSE arithmetic such as `xorps`) end in
+//! [`VmExit::Other`] ("KVM internal error (suberror 1 …)"). The guest is therefore built without
+//! SSE; SSE is still enabled in CR0/CR4 so that guests built with it work on VMX/SVM hosts.
+//!
+//! The guest image is a static ELF executable. The loader here copies its `PT_LOAD` segments
+//! (bounds-checked) instead of relying on `objcopy -O binary`: no build-time binutils needed,
+//! the entry point comes from the header, and bss (`p_memsz > p_filesz`) is explicit.
+
+use std::cell::Cell;
+use std::fmt;
+use std::marker::PhantomData;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_API_VERSION,
+    KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::layout::{
+    CODE_SELECTOR, DATA_SELECTOR, GDT_ADDR, GDT_ENTRIES, GUEST_IMAGE_END, GUEST_LOAD_ADDR,
+    HYPERCALL_PORT, INITIAL_RSP, MAX_MEM_SIZE, MEM_SIZE_ALIGN, MIN_MEM_SIZE, PDPT_ADDR, PD_ADDR,
+    PML4_ADDR, TSS_ADDR, TSS_SELECTOR,
+};
+
+/// The deterministic key-value guest program (static ELF), built from `vmm/guest` by build.rs.
+pub const GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
+
+/// The same program built with the `nondet` feature: it mixes `rdtsc` into every response token,
+/// so a primary and a backup running it diverge. For divergence-detection tests only.
+pub const GUEST_NONDET_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-nondet.elf"));
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+/// RFLAGS bit 1 is reserved and always 1; IF = 0 (the guest never takes hardware interrupts).
+const RFLAGS_INIT: u64 = 0x2;
+/// CR0: protected mode, paging, native FPU errors, write-protect; EM clear so SSE works.
+const CR0_INIT: u64 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+/// CR4: PAE (required by long mode), FXSAVE/SSE enabled with unmasked SIMD exceptions reported.
+const CR4_INIT: u64 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+const EFER_INIT: u64 = EFER_LME | EFER_LMA;
+/// x87 control word and MXCSR reset values.
+const FCW_INIT: u16 = 0x37f;
+const MXCSR_INIT: u32 = 0x1f80;
+
+const INTERNAL_ERROR: &str = "KVM internal error";
+
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_HUGE: u64 = 1 << 7;
+const TSS_LIMIT: u32 = 0x67;
+
+/// Errors of the KVM layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available?)")]
+    KvmOpen(kvm_ioctls::Error),
+    /// The kernel speaks another KVM API version.
+    #[error("KVM API version {0} unsupported (need {KVM_API_VERSION})")]
+    KvmApiVersion(i32),
+    /// A KVM ioctl failed.
+    #[error("{op} failed: {err}")]
+    Kvm {
+        /// Which operation.
+        op: &'static str,
+        /// The OS error.
+        err: kvm_ioctls::Error,
+    },
+    /// The requested guest memory size is out of range or misaligned.
+    #[error(
+        "bad guest memory size {0:#x} (need a multiple of {MEM_SIZE_ALIGN:#x} in {MIN_MEM_SIZE:#x}..={MAX_MEM_SIZE:#x})"
+    )]
+    MemSize(usize),
+    /// Guest memory could not be mapped.
+    #[error("cannot allocate guest memory: {0}")]
+    MemAlloc(String),
+    /// The guest image is not a loadable ELF for this ABI.
+    #[error("bad guest image: {0}")]
+    Image(String),
+    /// A guest memory access fell outside guest RAM.
+    #[error("guest memory access out of range: {len} bytes at {gpa:#x}")]
+    OutOfRange {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length of the access.
+        len: usize,
+    },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |err| VmError::Kvm { op, err }
+}
+
+/// Why [`Vm::run`] returned: a guest-visible exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// `out dx, al` on [`HYPERCALL_PORT`](crate::layout::HYPERCALL_PORT) with `al = op`. The
+    /// guest resumes after the `out` on the next [`Vm::run`].
+    Hypercall {
+        /// The operation (`OP_*` in [`crate::layout`]).
+        op: u8,
+    },
+    /// The guest executed `hlt` (with interrupts disabled it will never wake up).
+    Halt,
+    /// Triple fault (e.g. any exception: the guest has no IDT).
+    Shutdown,
+    /// Anything else: I/O on another port, MMIO outside RAM, a failed entry, ... Reads from
+    /// other ports or MMIO return all-ones bytes if the guest is resumed anyway.
+    Other(String),
+}
+
+/// One KVM virtual machine with one vCPU and its guest memory.
+///
+/// Not `Sync`: guest memory is only ever touched from the thread that owns the `Vm` (the vCPU
+/// runs inside [`Vm::run`], which takes `&mut self`), which is what lets [`Vm::memory_hash`] read
+/// guest memory as a plain byte slice.
+pub struct Vm {
+    // Field order is drop order: the vCPU and VM file descriptors go before the memory they map.
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    mem: GuestMemoryMmap,
+    mem_size: usize,
+    entry: u64,
+    exits: u64,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("mem_size", &self.mem_size)
+            .field("entry", &format_args!("{:#x}", self.entry))
+            .field("exits", &self.exits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Creates a VM with `mem_size` bytes of zeroed RAM at guest physical 0, loads the static
+    /// ELF `image` (e.g. [`GUEST_IMAGE`]) and sets up the vCPU in long mode at the image's entry
+    /// point, ready for [`Vm::run`].
+    pub fn new(mem_size: usize, image: &[u8]) -> Result<Vm, VmError> {
+        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || mem_size % MEM_SIZE_ALIGN != 0 {
+            return Err(VmError::MemSize(mem_size));
+        }
+        // Anonymous private mapping: every byte starts zero, independent of the host. Filled
+        // before any KVM object exists, so a bad image is reported even without KVM.
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
+            .map_err(|e| VmError::MemAlloc(e.to_string()))?;
+        let entry = load_elf(&mem, mem_size, image)?;
+        write_page_tables(&mem)?;
+        write_gdt(&mem)?;
+
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        let api = kvm.get_api_version();
+        if api != KVM_API_VERSION as i32 {
+            return Err(VmError::KvmApiVersion(api));
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let host_addr = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmError::MemAlloc(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: mem_size as u64,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: `host_addr` is the start of a live mapping of `mem_size` bytes owned by `mem`.
+        // `mem` outlives the VM and vCPU fds: on the error paths below they are locals declared
+        // after it (dropped first), and in the returned `Vm` they are fields declared before it.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        // The guest never executes CPUID (and on PVM hosts its result can't be controlled), but
+        // KVM checks some register settings against the vCPU's CPUID, so give it the host's.
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        setup_sregs(&vcpu)?;
+        let fpu = kvm_fpu {
+            fcw: FCW_INIT,
+            mxcsr: MXCSR_INIT,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        // All general-purpose registers zero (KVM's reset value of RDX is host-dependent).
+        let regs = kvm_regs {
+            rip: entry,
+            rsp: INITIAL_RSP,
+            rflags: RFLAGS_INIT,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+
+        Ok(Vm {
+            vcpu,
+            _vm: vm,
+            _kvm: kvm,
+            mem,
+            mem_size,
+            entry,
+            exits: 0,
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// Runs the vCPU until the next guest-visible exit. `EINTR`/`EAGAIN` from `KVM_RUN` (a
+    /// signal, an immediate exit) are retried transparently and are not exits.
+    pub fn run(&mut self) -> Result<VmExit, VmError> {
+        loop {
+            match self.vcpu.run() {
+                Ok(exit) => {
+                    self.exits += 1;
+                    if matches!(exit, VcpuExit::InternalError) {
+                        return Ok(VmExit::Other(self.internal_error_details()));
+                    }
+                    return Ok(classify(exit));
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return Err(VmError::Kvm {
+                        op: "KVM_RUN",
+                        err: e,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Number of exits [`Vm::run`] has returned so far (the position at which the record/replay
+    /// layer keys its events): the first exit is number 1.
+    pub fn exit_count(&self) -> u64 {
+        self.exits
+    }
+
+    /// The guest's entry point (from the image's ELF header).
+    pub fn entry(&self) -> u64 {
+        self.entry
+    }
+
+    /// Copies guest memory at `gpa` into `buf`; fails if any byte is outside RAM.
+    pub fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| VmError::OutOfRange {
+                gpa,
+                len: buf.len(),
+            })
+    }
+
+    /// Copies `data` into guest memory at `gpa`; fails (writing nothing) if any byte is outside
+    /// RAM.
+    pub fn write_bytes(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.check_range(gpa, data.len())?;
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| VmError::OutOfRange {
+                gpa,
+                len: data.len(),
+            })
+    }
+
+    /// Reads a little-endian `u32` at `gpa`.
+    pub fn read_u32(&self, gpa: u64) -> Result<u32, VmError> {
+        let mut b = [0; 4];
+        self.read_bytes(gpa, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian `u64` at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, VmError> {
+        let mut b = [0; 8];
+        self.read_bytes(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian `u32` at `gpa`.
+    pub fn write_u32(&self, gpa: u64, v: u32) -> Result<(), VmError> {
+        self.write_bytes(gpa, &v.to_le_bytes())
+    }
+
+    /// Writes a little-endian `u64` at `gpa`.
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), VmError> {
+        self.write_bytes(gpa, &v.to_le_bytes())
+    }
+
+    /// xxh3-64 over all of guest memory, from address 0 up, in order.
+    pub fn memory_hash(&self) -> u64 {
+        let mut h = Xxh3::new();
+        for region in self.mem.iter() {
+            let len = region.len() as usize;
+            let Ok(ptr) = region.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            // SAFETY: `ptr..ptr + len` is the region's live mapping, owned by `self.mem` and
+            // valid for `&self`'s lifetime. Nothing writes it while the slice exists: the vCPU
+            // only runs inside `run(&mut self)`, the guest enables no asynchronous paravirtual
+            // feature that would let KVM write outside KVM_RUN, `Vm` is not `Sync` so no other
+            // thread can hold a `&Vm`, and this thread is busy here.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+            h.update(bytes);
+        }
+        h.digest()
+    }
+
+    /// xxh3-64 over the general-purpose registers, RIP, RFLAGS, CR0, CR3, CR4 and EFER — for
+    /// comparing a primary and a backup at the same exit.
+    pub fn registers_digest(&self) -> Result<u64, VmError> {
+        let r = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let s = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let words = [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags, s.cr0, s.cr3, s.cr4, s.efer,
+        ];
+        let mut bytes = [0u8; 22 * 8];
+        for (chunk, w) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        Ok(xxhash_rust::xxh3::xxh3_64(&bytes))
+    }
+
+    /// The vCPU's general-purpose registers (for diagnostics).
+    pub fn regs(&self) -> Result<kvm_regs, VmError> {
+        self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn mem_size(&self) -> usize {
+        self.mem_size
+    }
+
+    /// Describes a `KVM_EXIT_INTERNAL_ERROR`: suberror, the kernel's extra data words, RIP.
+    fn internal_error_details(&mut self) -> String {
+        let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+        let run = self.vcpu.get_kvm_run();
+        if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+            return format!("{INTERNAL_ERROR} at rip {rip:#x}");
+        }
+        // SAFETY: the exit reason says the kernel filled the `internal` member of the union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        format!(
+            "{INTERNAL_ERROR} (suberror {}, data {:#x?}) at rip {rip:#x}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+
+    fn check_range(&self, gpa: u64, len: usize) -> Result<(), VmError> {
+        match gpa.checked_add(len as u64) {
+            Some(end) if end <= self.mem_size as u64 => Ok(()),
+            _ => Err(VmError::OutOfRange { gpa, len }),
+        }
+    }
+}
+
+fn classify(exit: VcpuExit<'_>) -> VmExit {
+    match exit {
+        VcpuExit::IoOut(port, data) if port == HYPERCALL_PORT && data.len() == 1 => {
+            VmExit::Hypercall { op: data[0] }
+        }
+        VcpuExit::IoOut(port, data) => VmExit::Other(format!("port write {port:#x} {data:02x?}")),
+        VcpuExit::IoIn(port, data) => {
+            data.fill(0xff);
+            VmExit::Other(format!("port read {port:#x} ({} bytes)", data.len()))
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            data.fill(0xff);
+            VmExit::Other(format!("MMIO read {addr:#x} ({} bytes)", data.len()))
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            VmExit::Other(format!("MMIO write {addr:#x} {data:02x?}"))
+        }
+        VcpuExit::Hlt => VmExit::Halt,
+        VcpuExit::Shutdown => VmExit::Shutdown,
+        VcpuExit::FailEntry(reason, cpu) => VmExit::Other(format!(
+            "VM entry failed: hardware reason {reason:#x} on cpu {cpu}"
+        )),
+        other => VmExit::Other(format!("{other:?}")),
+    }
+}
+
+fn write_mem(mem: &GuestMemoryMmap, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+    mem.write_slice(data, GuestAddress(gpa))
+        .map_err(|_| VmError::OutOfRange {
+            gpa,
+            len: data.len(),
+        })
+}
+
+/// PML4[0] → PDPT, PDPT[0] → PD, PD[i] = 2 MiB page at i × 2 MiB: the first 1 GiB identity-mapped,
+/// read/write, executable, supervisor.
+fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    write_mem(
+        mem,
+        PML4_ADDR,
+        &(PDPT_ADDR | PTE_PRESENT | PTE_WRITABLE).to_le_bytes(),
+    )?;
+    write_mem(
+        mem,
+        PDPT_ADDR,
+        &(PD_ADDR | PTE_PRESENT | PTE_WRITABLE).to_le_bytes(),
+    )?;
+    let mut pd = [0u8; 4096];
+    for (i, e) in pd.chunks_exact_mut(8).enumerate() {
+        let pte = ((i as u64) << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE;
+        e.copy_from_slice(&pte.to_le_bytes());
+    }
+    write_mem(mem, PD_ADDR, &pd)
+}
+
+/// A GDT descriptor: `flags` is access byte (bits 0-7) and the flags nibble (bits 12-15).
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    let base = base as u64;
+    let limit = limit as u64;
+    ((base & 0xff00_0000) << 32)
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0xffff)
+        | ((limit & 0x000f_0000) << 32)
+        | (((flags as u64) & 0xf0ff) << 40)
+}
+
+fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    let gdt: [u64; GDT_ENTRIES] = [
+        0,
+        gdt_entry(0xa09b, 0, 0xfffff), // code: G, L, P, DPL 0, S, execute/read accessed
+        gdt_entry(0xc093, 0, 0xfffff), // data: G, D/B, P, DPL 0, S, read/write accessed
+        gdt_entry(0x008b, TSS_ADDR as u32, TSS_LIMIT), // 64-bit TSS (busy), low half
+        0,                             // 64-bit TSS, high half (base bits 32-63)
+    ];
+    let mut bytes = [0u8; GDT_ENTRIES * 8];
+    for (chunk, e) in bytes.chunks_exact_mut(8).zip(gdt) {
+        chunk.copy_from_slice(&e.to_le_bytes());
+    }
+    write_mem(mem, GDT_ADDR, &bytes)
+}
+
+fn setup_sregs(vcpu: &VcpuFd) -> Result<(), VmError> {
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: CODE_SELECTOR,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: DATA_SELECTOR,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    let tss = kvm_segment {
+        base: TSS_ADDR,
+        limit: TSS_LIMIT,
+        selector: TSS_SELECTOR,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    // No IDT: any exception escalates to a triple fault, which KVM reports as a shutdown exit.
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = CR0_INIT;
+    sregs.cr2 = 0;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = CR4_INIT;
+    sregs.cr8 = 0;
+    sregs.efer = EFER_INIT;
+    sregs.interrupt_bitmap = [0; 4];
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
+}
+
+const PT_LOAD: u32 = 1;
+
+fn rd_u16(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+
+fn rd_u32(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+fn rd_u64(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+fn bad(msg: impl Into<String>) -> VmError {
+    VmError::Image(msg.into())
+}
+
+/// Loads the `PT_LOAD` segments of a static x86-64 ELF executable at their physical addresses;
+/// returns the entry point. Every segment must lie in `[GUEST_LOAD_ADDR, GUEST_IMAGE_END)` and the
+/// entry point inside an executable segment. Bss needs no writes: RAM is fresh and zero.
+fn load_elf(mem: &GuestMemoryMmap, mem_size: usize, image: &[u8]) -> Result<u64, VmError> {
+    let short = || bad("truncated ELF header");
+    if image.get(0..4) != Some(b"\x7fELF".as_slice()) {
+        return Err(bad("not an ELF file"));
+    }
+    // ELFCLASS64, ELFDATA2LSB.
+    if image.get(4) != Some(&2) || image.get(5) != Some(&1) {
+        return Err(bad("not a 64-bit little-endian ELF"));
+    }
+    let e_type = rd_u16(image, 16).ok_or_else(short)?;
+    let e_machine = rd_u16(image, 18).ok_or_else(short)?;
+    if e_type != 2 || e_machine != 0x3e {
+        return Err(bad("not an x86-64 executable (ET_EXEC)"));
+    }
+    let entry = rd_u64(image, 24).ok_or_else(short)?;
+    let phoff = rd_u64(image, 32).ok_or_else(short)?;
+    let phentsize = rd_u16(image, 54).ok_or_else(short)? as usize;
+    let phnum = rd_u16(image, 56).ok_or_else(short)? as usize;
+    if phentsize < 56 {
+        return Err(bad("program header entries too small"));
+    }
+    let limit = GUEST_IMAGE_END.min(mem_size as u64);
+    let mut loaded = 0;
+    let mut entry_ok = false;
+    for i in 0..phnum {
+        let ph = usize::try_from(phoff)
+            .ok()
+            .and_then(|o| o.checked_add(i * phentsize))
+            .and_then(|o| image.get(o..o.checked_add(56)?))
+            .ok_or_else(|| bad("program header out of bounds"))?;
+        let field = |off| rd_u64(ph, off).ok_or_else(short);
+        if rd_u32(ph, 0).ok_or_else(short)? != PT_LOAD {
+            continue;
+        }
+        let flags = rd_u32(ph, 4).ok_or_else(short)?;
+        let (offset, paddr, filesz, memsz) = (field(8)?, field(24)?, field(32)?, field(40)?);
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| bad("segment address overflows"))?;
+        if filesz > memsz || paddr < GUEST_LOAD_ADDR || end > limit {
+            return Err(bad(format!(
+                "segment {paddr:#x}+{memsz:#x} outside {GUEST_LOAD_ADDR:#x}..{limit:#x}"
+            )));
+        }
+        let data = usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(filesz).ok())
+            .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
+            .ok_or_else(|| bad("segment data out of bounds"))?;
+        write_mem(mem, paddr, data)?;
+        if flags & 1 != 0 && (paddr..paddr + filesz).contains(&entry) {
+            entry_ok = true;
+        }
+        loaded += 1;
+    }
+    if loaded == 0 {
+        return Err(bad("no PT_LOAD segment"));
+    }
+    if !entry_ok {
+        return Err(bad(format!(
+            "entry point {entry:#x} not in an executable segment"
+        )));
+    }
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_encode_like_the_manual() {
+        assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
+        assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
+        assert_eq!(gdt_entry(0x008b, 0x600, 0x67), 0x0000_8b00_0600_0067);
+    }
+
+    #[test]
+    fn loader_rejects_garbage_and_accepts_the_guest() -> Result<(), VmError> {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MIN_MEM_SIZE)])
+            .map_err(|e| VmError::MemAlloc(e.to_string()))?;
+        assert!(load_elf(&mem, MIN_MEM_SIZE, b"").is_err());
+        assert!(load_elf(&mem, MIN_MEM_SIZE, b"\x7fELF\x02\x01").is_err());
+        let mut truncated = GUEST_IMAGE.to_vec();
+        truncated.truncate(200);
+        assert!(load_elf(&mem, MIN_MEM_SIZE, &truncated).is_err());
+        let entry = load_elf(&mem, MIN_MEM_SIZE, GUEST_IMAGE)?;
+        assert!((GUEST_LOAD_ADDR..GUEST_IMAGE_END).contains(&entry));
+        assert!(load_elf(&mem, MIN_MEM_SIZE, GUEST_NONDET_IMAGE).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_sizes_and_images_are_rejected_before_kvm_is_opened() {
+        for size in [
+            0,
+            MIN_MEM_SIZE - 4096,
+            MIN_MEM_SIZE + 1,
+            MAX_MEM_SIZE + 4096,
+        ] {
+            assert!(matches!(
+                Vm::new(size, GUEST_IMAGE),
+                Err(VmError::MemSize(_))
+            ));
+        }
+    }
+}

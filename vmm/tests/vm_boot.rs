@@ -1,0 +1,404 @@
+//! Boots the real guest program under KVM and drives it with a scripted "device".
+//!
+//! These tests need /dev/kvm; without it they fail with "cannot open /dev/kvm: … (is KVM
+//! available?)".
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use vmm::layout::{
+    CLOCK_NS_ADDR, DEFAULT_MEM_SIZE, HALT_OK, KV_BAD_REQUEST, KV_GET, KV_INCR, KV_NOT_FOUND, KV_OK,
+    KV_PUT, KV_SLOTS, MIN_MEM_SIZE, NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX,
+    OP_RANDOM, OP_RESULT_ADDR, PENDING_IRQS_ADDR, RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR,
+    RX_SHUTDOWN, TIMER_IRQ_BIT, TX_BUF_ADDR, TX_LEN_ADDR,
+};
+use vmm::vm::{Vm, VmError, VmExit, GUEST_IMAGE, GUEST_NONDET_IMAGE};
+
+fn new_vm(mem_size: usize, image: &[u8]) -> Vm {
+    match Vm::new(mem_size, image) {
+        Ok(vm) => vm,
+        Err(e @ VmError::KvmOpen(_)) => panic!("these tests boot a real guest and need KVM: {e}"),
+        Err(e) => panic!("cannot create the VM: {e}"),
+    }
+}
+
+/// A scripted device: answers each hypercall from fixed inputs and collects the outputs.
+#[derive(Default)]
+struct Device {
+    requests: VecDeque<Vec<u8>>,
+    /// CLOCK returns `clock_base + clock_step * n` for the n-th CLOCK (from 0).
+    clock_base: u64,
+    clock_step: u64,
+    clocks: u64,
+    random: [u8; 16],
+    /// Raise the timer interrupt at these exit numbers (1-based).
+    timer_at: Vec<u64>,
+    /// Ask the guest to halt at the first NET_RX after the requests run out.
+    shutdown_when_idle: bool,
+    responses: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// The exit budget ran out.
+    Budget,
+    /// The guest issued HALT with this op_result.
+    Halted(u64),
+}
+
+impl Device {
+    /// Runs `vm` until `max_exits` exits have been handled or the guest halts.
+    fn drive(&mut self, vm: &mut Vm, max_exits: u64) -> Result<Stop, VmError> {
+        for _ in 0..max_exits {
+            let exit = vm.run()?;
+            if self.timer_at.contains(&vm.exit_count()) {
+                let pending = vm.read_u64(PENDING_IRQS_ADDR)?;
+                vm.write_u64(PENDING_IRQS_ADDR, pending | TIMER_IRQ_BIT)?;
+            }
+            match exit {
+                VmExit::Hypercall { op: OP_NET_RX } => match self.requests.pop_front() {
+                    Some(req) => {
+                        vm.write_bytes(RX_BUF_ADDR, &req)?;
+                        vm.write_u32(RX_LEN_ADDR, req.len() as u32)?;
+                    }
+                    None => {
+                        vm.write_u32(RX_LEN_ADDR, 0)?;
+                        if self.shutdown_when_idle {
+                            vm.write_u64(OP_RESULT_ADDR, RX_SHUTDOWN)?;
+                        }
+                    }
+                },
+                VmExit::Hypercall { op: OP_CLOCK } => {
+                    let t = self.clock_base + self.clock_step * self.clocks;
+                    self.clocks += 1;
+                    vm.write_u64(CLOCK_NS_ADDR, t)?;
+                }
+                VmExit::Hypercall { op: OP_RANDOM } => vm.write_bytes(RANDOM_ADDR, &self.random)?,
+                VmExit::Hypercall { op: OP_NET_TX } => {
+                    let len = vm.read_u32(TX_LEN_ADDR)? as usize;
+                    assert!(len <= NET_BUF_LEN, "tx_len {len} too large");
+                    let mut out = vec![0; len];
+                    vm.read_bytes(TX_BUF_ADDR, &mut out)?;
+                    self.responses.push(out);
+                }
+                VmExit::Hypercall { op: OP_HALT } => {
+                    return Ok(Stop::Halted(vm.read_u64(OP_RESULT_ADDR)?));
+                }
+                other => panic!("unexpected exit #{}: {other:?}", vm.exit_count()),
+            }
+        }
+        Ok(Stop::Budget)
+    }
+}
+
+fn request(req_id: u32, op: u8, key: &[u8], val: &[u8]) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&req_id.to_le_bytes());
+    r.push(op);
+    r.push(key.len() as u8);
+    r.extend_from_slice(&(val.len() as u16).to_le_bytes());
+    r.extend_from_slice(key);
+    r.extend_from_slice(val);
+    r
+}
+
+fn response(req_id: u32, status: u8, val: &[u8], ts: u64, token: u64, ticks: u32) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&req_id.to_le_bytes());
+    r.push(status);
+    r.push(0);
+    r.extend_from_slice(&(val.len() as u16).to_le_bytes());
+    r.extend_from_slice(&ts.to_le_bytes());
+    r.extend_from_slice(&token.to_le_bytes());
+    r.extend_from_slice(&ticks.to_le_bytes());
+    r.extend_from_slice(&0u32.to_le_bytes());
+    r.extend_from_slice(val);
+    r
+}
+
+const RANDOM: [u8; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+const TOKEN: u64 = u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+
+fn put_get_device() -> Device {
+    Device {
+        requests: VecDeque::from([
+            request(7, KV_PUT, b"hello", b"world"),
+            request(8, KV_GET, b"hello", b""),
+        ]),
+        clock_base: 1_000,
+        clock_step: 1_000,
+        random: RANDOM,
+        // Exit 1 is the first NET_RX: the guest sees the tick right after it.
+        timer_at: vec![1],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn boots_and_serves_put_then_get() -> Result<(), VmError> {
+    let mut vm = new_vm(DEFAULT_MEM_SIZE, GUEST_IMAGE);
+    let mut dev = put_get_device();
+    assert_eq!(dev.drive(&mut vm, 60)?, Stop::Budget);
+    assert_eq!(vm.exit_count(), 60);
+    assert_eq!(
+        dev.responses,
+        vec![
+            response(7, KV_OK, b"", 1_000, TOKEN, 1),
+            response(8, KV_OK, b"world", 2_000, TOKEN, 1),
+        ]
+    );
+    // Exits: RX, CLOCK, RANDOM, TX for each request, then idle NET_RX only.
+    assert_eq!(dev.clocks, 2);
+    Ok(())
+}
+
+#[test]
+fn get_missing_incr_and_ticks() -> Result<(), VmError> {
+    let mut vm = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut dev = Device {
+        requests: VecDeque::from([
+            request(1, KV_GET, b"nope", b""),
+            request(2, KV_INCR, b"ctr", b""),
+            request(3, KV_INCR, b"ctr", b"ignored"),
+            request(4, KV_PUT, b"short", b"abc"),
+            request(5, KV_INCR, b"short", b""),
+            request(6, KV_PUT, b"long", &[0xff, 0, 0, 0, 0, 0, 0, 0, 0xaa]),
+            request(7, KV_INCR, b"long", b""),
+            request(8, KV_GET, b"ctr", b""),
+        ]),
+        clock_base: 5,
+        clock_step: 0,
+        random: RANDOM,
+        // Ticks at the RANDOM exit of request 2 and at two exits of request 3.
+        timer_at: vec![7, 9, 10],
+        ..Default::default()
+    };
+    assert_eq!(dev.drive(&mut vm, 40)?, Stop::Budget);
+    let one = 1u64.to_le_bytes();
+    let two = 2u64.to_le_bytes();
+    let inc_long = 0x100u64.to_le_bytes();
+    assert_eq!(
+        dev.responses,
+        vec![
+            response(1, KV_NOT_FOUND, b"", 5, TOKEN, 0),
+            response(2, KV_OK, &one, 5, TOKEN, 1),
+            response(3, KV_OK, &two, 5, TOKEN, 3),
+            response(4, KV_OK, b"", 5, TOKEN, 3),
+            response(5, KV_OK, &one, 5, TOKEN, 3),
+            response(6, KV_OK, b"", 5, TOKEN, 3),
+            response(7, KV_OK, &inc_long, 5, TOKEN, 3),
+            response(8, KV_OK, &two, 5, TOKEN, 3),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn malformed_requests_get_status_2() -> Result<(), VmError> {
+    let mut vm = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut truncated = request(14, KV_PUT, b"key", b"value");
+    truncated.pop();
+    let mut dev = Device {
+        requests: VecDeque::from([
+            vec![9, 9, 9],                                               // shorter than a req_id
+            vec![10, 0, 0, 0, KV_GET],                                   // shorter than a header
+            request(11, KV_GET, b"", b""),                               // key_len 0
+            request(12, KV_GET, &[b'k'; 33], b""),                       // key_len 33
+            request(13, KV_PUT, b"k", &[0; 65]),                         // val_len 65
+            truncated,                            // rx_len < header + key + value
+            request(15, 9, b"k", b""),            // unknown op
+            request(16, KV_PUT, b"key", b"fine"), // still serving afterwards
+            [request(17, KV_GET, b"key", b""), vec![0xee; 10]].concat(), // trailing bytes ignored
+        ]),
+        clock_base: 42,
+        random: RANDOM,
+        ..Default::default()
+    };
+    assert_eq!(dev.drive(&mut vm, 60)?, Stop::Budget);
+    let bad = |id| response(id, KV_BAD_REQUEST, b"", 42, TOKEN, 0);
+    assert_eq!(
+        dev.responses,
+        vec![
+            bad(0),
+            bad(10),
+            bad(11),
+            bad(12),
+            bad(13),
+            bad(14),
+            bad(15),
+            response(16, KV_OK, b"", 42, TOKEN, 0),
+            response(17, KV_OK, b"fine", 42, TOKEN, 0),
+        ]
+    );
+    Ok(())
+}
+
+#[test]
+fn full_table_answers_status_2() -> Result<(), VmError> {
+    let mut vm = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut requests: VecDeque<Vec<u8>> = (0..=KV_SLOTS as u32)
+        .map(|i| request(i, KV_PUT, format!("key-{i}").as_bytes(), b"v"))
+        .collect();
+    requests.push_back(request(1000, KV_GET, b"key-3", b""));
+    requests.push_back(request(1001, KV_PUT, b"key-3", b"w"));
+    let n = requests.len();
+    let mut dev = Device {
+        requests,
+        random: RANDOM,
+        ..Default::default()
+    };
+    assert_eq!(dev.drive(&mut vm, 4 * n as u64 + 1)?, Stop::Budget);
+    assert_eq!(dev.responses.len(), n);
+    for (i, r) in dev.responses.iter().take(KV_SLOTS).enumerate() {
+        assert_eq!(r[4], KV_OK, "PUT #{i}");
+    }
+    assert_eq!(
+        dev.responses[KV_SLOTS][4], KV_BAD_REQUEST,
+        "PUT into a full table"
+    );
+    assert_eq!(dev.responses[KV_SLOTS + 1][4], KV_OK, "GET after full");
+    assert_eq!(&dev.responses[KV_SLOTS + 1][32..], b"v");
+    assert_eq!(
+        dev.responses[KV_SLOTS + 2][4],
+        KV_OK,
+        "overwrite in a full table"
+    );
+    Ok(())
+}
+
+#[test]
+fn shutdown_request_halts_the_guest() -> Result<(), VmError> {
+    let mut vm = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut dev = put_get_device();
+    dev.shutdown_when_idle = true;
+    assert_eq!(dev.drive(&mut vm, 100)?, Stop::Halted(HALT_OK));
+    assert_eq!(dev.responses.len(), 2);
+    // After the HALT hypercall the guest parks in `hlt`.
+    assert_eq!(vm.run()?, VmExit::Halt);
+    Ok(())
+}
+
+#[test]
+fn identical_inputs_give_identical_state_and_different_inputs_do_not() -> Result<(), VmError> {
+    let mut a = new_vm(DEFAULT_MEM_SIZE, GUEST_IMAGE);
+    let mut b = new_vm(DEFAULT_MEM_SIZE, GUEST_IMAGE);
+    assert_eq!(
+        a.memory_hash(),
+        b.memory_hash(),
+        "fresh VMs differ in memory"
+    );
+    assert_eq!(
+        a.registers_digest()?,
+        b.registers_digest()?,
+        "fresh VMs differ in registers"
+    );
+
+    let mut da = put_get_device();
+    let mut db = put_get_device();
+    da.timer_at.push(6);
+    db.timer_at.push(6);
+    da.drive(&mut a, 41)?;
+    db.drive(&mut b, 41)?;
+    assert_eq!(da.responses, db.responses);
+    assert_eq!(a.memory_hash(), b.memory_hash());
+    assert_eq!(a.registers_digest()?, b.registers_digest()?);
+
+    // Same script, but the second CLOCK answers differently: the hash must notice.
+    let mut c = new_vm(DEFAULT_MEM_SIZE, GUEST_IMAGE);
+    let mut dc = put_get_device();
+    dc.timer_at.push(6);
+    dc.clock_step = 1_001;
+    dc.drive(&mut c, 41)?;
+    assert_ne!(dc.responses, da.responses);
+    assert_ne!(c.memory_hash(), a.memory_hash());
+    Ok(())
+}
+
+#[test]
+fn nondeterministic_guest_diverges() -> Result<(), VmError> {
+    let mut a = new_vm(MIN_MEM_SIZE, GUEST_NONDET_IMAGE);
+    let mut b = new_vm(MIN_MEM_SIZE, GUEST_NONDET_IMAGE);
+    assert_eq!(a.memory_hash(), b.memory_hash());
+    let mut da = put_get_device();
+    let mut db = put_get_device();
+    da.drive(&mut a, 20)?;
+    db.drive(&mut b, 20)?;
+    assert_eq!(da.responses.len(), 2);
+    // The token has rdtsc mixed in; everything else matches.
+    assert_ne!(da.responses, db.responses);
+    assert_eq!(da.responses[1][..16], db.responses[1][..16]);
+    assert_ne!(a.memory_hash(), b.memory_hash());
+    Ok(())
+}
+
+#[test]
+fn out_of_range_memory_access_is_an_error() {
+    let vm = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut buf = [0; 8];
+    assert!(vm.read_bytes(MIN_MEM_SIZE as u64 - 4, &mut buf).is_err());
+    assert!(vm.write_bytes(MIN_MEM_SIZE as u64 - 4, &buf).is_err());
+    assert!(vm.write_bytes(u64::MAX - 2, &buf).is_err());
+    assert!(vm.read_bytes(MIN_MEM_SIZE as u64 - 8, &mut buf).is_ok());
+}
+
+/// Prints (does not assert) the cost of a hypercall exit and of a request.
+#[test]
+fn measure_exit_and_request_cost() -> Result<(), VmError> {
+    // Idle loop: every exit is a NET_RX answered with rx_len 0 (~10 guest instructions between
+    // exits).
+    let mut vm = new_vm(DEFAULT_MEM_SIZE, GUEST_IMAGE);
+    let mut idle = Device::default();
+    idle.drive(&mut vm, 100)?; // warm up
+    let exits = 20_000u64;
+    let t = Instant::now();
+    idle.drive(&mut vm, exits)?;
+    let el = t.elapsed();
+    let ns_per_exit = el.as_nanos() as f64 / exits as f64;
+    println!(
+        "idle NET_RX: {exits} exits in {el:?}: {:.0} exits/s, {ns_per_exit:.0} ns/exit",
+        exits as f64 / el.as_secs_f64()
+    );
+
+    // Requests: a PUT/INCR/GET mix over 64 keys; 4 exits per request.
+    let n = 600u32;
+    let requests = (0..n)
+        .map(|i| {
+            let key = format!("key-{:02}", i % 64);
+            match i % 3 {
+                0 => request(i, KV_PUT, key.as_bytes(), &[b'x'; 16]),
+                1 => request(i, KV_INCR, key.as_bytes(), b""),
+                _ => request(i, KV_GET, key.as_bytes(), b""),
+            }
+        })
+        .collect();
+    let mut dev = Device {
+        requests,
+        random: RANDOM,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    dev.drive(&mut vm, 4 * n as u64)?;
+    let el = t.elapsed();
+    assert_eq!(dev.responses.len(), n as usize);
+    let per_req = el.as_nanos() as f64 / n as f64;
+    // The idle loop runs ~10 guest instructions per exit; a request is 4 exits plus its own work.
+    let guest_ns = per_req - 4.0 * ns_per_exit;
+    println!(
+        "requests: {n} in {el:?}: {per_req:.0} ns/request ({:.0} requests/s); ~{guest_ns:.0} ns \
+         of it beyond 4 idle exits, i.e. roughly {:.0} more guest instructions at ~750 ns each \
+         (emulated ring 0)",
+        1e9 / per_req,
+        guest_ns / 750.0
+    );
+
+    let t = Instant::now();
+    let h = vm.memory_hash();
+    println!(
+        "memory_hash over {} MiB: {:?} ({h:#x})",
+        vm.mem_size() >> 20,
+        t.elapsed()
+    );
+    let r = vm.regs()?;
+    println!("at exit #{}: rip {:#x}", vm.exit_count(), r.rip);
+    Ok(())
+}
