@@ -57,6 +57,7 @@ pub struct DemoSummary {
     pub commit_p99_us: f64,
     pub log_bytes: u64,
     pub vm_exits: u64,
+    pub primary_exits_per_sec: f64,
     pub ft_throughput_ratio: Option<f64>,
     pub ft_requests_per_sec: f64,
     pub unreplicated_requests_per_sec: Option<f64>,
@@ -253,6 +254,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         commit_p99_us: p.commit_p99_us,
         log_bytes: p.log_bytes,
         vm_exits: p.exits,
+        primary_exits_per_sec: p.exits_per_sec,
         ft_throughput_ratio: solo_rate.map(|s| ft.throughput / s),
         ft_requests_per_sec: ft.throughput,
         unreplicated_requests_per_sec: solo_rate,
@@ -287,8 +289,9 @@ fn print_summary(s: &DemoSummary, ft: &ClientReport, b: &NodeSummary) {
         s.outputs_committed, b.outputs_checked
     );
     println!(
-        "  VM exits            {} ({} B of log, {:.0} B/request)",
+        "  VM exits            {} ({:.0} exits/s on the primary; {} B of log, {:.0} B/request)",
         s.vm_exits,
+        s.primary_exits_per_sec,
         s.log_bytes,
         s.log_bytes as f64 / s.requests.max(1) as f64
     );
