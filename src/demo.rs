@@ -38,6 +38,10 @@ pub struct DemoArgs {
     /// Write the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Core for the client (default: the primary's core 0; on core 1 it would preempt the
+    /// backup and delay its ACKs).
+    #[arg(long, default_value_t = 0)]
+    pub client_core: usize,
 }
 
 /// The demo's JSON summary.

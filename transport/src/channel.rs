@@ -50,6 +50,13 @@ pub struct ChannelConfig {
     pub max_frame_bytes: usize,
     /// Backpressure bound: appends wait while more entries than this are unacknowledged.
     pub max_lag_entries: u64,
+    /// If set, a batch is flushed once its first entry is this old (checked at each append), so
+    /// the backup follows the primary closely instead of a batch behind. Output markers always
+    /// flush at once. Off by default: when the backup's ACKs come from its vCPU thread (as on
+    /// 2-core hosts), a backup that trails by a batch is idle, and so ACKs at once, when an
+    /// output marker arrives; a closely following one is inside the guest and ACKs at its next
+    /// exit (measured: commit p50 0.8 µs batched, 25-50 µs with a 20 µs flush delay).
+    pub max_batch_delay: Option<Duration>,
     /// Data capacity of each side's log ring (a power of two, at least 2 × `max_frame_bytes`).
     pub ring_capacity: usize,
     /// How waits escalate from spinning to sleeping.
@@ -71,6 +78,7 @@ impl ChannelConfig {
             handshake_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
             max_lag_entries: 1 << 20,
+            max_batch_delay: None,
             ring_capacity: 4 << 20,
             poll: PollPolicy::BUSY,
             blocking: false,
@@ -263,6 +271,9 @@ pub struct LogWriter {
     shared: Arc<PrimaryShared>,
     /// Frames put into the log ring so far.
     frames_flushed: u64,
+    /// When the open batch got its first entry.
+    batch_started: Option<Instant>,
+    max_batch_delay: Option<Duration>,
 }
 
 impl LogWriter {
@@ -322,7 +333,11 @@ impl LogWriter {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        if matches!(entry.event, Event::OutputMarker { .. }) {
+        let overdue = self.max_batch_delay.is_some_and(|delay| {
+            let now = Instant::now();
+            now.duration_since(*self.batch_started.get_or_insert(now)) >= delay
+        });
+        if overdue || matches!(entry.event, Event::OutputMarker { .. }) {
             self.flush_with(pump, timeout)?;
         }
         Ok(seq)
@@ -369,6 +384,7 @@ impl LogWriter {
         }
         self.frame.clear();
         self.frames_flushed += 1;
+        self.batch_started = None;
         Ok(())
     }
 }
@@ -534,6 +550,8 @@ impl<L: PrimaryLink> Primary<L> {
                 max_lag: config.max_lag_entries,
                 shared: shared.clone(),
                 frames_flushed: 0,
+                batch_started: None,
+                max_batch_delay: config.max_batch_delay,
             },
             sender: Sender {
                 link,

@@ -108,6 +108,7 @@ pub fn connect(
         pending_at: 0,
         inbox: vec![0; 4096],
         inbox_len: 0,
+        closed: false,
     };
     Primary::new(link, config, accepted.resume_seq)
 }
@@ -149,6 +150,8 @@ pub struct TcpPrimaryLink {
     pending_at: usize,
     inbox: Vec<u8>,
     inbox_len: usize,
+    /// The backup hung up after its last ACKs were reported.
+    closed: bool,
 }
 
 impl PrimaryLink for TcpPrimaryLink {
@@ -187,8 +190,17 @@ impl PrimaryLink for TcpPrimaryLink {
 
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
         let mut news = BackupNews::default();
+        if self.closed {
+            return Err(ChannelError::PeerClosed);
+        }
         loop {
             match self.stream.read(&mut self.inbox[self.inbox_len..]) {
+                // ACKs that arrived just before the hang-up count: report them now, the hang-up
+                // at the next poll.
+                Ok(0) if news.heard => {
+                    self.closed = true;
+                    return Ok(news);
+                }
                 Ok(0) => return Err(ChannelError::PeerClosed),
                 Ok(n) => {
                     self.inbox_len += n;

@@ -72,3 +72,46 @@ fn a_slow_backup_throttles_the_primary_within_the_bound() {
     assert!(stats.throttled_ns > 0);
     assert_eq!(backup.join().expect("backup"), ENTRIES + 1);
 }
+
+#[test]
+fn a_batch_delay_of_zero_flushes_every_entry() {
+    let mut cfg = ChannelConfig::new(
+        3,
+        1,
+        PreSharedKey::new(b"batch-delay-test-key".to_vec()).expect("key"),
+    );
+    cfg.max_batch_delay = Some(Duration::ZERO);
+    cfg.poll = transport::PollPolicy::BALANCED;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let backup_cfg = cfg.clone();
+    let backup = std::thread::spawn(move || {
+        let mut b = tcp::accept(&listener, backup_cfg).expect("accept");
+        let mut frames = 0u64;
+        let mut done = false;
+        while !done {
+            b.poll_timeout(Duration::from_secs(1), |frame| {
+                frames += 1;
+                assert_eq!(frame.entry_count(), 1, "one entry per frame");
+                done |= frame
+                    .entries()
+                    .any(|e| e.event == Event::Control(ControlOp::Shutdown));
+            })
+            .expect("backup poll");
+        }
+        frames
+    });
+    let mut p = tcp::connect(addr, cfg).expect("connect");
+    for i in 1..=100u64 {
+        p.append(&Entry::new(Position::at_exit(i), Event::Clock { ns: i }))
+            .expect("append");
+    }
+    let end = p
+        .append(&Entry::new(
+            Position::at_exit(101),
+            Event::Control(ControlOp::Shutdown),
+        ))
+        .expect("append");
+    p.wait_acked(end).expect("acked");
+    assert_eq!(backup.join().expect("backup"), 101);
+}
