@@ -272,7 +272,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     let _ = std::fs::remove_dir_all(&dir);
     if summary.responses_ok != summary.requests
         || summary.divergences > 0
+        || summary.primary_memory_hash.is_empty()
         || summary.primary_memory_hash != summary.backup_memory_hash
+        || summary.primary_registers_digest != summary.backup_registers_digest
     {
         bail!("the FT pair did not stay in step (see above)");
     }
@@ -303,12 +305,18 @@ fn print_summary(s: &DemoSummary, ft: &ClientReport, b: &NodeSummary) {
         "  commit latency      p50 {:.2} µs, p99 {:.2} µs",
         s.commit_p50_us, s.commit_p99_us
     );
-    let same = s.primary_memory_hash == s.backup_memory_hash;
+    let verdict = if s.primary_memory_hash.is_empty() || s.backup_memory_hash.is_empty() {
+        "a replica did not finish: not compared"
+    } else if s.primary_memory_hash == s.backup_memory_hash
+        && s.primary_registers_digest == s.backup_registers_digest
+    {
+        "memory and registers equal"
+    } else {
+        "DIFFERENT"
+    };
     println!(
-        "  guest memory        primary {} / backup {} ({})",
-        s.primary_memory_hash,
-        s.backup_memory_hash,
-        if same { "equal" } else { "DIFFERENT" }
+        "  guest state         primary {} / backup {} ({verdict})",
+        s.primary_memory_hash, s.backup_memory_hash,
     );
     println!("  divergences         {}", s.divergences);
     if let Some(d) = &b.divergence {
