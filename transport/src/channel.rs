@@ -228,6 +228,44 @@ pub trait BackupLink: Send {
     }
 }
 
+/// When the peer was last heard from, and the medium's peer check; both channel ends keep one.
+#[derive(Debug)]
+struct Liveness {
+    interval: Duration,
+    timeout: Duration,
+    last_heard: Instant,
+    last_check: Instant,
+}
+
+impl Liveness {
+    fn new(config: &ChannelConfig, now: Instant) -> Self {
+        Liveness {
+            interval: config.heartbeat_interval,
+            timeout: config.heartbeat_timeout,
+            last_heard: now,
+            last_check: now,
+        }
+    }
+
+    /// Runs the medium's peer check at heartbeat pace, and fails once the peer has been silent
+    /// for the heartbeat timeout.
+    fn check(
+        &mut self,
+        now: Instant,
+        check_peer: impl FnOnce() -> Result<(), ChannelError>,
+    ) -> Result<(), ChannelError> {
+        if now.duration_since(self.last_check) >= self.interval {
+            check_peer()?;
+            self.last_check = now;
+        }
+        let silent = now.duration_since(self.last_heard);
+        if silent >= self.timeout {
+            return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
+        }
+        Ok(())
+    }
+}
+
 /// State the primary's writer and sender share across threads.
 #[derive(Debug, Default)]
 struct PrimaryShared {
@@ -401,10 +439,8 @@ pub struct Sender<L: PrimaryLink> {
     sent_seq: u64,
     heartbeat: FrameBuf,
     heartbeat_interval: Duration,
-    heartbeat_timeout: Duration,
     last_sent: Instant,
-    last_heard: Instant,
-    last_peer_check: Instant,
+    liveness: Liveness,
     pumps: u32,
 }
 
@@ -461,7 +497,7 @@ impl<L: PrimaryLink> Sender<L> {
         if news.heard || sent_any || self.pumps % 32 == 0 {
             let now = Instant::now();
             if news.heard {
-                self.last_heard = now;
+                self.liveness.last_heard = now;
             }
             if sent_any {
                 self.last_sent = now;
@@ -482,15 +518,8 @@ impl<L: PrimaryLink> Sender<L> {
             }
             self.last_sent = now;
         }
-        if now.duration_since(self.last_peer_check) >= self.heartbeat_interval {
-            self.link.check_peer()?;
-            self.last_peer_check = now;
-        }
-        let silent = now.duration_since(self.last_heard);
-        if silent >= self.heartbeat_timeout {
-            return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
-        }
-        Ok(())
+        let link = &mut self.link;
+        self.liveness.check(now, || link.check_peer())
     }
 
     /// A heartbeat may go out only when no frame is waiting, or it would overtake it.
@@ -561,10 +590,8 @@ impl<L: PrimaryLink> Primary<L> {
                 sent_seq: resume_seq - 1,
                 heartbeat: FrameBuf::new(logfmt::FRAME_HEADER_LEN),
                 heartbeat_interval: config.heartbeat_interval,
-                heartbeat_timeout: config.heartbeat_timeout,
                 last_sent: now,
-                last_heard: now,
-                last_peer_check: now,
+                liveness: Liveness::new(&config, now),
                 pumps: 0,
             },
             config,
@@ -751,10 +778,8 @@ pub struct Receiver<L: BackupLink> {
     /// Last ACK published.
     acked: u64,
     heartbeat_interval: Duration,
-    heartbeat_timeout: Duration,
     last_acked_at: Instant,
-    last_heard: Instant,
-    last_peer_check: Instant,
+    liveness: Liveness,
     pumps: u32,
     stats: Arc<ChannelStats>,
 }
@@ -790,7 +815,7 @@ impl<L: BackupLink> Receiver<L> {
         if accepted || acked_now || self.pumps % 32 == 0 {
             let now = Instant::now();
             if accepted {
-                self.last_heard = now;
+                self.liveness.last_heard = now;
             }
             if acked_now {
                 self.last_acked_at = now;
@@ -800,14 +825,8 @@ impl<L: BackupLink> Receiver<L> {
                 ChannelStats::add(&self.stats.heartbeats, 1);
                 self.last_acked_at = now;
             }
-            if now.duration_since(self.last_peer_check) >= self.heartbeat_interval {
-                self.link.check_peer()?;
-                self.last_peer_check = now;
-            }
-            let silent = now.duration_since(self.last_heard);
-            if silent >= self.heartbeat_timeout {
-                return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
-            }
+            let link = &mut self.link;
+            self.liveness.check(now, || link.check_peer())?;
         }
         Ok(accepted || acked_now)
     }
@@ -905,10 +924,8 @@ impl<L: BackupLink> Backup<L> {
                 expected,
                 acked: expected - 1,
                 heartbeat_interval: config.heartbeat_interval,
-                heartbeat_timeout: config.heartbeat_timeout,
                 last_acked_at: now,
-                last_heard: now,
-                last_peer_check: now,
+                liveness: Liveness::new(&config, now),
                 pumps: 0,
                 stats: stats.clone(),
             },
