@@ -50,6 +50,8 @@ pub struct DemoSummary {
     pub requests: u64,
     pub responses_ok: u64,
     pub outputs_committed: u64,
+    /// Outputs whose digest the backup's replica reproduced.
+    pub outputs_checked: u64,
     pub divergences: u64,
     pub divergence_exit: Option<u64>,
     pub first_output_exit: Option<u64>,
@@ -247,6 +249,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         requests: ft.requests,
         responses_ok: ft.responses_ok,
         outputs_committed: p.outputs_committed,
+        outputs_checked: b.outputs_checked,
         divergences: u64::from(b.divergence.is_some()),
         divergence_exit: b.divergence_exit,
         first_output_exit: p.first_output_exit,

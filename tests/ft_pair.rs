@@ -43,6 +43,10 @@ fn assert_in_step(args: &[&str], requests: u64) {
     );
     assert_eq!(s["divergences"], 0, "{log}");
     assert_eq!(s["outputs_committed"], requests, "{log}");
+    assert_eq!(
+        s["outputs_checked"], requests,
+        "every output digest matched on the backup\n{log}"
+    );
     assert_eq!(s["primary_memory_hash"], s["backup_memory_hash"], "{log}");
     assert_eq!(
         s["primary_registers_digest"], s["backup_registers_digest"],
