@@ -69,6 +69,12 @@ pub struct CommitArgs {
     /// Write the rows as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Write the rows as CSV here.
+    #[arg(long)]
+    csv: Option<std::path::PathBuf>,
+    /// Write an SVG bar chart (commit p50/p99 against the raw p50, per medium) here.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// One row of results; later media add rows with the same fields.
@@ -165,6 +171,24 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         let json = serde_json::json!({ "rows": rows });
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.csv {
+        crate::report::write_csv(path, &rows)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        let groups: Vec<_> = rows
+            .iter()
+            .map(|r| crate::report::Bars {
+                label: r.transport.clone(),
+                commit_p50: r.commit_p50_us,
+                commit_p99: r.commit_p99_us,
+                raw_p50: r.raw_p50_us,
+            })
+            .collect();
+        let title = format!("ftvm output-commit latency, {} B payload", args.payload);
+        crate::report::write_svg(path, &title, &groups)?;
         println!("wrote {}", path.display());
     }
     Ok(())

@@ -7,6 +7,7 @@
 mod commit;
 mod pin;
 mod raw;
+mod report;
 mod ring;
 mod throughput;
 
