@@ -8,6 +8,13 @@ packages=(
   pkg-config        # finds system libraries (libdpdk, libibverbs)
   ca-certificates
   curl
+  protobuf-compiler # protoc, for etcd-client's generated gRPC code (ft-arbiter's etcd backend)
+  libprotobuf-dev   # google/protobuf/*.proto, which etcd-client's protos import
+  etcd-server       # the real etcd 3.4 that ft-arbiter's etcd tests start on 127.0.0.1
+  dpdk              # DPDK 22.11 runtime: EAL/ethdev libraries, PMD plugins (net_memif, net_af_packet) (dpdk-sys)
+  dpdk-dev          # dpdk-sys: DPDK test/debug tools (dpdk-testpmd is in dpdk; dpdk-test, dpdk-pdump)
+  libdpdk-dev       # dpdk-sys: DPDK headers and libdpdk.pc for pkg-config
+  libclang-dev      # dpdk-sys: libclang for bindgen
 )
 packages+=("$@")
 

@@ -1,6 +1,7 @@
 //! `ftvm`: the command-line front end. Thin by design: it parses arguments, builds a
 //! configuration and calls into the library crates.
 
+mod arbiter;
 mod client;
 mod demo;
 mod node;
@@ -31,6 +32,8 @@ enum Command {
     Backup(node::BackupArgs),
     /// Send key-value requests to a running primary and verify every response.
     Client(ClientArgs),
+    /// The failover arbiter (`ftvm arbiter serve`).
+    Arbiter(arbiter::ArbiterArgs),
     /// Print the versions of the wire and memory formats this build speaks.
     Formats,
 }
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             );
             println!("channel protocol version {}", transport::PROTOCOL_VERSION);
         }
+        Command::Arbiter(args) => arbiter::run(&args)?,
         Command::Demo(args) => {
             demo::run(&args)?;
         }

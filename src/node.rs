@@ -114,8 +114,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
-/// SIGTERM and SIGINT set a flag the primary checks at every exit.
-fn install_stop_handler() -> Arc<AtomicBool> {
+/// SIGTERM and SIGINT set the returned flag (the primary checks it at every exit).
+pub fn stop_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let handler: extern "C" fn(libc::c_int) = on_signal;
     for sig in [libc::SIGTERM, libc::SIGINT] {
@@ -189,7 +189,7 @@ fn record<S: LogSink>(
     args: &PrimaryArgs,
     role: &str,
 ) -> anyhow::Result<NodeSummary> {
-    let stop = install_stop_handler();
+    let stop = stop_flag();
     let mut rec = Recorder::new(sink, socket, RecordConfig::default(), stop)?;
     let started = Instant::now();
     let result = engine::run(&mut vm, &mut rec, 1);

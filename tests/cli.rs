@@ -27,3 +27,50 @@ fn unknown_subcommands_fail_with_usage() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
 }
+
+#[test]
+fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = std::env::temp_dir().join(format!("ftvm-cli-arbiter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("psk");
+    std::fs::write(&key, "cli-test-arbiter-key-0123456789").expect("key");
+    let mut child = ftvm()
+        .args(["arbiter", "serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("state"))
+        .arg("--key-file")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = line
+        .split_whitespace()
+        .nth(1)
+        .expect("ARBITER <addr>")
+        .to_string();
+    let psk = ft_arbiter::PreSharedKey::from_file(&key).expect("psk");
+    let mut client = ft_arbiter::ServerArbiter::new(addr, psk);
+    use ft_arbiter::Arbiter;
+    let first = client
+        .test_and_set("pair-1", "backup-a", 1)
+        .expect("decision");
+    assert_eq!(first, ft_arbiter::Decision::Won { epoch: 2 });
+    let second = client
+        .test_and_set("pair-1", "primary-b", 1)
+        .expect("decision");
+    assert!(
+        matches!(second, ft_arbiter::Decision::Lost { epoch: 2, .. }),
+        "{second:?}"
+    );
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

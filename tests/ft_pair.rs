@@ -4,8 +4,16 @@
 //! the VMM's "cannot open /dev/kvm" message.
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One demo at a time: each pins a primary and a backup that spin on the machine's two cores,
+/// and three at once would starve each other into heartbeat timeouts.
+static ONE_PAIR_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn demo(args: &[&str]) -> (bool, serde_json::Value, String) {
+    let _turn = ONE_PAIR_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = std::env::temp_dir().join(format!(
         "ftvm-ft-pair-{}-{}",
         std::process::id(),

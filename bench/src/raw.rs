@@ -419,7 +419,7 @@ impl<'a> Backoff<'a> {
 
     fn snooze(&mut self, waiting_for: &'static str) -> anyhow::Result<()> {
         self.polls = self.polls.wrapping_add(1);
-        if self.polls % YIELD_EVERY != 0 {
+        if !self.polls.is_multiple_of(YIELD_EVERY) {
             std::hint::spin_loop();
             return Ok(());
         }

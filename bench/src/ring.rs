@@ -165,7 +165,7 @@ fn measure(
         } else {
             poller.reset();
         }
-        if popped % 64 == 0 || n == 0 {
+        if popped.is_multiple_of(64) || n == 0 {
             let now = Instant::now();
             if measured_from.is_none() && now >= warm_until {
                 measured_from = Some(now);

@@ -494,7 +494,7 @@ impl<L: PrimaryLink> Sender<L> {
         // Clocks are read every 32 rounds, or whenever something happened: a busy loop stays
         // cheap, and a heartbeat is never late by more than 32 rounds.
         self.pumps = self.pumps.wrapping_add(1);
-        if news.heard || sent_any || self.pumps % 32 == 0 {
+        if news.heard || sent_any || self.pumps.is_multiple_of(32) {
             let now = Instant::now();
             if news.heard {
                 self.liveness.last_heard = now;
@@ -812,7 +812,7 @@ impl<L: BackupLink> Receiver<L> {
             }
         }
         self.pumps = self.pumps.wrapping_add(1);
-        if accepted || acked_now || self.pumps % 32 == 0 {
+        if accepted || acked_now || self.pumps.is_multiple_of(32) {
             let now = Instant::now();
             if accepted {
                 self.liveness.last_heard = now;

@@ -99,6 +99,8 @@ pub enum MediumKind {
     Tcp = 1,
     /// A shared-memory ring between two processes on one host.
     Shm = 2,
+    /// A client of the failover arbiter server (`ft-arbiter`), not a log channel.
+    Arbiter = 3,
 }
 
 impl MediumKind {
@@ -106,6 +108,7 @@ impl MediumKind {
         match v {
             1 => Some(MediumKind::Tcp),
             2 => Some(MediumKind::Shm),
+            3 => Some(MediumKind::Arbiter),
             _ => None,
         }
     }

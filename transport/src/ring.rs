@@ -169,7 +169,7 @@ fn header_of<M: RingMemory>(mem: &M, capacity: usize) -> Result<*const RingHeade
         });
     }
     let ptr = mem.as_ptr();
-    if ptr as usize % std::mem::align_of::<RingHeader>() != 0 {
+    if !(ptr as usize).is_multiple_of(std::mem::align_of::<RingHeader>()) {
         return Err(RingError::Misaligned);
     }
     Ok(ptr.cast::<RingHeader>().cast_const())
@@ -481,7 +481,10 @@ impl<M: RingMemory> Consumer<M> {
     /// Loads the producer's `head` and checks it is a position the producer could have reached.
     fn refresh_head(&mut self) -> Result<(), RingError> {
         let head = self.hdr().head.value.load(Ordering::Acquire);
-        if head < self.cached_head || head - self.released > self.capacity || head % 8 != 0 {
+        if head < self.cached_head
+            || head - self.released > self.capacity
+            || !head.is_multiple_of(8)
+        {
             return Err(RingError::Corrupt {
                 position: self.read,
                 what: "producer head out of range",

@@ -166,7 +166,9 @@ impl Vm {
     /// ELF `image` (e.g. [`GUEST_IMAGE`]) and sets up the vCPU in long mode at the image's entry
     /// point, ready for [`Vm::run`].
     pub fn new(mem_size: usize, image: &[u8]) -> Result<Vm, VmError> {
-        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || mem_size % MEM_SIZE_ALIGN != 0 {
+        if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size)
+            || !mem_size.is_multiple_of(MEM_SIZE_ALIGN)
+        {
             return Err(VmError::MemSize(mem_size));
         }
         // Anonymous private mapping: every byte starts zero, independent of the host. Filled

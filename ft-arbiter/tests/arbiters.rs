@@ -1,0 +1,286 @@
+//! Every backend against real storage, a real server and a real etcd: the same suite for each
+//! (`file::`, `server::`, `etcd::`), then what is particular to each.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{suite, EtcdFixture, FileFixture, Fixture, ServerFixture};
+use ft_arbiter::{Arbiter, ArbiterError, Decision, FileArbiter, PreSharedKey, ServerArbiter};
+
+/// Re-run of this binary by `race_across_processes`; a no-op in an ordinary run.
+#[test]
+fn child_worker() {
+    suite::child_worker();
+}
+
+macro_rules! backend_suite {
+    ($backend:ident, $fixture:ty) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn race_exactly_one_winner() {
+                suite::race_exactly_one_winner::<$fixture>();
+            }
+            #[test]
+            fn race_across_processes() {
+                suite::race_across_processes::<$fixture>();
+            }
+            #[test]
+            fn later_epochs_can_win_again() {
+                suite::later_epochs_can_win_again::<$fixture>();
+            }
+            #[test]
+            fn stale_epoch_loses() {
+                suite::stale_epoch_loses::<$fixture>();
+            }
+            #[test]
+            fn winner_retry_is_idempotent() {
+                suite::winner_retry_is_idempotent::<$fixture>();
+            }
+            #[test]
+            fn current_reports_the_decision() {
+                suite::current_reports_the_decision::<$fixture>();
+            }
+            #[test]
+            fn invalid_arguments_are_refused() {
+                suite::invalid_arguments_are_refused::<$fixture>();
+            }
+            #[test]
+            fn decision_survives_restart() {
+                suite::decision_survives_restart::<$fixture>();
+            }
+            #[test]
+            fn down_is_unavailable_then_one_winner() {
+                suite::down_is_unavailable_then_one_winner::<$fixture>();
+            }
+        }
+    };
+}
+
+backend_suite!(file, FileFixture);
+backend_suite!(server, ServerFixture);
+backend_suite!(etcd, EtcdFixture);
+
+// ------------------------------------------------------------------------------ file
+
+#[test]
+fn file_store_must_exist() {
+    let dir = common::TempDir::new("nostore");
+    // An unmounted share (an empty mount point) has no store: no decision can be made there.
+    match FileArbiter::open(dir.path()) {
+        Err(ArbiterError::Unavailable(_)) => {}
+        other => panic!("opening an empty directory gave {other:?}"),
+    }
+}
+
+#[test]
+fn file_store_replaced_is_unavailable() {
+    let fixture = FileFixture::start();
+    let mut a = fixture.client();
+    // Another filesystem with its own store appears at the same path.
+    std::fs::remove_dir_all(fixture.share().join("ftvm-arbiter")).expect("remove");
+    FileArbiter::create_store(fixture.share()).expect("new store");
+    match a.test_and_set("p", "a", 1) {
+        Err(ArbiterError::Unavailable(msg)) => assert!(msg.contains("store id"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn file_corrupt_decision_is_never_a_win() {
+    let fixture = FileFixture::start();
+    let mut a = fixture.client();
+    assert_eq!(
+        a.test_and_set("p", "a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    let slot = fixture
+        .share()
+        .join("ftvm-arbiter/pairs/p/decision-00000000000000000002");
+    std::fs::write(&slot, b"ftvm-arbiter decision v1\npair p\nslot 2\nepo").expect("write");
+    let mut b = fixture.client();
+    match b.test_and_set("p", "b", 1) {
+        Err(ArbiterError::Corrupt(_)) => {}
+        other => panic!("a torn decision file gave {other:?}"),
+    }
+    match b.current("p") {
+        Err(ArbiterError::Corrupt(_)) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn file_leftover_claims_are_ignored() {
+    let fixture = FileFixture::start();
+    let mut a = fixture.client();
+    assert_eq!(
+        a.test_and_set("p", "a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    // A host that crashed between writing its claim and linking it leaves a temporary file.
+    std::fs::write(
+        fixture.share().join("ftvm-arbiter/pairs/p/.tmp-999-dead"),
+        b"half a claim",
+    )
+    .expect("write");
+    let mut b = fixture.client();
+    assert_eq!(
+        b.test_and_set("p", "b", 1).ok(),
+        Some(Decision::Lost {
+            winner: "a".into(),
+            epoch: 2
+        })
+    );
+    assert_eq!(
+        b.test_and_set("p", "b", 2).ok(),
+        Some(Decision::Won { epoch: 3 })
+    );
+}
+
+// ------------------------------------------------------------------------------ server
+
+#[test]
+fn server_refuses_a_wrong_key() {
+    let fixture = ServerFixture::start();
+    let wrong = PreSharedKey::new(b"not-the-arbiter-key-at-all".to_vec()).expect("key");
+    let mut intruder = ServerArbiter::new(fixture.addr().to_string(), wrong);
+    match intruder.test_and_set("p", "intruder", 1) {
+        Err(ArbiterError::Auth(_)) => {}
+        other => panic!("a client with the wrong key got {other:?}"),
+    }
+    match intruder.current("p") {
+        Err(ArbiterError::Auth(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let mut honest = fixture.client();
+    assert_eq!(honest.current("p").ok(), Some(None), "nothing was decided");
+    assert_eq!(
+        honest.test_and_set("p", "honest", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    let stats = fixture.server.as_ref().expect("server").stats();
+    assert!(stats.refused >= 2, "{stats:?}");
+    assert_eq!(stats.decisions, 1, "{stats:?}");
+}
+
+#[test]
+fn server_ignores_requests_without_a_handshake() {
+    let fixture = ServerFixture::start();
+    // A well-formed test-and-set request for "p", sent without authenticating, several times
+    // over (so the server has a whole hello's worth of bytes to reject).
+    let mut body = vec![1u8];
+    body.extend_from_slice(&1u64.to_le_bytes());
+    for s in ["p", "sneaky"] {
+        body.extend_from_slice(&(s.len() as u16).to_le_bytes());
+        body.extend_from_slice(s.as_bytes());
+    }
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let mut raw = TcpStream::connect(fixture.addr()).expect("connect");
+    raw.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    for _ in 0..8 {
+        raw.write_all(&frame).expect("write");
+    }
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "the server answered {answer:?}");
+    let mut honest = fixture.client();
+    assert_eq!(honest.current("p").ok(), Some(None), "nothing was decided");
+    let stats = fixture.server.as_ref().expect("server").stats();
+    assert_eq!((stats.refused, stats.decisions), (1, 0), "{stats:?}");
+}
+
+#[test]
+fn server_second_instance_on_the_same_state_is_refused() {
+    let fixture = ServerFixture::start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    match ft_arbiter::ArbiterServer::serve(listener, fixture.state_dir(), common::key()) {
+        Err(ArbiterError::Io { .. }) => {}
+        other => panic!("a second server on the same state started: {other:?}"),
+    }
+}
+
+#[test]
+fn server_stop_handle_ends_wait() {
+    let mut fixture = ServerFixture::start();
+    let server = fixture.server.take().expect("server");
+    let stop = server.stop_handle();
+    let waiter = std::thread::spawn(move || server.wait());
+    let mut a = fixture.client();
+    assert_eq!(
+        a.test_and_set("p", "a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    stop.stop();
+    waiter.join().expect("wait returned");
+    assert!(matches!(a.current("p"), Err(ArbiterError::Unavailable(_))));
+}
+
+#[test]
+fn server_silent_is_unavailable_in_bounded_time() {
+    // Accepts connections (the kernel does) but never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let mut a = ServerArbiter::new(addr.to_string(), common::key())
+        .with_timeouts(Duration::from_millis(500), Duration::from_millis(500));
+    let t = std::time::Instant::now();
+    match a.test_and_set("p", "a", 1) {
+        Err(ArbiterError::Unavailable(_)) => {}
+        other => panic!("a silent server gave {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+// ------------------------------------------------------------------------------ etcd
+
+#[test]
+fn etcd_silent_is_unavailable_in_bounded_time() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", silent.local_addr().expect("addr"));
+    let mut a = ft_arbiter::EtcdArbiter::new(vec![url])
+        .expect("client")
+        .with_timeout(Duration::from_millis(500));
+    let t = std::time::Instant::now();
+    match a.test_and_set("p", "a", 1) {
+        Err(ArbiterError::Unavailable(_)) => {}
+        other => panic!("a silent etcd gave {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn etcd_missing_binary_names_the_package() {
+    let err = common::EtcdProcess::start(std::path::Path::new("/nonexistent/etcd"))
+        .err()
+        .expect("no etcd there");
+    assert!(err.contains("etcd-server"), "{err}");
+}
+
+#[test]
+fn etcd_decisions_carry_no_lease() {
+    let fixture = EtcdFixture::start();
+    let mut a = fixture.client();
+    assert_eq!(
+        a.test_and_set("p", "a", 4).ok(),
+        Some(Decision::Won { epoch: 5 })
+    );
+    let key = a.key("p", 5);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let kvs = rt.block_on(async {
+        let mut c = etcd_client::Client::connect([fixture.etcd.url()], None)
+            .await
+            .expect("connect");
+        c.get(key.clone(), None).await.expect("get").kvs().to_vec()
+    });
+    assert_eq!(kvs.len(), 1, "{key}");
+    assert_eq!(kvs[0].value(), b"a");
+    assert_eq!(kvs[0].lease(), 0, "a decision must not be able to expire");
+}

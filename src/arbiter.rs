@@ -1,0 +1,66 @@
+//! `ftvm arbiter serve`: the network arbiter both replicas of a pair ask on failover.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use ft_arbiter::ArbiterServer;
+use transport::PreSharedKey;
+
+/// `ftvm arbiter …`.
+#[derive(clap::Args, Debug)]
+pub struct ArbiterArgs {
+    #[command(subcommand)]
+    pub command: ArbiterCommand,
+}
+
+/// Arbiter subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ArbiterCommand {
+    /// Serve test-and-set decisions, durable in a state directory, to authenticated replicas.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7500")]
+        listen: String,
+        /// Directory of the durable decision log (created if missing).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// File holding the pre-shared key the replicas use.
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+}
+
+/// Runs the subcommand until SIGTERM/SIGINT.
+pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
+    match &args.command {
+        ArbiterCommand::Serve {
+            listen,
+            state_dir,
+            key_file,
+        } => {
+            let key = PreSharedKey::from_file(key_file)
+                .with_context(|| format!("pre-shared key {}", key_file.display()))?;
+            let listener =
+                std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let server = ArbiterServer::serve(listener, state_dir, key)
+                .context("starting the arbiter server")?;
+            println!(
+                "ARBITER {} (decisions in {})",
+                server.local_addr(),
+                state_dir.display()
+            );
+            let stop = crate::node::stop_flag();
+            let handle = server.stop_handle();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                handle.stop();
+            });
+            server.wait();
+            eprintln!("arbiter: stopped");
+            Ok(())
+        }
+    }
+}
