@@ -74,3 +74,29 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
     assert!(child.wait().expect("wait").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_missing_dev_kvm_is_a_clear_error() {
+    // Hide /dev (and with it /dev/kvm) in a private mount namespace (needs root, as our test
+    // machines have).
+    let dir = std::env::temp_dir().join(format!("ftvm-cli-nokvm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("psk");
+    std::fs::write(&key, "cli-test-no-kvm-key-0123456789").expect("key");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} primary --unreplicated --service 127.0.0.1:0 --key-file {}",
+        env!("CARGO_BIN_EXE_ftvm"),
+        key.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail without KVM");
+    assert!(
+        stderr.contains("/dev/kvm") && stderr.contains("is KVM available?"),
+        "unclear error: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
