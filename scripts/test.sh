@@ -12,11 +12,15 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --workspace --all-targets -- -D warnings"
+step "cargo clippy --workspace --all-targets -- -D warnings (and with the DPDK medium)"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p transport --features dpdk --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "the DPDK medium: two processes over net_memif (no hugepages, no root needed)"
+cargo test -p transport --features dpdk
 
 step "miri: the ring's unit tests under the interpreter's UB and data-race checks"
 scripts/miri-ring.sh

@@ -101,6 +101,8 @@ pub enum MediumKind {
     Shm = 2,
     /// A client of the failover arbiter server (`ft-arbiter`), not a log channel.
     Arbiter = 3,
+    /// Raw Ethernet frames over a DPDK port (set up over a TCP control connection).
+    Dpdk = 4,
 }
 
 impl MediumKind {
@@ -109,6 +111,7 @@ impl MediumKind {
             1 => Some(MediumKind::Tcp),
             2 => Some(MediumKind::Shm),
             3 => Some(MediumKind::Arbiter),
+            4 => Some(MediumKind::Dpdk),
             _ => None,
         }
     }

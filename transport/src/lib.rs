@@ -19,6 +19,8 @@
 //! `crossbeam-queue`; the ring is for records that must live in a particular memory region.
 
 pub mod channel;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod error;
 pub mod handshake;
 pub mod poll;

@@ -1,0 +1,1160 @@
+//! The DPDK medium: log frames as raw Ethernet frames (ethertype [`ETHERTYPE_FTVM`]) over a
+//! DPDK port, with reliable in-order delivery on top of a lossy link.
+//!
+//! Set-up runs over a TCP control connection, like [`crate::shm`] runs over a Unix socket: the
+//! PSK handshake first; the backup's welcome carries its MAC address, a random link tag and its
+//! MTU; the primary answers with its own MAC address. The control connection stays open: its
+//! end-of-file tells each side at once that the other process died (`check_peer`); heartbeats
+//! cover a hung peer.
+//!
+//! # Wire format
+//!
+//! Every packet is a 14-byte Ethernet header (dst, src, ethertype 0x88B5) followed by
+//!
+//! ```text
+//! off len  field
+//!   0   2  magic "FL"
+//!   2   1  version (1)
+//!   3   1  type: 1 DATA, 2 ACK, 3 NACK
+//!   4   4  link tag (random, chosen by the backup per connection; little-endian)
+//!   8   8  DATA: this packet's sequence number (from 1, per direction)
+//!          ACK/NACK: cumulative packet ACK (every DATA packet up to this one arrived in order)
+//! DATA:
+//!  16   4  length of the whole log frame this packet carries a piece of
+//!  20   4  offset of this piece in the log frame
+//!  24   2  length of this piece
+//!  26   2  reserved (0)
+//!  28      the piece
+//! ACK/NACK:
+//!  16   8  the channel's cumulative log ACK (`BackupLink::ack`)
+//!  24   8  the backup's epoch
+//! ```
+//!
+//! # Reliability
+//!
+//! Selective repeat with cumulative ACKs: the primary keeps every sent, unacknowledged packet
+//! (at most [`DpdkConfig::window`]; `offer` answers `Ok(false)` when a frame's pieces do not
+//! fit, which is the channel's backpressure). The backup takes DATA packets in order, keeps
+//! packets that arrive after a gap (up to a window ahead) until the gap is filled, drops
+//! duplicates, and answers every burst with a cumulative ACK that also carries the newest log
+//! ACK. While packets wait behind a gap, the backup sends one NACK per missing packet, and the
+//! primary resends that packet at once. Otherwise the primary resends its oldest
+//! unacknowledged packet when nothing was acknowledged for the retransmission timeout (srtt +
+//! 4 × rttvar within [`DpdkConfig::rto_initial`]..=[`DpdkConfig::rto_max`], doubling while
+//! nothing is acknowledged). The backup hands only complete log frames to the channel, in order.
+//!
+//! Packets with our ethertype that do not parse (or carry another link tag, or come from
+//! another MAC) are counted in [`DpdkStats::garbage`] and ignored.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dpdk_sys::{DpdkError, EtherAddr, Mbuf, Mempool, Port, ETHERTYPE_FTVM, ETHER_HDR_LEN};
+
+use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::error::ChannelError;
+use crate::handshake::{self, MediumKind, SessionParams};
+
+/// Our header after the Ethernet header: magic.
+const MAGIC: [u8; 2] = *b"FL";
+/// Wire format version.
+const VERSION: u8 = 1;
+const T_DATA: u8 = 1;
+const T_ACK: u8 = 2;
+const T_NACK: u8 = 3;
+/// Length of our header in a DATA packet.
+const DATA_HDR: usize = 28;
+/// Length of our header (and body) in an ACK/NACK packet.
+const ACK_HDR: usize = 32;
+/// Marks the welcome's medium info as ours (the handshake's medium kind is shared with TCP).
+const INFO_MAGIC: &[u8; 8] = b"FTVMDPDK";
+/// Medium info: magic, MAC (6), link tag (4), MTU (2).
+const INFO_LEN: usize = 8 + 6 + 4 + 2;
+/// The primary's answer to the welcome: 'M', its MAC.
+const MAC_MSG_LEN: usize = 7;
+/// Frames at most this many received packets per `rx_burst`.
+const BURST: usize = 32;
+/// Smallest MTU we accept (a piece must hold something useful).
+const MIN_MTU: usize = 256;
+
+/// Medium-specific settings, next to the [`ChannelConfig`].
+#[derive(Debug, Clone)]
+pub struct DpdkConfig {
+    /// Ethernet payload size (our header included), at most what the port carries; default 1500.
+    pub mtu: usize,
+    /// Most DATA packets sent but not yet acknowledged (primary); must hold the pieces of a
+    /// largest log frame.
+    pub window: usize,
+    /// Smallest retransmission timeout (the timeout follows the measured round-trip time,
+    /// srtt + 4 × rttvar, within `rto_initial..=rto_max`, and doubles while nothing is
+    /// acknowledged).
+    pub rto_initial: Duration,
+    /// Cap of the retransmission timeout.
+    pub rto_max: Duration,
+    /// Most complete log frames the backup keeps waiting for the channel; DATA beyond that is
+    /// dropped (and resent by the primary later).
+    pub backlog_frames: usize,
+    /// Test hook: drop every Nth packet this side sends (counted in [`DpdkStats::test_dropped`]).
+    pub drop_every: Option<u32>,
+    /// How long `connect`/`accept` wait for the port's link to come up.
+    pub link_timeout: Duration,
+    /// Counters, shared with whoever holds a clone of this `Arc`.
+    pub stats: Arc<DpdkStats>,
+}
+
+impl Default for DpdkConfig {
+    fn default() -> Self {
+        DpdkConfig {
+            mtu: 1500,
+            window: 256,
+            rto_initial: Duration::from_micros(200),
+            rto_max: Duration::from_millis(5),
+            backlog_frames: 256,
+            drop_every: None,
+            link_timeout: Duration::from_secs(10),
+            stats: Arc::new(DpdkStats::default()),
+        }
+    }
+}
+
+impl DpdkConfig {
+    fn piece_len(&self) -> usize {
+        self.mtu - DATA_HDR
+    }
+
+    fn validate(&self, channel: &ChannelConfig) -> Result<(), ChannelError> {
+        if self.mtu < MIN_MTU || self.mtu > usize::from(u16::MAX) {
+            return Err(ChannelError::Config(format!(
+                "DPDK MTU {} outside {MIN_MTU}..=65535",
+                self.mtu
+            )));
+        }
+        let pieces = channel.max_frame_bytes.div_ceil(self.piece_len());
+        if self.window < pieces {
+            return Err(ChannelError::Config(format!(
+                "DPDK window of {} packets cannot hold a {}-byte frame ({pieces} packets)",
+                self.window, channel.max_frame_bytes
+            )));
+        }
+        if self.rto_initial.is_zero() || self.rto_max < self.rto_initial {
+            return Err(ChannelError::Config(
+                "DPDK retransmission timeouts must be > 0 and rto_max >= rto_initial".into(),
+            ));
+        }
+        if self.backlog_frames == 0 {
+            return Err(ChannelError::Config(
+                "DPDK backlog must be at least 1".into(),
+            ));
+        }
+        if self.drop_every == Some(0) {
+            return Err(ChannelError::Config("drop_every must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Counters of one side of the DPDK medium.
+#[derive(Debug, Default)]
+pub struct DpdkStats {
+    /// Packets handed to the port (retransmissions included, test drops excluded).
+    pub tx_packets: AtomicU64,
+    /// Packets with our ethertype received.
+    pub rx_packets: AtomicU64,
+    /// DATA packets sent again.
+    pub retransmits: AtomicU64,
+    /// Retransmission timeouts that fired.
+    pub timeouts: AtomicU64,
+    /// NACKs sent (backup) or acted on (primary).
+    pub nacks: AtomicU64,
+    /// Packets not sent because of [`DpdkConfig::drop_every`].
+    pub test_dropped: AtomicU64,
+    /// Received packets with our ethertype that did not parse, or came from the wrong peer.
+    pub garbage: AtomicU64,
+    /// DATA packets received again (already delivered), dropped.
+    pub duplicates: AtomicU64,
+    /// DATA packets received after a gap (kept until the gap is filled, unless too far ahead).
+    pub out_of_order: AtomicU64,
+    /// DATA packets received more than a window ahead of a gap, dropped.
+    pub too_far: AtomicU64,
+    /// DATA packets dropped because the backup's backlog was full.
+    pub backlogged: AtomicU64,
+    /// Received packets of other ethertypes, ignored.
+    pub foreign: AtomicU64,
+    /// Times the port or the mempool could not take a packet right now.
+    pub tx_full: AtomicU64,
+}
+
+impl DpdkStats {
+    fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+fn dpdk_err(context: &'static str, e: DpdkError) -> ChannelError {
+    ChannelError::Io {
+        context,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn session(config: &ChannelConfig) -> SessionParams {
+    SessionParams {
+        session_id: config.session_id,
+        epoch: config.epoch,
+        // The handshake has no DPDK kind; the medium info's magic tells the media apart.
+        medium: MediumKind::Dpdk,
+        key: config.key.clone(),
+    }
+}
+
+fn with_timeouts(stream: &TcpStream, t: Duration) -> Result<(), ChannelError> {
+    let io = |e| ChannelError::io("setting control socket timeouts", e);
+    stream.set_read_timeout(Some(t)).map_err(io)?;
+    stream.set_write_timeout(Some(t)).map_err(io)?;
+    let _ = stream.set_nodelay(true);
+    Ok(())
+}
+
+/// Checks the control socket without blocking: end-of-file means the peer process is gone.
+fn check_socket(stream: &mut TcpStream) -> Result<(), ChannelError> {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => Err(ChannelError::PeerClosed),
+        Ok(_) => Err(ChannelError::CorruptMessage(
+            "unexpected data on the DPDK control socket".into(),
+        )),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
+        Err(e) => Err(ChannelError::io("checking the control socket", e)),
+    }
+}
+
+fn wait_link(port: &Port, timeout: Duration) -> Result<(), ChannelError> {
+    let start = Instant::now();
+    loop {
+        if port
+            .link()
+            .map_err(|e| dpdk_err("reading the port's link status", e))?
+            .up
+        {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(ChannelError::Timeout {
+                what: "the DPDK port's link to come up",
+                waited: start.elapsed(),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn random_u32() -> Result<u32, ChannelError> {
+    let mut b = [0u8; 4];
+    getrandom::getrandom(&mut b)
+        .map_err(|e| ChannelError::io("random link tag", std::io::Error::other(e.to_string())))?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    let mut a = [0u8; 2];
+    a.copy_from_slice(&b[at..at + 2]);
+    u16::from_le_bytes(a)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// One port, its peer, and the packet I/O both sides share.
+struct Wire {
+    port: Port,
+    pool: Mempool,
+    mac: EtherAddr,
+    peer: EtherAddr,
+    tag: u32,
+    drop_every: Option<u32>,
+    sent_count: u64,
+    rx: Vec<Mbuf>,
+    stats: Arc<DpdkStats>,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("port", &self.port)
+            .field("mac", &self.mac.to_string())
+            .field("peer", &self.peer.to_string())
+            .field("tag", &self.tag)
+            .finish()
+    }
+}
+
+/// What the test hook and the port did with a packet.
+enum Sent {
+    /// Handed to the port (or dropped by the test hook, which counts as sent).
+    Yes,
+    /// The port or the mempool had no room; try again later.
+    Full,
+}
+
+impl Wire {
+    /// Writes the Ethernet header and our common header into `buf` (cleared first).
+    fn header(&self, buf: &mut Vec<u8>, kind: u8, seq: u64) {
+        buf.clear();
+        buf.extend_from_slice(&self.peer.0);
+        buf.extend_from_slice(&self.mac.0);
+        buf.extend_from_slice(&ETHERTYPE_FTVM.to_be_bytes());
+        buf.extend_from_slice(&MAGIC);
+        buf.push(VERSION);
+        buf.push(kind);
+        buf.extend_from_slice(&self.tag.to_le_bytes());
+        buf.extend_from_slice(&seq.to_le_bytes());
+    }
+
+    /// Sends one complete Ethernet frame (copied into an mbuf).
+    fn send(&mut self, frame: &[u8]) -> Result<Sent, ChannelError> {
+        let mut m = match Mbuf::alloc(&self.pool) {
+            Ok(m) => m,
+            Err(DpdkError::PoolExhausted(_)) => {
+                DpdkStats::inc(&self.stats.tx_full);
+                return Ok(Sent::Full);
+            }
+            Err(e) => return Err(dpdk_err("allocating an mbuf", e)),
+        };
+        m.extend_from_slice(frame)
+            .map_err(|e| dpdk_err("filling an mbuf", e))?;
+        if let Some(n) = self.drop_every {
+            self.sent_count += 1;
+            if self.sent_count.is_multiple_of(u64::from(n)) {
+                DpdkStats::inc(&self.stats.test_dropped);
+                return Ok(Sent::Yes);
+            }
+        }
+        match self.port.tx_one(m) {
+            Ok(()) => {
+                DpdkStats::inc(&self.stats.tx_packets);
+                Ok(Sent::Yes)
+            }
+            Err(_back) => {
+                // Not sent: undo the test hook's count so the Nth packet stays the Nth.
+                if self.drop_every.is_some() {
+                    self.sent_count -= 1;
+                }
+                DpdkStats::inc(&self.stats.tx_full);
+                Ok(Sent::Full)
+            }
+        }
+    }
+
+    /// Receives one burst into `self.rx`; returns how many packets arrived.
+    fn receive(&mut self) -> usize {
+        self.rx.clear();
+        self.port.rx_burst(&mut self.rx)
+    }
+
+    /// Our header of a received packet, if it is ours and well-formed enough to look at:
+    /// (type, sequence/ACK, body after the Ethernet header).
+    fn classify<'a>(
+        mac: EtherAddr,
+        peer: EtherAddr,
+        tag: u32,
+        stats: &DpdkStats,
+        data: &'a [u8],
+    ) -> Option<(u8, u64, &'a [u8])> {
+        if data.len() < ETHER_HDR_LEN || data[12..14] != ETHERTYPE_FTVM.to_be_bytes() {
+            DpdkStats::inc(&stats.foreign);
+            return None;
+        }
+        DpdkStats::inc(&stats.rx_packets);
+        let body = &data[ETHER_HDR_LEN..];
+        let ok = data[0..6] == mac.0
+            && data[6..12] == peer.0
+            && body.len() >= 16
+            && body[0..2] == MAGIC
+            && body[2] == VERSION
+            && u32_at(body, 4) == tag;
+        if !ok {
+            DpdkStats::inc(&stats.garbage);
+            return None;
+        }
+        Some((body[3], u64_at(body, 8), body))
+    }
+}
+
+/// A DATA packet kept until acknowledged.
+#[derive(Debug)]
+struct Outstanding {
+    seq: u64,
+    /// The whole Ethernet frame.
+    bytes: Vec<u8>,
+    /// When it was first handed to the port.
+    sent_at: Option<Instant>,
+    /// Whether it was sent more than once (no RTT sample then: Karn's rule).
+    resent: bool,
+}
+
+/// The primary's DPDK link.
+#[derive(Debug)]
+pub struct DpdkPrimaryLink {
+    wire: Wire,
+    control: TcpStream,
+    cfg: DpdkConfig,
+    /// Sent (or to be sent) and not yet acknowledged, oldest first.
+    unacked: VecDeque<Outstanding>,
+    /// Index in `unacked` of the next packet to (re)send.
+    next_send: usize,
+    /// Sequence number of the next new DATA packet.
+    next_seq: u64,
+    /// Spare packet buffers.
+    free: Vec<Vec<u8>>,
+    /// Current retransmission timeout, and the estimate it falls back to on progress.
+    rto: Duration,
+    rto_base: Duration,
+    /// Smoothed round-trip time and its mean deviation, in nanoseconds (0: no sample yet).
+    srtt_ns: u64,
+    rttvar_ns: u64,
+    /// When the retransmission timer was last started (progress, or a resend).
+    timer: Instant,
+    /// The cumulative ACK of the last NACK acted on (a repeat for the same gap is ignored).
+    last_nack: u64,
+    /// The oldest unacknowledged packet is to be sent again before anything new.
+    resend_front: bool,
+    epoch: u64,
+}
+
+impl DpdkPrimaryLink {
+    /// Counters of this side.
+    pub fn stats(&self) -> &Arc<DpdkStats> {
+        &self.cfg.stats
+    }
+
+    /// Sends queued packets from `next_send`; returns whether all went.
+    fn transmit(&mut self) -> Result<bool, ChannelError> {
+        let mut now = None;
+        if self.resend_front {
+            if let Some(p) = self.unacked.front_mut() {
+                if p.sent_at.is_some() {
+                    match self.wire.send(&p.bytes)? {
+                        Sent::Yes => {
+                            p.resent = true;
+                            DpdkStats::inc(&self.cfg.stats.retransmits);
+                        }
+                        Sent::Full => return Ok(false),
+                    }
+                }
+            }
+            self.resend_front = false;
+        }
+        while let Some(p) = self.unacked.get_mut(self.next_send) {
+            match self.wire.send(&p.bytes)? {
+                Sent::Yes => {
+                    self.next_send += 1;
+                    if p.sent_at.is_some() {
+                        p.resent = true;
+                    } else {
+                        p.sent_at = Some(*now.get_or_insert_with(Instant::now));
+                    }
+                }
+                Sent::Full => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sends the oldest unacknowledged packet again (the one the backup is missing).
+    fn resend_oldest(&mut self) {
+        self.resend_front = true;
+        self.timer = Instant::now();
+    }
+
+    /// Drops every packet up to `ack` from the window; returns whether any was dropped.
+    fn acknowledge(&mut self, ack: u64) -> bool {
+        let mut any = false;
+        let mut sample_from = None;
+        while self.unacked.front().is_some_and(|p| p.seq <= ack) {
+            if let Some(p) = self.unacked.pop_front() {
+                if !p.resent {
+                    sample_from = p.sent_at.or(sample_from);
+                }
+                self.free.push(p.bytes);
+            }
+            self.next_send = self.next_send.saturating_sub(1);
+            any = true;
+        }
+        if any {
+            let now = Instant::now();
+            if let Some(sent) = sample_from {
+                self.rtt_sample(now.duration_since(sent));
+            }
+            self.rto = self.rto_base;
+            self.timer = now;
+        }
+        any
+    }
+
+    /// Updates the RTT estimate (Jacobson/Karels) and the base timeout derived from it.
+    fn rtt_sample(&mut self, rtt: Duration) {
+        let r = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX / 8);
+        if self.srtt_ns == 0 {
+            self.srtt_ns = r.max(1);
+            self.rttvar_ns = r / 2;
+        } else {
+            self.rttvar_ns = (3 * self.rttvar_ns + self.srtt_ns.abs_diff(r)) / 4;
+            self.srtt_ns = (7 * self.srtt_ns + r) / 8;
+        }
+        let rto = Duration::from_nanos(self.srtt_ns.saturating_add(4 * self.rttvar_ns));
+        self.rto_base = rto.clamp(self.cfg.rto_initial, self.cfg.rto_max);
+    }
+}
+
+impl PrimaryLink for DpdkPrimaryLink {
+    fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError> {
+        let piece = self.cfg.piece_len();
+        let pieces = frame.len().div_ceil(piece).max(1);
+        if self.unacked.len() + pieces > self.cfg.window {
+            return Ok(false);
+        }
+        let total = u32::try_from(frame.len()).map_err(|_| ChannelError::FrameTooLarge {
+            len: frame.len(),
+            max: u32::MAX as usize,
+        })?;
+        if self.unacked.is_empty() {
+            self.timer = Instant::now();
+        }
+        let mut offset = 0usize;
+        loop {
+            let chunk = &frame[offset..(offset + piece).min(frame.len())];
+            let mut buf = self.free.pop().unwrap_or_default();
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.wire.header(&mut buf, T_DATA, seq);
+            buf.extend_from_slice(&total.to_le_bytes());
+            // Both fit in u32/u16: offset < total, chunk <= piece < mtu <= u16::MAX.
+            buf.extend_from_slice(&(offset as u32).to_le_bytes());
+            buf.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
+            buf.extend_from_slice(&[0, 0]);
+            buf.extend_from_slice(chunk);
+            self.unacked.push_back(Outstanding {
+                seq,
+                bytes: buf,
+                sent_at: None,
+                resent: false,
+            });
+            offset += chunk.len();
+            if offset >= frame.len() {
+                break;
+            }
+        }
+        self.transmit()?;
+        Ok(true)
+    }
+
+    fn flush(&mut self) -> Result<bool, ChannelError> {
+        self.transmit()
+    }
+
+    fn poll(&mut self) -> Result<BackupNews, ChannelError> {
+        let mut news = BackupNews::default();
+        let n = self.wire.receive();
+        let mut rx = std::mem::take(&mut self.wire.rx);
+        let mut nack: Option<u64> = None;
+        for m in rx.iter().take(n) {
+            let Some((kind, ack, body)) = Wire::classify(
+                self.wire.mac,
+                self.wire.peer,
+                self.wire.tag,
+                &self.cfg.stats,
+                m.data(),
+            ) else {
+                continue;
+            };
+            if (kind != T_ACK && kind != T_NACK) || body.len() < ACK_HDR || ack >= self.next_seq {
+                DpdkStats::inc(&self.cfg.stats.garbage);
+                continue;
+            }
+            let log_acked = u64_at(body, 16);
+            let epoch = u64_at(body, 24);
+            if epoch > self.epoch {
+                self.wire.rx = rx;
+                return Err(ChannelError::StaleEpoch {
+                    frame: self.epoch,
+                    current: epoch,
+                });
+            }
+            news.heard = true;
+            news.acked = Some(news.acked.map_or(log_acked, |a| a.max(log_acked)));
+            self.acknowledge(ack);
+            if kind == T_NACK {
+                nack = Some(ack);
+            }
+        }
+        rx.clear();
+        self.wire.rx = rx;
+        // A NACK: the backup holds later packets but misses the one after `ack`; resend it at
+        // once (once per gap).
+        if let Some(ack) = nack {
+            if self.unacked.front().is_some_and(|p| p.seq == ack + 1) && self.last_nack != ack {
+                self.last_nack = ack;
+                DpdkStats::inc(&self.cfg.stats.nacks);
+                self.resend_oldest();
+            }
+        }
+        // Timeout: resend the oldest unacknowledged packet (the backup keeps later ones).
+        if !self.unacked.is_empty() && self.next_send > 0 && self.timer.elapsed() >= self.rto {
+            DpdkStats::inc(&self.cfg.stats.timeouts);
+            self.resend_oldest();
+            self.rto = (self.rto * 2).min(self.cfg.rto_max);
+            // A timeout may be a lost NACK for the same gap: allow a new one.
+            self.last_nack = u64::MAX;
+        }
+        self.transmit()?;
+        Ok(news)
+    }
+
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        check_socket(&mut self.control)
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        // Nothing to sleep on for a polled port; sleep briefly so blocking mode stays cheap.
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+        Ok(false)
+    }
+}
+
+/// What became of a received DATA packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// Taken, in order.
+    Taken,
+    /// Already taken before.
+    Duplicate,
+    /// After a gap: kept until the missing packets arrive.
+    Buffered,
+    /// Too far ahead of the gap to keep: dropped.
+    Gap,
+    /// In order, but the backlog of complete frames is full.
+    Backlogged,
+    /// In order, but it does not parse or does not fit what came before.
+    Garbage,
+}
+
+/// The backup's in-order reassembly of log frames from DATA packets (no I/O, so it is tested
+/// on its own).
+#[derive(Debug)]
+struct Reassembly {
+    max_frame: usize,
+    backlog: usize,
+    /// How far ahead of `expected` packets are kept.
+    window: u64,
+    /// Bodies of packets that came after a gap, by sequence number.
+    ahead: BTreeMap<u64, Vec<u8>>,
+    /// Sequence number of the next DATA packet to accept.
+    expected: u64,
+    /// The log frame being reassembled, and its announced length.
+    partial: Vec<u8>,
+    partial_len: Option<usize>,
+    /// Complete log frames, oldest first.
+    ready: VecDeque<Vec<u8>>,
+    /// Spare frame buffers.
+    free: Vec<Vec<u8>>,
+}
+
+impl Reassembly {
+    fn new(max_frame: usize, backlog: usize, window: usize) -> Self {
+        Reassembly {
+            max_frame,
+            backlog,
+            window: window as u64,
+            ahead: BTreeMap::new(),
+            expected: 1,
+            partial: Vec::new(),
+            partial_len: None,
+            ready: VecDeque::new(),
+            free: Vec::new(),
+        }
+    }
+
+    /// Takes a DATA packet with sequence number `seq` and body (after the Ethernet header)
+    /// `body`.
+    fn data(&mut self, seq: u64, body: &[u8]) -> Piece {
+        if seq < self.expected {
+            Piece::Duplicate
+        } else if seq > self.expected {
+            if seq - self.expected > self.window {
+                Piece::Gap
+            } else if self.ahead.contains_key(&seq) {
+                Piece::Duplicate
+            } else {
+                let mut copy = self.free.pop().unwrap_or_default();
+                copy.clear();
+                copy.extend_from_slice(body);
+                self.ahead.insert(seq, copy);
+                Piece::Buffered
+            }
+        } else if self.ready.len() >= self.backlog {
+            Piece::Backlogged
+        } else if self.take_piece(body) {
+            self.expected += 1;
+            self.drain();
+            Piece::Taken
+        } else {
+            Piece::Garbage
+        }
+    }
+
+    /// Takes the kept packets that are now in order. Returns how many failed to fit (garbage).
+    fn drain(&mut self) -> u64 {
+        let mut bad = 0;
+        while self.ready.len() < self.backlog {
+            let Some(body) = self.ahead.remove(&self.expected) else {
+                break;
+            };
+            if self.take_piece(&body) {
+                self.expected += 1;
+            } else {
+                bad += 1;
+            }
+            if self.free.len() < 64 {
+                self.free.push(body);
+            }
+            if bad > 0 {
+                break;
+            }
+        }
+        // Anything kept from before `expected` is stale.
+        while self
+            .ahead
+            .first_key_value()
+            .is_some_and(|(&k, _)| k < self.expected)
+        {
+            self.ahead.pop_first();
+        }
+        bad
+    }
+
+    /// Whether packets after a gap are waiting for the missing one.
+    fn has_gap(&self) -> bool {
+        !self.ahead.is_empty()
+    }
+
+    /// Takes one in-order DATA packet's body; `false` if it does not fit what came before.
+    fn take_piece(&mut self, body: &[u8]) -> bool {
+        if body.len() < DATA_HDR {
+            return false;
+        }
+        let total = u32_at(body, 16) as usize;
+        let offset = u32_at(body, 20) as usize;
+        let len = usize::from(u16_at(body, 24));
+        let Some(piece) = body.get(DATA_HDR..DATA_HDR + len) else {
+            return false;
+        };
+        if total == 0
+            || total > self.max_frame
+            || offset.checked_add(len).is_none_or(|e| e > total)
+            || (len == 0 && offset < total)
+        {
+            return false;
+        }
+        match self.partial_len {
+            None if offset == 0 => {
+                self.partial = self.free.pop().unwrap_or_default();
+                self.partial.clear();
+                self.partial_len = Some(total);
+            }
+            Some(t) if t == total && offset == self.partial.len() => {}
+            _ => return false,
+        }
+        self.partial.extend_from_slice(piece);
+        if self.partial.len() == total {
+            self.ready.push_back(std::mem::take(&mut self.partial));
+            self.partial_len = None;
+        }
+        true
+    }
+
+    fn peek(&self) -> Option<&[u8]> {
+        self.ready.front().map(Vec::as_slice)
+    }
+
+    /// Drops the oldest complete frame; returns how many kept packets then failed to fit.
+    fn consume(&mut self) -> u64 {
+        if let Some(buf) = self.ready.pop_front() {
+            if self.free.len() < 64 {
+                self.free.push(buf);
+            }
+        }
+        if self.ahead.is_empty() {
+            0
+        } else {
+            self.drain()
+        }
+    }
+}
+
+/// The backup's DPDK link.
+#[derive(Debug)]
+pub struct DpdkBackupLink {
+    wire: Wire,
+    control: TcpStream,
+    cfg: DpdkConfig,
+    frames: Reassembly,
+    /// The last log ACK and epoch the channel published.
+    log_acked: u64,
+    epoch: u64,
+    /// The gap (value of `expected`) a NACK was last sent for.
+    nacked: u64,
+    ack_buf: Vec<u8>,
+}
+
+impl DpdkBackupLink {
+    /// Counters of this side.
+    pub fn stats(&self) -> &Arc<DpdkStats> {
+        &self.cfg.stats
+    }
+
+    fn send_ack(&mut self, kind: u8) -> Result<(), ChannelError> {
+        let mut buf = std::mem::take(&mut self.ack_buf);
+        self.wire.header(&mut buf, kind, self.frames.expected - 1);
+        buf.extend_from_slice(&self.log_acked.to_le_bytes());
+        buf.extend_from_slice(&self.epoch.to_le_bytes());
+        // An ACK that finds no room is not retried: a later one supersedes it.
+        let r = self.wire.send(&buf);
+        self.ack_buf = buf;
+        r.map(|_| ())
+    }
+}
+
+impl BackupLink for DpdkBackupLink {
+    fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        Ok(self.frames.peek())
+    }
+
+    fn receive(&mut self) -> Result<bool, ChannelError> {
+        let n = self.wire.receive();
+        if n == 0 {
+            return Ok(false);
+        }
+        let mut rx = std::mem::take(&mut self.wire.rx);
+        let mut took = false;
+        let mut answer = false;
+        let stats = &self.cfg.stats;
+        for m in rx.iter().take(n) {
+            let Some((kind, seq, body)) = Wire::classify(
+                self.wire.mac,
+                self.wire.peer,
+                self.wire.tag,
+                stats,
+                m.data(),
+            ) else {
+                continue;
+            };
+            if kind != T_DATA {
+                DpdkStats::inc(&stats.garbage);
+                continue;
+            }
+            answer = true;
+            match self.frames.data(seq, body) {
+                Piece::Taken => took = true,
+                Piece::Duplicate => DpdkStats::inc(&stats.duplicates),
+                Piece::Buffered => DpdkStats::inc(&stats.out_of_order),
+                Piece::Gap => {
+                    DpdkStats::inc(&stats.out_of_order);
+                    DpdkStats::inc(&stats.too_far);
+                }
+                Piece::Backlogged => DpdkStats::inc(&stats.backlogged),
+                Piece::Garbage => DpdkStats::inc(&stats.garbage),
+            }
+        }
+        rx.clear();
+        self.wire.rx = rx;
+        // After a gap, one NACK per missing packet (the next one after a refill draws its own).
+        if self.frames.has_gap() && self.nacked != self.frames.expected {
+            self.nacked = self.frames.expected;
+            DpdkStats::inc(&self.cfg.stats.nacks);
+            self.send_ack(T_NACK)?;
+        } else if answer {
+            self.send_ack(T_ACK)?;
+        }
+        Ok(took)
+    }
+
+    fn consume(&mut self) -> Result<(), ChannelError> {
+        let bad = self.frames.consume();
+        self.cfg.stats.garbage.fetch_add(bad, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError> {
+        self.log_acked = acked;
+        self.epoch = epoch;
+        self.send_ack(T_ACK)
+    }
+
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        check_socket(&mut self.control)
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+        Ok(false)
+    }
+}
+
+fn wire(port: Port, mac: EtherAddr, peer: EtherAddr, tag: u32, cfg: &DpdkConfig) -> Wire {
+    let pool = port.mempool().clone();
+    Wire {
+        port,
+        pool,
+        mac,
+        peer,
+        tag,
+        drop_every: cfg.drop_every,
+        sent_count: 0,
+        rx: Vec::with_capacity(BURST),
+        stats: cfg.stats.clone(),
+    }
+}
+
+/// Accepts one primary on the control `listener`, authenticates it, exchanges MAC addresses,
+/// and returns the backup's channel end over `port` (configured and started by the caller, in a
+/// process that did `Eal::init`). Waits up to [`DpdkConfig::link_timeout`] for the link.
+pub fn accept(
+    listener: &TcpListener,
+    port: Port,
+    config: ChannelConfig,
+    dpdk: DpdkConfig,
+) -> Result<Backup<DpdkBackupLink>, ChannelError> {
+    config.validate()?;
+    dpdk.validate(&config)?;
+    let mac = port
+        .mac_address()
+        .map_err(|e| dpdk_err("reading the port's MAC address", e))?;
+    let (mut control, _) = listener
+        .accept()
+        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    with_timeouts(&control, config.handshake_timeout)?;
+    let hello = handshake::backup_authenticate(&mut control, &session(&config))?;
+    let tag = random_u32()?;
+    let mut info = Vec::with_capacity(INFO_LEN);
+    info.extend_from_slice(INFO_MAGIC);
+    info.extend_from_slice(&mac.0);
+    info.extend_from_slice(&tag.to_le_bytes());
+    // validate() bounds the MTU to u16.
+    info.extend_from_slice(&(dpdk.mtu as u16).to_le_bytes());
+    handshake::backup_welcome(&mut control, 1, &info)?;
+    let mut msg = [0u8; MAC_MSG_LEN];
+    control.read_exact(&mut msg).map_err(|e| match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => ChannelError::HandshakeTimeout {
+            waiting_for: "the primary's MAC address",
+        },
+        _ => ChannelError::io("waiting for the primary's MAC address", e),
+    })?;
+    if msg[0] != b'M' {
+        return Err(ChannelError::BadHandshake(
+            "primary did not send its MAC address".into(),
+        ));
+    }
+    let mut peer = [0u8; 6];
+    peer.copy_from_slice(&msg[1..7]);
+    wait_link(&port, dpdk.link_timeout)?;
+    control
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let link = DpdkBackupLink {
+        wire: wire(port, mac, EtherAddr(peer), tag, &dpdk),
+        control,
+        frames: Reassembly::new(
+            logfmt::MAX_FRAME_LEN.max(config.max_frame_bytes),
+            dpdk.backlog_frames,
+            dpdk.window,
+        ),
+        cfg: dpdk,
+        log_acked: 0,
+        epoch: hello.epoch.max(config.epoch),
+        nacked: 0,
+        ack_buf: Vec::new(),
+    };
+    Backup::new(link, config, 1, hello.epoch)
+}
+
+/// Connects to a backup's control address, authenticates, exchanges MAC addresses, and returns
+/// the primary's channel end over `port` (configured and started by the caller, in a process
+/// that did `Eal::init`). Waits up to [`DpdkConfig::link_timeout`] for the link.
+pub fn connect(
+    control_addr: impl ToSocketAddrs,
+    port: Port,
+    config: ChannelConfig,
+    dpdk: DpdkConfig,
+) -> Result<Primary<DpdkPrimaryLink>, ChannelError> {
+    config.validate()?;
+    let mac = port
+        .mac_address()
+        .map_err(|e| dpdk_err("reading the port's MAC address", e))?;
+    let mut control = TcpStream::connect(control_addr)
+        .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
+    with_timeouts(&control, config.handshake_timeout)?;
+    let accepted = handshake::primary_handshake(&mut control, &session(&config))?;
+    let info = accepted.medium_info;
+    if info.len() != INFO_LEN || info[..8] != INFO_MAGIC[..] {
+        return Err(ChannelError::MediumMismatch);
+    }
+    let mut peer = [0u8; 6];
+    peer.copy_from_slice(&info[8..14]);
+    let tag = u32_at(&info, 14);
+    let backup_mtu = usize::from(u16_at(&info, 18));
+    // Both sides send at most their own MTU; use the smaller.
+    let mut dpdk = dpdk;
+    dpdk.mtu = dpdk.mtu.min(backup_mtu);
+    dpdk.validate(&config)?;
+    let mut msg = [0u8; MAC_MSG_LEN];
+    msg[0] = b'M';
+    msg[1..].copy_from_slice(&mac.0);
+    control
+        .write_all(&msg)
+        .map_err(|e| ChannelError::io("sending our MAC address", e))?;
+    wait_link(&port, dpdk.link_timeout)?;
+    control
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let link = DpdkPrimaryLink {
+        wire: wire(port, mac, EtherAddr(peer), tag, &dpdk),
+        control,
+        rto: dpdk.rto_initial,
+        rto_base: dpdk.rto_initial,
+        srtt_ns: 0,
+        rttvar_ns: 0,
+        cfg: dpdk,
+        unacked: VecDeque::new(),
+        next_send: 0,
+        next_seq: 1,
+        free: Vec::new(),
+        timer: Instant::now(),
+        last_nack: u64::MAX,
+        resend_front: false,
+        epoch: accepted.epoch.max(config.epoch),
+    };
+    Primary::new(link, config, accepted.resume_seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DATA body (after the Ethernet header) as the primary builds it.
+    fn data_body(seq: u64, total: usize, offset: usize, piece: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC);
+        b.push(VERSION);
+        b.push(T_DATA);
+        b.extend_from_slice(&7u32.to_le_bytes());
+        b.extend_from_slice(&seq.to_le_bytes());
+        b.extend_from_slice(&(total as u32).to_le_bytes());
+        b.extend_from_slice(&(offset as u32).to_le_bytes());
+        b.extend_from_slice(&(piece.len() as u16).to_le_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(piece);
+        b
+    }
+
+    #[test]
+    fn reassembles_in_order_keeps_packets_after_a_gap_and_drops_duplicates() {
+        let mut r = Reassembly::new(1 << 20, 8, 4);
+        let frame: Vec<u8> = (0..250u8).collect();
+        let body = |seq: u64| {
+            let range = match seq {
+                1 => 0..100,
+                2 => 100..200,
+                _ => 200..250,
+            };
+            data_body(seq, 250, range.start, &frame[range])
+        };
+        assert_eq!(r.data(1, &body(1)), Piece::Taken);
+        assert_eq!(r.peek(), None);
+        assert_eq!(r.data(3, &body(3)), Piece::Buffered);
+        assert!(r.has_gap());
+        assert_eq!(r.data(3, &body(3)), Piece::Duplicate);
+        assert_eq!(r.data(1, &body(1)), Piece::Duplicate);
+        assert_eq!(r.data(9, &body(3)), Piece::Gap);
+        assert_eq!(r.data(2, &body(2)), Piece::Taken);
+        assert!(!r.has_gap());
+        assert_eq!(r.expected, 4);
+        assert_eq!(r.peek(), Some(&frame[..]));
+        assert_eq!(r.consume(), 0);
+        assert_eq!(r.peek(), None);
+    }
+
+    #[test]
+    fn backlog_holds_packets_back_until_consumed() {
+        let mut r = Reassembly::new(1 << 20, 1, 8);
+        assert_eq!(r.data(1, &data_body(1, 10, 0, &[1; 10])), Piece::Taken);
+        assert_eq!(r.data(2, &data_body(2, 10, 0, &[2; 10])), Piece::Backlogged);
+        assert_eq!(r.data(3, &data_body(3, 10, 0, &[3; 10])), Piece::Buffered);
+        assert_eq!(r.peek(), Some(&[1u8; 10][..]));
+        assert_eq!(r.consume(), 0);
+        assert_eq!(r.data(2, &data_body(2, 10, 0, &[2; 10])), Piece::Taken);
+        assert_eq!(r.peek(), Some(&[2u8; 10][..]));
+        assert_eq!(r.consume(), 0);
+        assert_eq!(r.peek(), Some(&[3u8; 10][..]));
+    }
+
+    #[test]
+    fn garbage_never_panics_and_is_refused() {
+        let mut r = Reassembly::new(4096, 8, 64);
+        // Inconsistent pieces.
+        assert_eq!(r.data(1, &data_body(1, 100, 10, &[1; 10])), Piece::Garbage);
+        assert_eq!(r.data(1, &data_body(1, 0, 0, &[])), Piece::Garbage);
+        assert_eq!(r.data(1, &data_body(1, 5000, 0, &[1; 10])), Piece::Garbage);
+        assert_eq!(r.data(1, &data_body(1, 10, 5, &[1; 10])), Piece::Garbage);
+        let mut short = data_body(1, 100, 0, &[1; 10]);
+        short.truncate(DATA_HDR + 5);
+        assert_eq!(r.data(1, &short), Piece::Garbage);
+        // Random bodies, and random Ethernet frames through the classifier.
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let stats = DpdkStats::default();
+        let (mac, peer) = (EtherAddr([2, 0, 0, 0, 0, 1]), EtherAddr([2, 0, 0, 0, 0, 2]));
+        for i in 0..20_000 {
+            let len = (next() % 200) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 2 == 0 && b.len() >= 30 {
+                b[..2].copy_from_slice(&MAGIC);
+                b[2] = VERSION;
+                b[3] = T_DATA;
+                b[4..8].copy_from_slice(&7u32.to_le_bytes());
+                b[8..16].copy_from_slice(&r.expected.to_le_bytes());
+            }
+            let _ = r.data(r.expected, &b);
+            let mut eth = Vec::new();
+            eth.extend_from_slice(&mac.0);
+            eth.extend_from_slice(&peer.0);
+            eth.extend_from_slice(&ETHERTYPE_FTVM.to_be_bytes());
+            eth.extend_from_slice(&b);
+            let _ = Wire::classify(mac, peer, 7, &stats, &eth);
+            let _ = Wire::classify(mac, peer, 7, &stats, &b);
+        }
+        assert!(DpdkStats::get(&stats.garbage) > 0);
+    }
+}
