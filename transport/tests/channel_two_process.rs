@@ -11,13 +11,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::stream::{payload, verify_stream, DEVICE};
 use logfmt::{ControlOp, Entry, Event, Position};
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use transport::{shm, tcp, ChannelConfig, ChannelError, PreSharedKey};
 
 const ENTRIES: u64 = 1_000_000;
-const DEVICE: u16 = 3;
 
 fn config() -> ChannelConfig {
     let key = PreSharedKey::new(b"two-process-test-key".to_vec()).expect("key");
@@ -27,17 +29,6 @@ fn config() -> ChannelConfig {
     // Two processes on two cores plus the test harness: do not spin for long.
     c.poll = transport::PollPolicy::BALANCED;
     c
-}
-
-/// Entry payload: u64 sequence number, random bytes, u32 CRC32C of both.
-fn payload(seq: u64, rng: &mut SmallRng, buf: &mut Vec<u8>) {
-    let len = rng.gen_range(12..=300);
-    buf.clear();
-    buf.extend_from_slice(&seq.to_le_bytes());
-    buf.resize(len - 4, 0);
-    rng.fill(&mut buf[8..]);
-    let crc = crc32c::crc32c(buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
 }
 
 // ---------------------------------------------------------------- backup role (child process)
@@ -54,65 +45,20 @@ fn backup(medium: &str, address: &str) -> Result<(), String> {
                 listener.local_addr().map_err(|e| e.to_string())?
             );
             let b = tcp::accept(&listener, cfg).map_err(|e| e.to_string())?;
-            verify_stream(b)
+            verified(verify_stream(b))
         }
         "shm" => {
             let listener = shm::listen(address).map_err(|e| e.to_string())?;
             println!("LISTENING {address}");
             let b = shm::accept(&listener, cfg).map_err(|e| e.to_string())?;
-            verify_stream(b)
+            verified(verify_stream(b))
         }
         other => Err(format!("unknown medium {other}")),
     }
 }
 
-fn verify_stream<L: transport::BackupLink>(mut b: transport::Backup<L>) -> Result<(), String> {
-    let mut next = 1u64;
-    let mut done = false;
-    let mut failure = None;
-    while !done {
-        b.poll_timeout(Duration::from_secs(1), |frame| {
-            for (seq, entry) in frame.entries_with_seq() {
-                if failure.is_some() {
-                    return;
-                }
-                if seq != next {
-                    failure = Some(format!("expected entry {next}, got {seq}"));
-                    return;
-                }
-                next += 1;
-                match entry.event {
-                    Event::DeviceInput { device, data } => {
-                        let ok = device == DEVICE
-                            && data.len() >= 12
-                            && data[..8] == seq.to_le_bytes()
-                            && data[data.len() - 4..]
-                                == crc32c::crc32c(&data[..data.len() - 4]).to_le_bytes();
-                        if !ok {
-                            failure = Some(format!("entry {seq}: bad payload"));
-                        }
-                    }
-                    Event::OutputMarker { .. } => {}
-                    Event::Control(ControlOp::Shutdown) => done = true,
-                    other => failure = Some(format!("entry {seq}: unexpected {other:?}")),
-                }
-            }
-        })
-        .map_err(|e| format!("backup after {next} entries: {e}"))?;
-        if let Some(f) = failure.take() {
-            return Err(f);
-        }
-    }
-    // Keep acknowledging until the primary has seen the final ACK and hangs up.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match b.poll(|_| {}) {
-            Err(ChannelError::PeerClosed) => break,
-            Err(e) => return Err(format!("after shutdown: {e}")),
-            Ok(_) => std::thread::sleep(Duration::from_micros(200)),
-        }
-    }
-    println!("VERIFIED {}", next - 1);
+fn verified(result: Result<u64, String>) -> Result<(), String> {
+    println!("VERIFIED {}", result?);
     Ok(())
 }
 

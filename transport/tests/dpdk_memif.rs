@@ -22,15 +22,17 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use dpdk_sys::{Eal, Mempool, Port};
+mod common;
+
+use common::stream::{payload, verify_stream, DEVICE};
 use logfmt::{ControlOp, Entry, Event, Position};
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use transport::dpdk::{self, DpdkConfig, DpdkStats};
 use transport::{ChannelConfig, ChannelError, PreSharedKey};
 
 const ENTRIES: u64 = 1_000_000;
 const COMMITS: usize = 10_000;
-const DEVICE: u16 = 3;
 /// Child protocol lines on stdout start with this (DPDK may print to stdout too).
 const TAG: &str = "FTVM ";
 
@@ -48,17 +50,6 @@ fn dpdk_config(scenario: &str) -> DpdkConfig {
         drop_every: (scenario == "drop50").then_some(50),
         ..DpdkConfig::default()
     }
-}
-
-/// Entry payload: u64 sequence number, random bytes, u32 CRC32C of both.
-fn payload(seq: u64, rng: &mut SmallRng, buf: &mut Vec<u8>) {
-    let len = rng.gen_range(12..=300);
-    buf.clear();
-    buf.extend_from_slice(&seq.to_le_bytes());
-    buf.resize(len - 4, 0);
-    rng.fill(&mut buf[8..]);
-    let crc = crc32c::crc32c(buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Initialises this process's EAL with one memif port and returns the started port.
@@ -132,55 +123,6 @@ fn backup(scenario: &str, socket: &str, prefix: &str, lcore: &str) -> Result<(),
     // The EAL was cleaned up with the last handle (the port, inside the channel).
     let _ = std::fs::remove_dir_all(&runtime_dir);
     Ok(())
-}
-
-fn verify_stream<L: transport::BackupLink>(mut b: transport::Backup<L>) -> Result<u64, String> {
-    let mut next = 1u64;
-    let mut done = false;
-    let mut failure = None;
-    while !done {
-        b.poll_timeout(Duration::from_secs(1), |frame| {
-            for (seq, entry) in frame.entries_with_seq() {
-                if failure.is_some() {
-                    return;
-                }
-                if seq != next {
-                    failure = Some(format!("expected entry {next}, got {seq}"));
-                    return;
-                }
-                next += 1;
-                match entry.event {
-                    Event::DeviceInput { device, data } => {
-                        let ok = device == DEVICE
-                            && data.len() >= 12
-                            && data[..8] == seq.to_le_bytes()
-                            && data[data.len() - 4..]
-                                == crc32c::crc32c(&data[..data.len() - 4]).to_le_bytes();
-                        if !ok {
-                            failure = Some(format!("entry {seq}: bad payload"));
-                        }
-                    }
-                    Event::OutputMarker { .. } => {}
-                    Event::Control(ControlOp::Shutdown) => done = true,
-                    other => failure = Some(format!("entry {seq}: unexpected {other:?}")),
-                }
-            }
-        })
-        .map_err(|e| format!("backup after {next} entries: {e}"))?;
-        if let Some(f) = failure.take() {
-            return Err(f);
-        }
-    }
-    // Keep acknowledging until the primary has seen the final ACK and hangs up.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match b.poll(|_| {}) {
-            Err(ChannelError::PeerClosed) => break,
-            Err(e) => return Err(format!("after shutdown: {e}")),
-            Ok(_) => std::thread::yield_now(),
-        }
-    }
-    Ok(next - 1)
 }
 
 // ---------------------------------------------------------------- primary role (child)

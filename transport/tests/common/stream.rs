@@ -1,0 +1,74 @@
+//! What the two-process channel tests share: the checksummed entry payloads the primary sends,
+//! and the backup's check of the stream (every entry in order, once, intact).
+
+use std::time::{Duration, Instant};
+
+use logfmt::{ControlOp, Event};
+use rand::rngs::SmallRng;
+use rand::Rng;
+use transport::ChannelError;
+
+/// Device id the test entries carry.
+pub const DEVICE: u16 = 3;
+
+/// Entry payload: u64 sequence number, random bytes, u32 CRC32C of both.
+pub fn payload(seq: u64, rng: &mut SmallRng, buf: &mut Vec<u8>) {
+    let len = rng.gen_range(12..=300);
+    buf.clear();
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.resize(len - 4, 0);
+    rng.fill(&mut buf[8..]);
+    let crc = crc32c::crc32c(buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// The backup's side: checks every entry until a Shutdown entry, then keeps acknowledging
+/// until the primary hangs up. Returns the number of entries verified.
+pub fn verify_stream<L: transport::BackupLink>(mut b: transport::Backup<L>) -> Result<u64, String> {
+    let mut next = 1u64;
+    let mut done = false;
+    let mut failure = None;
+    while !done {
+        b.poll_timeout(Duration::from_secs(1), |frame| {
+            for (seq, entry) in frame.entries_with_seq() {
+                if failure.is_some() {
+                    return;
+                }
+                if seq != next {
+                    failure = Some(format!("expected entry {next}, got {seq}"));
+                    return;
+                }
+                next += 1;
+                match entry.event {
+                    Event::DeviceInput { device, data } => {
+                        let ok = device == DEVICE
+                            && data.len() >= 12
+                            && data[..8] == seq.to_le_bytes()
+                            && data[data.len() - 4..]
+                                == crc32c::crc32c(&data[..data.len() - 4]).to_le_bytes();
+                        if !ok {
+                            failure = Some(format!("entry {seq}: bad payload"));
+                        }
+                    }
+                    Event::OutputMarker { .. } => {}
+                    Event::Control(ControlOp::Shutdown) => done = true,
+                    other => failure = Some(format!("entry {seq}: unexpected {other:?}")),
+                }
+            }
+        })
+        .map_err(|e| format!("backup after {next} entries: {e}"))?;
+        if let Some(f) = failure.take() {
+            return Err(f);
+        }
+    }
+    // Keep acknowledging until the primary has seen the final ACK and hangs up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match b.poll(|_| {}) {
+            Err(ChannelError::PeerClosed) => break,
+            Err(e) => return Err(format!("after shutdown: {e}")),
+            Ok(_) => std::thread::yield_now(),
+        }
+    }
+    Ok(next - 1)
+}
