@@ -11,8 +11,10 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use logfmt::{ControlOp, Entry, Event, Position};
 use serde::Serialize;
+use transport::dpdk::{self, DpdkConfig};
 use transport::{shm, tcp, BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
 
+use crate::raw::memif::MemifPair;
 use crate::raw::{self, RawConfig, RawMedium};
 
 /// Media the commit benchmark knows.
@@ -24,6 +26,9 @@ pub enum Medium {
     TcpSpin,
     /// A ring in memory shared by the two sides.
     Shm,
+    /// Raw Ethernet frames over two DPDK `net_memif` ports joined to each other (one EAL in
+    /// this process, set up on first use; TCP control connection on loopback).
+    DpdkMemif,
 }
 
 impl Medium {
@@ -33,6 +38,7 @@ impl Medium {
             Medium::Tcp => "tcp",
             Medium::TcpSpin => "tcp-spin",
             Medium::Shm => "shm",
+            Medium::DpdkMemif => "dpdk-memif",
         }
     }
 
@@ -41,6 +47,7 @@ impl Medium {
             Medium::Tcp => RawMedium::TcpBlocking,
             Medium::TcpSpin => RawMedium::TcpSpin,
             Medium::Shm => RawMedium::Shm,
+            Medium::DpdkMemif => RawMedium::DpdkMemif,
         }
     }
 }
@@ -124,19 +131,29 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     for &medium in &args.transports {
-        let commit = measure_commit(medium, args)
-            .with_context(|| format!("commit latency over {}", medium.name()))?;
-        let raw = raw::ping_pong(
-            medium.raw(),
-            &RawConfig {
-                payload: args.payload.max(8),
-                count: args.count,
-                warmup: args.warmup,
-                client_core: Some(args.primary_core),
-                server_core: Some(args.backup_core),
-            },
-        )
-        .with_context(|| format!("raw ping-pong over {}", medium.name()))?;
+        let raw_config = RawConfig {
+            payload: args.payload.max(8),
+            count: args.count,
+            warmup: args.warmup,
+            client_core: Some(args.primary_core),
+            server_core: Some(args.backup_core),
+        };
+        let raw_ping_pong = || {
+            raw::ping_pong(medium.raw(), &raw_config)
+                .with_context(|| format!("raw ping-pong over {}", medium.name()))
+        };
+        let (commit, raw) = if medium == Medium::DpdkMemif {
+            // The channel closes its DPDK ports when it is done, and the raw ping-pong gives its
+            // pair back: measuring the raw medium first runs both over the same two ports.
+            let raw = raw_ping_pong()?;
+            let commit = measure_commit(medium, args)
+                .with_context(|| format!("commit latency over {}", medium.name()))?;
+            (commit, raw)
+        } else {
+            let commit = measure_commit(medium, args)
+                .with_context(|| format!("commit latency over {}", medium.name()))?;
+            (commit, raw_ping_pong()?)
+        };
         let row = CommitRow {
             transport: medium.name().into(),
             payload_bytes: args.payload,
@@ -308,6 +325,22 @@ pub fn with_pair<J: PrimaryJob>(
             let joined = join(backup);
             let _ = std::fs::remove_file(&sock);
             joined?;
+            out
+        }
+        Medium::DpdkMemif => {
+            let MemifPair { server, client } = raw::memif::take_pair()?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            let cfg = channel_config(medium)?;
+            let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+                pin(backup_core);
+                backup_loop(dpdk::accept(&listener, server, cfg, DpdkConfig::default())?)
+            });
+            pin(primary_core);
+            let out = dpdk::connect(addr, client, channel_config(medium)?, DpdkConfig::default())
+                .map_err(anyhow::Error::from)
+                .and_then(|p| job.run(p));
+            join(backup)?;
             out
         }
     }

@@ -31,9 +31,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Ring(args) => ring::run(&args),
         Command::Commit(args) => commit::run(&args),
         Command::Throughput(args) => throughput::run(&args),
-    }
+    };
+    // DPDK media leave memif sockets and the EAL's runtime directory behind otherwise.
+    raw::memif::cleanup();
+    result
 }

@@ -33,6 +33,9 @@ pub enum RawMedium {
     TcpSpin,
     /// Two cache-line-aligned shared-memory mailboxes, each a sequence number plus payload.
     Shm,
+    /// Raw Ethernet frames (ethertype 0x88B5) over two DPDK `net_memif` ports joined to each
+    /// other in this process (see [`memif`]); the echo side copies the payload into a new frame.
+    DpdkMemif,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +117,27 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
                     &plan,
                     &peer_failed,
                 )
+            }
+            RawMedium::DpdkMemif => {
+                ensure!(
+                    cfg.payload <= memif::MAX_RAW_PAYLOAD,
+                    "the raw DPDK ping-pong sends one frame per message: payload must be at \
+                     most {} bytes, got {}",
+                    memif::MAX_RAW_PAYLOAD,
+                    cfg.payload
+                );
+                let mut pair = memif::take_pair()?;
+                let result = {
+                    let (server, client) = (&mut pair.server, &mut pair.client);
+                    let client_end = DpdkEnd::new(client, server.mac_address()?, &peer_failed)?;
+                    let server_end = DpdkEnd::new(server, client_end.src, &peer_failed)?;
+                    drive(client_end, server_end, hist, &plan, &peer_failed)
+                };
+                // A ping-pong leaves nothing in flight: the ports can carry the next run.
+                if result.is_ok() {
+                    memif::give_back(pair);
+                }
+                result
             }
             RawMedium::Shm => {
                 let ping = Mailbox::new(cfg.payload);
@@ -716,6 +740,328 @@ impl Endpoint for ShmEnd<'_> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// DPDK over net_memif.
+
+/// One side of the raw DPDK medium: every message is one Ethernet frame (dst, src, ethertype
+/// [`dpdk_sys::ETHERTYPE_FTVM`], payload) on its own port.
+struct DpdkEnd<'a> {
+    port: &'a mut dpdk_sys::Port,
+    pool: dpdk_sys::Mempool,
+    /// Ethernet header of the frames this side sends.
+    header: [u8; dpdk_sys::ETHER_HDR_LEN],
+    src: dpdk_sys::EtherAddr,
+    /// Received frames not yet taken, from `rx[next]` on.
+    rx: Vec<dpdk_sys::Mbuf>,
+    next: usize,
+    peer_failed: &'a FailFlag,
+}
+
+impl std::fmt::Debug for DpdkEnd<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpdkEnd")
+            .field("port", &self.port.id())
+            .field("src", &self.src)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> DpdkEnd<'a> {
+    fn new(
+        port: &'a mut dpdk_sys::Port,
+        peer: dpdk_sys::EtherAddr,
+        peer_failed: &'a FailFlag,
+    ) -> anyhow::Result<Self> {
+        let src = port
+            .mac_address()
+            .context("reading the port's MAC address")?;
+        let mut header = [0u8; dpdk_sys::ETHER_HDR_LEN];
+        header[..6].copy_from_slice(&peer.0);
+        header[6..12].copy_from_slice(&src.0);
+        header[12..14].copy_from_slice(&dpdk_sys::ETHERTYPE_FTVM.to_be_bytes());
+        let pool = port.mempool().clone();
+        Ok(DpdkEnd {
+            port,
+            pool,
+            header,
+            src,
+            rx: Vec::with_capacity(32),
+            next: 0,
+            peer_failed,
+        })
+    }
+}
+
+impl Endpoint for DpdkEnd<'_> {
+    fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        let mut frame = self.pool.alloc().context("allocating an mbuf")?;
+        {
+            let data = frame
+                .append(self.header.len() + buf.len())
+                .context("making room for the frame in the mbuf")?;
+            data[..self.header.len()].copy_from_slice(&self.header);
+            data[self.header.len()..].copy_from_slice(buf);
+        }
+        let mut backoff = Backoff::new(self.peer_failed);
+        loop {
+            match self.port.tx_one(frame) {
+                Ok(()) => return Ok(()),
+                Err(back) => {
+                    frame = back;
+                    backoff.snooze("room in the port's tx queue")?;
+                }
+            }
+        }
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(self.peer_failed);
+        loop {
+            if self.next == self.rx.len() {
+                // Frees the frames already taken.
+                self.rx.clear();
+                self.next = 0;
+                if self.port.rx_burst(&mut self.rx) == 0 {
+                    backoff.snooze("a frame on the port")?;
+                    continue;
+                }
+            }
+            let frame = &self.rx[self.next];
+            self.next += 1;
+            let data = frame.data();
+            let hdr = dpdk_sys::ETHER_HDR_LEN;
+            if data.len() < hdr || data[12..14] != dpdk_sys::ETHERTYPE_FTVM.to_be_bytes() {
+                // Not ours (nothing else should be on the link, but never mind).
+                continue;
+            }
+            ensure!(
+                frame.segments() == 1 && data.len() == hdr + buf.len(),
+                "received a {}-byte frame in {} segment(s), expected {} bytes in one",
+                frame.pkt_len(),
+                frame.segments(),
+                hdr + buf.len()
+            );
+            buf.copy_from_slice(&data[hdr..]);
+            return Ok(());
+        }
+    }
+}
+
+/// This process's one DPDK EAL, set up the first time a DPDK medium is measured and kept for
+/// the rest of the process, with [`PAIRS`] pairs of `net_memif` ports: in pair k,
+/// `net_memif<2k>` is the memif server and `net_memif<2k+1>` the client, joined over a Unix
+/// socket in a private temporary directory.
+///
+/// A pair is taken with [`take_pair`]. The raw ping-pong gives it back afterwards; the log
+/// channel consumes it (`transport::dpdk` closes its port when the channel drops, and a closed
+/// vdev is gone), so each channel over DPDK uses up one pair. [`cleanup`] closes what is left
+/// and removes the files.
+pub mod memif {
+    use std::path::PathBuf;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{anyhow, bail, Context};
+    use dpdk_sys::{Eal, Mempool, Port};
+
+    /// memif port pairs created at EAL init (each channel over DPDK uses one up).
+    pub const PAIRS: usize = 4;
+    /// Largest raw ping-pong payload: one standard Ethernet frame's worth.
+    pub const MAX_RAW_PAYLOAD: usize = 1500;
+    /// Descriptors per rx/tx queue.
+    const QUEUE: u16 = 1024;
+    /// mbufs in each port's pool.
+    const POOL_MBUFS: u32 = 4095;
+    /// How long to wait for a memif client to connect to its server.
+    const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Two memif ports joined to each other: the backup / echo side uses `server`, the
+    /// primary / timing side `client`.
+    #[derive(Debug)]
+    pub struct MemifPair {
+        pub server: Port,
+        pub client: Port,
+    }
+
+    #[derive(Debug)]
+    struct State {
+        eal: Eal,
+        dir: PathBuf,
+        pairs: Mutex<Vec<MemifPair>>,
+    }
+
+    static STATE: OnceLock<Result<State, String>> = OnceLock::new();
+
+    fn state() -> anyhow::Result<&'static State> {
+        // EAL init pins the calling thread to its main lcore; run it on a thread of its own so
+        // that no benchmark thread (nor a thread spawned from one later) inherits that.
+        STATE
+            .get_or_init(|| {
+                std::thread::Builder::new()
+                    .name("dpdk-init".into())
+                    .spawn(|| init().map_err(|e| format!("{e:#}")))
+                    .map_err(|e| format!("spawning the DPDK init thread: {e}"))
+                    .and_then(|t| {
+                        t.join()
+                            .unwrap_or_else(|_| Err("the DPDK init thread panicked".into()))
+                    })
+            })
+            .as_ref()
+            .map_err(|e| anyhow!("DPDK (EAL with net_memif ports) is unavailable: {e}"))
+    }
+
+    fn init() -> anyhow::Result<State> {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("ftvm-bench-{pid}-memif"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        match init_in(&dir, pid) {
+            Ok(state) => Ok(state),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn init_in(dir: &std::path::Path, pid: u32) -> anyhow::Result<State> {
+        // The main lcore: a CPU this thread may run on. Benchmark threads are non-EAL threads
+        // that pin themselves; each polls its own port's queues.
+        let lcore = core_affinity::get_core_ids()
+            .and_then(|ids| ids.first().map(|c| c.id))
+            .unwrap_or(0)
+            .to_string();
+        let prefix = format!("ftvm-bench-{pid}");
+        let mut args: Vec<String> = [
+            "--no-huge",
+            "-m",
+            "512",
+            "--no-pci",
+            "--no-telemetry",
+            "-l",
+            &lcore,
+            "--file-prefix",
+            &prefix,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for k in 0..PAIRS {
+            let socket = dir.join(format!("memif{k}.sock"));
+            let socket = socket
+                .to_str()
+                .with_context(|| format!("{} is not UTF-8", socket.display()))?;
+            for (n, role) in [(2 * k, "server"), (2 * k + 1, "client")] {
+                args.push(format!(
+                    "--vdev=net_memif{n},role={role},id=0,socket={socket},socket-abstract=no"
+                ));
+            }
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let eal = Eal::init(&argv).with_context(|| format!("rte_eal_init {}", args.join(" ")))?;
+        let set_up = || -> anyhow::Result<Vec<MemifPair>> {
+            let port = |n: usize| -> anyhow::Result<Port> {
+                let name = format!("net_memif{n}");
+                // A pool per port: the benchmark threads are not EAL lcores, so they have no
+                // mempool cache, and two cores sharing one pool's ring would bounce its cache
+                // lines on every alloc and free. Each port's frames (sent and received) come
+                // from and go back to its own pool, touched by one thread.
+                let pool = Mempool::new(
+                    &format!("ftvm_bench{n}"),
+                    POOL_MBUFS,
+                    0,
+                    Mempool::DEFAULT_DATA_ROOM,
+                )
+                .with_context(|| format!("creating the mbuf pool for {name}"))?;
+                let id = eal
+                    .port_by_name(&name)
+                    .with_context(|| format!("EAL has no port {name}"))?;
+                let mut port = Port::configure(id, &pool, QUEUE, QUEUE)
+                    .with_context(|| format!("configuring {name}"))?;
+                port.start().with_context(|| format!("starting {name}"))?;
+                Ok(port)
+            };
+            (0..PAIRS)
+                .map(|k| {
+                    Ok(MemifPair {
+                        server: port(2 * k)?,
+                        client: port(2 * k + 1)?,
+                    })
+                })
+                .collect()
+        };
+        match set_up() {
+            Ok(mut pairs) => {
+                // Handed out from the back: pair 0 first.
+                pairs.reverse();
+                Ok(State {
+                    eal,
+                    dir: dir.to_path_buf(),
+                    pairs: Mutex::new(pairs),
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(eal.runtime_dir());
+                Err(e)
+            }
+        }
+    }
+
+    /// A connected pair of memif ports (initialising DPDK on first use).
+    pub fn take_pair() -> anyhow::Result<MemifPair> {
+        let state = state()?;
+        let pair = state
+            .pairs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .with_context(|| {
+                format!(
+                    "all {PAIRS} memif port pairs are used up (each channel over DPDK closes \
+                     its ports, and DPDK is set up once per process)"
+                )
+            })?;
+        let deadline = Instant::now() + LINK_TIMEOUT;
+        for port in [&pair.server, &pair.client] {
+            while !port.link().with_context(|| port.name())?.up {
+                if Instant::now() > deadline {
+                    bail!(
+                        "memif link of {} not up after {LINK_TIMEOUT:?}",
+                        port.name()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(pair)
+    }
+
+    /// Returns a pair [`take_pair`] handed out, for the next run.
+    pub fn give_back(pair: MemifPair) {
+        if let Some(Ok(state)) = STATE.get() {
+            state
+                .pairs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(pair);
+        }
+    }
+
+    /// Closes the ports still unused and removes the memif sockets' directory and the EAL's
+    /// runtime directory; does nothing if DPDK was never set up. The EAL itself stays (it
+    /// cannot be initialised again in this process), so call this once, before exiting.
+    pub fn cleanup() {
+        if let Some(Ok(state)) = STATE.get() {
+            state
+                .pairs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            let _ = std::fs::remove_dir_all(&state.dir);
+            let _ = std::fs::remove_dir_all(state.eal.runtime_dir());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,6 +1114,21 @@ mod tests {
     #[test]
     fn shm_1500() -> anyhow::Result<()> {
         check(RawMedium::Shm, 1500)
+    }
+
+    /// The only test that touches DPDK: the EAL is set up once per process (tests are threads
+    /// of one process), and this test removes its files at the end.
+    #[test]
+    fn dpdk_memif_64_and_1500() -> anyhow::Result<()> {
+        let result = (|| -> anyhow::Result<()> {
+            check(RawMedium::DpdkMemif, 64)?;
+            check(RawMedium::DpdkMemif, 1500)?;
+            assert!(ping_pong(RawMedium::DpdkMemif, &cfg(memif::MAX_RAW_PAYLOAD + 1)).is_err());
+            // The pair went back after each run: the same ports carry the next one.
+            check(RawMedium::DpdkMemif, 8)
+        })();
+        memif::cleanup();
+        result
     }
 
     #[test]
