@@ -72,3 +72,38 @@ pub fn verify_stream<L: transport::BackupLink>(mut b: transport::Backup<L>) -> R
     }
     Ok(next - 1)
 }
+
+/// How the backup was taken away from the primary.
+#[derive(Debug, Clone, Copy)]
+pub enum Loss {
+    /// SIGKILL: the primary may see the hang-up or the silence.
+    Killed,
+    /// SIGSTOP: alive and connected but silent; only the heartbeat timeout can tell.
+    Frozen,
+}
+
+/// Checks the error a primary got after losing its backup: the right kind, and no later than
+/// the heartbeat timeout (plus scheduling slack).
+pub fn check_backup_loss(
+    loss: Loss,
+    err: &ChannelError,
+    took: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    let right_kind = match loss {
+        Loss::Killed => matches!(
+            err,
+            ChannelError::PeerClosed | ChannelError::HeartbeatTimeout { .. }
+        ),
+        Loss::Frozen => matches!(err, ChannelError::HeartbeatTimeout { .. }),
+    };
+    if !right_kind {
+        return Err(format!("backup {loss:?}: unexpected error kind {err:?}"));
+    }
+    if took > timeout + Duration::from_millis(200) {
+        return Err(format!(
+            "error took {took:?}, heartbeat timeout is {timeout:?}"
+        ));
+    }
+    Ok(())
+}
