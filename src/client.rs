@@ -1,5 +1,13 @@
 //! The load generator: sends key-value requests to the service address, one at a time, and
 //! checks every response against its own model of the store.
+//!
+//! **Retries and at-most-once.** A request without a response is sent again, byte for byte
+//! (same request id), every [`Workload::retry`] until [`Workload::timeout`]. The guest answers a
+//! request id it has already executed from its reply cache instead of executing it again, so a
+//! retried request is applied at most once, even across a failover: the survivor either has the
+//! request in the log it replayed (and answers from the cache) or never saw it (and executes it
+//! once). Request ids start at a random base per client run, so two runs never share ids. (VMware
+//! FT leaves the same duplicate problem to TCP's sequence numbers; this service runs on UDP.)
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -22,6 +30,26 @@ pub struct Workload {
     pub get_percent: u8,
     /// Give up on a response after this long.
     pub timeout: Duration,
+    /// Send a request again when no response came for this long.
+    pub retry: Duration,
+    /// After the workload, read back every key and compare with the model (counts
+    /// `acknowledged_lost`).
+    pub verify: bool,
+}
+
+impl Workload {
+    /// A workload with default timing (retry every 50 ms, give up after 5 s) and no read-back.
+    pub fn new(requests: u64, seed: u64, keys: u32, get_percent: u8) -> Self {
+        Workload {
+            requests,
+            seed,
+            keys,
+            get_percent,
+            timeout: Duration::from_secs(5),
+            retry: Duration::from_millis(50),
+            verify: false,
+        }
+    }
 }
 
 /// What the client saw.
@@ -43,6 +71,68 @@ pub struct ClientReport {
     pub throughput: f64,
     /// Largest guest timer tick count seen.
     pub ticks_seen: u32,
+    /// Requests sent again (no response within the retry interval).
+    pub retries: u64,
+    /// Read-back: keys whose stored value differs from what the acknowledged requests imply —
+    /// acknowledged updates that were lost. Zero unless `verify`.
+    pub acknowledged_lost: u64,
+    /// Keys read back.
+    pub keys_verified: u64,
+    /// The longest wait for one response (retries included), ms.
+    pub max_response_ms: f64,
+}
+
+/// One request/response exchange with retries; `Ok(None)` if no response came in time.
+fn exchange(
+    socket: &UdpSocket,
+    service: SocketAddr,
+    request: &[u8],
+    id: u32,
+    w: &Workload,
+    buf: &mut [u8],
+    report: &mut ClientReport,
+) -> anyhow::Result<Option<usize>> {
+    let started = Instant::now();
+    let give_up = started + w.timeout;
+    socket
+        .send_to(request, service)
+        .context("sending a request")?;
+    let mut resend = Instant::now() + w.retry;
+    loop {
+        let now = Instant::now();
+        if now >= give_up {
+            return Ok(None);
+        }
+        if now >= resend {
+            socket
+                .send_to(request, service)
+                .context("sending a request")?;
+            report.retries += 1;
+            resend = now + w.retry;
+        }
+        let wait = resend.min(give_up).saturating_duration_since(now);
+        socket
+            .set_read_timeout(Some(wait.max(Duration::from_micros(100))))
+            .context("client socket timeout")?;
+        match socket.recv_from(buf) {
+            // Responses to earlier ids (duplicates of retried requests) are skipped.
+            Ok((n, from)) if from == service && n >= 4 && buf[..4] == id.to_le_bytes() => {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                report.max_response_ms = report.max_response_ms.max(ms);
+                return Ok(Some(n));
+            }
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).context("receiving a response"),
+        }
+    }
 }
 
 /// Runs the workload against `service`; `progress` is called with the number of requests done.
@@ -52,18 +142,25 @@ pub fn run(
     w: &Workload,
     mut progress: impl FnMut(u64),
 ) -> anyhow::Result<ClientReport> {
-    let socket = UdpSocket::bind("127.0.0.1:0").context("binding the client socket")?;
-    socket
-        .set_read_timeout(Some(w.timeout))
-        .context("client socket timeout")?;
+    let bind = if service.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    };
+    let socket = UdpSocket::bind(bind).context("binding the client socket")?;
     let mut rng = SmallRng::seed_from_u64(w.seed);
     let mut model = KvModel::default();
     let mut report = ClientReport::default();
     let mut buf = vec![0u8; 65536];
     let mut last_ts = 0u64;
+    let mut base = [0u8; 4];
+    getrandom::getrandom(&mut base).map_err(|e| anyhow::anyhow!("random id base: {e}"))?;
+    let mut next_id = u32::from_le_bytes(base);
+    let mut touched = std::collections::BTreeSet::new();
     let start = Instant::now();
     for i in 0..w.requests {
-        let id = (i as u32).wrapping_add(1);
+        next_id = next_id.wrapping_add(1).max(1);
+        let id = next_id;
         let key = format!("key-{}", rng.gen_range(0..w.keys.max(1)));
         let roll = rng.gen_range(0..100u8);
         let (op, value) = if roll < w.get_percent {
@@ -75,32 +172,18 @@ pub fn run(
             (kv::OP_INCR, Vec::new())
         };
         let request = kv::encode_request(id, op, key.as_bytes(), &value);
-        socket
-            .send_to(&request, service)
-            .context("sending a request")?;
         report.requests += 1;
-        let expected = model.apply(op, key.as_bytes(), &value);
-        let n = loop {
-            match socket.recv_from(&mut buf) {
-                Ok((n, from)) if from == service => break Some(n),
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    report.first_error.get_or_insert(format!(
-                        "no response to request {id} within {:?}; stopped after {} of {} answered",
-                        w.timeout, report.responses_ok, w.requests
-                    ));
-                    report.aborted = true;
-                    break None;
-                }
-                Err(e) => return Err(e).context("receiving a response"),
-            }
+        let Some(n) = exchange(&socket, service, &request, id, w, &mut buf, &mut report)? else {
+            report.first_error.get_or_insert(format!(
+                "no response to request {id} within {:?}; stopped after {} of {} answered",
+                w.timeout, report.responses_ok, w.requests
+            ));
+            report.aborted = true;
+            break;
         };
-        let Some(n) = n else { break };
+        // Only an answered request counts for the model: it was applied (exactly once).
+        let expected = model.apply(op, key.as_bytes(), &value);
+        touched.insert(key.clone());
         let verdict = match kv::decode_response(&buf[..n]) {
             None => Err(format!("request {id}: malformed response of {n} bytes")),
             Some(r) if r.id != id => Err(format!("request {id}: response for {}", r.id)),
@@ -129,5 +212,29 @@ pub fn run(
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.throughput = report.requests as f64 / report.seconds.max(f64::MIN_POSITIVE);
+    if w.verify && !report.aborted {
+        for key in &touched {
+            next_id = next_id.wrapping_add(1).max(1);
+            let id = next_id;
+            let request = kv::encode_request(id, kv::OP_GET, key.as_bytes(), &[]);
+            let Some(n) = exchange(&socket, service, &request, id, w, &mut buf, &mut report)?
+            else {
+                report
+                    .first_error
+                    .get_or_insert(format!("no response to read-back of {key}"));
+                report.aborted = true;
+                break;
+            };
+            report.keys_verified += 1;
+            let expected = model.apply(kv::OP_GET, key.as_bytes(), &[]);
+            let got = kv::decode_response(&buf[..n]).map(|r| (r.status, r.value));
+            if got.as_ref() != Some(&expected) {
+                report.acknowledged_lost += 1;
+                report.first_error.get_or_insert(format!(
+                    "read-back of {key}: got {got:02x?}, acknowledged requests imply {expected:?}"
+                ));
+            }
+        }
+    }
     Ok(report)
 }

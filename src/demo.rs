@@ -42,6 +42,52 @@ pub struct DemoArgs {
     /// backup and delay its ACKs).
     #[arg(long, default_value_t = 0)]
     pub client_core: usize,
+    /// Kill the primary with SIGKILL after this many requests and let the backup take over
+    /// (through the arbiter and the service front); then report the failover.
+    #[arg(long)]
+    pub kill_primary_after: Option<u64>,
+    /// The arbiter for `--kill-primary-after` (default: a file store in the demo's directory).
+    #[arg(long)]
+    pub arbiter: Option<ft_arbiter::ArbiterSpec>,
+    /// Heartbeat timeout of the pair, ms (how long a silent peer is given).
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// The JSON summary of a demo with `--kill-primary-after`.
+#[derive(Debug, serde::Serialize)]
+pub struct FailoverSummary {
+    pub requests: u64,
+    pub responses_ok: u64,
+    pub responses_bad: u64,
+    /// Acknowledged updates missing from the survivor (read back by the client): must be 0.
+    pub acknowledged_lost: u64,
+    pub keys_verified: u64,
+    pub retries: u64,
+    pub killed_after: u64,
+    /// Primary death (SIGKILL sent) to the first response from the new primary, through the
+    /// service front.
+    pub failover_ms: Option<f64>,
+    /// Primary death to the backup's registration of its new epoch at the front.
+    pub live_ms: Option<f64>,
+    /// Primary death to the backup noticing the channel's failure.
+    pub detect_ms: Option<f64>,
+    /// Primary death to the backup having replayed every entry it received.
+    pub drained_ms: Option<f64>,
+    /// The backup's own account: end of the log to live (arbiter + front), ms.
+    pub takeover_ms: Option<f64>,
+    pub arbiter_decide_ms: Option<f64>,
+    pub winner: Option<String>,
+    pub epoch: u64,
+    /// Why the backup's log ended.
+    pub detected: Option<String>,
+    /// The exit at which the backup went live.
+    pub live_at_exit: Option<u64>,
+    pub entries_replayed: u64,
+    pub served_live: u64,
+    pub max_response_ms: f64,
+    pub front: vmm::service::FrontStats,
+    pub arbiter: String,
 }
 
 /// The demo's JSON summary.
@@ -50,6 +96,8 @@ pub struct DemoSummary {
     pub requests: u64,
     pub responses_ok: u64,
     pub outputs_committed: u64,
+    /// Requests the client sent again (each retry is answered, from the guest's reply cache).
+    pub retries: u64,
     /// Outputs whose digest the backup's replica reproduced.
     pub outputs_checked: u64,
     pub divergences: u64,
@@ -132,13 +180,8 @@ fn drive(service: &str, args: &DemoArgs, label: &str) -> anyhow::Result<ClientRe
         .context("no service address")?
         .parse()
         .context("service address")?;
-    let w = Workload {
-        requests: args.requests,
-        seed: args.seed,
-        keys: args.keys,
-        get_percent: args.get_percent,
-        timeout: Duration::from_secs(2),
-    };
+    let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
+    w.timeout = Duration::from_secs(2);
     let step = (args.requests / 50).max(1);
     let report = client::run(addr, &w, |done| {
         if done % step == 0 || done == args.requests {
@@ -179,9 +222,14 @@ fn node_args(
 }
 
 /// Runs the demo and prints a summary.
-pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
-    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    match args.kill_primary_after {
+        Some(m) => run_failover(args, m).map(|_| ()),
+        None => run_pair(args).map(|_| ()),
+    }
+}
+
+fn write_key(dir: &Path) -> anyhow::Result<PathBuf> {
     let key = dir.join("psk");
     let mut k = [0u8; 32];
     getrandom::getrandom(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
@@ -189,7 +237,190 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         &key,
         k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
     )?;
+    Ok(key)
+}
+
+/// The FT pair behind the service front, the primary killed after `kill_after` requests.
+pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<FailoverSummary> {
+    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = write_key(&dir)?;
+    let arbiter = match &args.arbiter {
+        Some(spec) => spec.clone(),
+        None => {
+            let store = dir.join("arbiter");
+            std::fs::create_dir_all(&store)?;
+            ft_arbiter::FileArbiter::create_store(&store)?;
+            ft_arbiter::ArbiterSpec::File(store)
+        }
+    };
+    // The client (and the front's thread, spawned from here) share the primary's core: on the
+    // backup's they would preempt it and delay its ACKs (or, for long, its heartbeat checks).
+    crate::node::pin(Some(args.client_core));
+    let psk = transport::PreSharedKey::from_file(&key)?;
+    let front = vmm::service::Front::spawn(std::net::UdpSocket::bind("127.0.0.1:0")?, psk, 1)?;
+    let service = front.local_addr();
     let sock = dir.join("backup.sock");
+    println!(
+        "ftvm demo: FT pair over shared memory behind the service front {service}, arbiter {arbiter};\n  \
+         {} requests, the primary is killed (SIGKILL) after {kill_after}",
+        args.requests
+    );
+    let common = |role: &str, core: usize| {
+        let mut a = node_args(role, &dir, &key, core, args.guest);
+        a.extend([
+            "--arbiter".into(),
+            arbiter.to_string(),
+            "--front".into(),
+            service.to_string(),
+            "--name".into(),
+            format!("{role}-{}", std::process::id()),
+            "--heartbeat-timeout-ms".into(),
+            args.heartbeat_timeout_ms.to_string(),
+        ]);
+        a
+    };
+    println!("  starting backup (core 1) …");
+    let mut bargs = common("backup", 1);
+    bargs.extend(["--listen".into(), sock.display().to_string()]);
+    let (backup, _) = Node::spawn("backup", &bargs)?;
+    println!("  starting primary (core 0) …");
+    let mut pargs = common("primary", 0);
+    pargs.extend([
+        "--backup".into(),
+        sock.display().to_string(),
+        "--service".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let (mut primary, serving) = Node::spawn("primary", &pargs)?;
+    println!("  primary {serving}");
+
+    let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
+    w.verify = true;
+    let step = (args.requests / 50).max(1);
+    let mut killed_at = None;
+    let mut killed_unix = 0u64;
+    let report = client::run(service, &w, |done| {
+        if done == kill_after && killed_at.is_none() {
+            if let Ok(pid) = i32::try_from(primary.child.id()) {
+                // SAFETY: kill(2) on our own child process.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed_at = Some(std::time::Instant::now());
+                killed_unix = vmm::failover::unix_ns();
+                print!("\n  primary killed after {done} requests; the client keeps going\n");
+            }
+        }
+        if done % step == 0 || done == args.requests {
+            print!(
+                "\r  requests: {done}/{} ({:.0}%)",
+                args.requests,
+                100.0 * done as f64 / args.requests as f64
+            );
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    println!();
+    let _ = primary.child.wait();
+    println!("  stopping the survivor …");
+    let backup_result = backup.stop();
+    let b = read_summary(&dir.join("backup.json"));
+    let since_kill = |t: Option<std::time::Instant>| match (killed_at, t) {
+        (Some(k), Some(t)) => Some(t.saturating_duration_since(k).as_secs_f64() * 1e3),
+        _ => None,
+    };
+    let takeover = b.as_ref().ok().and_then(|b| b.takeover.clone());
+    let summary = FailoverSummary {
+        requests: report.requests,
+        responses_ok: report.responses_ok,
+        responses_bad: report.responses_bad,
+        acknowledged_lost: report.acknowledged_lost,
+        keys_verified: report.keys_verified,
+        retries: report.retries,
+        killed_after: kill_after,
+        failover_ms: since_kill(front.first_response_at_or_after(2)),
+        live_ms: since_kill(front.registered_at_or_after(2)),
+        detect_ms: takeover
+            .as_ref()
+            .filter(|_| killed_unix > 0)
+            .map(|t| (t.detected_unix_ns as f64 - killed_unix as f64) / 1e6),
+        drained_ms: takeover
+            .as_ref()
+            .filter(|_| killed_unix > 0)
+            .map(|t| (t.log_end_unix_ns as f64 - killed_unix as f64) / 1e6),
+        takeover_ms: takeover.as_ref().map(|t| t.takeover_ms),
+        arbiter_decide_ms: takeover.as_ref().map(|t| t.arbitration.decide_ms),
+        winner: takeover.as_ref().map(|t| t.arbitration.winner.clone()),
+        epoch: front.stats().epoch,
+        detected: takeover.as_ref().map(|t| t.cause.clone()),
+        live_at_exit: takeover.as_ref().map(|t| t.exit),
+        entries_replayed: b.as_ref().map(|b| b.entries_received).unwrap_or(0),
+        served_live: b.as_ref().map(|b| b.requests).unwrap_or(0),
+        max_response_ms: report.max_response_ms,
+        front: front.stats(),
+        arbiter: arbiter.to_string(),
+    };
+    println!();
+    println!(
+        "  requests            {} sent, {} answered correctly, {} retried",
+        summary.requests, summary.responses_ok, summary.retries
+    );
+    if let Some(e) = &report.first_error {
+        println!("  first problem       {e}");
+    }
+    println!(
+        "  read-back           {} keys, acknowledged updates lost: {}",
+        summary.keys_verified, summary.acknowledged_lost
+    );
+    if let Some(d) = &summary.detected {
+        println!("  backup detected     {d}");
+    }
+    println!(
+        "  winner              {} (epoch {}), live at exit {}",
+        summary.winner.as_deref().unwrap_or("none"),
+        summary.epoch,
+        summary.live_at_exit.map_or("-".into(), |e| e.to_string())
+    );
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2} ms"));
+    println!(
+        "  failover            {} to the first response from the new primary (detected {}, \
+         log replayed {}, live {}; takeover {}, arbiter {})",
+        ms(summary.failover_ms),
+        ms(summary.detect_ms),
+        ms(summary.drained_ms),
+        ms(summary.live_ms),
+        ms(summary.takeover_ms),
+        ms(summary.arbiter_decide_ms)
+    );
+    println!(
+        "  front               {} requests, {} responses, {} fenced",
+        summary.front.requests, summary.front.responses, summary.front.fenced
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = &backup_result {
+        eprintln!("  backup: {e}");
+    }
+    if summary.responses_ok != summary.requests
+        || summary.acknowledged_lost > 0
+        || summary.winner.is_none()
+        || backup_result.is_err()
+    {
+        bail!("the failover lost or corrupted something (see above)");
+    }
+    Ok(summary)
+}
+
+/// The FT pair run to a clean stop, then compared.
+pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
+    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = write_key(&dir)?;
+    let sock = dir.join("backup.sock");
+    crate::node::pin(Some(args.client_core));
 
     println!(
         "ftvm demo: FT pair over shared memory, {} requests",
@@ -249,6 +480,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         requests: ft.requests,
         responses_ok: ft.responses_ok,
         outputs_committed: p.outputs_committed,
+        retries: ft.retries,
         outputs_checked: b.outputs_checked,
         divergences: u64::from(b.divergence.is_some()),
         divergence_exit: b.divergence_exit,

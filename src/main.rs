@@ -34,8 +34,24 @@ enum Command {
     Client(ClientArgs),
     /// The failover arbiter (`ftvm arbiter serve`).
     Arbiter(arbiter::ArbiterArgs),
+    /// The service front: owns the service address, forwards to the replica holding the newest
+    /// fencing epoch, and drops every response from an older one.
+    Front(FrontArgs),
     /// Print the versions of the wire and memory formats this build speaks.
     Formats,
+}
+
+#[derive(clap::Args, Debug)]
+struct FrontArgs {
+    /// The service address clients use.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// File holding the pair's pre-shared key (replicas prove it when they register).
+    #[arg(long)]
+    key_file: std::path::PathBuf,
+    /// FT pair id (the replicas' `--session`).
+    #[arg(long, default_value_t = 1)]
+    session: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -55,10 +71,24 @@ struct ClientArgs {
     /// Percent of GET requests.
     #[arg(long, default_value_t = 40)]
     get_percent: u8,
+    /// Afterwards, read back every key used and compare with what the responses implied.
+    #[arg(long)]
+    verify: bool,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        let code = if e.is::<node::Deposed>() {
+            node::DEPOSED_EXIT_CODE
+        } else {
+            1
+        };
+        std::process::exit(code);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Formats => {
             println!("log frame format version {}", logfmt::FORMAT_VERSION);
@@ -69,6 +99,17 @@ fn main() -> anyhow::Result<()> {
             println!("channel protocol version {}", transport::PROTOCOL_VERSION);
         }
         Command::Arbiter(args) => arbiter::run(&args)?,
+        Command::Front(args) => {
+            let key = transport::PreSharedKey::from_file(&args.key_file)?;
+            let socket = std::net::UdpSocket::bind(args.listen)?;
+            let front = vmm::service::Front::spawn(socket, key, args.session)?;
+            println!("FRONT {} (pair {})", front.local_addr(), args.session);
+            let stop = node::stop_flag();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("{}", serde_json::to_string_pretty(&front.stats())?);
+        }
         Command::Demo(args) => {
             demo::run(&args)?;
         }
@@ -87,17 +128,17 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Client(args) => {
-            let w = client::Workload {
-                requests: args.requests,
-                seed: args.seed,
-                keys: args.keys,
-                get_percent: args.get_percent,
-                timeout: Duration::from_secs(5),
-            };
+            let mut w =
+                client::Workload::new(args.requests, args.seed, args.keys, args.get_percent);
+            w.verify = args.verify;
             let r = client::run(args.service, &w, |_| {})?;
             println!("{}", serde_json::to_string_pretty(&r)?);
-            if r.responses_ok != r.requests {
-                anyhow::bail!("{} bad responses", r.responses_bad);
+            if r.responses_ok != r.requests || r.acknowledged_lost > 0 {
+                anyhow::bail!(
+                    "{} bad responses, {} acknowledged updates lost",
+                    r.responses_bad,
+                    r.acknowledged_lost
+                );
             }
         }
     }

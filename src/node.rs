@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ft_arbiter::ArbiterSpec;
 use transport::{shm, tcp, ChannelConfig, PollPolicy, PreSharedKey};
 use vmm::engine::{self, EngineError, RunSummary};
+use vmm::failover::{ArbiterClient, Arbitration, Failover, FailoverSink, Takeover, TakeoverReport};
 use vmm::record::{LogSink, NoLog, RecordConfig, Recorder};
 use vmm::replay::Replayer;
+use vmm::service::ServicePort;
 use vmm::vm::Vm;
 
 /// The log channel's medium.
@@ -50,6 +53,21 @@ pub struct Common {
     /// (it reads the TSC) that divergence detection must catch.
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: Guest,
+    /// The failover arbiter: `file:DIR`, `server:HOST:PORT` or `etcd:URL[,URL…]`. With one, a
+    /// replica that loses its peer asks it before going on (and halts if it loses); without
+    /// one, losing the peer ends the run.
+    #[arg(long)]
+    pub arbiter: Option<ArbiterSpec>,
+    /// The pair's id at the arbiter (default `ftvm-pair-<session>`).
+    #[arg(long)]
+    pub pair_id: Option<String>,
+    /// This replica's name at the arbiter (default `<role>-<pid>`); unique per replica.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The service front (`ftvm front`) that owns the service address and fences deposed
+    /// replicas. Needed for failover: the survivor registers there.
+    #[arg(long)]
+    pub front: Option<std::net::SocketAddr>,
 }
 
 /// Guest programs built into ftvm.
@@ -70,6 +88,7 @@ pub struct PrimaryArgs {
     #[arg(long, required_unless_present = "unreplicated")]
     pub backup: Option<String>,
     /// UDP address clients send requests to (port 0 picks one; printed as `SERVING addr`).
+    /// With `--front`, the replica's own address the front forwards to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub service: String,
     /// Run without a backup (baseline for the FT overhead).
@@ -85,6 +104,9 @@ pub struct BackupArgs {
     /// Where to listen: a Unix socket path (shm) or host:port (tcp).
     #[arg(long)]
     pub listen: String,
+    /// The replica's own UDP address once live (the front forwards to it).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub service: String,
 }
 
 /// What a node reports when it stops.
@@ -106,6 +128,18 @@ pub struct NodeSummary {
     pub error: Option<String>,
     pub seconds: f64,
     pub exits_per_sec: f64,
+    /// The fencing epoch the replica ended in.
+    pub epoch: u64,
+    /// The replica was deposed (another holds a newer epoch) and halted.
+    pub deposed: bool,
+    /// Primary: why it lost its backup.
+    pub lost_backup: Option<String>,
+    /// Primary: the arbiter's verdict after losing the backup.
+    pub arbitration: Option<Arbitration>,
+    /// Backup: what happened when the log ended.
+    pub takeover: Option<TakeoverReport>,
+    /// Backup: log entries received from the primary.
+    pub entries_received: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -133,7 +167,8 @@ pub fn stop_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn pin(core: Option<usize>) {
+/// Pins the calling thread to `core`, if given (a warning if that fails).
+pub fn pin(core: Option<usize>) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
             eprintln!("warning: could not pin the vCPU thread to core {core}");
@@ -141,10 +176,62 @@ fn pin(core: Option<usize>) {
     }
 }
 
-fn channel_config(c: &Common) -> anyhow::Result<ChannelConfig> {
-    let key = PreSharedKey::from_file(&c.key_file)
-        .with_context(|| format!("pre-shared key {}", c.key_file.display()))?;
-    let mut cfg = ChannelConfig::new(c.session, 1, key);
+fn pair_id(c: &Common) -> String {
+    c.pair_id
+        .clone()
+        .unwrap_or_else(|| format!("ftvm-pair-{}", c.session))
+}
+
+fn replica_name(c: &Common, role: &str) -> String {
+    c.name
+        .clone()
+        .unwrap_or_else(|| format!("{role}-{}", std::process::id()))
+}
+
+/// The epoch the pair starts in: the arbiter's latest decision for the pair, or 1 (both replicas
+/// of a new pair compute the same; the handshake refuses a primary older than its backup).
+fn start_epoch(c: &Common) -> anyhow::Result<u64> {
+    let Some(spec) = &c.arbiter else {
+        return Ok(1);
+    };
+    let key = read_key(c)?;
+    let mut a = spec
+        .open(Some(&key))
+        .with_context(|| format!("opening the arbiter {spec}"))?;
+    let current = a
+        .current(&pair_id(c))
+        .with_context(|| format!("asking the arbiter {spec} for the pair's epoch"))?;
+    Ok(current.map_or(1, |(_, epoch)| epoch.max(1)))
+}
+
+fn arbiter_client(
+    c: &Common,
+    role: &str,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Option<ArbiterClient>> {
+    let Some(spec) = &c.arbiter else {
+        return Ok(None);
+    };
+    let key = read_key(c)?;
+    let arbiter = spec
+        .open(Some(&key))
+        .with_context(|| format!("opening the arbiter {spec}"))?;
+    Ok(Some(ArbiterClient {
+        arbiter,
+        pair_id: pair_id(c),
+        candidate: replica_name(c, role),
+        retry: Duration::from_millis(50),
+        stop,
+    }))
+}
+
+fn read_key(c: &Common) -> anyhow::Result<PreSharedKey> {
+    PreSharedKey::from_file(&c.key_file)
+        .with_context(|| format!("pre-shared key {}", c.key_file.display()))
+}
+
+fn channel_config(c: &Common, epoch: u64) -> anyhow::Result<ChannelConfig> {
+    let mut cfg = ChannelConfig::new(c.session, epoch, read_key(c)?);
     cfg.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
     cfg.heartbeat_interval = cfg.heartbeat_timeout / 10;
     // Each VMM owns its core: spin, then yield (so a client sharing the core still runs), but
@@ -159,6 +246,16 @@ fn new_vm(c: &Common) -> anyhow::Result<Vm> {
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
     };
     Vm::new(c.mem_mib << 20, image).context("creating the VM")
+}
+
+/// The replica's service port: the service address itself, or its own address behind the front.
+fn service_port(c: &Common, bind: &str) -> anyhow::Result<ServicePort> {
+    let socket =
+        UdpSocket::bind(bind).with_context(|| format!("binding the service address {bind}"))?;
+    Ok(match c.front {
+        Some(front) => ServicePort::via_front(socket, front)?,
+        None => ServicePort::direct(socket)?,
+    })
 }
 
 fn write_summary(path: &Option<PathBuf>, s: &NodeSummary) -> anyhow::Result<()> {
@@ -182,25 +279,25 @@ fn finish(vm: &Vm, role: &str, run: RunSummary, started: Instant) -> anyhow::Res
     })
 }
 
-fn record<S: LogSink>(
-    mut vm: Vm,
-    sink: S,
-    socket: UdpSocket,
-    args: &PrimaryArgs,
+fn summarize(
+    vm: &Vm,
     role: &str,
+    result: &Result<RunSummary, EngineError>,
+    started: Instant,
 ) -> anyhow::Result<NodeSummary> {
-    let stop = stop_flag();
-    let mut rec = Recorder::new(sink, socket, RecordConfig::default(), stop)?;
-    let started = Instant::now();
-    let result = engine::run(&mut vm, &mut rec, 1);
-    let mut summary = match &result {
-        Ok(run) => finish(&vm, role, *run, started)?,
+    let mut summary = match result {
+        Ok(run) => finish(vm, role, *run, started)?,
         Err(e) => NodeSummary {
             role: role.into(),
             error: Some(e.to_string()),
             ..Default::default()
         },
     };
+    summary.deposed = matches!(result, Err(EngineError::Deposed { .. }));
+    Ok(summary)
+}
+
+fn fill_gate<S: LogSink>(summary: &mut NodeSummary, rec: &Recorder<S>) {
     let gate = rec.gate();
     summary.outputs_committed = gate.released();
     summary.commit_p50_us = gate.latency().value_at_quantile(0.5) as f64 / 1000.0;
@@ -208,38 +305,134 @@ fn record<S: LogSink>(
     summary.log_bytes = rec.log().log_bytes();
     summary.requests = rec.requests();
     summary.first_output_exit = rec.first_output_exit();
-    write_summary(&args.common.json, &summary)?;
-    result?;
-    Ok(summary)
+    summary.epoch = rec.log().epoch();
+}
+
+/// A node's error after its summary was written: a deposed replica's (the binary exits with
+/// [`DEPOSED_EXIT_CODE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Deposed(pub String);
+
+/// Exit status of a replica that halted because another holds a newer epoch.
+pub const DEPOSED_EXIT_CODE: i32 = 3;
+
+/// Writes the summary, then returns the run's outcome.
+fn conclude(
+    json: &Option<PathBuf>,
+    summary: NodeSummary,
+    result: Result<RunSummary, EngineError>,
+) -> anyhow::Result<NodeSummary> {
+    write_summary(json, &summary)?;
+    match result {
+        Ok(_) => Ok(summary),
+        Err(e @ EngineError::Deposed { .. }) => Err(Deposed(e.to_string()).into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs the guest live with `sink` as its log; `extra` adds the sink's own findings.
+fn record<S: LogSink>(
+    mut vm: Vm,
+    sink: S,
+    port: ServicePort,
+    c: &Common,
+    role: &str,
+    stop: Arc<AtomicBool>,
+    extra: impl FnOnce(&mut NodeSummary, &S),
+) -> anyhow::Result<NodeSummary> {
+    let mut rec = Recorder::new(sink, port, RecordConfig::default(), stop)?;
+    if c.front.is_some() {
+        rec = rec.reregister_with(read_key(c)?, c.session);
+    }
+    let started = Instant::now();
+    let result = engine::run(&mut vm, &mut rec, 1);
+    let mut summary = summarize(&vm, role, &result, started)?;
+    fill_gate(&mut summary, &rec);
+    extra(&mut summary, rec.log());
+    conclude(&c.json, summary, result)
+}
+
+fn register(port: &mut ServicePort, c: &Common, epoch: u64) -> anyhow::Result<()> {
+    if let Some(front) = port.front() {
+        let newest = port
+            .register(&read_key(c)?, c.session, epoch, Duration::from_secs(5))
+            .with_context(|| format!("registering with the service front {front}"))?;
+        if newest > epoch {
+            return Err(Deposed(format!(
+                "the service front {front} already knows epoch {newest} > ours {epoch}"
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+fn serving_addr(port: &ServicePort) -> anyhow::Result<std::net::SocketAddr> {
+    Ok(match port.front() {
+        Some(front) => front,
+        None => port.local_addr()?,
+    })
+}
+
+fn sink_findings<L: transport::PrimaryLink>(s: &mut NodeSummary, sink: &FailoverSink<L>) {
+    s.arbitration = sink.arbitration().cloned();
+    s.lost_backup = sink.lost_backup().map(str::to_owned);
 }
 
 /// Runs the primary until SIGTERM/SIGINT, then logs the stop point and exits.
 pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
-    let vm = new_vm(&args.common)?;
-    pin(args.common.core);
-    let socket = UdpSocket::bind(&args.service)
-        .with_context(|| format!("binding the service address {}", args.service))?;
-    let addr = socket.local_addr()?;
+    let c = &args.common;
+    let vm = new_vm(c)?;
+    pin(c.core);
+    let stop = stop_flag();
+    let mut port = service_port(c, &args.service)?;
+    let epoch = start_epoch(c)?;
     if args.unreplicated {
-        println!("SERVING {addr} (unreplicated)");
-        return record(vm, NoLog::default(), socket, args, "unreplicated");
+        register(&mut port, c, epoch)?;
+        println!("SERVING {} (unreplicated)", serving_addr(&port)?);
+        return record(
+            vm,
+            NoLog::at_epoch(epoch),
+            port,
+            c,
+            "unreplicated",
+            stop,
+            |_, _| {},
+        );
     }
     let Some(backup) = &args.backup else {
         bail!("--backup is required unless --unreplicated");
     };
-    let cfg = channel_config(&args.common)?;
-    match args.common.transport {
+    let cfg = channel_config(c, epoch)?;
+    let arbiter = arbiter_client(c, "primary", stop.clone())?;
+    let failover = if arbiter.is_some() {
+        ", failover by arbiter"
+    } else {
+        ""
+    };
+    match c.transport {
         Medium::Shm => {
             let p = shm::connect(backup, cfg)
                 .with_context(|| format!("connecting to the backup at {backup}"))?;
-            println!("SERVING {addr} (replicating to {backup} over shm)");
-            record(vm, p, socket, args, "primary")
+            register(&mut port, c, epoch)?;
+            println!(
+                "SERVING {} (replicating to {backup} over shm, epoch {epoch}{failover})",
+                serving_addr(&port)?
+            );
+            let sink = FailoverSink::new(p, arbiter);
+            record(vm, sink, port, c, "primary", stop, sink_findings)
         }
         Medium::Tcp => {
             let p = tcp::connect(backup.as_str(), cfg)
                 .with_context(|| format!("connecting to the backup at {backup}"))?;
-            println!("SERVING {addr} (replicating to {backup} over tcp)");
-            record(vm, p, socket, args, "primary")
+            register(&mut port, c, epoch)?;
+            println!(
+                "SERVING {} (replicating to {backup} over tcp, epoch {epoch}{failover})",
+                serving_addr(&port)?
+            );
+            let sink = FailoverSink::new(p, arbiter);
+            record(vm, sink, port, c, "primary", stop, sink_findings)
         }
     }
 }
@@ -248,48 +441,70 @@ fn replay<L: transport::BackupLink>(
     mut vm: Vm,
     b: transport::Backup<L>,
     args: &BackupArgs,
+    epoch: u64,
 ) -> anyhow::Result<NodeSummary> {
-    let mut rep = Replayer::new(b, Duration::from_millis(100));
-    let started = Instant::now();
-    let result = engine::run(&mut vm, &mut rep, 1);
-    let mut summary = match &result {
-        Ok(run) => finish(&vm, "backup", *run, started)?,
-        Err(e) => NodeSummary {
-            role: "backup".into(),
-            error: Some(e.to_string()),
-            ..Default::default()
-        },
+    let c = &args.common;
+    let stop = stop_flag();
+    let takeover = match arbiter_client(c, "backup", stop.clone())? {
+        Some(arbiter) => {
+            if c.front.is_none() {
+                bail!("--arbiter on the backup needs --front: the service address it takes over");
+            }
+            Some(Takeover {
+                arbiter,
+                epoch,
+                port: service_port(c, &args.service)?,
+                key: read_key(c)?,
+                session: c.session,
+                record: RecordConfig::default(),
+                stop,
+            })
+        }
+        None => None,
     };
+    let mut source = Failover::new(Replayer::new(b, Duration::from_millis(100)), takeover);
+    let started = Instant::now();
+    let result = engine::run(&mut vm, &mut source, 1);
+    let mut summary = summarize(&vm, "backup", &result, started)?;
     if let Err(e @ EngineError::Divergence { exit, .. }) = &result {
         summary.divergence = Some(e.to_string());
         summary.divergence_exit = Some(*exit);
     }
-    summary.outputs_checked = rep.outputs_checked();
-    summary.log_bytes = rep.backup().stats().bytes;
-    write_summary(&args.common.json, &summary)?;
-    result?;
-    Ok(summary)
+    summary.outputs_checked = source.outputs_checked();
+    summary.entries_received = source.replayed_entries();
+    summary.epoch = epoch;
+    if let Some(r) = source.replayer() {
+        summary.log_bytes = r.backup().stats().bytes;
+    }
+    if let Some(rec) = source.recorder() {
+        fill_gate(&mut summary, rec);
+    }
+    summary.takeover = source.report().cloned();
+    conclude(&c.json, summary, result)
 }
 
-/// Runs the backup: accepts one primary, replays its log until its stop point.
+/// Runs the backup: accepts one primary, replays its log until its stop point — or, with an
+/// arbiter, until the log ends, then takes over if the arbiter says so.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
-    let vm = new_vm(&args.common)?;
-    pin(args.common.core);
-    let cfg = channel_config(&args.common)?;
-    match args.common.transport {
+    let c = &args.common;
+    let vm = new_vm(c)?;
+    pin(c.core);
+    let epoch = start_epoch(c)?;
+    let cfg = channel_config(c, epoch)?;
+    match c.transport {
         Medium::Shm => {
             let l = shm::listen(&args.listen)?;
             println!("LISTENING {}", args.listen);
             let b = shm::accept(&l, cfg).context("accepting the primary")?;
             let _ = std::fs::remove_file(&args.listen);
-            replay(vm, b, args)
+            replay(vm, b, args, epoch)
         }
         Medium::Tcp => {
             let l = std::net::TcpListener::bind(&args.listen)
                 .with_context(|| format!("binding {}", args.listen))?;
             println!("LISTENING {}", l.local_addr()?);
             let b = tcp::accept(&l, cfg).context("accepting the primary")?;
-            replay(vm, b, args)
+            replay(vm, b, args, epoch)
         }
     }
 }

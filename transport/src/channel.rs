@@ -228,6 +228,9 @@ pub trait BackupLink: Send {
     }
 }
 
+/// Longest pause between two runs of the medium's peer check ([`PrimaryLink::check_peer`]).
+pub const PEER_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
 /// When the peer was last heard from, and the medium's peer check; both channel ends keep one.
 #[derive(Debug)]
 struct Liveness {
@@ -240,7 +243,10 @@ struct Liveness {
 impl Liveness {
     fn new(config: &ChannelConfig, now: Instant) -> Self {
         Liveness {
-            interval: config.heartbeat_interval,
+            // The medium's own check (a closed control socket: the peer process is gone) is a
+            // cheap non-blocking syscall, so it runs every millisecond: a dead peer is noticed
+            // at once, a silent one only after the heartbeat timeout.
+            interval: config.heartbeat_interval.min(PEER_CHECK_INTERVAL),
             timeout: config.heartbeat_timeout,
             last_heard: now,
             last_check: now,

@@ -83,6 +83,17 @@ impl PreSharedKey {
         }
         mac
     }
+
+    /// HMAC-SHA256 of `label` followed by `parts`, keyed with this key: for small authenticated
+    /// messages outside the channel handshake (the service front's registrations, say).
+    pub fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        self.mac(label, parts).finalize().into_bytes().into()
+    }
+
+    /// Checks, in constant time, that `tag` is a prefix (at least 16 bytes) of [`Self::tag`].
+    pub fn verify_tag(&self, label: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+        tag.len() >= 16 && self.mac(label, parts).verify_truncated_left(tag).is_ok()
+    }
 }
 
 impl std::fmt::Debug for PreSharedKey {

@@ -81,6 +81,27 @@ pub enum EngineError {
         /// What was wrong.
         what: String,
     },
+    /// The backup's log ended (the channel to the primary failed) at this exit: every entry it
+    /// received has been replayed. Without an arbiter to ask, this ends the backup.
+    #[error("log ended at exit {exit}: {cause}")]
+    LogEnded {
+        /// The first exit the log has nothing for.
+        exit: u64,
+        /// Why the channel ended.
+        cause: String,
+    },
+    /// This replica was deposed: another one holds a newer fencing epoch. It must halt and
+    /// release nothing.
+    #[error("deposed in epoch {epoch}: {by}")]
+    Deposed {
+        /// The epoch this replica ran in.
+        epoch: u64,
+        /// Who or what holds the newer epoch.
+        by: String,
+    },
+    /// Asked to stop while waiting for the arbiter (no decision, nothing went live).
+    #[error("stopped while waiting for the arbiter: {0}")]
+    NoDecision(String),
     /// An I/O error outside the channel (client socket).
     #[error("{context}: {source}")]
     Io {

@@ -6,12 +6,17 @@
 //! - [`engine`]: the run loop that numbers exits and drives the paravirtual devices from an
 //!   [`engine::EventSource`];
 //! - [`record`]: the primary's source (live inputs, logged), [`replay`]: the backup's (the log);
-//! - [`output_gate`]: the only code that releases guest outputs, once the backup has the log.
+//! - [`output_gate`]: the only code that releases guest outputs, once the backup has the log;
+//! - [`service`]: the service address (direct, or behind the fencing [`service::Front`]);
+//! - [`failover`]: what each side does when the channel falls silent — ask the arbiter, then go
+//!   live (the backup after draining its log) or halt.
 
 pub mod engine;
+pub mod failover;
 pub mod kv;
 pub mod layout;
 pub mod output_gate;
 pub mod record;
 pub mod replay;
+pub mod service;
 pub mod vm;

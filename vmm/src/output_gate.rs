@@ -6,12 +6,13 @@
 //! spends parked is the output-commit latency the guest's clients see.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
 use crate::engine::EngineError;
+use crate::service::ServicePort;
 
 #[derive(Debug)]
 struct Held {
@@ -24,7 +25,7 @@ struct Held {
 #[derive(Debug)]
 pub struct OutputGate {
     held: VecDeque<Held>,
-    socket: UdpSocket,
+    port: ServicePort,
     /// Where each request came from, by request id (the first 4 bytes of request and response).
     clients: HashMap<u32, SocketAddr>,
     latency: Histogram<u64>,
@@ -33,8 +34,8 @@ pub struct OutputGate {
 }
 
 impl OutputGate {
-    /// A gate that releases outputs to clients through `socket` (the service socket).
-    pub fn new(socket: UdpSocket) -> Result<Self, EngineError> {
+    /// A gate that releases outputs to clients through `port` (the service address).
+    pub fn new(port: ServicePort) -> Result<Self, EngineError> {
         let latency =
             Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| EngineError::Io {
                 context: "creating the commit-latency histogram",
@@ -42,7 +43,7 @@ impl OutputGate {
             })?;
         Ok(OutputGate {
             held: VecDeque::new(),
-            socket,
+            port,
             clients: HashMap::new(),
             latency,
             released: 0,
@@ -64,8 +65,9 @@ impl OutputGate {
         });
     }
 
-    /// Releases every parked output whose marker is covered by `acked`, in order.
-    pub fn release(&mut self, acked: u64) -> Result<usize, EngineError> {
+    /// Releases every parked output whose marker is covered by `acked`, in order, stamped with
+    /// the replica's fencing `epoch` (checked by the service front, if there is one).
+    pub fn release(&mut self, acked: u64, epoch: u64) -> Result<usize, EngineError> {
         let mut n = 0;
         while self.held.front().is_some_and(|h| h.seq <= acked) {
             let Some(h) = self.held.pop_front() else {
@@ -78,23 +80,21 @@ impl OutputGate {
                 .get(..4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             match id.and_then(|id| self.clients.remove(&id)) {
-                Some(addr) => {
-                    // UDP: a lost datagram is the client's to retry, as a lost TCP segment would be.
-                    if let Err(e) = self.socket.send_to(&h.bytes, addr) {
-                        if e.kind() != std::io::ErrorKind::WouldBlock {
-                            return Err(EngineError::Io {
-                                context: "sending a response",
-                                source: e,
-                            });
-                        }
-                    }
-                }
+                // UDP: a lost datagram is the client's to retry, as a lost TCP segment would be.
+                Some(addr) => self.port.send(addr, &h.bytes, epoch)?,
                 None => self.undeliverable += 1,
             }
             self.released += 1;
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Drops every parked output (a deposed replica must release nothing); returns how many.
+    pub fn discard(&mut self) -> usize {
+        let n = self.held.len();
+        self.held.clear();
+        n
     }
 
     /// Outputs parked right now.

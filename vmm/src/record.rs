@@ -5,16 +5,16 @@
 //! The same recorder with a [`NoLog`] sink is the unreplicated baseline: identical work, no
 //! logging, outputs released at once.
 
-use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logfmt::{ControlOp, Entry, Event, Position};
-use transport::PrimaryLink;
+use transport::{PreSharedKey, PrimaryLink};
 
 use crate::engine::{EngineError, EventSource, NET_DEVICE, TIMER_VECTOR};
 use crate::output_gate::OutputGate;
+use crate::service::ServicePort;
 
 /// Where the recorder's log entries go.
 pub trait LogSink {
@@ -28,6 +28,8 @@ pub trait LogSink {
     fn wait_acked(&mut self, seq: u64) -> Result<(), EngineError>;
     /// Bytes of log sent so far.
     fn log_bytes(&self) -> u64;
+    /// The fencing epoch this replica runs in (stamped on every released output).
+    fn epoch(&self) -> u64;
 }
 
 impl<L: PrimaryLink> LogSink for transport::Primary<L> {
@@ -47,12 +49,30 @@ impl<L: PrimaryLink> LogSink for transport::Primary<L> {
     fn log_bytes(&self) -> u64 {
         self.stats().bytes
     }
+    fn epoch(&self) -> u64 {
+        self.config().epoch
+    }
 }
 
-/// No replication: every entry counts as acknowledged at once. The unreplicated baseline.
-#[derive(Debug, Default)]
+/// No replication: every entry counts as acknowledged at once. The unreplicated baseline, and
+/// the log of a replica that went live after its peer was lost.
+#[derive(Debug)]
 pub struct NoLog {
     seq: u64,
+    epoch: u64,
+}
+
+impl Default for NoLog {
+    fn default() -> Self {
+        NoLog::at_epoch(1)
+    }
+}
+
+impl NoLog {
+    /// Unreplicated, running in fencing `epoch`.
+    pub fn at_epoch(epoch: u64) -> Self {
+        NoLog { seq: 0, epoch }
+    }
 }
 
 impl LogSink for NoLog {
@@ -72,6 +92,9 @@ impl LogSink for NoLog {
     fn log_bytes(&self) -> u64 {
         0
     }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// Recorder settings.
@@ -86,6 +109,9 @@ pub struct RecordConfig {
     /// the next exit (which, at ~8 µs per exit and slow ring-0 code here, is ~10 µs away). Zero
     /// gives the pure "primary never waits" rule.
     pub commit_spin: Duration,
+    /// The guest clock's value at the start of this recorder: 0 for a fresh guest, the last
+    /// replayed clock value for a backup that goes live (the guest's clock never runs back).
+    pub clock_base_ns: u64,
 }
 
 impl Default for RecordConfig {
@@ -94,6 +120,7 @@ impl Default for RecordConfig {
             tick: Duration::from_millis(10),
             idle_wait: Duration::from_micros(500),
             commit_spin: Duration::from_micros(30),
+            clock_base_ns: 0,
         }
     }
 }
@@ -103,47 +130,44 @@ impl Default for RecordConfig {
 pub struct Recorder<S: LogSink> {
     log: S,
     gate: OutputGate,
-    socket: UdpSocket,
+    port: ServicePort,
+    /// Key and pair id to re-register at the service front when the epoch changes.
+    front_auth: Option<(PreSharedKey, u64)>,
+    /// The epoch the front last accepted from us.
+    registered_epoch: u64,
     config: RecordConfig,
     started: Instant,
     next_tick: Instant,
     stop: Arc<AtomicBool>,
     requests: u64,
     first_output_exit: Option<u64>,
-    rx: Vec<u8>,
 }
 
 impl<S: LogSink> Recorder<S> {
-    /// A recorder serving clients on `socket` (made non-blocking here), logging into `log`;
-    /// setting `stop` ends the run at the next exit (logged, so the backup stops there too).
+    /// A recorder serving clients on `port`, logging into `log`; setting `stop` ends the run at
+    /// the next exit (logged, so the backup stops there too). A port behind a service front
+    /// must already be registered at the log's epoch (see [`Self::reregister_with`]).
     pub fn new(
         log: S,
-        socket: UdpSocket,
+        port: ServicePort,
         config: RecordConfig,
         stop: Arc<AtomicBool>,
     ) -> Result<Self, EngineError> {
-        socket
-            .set_nonblocking(true)
-            .map_err(|source| EngineError::Io {
-                context: "service socket",
-                source,
-            })?;
-        let gate_socket = socket.try_clone().map_err(|source| EngineError::Io {
-            context: "service socket",
-            source,
-        })?;
+        let gate_port = port.try_clone()?;
         let now = Instant::now();
+        let registered_epoch = log.epoch();
         Ok(Recorder {
             log,
-            gate: OutputGate::new(gate_socket)?,
-            socket,
+            gate: OutputGate::new(gate_port)?,
+            port,
+            front_auth: None,
+            registered_epoch,
             next_tick: now + config.tick,
             config,
             started: now,
             stop,
             requests: 0,
             first_output_exit: None,
-            rx: vec![0; 65536],
         })
     }
 
@@ -167,10 +191,39 @@ impl<S: LogSink> Recorder<S> {
         self.first_output_exit
     }
 
+    /// When the log's epoch changes (a primary that lost its backup won the arbiter), register
+    /// the new epoch at the service front with this key and pair id before releasing anything.
+    pub fn reregister_with(mut self, key: PreSharedKey, session: u64) -> Self {
+        self.front_auth = Some((key, session));
+        self
+    }
+
+    /// Releases what the log's ACK covers, stamped with our epoch — after claiming a changed
+    /// epoch at the front. A front that knows a newer epoch means we were deposed.
+    fn release(&mut self) -> Result<(), EngineError> {
+        let epoch = self.log.epoch();
+        if epoch != self.registered_epoch {
+            if let Some((key, session)) = &self.front_auth {
+                let newest = self
+                    .port
+                    .register(key, *session, epoch, Duration::from_secs(5))?;
+                if newest > epoch {
+                    self.gate.discard();
+                    return Err(EngineError::Deposed {
+                        epoch,
+                        by: format!("the service front knows epoch {newest}"),
+                    });
+                }
+            }
+            self.registered_epoch = epoch;
+        }
+        self.gate.release(self.log.acked(), epoch)?;
+        Ok(())
+    }
+
     fn service(&mut self) -> Result<(), EngineError> {
         self.log.pump()?;
-        self.gate.release(self.log.acked())?;
-        Ok(())
+        self.release()
     }
 }
 
@@ -185,7 +238,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
             Event::Control(ControlOp::Shutdown),
         ))?;
         self.log.wait_acked(seq)?;
-        self.gate.release(self.log.acked())?;
+        self.release()?;
         Ok(true)
     }
 
@@ -208,32 +261,20 @@ impl<S: LogSink> EventSource for Recorder<S> {
     fn net_rx(&mut self, exit: u64, buf: &mut Vec<u8>) -> Result<(), EngineError> {
         let deadline = Instant::now() + self.config.idle_wait;
         loop {
-            match self.socket.recv_from(&mut self.rx) {
-                Ok((n, from)) => {
-                    let request = &self.rx[..n.min(crate::layout::NET_BUF_LEN)];
-                    if let Some(id) = request.get(..4) {
-                        self.gate
-                            .note_client(u32::from_le_bytes([id[0], id[1], id[2], id[3]]), from);
-                    }
-                    buf.extend_from_slice(request);
-                    self.requests += 1;
-                    break;
+            if let Some(from) = self.port.try_recv(buf, crate::layout::NET_BUF_LEN)? {
+                if let Some(id) = buf.get(..4) {
+                    self.gate
+                        .note_client(u32::from_le_bytes([id[0], id[1], id[2], id[3]]), from);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline || self.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    // Idle: keep the channel moving and outputs flowing while we wait.
-                    self.service()?;
-                    std::thread::yield_now();
-                }
-                Err(e) => {
-                    return Err(EngineError::Io {
-                        context: "receiving a request",
-                        source: e,
-                    })
-                }
+                self.requests += 1;
+                break;
             }
+            if Instant::now() >= deadline || self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            // Idle: keep the channel moving and outputs flowing while we wait.
+            self.service()?;
+            std::thread::yield_now();
         }
         self.log.append(&Entry::new(
             Position::at_exit(exit),
@@ -246,7 +287,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
     }
 
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError> {
-        let ns = self.started.elapsed().as_nanos() as u64;
+        let ns = self.config.clock_base_ns + self.started.elapsed().as_nanos() as u64;
         self.log
             .append(&Entry::new(Position::at_exit(exit), Event::Clock { ns }))?;
         Ok(ns)
@@ -276,7 +317,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
             },
         ))?;
         self.gate.hold(seq, bytes);
-        self.gate.release(self.log.acked())?;
+        self.release()?;
         if self.gate.pending() > 0 && !self.config.commit_spin.is_zero() {
             let until = Instant::now() + self.config.commit_spin;
             while self.gate.pending() > 0 && Instant::now() < until {

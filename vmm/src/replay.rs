@@ -72,6 +72,12 @@ pub struct Replayer<L: BackupLink> {
     stall_timeout: Duration,
     outputs_checked: u64,
     entries: u64,
+    /// Why the channel ended, once it has: from then on only the queue is replayed.
+    ended: Option<String>,
+    /// The newest clock value replayed (a backup that goes live continues from it).
+    last_clock_ns: u64,
+    /// When the channel's failure was noticed (ns since the Unix epoch).
+    ended_unix_ns: u64,
 }
 
 impl<L: BackupLink> Replayer<L> {
@@ -85,6 +91,9 @@ impl<L: BackupLink> Replayer<L> {
             stall_timeout,
             outputs_checked: 0,
             entries: 0,
+            ended: None,
+            last_clock_ns: 0,
+            ended_unix_ns: 0,
         }
     }
 
@@ -103,25 +112,77 @@ impl<L: BackupLink> Replayer<L> {
         &self.backup
     }
 
+    /// The newest guest clock value replayed so far.
+    pub fn last_clock_ns(&self) -> u64 {
+        self.last_clock_ns
+    }
+
+    /// Why the log ended, if it has.
+    pub fn ended(&self) -> Option<&str> {
+        self.ended.as_deref()
+    }
+
+    /// When the channel's failure was noticed (ns since the Unix epoch; 0 if it has not failed).
+    pub fn ended_unix_ns(&self) -> u64 {
+        self.ended_unix_ns
+    }
+
+    /// Entries received but not replayed yet.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Records that the channel failed, then drains it: a failed channel still hands over every
+    /// frame it validated (and the medium may hold more), so poll until nothing new comes.
+    fn end(&mut self, cause: transport::ChannelError) {
+        self.ended = Some(cause.to_string());
+        self.ended_unix_ns = crate::failover::unix_ns();
+        for _ in 0..1024 {
+            let before = self.entries;
+            let (queue, entries) = (&mut self.queue, &mut self.entries);
+            let _ = self.backup.poll(|frame| enqueue(queue, entries, frame));
+            if self.entries == before {
+                break;
+            }
+        }
+    }
+
     /// Copies newly arrived entries into the queue; waits (stalls) while there is nothing.
     ///
     /// Polls the channel at least once per call even when entries are queued: the channel is
     /// pumped only from this thread, so this is what keeps the backup's ACKs (and with them the
     /// primary's output commits) flowing while the replica works through a backlog.
-    fn fill(&mut self) -> Result<(), EngineError> {
-        let (queue, entries) = (&mut self.queue, &mut self.entries);
-        self.backup.poll(|frame| enqueue(queue, entries, frame))?;
-        while self.queue.is_empty() {
+    ///
+    /// Once the channel has failed, the entries already received are still replayed, in order;
+    /// only when none is left does this return [`EngineError::LogEnded`] for `exit`.
+    fn fill(&mut self, exit: u64) -> Result<(), EngineError> {
+        if self.ended.is_none() {
             let (queue, entries) = (&mut self.queue, &mut self.entries);
-            self.backup
-                .poll_timeout(self.stall_timeout, |frame| enqueue(queue, entries, frame))?;
+            if let Err(e) = self.backup.poll(|frame| enqueue(queue, entries, frame)) {
+                self.end(e);
+            }
+        }
+        while self.queue.is_empty() {
+            if let Some(cause) = &self.ended {
+                return Err(EngineError::LogEnded {
+                    exit,
+                    cause: cause.clone(),
+                });
+            }
+            let (queue, entries) = (&mut self.queue, &mut self.entries);
+            if let Err(e) = self
+                .backup
+                .poll_timeout(self.stall_timeout, |frame| enqueue(queue, entries, frame))
+            {
+                self.end(e);
+            }
         }
         Ok(())
     }
 
     /// The next entry, which must belong to `exit`.
     fn front(&mut self, exit: u64) -> Result<&Pending, EngineError> {
-        self.fill()?;
+        self.fill(exit)?;
         let Some(front) = self.queue.front() else {
             unreachable!("fill returns only with a non-empty queue")
         };
@@ -197,7 +258,10 @@ impl<L: BackupLink> EventSource for Replayer<L> {
 
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError> {
         match self.take(exit, "clock")? {
-            Logged::Clock(ns) => Ok(ns),
+            Logged::Clock(ns) => {
+                self.last_clock_ns = self.last_clock_ns.max(ns);
+                Ok(ns)
+            }
             other => Err(Self::mismatch(exit, &other, "clock read")),
         }
     }
