@@ -49,6 +49,10 @@ pub struct DemoArgs {
     /// The arbiter for `--kill-primary-after` (default: a file store in the demo's directory).
     #[arg(long)]
     pub arbiter: Option<ft_arbiter::ArbiterSpec>,
+    /// With `--kill-primary-after`: send the SIGKILL a random 0..N µs after that response, so
+    /// that it lands anywhere in the primary's work, not only between requests.
+    #[arg(long, default_value_t = 0)]
+    pub kill_jitter_us: u64,
     /// Heartbeat timeout of the pair, ms (how long a silent peer is given).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
@@ -88,6 +92,13 @@ pub struct FailoverSummary {
     pub max_response_ms: f64,
     pub front: vmm::service::FrontStats,
     pub arbiter: String,
+    /// The survivor's guest memory when it stopped.
+    pub survivor_memory_hash: String,
+    /// The same after replaying the survivor's journal (the old primary's log it replayed,
+    /// then what it recorded live) on a fresh VM.
+    pub journal_replay_memory_hash: String,
+    /// The two agree: the takeover continued exactly the guest the log described.
+    pub journal_replay_matches: bool,
 }
 
 /// The demo's JSON summary.
@@ -282,7 +293,13 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     };
     println!("  starting backup (core 1) …");
     let mut bargs = common("backup", 1);
-    bargs.extend(["--listen".into(), sock.display().to_string()]);
+    let journal = dir.join("backup.journal");
+    bargs.extend([
+        "--listen".into(),
+        sock.display().to_string(),
+        "--journal".into(),
+        journal.display().to_string(),
+    ]);
     let (backup, _) = Node::spawn("backup", &bargs)?;
     println!("  starting primary (core 0) …");
     let mut pargs = common("primary", 0);
@@ -298,17 +315,27 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.verify = true;
     let step = (args.requests / 50).max(1);
-    let mut killed_at = None;
-    let mut killed_unix = 0u64;
+    let killed: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>> =
+        Default::default();
+    let mut killer = None;
+    let pid = i32::try_from(primary.child.id()).context("primary pid")?;
     let report = client::run(service, &w, |done| {
-        if done == kill_after && killed_at.is_none() {
-            if let Ok(pid) = i32::try_from(primary.child.id()) {
-                // SAFETY: kill(2) on our own child process.
+        if done == kill_after && killer.is_none() {
+            let jitter = if args.kill_jitter_us > 0 {
+                rand::Rng::gen_range(&mut rand::thread_rng(), 0..args.kill_jitter_us)
+            } else {
+                0
+            };
+            let killed = killed.clone();
+            killer = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_micros(jitter));
+                // SAFETY: kill(2) on our own child process, which has not been waited for.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                killed_at = Some(std::time::Instant::now());
-                killed_unix = vmm::failover::unix_ns();
-                print!("\n  primary killed after {done} requests; the client keeps going\n");
-            }
+                if let Ok(mut k) = killed.lock() {
+                    *k = Some((std::time::Instant::now(), vmm::failover::unix_ns()));
+                }
+            }));
+            print!("\n  killing the primary after {done} requests (+{jitter} µs); the client keeps going\n");
         }
         if done % step == 0 || done == args.requests {
             print!(
@@ -320,6 +347,13 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         }
     })?;
     println!();
+    if let Some(k) = killer {
+        let _ = k.join();
+    }
+    let (killed_at, killed_unix) = match killed.lock().ok().and_then(|k| *k) {
+        Some((at, unix)) => (Some(at), unix),
+        None => (None, 0),
+    };
     let _ = primary.child.wait();
     println!("  stopping the survivor …");
     let backup_result = backup.stop();
@@ -329,6 +363,24 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         _ => None,
     };
     let takeover = b.as_ref().ok().and_then(|b| b.takeover.clone());
+    println!("  replaying the survivor's journal on a fresh VM …");
+    let replayed = crate::node::replay_journal(&crate::node::ReplayArgs {
+        journal: journal.clone(),
+        mem_mib: 16,
+        guest: args.guest,
+        json: None,
+    });
+    let survivor_memory_hash = b
+        .as_ref()
+        .map(|b| b.memory_hash.clone())
+        .unwrap_or_default();
+    let journal_replay_memory_hash = match &replayed {
+        Ok(r) => r.memory_hash.clone(),
+        Err(e) => {
+            eprintln!("  journal replay: {e:#}");
+            String::new()
+        }
+    };
     let summary = FailoverSummary {
         requests: report.requests,
         responses_ok: report.responses_ok,
@@ -358,6 +410,10 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         max_response_ms: report.max_response_ms,
         front: front.stats(),
         arbiter: arbiter.to_string(),
+        journal_replay_matches: !survivor_memory_hash.is_empty()
+            && survivor_memory_hash == journal_replay_memory_hash,
+        survivor_memory_hash,
+        journal_replay_memory_hash,
     };
     println!();
     println!(
@@ -395,6 +451,16 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         "  front               {} requests, {} responses, {} fenced",
         summary.front.requests, summary.front.responses, summary.front.fenced
     );
+    println!(
+        "  guest state         survivor {} / journal replayed {} ({})",
+        summary.survivor_memory_hash,
+        summary.journal_replay_memory_hash,
+        if summary.journal_replay_matches {
+            "equal"
+        } else {
+            "DIFFERENT"
+        }
+    );
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -407,6 +473,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     if summary.responses_ok != summary.requests
         || summary.acknowledged_lost > 0
         || summary.winner.is_none()
+        || !summary.journal_replay_matches
         || backup_result.is_err()
     {
         bail!("the failover lost or corrupted something (see above)");

@@ -30,6 +30,8 @@ enum Command {
     Primary(node::PrimaryArgs),
     /// Run the backup VMM: replay the primary's log, check every output.
     Backup(node::BackupArgs),
+    /// Replay a backup's journal on a fresh VM and print the guest's final state.
+    Replay(node::ReplayArgs),
     /// Send key-value requests to a running primary and verify every response.
     Client(ClientArgs),
     /// The failover arbiter (`ftvm arbiter serve`).
@@ -99,6 +101,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("channel protocol version {}", transport::PROTOCOL_VERSION);
         }
         Command::Arbiter(args) => arbiter::run(&args)?,
+        Command::Replay(args) => {
+            let s = node::replay_journal(&args)?;
+            println!(
+                "replayed {} exits ({} entries), {} outputs checked, memory {}",
+                s.exits, s.entries_received, s.outputs_checked, s.memory_hash
+            );
+        }
         Command::Front(args) => {
             let key = transport::PreSharedKey::from_file(&args.key_file)?;
             let socket = std::net::UdpSocket::bind(args.listen)?;

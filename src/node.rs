@@ -11,6 +11,7 @@ use ft_arbiter::ArbiterSpec;
 use transport::{shm, tcp, ChannelConfig, PollPolicy, PreSharedKey};
 use vmm::engine::{self, EngineError, RunSummary};
 use vmm::failover::{ArbiterClient, Arbitration, Failover, FailoverSink, Takeover, TakeoverReport};
+use vmm::journal::{Journal, JournalLink};
 use vmm::record::{LogSink, NoLog, RecordConfig, Recorder};
 use vmm::replay::Replayer;
 use vmm::service::ServicePort;
@@ -107,6 +108,27 @@ pub struct BackupArgs {
     /// The replica's own UDP address once live (the front forwards to it).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub service: String,
+    /// Keep a journal here: every frame replayed and, after a takeover, every entry recorded
+    /// (`ftvm replay --journal` replays it on a fresh VM).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+}
+
+/// `ftvm replay`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// The journal a backup kept (`ftvm backup --journal`).
+    #[arg(long)]
+    pub journal: PathBuf,
+    /// Guest memory in MiB (as the replica ran with).
+    #[arg(long, default_value_t = 16)]
+    pub mem_mib: usize,
+    /// The guest program the replica ran.
+    #[arg(long, value_enum, default_value = "kvstore")]
+    pub guest: Guest,
+    /// Write the JSON summary here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// What a node reports when it stops.
@@ -462,7 +484,13 @@ fn replay<L: transport::BackupLink>(
         }
         None => None,
     };
-    let mut source = Failover::new(Replayer::new(b, Duration::from_millis(100)), takeover);
+    let mut replayer = Replayer::new(b, Duration::from_millis(100));
+    if let Some(path) = &args.journal {
+        replayer = replayer.with_journal(
+            Journal::create(path).with_context(|| format!("journal {}", path.display()))?,
+        );
+    }
+    let mut source = Failover::new(replayer, takeover);
     let started = Instant::now();
     let result = engine::run(&mut vm, &mut source, 1);
     let mut summary = summarize(&vm, "backup", &result, started)?;
@@ -507,4 +535,41 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
             replay(vm, b, args, epoch)
         }
     }
+}
+
+/// Replays a journal on a fresh VM, to its end (a logged shutdown, or the last entry).
+pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
+    let mut vm = Vm::new(
+        args.mem_mib << 20,
+        match args.guest {
+            Guest::Kvstore => vmm::vm::GUEST_IMAGE,
+            Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
+        },
+    )
+    .context("creating the VM")?;
+    let link = JournalLink::open(&args.journal)
+        .with_context(|| format!("journal {}", args.journal.display()))?;
+    // The key only authenticates live channels; a journal has none.
+    let mut cfg = ChannelConfig::new(0, 0, PreSharedKey::new([0u8; 32].to_vec())?);
+    cfg.poll = PollPolicy::BUSY;
+    let backup = transport::Backup::new(link, cfg, 1, 0)?;
+    let mut replayer = Replayer::new(backup, Duration::from_millis(1));
+    let started = Instant::now();
+    let result = engine::run(&mut vm, &mut replayer, 1);
+    // A journal that ends without a logged shutdown replays to its last entry.
+    let result = match result {
+        Err(EngineError::LogEnded { exit, .. }) => Ok(RunSummary {
+            exits: exit - 1,
+            guest_halted: false,
+        }),
+        other => other,
+    };
+    let mut summary = summarize(&vm, "replay", &result, started)?;
+    if let Err(e @ EngineError::Divergence { exit, .. }) = &result {
+        summary.divergence = Some(e.to_string());
+        summary.divergence_exit = Some(*exit);
+    }
+    summary.outputs_checked = replayer.outputs_checked();
+    summary.entries_received = replayer.entries();
+    conclude(&args.json, summary, result)
 }

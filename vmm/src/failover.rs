@@ -26,6 +26,7 @@ use logfmt::Entry;
 use transport::{BackupLink, PreSharedKey, Primary, PrimaryLink};
 
 use crate::engine::{EngineError, EventSource};
+use crate::journal::AloneLog;
 use crate::record::{LogSink, NoLog, RecordConfig, Recorder};
 use crate::replay::Replayer;
 use crate::service::ServicePort;
@@ -294,7 +295,7 @@ pub fn unix_ns() -> u64 {
 
 enum Mode<L: BackupLink> {
     Replay(Box<Replayer<L>>),
-    Live(Box<Recorder<NoLog>>),
+    Live(Box<Recorder<AloneLog>>),
     Switching,
 }
 
@@ -339,7 +340,7 @@ impl<L: BackupLink> Failover<L> {
     }
 
     /// The live recorder, after a takeover.
-    pub fn recorder(&self) -> Option<&Recorder<NoLog>> {
+    pub fn recorder(&self) -> Option<&Recorder<AloneLog>> {
         match &self.mode {
             Mode::Live(r) => Some(r),
             _ => None,
@@ -378,7 +379,7 @@ impl<L: BackupLink> Failover<L> {
         };
         let ended_at = Instant::now();
         let log_end_unix_ns = unix_ns();
-        let Mode::Replay(replayer) = std::mem::replace(&mut self.mode, Mode::Switching) else {
+        let Mode::Replay(mut replayer) = std::mem::replace(&mut self.mode, Mode::Switching) else {
             return Err(EngineError::LogEnded { exit, cause });
         };
         self.replayed_entries = replayer.entries();
@@ -416,8 +417,16 @@ impl<L: BackupLink> Failover<L> {
         }
         let mut record = t.record.clone();
         record.clock_base_ns = replayer.last_clock_ns().saturating_add(1);
-        let recorder = Recorder::new(NoLog::at_epoch(epoch), t.port, record, t.stop)?
-            .reregister_with(t.key, t.session);
+        let journal = replayer.take_journal().unwrap_or_else(|e| {
+            eprintln!(
+                "{}: journal lost ({e}); going on without it",
+                t.arbiter.candidate
+            );
+            None
+        });
+        let log = AloneLog::new(epoch, replayer.last_seq() + 1, journal);
+        let recorder =
+            Recorder::new(log, t.port, record, t.stop)?.reregister_with(t.key, t.session);
         report.takeover_ms = ended_at.elapsed().as_secs_f64() * 1e3;
         eprintln!(
             "{}: won epoch {epoch}; live at exit {exit} ({:.1} ms after the log ended)",

@@ -9,10 +9,12 @@
 //! - [`output_gate`]: the only code that releases guest outputs, once the backup has the log;
 //! - [`service`]: the service address (direct, or behind the fencing [`service::Front`]);
 //! - [`failover`]: what each side does when the channel falls silent — ask the arbiter, then go
-//!   live (the backup after draining its log) or halt.
+//!   live (the backup after draining its log) or halt; [`journal`]: the log a replica keeps of
+//!   what it replayed and recorded, replayable on a fresh VM.
 
 pub mod engine;
 pub mod failover;
+pub mod journal;
 pub mod kv;
 pub mod layout;
 pub mod output_gate;

@@ -11,6 +11,7 @@ use logfmt::{ControlOp, Event};
 use transport::{Backup, BackupLink};
 
 use crate::engine::{EngineError, EventSource, NET_DEVICE};
+use crate::journal::Journal;
 
 /// One log entry, owned (frames are borrowed from the channel only while it is polled).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +32,27 @@ struct Pending {
     what: Logged,
 }
 
-/// Copies a frame's entries into the replay queue, owned.
-fn enqueue(queue: &mut VecDeque<Pending>, entries: &mut u64, frame: &logfmt::FrameView<'_>) {
+/// Where received frames go besides the replay queue.
+#[derive(Debug, Default)]
+struct Sinks {
+    entries: u64,
+    last_seq: u64,
+    journal: Option<Journal>,
+    journal_error: Option<String>,
+}
+
+/// Copies a frame's entries into the replay queue, owned (and the frame into the journal).
+fn enqueue(queue: &mut VecDeque<Pending>, sinks: &mut Sinks, frame: &logfmt::FrameView<'_>) {
+    if let Some(j) = &mut sinks.journal {
+        if let Err(e) = j.write_frame(frame.as_bytes()) {
+            sinks.journal_error = Some(e.to_string());
+            sinks.journal = None;
+        }
+    }
+    if let Some(last) = frame.last_seq() {
+        sinks.last_seq = last;
+    }
+    let entries = &mut sinks.entries;
     for (seq, entry) in frame.entries_with_seq() {
         *entries += 1;
         let what = match entry.event {
@@ -71,7 +91,7 @@ pub struct Replayer<L: BackupLink> {
     queue: VecDeque<Pending>,
     stall_timeout: Duration,
     outputs_checked: u64,
-    entries: u64,
+    sinks: Sinks,
     /// Why the channel ended, once it has: from then on only the queue is replayed.
     ended: Option<String>,
     /// The newest clock value replayed (a backup that goes live continues from it).
@@ -90,7 +110,7 @@ impl<L: BackupLink> Replayer<L> {
             queue: VecDeque::new(),
             stall_timeout,
             outputs_checked: 0,
-            entries: 0,
+            sinks: Sinks::default(),
             ended: None,
             last_clock_ns: 0,
             ended_unix_ns: 0,
@@ -104,7 +124,26 @@ impl<L: BackupLink> Replayer<L> {
 
     /// Log entries received.
     pub fn entries(&self) -> u64 {
-        self.entries
+        self.sinks.entries
+    }
+
+    /// Also appends every frame received to `journal`.
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        self.sinks.journal = Some(journal);
+        self
+    }
+
+    /// Takes the journal back (for the live log after a takeover), or says why it was lost.
+    pub fn take_journal(&mut self) -> Result<Option<Journal>, String> {
+        match self.sinks.journal_error.take() {
+            Some(e) => Err(e),
+            None => Ok(self.sinks.journal.take()),
+        }
+    }
+
+    /// The sequence number of the last entry received.
+    pub fn last_seq(&self) -> u64 {
+        self.sinks.last_seq
     }
 
     /// The channel end.
@@ -138,10 +177,10 @@ impl<L: BackupLink> Replayer<L> {
         self.ended = Some(cause.to_string());
         self.ended_unix_ns = crate::failover::unix_ns();
         for _ in 0..1024 {
-            let before = self.entries;
-            let (queue, entries) = (&mut self.queue, &mut self.entries);
-            let _ = self.backup.poll(|frame| enqueue(queue, entries, frame));
-            if self.entries == before {
+            let before = self.sinks.entries;
+            let (queue, sinks) = (&mut self.queue, &mut self.sinks);
+            let _ = self.backup.poll(|frame| enqueue(queue, sinks, frame));
+            if self.sinks.entries == before {
                 break;
             }
         }
@@ -157,8 +196,8 @@ impl<L: BackupLink> Replayer<L> {
     /// only when none is left does this return [`EngineError::LogEnded`] for `exit`.
     fn fill(&mut self, exit: u64) -> Result<(), EngineError> {
         if self.ended.is_none() {
-            let (queue, entries) = (&mut self.queue, &mut self.entries);
-            if let Err(e) = self.backup.poll(|frame| enqueue(queue, entries, frame)) {
+            let (queue, sinks) = (&mut self.queue, &mut self.sinks);
+            if let Err(e) = self.backup.poll(|frame| enqueue(queue, sinks, frame)) {
                 self.end(e);
             }
         }
@@ -169,10 +208,10 @@ impl<L: BackupLink> Replayer<L> {
                     cause: cause.clone(),
                 });
             }
-            let (queue, entries) = (&mut self.queue, &mut self.entries);
+            let (queue, sinks) = (&mut self.queue, &mut self.sinks);
             if let Err(e) = self
                 .backup
-                .poll_timeout(self.stall_timeout, |frame| enqueue(queue, entries, frame))
+                .poll_timeout(self.stall_timeout, |frame| enqueue(queue, sinks, frame))
             {
                 self.end(e);
             }
