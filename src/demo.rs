@@ -46,6 +46,10 @@ pub struct DemoArgs {
     /// (through the arbiter and the service front); then report the failover.
     #[arg(long)]
     pub kill_primary_after: Option<u64>,
+    /// The pair's pre-shared key (default: a fresh random one). A `server:` arbiter must have
+    /// been started with the same key.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// The arbiter for `--kill-primary-after` (default: a file store in the demo's directory).
     #[arg(long)]
     pub arbiter: Option<ft_arbiter::ArbiterSpec>,
@@ -255,7 +259,10 @@ fn write_key(dir: &Path) -> anyhow::Result<PathBuf> {
 pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<FailoverSummary> {
     let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let key = write_key(&dir)?;
+    let key = match &args.key_file {
+        Some(k) => k.clone(),
+        None => write_key(&dir)?,
+    };
     let arbiter = match &args.arbiter {
         Some(spec) => spec.clone(),
         None => {
@@ -311,6 +318,8 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     ]);
     let (mut primary, serving) = Node::spawn("primary", &pargs)?;
     println!("  primary {serving}");
+    // The pair starts in the arbiter's latest epoch for it (1 for a new pair).
+    let first_epoch = front.stats().epoch;
 
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.verify = true;
@@ -389,8 +398,8 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         keys_verified: report.keys_verified,
         retries: report.retries,
         killed_after: kill_after,
-        failover_ms: since_kill(front.first_response_at_or_after(2)),
-        live_ms: since_kill(front.registered_at_or_after(2)),
+        failover_ms: since_kill(front.first_response_at_or_after(first_epoch + 1)),
+        live_ms: since_kill(front.registered_at_or_after(first_epoch + 1)),
         detect_ms: takeover
             .as_ref()
             .filter(|_| killed_unix > 0)

@@ -76,6 +76,9 @@ struct ClientArgs {
     /// Afterwards, read back every key used and compare with what the responses implied.
     #[arg(long)]
     verify: bool,
+    /// Give up on a request after this long without a response (retrying meanwhile), ms.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
 }
 
 fn main() {
@@ -140,6 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut w =
                 client::Workload::new(args.requests, args.seed, args.keys, args.get_percent);
             w.verify = args.verify;
+            w.timeout = Duration::from_millis(args.timeout_ms);
             let r = client::run(args.service, &w, |_| {})?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             if r.responses_ok != r.requests || r.acknowledged_lost > 0 {

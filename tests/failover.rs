@@ -1,0 +1,626 @@
+//! Failover end to end, with real KVM guests in real processes and real arbiters (a shared
+//! directory, the `ftvm arbiter serve` process, a real etcd):
+//!
+//! - the primary SIGKILLed at random points under client load, 50 times per backend: every
+//!   response fits one sequential history (the client checks each against its model), no
+//!   acknowledged update is lost (read back at the end), the backup goes live, and its guest
+//!   equals a fresh replay of its journal;
+//! - the channel cut with both replicas alive: exactly one goes live, the other halts;
+//! - the arbiter down: nobody goes live; back: exactly one does;
+//! - a deposed primary that wakes up cannot reach a client.
+//!
+//! Needs /dev/kvm and Debian's `etcd-server` (scripts/install-deps.sh installs it).
+
+#[path = "../ft-arbiter/tests/common/mod.rs"]
+mod arbiters;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use transport::PreSharedKey;
+use vmm::service::Front;
+
+/// One FT pair at a time: each pins two spinning VMMs to the machine's two cores.
+static ONE_PAIR_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_PAIR_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+/// Kills per arbiter backend.
+const KILLS: usize = 50;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "ftvm-failover-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn key(&self) -> PathBuf {
+        let k = self.0.join("psk");
+        if !k.exists() {
+            std::fs::write(
+                &k,
+                format!("failover-test-key-{:032x}", rand::random::<u128>()),
+            )
+            .expect("key");
+        }
+        k
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+struct Proc {
+    child: Child,
+    name: String,
+    first_line: String,
+}
+
+impl Proc {
+    /// Starts `ftvm args…` and waits for its first line on stdout (its "ready" line).
+    fn start(name: &str, args: &[String]) -> Proc {
+        let mut child = Command::new(FTVM)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut first_line = String::new();
+        reader.read_line(&mut first_line).expect("first line");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = reader.read_to_end(&mut sink);
+        });
+        assert!(!first_line.is_empty(), "{name} exited before it was ready");
+        Proc {
+            child,
+            name: name.into(),
+            first_line: first_line.trim().into(),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child process, which has not been reaped.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// The exit code, if the process has exited within `within`.
+    fn exited_within(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then the exit code.
+    fn stop(mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        let code = self.exited_within(Duration::from_secs(20));
+        code.unwrap_or_else(|| panic!("{} did not stop on SIGTERM", self.name))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+// ------------------------------------------------------------------ SIGKILL at random points
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Kills the primary `KILLS` times at random points with `arbiter` deciding, checking each run.
+fn random_kills(backend: &str, arbiter: &str, key: &Path) {
+    let seed = rand::random::<u64>();
+    println!("{backend}: seed {seed}");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut failover_ms = Vec::new();
+    let scratch = Scratch::new(backend);
+    for i in 0..KILLS {
+        let kill_after = rng.gen_range(1..=120u64);
+        let requests = kill_after + 30;
+        let json = scratch.path().join(format!("kill-{i}.json"));
+        let _turn = turn();
+        let out = Command::new(FTVM)
+            .args([
+                "demo",
+                "--requests",
+                &s(requests),
+                "--seed",
+                &s(rng.gen::<u32>()),
+                "--keys",
+                "20",
+                "--kill-primary-after",
+                &s(kill_after),
+                "--kill-jitter-us",
+                "3000",
+                "--arbiter",
+                arbiter,
+                "--key-file",
+                &key.display().to_string(),
+                "--json",
+                &json.display().to_string(),
+            ])
+            .output()
+            .expect("run ftvm demo");
+        drop(_turn);
+        let log = format!(
+            "{backend} kill {i} (after {kill_after} of {requests}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = std::fs::read(&json)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        assert!(out.status.success(), "{log}");
+        assert_eq!(v["responses_ok"], requests, "every response checked\n{log}");
+        assert_eq!(v["acknowledged_lost"], 0, "{log}");
+        assert!(v["keys_verified"].as_u64().unwrap_or(0) > 0, "{log}");
+        assert!(
+            v["winner"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("backup-")),
+            "the backup took over\n{log}"
+        );
+        assert_eq!(v["journal_replay_matches"], true, "{log}");
+        // Live well within the heartbeat timeout: a killed process closes its channel.
+        let live = v["live_ms"].as_f64().expect("live_ms");
+        assert!(live < 1000.0, "backup live {live} ms after the kill\n{log}");
+        failover_ms.push(v["failover_ms"].as_f64().expect("failover_ms"));
+    }
+    failover_ms.sort_by(f64::total_cmp);
+    let line = format!(
+        "{backend}: failover over {} kills: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        failover_ms.len(),
+        percentile(&failover_ms, 0.5),
+        percentile(&failover_ms, 0.99),
+        failover_ms.last().copied().unwrap_or(f64::NAN)
+    );
+    println!("{line}");
+    // Keep the numbers for the README/closing notes (best effort).
+    let report = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("failover-{backend}.txt"));
+    let _ = std::fs::write(report, format!("{line}\n{failover_ms:?}\n"));
+}
+
+#[test]
+fn sigkill_the_primary_at_random_points_file_arbiter() {
+    let store = Scratch::new("file-store");
+    let key = store.key();
+    ft_arbiter::FileArbiter::create_store(store.path()).expect("store");
+    // One store for all kills: each demo is the same pair id, so every run starts in the epoch
+    // the previous takeover won and wins the next one (the "later rounds" of the arbiter).
+    random_kills("file", &format!("file:{}", store.path().display()), &key);
+}
+
+#[test]
+fn sigkill_the_primary_at_random_points_server_arbiter() {
+    let scratch = Scratch::new("server");
+    let key = scratch.key();
+    let server = start_arbiter_server(&scratch, &key, "127.0.0.1:0");
+    let addr = server
+        .first_line
+        .split_whitespace()
+        .nth(1)
+        .expect("address")
+        .to_owned();
+    random_kills("server", &format!("server:{addr}"), &key);
+}
+
+#[test]
+fn sigkill_the_primary_at_random_points_etcd_arbiter() {
+    let scratch = Scratch::new("etcd");
+    let key = scratch.key();
+    let bin = arbiters::etcd_binary().unwrap_or_else(|e| panic!("{e}"));
+    let etcd = arbiters::EtcdProcess::start(&bin).unwrap_or_else(|e| panic!("{e}"));
+    random_kills("etcd", &format!("etcd:{}", etcd.url()), &key);
+}
+
+fn start_arbiter_server(scratch: &Scratch, key: &Path, listen: &str) -> Proc {
+    Proc::start(
+        "arbiter server",
+        &[
+            s("arbiter"),
+            s("serve"),
+            s("--listen"),
+            s(listen),
+            s("--state-dir"),
+            scratch.path().join("arbiter-state").display().to_string(),
+            s("--key-file"),
+            key.display().to_string(),
+        ],
+    )
+}
+
+// ------------------------------------------------------------------ pairs run by hand
+
+/// A TCP cable between the primary and the backup that the test can cut without closing it:
+/// after [`Cable::cut`] bytes are swallowed in both directions, so each side hears only
+/// silence, as across a failed switch.
+struct Cable {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cable {
+    fn to(backup: SocketAddr) -> Cable {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("cable listener");
+        let addr = listener.local_addr().expect("cable address");
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            let Ok((primary, _)) = listener.accept() else {
+                return;
+            };
+            let Ok(backup) = TcpStream::connect(backup) else {
+                return;
+            };
+            for (from, to) in [
+                (primary.try_clone(), backup.try_clone()),
+                (backup.try_clone(), primary.try_clone()),
+            ] {
+                let (Ok(mut from), Ok(mut to)) = (from, to) else {
+                    return;
+                };
+                let cut = c.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                // Cut: swallow, but keep both connections open.
+                                if !cut.load(Ordering::Relaxed) && to.write_all(&buf[..n]).is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            // The two pump threads own clones; keep these alive until the process ends.
+            std::mem::forget((primary, backup));
+        });
+        Cable { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An FT pair started by hand (not through `ftvm demo`), behind an in-process front.
+struct Pair {
+    front: Front,
+    primary: Proc,
+    backup: Proc,
+    first_epoch: u64,
+    cable: Option<Cable>,
+}
+
+fn node_args(role: &str, key: &Path, arbiter: &str, front: SocketAddr, core: u8) -> Vec<String> {
+    vec![
+        s(role),
+        s("--key-file"),
+        key.display().to_string(),
+        s("--arbiter"),
+        s(arbiter),
+        s("--front"),
+        front.to_string(),
+        s("--core"),
+        s(core),
+        s("--heartbeat-timeout-ms"),
+        s(300),
+        s("--name"),
+        format!("{role}-{}", rand::random::<u32>()),
+    ]
+}
+
+/// Starts a pair: over TCP through a cuttable cable, or over shared memory.
+fn start_pair(scratch: &Scratch, arbiter: &str, over_cable: bool) -> Pair {
+    let key = scratch.key();
+    let psk = PreSharedKey::from_file(&key).expect("key");
+    let front =
+        Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("front"), psk, 1).expect("front");
+    let mut b = node_args("backup", &key, arbiter, front.local_addr(), 1);
+    let mut p = node_args("primary", &key, arbiter, front.local_addr(), 0);
+    p.extend([s("--service"), s("127.0.0.1:0")]);
+    let (backup, cable) = if over_cable {
+        b.extend([s("--transport"), s("tcp"), s("--listen"), s("127.0.0.1:0")]);
+        let backup = Proc::start("backup", &b);
+        let listening: SocketAddr = backup
+            .first_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("backup said {:?}", backup.first_line));
+        let cable = Cable::to(listening);
+        p.extend([
+            s("--transport"),
+            s("tcp"),
+            s("--backup"),
+            cable.addr.to_string(),
+        ]);
+        (backup, Some(cable))
+    } else {
+        let sock = scratch
+            .path()
+            .join(format!("backup-{}.sock", rand::random::<u32>()));
+        b.extend([s("--listen"), sock.display().to_string()]);
+        let backup = Proc::start("backup", &b);
+        p.extend([s("--backup"), sock.display().to_string()]);
+        (backup, None)
+    };
+    let primary = Proc::start("primary", &p);
+    let first_epoch = front.stats().epoch;
+    assert!(first_epoch >= 1, "the primary registered at the front");
+    Pair {
+        front,
+        primary,
+        backup,
+        first_epoch,
+        cable,
+    }
+}
+
+/// Starts `ftvm client` against the front: `requests` requests, read-back, a long timeout.
+fn start_client(front: SocketAddr, requests: u64, seed: u64) -> Child {
+    Command::new(FTVM)
+        .args([
+            "client",
+            "--service",
+            &front.to_string(),
+            "--requests",
+            &s(requests),
+            "--seed",
+            &s(seed),
+            "--keys",
+            "20",
+            "--verify",
+            "--timeout-ms",
+            "60000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the client")
+}
+
+/// Waits for the client; asserts it saw one consistent history and lost nothing.
+fn client_ok(client: Child) {
+    let out = client.wait_with_output().expect("client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "client:\n{text}");
+    assert!(text.contains("\"acknowledged_lost\": 0"), "client:\n{text}");
+}
+
+fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// Waits until exactly one replica has exited deposed; returns which ("primary"/"backup").
+fn one_deposed(pair: &mut Pair, within: Duration) -> &'static str {
+    let deadline = Instant::now() + within;
+    loop {
+        let p = pair.primary.exited_within(Duration::ZERO);
+        let b = pair.backup.exited_within(Duration::ZERO);
+        match (p, b) {
+            (None, None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (Some(3), None) => return "primary",
+            (None, Some(3)) => return "backup",
+            other => panic!("expected exactly one replica deposed (exit 3), got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_cut_channel_leaves_exactly_one_replica_live() {
+    let mut winners = Vec::new();
+    for round in 0..4 {
+        let scratch = Scratch::new("cut");
+        let store = scratch.path().join("store");
+        std::fs::create_dir_all(&store).expect("store dir");
+        ft_arbiter::FileArbiter::create_store(&store).expect("store");
+        let _turn = turn();
+        let mut pair = start_pair(&scratch, &format!("file:{}", store.display()), true);
+        let client = start_client(pair.front.local_addr(), 300, round);
+        std::thread::sleep(Duration::from_millis(150 + 100 * round));
+        pair.cable.as_ref().expect("cable").cut();
+        let loser = one_deposed(&mut pair, Duration::from_secs(10));
+        // The other goes on, alone, in the next epoch.
+        let epoch = pair.first_epoch + 1;
+        assert!(
+            wait_until(Duration::from_secs(5), || pair.front.stats().epoch == epoch),
+            "the winner registered epoch {epoch}: {:?}",
+            pair.front.stats()
+        );
+        client_ok(client);
+        let survivor = if loser == "primary" {
+            pair.backup
+        } else {
+            pair.primary
+        };
+        assert_eq!(survivor.stop(), 0, "the survivor stops cleanly");
+        winners.push(if loser == "primary" {
+            "backup"
+        } else {
+            "primary"
+        });
+    }
+    println!("cut channel winners: {winners:?}");
+}
+
+#[test]
+fn with_the_arbiter_down_nobody_goes_live_until_it_is_back() {
+    let scratch = Scratch::new("arbiter-down");
+    let key = scratch.key();
+    let mut server = start_arbiter_server(&scratch, &key, "127.0.0.1:0");
+    let addr = server
+        .first_line
+        .split_whitespace()
+        .nth(1)
+        .expect("address")
+        .to_owned();
+    let _turn = turn();
+    let mut pair = start_pair(&scratch, &format!("server:{addr}"), true);
+    let client = start_client(pair.front.local_addr(), 300, 5);
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal(libc::SIGKILL);
+    assert!(server.exited_within(Duration::from_secs(5)).is_some());
+    pair.cable.as_ref().expect("cable").cut();
+    // Both sides notice the silence and ask; nobody gets an answer, so nobody goes on.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        pair.front.stats().epoch,
+        pair.first_epoch,
+        "someone went live without the arbiter"
+    );
+    assert_eq!(pair.primary.exited_within(Duration::ZERO), None);
+    assert_eq!(pair.backup.exited_within(Duration::ZERO), None);
+    // The arbiter comes back (same address, same durable state): exactly one goes live.
+    let _server = start_arbiter_server(&scratch, &key, &addr);
+    let loser = one_deposed(&mut pair, Duration::from_secs(15));
+    let epoch = pair.first_epoch + 1;
+    assert!(wait_until(Duration::from_secs(5), || pair
+        .front
+        .stats()
+        .epoch
+        == epoch));
+    client_ok(client);
+    let survivor = if loser == "primary" {
+        pair.backup
+    } else {
+        pair.primary
+    };
+    assert_eq!(survivor.stop(), 0);
+}
+
+#[test]
+fn a_deposed_primary_cannot_reach_a_client() {
+    let scratch = Scratch::new("deposed");
+    let store = scratch.path().join("store");
+    std::fs::create_dir_all(&store).expect("store dir");
+    ft_arbiter::FileArbiter::create_store(&store).expect("store");
+    let _turn = turn();
+    let mut pair = start_pair(&scratch, &format!("file:{}", store.display()), false);
+    let client = start_client(pair.front.local_addr(), 400, 9);
+    std::thread::sleep(Duration::from_millis(200));
+    // Freeze the primary: to the backup it is as good as dead, but it will wake up.
+    pair.primary.signal(libc::SIGSTOP);
+    let epoch = pair.first_epoch + 1;
+    assert!(
+        wait_until(Duration::from_secs(10), || pair.front.stats().epoch
+            == epoch),
+        "the backup took over: {:?}",
+        pair.front.stats()
+    );
+    let before = pair.front.stats();
+    pair.primary.signal(libc::SIGCONT);
+    // Awake, it finds its backup gone, asks the arbiter, learns it lost, and halts.
+    assert_eq!(
+        pair.primary.exited_within(Duration::from_secs(10)),
+        Some(3),
+        "the woken primary must halt as deposed"
+    );
+    client_ok(client);
+    let after = pair.front.stats();
+    assert_eq!(after.epoch, epoch, "the front still serves the new epoch");
+    println!(
+        "front: {} responses fenced while the deposed primary woke ({} before)",
+        after.fenced, before.fenced
+    );
+    // A replica of the old epoch cannot even claim the service address again.
+    let mut stale = Command::new(FTVM)
+        .args([
+            "primary",
+            "--unreplicated",
+            "--key-file",
+            &scratch.key().display().to_string(),
+            "--front",
+            &pair.front.local_addr().to_string(),
+            "--service",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stale primary");
+    let status = wait_until(Duration::from_secs(10), || {
+        matches!(stale.try_wait(), Ok(Some(_)))
+    });
+    assert!(status, "a stale primary must give up at once");
+    let out = stale.wait_with_output().expect("stale primary");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pair.front.stats().refused > after.refused);
+    assert_eq!(pair.backup.stop(), 0);
+}
