@@ -134,10 +134,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Backup(args) => {
             let s = node::backup(&args)?;
-            eprintln!(
-                "backup: replayed {} exits, {} outputs checked, memory {}",
-                s.exits, s.outputs_checked, s.memory_hash
-            );
+            match &s.takeover {
+                Some(t) => eprintln!(
+                    "backup: took over at exit {} in epoch {} ({} outputs checked before, {} \
+                     requests served live), stopped at exit {}, memory {}",
+                    t.exit,
+                    t.arbitration.epoch,
+                    s.outputs_checked,
+                    s.requests,
+                    s.exits,
+                    s.memory_hash
+                ),
+                None => eprintln!(
+                    "backup: replayed {} exits, {} outputs checked, memory {}",
+                    s.exits, s.outputs_checked, s.memory_hash
+                ),
+            }
         }
         Command::Client(args) => {
             let mut w =
