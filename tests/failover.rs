@@ -5,7 +5,8 @@
 //!   response fits one sequential history (the client checks each against its model), no
 //!   acknowledged update is lost (read back at the end), the backup goes live, and its guest
 //!   equals a fresh replay of its journal;
-//! - the channel cut with both replicas alive: exactly one goes live, the other halts;
+//! - the channel cut with both replicas alive (a relay that swallows bytes on loopback, and a
+//!   veth pair between network namespaces set down): exactly one goes live, the other halts;
 //! - the arbiter down: nobody goes live; back: exactly one does;
 //! - a deposed primary that wakes up cannot reach a client.
 //!
@@ -85,7 +86,20 @@ struct Proc {
 impl Proc {
     /// Starts `ftvm args…` and waits for its first line on stdout (its "ready" line).
     fn start(name: &str, args: &[String]) -> Proc {
-        let mut child = Command::new(FTVM)
+        Proc::start_in(None, name, args)
+    }
+
+    /// As [`Proc::start`], inside network namespace `netns` if given.
+    fn start_in(netns: Option<&str>, name: &str, args: &[String]) -> Proc {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, FTVM]);
+                c
+            }
+            None => Command::new(FTVM),
+        };
+        let mut child = cmd
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -623,4 +637,150 @@ fn a_deposed_primary_cannot_reach_a_client() {
     );
     assert!(pair.front.stats().refused > after.refused);
     assert_eq!(pair.backup.stop(), 0);
+}
+
+/// Network namespace and veth pairs for one test, removed on drop:
+/// `ns` holds the primary; the channel runs over one veth pair (cut by downing it), the service
+/// (front) over another that stays up.
+struct Veths {
+    ns: String,
+    channel_peer: String,
+    service_peer: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Veths {
+    fn new() -> Veths {
+        let tag = format!("{:04x}", rand::random::<u16>());
+        let v = Veths {
+            ns: format!("ftvm-fo-{tag}"),
+            channel_peer: format!("fvc{tag}b"),
+            service_peer: format!("fvs{tag}b"),
+        };
+        let (ca, sa) = (format!("fvc{tag}a"), format!("fvs{tag}a"));
+        ip(&["netns", "add", &v.ns]);
+        ip(&[
+            "link",
+            "add",
+            &ca,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &v.channel_peer,
+        ]);
+        ip(&[
+            "link",
+            "add",
+            &sa,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &v.service_peer,
+        ]);
+        for a in [&ca, &sa] {
+            ip(&["link", "set", a, "netns", &v.ns]);
+        }
+        ip(&["-n", &v.ns, "addr", "add", "10.77.0.1/24", "dev", &ca]);
+        ip(&["-n", &v.ns, "addr", "add", "10.78.0.1/24", "dev", &sa]);
+        ip(&["addr", "add", "10.77.0.2/24", "dev", &v.channel_peer]);
+        ip(&["addr", "add", "10.78.0.2/24", "dev", &v.service_peer]);
+        for a in [&ca, &sa, &"lo".to_string()] {
+            ip(&["-n", &v.ns, "link", "set", a, "up"]);
+        }
+        ip(&["link", "set", &v.channel_peer, "up"]);
+        ip(&["link", "set", &v.service_peer, "up"]);
+        v
+    }
+}
+
+impl Drop for Veths {
+    fn drop(&mut self) {
+        // Deleting one end deletes the pair; the namespace goes with its interfaces.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.channel_peer])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.service_peer])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
+    for round in 0..2u64 {
+        let scratch = Scratch::new("veth");
+        let key = scratch.key();
+        let store = scratch.path().join("store");
+        std::fs::create_dir_all(&store).expect("store dir");
+        ft_arbiter::FileArbiter::create_store(&store).expect("store");
+        let arbiter = format!("file:{}", store.display());
+        let _turn = turn();
+        let veths = Veths::new();
+        let psk = PreSharedKey::from_file(&key).expect("key");
+        // The front listens on every address: the primary reaches it over the service veth.
+        let front =
+            Front::spawn(UdpSocket::bind("0.0.0.0:0").expect("front"), psk, 1).expect("front");
+        let port = front.local_addr().port();
+        let service_front: SocketAddr = format!("10.78.0.2:{port}").parse().expect("addr");
+        let mut b = node_args("backup", &key, &arbiter, service_front, 1);
+        b.extend([s("--transport"), s("tcp"), s("--listen"), s("10.77.0.2:0")]);
+        let mut backup = Proc::start("backup", &b);
+        let listening = backup
+            .first_line
+            .split_whitespace()
+            .nth(1)
+            .expect("addr")
+            .to_owned();
+        let mut p = node_args("primary", &key, &arbiter, service_front, 0);
+        p.extend([
+            s("--transport"),
+            s("tcp"),
+            s("--backup"),
+            listening,
+            s("--service"),
+            s("10.78.0.1:0"),
+        ]);
+        let mut primary = Proc::start_in(Some(&veths.ns), "primary", &p);
+        let first_epoch = front.stats().epoch;
+        let local_front: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let client = start_client(local_front, 300, 40 + round);
+        std::thread::sleep(Duration::from_millis(200 + 150 * round));
+        ip(&["link", "set", &veths.channel_peer, "down"]);
+        let mut pair_exits = || {
+            (
+                primary.exited_within(Duration::ZERO),
+                backup.exited_within(Duration::ZERO),
+            )
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || pair_exits() != (None, None)),
+            "nobody halted after the cut"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let exits = (
+            primary.exited_within(Duration::ZERO),
+            backup.exited_within(Duration::ZERO),
+        );
+        let survivor = match exits {
+            (Some(3), None) => backup,
+            (None, Some(3)) => primary,
+            other => panic!("expected exactly one replica deposed (exit 3), got {other:?}"),
+        };
+        assert!(wait_until(Duration::from_secs(5), || front.stats().epoch
+            == first_epoch + 1));
+        client_ok(client);
+        assert_eq!(survivor.stop(), 0);
+    }
 }
