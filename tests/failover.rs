@@ -784,3 +784,34 @@ fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
         assert_eq!(survivor.stop(), 0);
     }
 }
+
+#[test]
+fn a_primary_that_loses_its_backup_asks_then_goes_on_alone() {
+    let scratch = Scratch::new("backup-killed");
+    let store = scratch.path().join("store");
+    std::fs::create_dir_all(&store).expect("store dir");
+    ft_arbiter::FileArbiter::create_store(&store).expect("store");
+    let _turn = turn();
+    let mut pair = start_pair(&scratch, &format!("file:{}", store.display()), false);
+    let client = start_client(pair.front.local_addr(), 300, 11);
+    std::thread::sleep(Duration::from_millis(150));
+    pair.backup.signal(libc::SIGKILL);
+    // The primary wins the next epoch and re-registers at the front under it.
+    let epoch = pair.first_epoch + 1;
+    assert!(
+        wait_until(Duration::from_secs(10), || pair.front.stats().epoch
+            == epoch),
+        "the primary claimed epoch {epoch}: {:?}",
+        pair.front.stats()
+    );
+    client_ok(client);
+    assert_eq!(pair.primary.exited_within(Duration::ZERO), None);
+    assert_eq!(pair.primary.stop(), 0);
+    let current = ft_arbiter::FileArbiter::open(&store)
+        .and_then(|mut a| ft_arbiter::Arbiter::current(&mut a, "ftvm-pair-1"))
+        .expect("arbiter");
+    assert!(
+        current.is_some_and(|(winner, e)| winner.starts_with("primary-") && e == epoch),
+        "the arbiter recorded the primary's win"
+    );
+}
