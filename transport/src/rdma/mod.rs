@@ -1,0 +1,825 @@
+//! The RDMA medium: the primary writes log frames with one-sided RDMA WRITEs straight into the
+//! backup's ring, and the backup writes its cumulative ACK one-sidedly back into a registered
+//! block on the primary. Reliable-connected queue pair; works over InfiniBand, RoCE and soft-RoCE
+//! (`rdma_rxe`).
+//!
+//! # Set-up
+//! Out of band, over the channel's TCP handshake ([`crate::handshake`]): mutual HMAC
+//! authentication first, and only then does the backup create its queue pair, register its ring
+//! and send the ring's address, size and rkey (with its QPN, GID and PSN) in the Welcome; the
+//! primary, which has checked the backup's proof by then, answers with its own queue pair and the
+//! rkey of its ACK block; the backup moves its queue pair to RTS and says `R`. An unauthenticated
+//! peer never gets an rkey — none exists yet when it is refused. Both sides check the other's
+//! set-up message ([`setup::PeerInfo::decode`]): a ring size that is no power of two or too small
+//! for the frames, a region that wraps the address space or a too-small ACK block is refused with
+//! [`ChannelError::RdmaSetup`].
+//!
+//! The TCP socket stays open as the control socket: its end-of-file tells each side at once that
+//! the other process died (as the Unix socket of the shared-memory medium does); heartbeats cover
+//! a hung peer.
+//!
+//! # Data path
+//! The primary keeps a *mirror* of the backup's ring in its own registered memory, with the same
+//! capacity and byte layout: [`crate::ring::Producer`] lays each frame out there as a record
+//! (header, payload, wrap padding), and the bytes the record occupies are written to the same
+//! offsets of the backup's ring. The last write of each frame is an RDMA WRITE WITH IMMEDIATE
+//! whose immediate is the low 32 bits of the new head counter: the backup learns of new records
+//! from its completion queue (which the verbs ordering rules deliver only after the record's
+//! bytes are in place) and stores the head into its ring header itself. The backup's ring header
+//! is not even registered: the primary can only write into the data area, and the consumer
+//! validates every length and counter it reads from it ([`crate::ring`]).
+//!
+//! Why not write the head counter with a second RDMA WRITE, as shared memory stores it: an RDMA
+//! write is not an atomic store for a CPU polling the same word (soft-RoCE copies with `memcpy`,
+//! which under emulation moves bytes one by one), so a polled head could be read torn and point
+//! past the written data; a completion cannot. It also saves a work request per frame.
+//!
+//! Writes of at most `max_inline_data` bytes (heartbeats, small frames, ACKs) go inline, copied
+//! into the work request at post time. Only every [`RdmaConfig::signal_every`]-th work request is
+//! signalled ([`verbs::SendQueue`] makes sure a full send queue always holds one). Completion
+//! queues are busy-polled by the channel under its [`crate::PollPolicy`], like every other
+//! medium; they are polled from `poll`/`receive`, never waited on.
+//!
+//! # ACKs
+//! The backup publishes `{acked, tail, beats, check}` (32 bytes, [`setup::AckBlock`]) with an
+//! inline RDMA WRITE into the primary's ACK block: the cumulative ACK, how far it has released
+//! its ring (the primary's free space), and a counter that changes with every ACK (heartbeat).
+//! The primary reads the block from memory with no verbs call at all; the check word catches a
+//! read that raced the write. A SEND-based ACK would need a posted receive and a CQ poll on the
+//! primary per ACK and one more completion on its path; the one-sided write is the cheaper
+//! design, though it was not measured against SEND here.
+//!
+//! # Failures
+//! A failed completion ([`ChannelError::RdmaCompletion`], e.g. retries exceeded once the peer's
+//! queue pair is gone), a queue pair in the error state ([`ChannelError::RdmaQpError`], checked at
+//! heartbeat pace), the control socket's end-of-file ([`ChannelError::PeerClosed`]), a silent
+//! peer (the channel's heartbeat timeout) and a write outside the peer's registered region
+//! ([`ChannelError::RdmaOutOfBounds`], refused before it is posted) all surface as typed errors;
+//! nothing waits without a bound.
+
+pub mod setup;
+pub mod verbs;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdma_sys::{ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wr_opcode};
+
+use self::setup::{AckBlock, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, SETUP_LEN};
+use self::verbs::{Completion, Endpoint, Registered, SendQueue};
+use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::error::ChannelError;
+use crate::handshake::{self, MediumKind, SessionParams};
+use crate::region::{HeapRegion, RingMemory};
+use crate::ring::{self, Consumer, Producer, RingError, RING_HEADER_LEN};
+
+pub use self::verbs::device_names;
+
+/// Offset of the producer's `head` counter in a ring region (see [`crate::ring`]'s layout).
+const HEAD_OFFSET: usize = 128;
+/// Offset of the consumer's `tail` counter in a ring region.
+const TAIL_OFFSET: usize = 256;
+/// Receive work requests carry this bit in their ids, send requests never do.
+const RECV_TAG: u64 = 1 << 63;
+
+/// Which RDMA device and port a channel end uses, and how its queues are sized; named after
+/// perftest's options (`-d`, `-i`, `-x`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaConfig {
+    /// Device name, as `ibv_devices` lists it (e.g. `"rxe0"`, `"mlx5_0"`).
+    pub device: String,
+    /// Port number on the device (perftest `-i`), usually 1.
+    pub ib_port: u8,
+    /// GID table index (perftest `-x`); on RoCE, the entry that maps this side's IP address.
+    pub gid_index: u8,
+    /// Send queue slots requested.
+    pub send_queue_depth: u32,
+    /// Receive queue slots requested (the backup posts one per expected frame).
+    pub recv_queue_depth: u32,
+    /// Signal one send work request in this many (clamped to a quarter of the queue).
+    pub signal_every: u32,
+    /// Inline bytes requested per work request (`max_inline_data`); writes up to what the device
+    /// grants are copied at post time instead of read from registered memory.
+    pub max_inline: u32,
+    /// Local ACK timeout exponent (4.096 µs × 2^n) before the NIC retransmits; 7 retries.
+    pub retry_timeout: u8,
+}
+
+impl RdmaConfig {
+    /// Port 1 of `device`, GID index `gid_index`, default queue sizes.
+    pub fn new(device: impl Into<String>, gid_index: u8) -> Self {
+        RdmaConfig {
+            device: device.into(),
+            ib_port: 1,
+            gid_index,
+            send_queue_depth: 256,
+            recv_queue_depth: 1024,
+            signal_every: 32,
+            max_inline: 256,
+            retry_timeout: 14,
+        }
+    }
+
+    /// One side's device, GID index and IP address from `FTVM_RDMA_DEV_<side>`,
+    /// `FTVM_RDMA_GID_<side>` and `FTVM_RDMA_IP_<side>` (`side` is `"A"` for the primary, `"B"`
+    /// for the backup) — the contract of the soft-RoCE CI guest. Missing or malformed variables
+    /// are a [`ChannelError::Config`] naming them.
+    pub fn from_env(side: &str) -> Result<(Self, IpAddr), ChannelError> {
+        let var = |name: String| {
+            std::env::var(&name).map_err(|_| {
+                ChannelError::Config(format!(
+                    "{name} is not set: RDMA tests and benchmarks need FTVM_RDMA_DEV_A/B, \
+                     FTVM_RDMA_GID_A/B and FTVM_RDMA_IP_A/B (they run in the soft-RoCE guest)"
+                ))
+            })
+        };
+        let device = var(format!("FTVM_RDMA_DEV_{side}"))?;
+        let gid_name = format!("FTVM_RDMA_GID_{side}");
+        let gid: u8 = var(gid_name.clone())?
+            .trim()
+            .parse()
+            .map_err(|_| ChannelError::Config(format!("{gid_name} is not a GID index")))?;
+        let ip_name = format!("FTVM_RDMA_IP_{side}");
+        let ip: IpAddr = var(ip_name.clone())?
+            .trim()
+            .parse()
+            .map_err(|_| ChannelError::Config(format!("{ip_name} is not an IP address")))?;
+        Ok((RdmaConfig::new(device, gid), ip))
+    }
+}
+
+impl Default for RdmaConfig {
+    /// Soft-RoCE's first device: `rxe0`, port 1, GID index 0.
+    fn default() -> Self {
+        RdmaConfig::new("rxe0", 0)
+    }
+}
+
+fn session(config: &ChannelConfig) -> SessionParams {
+    SessionParams {
+        session_id: config.session_id,
+        epoch: config.epoch,
+        medium: MediumKind::Rdma,
+        key: config.key.clone(),
+    }
+}
+
+fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
+    let io = |context| move |e| ChannelError::io(context, e);
+    stream
+        .set_nodelay(true)
+        .map_err(io("setting TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(config.handshake_timeout))
+        .map_err(io("setting handshake timeout"))?;
+    stream
+        .set_write_timeout(Some(config.handshake_timeout))
+        .map_err(io("setting handshake timeout"))?;
+    Ok(())
+}
+
+fn read_setup(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ChannelError> {
+    stream.read_exact(buf).map_err(|e| match e.kind() {
+        ErrorKind::UnexpectedEof => ChannelError::PeerClosed,
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            ChannelError::HandshakeTimeout { waiting_for: what }
+        }
+        _ => ChannelError::io(what, e),
+    })
+}
+
+fn heap(len: usize) -> Result<Arc<HeapRegion>, ChannelError> {
+    Ok(Arc::new(HeapRegion::new(len).map_err(RingError::from)?))
+}
+
+/// An 8-byte counter in a ring header.
+fn counter(region: &HeapRegion, offset: usize) -> &AtomicU64 {
+    debug_assert!(offset + 8 <= region.len() && offset.is_multiple_of(8));
+    // SAFETY: callers pass HEAD_OFFSET or TAIL_OFFSET of a ring region (at least
+    // RING_HEADER_LEN bytes, page-aligned), so the word is in bounds and 8-aligned; the
+    // reference lives no longer than the borrowed region; the ring code accesses the same word
+    // only atomically.
+    unsafe { &*region.as_ptr().add(offset).cast::<AtomicU64>() }
+}
+
+/// Checks the control socket without blocking: end-of-file means the peer process is gone.
+fn check_socket(stream: &mut TcpStream) -> Result<(), ChannelError> {
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => Err(ChannelError::PeerClosed),
+        Ok(_) => Err(ChannelError::CorruptMessage(
+            "unexpected data on the RDMA control socket".into(),
+        )),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
+        Err(e) => Err(ChannelError::io("checking the control socket", e)),
+    }
+}
+
+/// One RDMA write of a work-request chain being built.
+struct RdmaWrite {
+    /// Local source address.
+    local: u64,
+    len: u32,
+    /// Peer address.
+    remote: u64,
+    /// Immediate data (the write is then a WRITE WITH IMMEDIATE).
+    imm: Option<u32>,
+}
+
+/// Posts `writes` (at most 2) as one chain; the last is signalled as `sq` decides.
+fn post_writes(
+    ep: &mut Endpoint,
+    sq: &mut SendQueue,
+    lkey: u32,
+    rkey: u32,
+    writes: &[RdmaWrite],
+) -> Result<(), ChannelError> {
+    let k = writes.len();
+    debug_assert!((1..=2).contains(&k));
+    let prev = sq.last_signaled();
+    let (last, signal) = sq.plan(k as u64);
+    let mut sges = [ibv_sge {
+        addr: 0,
+        length: 0,
+        lkey,
+    }; 2];
+    // SAFETY: all-zero is a valid `ibv_send_wr` (null pointers, zero integers, union of
+    // integers and pointers).
+    let mut wrs: [ibv_send_wr; 2] = unsafe { std::mem::zeroed() };
+    for (i, w) in writes.iter().enumerate() {
+        sges[i].addr = w.local;
+        sges[i].length = w.len;
+        let wr = &mut wrs[i];
+        wr.wr_id = last - (k - 1 - i) as u64;
+        wr.num_sge = 1;
+        let mut flags = 0;
+        if w.len <= ep.max_inline {
+            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        if signal && i == k - 1 {
+            flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        wr.send_flags = flags;
+        wr.opcode = match w.imm {
+            Some(imm) => {
+                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
+            }
+            None => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+        };
+        wr.wr.rdma.remote_addr = w.remote;
+        wr.wr.rdma.rkey = rkey;
+    }
+    let sge_ptr = sges.as_mut_ptr();
+    let wr_ptr = wrs.as_mut_ptr();
+    for i in 0..k {
+        // SAFETY: `i < k <= 2`: both pointers stay inside their arrays.
+        unsafe {
+            (*wr_ptr.add(i)).sg_list = sge_ptr.add(i);
+            if i + 1 < k {
+                (*wr_ptr.add(i)).next = wr_ptr.add(i + 1);
+            }
+        }
+    }
+    // SAFETY: the chain is null-terminated (zeroed `next` of the last request), lives on this
+    // stack frame for the call, and its entries point into memory registered under `lkey` (or are
+    // inline); the callers leave that memory untouched until the peer has released it, which
+    // it can only do after the write landed.
+    let posted = unsafe { ep.post_send(wr_ptr) };
+    if posted.is_err() {
+        sq.unplan(k as u64, signal, prev);
+    }
+    posted
+}
+
+/// Reaps send completions: a failed one is the link's error; successful ones free send slots.
+/// Receive completions (backup only) go to `on_recv`.
+fn reap(
+    ep: &mut Endpoint,
+    sq: &mut SendQueue,
+    wcs: &mut [Completion; 16],
+    mut on_recv: impl FnMut(&Completion) -> Result<(), ChannelError>,
+) -> Result<(), ChannelError> {
+    loop {
+        let n = ep.poll(wcs)?;
+        for c in &wcs[..n] {
+            if !c.ok {
+                return Err(c.error());
+            }
+            if c.wr_id & RECV_TAG != 0 {
+                on_recv(c)?;
+            } else {
+                sq.complete(c.wr_id);
+            }
+        }
+        if n < wcs.len() {
+            return Ok(());
+        }
+    }
+}
+
+const NO_COMPLETION: Completion = Completion {
+    wr_id: 0,
+    ok: true,
+    status: 0,
+    vendor_err: 0,
+    opcode: 0,
+    imm: 0,
+};
+
+fn connect_tcp(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| ChannelError::io("resolving the backup's address", e))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => ChannelError::io("connecting to the backup", e),
+        None => ChannelError::Config("backup address resolved to nothing".into()),
+    })
+}
+
+/// Connects to a backup listening at `addr` (its TCP handshake socket), authenticates, sets up
+/// the RDMA queue pair on `rdma`'s device and returns the primary's channel end.
+pub fn connect(
+    addr: impl ToSocketAddrs,
+    config: ChannelConfig,
+    rdma: &RdmaConfig,
+) -> Result<Primary<RdmaPrimaryLink>, ChannelError> {
+    config.validate()?;
+    let mut stream = connect_tcp(addr, config.handshake_timeout)?;
+    prepare(&stream, &config)?;
+    let accepted = handshake::primary_handshake(&mut stream, &session(&config))?;
+    let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
+    let capacity = backup.len as usize;
+
+    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, 1)?;
+    let mirror = heap(ring::region_len(capacity))?;
+    ring::format(&*mirror, capacity)?;
+    let producer = Producer::attach(mirror.clone())?;
+    let mirror_mr = ep.register(&mirror, 0, ring::region_len(capacity), false)?;
+    let acks = heap(4096)?;
+    let ack_mr = ep.register(&acks, 0, ACK_BLOCK_LEN as usize, true)?;
+    ep.to_init()?;
+    ep.connect(&backup, rdma.retry_timeout)?;
+    let ours = PeerInfo {
+        role: Role::Primary,
+        mtu: ep.mtu,
+        qpn: ep.qpn(),
+        psn: ep.psn,
+        lid: ep.lid,
+        rkey: ack_mr.rkey,
+        gid: ep.gid,
+        addr: ack_mr.addr,
+        len: ack_mr.len,
+    };
+    stream
+        .write_all(&ours.encode())
+        .map_err(|e| ChannelError::io("sending the RDMA set-up", e))?;
+    let mut ready = [0u8; 1];
+    read_setup(&mut stream, &mut ready, "the backup's RDMA ready signal")?;
+    if ready != *b"R" {
+        return Err(ChannelError::RdmaSetup(
+            "the backup refused our RDMA set-up".into(),
+        ));
+    }
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let sq = SendQueue::new(ep.sq_depth, rdma.signal_every);
+    let link = RdmaPrimaryLink {
+        remote: RemoteRegion {
+            addr: backup.addr,
+            len: backup.len,
+            rkey: backup.rkey,
+        },
+        capacity: capacity as u64,
+        sent: 0,
+        tail: 0,
+        producer,
+        mirror,
+        mirror_mr,
+        acks,
+        sq,
+        last_beats: 0,
+        torn_reads: 0,
+        stream,
+        wcs: [NO_COMPLETION; 16],
+        ep,
+    };
+    Primary::new(link, config, accepted.resume_seq)
+}
+
+/// Accepts one primary on `listener` (the TCP handshake socket), authenticates it, and only then
+/// creates the queue pair and the registered ring on `rdma`'s device; returns the backup's channel
+/// end. A primary that fails the handshake or sends a bad set-up message is refused with a typed
+/// error (accept again to go on); it has received no rkey.
+pub fn accept(
+    listener: &TcpListener,
+    config: ChannelConfig,
+    rdma: &RdmaConfig,
+) -> Result<Backup<RdmaBackupLink>, ChannelError> {
+    config.validate()?;
+    let (mut stream, _) = listener
+        .accept()
+        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    prepare(&stream, &config)?;
+    let hello = handshake::backup_authenticate(&mut stream, &session(&config))?;
+
+    // The primary is authenticated: only now do the queue pair and the rkey come to exist.
+    let capacity = config.ring_capacity;
+    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, rdma.recv_queue_depth)?;
+    let ring_mem = heap(ring::region_len(capacity))?;
+    ring::format(&*ring_mem, capacity)?;
+    let consumer = Consumer::attach(ring_mem.clone())?;
+    // The data area only: the header (head and tail) stays out of the peer's reach.
+    let ring_mr = ep.register(&ring_mem, RING_HEADER_LEN, capacity, true)?;
+    let slots = ep.sq_depth as usize;
+    let ack_mem = heap(slots * ACK_LEN)?;
+    let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
+    ep.to_init()?;
+    let rq_depth = ep.rq_depth;
+    ep.post_recvs(RECV_TAG, rq_depth as usize)?;
+    let ours = PeerInfo {
+        role: Role::Backup,
+        mtu: ep.mtu,
+        qpn: ep.qpn(),
+        psn: ep.psn,
+        lid: ep.lid,
+        rkey: ring_mr.rkey,
+        gid: ep.gid,
+        addr: ring_mr.addr,
+        len: ring_mr.len,
+    };
+    handshake::backup_welcome(&mut stream, 1, &ours.encode())?;
+    let mut msg = [0u8; SETUP_LEN];
+    read_setup(&mut stream, &mut msg, "the primary's RDMA set-up")?;
+    let primary = match PeerInfo::decode(&msg, Role::Primary, 0) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = stream.write_all(b"X");
+            return Err(e);
+        }
+    };
+    ep.connect(&primary, rdma.retry_timeout)?;
+    stream
+        .write_all(b"R")
+        .map_err(|e| ChannelError::io("sending the RDMA ready signal", e))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let sq = SendQueue::new(ep.sq_depth, rdma.signal_every);
+    let link = RdmaBackupLink {
+        consumer,
+        ring: ring_mem,
+        capacity: capacity as u64,
+        head: 0,
+        next_recv: RECV_TAG + u64::from(rq_depth),
+        recvs_posted: rq_depth,
+        sq,
+        acks: ack_mem,
+        ack_mr,
+        peer: RemoteRegion {
+            addr: primary.addr,
+            len: primary.len,
+            rkey: primary.rkey,
+        },
+        pending: None,
+        beats: 0,
+        stream,
+        wcs: [NO_COMPLETION; 16],
+        ep,
+    };
+    Backup::new(link, config, 1, hello.epoch)
+}
+
+/// The primary's RDMA link: frames laid out in a local mirror of the backup's ring and written
+/// to the same offsets of the real one.
+pub struct RdmaPrimaryLink {
+    ep: Endpoint,
+    producer: Producer<Arc<HeapRegion>>,
+    mirror: Arc<HeapRegion>,
+    mirror_mr: Registered,
+    /// The block the backup's ACKs land in.
+    acks: Arc<HeapRegion>,
+    remote: RemoteRegion,
+    capacity: u64,
+    /// Head counter as far as writes were posted.
+    sent: u64,
+    /// The backup's released position, as last reported.
+    tail: u64,
+    sq: SendQueue,
+    last_beats: u64,
+    torn_reads: u64,
+    stream: TcpStream,
+    wcs: [Completion; 16],
+}
+
+impl std::fmt::Debug for RdmaPrimaryLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaPrimaryLink")
+            .field("ep", &self.ep)
+            .field("capacity", &self.capacity)
+            .field("sent", &self.sent)
+            .field("tail", &self.tail)
+            .field("in_flight", &self.sq.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RdmaPrimaryLink {
+    /// Reads of the ACK block that raced the backup's write and were retried.
+    pub fn torn_reads(&self) -> u64 {
+        self.torn_reads
+    }
+
+    /// Inline bytes the queue pair accepts per write.
+    pub fn max_inline(&self) -> u32 {
+        self.ep.max_inline
+    }
+
+    fn reap(&mut self) -> Result<(), ChannelError> {
+        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| {
+            Err(ChannelError::CorruptMessage(
+                "receive completion on the primary".into(),
+            ))
+        })
+    }
+
+    fn ack_word(&self, i: usize) -> u64 {
+        // SAFETY: the ACK block is the first 64 bytes of a page-aligned 4 KiB region owned by
+        // `self`; word `i < 4` is in bounds and 8-aligned; the NIC writes it concurrently, so it
+        // is read atomically.
+        unsafe { &*self.acks.as_ptr().add(8 * i).cast::<AtomicU64>() }.load(Ordering::Acquire)
+    }
+}
+
+impl PrimaryLink for RdmaPrimaryLink {
+    fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError> {
+        if self.sq.room() < 2 {
+            self.reap()?;
+            if self.sq.room() < 2 {
+                return Ok(false);
+            }
+        }
+        match self.producer.try_reserve(frame.len()) {
+            Ok(slot) => slot.copy_from_slice(frame),
+            Err(RingError::Full { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        self.producer.commit();
+        let old = self.sent;
+        let new = counter(&self.mirror, HEAD_OFFSET).load(Ordering::Relaxed);
+        let data = self.mirror_mr.addr + RING_HEADER_LEN as u64;
+        let offset = old & (self.capacity - 1);
+        let span = new - old;
+        let imm = Some(new as u32);
+        let to_end = self.capacity - offset;
+        let writes = if span > to_end {
+            // The record wrapped: a padding header at `offset`, the record at 0.
+            let len = span - to_end;
+            [
+                RdmaWrite {
+                    local: data + offset,
+                    len: ring::RECORD_HEADER_LEN as u32,
+                    remote: self.remote.target(offset, ring::RECORD_HEADER_LEN as u64)?,
+                    imm: None,
+                },
+                RdmaWrite {
+                    local: data,
+                    len: len as u32,
+                    remote: self.remote.target(0, len)?,
+                    imm,
+                },
+            ]
+        } else {
+            [
+                RdmaWrite {
+                    local: data + offset,
+                    len: span as u32,
+                    remote: self.remote.target(offset, span)?,
+                    imm,
+                },
+                RdmaWrite {
+                    local: 0,
+                    len: 0,
+                    remote: 0,
+                    imm: None,
+                },
+            ]
+        };
+        let k = if span > to_end { 2 } else { 1 };
+        post_writes(
+            &mut self.ep,
+            &mut self.sq,
+            self.mirror_mr.lkey,
+            self.remote.rkey,
+            &writes[..k],
+        )?;
+        self.sent = new;
+        Ok(true)
+    }
+
+    fn flush(&mut self) -> Result<bool, ChannelError> {
+        Ok(true)
+    }
+
+    fn poll(&mut self) -> Result<BackupNews, ChannelError> {
+        self.reap()?;
+        let words = [
+            self.ack_word(0),
+            self.ack_word(1),
+            self.ack_word(2),
+            self.ack_word(3),
+        ];
+        let Some(block) = AckBlock::from_words(words) else {
+            if words != [0; 4] {
+                self.torn_reads += 1;
+            }
+            return Ok(BackupNews::default());
+        };
+        if block.tail < self.tail || block.tail > self.sent || !block.tail.is_multiple_of(8) {
+            return Err(ChannelError::CorruptMessage(format!(
+                "backup released its ring up to {}, but {} were written and {} released before",
+                block.tail, self.sent, self.tail
+            )));
+        }
+        if block.tail != self.tail {
+            counter(&self.mirror, TAIL_OFFSET).store(block.tail, Ordering::Release);
+            self.tail = block.tail;
+        }
+        let heard = block.beats != self.last_beats;
+        self.last_beats = block.beats;
+        Ok(BackupNews {
+            acked: Some(block.acked),
+            heard,
+        })
+    }
+
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        check_socket(&mut self.stream)?;
+        self.ep.check_qp()
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        // Completions are polled, not waited for: sleep briefly so blocking mode stays cheap.
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+        Ok(false)
+    }
+}
+
+/// The backup's RDMA link: its ring, written by the primary's NIC, and one-sided ACK writes.
+pub struct RdmaBackupLink {
+    ep: Endpoint,
+    consumer: Consumer<Arc<HeapRegion>>,
+    ring: Arc<HeapRegion>,
+    capacity: u64,
+    /// The producer's head, rebuilt from the immediates of the primary's writes.
+    head: u64,
+    next_recv: u64,
+    recvs_posted: u32,
+    sq: SendQueue,
+    /// Source slots for ACK writes the device cannot take inline.
+    acks: Arc<HeapRegion>,
+    ack_mr: Registered,
+    peer: RemoteRegion,
+    /// An ACK the send queue had no room for; cumulative, so only the newest matters.
+    pending: Option<[u8; ACK_LEN]>,
+    beats: u64,
+    stream: TcpStream,
+    wcs: [Completion; 16],
+}
+
+impl std::fmt::Debug for RdmaBackupLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaBackupLink")
+            .field("ep", &self.ep)
+            .field("capacity", &self.capacity)
+            .field("head", &self.head)
+            .field("recvs_posted", &self.recvs_posted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RdmaBackupLink {
+    /// Reaps completions; returns whether new records arrived (their head is then stored).
+    fn reap(&mut self) -> Result<bool, ChannelError> {
+        let (capacity, mut head, mut arrived) = (self.capacity, self.head, 0u32);
+        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
+            let delta = u64::from(c.imm.wrapping_sub(head as u32));
+            if delta > capacity || !delta.is_multiple_of(8) {
+                return Err(ChannelError::CorruptMessage(format!(
+                    "primary's write moved the ring head by {delta} bytes (capacity {capacity})"
+                )));
+            }
+            head += delta;
+            arrived += 1;
+            Ok(())
+        })?;
+        self.recvs_posted -= arrived.min(self.recvs_posted);
+        if head != self.head {
+            self.head = head;
+            // The consumer bounds-checks this against its own position and capacity.
+            counter(&self.ring, HEAD_OFFSET).store(head, Ordering::Release);
+        }
+        let want = self.ep.rq_depth;
+        if self.recvs_posted < want / 2 {
+            let n = want - self.recvs_posted;
+            self.ep.post_recvs(self.next_recv, n as usize)?;
+            self.next_recv += u64::from(n);
+            self.recvs_posted = want;
+        }
+        Ok(arrived > 0)
+    }
+
+    fn send_ack(&mut self, msg: [u8; ACK_LEN]) -> Result<(), ChannelError> {
+        if self.sq.room() < 1 {
+            self.reap()?;
+            if self.sq.room() < 1 {
+                self.pending = Some(msg);
+                return Ok(());
+            }
+        }
+        // Slot of the request about to be posted; it is reused `depth` requests later, by which
+        // time this one has completed (the queue never holds more than `depth`).
+        let slots = self.ack_mr.len / ACK_LEN as u64;
+        let slot = (self.sq.posted() + 1) % slots;
+        let at = slot as usize * ACK_LEN;
+        debug_assert!(at + ACK_LEN <= self.acks.len());
+        // SAFETY: `slot < slots`, so the 32 bytes lie inside the registered slot region owned by
+        // `self`; the NIC reads them only for a request posted from this slot, which completed
+        // before the slot came round again.
+        unsafe {
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), self.acks.as_ptr().add(at), ACK_LEN);
+        }
+        let local = self.ack_mr.addr + at as u64;
+        let write = RdmaWrite {
+            local,
+            len: ACK_LEN as u32,
+            remote: self.peer.target(0, ACK_LEN as u64)?,
+            imm: None,
+        };
+        post_writes(
+            &mut self.ep,
+            &mut self.sq,
+            self.ack_mr.lkey,
+            self.peer.rkey,
+            &[write],
+        )?;
+        self.pending = None;
+        Ok(())
+    }
+}
+
+impl BackupLink for RdmaBackupLink {
+    fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        Ok(self.consumer.peek()?)
+    }
+
+    fn receive(&mut self) -> Result<bool, ChannelError> {
+        let arrived = self.reap()?;
+        if let Some(msg) = self.pending {
+            self.send_ack(msg)?;
+        }
+        Ok(arrived)
+    }
+
+    fn consume(&mut self) -> Result<(), ChannelError> {
+        self.consumer.advance_peeked();
+        self.consumer.release();
+        Ok(())
+    }
+
+    fn ack(&mut self, acked: u64, _epoch: u64) -> Result<(), ChannelError> {
+        self.beats += 1;
+        let block = AckBlock {
+            acked,
+            tail: counter(&self.ring, TAIL_OFFSET).load(Ordering::Acquire),
+            beats: self.beats,
+        };
+        self.send_ack(block.encode())
+    }
+
+    fn check_peer(&mut self) -> Result<(), ChannelError> {
+        check_socket(&mut self.stream)?;
+        self.ep.check_qp()
+    }
+
+    fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+        Ok(false)
+    }
+}
