@@ -21,13 +21,20 @@ stty -F "$RES" raw -echo 2>/dev/null
 up() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "GUEST[$(up)]: $*"; }
 
-# emit KIND NAME RC SECS FILE: one result block on the results port.
+# emit KIND NAME RC SECS FILE: one result block on the results port (at most the last MiB).
 emit() {
   {
     echo "FTVM-RESULT-BEGIN $1 $2"
-    base64 "$5"
+    tail -c 1048576 "$5" | base64
     echo "FTVM-RESULT-END $1 $2 rc=$3 secs=$4"
   } >"$RES"
+}
+
+# show NAME FILE: a log on the console, prefixed, at most its last 300 lines.
+show() {
+  _lines=$(wc -l <"$2")
+  [ "$_lines" -le 300 ] || echo "  [$1] ... ($((_lines - 300)) earlier lines: target/softroce/logs/)"
+  tail -n 300 "$2" | sed "s/^/  [$1] /"
 }
 
 # run_limited SECS OUTFILE CMD...: runs CMD in its own session with stdout+stderr to OUTFILE;
@@ -102,7 +109,7 @@ for t in /ftvm/tests/*; do
   run_limited "$TEST_TIMEOUT" "/tmp/test-$name.log" "$t"
   rc=$?
   secs=$(since "$t0")
-  sed "s/^/  [$name] /" "/tmp/test-$name.log"
+  show "$name" "/tmp/test-$name.log"
   say "test $name: exit $rc after $secs s"
   emit test "$name" "$rc" "$secs" "/tmp/test-$name.log"
 done
@@ -115,7 +122,7 @@ if [ -x /ftvm/bench ]; then
     --count "$BENCH_COUNT" --warmup "$BENCH_WARMUP" --json /tmp/bench.json
   rc=$?
   secs=$(since "$t0")
-  cat /tmp/bench.log
+  show bench /tmp/bench.log
   say "bench: exit $rc after $secs s"
   emit bench-log bench "$rc" "$secs" /tmp/bench.log
   [ -f /tmp/bench.json ] && emit bench-json bench "$rc" "$secs" /tmp/bench.json

@@ -72,6 +72,12 @@ def main():
     a = ap.parse_args()
 
     results, done = parse_results(a.results)
+    logs = Path(a.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("*.log"):
+        old.unlink()
+    for (kind, name), r in results.items():
+        (logs / f"{kind}-{name}.log").write_text(r["text"])
     failures = []
 
     def check(kind, name, what):
