@@ -22,6 +22,8 @@
 #   SOFTROCE_PERF_ITERS=5000 SOFTROCE_TEST_TIMEOUT=600 (per test binary, s)
 #   SOFTROCE_BENCH_TIMEOUT=300 SOFTROCE_PERF_TIMEOUT=90 SOFTROCE_VM_TIMEOUT=1200 (whole VM, s)
 #   SOFTROCE_VM_MEM=2048 (MiB) SOFTROCE_SMP=2 SOFTROCE_ACCEL=tcg (kvm cannot boot it on PVM hosts)
+#   development aids: SOFTROCE_EXTRA_TESTS="NAME=PATH ..." (more test executables),
+#   SOFTROCE_BENCH_EXE=PATH (a bench binary built elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -108,6 +110,7 @@ if [[ ! -f $KDIR/boot/vmlinuz-$KVER || ! -f $KDIR/.complete-$KVER ]]; then
     (cd "$WORK/debs" && apt-get download -q "${sandbox[@]}" "$KPKG" >/dev/null) ||
       die "apt-get download $KPKG failed"
     deb=$(find "$WORK/debs" -name "${KPKG}_*.deb" | sort | tail -1)
+    find "$WORK/debs" -name 'linux-image-*.deb' ! -name "${KPKG}_*" -delete # older kernels
   fi
   rm -rf "$KDIR"
   dpkg -x "$deb" "$KDIR"
