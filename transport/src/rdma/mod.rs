@@ -66,10 +66,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdma_sys::{ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wr_opcode};
-
 use self::setup::{AckBlock, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, SETUP_LEN};
-use self::verbs::{Completion, Endpoint, Registered, SendQueue};
+use self::verbs::{
+    post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue, NO_COMPLETION,
+};
 use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind, SessionParams};
@@ -83,7 +83,7 @@ const HEAD_OFFSET: usize = 128;
 /// Offset of the consumer's `tail` counter in a ring region.
 const TAIL_OFFSET: usize = 256;
 /// Receive work requests carry this bit in their ids, send requests never do.
-const RECV_TAG: u64 = 1 << 63;
+pub const RECV_TAG: u64 = 1 << 63;
 
 /// Which RDMA device and port a channel end uses, and how its queues are sized; named after
 /// perftest's options (`-d`, `-i`, `-x`).
@@ -221,118 +221,6 @@ fn check_socket(stream: &mut TcpStream) -> Result<(), ChannelError> {
         Err(e) => Err(ChannelError::io("checking the control socket", e)),
     }
 }
-
-/// One RDMA write of a work-request chain being built.
-struct RdmaWrite {
-    /// Local source address.
-    local: u64,
-    len: u32,
-    /// Peer address.
-    remote: u64,
-    /// Immediate data (the write is then a WRITE WITH IMMEDIATE).
-    imm: Option<u32>,
-}
-
-/// Posts `writes` (at most 2) as one chain; the last is signalled as `sq` decides.
-fn post_writes(
-    ep: &mut Endpoint,
-    sq: &mut SendQueue,
-    lkey: u32,
-    rkey: u32,
-    writes: &[RdmaWrite],
-) -> Result<(), ChannelError> {
-    let k = writes.len();
-    debug_assert!((1..=2).contains(&k));
-    let prev = sq.last_signaled();
-    let (last, signal) = sq.plan(k as u64);
-    let mut sges = [ibv_sge {
-        addr: 0,
-        length: 0,
-        lkey,
-    }; 2];
-    // SAFETY: all-zero is a valid `ibv_send_wr` (null pointers, zero integers, union of
-    // integers and pointers).
-    let mut wrs: [ibv_send_wr; 2] = unsafe { std::mem::zeroed() };
-    for (i, w) in writes.iter().enumerate() {
-        sges[i].addr = w.local;
-        sges[i].length = w.len;
-        let wr = &mut wrs[i];
-        wr.wr_id = last - (k - 1 - i) as u64;
-        wr.num_sge = 1;
-        let mut flags = 0;
-        if w.len <= ep.max_inline {
-            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
-        }
-        if signal && i == k - 1 {
-            flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
-        }
-        wr.send_flags = flags;
-        wr.opcode = match w.imm {
-            Some(imm) => {
-                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-                ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
-            }
-            None => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
-        };
-        wr.wr.rdma.remote_addr = w.remote;
-        wr.wr.rdma.rkey = rkey;
-    }
-    let sge_ptr = sges.as_mut_ptr();
-    let wr_ptr = wrs.as_mut_ptr();
-    for i in 0..k {
-        // SAFETY: `i < k <= 2`: both pointers stay inside their arrays.
-        unsafe {
-            (*wr_ptr.add(i)).sg_list = sge_ptr.add(i);
-            if i + 1 < k {
-                (*wr_ptr.add(i)).next = wr_ptr.add(i + 1);
-            }
-        }
-    }
-    // SAFETY: the chain is null-terminated (zeroed `next` of the last request), lives on this
-    // stack frame for the call, and its entries point into memory registered under `lkey` (or are
-    // inline); the callers leave that memory untouched until the peer has released it, which
-    // it can only do after the write landed.
-    let posted = unsafe { ep.post_send(wr_ptr) };
-    if posted.is_err() {
-        sq.unplan(k as u64, signal, prev);
-    }
-    posted
-}
-
-/// Reaps send completions: a failed one is the link's error; successful ones free send slots.
-/// Receive completions (backup only) go to `on_recv`.
-fn reap(
-    ep: &mut Endpoint,
-    sq: &mut SendQueue,
-    wcs: &mut [Completion; 16],
-    mut on_recv: impl FnMut(&Completion) -> Result<(), ChannelError>,
-) -> Result<(), ChannelError> {
-    loop {
-        let n = ep.poll(wcs)?;
-        for c in &wcs[..n] {
-            if !c.ok {
-                return Err(c.error());
-            }
-            if c.wr_id & RECV_TAG != 0 {
-                on_recv(c)?;
-            } else {
-                sq.complete(c.wr_id);
-            }
-        }
-        if n < wcs.len() {
-            return Ok(());
-        }
-    }
-}
-
-const NO_COMPLETION: Completion = Completion {
-    wr_id: 0,
-    ok: true,
-    status: 0,
-    vendor_err: 0,
-    opcode: 0,
-    imm: 0,
-};
 
 fn connect_tcp(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
     let addrs: Vec<SocketAddr> = addr
@@ -622,13 +510,19 @@ impl PrimaryLink for RdmaPrimaryLink {
             ]
         };
         let k = if span > to_end { 2 } else { 1 };
-        post_writes(
-            &mut self.ep,
-            &mut self.sq,
-            self.mirror_mr.lkey,
-            self.remote.rkey,
-            &writes[..k],
-        )?;
+        // SAFETY: the local ranges are the record's bytes in the mirror, registered under
+        // `mirror_mr`; the producer reuses them only once the backup has released them, which it
+        // can do only after the writes landed. The remote ranges were bounds-checked by
+        // `target` against the backup's registered data area.
+        unsafe {
+            post_writes(
+                &mut self.ep,
+                &mut self.sq,
+                self.mirror_mr.lkey,
+                self.remote.rkey,
+                &writes[..k],
+            )?;
+        }
         self.sent = new;
         Ok(true)
     }
@@ -772,13 +666,18 @@ impl RdmaBackupLink {
             remote: self.peer.target(0, ACK_LEN as u64)?,
             imm: None,
         };
-        post_writes(
-            &mut self.ep,
-            &mut self.sq,
-            self.ack_mr.lkey,
-            self.peer.rkey,
-            &[write],
-        )?;
+        // SAFETY: the source is this request's slot in the registered slot region, untouched
+        // until the slot comes round again (after the request completed); the target was
+        // bounds-checked against the primary's ACK block.
+        unsafe {
+            post_writes(
+                &mut self.ep,
+                &mut self.sq,
+                self.ack_mr.lkey,
+                self.peer.rkey,
+                &[write],
+            )?;
+        }
         self.pending = None;
         Ok(())
     }

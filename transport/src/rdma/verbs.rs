@@ -17,7 +17,8 @@ use rdma_sys::{
     ibv_free_device_list, ibv_get_device_list, ibv_get_device_name, ibv_gid, ibv_modify_qp, ibv_mr,
     ibv_open_device, ibv_pd, ibv_port_attr, ibv_port_state, ibv_qp, ibv_qp_attr, ibv_qp_attr_mask,
     ibv_qp_init_attr, ibv_qp_state, ibv_qp_type, ibv_query_gid, ibv_query_qp, ibv_recv_wr,
-    ibv_reg_mr, ibv_send_wr, ibv_wc, ibv_wc_status, ibv_wc_status_str,
+    ibv_reg_mr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wc_status, ibv_wc_status_str,
+    ibv_wr_opcode,
 };
 
 use super::setup::PeerInfo;
@@ -659,6 +660,127 @@ impl SendQueue {
         }
     }
 }
+
+/// One RDMA write of a work-request chain being built.
+#[derive(Debug, Clone, Copy)]
+pub struct RdmaWrite {
+    /// Local source address (inside memory registered under the chain's `lkey`).
+    pub local: u64,
+    /// Bytes to write.
+    pub len: u32,
+    /// Peer address (inside the region of the chain's `rkey`).
+    pub remote: u64,
+    /// Immediate data (the write is then a WRITE WITH IMMEDIATE, consuming a receive).
+    pub imm: Option<u32>,
+}
+
+/// Posts `writes` (one or two) as one chain; the last is signalled as `sq` decides. Writes of
+/// at most `max_inline` bytes go inline.
+///
+/// # Safety
+/// Every write's local range must lie in memory registered with `ep` under `lkey`, and stay
+/// untouched until the write has completed (inline writes excepted: they are copied at post
+/// time); its remote range must lie in the peer's region of `rkey`.
+pub unsafe fn post_writes(
+    ep: &mut Endpoint,
+    sq: &mut SendQueue,
+    lkey: u32,
+    rkey: u32,
+    writes: &[RdmaWrite],
+) -> Result<(), ChannelError> {
+    let k = writes.len();
+    if !(1..=2).contains(&k) {
+        return Err(ChannelError::Config(format!("a chain of {k} writes")));
+    }
+    let prev = sq.last_signaled();
+    let (last, signal) = sq.plan(k as u64);
+    let mut sges = [ibv_sge {
+        addr: 0,
+        length: 0,
+        lkey,
+    }; 2];
+    // SAFETY: all-zero is a valid `ibv_send_wr` (null pointers, zero integers, union of
+    // integers and pointers).
+    let mut wrs: [ibv_send_wr; 2] = unsafe { std::mem::zeroed() };
+    for (i, w) in writes.iter().enumerate() {
+        sges[i].addr = w.local;
+        sges[i].length = w.len;
+        let wr = &mut wrs[i];
+        wr.wr_id = last - (k - 1 - i) as u64;
+        wr.num_sge = 1;
+        let mut flags = 0;
+        if w.len <= ep.max_inline {
+            flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        if signal && i == k - 1 {
+            flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+        }
+        wr.send_flags = flags;
+        wr.opcode = match w.imm {
+            Some(imm) => {
+                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
+            }
+            None => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+        };
+        wr.wr.rdma.remote_addr = w.remote;
+        wr.wr.rdma.rkey = rkey;
+    }
+    let sge_ptr = sges.as_mut_ptr();
+    let wr_ptr = wrs.as_mut_ptr();
+    for i in 0..k {
+        // SAFETY: `i < k <= 2`: both pointers stay inside their arrays.
+        unsafe {
+            (*wr_ptr.add(i)).sg_list = sge_ptr.add(i);
+            if i + 1 < k {
+                (*wr_ptr.add(i)).next = wr_ptr.add(i + 1);
+            }
+        }
+    }
+    // SAFETY: the chain is null-terminated (zeroed `next` of the last request) and lives on
+    // this stack frame for the call; the caller vouches for the memory its entries name.
+    let posted = unsafe { ep.post_send(wr_ptr) };
+    if posted.is_err() {
+        sq.unplan(k as u64, signal, prev);
+    }
+    posted
+}
+
+/// Reaps send completions: a failed one is the link's error; successful ones free send slots.
+/// Receive completions (backup only) go to `on_recv`.
+pub fn reap(
+    ep: &mut Endpoint,
+    sq: &mut SendQueue,
+    wcs: &mut [Completion; 16],
+    mut on_recv: impl FnMut(&Completion) -> Result<(), ChannelError>,
+) -> Result<(), ChannelError> {
+    loop {
+        let n = ep.poll(wcs)?;
+        for c in &wcs[..n] {
+            if !c.ok {
+                return Err(c.error());
+            }
+            if c.wr_id & super::RECV_TAG != 0 {
+                on_recv(c)?;
+            } else {
+                sq.complete(c.wr_id);
+            }
+        }
+        if n < wcs.len() {
+            return Ok(());
+        }
+    }
+}
+
+/// A placeholder for completion arrays.
+pub const NO_COMPLETION: Completion = Completion {
+    wr_id: 0,
+    ok: true,
+    status: 0,
+    vendor_err: 0,
+    opcode: 0,
+    imm: 0,
+};
 
 #[cfg(test)]
 mod tests {
