@@ -29,6 +29,10 @@ pub enum Medium {
     /// Raw Ethernet frames over two DPDK `net_memif` ports joined to each other (one EAL in
     /// this process, set up on first use; TCP control connection on loopback).
     DpdkMemif,
+    /// One-sided RDMA writes over a reliable-connected queue pair: the primary on device A, the
+    /// backup on device B, TCP handshake on B's address (`FTVM_RDMA_DEV/GID/IP_A/B`); needs the
+    /// bench built with `--features rdma`.
+    Rdma,
 }
 
 impl Medium {
@@ -39,6 +43,7 @@ impl Medium {
             Medium::TcpSpin => "tcp-spin",
             Medium::Shm => "shm",
             Medium::DpdkMemif => "dpdk-memif",
+            Medium::Rdma => "rdma",
         }
     }
 
@@ -48,6 +53,7 @@ impl Medium {
             Medium::TcpSpin => RawMedium::TcpSpin,
             Medium::Shm => RawMedium::Shm,
             Medium::DpdkMemif => RawMedium::DpdkMemif,
+            Medium::Rdma => RawMedium::Rdma,
         }
     }
 }
@@ -342,6 +348,32 @@ pub fn with_pair<J: PrimaryJob>(
                 .and_then(|p| job.run(p));
             join(backup)?;
             out
+        }
+        Medium::Rdma => {
+            #[cfg(feature = "rdma")]
+            {
+                use transport::rdma::{self, RdmaConfig};
+                let (a, _) = RdmaConfig::from_env("A")?;
+                let (b, ip_b) = RdmaConfig::from_env("B")?;
+                let listener = std::net::TcpListener::bind((ip_b, 0))?;
+                let addr = listener.local_addr()?;
+                let cfg = channel_config(medium)?;
+                let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+                    pin(backup_core);
+                    backup_loop(rdma::accept(&listener, cfg, &b)?)
+                });
+                pin(primary_core);
+                let out = rdma::connect(addr, channel_config(medium)?, &a)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| job.run(p));
+                join(backup)?;
+                out
+            }
+            #[cfg(not(feature = "rdma"))]
+            {
+                let _ = (primary_core, backup_core, job);
+                bail!("the bench was built without the `rdma` feature (cargo build -p bench --features rdma)")
+            }
         }
     }
 }
