@@ -65,6 +65,12 @@ die() {
   exit 1
 }
 mkdir -p "$OUT" "$WORK/debs"
+# One run at a time per checkout: they share the rootfs, the initramfs and the result files.
+exec 9>"$OUT/.lock"
+if ! flock -n 9; then
+  echo "softroce: another softroce-ci.sh is running in this checkout; waiting for it"
+  flock 9
+fi
 rm -f "$OUT/bench.json" "$OUT/results.txt" "$OUT/console.log"
 
 # --- 1. packages and the guest kernel ---------------------------------------------------------
