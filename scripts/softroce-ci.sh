@@ -247,7 +247,6 @@ PERF_ITERS=$PERF_ITERS
 TEST_TIMEOUT=$TEST_TIMEOUT
 BENCH_TIMEOUT=$BENCH_TIMEOUT
 PERF_TIMEOUT=$PERF_TIMEOUT
-PERFTEST_ONLY=$PERFTEST_ONLY
 EOF
 # The guest powers itself off a little before the host gives up on it.
 echo $((VM_TIMEOUT > 60 ? VM_TIMEOUT - 30 : VM_TIMEOUT)) >"$R/ftvm/guest-timeout"
