@@ -33,6 +33,9 @@ pub enum Medium {
     /// backup on device B, TCP handshake on B's address (`FTVM_RDMA_DEV/GID/IP_A/B`); needs the
     /// bench built with `--features rdma`.
     Rdma,
+    /// As `rdma`, but the backup sends its ACKs with SEND instead of an RDMA WRITE (for
+    /// comparison).
+    RdmaSend,
 }
 
 impl Medium {
@@ -44,6 +47,7 @@ impl Medium {
             Medium::Shm => "shm",
             Medium::DpdkMemif => "dpdk-memif",
             Medium::Rdma => "rdma",
+            Medium::RdmaSend => "rdma-send",
         }
     }
 
@@ -53,7 +57,7 @@ impl Medium {
             Medium::TcpSpin => RawMedium::TcpSpin,
             Medium::Shm => RawMedium::Shm,
             Medium::DpdkMemif => RawMedium::DpdkMemif,
-            Medium::Rdma => RawMedium::Rdma,
+            Medium::Rdma | Medium::RdmaSend => RawMedium::Rdma,
         }
     }
 }
@@ -115,7 +119,7 @@ pub fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
     let mut cfg = ChannelConfig::new(0xBE7C, 1, key);
     cfg.blocking = medium == Medium::Tcp;
     cfg.poll = PollPolicy::BUSY;
-    if medium == Medium::Rdma {
+    if matches!(medium, Medium::Rdma | Medium::RdmaSend) {
         // Soft-RoCE does the NIC's work in the kernel (softirq, often in ksoftirqd) on the same
         // CPUs as the two spinning threads: a long pure spin starves it until the scheduler
         // tick, which measured p90 3.3 ms / p99 8.8 ms in the 2-vCPU guest. Yield after a short
@@ -360,11 +364,12 @@ pub fn with_pair<J: PrimaryJob>(
             join(backup)?;
             out
         }
-        Medium::Rdma => {
+        Medium::Rdma | Medium::RdmaSend => {
             #[cfg(feature = "rdma")]
             {
                 use transport::rdma::{self, RdmaConfig};
-                let (a, _) = RdmaConfig::from_env("A")?;
+                let (mut a, _) = RdmaConfig::from_env("A")?;
+                a.ack_by_send = medium == Medium::RdmaSend;
                 let (b, ip_b) = RdmaConfig::from_env("B")?;
                 let listener = std::net::TcpListener::bind((ip_b, 0))?;
                 let addr = listener.local_addr()?;

@@ -805,6 +805,7 @@ mod rdma_raw {
             qpn: ep.qpn(),
             psn: ep.psn,
             lid: ep.lid,
+            flags: 0,
             rkey: recv_mr.rkey,
             gid: ep.gid,
             addr: recv_mr.addr,
@@ -875,6 +876,7 @@ mod rdma_raw {
                 len,
                 remote: self.peer.target(0, u64::from(len))?,
                 imm: Some(len),
+                send: false,
             };
             // SAFETY: the source is the registered send buffer, untouched until the echo came
             // back; the target was bounds-checked against the peer's receive buffer.

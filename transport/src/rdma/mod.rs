@@ -84,6 +84,8 @@ const HEAD_OFFSET: usize = 128;
 const TAIL_OFFSET: usize = 256;
 /// Receive work requests carry this bit in their ids, send requests never do.
 pub const RECV_TAG: u64 = 1 << 63;
+/// Receives the primary posts for SEND-mode ACKs.
+const ACK_RECVS: u32 = 256;
 
 /// Which RDMA device and port a channel end uses, and how its queues are sized; named after
 /// perftest's options (`-d`, `-i`, `-x`).
@@ -106,6 +108,10 @@ pub struct RdmaConfig {
     pub max_inline: u32,
     /// Local ACK timeout exponent (4.096 µs × 2^n) before the NIC retransmits; 7 retries.
     pub retry_timeout: u8,
+    /// Primary only: ask the backup to send its ACKs with SEND into receives posted here,
+    /// instead of writing them into the ACK block (the default). For comparison; see the
+    /// module documentation.
+    pub ack_by_send: bool,
 }
 
 impl RdmaConfig {
@@ -120,6 +126,7 @@ impl RdmaConfig {
             signal_every: 32,
             max_inline: 256,
             retry_timeout: 14,
+            ack_by_send: false,
         }
     }
 
@@ -254,14 +261,33 @@ pub fn connect(
     let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
     let capacity = backup.len as usize;
 
-    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, 1)?;
+    let recvs = if rdma.ack_by_send { ACK_RECVS } else { 1 };
+    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, recvs)?;
     let mirror = heap(ring::region_len(capacity))?;
     ring::format(&*mirror, capacity)?;
     let producer = Producer::attach(mirror.clone())?;
     let mirror_mr = ep.register(&mirror, 0, ring::region_len(capacity), false)?;
     let acks = heap(4096)?;
     let ack_mr = ep.register(&acks, 0, ACK_BLOCK_LEN as usize, true)?;
+    // Receive buffers for SEND-mode ACKs: one 32-byte slot per posted receive.
+    let slots = ep.rq_depth.min(ACK_RECVS) as usize;
+    let ack_recv = heap((slots * ACK_LEN).max(4096))?;
+    let ack_recv_mr = ep.register(&ack_recv, 0, slots * ACK_LEN, true)?;
     ep.to_init()?;
+    if rdma.ack_by_send {
+        for i in 0..slots {
+            // SAFETY: slot `i` lies in the registered receive region, which only the NIC
+            // touches until its receive completes (then it is read and reposted).
+            unsafe {
+                ep.post_recv_buffer(
+                    RECV_TAG | i as u64,
+                    ack_recv_mr.addr + (i * ACK_LEN) as u64,
+                    ACK_LEN as u32,
+                    ack_recv_mr.lkey,
+                )?;
+            }
+        }
+    }
     ep.connect(&backup, rdma.retry_timeout)?;
     let ours = PeerInfo {
         role: Role::Primary,
@@ -269,6 +295,11 @@ pub fn connect(
         qpn: ep.qpn(),
         psn: ep.psn,
         lid: ep.lid,
+        flags: if rdma.ack_by_send {
+            setup::FLAG_ACK_BY_SEND
+        } else {
+            0
+        },
         rkey: ack_mr.rkey,
         gid: ep.gid,
         addr: ack_mr.addr,
@@ -304,6 +335,10 @@ pub fn connect(
         sq,
         last_beats: 0,
         torn_reads: 0,
+        ack_by_send: rdma.ack_by_send,
+        ack_recv,
+        ack_recv_mr,
+        arrived: Vec::with_capacity(16),
         stream,
         wcs: [NO_COMPLETION; 16],
         ep,
@@ -347,6 +382,7 @@ pub fn accept(
         qpn: ep.qpn(),
         psn: ep.psn,
         lid: ep.lid,
+        flags: 0,
         rkey: ring_mr.rkey,
         gid: ep.gid,
         addr: ring_mr.addr,
@@ -386,6 +422,7 @@ pub fn accept(
             rkey: primary.rkey,
         },
         pending: None,
+        ack_by_send: primary.flags & setup::FLAG_ACK_BY_SEND != 0,
         beats: 0,
         stream,
         wcs: [NO_COMPLETION; 16],
@@ -412,6 +449,12 @@ pub struct RdmaPrimaryLink {
     sq: SendQueue,
     last_beats: u64,
     torn_reads: u64,
+    /// ACKs come by SEND into `ack_recv`'s slots rather than into `acks`.
+    ack_by_send: bool,
+    ack_recv: Arc<HeapRegion>,
+    ack_recv_mr: Registered,
+    /// Slots whose receives completed in the current poll.
+    arrived: Vec<u64>,
     stream: TcpStream,
     wcs: [Completion; 16],
 }
@@ -440,11 +483,59 @@ impl RdmaPrimaryLink {
     }
 
     fn reap(&mut self) -> Result<(), ChannelError> {
-        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| {
-            Err(ChannelError::CorruptMessage(
-                "receive completion on the primary".into(),
-            ))
+        let (by_send, arrived) = (self.ack_by_send, &mut self.arrived);
+        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
+            if !by_send {
+                return Err(ChannelError::CorruptMessage(
+                    "receive completion on the primary".into(),
+                ));
+            }
+            arrived.push(c.wr_id & !RECV_TAG);
+            Ok(())
         })
+    }
+
+    /// SEND mode: the newest ACK among the receives that completed, each slot reposted.
+    fn received_ack(&mut self) -> Result<Option<AckBlock>, ChannelError> {
+        let mut newest = None;
+        let slots = self.ack_recv_mr.len / ACK_LEN as u64;
+        for i in 0..self.arrived.len() {
+            let slot = self.arrived[i];
+            if slot >= slots {
+                return Err(ChannelError::CorruptMessage(format!(
+                    "receive completion for slot {slot}"
+                )));
+            }
+            let at = slot as usize * ACK_LEN;
+            let mut words = [0u64; 4];
+            for (j, w) in words.iter_mut().enumerate() {
+                // SAFETY: the slot lies in the receive region (checked above), the receive
+                // completed so the NIC is done with it, and it is reposted only below.
+                *w = u64::from_le(unsafe {
+                    self.ack_recv
+                        .as_ptr()
+                        .add(at + 8 * j)
+                        .cast::<u64>()
+                        .read_volatile()
+                });
+            }
+            let block = AckBlock::from_words(words).ok_or_else(|| {
+                ChannelError::CorruptMessage("ACK message with a bad check word".into())
+            })?;
+            newest = Some(block);
+            // SAFETY: as at set-up: the slot is in the registered receive region, untouched
+            // until this receive completes.
+            unsafe {
+                self.ep.post_recv_buffer(
+                    RECV_TAG | slot,
+                    self.ack_recv_mr.addr + at as u64,
+                    ACK_LEN as u32,
+                    self.ack_recv_mr.lkey,
+                )?;
+            }
+        }
+        self.arrived.clear();
+        Ok(newest)
     }
 
     fn ack_word(&self, i: usize) -> u64 {
@@ -485,12 +576,14 @@ impl PrimaryLink for RdmaPrimaryLink {
                     len: ring::RECORD_HEADER_LEN as u32,
                     remote: self.remote.target(offset, ring::RECORD_HEADER_LEN as u64)?,
                     imm: None,
+                    send: false,
                 },
                 RdmaWrite {
                     local: data,
                     len: len as u32,
                     remote: self.remote.target(0, len)?,
                     imm,
+                    send: false,
                 },
             ]
         } else {
@@ -500,12 +593,14 @@ impl PrimaryLink for RdmaPrimaryLink {
                     len: span as u32,
                     remote: self.remote.target(offset, span)?,
                     imm,
+                    send: false,
                 },
                 RdmaWrite {
                     local: 0,
                     len: 0,
                     remote: 0,
                     imm: None,
+                    send: false,
                 },
             ]
         };
@@ -533,16 +628,22 @@ impl PrimaryLink for RdmaPrimaryLink {
 
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
         self.reap()?;
-        let words = [
-            self.ack_word(0),
-            self.ack_word(1),
-            self.ack_word(2),
-            self.ack_word(3),
-        ];
-        let Some(block) = AckBlock::from_words(words) else {
-            if words != [0; 4] {
+        let block = if self.ack_by_send {
+            self.received_ack()?
+        } else {
+            let words = [
+                self.ack_word(0),
+                self.ack_word(1),
+                self.ack_word(2),
+                self.ack_word(3),
+            ];
+            let block = AckBlock::from_words(words);
+            if block.is_none() && words != [0; 4] {
                 self.torn_reads += 1;
             }
+            block
+        };
+        let Some(block) = block else {
             return Ok(BackupNews::default());
         };
         if block.tail < self.tail || block.tail > self.sent || !block.tail.is_multiple_of(8) {
@@ -592,6 +693,8 @@ pub struct RdmaBackupLink {
     peer: RemoteRegion,
     /// An ACK the send queue had no room for; cumulative, so only the newest matters.
     pending: Option<[u8; ACK_LEN]>,
+    /// The primary asked for ACKs by SEND.
+    ack_by_send: bool,
     beats: u64,
     stream: TcpStream,
     wcs: [Completion; 16],
@@ -665,6 +768,7 @@ impl RdmaBackupLink {
             len: ACK_LEN as u32,
             remote: self.peer.target(0, ACK_LEN as u64)?,
             imm: None,
+            send: self.ack_by_send,
         };
         // SAFETY: the source is this request's slot in the registered slot region, untouched
         // until the slot comes round again (after the request completed); the target was

@@ -18,7 +18,7 @@
 //! | 8 | 4 | queue-pair number (24 bits) |
 //! | 12 | 4 | initial packet sequence number (24 bits) |
 //! | 16 | 2 | LID (0 on RoCE) |
-//! | 18 | 2 | reserved, zero |
+//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE |
 //! | 20 | 4 | rkey of the region |
 //! | 24 | 16 | GID |
 //! | 40 | 8 | virtual address of the region |
@@ -34,6 +34,8 @@ const MAGIC: [u8; 4] = *b"FTRD";
 const VERSION: u16 = 1;
 /// Largest ring a backup may announce: the primary allocates a mirror of this size.
 pub const MAX_RING_CAPACITY: u64 = 1 << 30;
+/// Flag of a primary's set-up message: send ACKs as SENDs into its posted receives.
+pub const FLAG_ACK_BY_SEND: u16 = 1;
 /// Bytes of the primary's ACK block the backup writes into.
 pub const ACK_BLOCK_LEN: u64 = 64;
 
@@ -60,6 +62,8 @@ pub struct PeerInfo {
     pub psn: u32,
     /// LID (InfiniBand; 0 on RoCE).
     pub lid: u16,
+    /// [`FLAG_ACK_BY_SEND`] or 0.
+    pub flags: u16,
     /// Remote key of the region.
     pub rkey: u32,
     /// GID of the sender's port.
@@ -81,6 +85,7 @@ impl PeerInfo {
         b[8..12].copy_from_slice(&self.qpn.to_le_bytes());
         b[12..16].copy_from_slice(&self.psn.to_le_bytes());
         b[16..18].copy_from_slice(&self.lid.to_le_bytes());
+        b[18..20].copy_from_slice(&self.flags.to_le_bytes());
         b[20..24].copy_from_slice(&self.rkey.to_le_bytes());
         b[24..40].copy_from_slice(&self.gid);
         b[40..48].copy_from_slice(&self.addr.to_le_bytes());
@@ -129,11 +134,19 @@ impl PeerInfo {
             qpn: u32_at(8),
             psn: u32_at(12),
             lid: u16_at(16),
+            flags: u16_at(18),
             rkey: u32_at(20),
             gid,
             addr: u64_at(40),
             len: u64_at(48),
         };
+        let allowed = match role {
+            Role::Backup => 0,
+            Role::Primary => FLAG_ACK_BY_SEND,
+        };
+        if info.flags & !allowed != 0 {
+            return bad(format!("unknown flags {:#x}", info.flags));
+        }
         if !(1..=5).contains(&info.mtu) {
             return bad(format!("path MTU code {} outside 1..=5", info.mtu));
         }
@@ -273,6 +286,7 @@ mod tests {
             qpn: 0x11,
             psn: 0x123456,
             lid: 0,
+            flags: 0,
             rkey: 0xdead_beef,
             gid: [7; 16],
             addr: 0x7f00_0000_1180,

@@ -527,6 +527,36 @@ impl Endpoint {
         check_rc("posting receives", rc)
     }
 
+    /// Posts one receive work request `wr_id` into `len` bytes at `addr` (registered under
+    /// `lkey`), for a SEND from the peer.
+    ///
+    /// # Safety
+    /// The buffer must lie in memory registered with this endpoint under `lkey` and stay
+    /// untouched by anyone but the NIC until the receive completes.
+    pub unsafe fn post_recv_buffer(
+        &mut self,
+        wr_id: u64,
+        addr: u64,
+        len: u32,
+        lkey: u32,
+    ) -> Result<(), ChannelError> {
+        let mut sge = ibv_sge {
+            addr,
+            length: len,
+            lkey,
+        };
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
+        let mut bad: *mut ibv_recv_wr = ptr::null_mut();
+        // SAFETY: `wr` and `sge` live for the call; the caller vouches for the buffer.
+        let rc = unsafe { (self.post_recv_fn)(self.qp, &mut wr, &mut bad) };
+        check_rc("posting a receive buffer", rc)
+    }
+
     /// Reaps up to `out.len()` completions without blocking; returns how many.
     pub fn poll(&mut self, out: &mut [Completion]) -> Result<usize, ChannelError> {
         const BATCH: usize = 16;
@@ -672,6 +702,9 @@ pub struct RdmaWrite {
     pub remote: u64,
     /// Immediate data (the write is then a WRITE WITH IMMEDIATE, consuming a receive).
     pub imm: Option<u32>,
+    /// Post a SEND (into the peer's next posted receive buffer) instead of a write; `remote`
+    /// and `imm` are then ignored.
+    pub send: bool,
 }
 
 /// Posts `writes` (one or two) as one chain; the last is signalled as `sq` decides. Writes of
@@ -717,6 +750,7 @@ pub unsafe fn post_writes(
         }
         wr.send_flags = flags;
         wr.opcode = match w.imm {
+            _ if w.send => ibv_wr_opcode::IBV_WR_SEND,
             Some(imm) => {
                 wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
                 ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
