@@ -277,6 +277,6 @@ for t in "${tests[@]}"; do expected+=("${t%%$'\t'*}"); done
 report_args=(--results "$OUT/results.txt" --out "$OUT" --kernel "$KVER" --perf-iters "$PERF_ITERS")
 [[ -z $bench_exe ]] || report_args+=(--expect-bench)
 rc=0
-python3 "$S/report.py" "${report_args[@]}" "${expected[@]}" || rc=$?
+python3 -B "$S/report.py" "${report_args[@]}" "${expected[@]}" || rc=$?
 echo "softroce: total $((SECONDS - START)) s"
 exit "$rc"

@@ -10,6 +10,7 @@ import argparse
 import base64
 import binascii
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -54,7 +55,12 @@ def parse_perftest(text):
             for row in lines[i + 1:]:
                 cols = row.split()
                 if len(cols) >= 9 and cols[0].isdigit():
-                    vals = [float(c) for c in cols[:9]]
+                    try:
+                        vals = [float(c) for c in cols[:9]]
+                    except ValueError:
+                        return None
+                    if not all(math.isfinite(v) for v in vals):
+                        return None  # e.g. inf when perftest's TSC calibration failed
                     keys = ["bytes", "iterations", "t_min_us", "t_max_us", "t_typical_us",
                             "t_avg_us", "t_stdev_us", "p99_us", "p999_us"]
                     return dict(zip(keys, vals))
@@ -136,7 +142,7 @@ def main():
     check("perftest-server", "ib_write_lat", "ib_write_lat server (rxe1)")
     lat = parse_perftest(perf["text"]) if perf else None
     if perf and lat is None:
-        failures.append("ib_write_lat: no latency line in its output")
+        failures.append("ib_write_lat: no usable latency line in its output (missing, inf or nan)")
         print("---- ib_write_lat output ----\n" + perf["text"])
     ib_row = None
     if lat:
