@@ -18,7 +18,8 @@
 #
 # Usage: scripts/softroce-ci.sh [--perftest-only]
 #   --perftest-only   skip building/running the Rust side (plumbing check: boot + ib_write_lat)
-# Environment (defaults): SOFTROCE_BENCH_COUNT=2000 SOFTROCE_BENCH_WARMUP=200
+# Environment (defaults): SOFTROCE_BENCH_TRANSPORTS=rdma (e.g. rdma,rdma-send; the target
+#   check uses the rdma row) SOFTROCE_BENCH_COUNT=2000 SOFTROCE_BENCH_WARMUP=200
 #   SOFTROCE_PERF_ITERS=5000 SOFTROCE_TEST_TIMEOUT=600 (per test binary, s)
 #   SOFTROCE_BENCH_TIMEOUT=300 SOFTROCE_PERF_TIMEOUT=90 SOFTROCE_VM_TIMEOUT=1200 (whole VM, s)
 #   SOFTROCE_VM_MEM=2048 (MiB) SOFTROCE_SMP=2 SOFTROCE_ACCEL=tcg (kvm cannot boot it on PVM hosts)
@@ -44,6 +45,7 @@ for arg in "$@"; do
   esac
 done
 
+BENCH_TRANSPORTS=${SOFTROCE_BENCH_TRANSPORTS:-rdma}
 BENCH_COUNT=${SOFTROCE_BENCH_COUNT:-2000}
 BENCH_WARMUP=${SOFTROCE_BENCH_WARMUP:-200}
 PERF_ITERS=${SOFTROCE_PERF_ITERS:-5000}
@@ -241,6 +243,7 @@ cp "$S/init" "$R/init"
 cp "$S/guest-run.sh" "$S/lib.sh" "$R/ftvm/"
 chmod +x "$R/init" "$R/ftvm/guest-run.sh"
 cat >"$R/ftvm/config" <<EOF
+BENCH_TRANSPORTS=$BENCH_TRANSPORTS
 BENCH_COUNT=$BENCH_COUNT
 BENCH_WARMUP=$BENCH_WARMUP
 PERF_ITERS=$PERF_ITERS

@@ -6,7 +6,8 @@
 #   <base64 of the output>
 #   FTVM-RESULT-END <kind> <name> rc=<exit status> secs=<wall seconds>
 # and the run ends with FTVM-ALL-DONE; the host treats anything missing as a failure.
-# Settings come from /ftvm/config (sourced): BENCH_COUNT, BENCH_WARMUP, PERF_ITERS, TEST_TIMEOUT,
+# Settings come from /ftvm/config (sourced): BENCH_TRANSPORTS, BENCH_COUNT, BENCH_WARMUP,
+# PERF_ITERS, TEST_TIMEOUT,
 # BENCH_TIMEOUT, PERF_TIMEOUT.
 
 # Used by lib.sh: busybox's own `ip` applet would shadow iproute2's.
@@ -116,9 +117,9 @@ done
 
 # --- the commit-latency bench ----------------------------------------------------------------
 if [ -x /ftvm/bench ]; then
-  say "bench commit --transport rdma --count $BENCH_COUNT --warmup $BENCH_WARMUP: start"
+  say "bench commit --transport $BENCH_TRANSPORTS --count $BENCH_COUNT --warmup $BENCH_WARMUP: start"
   t0=$(up)
-  run_limited "$BENCH_TIMEOUT" /tmp/bench.log /ftvm/bench commit --transport rdma \
+  run_limited "$BENCH_TIMEOUT" /tmp/bench.log /ftvm/bench commit --transport "$BENCH_TRANSPORTS" \
     --count "$BENCH_COUNT" --warmup "$BENCH_WARMUP" --json /tmp/bench.json
   rc=$?
   secs=$(since "$t0")
