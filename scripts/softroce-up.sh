@@ -4,15 +4,17 @@
 #
 # Usage:
 #   scripts/softroce-up.sh IFACE [NAME]   modprobe rdma_rxe; rdma link add NAME (rxe0) type rxe
-#                                         netdev IFACE; print NAME and IFACE's IPv4 GID index
+#                                         netdev IFACE; print NAME and IFACE's IPv4 GID index,
+#                                         and FTVM_RDMA_{DEV,GID,IP}_A (--side B: _B, the backup)
 #   scripts/softroce-up.sh --veth         veth0 10.99.0.1 <-> veth1 10.99.0.2 (policy routing so
 #                                         traffic crosses the pair), rxe0@veth0 and rxe1@veth1, and
 #                                         the FTVM_RDMA_* variables the RDMA tests and bench read
 #   scripts/softroce-up.sh --down         removes what --veth added
 # Options: --env FILE   also append the FTVM_RDMA_* lines (KEY=VALUE) to FILE, e.g. "$GITHUB_ENV"
+#          --side A|B   which end the IFACE device is for (A primary, B backup; default A)
 #
 # Then, e.g.:  ib_write_lat -d rxe1 -x GID1 -F &  ib_write_lat -d rxe0 -x GID0 -F 10.99.0.2
-#              bench commit --transport rdma --rdma-dev rxe0 --gid-index GID0 ...
+#              FTVM_RDMA_DEV_A=rxe0 FTVM_RDMA_GID_A=GID0 ... bench commit --transport rdma
 # Needs root (modprobe, rdma link add), iproute2's `rdma`, and a kernel with CONFIG_RDMA_RXE
 # (Debian/Ubuntu stock kernels; on Ubuntu cloud kernels install linux-modules-extra-$(uname -r)).
 # Kernels without it (like our build machines'): use scripts/softroce-ci.sh, which boots a guest.
@@ -21,13 +23,18 @@ S=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=scripts/softroce/lib.sh
 . "$S/softroce/lib.sh"
 
-mode=iface iface="" name=rxe0 env_file=""
+mode=iface iface="" name=rxe0 env_file="" side=A
 while (($#)); do
   case "$1" in
     --veth) mode=veth ;;
     --down) mode=down ;;
     --env)
       env_file=${2:?--env needs a file}
+      shift
+      ;;
+    --side)
+      side=${2:?--side needs A or B}
+      [[ $side == A || $side == B ]] || { echo "softroce-up: --side A or B" >&2; exit 2; }
       shift
       ;;
     -h | --help)
@@ -108,5 +115,6 @@ if [[ -z $ip4 ]]; then
 fi
 gid=$(softroce_wait_gid "$name" "$ip4") || die "$name has no GID for $ip4"
 echo "# $name on $iface ($ip4): RoCE v2 GID index $gid"
-echo "# perftest: ib_write_lat -d $name -x $gid -F [server-ip]   ftvm: --rdma-dev $name --gid-index $gid"
-emit_env "FTVM_RDMA_DEV=$name" "FTVM_RDMA_GID=$gid" "FTVM_RDMA_IP=$ip4"
+echo "# perftest: ib_write_lat -d $name -x $gid -F [server-ip]"
+echo "# ftvm (side $side: A the primary's device, B the backup's and its address):"
+emit_env "FTVM_RDMA_DEV_$side=$name" "FTVM_RDMA_GID_$side=$gid" "FTVM_RDMA_IP_$side=$ip4"
