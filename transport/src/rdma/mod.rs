@@ -836,3 +836,73 @@ impl BackupLink for RdmaBackupLink {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PreSharedKey;
+
+    fn config(key: &[u8]) -> ChannelConfig {
+        let mut c = ChannelConfig::new(9, 1, PreSharedKey::new(key.to_vec()).expect("key"));
+        c.handshake_timeout = Duration::from_secs(2);
+        c
+    }
+
+    fn no_device() -> RdmaConfig {
+        RdmaConfig::new("ftvm-no-such-rdma-device", 0)
+    }
+
+    /// On a host without RDMA (or without that device), an authenticated pair fails with a typed
+    /// device error on the backup — after authentication, which is when the device is opened —
+    /// and the primary sees the hang-up; nothing panics or hangs.
+    #[test]
+    fn missing_device_after_authentication_is_a_typed_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backup = std::thread::spawn(move || {
+            accept(&listener, config(b"rdma-unit-test-key"), &no_device()).map(|_| ())
+        });
+        let primary = connect(addr, config(b"rdma-unit-test-key"), &no_device()).map(|_| ());
+        let backup = backup.join().expect("backup thread");
+        assert!(
+            matches!(backup, Err(ChannelError::RdmaDevice { .. })),
+            "{backup:?}"
+        );
+        assert!(
+            matches!(
+                primary,
+                Err(ChannelError::PeerClosed | ChannelError::RdmaDevice { .. })
+            ),
+            "{primary:?}"
+        );
+    }
+
+    /// A wrong key is refused before any RDMA resource (and so any rkey) exists: the refusal is
+    /// the handshake's, not a device error.
+    #[test]
+    fn wrong_key_is_refused_before_the_device_is_touched() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backup = std::thread::spawn(move || {
+            accept(&listener, config(b"rdma-unit-test-key"), &no_device()).map(|_| ())
+        });
+        let primary = connect(addr, config(b"another-rdma-test-key"), &no_device()).map(|_| ());
+        let backup = backup.join().expect("backup thread");
+        assert!(
+            matches!(primary, Err(ChannelError::PeerNotAuthenticated)),
+            "{primary:?}"
+        );
+        assert!(
+            matches!(backup, Err(ChannelError::AuthRejected)),
+            "{backup:?}"
+        );
+    }
+
+    #[test]
+    fn env_config_names_missing_variables() {
+        match RdmaConfig::from_env("ftvm-unset-side") {
+            Err(ChannelError::Config(m)) => assert!(m.contains("FTVM_RDMA_DEV_ftvm-unset-side")),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+}
