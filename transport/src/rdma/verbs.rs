@@ -858,7 +858,11 @@ mod tests {
     fn missing_device_is_a_typed_error() {
         let cfg = RdmaConfig::new("ftvm-no-such-device", 0);
         match Endpoint::open(&cfg, 64, 64) {
-            Err(ChannelError::RdmaDevice { device, reason }) => {
+            Err(e @ ChannelError::RdmaDevice { .. }) => {
+                eprintln!("{e}");
+                let ChannelError::RdmaDevice { device, reason } = e else {
+                    unreachable!()
+                };
                 assert_eq!(device, "ftvm-no-such-device");
                 assert!(!reason.is_empty());
             }
