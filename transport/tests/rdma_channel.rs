@@ -10,6 +10,8 @@
 //! - `wrong_key_gets_no_rkey`: a peer that fails authentication receives the challenge and a
 //!   refusal and nothing else — no set-up message, no rkey; the real primary with a wrong key is
 //!   refused on both sides;
+//! - `garbage_ring_is_refused`: an authenticated primary writing a bad record header, or
+//!   announcing a head beyond the ring, gets a typed error from the backup, not a frame;
 //! - `bad_setup_is_refused`: an authenticated peer announcing an out-of-bounds ACK block, or a
 //!   backup announcing a ring of a bad size or address, is refused with `RdmaSetup`.
 //!
@@ -28,10 +30,13 @@ use common::stream::{check_backup_loss, payload, verify_stream, Loss, DEVICE};
 use logfmt::{ControlOp, Entry, Event, Position};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use std::sync::Arc;
 use transport::handshake::{self, MediumKind, SessionParams};
-use transport::rdma::setup::{PeerInfo, Role, ACK_BLOCK_LEN, SETUP_LEN};
+
+use transport::rdma::setup::{PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, SETUP_LEN};
+use transport::rdma::verbs::{post_writes, Endpoint, RdmaWrite, SendQueue};
 use transport::rdma::{self, RdmaConfig};
-use transport::{ChannelConfig, ChannelError, PreSharedKey};
+use transport::{ChannelConfig, ChannelError, HeapRegion, PreSharedKey, RingError};
 
 const KEY: &[u8] = b"rdma-channel-test-key";
 const SESSION: u64 = 0x4D4A;
@@ -346,6 +351,102 @@ fn plausible(role: Role) -> PeerInfo {
     }
 }
 
+/// An authenticated but malicious primary: sets up a real queue pair, then writes `garbage` at
+/// offset 0 of the backup's ring and announces head `imm`. Returns the backup's error.
+fn malicious_primary(s: &Sides, garbage: &[u8], imm: u32) -> Result<ChannelError, String> {
+    let e = |e: ChannelError| e.to_string();
+    let (l, addr) = listener_b(s)?;
+    let b_cfg = s.b.clone();
+    let backup = std::thread::spawn(move || -> Result<ChannelError, String> {
+        let mut b = rdma::accept(&l, config(), &b_cfg).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let mut frames = 0;
+            if let Err(err) = b.poll(|_| frames += 1) {
+                return Ok(err);
+            }
+            if frames > 0 {
+                return Err("the backup accepted a frame from garbage".into());
+            }
+            std::thread::yield_now();
+        }
+        Err("the backup saw nothing wrong for 5 s".into())
+    });
+    let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let accepted = handshake::primary_handshake(&mut sock, &session()).map_err(e)?;
+    let ring = PeerInfo::decode(&accepted.medium_info, Role::Backup, 0).map_err(e)?;
+    let mut ep = Endpoint::open(&s.a, 16, 1).map_err(e)?;
+    let mem = Arc::new(HeapRegion::new(4096).map_err(|e| e.to_string())?);
+    // SAFETY: `garbage` fits in the fresh 4 KiB region, which nothing else uses yet.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            garbage.as_ptr(),
+            transport::RingMemory::as_ptr(&*mem),
+            garbage.len().min(4096),
+        )
+    };
+    let mr = ep.register(&mem, 0, 4096, true).map_err(e)?;
+    ep.to_init().map_err(e)?;
+    ep.connect(&ring, 14).map_err(e)?;
+    let ours = PeerInfo {
+        role: Role::Primary,
+        mtu: ep.mtu,
+        qpn: ep.qpn(),
+        psn: ep.psn,
+        lid: ep.lid,
+        flags: 0,
+        rkey: mr.rkey,
+        gid: ep.gid,
+        addr: mr.addr,
+        len: ACK_BLOCK_LEN,
+    };
+    sock.write_all(&ours.encode()).map_err(|e| e.to_string())?;
+    let mut ready = [0u8; 1];
+    sock.read_exact(&mut ready).map_err(|e| e.to_string())?;
+    let remote = RemoteRegion {
+        addr: ring.addr,
+        len: ring.len,
+        rkey: ring.rkey,
+    };
+    let mut sq = SendQueue::new(ep.sq_depth, 1);
+    let write = RdmaWrite {
+        local: mr.addr,
+        len: garbage.len() as u32,
+        remote: remote.target(0, garbage.len() as u64).map_err(e)?,
+        imm: Some(imm),
+        send: false,
+    };
+    // SAFETY: the source is the registered region above, untouched from here on; the target
+    // lies in the backup's announced ring.
+    unsafe { post_writes(&mut ep, &mut sq, mr.lkey, remote.rkey, &[write]) }.map_err(e)?;
+    // Keep the queue pair and the control socket open until the backup has judged.
+    let verdict = backup.join().map_err(|_| "backup thread panicked")?;
+    drop(sock);
+    drop(ep);
+    verdict
+}
+
+/// The backup trusts nothing the primary's NIC wrote: a record header running past the ring, or
+/// an immediate moving the head further than the ring holds, is a typed error, never a read out
+/// of bounds or a frame handed on.
+fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
+    // A record header claiming 4 GiB of payload, announced as 64 bytes of records.
+    let err = malicious_primary(s, &[0xFF; 64], 64)?;
+    if !matches!(err, ChannelError::Ring(RingError::Corrupt { .. })) {
+        return Err(format!("garbage record: backup said {err:?}"));
+    }
+    println!("  rdma: garbage record header → {err}");
+    // A head moved by more than the ring's capacity.
+    let err = malicious_primary(s, &[0; 64], 0x7FFF_FFF8)?;
+    if !matches!(err, ChannelError::CorruptMessage(_)) {
+        return Err(format!("runaway head: backup said {err:?}"));
+    }
+    println!("  rdma: runaway head → {err}");
+    Ok(())
+}
+
 fn bad_setup_is_refused(s: &Sides) -> Result<(), String> {
     // 1. An authenticated primary announcing an ACK block too small / wrapping the address space.
     for bad in [
@@ -458,6 +559,7 @@ fn main() -> ExitCode {
     let tests: Vec<(&str, Test)> = vec![
         ("wrong_key_gets_no_rkey", Box::new(wrong_key_gets_no_rkey)),
         ("bad_setup_is_refused", Box::new(bad_setup_is_refused)),
+        ("garbage_ring_is_refused", Box::new(garbage_ring_is_refused)),
         (
             "million_entries",
             Box::new(|s| stream_entries(s, entries(), false)),
