@@ -351,15 +351,29 @@ fn plausible(role: Role) -> PeerInfo {
     }
 }
 
+/// What a malicious primary's attempt came to.
+struct Verdict {
+    /// The backup's error, or why there was none.
+    backup: Result<ChannelError, String>,
+    /// The failed completion of the primary's own write, if it failed.
+    write: Option<ChannelError>,
+}
+
 /// An authenticated but malicious primary: sets up a real queue pair, then writes `garbage` at
-/// offset 0 of the backup's ring and announces head `imm`. Returns the backup's error.
-fn malicious_primary(s: &Sides, garbage: &[u8], imm: u32) -> Result<ChannelError, String> {
+/// offset 0 of the backup's ring and announces head `imm` — or, with `into_header`, writes it
+/// over the ring header's head counter just before the registered data area.
+fn malicious_primary(
+    s: &Sides,
+    garbage: &[u8],
+    imm: u32,
+    into_header: bool,
+) -> Result<Verdict, String> {
     let e = |e: ChannelError| e.to_string();
     let (l, addr) = listener_b(s)?;
     let b_cfg = s.b.clone();
     let backup = std::thread::spawn(move || -> Result<ChannelError, String> {
         let mut b = rdma::accept(&l, config(), &b_cfg).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             let mut frames = 0;
             if let Err(err) = b.poll(|_| frames += 1) {
@@ -370,7 +384,7 @@ fn malicious_primary(s: &Sides, garbage: &[u8], imm: u32) -> Result<ChannelError
             }
             std::thread::yield_now();
         }
-        Err("the backup saw nothing wrong for 5 s".into())
+        Err("the backup saw nothing wrong for 3 s".into())
     });
     let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))
@@ -410,22 +424,44 @@ fn malicious_primary(s: &Sides, garbage: &[u8], imm: u32) -> Result<ChannelError
         len: ring.len,
         rkey: ring.rkey,
     };
+    // Signal every write, to see how it completes.
     let mut sq = SendQueue::new(ep.sq_depth, 1);
     let write = RdmaWrite {
         local: mr.addr,
         len: garbage.len() as u32,
-        remote: remote.target(0, garbage.len() as u64).map_err(e)?,
-        imm: Some(imm),
+        remote: if into_header {
+            // The head counter sits 256 bytes before the data area (see transport::ring).
+            ring.addr.wrapping_sub(256)
+        } else {
+            remote.target(0, garbage.len() as u64).map_err(e)?
+        },
+        imm: (!into_header).then_some(imm),
         send: false,
     };
-    // SAFETY: the source is the registered region above, untouched from here on; the target
-    // lies in the backup's announced ring.
+    // SAFETY: the source is the registered region above, untouched from here on. The target is
+    // the peer's memory: the NIC, not this process, checks it against the peer's registration.
     unsafe { post_writes(&mut ep, &mut sq, mr.lkey, remote.rkey, &[write]) }.map_err(e)?;
+    let mut wcs = [transport::rdma::verbs::NO_COMPLETION; 16];
+    let mut write_err = None;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let n = ep.poll(&mut wcs).map_err(e)?;
+        if let Some(c) = wcs[..n].first() {
+            if !c.ok {
+                write_err = Some(c.error());
+            }
+            break;
+        }
+        std::thread::yield_now();
+    }
     // Keep the queue pair and the control socket open until the backup has judged.
-    let verdict = backup.join().map_err(|_| "backup thread panicked")?;
+    let backup = backup.join().map_err(|_| "backup thread panicked")?;
     drop(sock);
     drop(ep);
-    verdict
+    Ok(Verdict {
+        backup,
+        write: write_err,
+    })
 }
 
 /// The backup trusts nothing the primary's NIC wrote: a record header running past the ring, or
@@ -433,17 +469,43 @@ fn malicious_primary(s: &Sides, garbage: &[u8], imm: u32) -> Result<ChannelError
 /// of bounds or a frame handed on.
 fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
     // A record header claiming 4 GiB of payload, announced as 64 bytes of records.
-    let err = malicious_primary(s, &[0xFF; 64], 64)?;
-    if !matches!(err, ChannelError::Ring(RingError::Corrupt { .. })) {
-        return Err(format!("garbage record: backup said {err:?}"));
+    let v = malicious_primary(s, &[0xFF; 64], 64, false)?;
+    match &v.backup {
+        Ok(err @ ChannelError::Ring(RingError::Corrupt { .. })) => {
+            println!("  rdma: garbage record header → {err}")
+        }
+        other => return Err(format!("garbage record: backup said {other:?}")),
     }
-    println!("  rdma: garbage record header → {err}");
     // A head moved by more than the ring's capacity.
-    let err = malicious_primary(s, &[0; 64], 0x7FFF_FFF8)?;
-    if !matches!(err, ChannelError::CorruptMessage(_)) {
-        return Err(format!("runaway head: backup said {err:?}"));
+    let v = malicious_primary(s, &[0; 64], 0x7FFF_FFF8, false)?;
+    match &v.backup {
+        Ok(err @ ChannelError::CorruptMessage(_)) => println!("  rdma: runaway head → {err}"),
+        other => return Err(format!("runaway head: backup said {other:?}")),
     }
-    println!("  rdma: runaway head → {err}");
+    // A write over the ring header (outside the registered data area): the backup's NIC
+    // refuses it (remote access error for the writer), the head stays, no frame appears.
+    let v = malicious_primary(s, &[0x08; 8], 0, true)?;
+    match (&v.write, &v.backup) {
+        (Some(w @ ChannelError::RdmaCompletion { .. }), backup) => {
+            if let Ok(ChannelError::Ring(_)) = backup {
+                return Err(format!(
+                    "write into the header reached the ring: {backup:?}"
+                ));
+            }
+            println!(
+                "  rdma: write into the ring header → writer's completion: {w}; backup: {}",
+                match backup {
+                    Ok(err) => err.to_string(),
+                    Err(why) => why.clone(),
+                }
+            );
+        }
+        (w, b) => {
+            return Err(format!(
+                "write into the header completed as {w:?}, backup said {b:?}"
+            ))
+        }
+    }
     Ok(())
 }
 
