@@ -59,6 +59,16 @@
 //! completion (well under a microsecond on a hardware NIC). The argument for the write stands;
 //! the emulated measurement neither confirms nor refutes it.
 //!
+//! # Measured (soft-RoCE, QEMU/TCG guest, 2 vCPUs, rxe0↔rxe1 over a veth pair)
+//! `bench commit --transport rdma`, 64 B input + output marker, 20,000 commits: p50 57.5 µs,
+//! p99 271 µs; the raw write-with-immediate ping-pong of the same payload p50 46.4 µs; perftest's
+//! `ib_write_lat` 19.05 µs one-way, i.e. 38.1 µs per round trip. So the commit costs 1.24× the raw
+//! verbs round trip and 1.51× `ib_write_lat`'s: `ib_write_lat` polls memory on both sides, while
+//! the channel's backup waits for a receive completion (about 4 µs per direction under
+//! emulation: raw imm ping-pong vs `ib_write_lat`), and the channel's own work (frame encoding,
+//! CRC, the backup's validation and copy) runs emulated too. Tails (p99.9 in the milliseconds)
+//! follow the host's load; the raw ping-pong shows the same.
+//!
 //! # Failures
 //! A failed completion ([`ChannelError::RdmaCompletion`], e.g. retries exceeded once the peer's
 //! queue pair is gone), a queue pair in the error state ([`ChannelError::RdmaQpError`], checked at
