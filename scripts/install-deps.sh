@@ -15,6 +15,8 @@ packages=(
   dpdk-dev          # dpdk-sys: DPDK test/debug tools (dpdk-testpmd is in dpdk; dpdk-test, dpdk-pdump)
   libdpdk-dev       # dpdk-sys: DPDK headers and libdpdk.pc for pkg-config
   libclang-dev      # dpdk-sys: libclang for bindgen
+  libibverbs-dev    # rdma-sys (transport feature rdma): verbs headers and libibverbs
+  librdmacm-dev     # rdma-sys: rdma_cm headers and librdmacm
 )
 packages+=("$@")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI): installs what the tests need, then runs formatting,
-# lints, the whole test suite, and the ring under miri.
+# lints, the whole test suite, the RDMA medium on soft-RoCE (in a QEMU guest), and the ring under miri.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -12,15 +12,20 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --workspace --all-targets -- -D warnings (and with the DPDK medium)"
+step "cargo clippy --workspace --all-targets -- -D warnings (and with the DPDK and RDMA media)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport --features dpdk --all-targets -- -D warnings
+cargo clippy -p transport --features rdma --all-targets -- -D warnings
+cargo clippy -p bench --features rdma --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
 
 step "the DPDK medium: two processes over net_memif (no hugepages, no root needed)"
 cargo test -p transport --features dpdk
+
+step "the RDMA medium on soft-RoCE: tests, commit bench and ib_write_lat in a QEMU guest (rdma_rxe)"
+scripts/softroce-ci.sh
 
 step "miri: the ring's unit tests under the interpreter's UB and data-race checks"
 scripts/miri-ring.sh

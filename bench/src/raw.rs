@@ -36,6 +36,10 @@ pub enum RawMedium {
     /// Raw Ethernet frames (ethertype 0x88B5) over two DPDK `net_memif` ports joined to each
     /// other in this process (see [`memif`]); the echo side copies the payload into a new frame.
     DpdkMemif,
+    /// RDMA WRITE WITH IMMEDIATE into the peer's registered buffer, completions busy-polled:
+    /// the channel's own data path without the ring and the protocol. Devices from
+    /// `FTVM_RDMA_DEV/GID_A` (client) and `_B` (echo); needs the `rdma` feature.
+    Rdma,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +142,15 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
                     memif::give_back(pair);
                 }
                 result
+            }
+            RawMedium::Rdma => {
+                #[cfg(feature = "rdma")]
+                {
+                    let (client, server) = rdma_raw::pair(cfg.payload, &peer_failed)?;
+                    drive(client, server, hist, &plan, &peer_failed)
+                }
+                #[cfg(not(feature = "rdma"))]
+                bail!("the bench was built without the `rdma` feature")
             }
             RawMedium::Shm => {
                 let ping = Mailbox::new(cfg.payload);
@@ -737,6 +750,178 @@ impl Endpoint for ShmEnd<'_> {
         self.rx.read_payload(buf)?;
         self.received = seq;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RDMA: write with immediate, both queue pairs in this process (device A for the client, B for
+// the echo side), connected directly without a handshake.
+
+#[cfg(feature = "rdma")]
+mod rdma_raw {
+    use std::sync::Arc;
+
+    use anyhow::{ensure, Context};
+    use transport::rdma::setup::{PeerInfo, RemoteRegion, Role};
+    use transport::rdma::verbs::{
+        post_writes, reap, Completion, Endpoint as Verbs, RdmaWrite, Registered, SendQueue,
+        NO_COMPLETION,
+    };
+    use transport::rdma::{RdmaConfig, RECV_TAG};
+    use transport::region::RingMemory;
+    use transport::HeapRegion;
+
+    use super::{Backoff, Endpoint, FailFlag};
+
+    /// One side: a registered send buffer, a registered receive buffer the peer writes into.
+    pub struct RdmaEnd<'a> {
+        ep: Verbs,
+        sq: SendQueue,
+        send_mem: Arc<HeapRegion>,
+        send_mr: Registered,
+        recv_mem: Arc<HeapRegion>,
+        peer: RemoteRegion,
+        wcs: [Completion; 16],
+        next_recv: u64,
+        peer_failed: &'a FailFlag,
+    }
+
+    fn half<'a>(
+        cfg: &RdmaConfig,
+        payload: usize,
+        peer_failed: &'a FailFlag,
+    ) -> anyhow::Result<(RdmaEnd<'a>, PeerInfo, Registered)> {
+        let mut ep = Verbs::open(cfg, cfg.send_queue_depth, 64)?;
+        let len = payload.div_ceil(4096) * 4096;
+        let send_mem = Arc::new(HeapRegion::new(len)?);
+        let recv_mem = Arc::new(HeapRegion::new(len)?);
+        let send_mr = ep.register(&send_mem, 0, len, false)?;
+        let recv_mr = ep.register(&recv_mem, 0, len, true)?;
+        ep.to_init()?;
+        ep.post_recvs(RECV_TAG, 64)?;
+        let info = PeerInfo {
+            role: Role::Backup,
+            mtu: ep.mtu,
+            qpn: ep.qpn(),
+            psn: ep.psn,
+            lid: ep.lid,
+            flags: 0,
+            rkey: recv_mr.rkey,
+            gid: ep.gid,
+            addr: recv_mr.addr,
+            len: recv_mr.len,
+        };
+        let sq = SendQueue::new(ep.sq_depth, cfg.signal_every);
+        let end = RdmaEnd {
+            ep,
+            sq,
+            send_mem,
+            send_mr,
+            recv_mem,
+            peer: RemoteRegion {
+                addr: 0,
+                len: 0,
+                rkey: 0,
+            },
+            wcs: [NO_COMPLETION; 16],
+            next_recv: RECV_TAG + 64,
+            peer_failed,
+        };
+        Ok((end, info, recv_mr))
+    }
+
+    /// Both sides, connected to each other.
+    pub fn pair(
+        payload: usize,
+        peer_failed: &FailFlag,
+    ) -> anyhow::Result<(RdmaEnd<'_>, RdmaEnd<'_>)> {
+        let (a, _) = RdmaConfig::from_env("A")?;
+        let (b, _) = RdmaConfig::from_env("B")?;
+        let (mut client, ci, _) = half(&a, payload, peer_failed)?;
+        let (mut server, si, _) = half(&b, payload, peer_failed)?;
+        client.ep.connect(&si, a.retry_timeout)?;
+        server.ep.connect(&ci, b.retry_timeout)?;
+        client.peer = RemoteRegion {
+            addr: si.addr,
+            len: si.len,
+            rkey: si.rkey,
+        };
+        server.peer = RemoteRegion {
+            addr: ci.addr,
+            len: ci.len,
+            rkey: ci.rkey,
+        };
+        Ok((client, server))
+    }
+
+    impl Endpoint for RdmaEnd<'_> {
+        fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+            ensure!(
+                buf.len() <= self.send_mem.len(),
+                "payload larger than the buffer"
+            );
+            let mut backoff = Backoff::new(self.peer_failed);
+            while self.sq.room() < 1 {
+                reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| Ok(()))?;
+                backoff.snooze("a free send slot")?;
+            }
+            // SAFETY: `buf` fits the send buffer (checked above), which this side owns. The
+            // previous write from it has landed: the peer echoed it before this send.
+            unsafe {
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), self.send_mem.as_ptr(), buf.len())
+            };
+            let len = u32::try_from(buf.len()).context("payload length")?;
+            let write = RdmaWrite {
+                local: self.send_mr.addr,
+                len,
+                remote: self.peer.target(0, u64::from(len))?,
+                imm: Some(len),
+                send: false,
+            };
+            // SAFETY: the source is the registered send buffer, untouched until the echo came
+            // back; the target was bounds-checked against the peer's receive buffer.
+            unsafe {
+                post_writes(
+                    &mut self.ep,
+                    &mut self.sq,
+                    self.send_mr.lkey,
+                    self.peer.rkey,
+                    &[write],
+                )?
+            };
+            Ok(())
+        }
+
+        fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+            let mut backoff = Backoff::new(self.peer_failed);
+            loop {
+                let mut got = None;
+                reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
+                    got = Some(c.imm);
+                    Ok(())
+                })?;
+                if let Some(len) = got {
+                    ensure!(
+                        len as usize == buf.len(),
+                        "received {len} bytes, expected {}",
+                        buf.len()
+                    );
+                    // SAFETY: `len` bytes lie inside the receive buffer (the sender wrote them
+                    // there, bounds-checked); the peer writes again only after our next send.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.recv_mem.as_ptr(),
+                            buf.as_mut_ptr(),
+                            buf.len(),
+                        )
+                    };
+                    self.ep.post_recvs(self.next_recv, 1)?;
+                    self.next_recv += 1;
+                    return Ok(());
+                }
+                backoff.snooze("an RDMA write from the peer")?;
+            }
+        }
     }
 }
 

@@ -102,6 +102,53 @@ pub enum ChannelError {
     /// The channel failed earlier (on another thread) and cannot be used.
     #[error("channel failed earlier: {0}")]
     Failed(String),
+    /// An RDMA device could not be found, opened or used as configured (no such device, port
+    /// down, empty GID entry, no kernel RDMA support).
+    #[error("RDMA device {device:?}: {reason}")]
+    RdmaDevice {
+        /// The device name asked for.
+        device: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A verbs call (resource creation, queue-pair transition, posting) failed.
+    #[error("RDMA {op}: {source}")]
+    RdmaVerbs {
+        /// The verbs operation.
+        op: &'static str,
+        /// The errno it returned.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An RDMA work request completed with an error (e.g. retries exceeded: the peer's queue
+    /// pair is gone; remote access error: a write outside the peer's registered region).
+    #[error(
+        "RDMA completion error: {status_text} (status {status}, vendor error {vendor_err:#x})"
+    )]
+    RdmaCompletion {
+        /// `ibv_wc_status` value.
+        status: u32,
+        /// libibverbs' text for it.
+        status_text: String,
+        /// The device's own error code.
+        vendor_err: u32,
+    },
+    /// The queue pair is in the error state: nothing more can be sent or received on it.
+    #[error("RDMA queue pair in the error state")]
+    RdmaQpError,
+    /// A write would fall outside the peer's registered region; it was not posted.
+    #[error("RDMA write of {len} bytes at offset {offset} falls outside the {region}-byte registered region")]
+    RdmaOutOfBounds {
+        /// Offset of the write in the region.
+        offset: u64,
+        /// Bytes of the write.
+        len: u64,
+        /// Size of the registered region.
+        region: u64,
+    },
+    /// The peer's RDMA set-up message was malformed or out of bounds; the connection was refused.
+    #[error("RDMA set-up refused: {0}")]
+    RdmaSetup(String),
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {

@@ -114,6 +114,8 @@ pub enum MediumKind {
     Arbiter = 3,
     /// Raw Ethernet frames over a DPDK port (set up over a TCP control connection).
     Dpdk = 4,
+    /// RDMA writes over a reliable-connected queue pair (set up over the TCP handshake socket).
+    Rdma = 5,
 }
 
 impl MediumKind {
@@ -123,6 +125,7 @@ impl MediumKind {
             2 => Some(MediumKind::Shm),
             3 => Some(MediumKind::Arbiter),
             4 => Some(MediumKind::Dpdk),
+            5 => Some(MediumKind::Rdma),
             _ => None,
         }
     }

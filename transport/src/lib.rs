@@ -12,8 +12,9 @@
 //! - [`channel`]: the medium-independent protocol (batching, cumulative ACKs, heartbeats,
 //!   backpressure) over two small traits, [`PrimaryLink`] and [`BackupLink`];
 //! - [`handshake`]: version, session, epoch and pre-shared-key authentication;
-//! - the media: [`tcp`] (kernel TCP, busy-polled or blocking) and [`shm`] (a ring shared by two
-//!   processes: the kernel-bypass reference).
+//! - the media: [`tcp`] (kernel TCP, busy-polled or blocking), [`shm`] (a ring shared by two
+//!   processes: the kernel-bypass reference), and behind features `dpdk` (raw Ethernet frames)
+//!   and `rdma` (one-sided RDMA writes into the backup's ring over a reliable-connected queue pair).
 //!
 //! Where an ordinary bounded queue of owned items is needed (free buffers, for example), use
 //! `crossbeam-queue`; the ring is for records that must live in a particular memory region.
@@ -24,6 +25,8 @@ pub mod dpdk;
 pub mod error;
 pub mod handshake;
 pub mod poll;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod region;
 pub mod ring;
 pub mod shm;

@@ -1,0 +1,427 @@
+//! The RDMA set-up messages both sides exchange over the authenticated handshake socket, and the
+//! checks each side runs on the peer's message before it touches its own queue pair.
+//!
+//! The backup's message travels as the medium info of the handshake's Welcome (so only a primary
+//! that proved the pre-shared key gets it); the primary's message follows on the same socket,
+//! after the primary checked the backup's proof. Each describes one queue pair and one registered
+//! region the peer may write into: for the backup its ring's data area, for the primary the
+//! 64-byte word block the backup's ACKs land in.
+//!
+//! Wire format, 64 bytes, integers little-endian:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `b"FTRD"` |
+//! | 4 | 2 | format version (1) |
+//! | 6 | 1 | role: 1 = backup (region is the ring's data area), 2 = primary (ACK block) |
+//! | 7 | 1 | the sender's active path MTU (`ibv_mtu`: 1 = 256 B … 5 = 4096 B) |
+//! | 8 | 4 | queue-pair number (24 bits) |
+//! | 12 | 4 | initial packet sequence number (24 bits) |
+//! | 16 | 2 | LID (0 on RoCE) |
+//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE |
+//! | 20 | 4 | rkey of the region |
+//! | 24 | 16 | GID |
+//! | 40 | 8 | virtual address of the region |
+//! | 48 | 8 | length of the region in bytes |
+//! | 56 | 8 | reserved, zero |
+
+use crate::error::ChannelError;
+use crate::ring;
+
+/// Bytes of one set-up message.
+pub const SETUP_LEN: usize = 64;
+const MAGIC: [u8; 4] = *b"FTRD";
+const VERSION: u16 = 1;
+/// Largest ring a backup may announce: the primary allocates a mirror of this size.
+pub const MAX_RING_CAPACITY: u64 = 1 << 30;
+/// Flag of a primary's set-up message: send ACKs as SENDs into its posted receives.
+pub const FLAG_ACK_BY_SEND: u16 = 1;
+/// Bytes of the primary's ACK block the backup writes into.
+pub const ACK_BLOCK_LEN: u64 = 64;
+
+/// Which side sent a set-up message, and so what its region is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// The backup: the region is its ring's data area.
+    Backup = 1,
+    /// The primary: the region is the block the backup writes its ACKs into.
+    Primary = 2,
+}
+
+/// One side's queue pair and writable region, as exchanged during set-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Which side this describes.
+    pub role: Role,
+    /// The sender's active path MTU (`ibv_mtu` enum value).
+    pub mtu: u8,
+    /// Queue-pair number.
+    pub qpn: u32,
+    /// Initial packet sequence number of the sender's send queue.
+    pub psn: u32,
+    /// LID (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// [`FLAG_ACK_BY_SEND`] or 0.
+    pub flags: u16,
+    /// Remote key of the region.
+    pub rkey: u32,
+    /// GID of the sender's port.
+    pub gid: [u8; 16],
+    /// Virtual address of the region.
+    pub addr: u64,
+    /// Length of the region.
+    pub len: u64,
+}
+
+impl PeerInfo {
+    /// The message's bytes.
+    pub fn encode(&self) -> [u8; SETUP_LEN] {
+        let mut b = [0u8; SETUP_LEN];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        b[6] = self.role as u8;
+        b[7] = self.mtu;
+        b[8..12].copy_from_slice(&self.qpn.to_le_bytes());
+        b[12..16].copy_from_slice(&self.psn.to_le_bytes());
+        b[16..18].copy_from_slice(&self.lid.to_le_bytes());
+        b[18..20].copy_from_slice(&self.flags.to_le_bytes());
+        b[20..24].copy_from_slice(&self.rkey.to_le_bytes());
+        b[24..40].copy_from_slice(&self.gid);
+        b[40..48].copy_from_slice(&self.addr.to_le_bytes());
+        b[48..56].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    /// Parses a message and checks it describes a `role` peer whose region is usable: right
+    /// magic, version and role, a valid MTU, 24-bit QPN and PSN, a region that does not wrap the
+    /// address space and, for a backup, a ring capacity that is a power of two between
+    /// [`ring::MIN_CAPACITY`] and [`MAX_RING_CAPACITY`] holding frames of `max_frame` bytes; for
+    /// a primary, an 8-aligned ACK block of at least [`ACK_BLOCK_LEN`] bytes.
+    pub fn decode(bytes: &[u8], role: Role, max_frame: usize) -> Result<Self, ChannelError> {
+        let bad = |m: String| Err(ChannelError::RdmaSetup(m));
+        if bytes.len() != SETUP_LEN {
+            return bad(format!(
+                "set-up message of {} bytes, expected {SETUP_LEN}",
+                bytes.len()
+            ));
+        }
+        if bytes[..4] != MAGIC {
+            return bad(format!("bad magic {:02x?}", &bytes[..4]));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[o..o + 8]);
+            u64::from_le_bytes(w)
+        };
+        if u16_at(4) != VERSION {
+            return bad(format!("set-up format version {}", u16_at(4)));
+        }
+        if bytes[6] != role as u8 {
+            return bad(format!(
+                "expected a {role:?} message, got role {}",
+                bytes[6]
+            ));
+        }
+        let mut gid = [0u8; 16];
+        gid.copy_from_slice(&bytes[24..40]);
+        let info = PeerInfo {
+            role,
+            mtu: bytes[7],
+            qpn: u32_at(8),
+            psn: u32_at(12),
+            lid: u16_at(16),
+            flags: u16_at(18),
+            rkey: u32_at(20),
+            gid,
+            addr: u64_at(40),
+            len: u64_at(48),
+        };
+        let allowed = match role {
+            Role::Backup => 0,
+            Role::Primary => FLAG_ACK_BY_SEND,
+        };
+        if info.flags & !allowed != 0 {
+            return bad(format!("unknown flags {:#x}", info.flags));
+        }
+        if !(1..=5).contains(&info.mtu) {
+            return bad(format!("path MTU code {} outside 1..=5", info.mtu));
+        }
+        if info.qpn == 0 || info.qpn >= 1 << 24 || info.psn >= 1 << 24 {
+            return bad(format!(
+                "queue pair {:#x} / PSN {:#x} out of range",
+                info.qpn, info.psn
+            ));
+        }
+        if info.addr == 0 || info.addr.checked_add(info.len).is_none() {
+            return bad(format!(
+                "region [{:#x}, +{}) wraps the address space",
+                info.addr, info.len
+            ));
+        }
+        match role {
+            Role::Backup => {
+                let cap = info.len;
+                if !cap.is_power_of_two()
+                    || cap < ring::MIN_CAPACITY as u64
+                    || cap > MAX_RING_CAPACITY
+                {
+                    return bad(format!(
+                        "ring size {cap} is not a power of two in {}..={MAX_RING_CAPACITY}",
+                        ring::MIN_CAPACITY
+                    ));
+                }
+                if (cap / 2).saturating_sub(ring::RECORD_HEADER_LEN as u64) < max_frame as u64 {
+                    return bad(format!(
+                        "ring size {cap} cannot hold frames of {max_frame} bytes"
+                    ));
+                }
+                if !info.addr.is_multiple_of(8) {
+                    return bad(format!("ring address {:#x} not 8-aligned", info.addr));
+                }
+            }
+            Role::Primary => {
+                if info.len < ACK_BLOCK_LEN || !info.addr.is_multiple_of(8) {
+                    return bad(format!(
+                        "ACK block [{:#x}, +{}) too small or misaligned (need {ACK_BLOCK_LEN} bytes, 8-aligned)",
+                        info.addr, info.len
+                    ));
+                }
+            }
+        }
+        Ok(info)
+    }
+}
+
+/// The checked bounds of a peer's region: every write is tested against them before it is
+/// posted, so a write outside the region is a typed error here, not a remote access error later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    /// Virtual address of the region's first byte.
+    pub addr: u64,
+    /// Bytes in the region.
+    pub len: u64,
+    /// Its remote key.
+    pub rkey: u32,
+}
+
+impl RemoteRegion {
+    /// The peer address of `len` bytes at `offset`, or `RdmaOutOfBounds`.
+    pub fn target(&self, offset: u64, len: u64) -> Result<u64, ChannelError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.addr + offset),
+            _ => Err(ChannelError::RdmaOutOfBounds {
+                offset,
+                len,
+                region: self.len,
+            }),
+        }
+    }
+}
+
+/// The backup's ACK as it lands in the primary's ACK block: cumulative ACK, the ring's released
+/// position (the primary's free space), a counter that changes with every ACK (the heartbeat),
+/// and a check word. An RDMA write is not atomic for a reader polling the same memory (a NIC or
+/// soft-RoCE may place the bytes in any order), so the primary only believes a block whose check
+/// word matches; a torn read is simply retried at the next poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AckBlock {
+    /// Cumulative acknowledged sequence number.
+    pub acked: u64,
+    /// Byte counter up to which the backup has released its ring.
+    pub tail: u64,
+    /// Changes with every ACK the backup publishes.
+    pub beats: u64,
+}
+
+/// Bytes of an encoded [`AckBlock`].
+pub const ACK_LEN: usize = 32;
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64's finaliser: non-linear, so a block assembled from two different writes does
+    // not keep a valid check word the way an XOR or sum would.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl AckBlock {
+    fn check(&self) -> u64 {
+        mix(self.acked ^ mix(self.tail ^ mix(self.beats ^ 0x4654_4143_4b31_0000)))
+    }
+
+    /// The block's bytes.
+    pub fn encode(&self) -> [u8; ACK_LEN] {
+        let mut b = [0u8; ACK_LEN];
+        b[..8].copy_from_slice(&self.acked.to_le_bytes());
+        b[8..16].copy_from_slice(&self.tail.to_le_bytes());
+        b[16..24].copy_from_slice(&self.beats.to_le_bytes());
+        b[24..32].copy_from_slice(&self.check().to_le_bytes());
+        b
+    }
+
+    /// The block from its four words, or `None` if the check word does not match (nothing
+    /// written yet, or a read that raced the backup's write).
+    pub fn from_words(words: [u64; 4]) -> Option<Self> {
+        let block = AckBlock {
+            acked: words[0],
+            tail: words[1],
+            beats: words[2],
+        };
+        (block.check() == words[3]).then_some(block)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup_info() -> PeerInfo {
+        PeerInfo {
+            role: Role::Backup,
+            mtu: 3,
+            qpn: 0x11,
+            psn: 0x123456,
+            lid: 0,
+            flags: 0,
+            rkey: 0xdead_beef,
+            gid: [7; 16],
+            addr: 0x7f00_0000_1180,
+            len: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let info = backup_info();
+        let got = PeerInfo::decode(&info.encode(), Role::Backup, 64 * 1024).expect("valid");
+        assert_eq!(got, info);
+        let primary = PeerInfo {
+            role: Role::Primary,
+            len: ACK_BLOCK_LEN,
+            addr: 0x5000,
+            ..info
+        };
+        assert_eq!(
+            PeerInfo::decode(&primary.encode(), Role::Primary, 0).expect("valid"),
+            primary
+        );
+    }
+
+    fn refused(info: PeerInfo, role: Role) -> String {
+        match PeerInfo::decode(&info.encode(), role, 64 * 1024) {
+            Err(ChannelError::RdmaSetup(m)) => m,
+            other => panic!("expected a set-up refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn out_of_bounds_rings_are_refused() {
+        let ok = backup_info();
+        refused(PeerInfo { len: 3 << 20, ..ok }, Role::Backup);
+        refused(PeerInfo { len: 0, ..ok }, Role::Backup);
+        refused(PeerInfo { len: 1 << 40, ..ok }, Role::Backup);
+        // Too small for 64 KiB frames.
+        refused(
+            PeerInfo {
+                len: 64 * 1024,
+                ..ok
+            },
+            Role::Backup,
+        );
+        // The region would wrap around the address space.
+        refused(
+            PeerInfo {
+                addr: u64::MAX - 4096,
+                ..ok
+            },
+            Role::Backup,
+        );
+        refused(PeerInfo { addr: 0, ..ok }, Role::Backup);
+        refused(PeerInfo { addr: 0x1001, ..ok }, Role::Backup);
+        refused(PeerInfo { qpn: 1 << 24, ..ok }, Role::Backup);
+        refused(PeerInfo { mtu: 9, ..ok }, Role::Backup);
+        // A primary message where a backup's was expected, and a too-small ACK block.
+        refused(ok, Role::Primary);
+        refused(
+            PeerInfo {
+                role: Role::Primary,
+                len: 8,
+                ..ok
+            },
+            Role::Primary,
+        );
+    }
+
+    #[test]
+    fn garbage_and_short_messages_are_refused() {
+        assert!(matches!(
+            PeerInfo::decode(&[0xAB; SETUP_LEN], Role::Backup, 1024),
+            Err(ChannelError::RdmaSetup(_))
+        ));
+        assert!(matches!(
+            PeerInfo::decode(&backup_info().encode()[..40], Role::Backup, 1024),
+            Err(ChannelError::RdmaSetup(_))
+        ));
+    }
+
+    #[test]
+    fn remote_region_bounds() {
+        let r = RemoteRegion {
+            addr: 0x1000,
+            len: 4096,
+            rkey: 1,
+        };
+        assert_eq!(r.target(0, 4096).expect("in"), 0x1000);
+        assert_eq!(r.target(4088, 8).expect("in"), 0x1000 + 4088);
+        assert!(matches!(
+            r.target(4090, 8),
+            Err(ChannelError::RdmaOutOfBounds {
+                offset: 4090,
+                len: 8,
+                region: 4096
+            })
+        ));
+        assert!(r.target(u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn ack_block_check_catches_torn_reads() {
+        let old = AckBlock {
+            acked: 0x00ff,
+            tail: 0x1000,
+            beats: 9,
+        };
+        let new = AckBlock {
+            acked: 0x0100,
+            tail: 0x1040,
+            beats: 10,
+        };
+        let words = |b: [u8; ACK_LEN]| {
+            let mut w = [0u64; 4];
+            for (i, c) in b.chunks_exact(8).enumerate() {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(c);
+                w[i] = u64::from_le_bytes(x);
+            }
+            w
+        };
+        assert_eq!(AckBlock::from_words(words(old.encode())), Some(old));
+        assert_eq!(AckBlock::from_words([0; 4]), None);
+        // Every mix of bytes from the old and the new block (byte-wise tearing) but the two
+        // whole blocks is rejected.
+        let (a, b) = (old.encode(), new.encode());
+        for split in 1..ACK_LEN {
+            for (first, second) in [(a, b), (b, a)] {
+                let mut torn = first;
+                torn[split..].copy_from_slice(&second[split..]);
+                if torn != a && torn != b {
+                    assert_eq!(AckBlock::from_words(words(torn)), None, "split {split}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,660 @@
+//! The RDMA medium end to end, on real (soft-)RoCE devices: this process is the primary on
+//! device A, a child process (this binary re-executed as `backup <addr>`) the backup on device B.
+//!
+//! - `million_entries`: a million entries (`FTVM_RDMA_ENTRIES` overrides the count) of random
+//!   sizes through a 256 KiB ring — 665 wraps — every entry verified in order by the backup.
+//!   In the TCG guest this debug build moves 11,000–32,000 entries/s depending on the host's
+//!   load (31–88 s for the million; a release build about 46,000/s), inside the CI's
+//!   per-binary timeout;
+//! - `send_acks`: 50,000 entries with the backup's ACKs sent by SEND instead of RDMA WRITE;
+//! - `backup_killed` / `backup_frozen`: the backup SIGKILLed or SIGSTOPped mid-stream; the
+//!   primary's error arrives within the heartbeat timeout;
+//! - `wrong_key_gets_no_rkey`: a peer that fails authentication receives the challenge and a
+//!   refusal and nothing else — no set-up message, no rkey; the real primary with a wrong key is
+//!   refused on both sides;
+//! - `garbage_ring_is_refused`: an authenticated primary writing a bad record header, or
+//!   announcing a head beyond the ring, gets a typed error from the backup, not a frame;
+//! - `bad_setup_is_refused`: an authenticated peer announcing an out-of-bounds ACK block, or a
+//!   backup announcing a ring of a bad size or address, is refused with `RdmaSetup`.
+//!
+//! Needs `FTVM_RDMA_DEV_A/B`, `FTVM_RDMA_GID_A/B`, `FTVM_RDMA_IP_A/B` (the soft-RoCE guest of
+//! `scripts/softroce-ci.sh` sets them); without them it FAILS, since it is only ever run there.
+//! Custom harness (`harness = false`) so the backup role is a plain command line.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::stream::{check_backup_loss, payload, verify_stream, Loss, DEVICE};
+use logfmt::{ControlOp, Entry, Event, Position};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use std::sync::Arc;
+use transport::handshake::{self, MediumKind, SessionParams};
+
+use transport::rdma::setup::{PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, SETUP_LEN};
+use transport::rdma::verbs::{post_writes, Endpoint, RdmaWrite, SendQueue};
+use transport::rdma::{self, RdmaConfig};
+use transport::{ChannelConfig, ChannelError, HeapRegion, PreSharedKey, RingError};
+
+const KEY: &[u8] = b"rdma-channel-test-key";
+const SESSION: u64 = 0x4D4A;
+
+fn config() -> ChannelConfig {
+    let key = PreSharedKey::new(KEY.to_vec()).expect("key");
+    let mut c = ChannelConfig::new(SESSION, 1, key);
+    c.heartbeat_interval = Duration::from_millis(20);
+    // Generous: under TCG emulation on a loaded host a healthy backup was once silent 578 ms.
+    c.heartbeat_timeout = Duration::from_secs(1);
+    // A small ring, so a million entries wrap it hundreds of times.
+    c.ring_capacity = 256 * 1024;
+    c.max_frame_bytes = 16 * 1024;
+    // Two processes on the guest's two vCPUs: do not spin for long.
+    c.poll = transport::PollPolicy::BALANCED;
+    c
+}
+
+struct Sides {
+    a: RdmaConfig,
+    b: RdmaConfig,
+    ip_b: IpAddr,
+}
+
+fn sides() -> Result<Sides, String> {
+    let (a, _) = RdmaConfig::from_env("A").map_err(|e| e.to_string())?;
+    let (b, ip_b) = RdmaConfig::from_env("B").map_err(|e| e.to_string())?;
+    Ok(Sides { a, b, ip_b })
+}
+
+fn entries() -> u64 {
+    std::env::var("FTVM_RDMA_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+// ---------------------------------------------------------------- backup role (child process)
+
+fn backup_role(address: &str) -> Result<(), String> {
+    let s = sides()?;
+    let listener = TcpListener::bind(address).map_err(|e| e.to_string())?;
+    println!(
+        "LISTENING {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let b = rdma::accept(&listener, config(), &s.b).map_err(|e| e.to_string())?;
+    println!("VERIFIED {}", verify_stream(b)?);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- primary role (this process)
+
+struct BackupProcess {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for BackupProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_backup(s: &Sides) -> Result<(BackupProcess, String), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["backup", &SocketAddr::new(s.ip_b, 0).to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning backup: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .ok_or("backup exited before listening")?
+        .map_err(|e| e.to_string())?;
+    let addr = first
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| format!("backup said {first:?}"))?
+        .to_string();
+    Ok((BackupProcess { child, lines }, addr))
+}
+
+fn input(seq: u64, buf: &[u8]) -> Entry<'_> {
+    Entry::new(
+        Position::at_exit(seq),
+        Event::DeviceInput {
+            device: DEVICE,
+            data: buf,
+        },
+    )
+}
+
+fn marker(seq: u64) -> Entry<'static> {
+    Entry::new(
+        Position::at_exit(seq),
+        Event::OutputMarker {
+            device: DEVICE,
+            len: 0,
+            digest: logfmt::digest(b""),
+        },
+    )
+}
+
+fn stream_entries(s: &Sides, count: u64, ack_by_send: bool) -> Result<(), String> {
+    let (mut backup, addr) = spawn_backup(s)?;
+    let mut a = s.a.clone();
+    a.ack_by_send = ack_by_send;
+    let mut p = rdma::connect(addr.as_str(), config(), &a).map_err(|e| e.to_string())?;
+    let mut rng = SmallRng::seed_from_u64(0x5EED);
+    let mut buf = Vec::new();
+    let mut last_acked = 0;
+    let started = Instant::now();
+    for seq in 1..=count {
+        payload(seq, &mut rng, &mut buf);
+        let got = p
+            .append(&input(seq, &buf))
+            .map_err(|e| format!("append {seq}: {e}"))?;
+        if got != seq {
+            return Err(format!("append returned seq {got}, expected {seq}"));
+        }
+        let acked = p.acked();
+        if acked < last_acked {
+            return Err(format!("ACK went backwards: {last_acked} then {acked}"));
+        }
+        last_acked = acked;
+        if seq % 64 == 0 {
+            p.pump().map_err(|e| e.to_string())?;
+        }
+    }
+    let m = p.append(&marker(count + 1)).map_err(|e| e.to_string())?;
+    p.wait_acked(m).map_err(|e| e.to_string())?;
+    let end = Entry::new(
+        Position::at_exit(count + 2),
+        Event::Control(ControlOp::Shutdown),
+    );
+    let end_seq = p.append(&end).map_err(|e| e.to_string())?;
+    p.wait_acked(end_seq).map_err(|e| e.to_string())?;
+    let took = started.elapsed();
+    let stats = p.stats();
+    drop(p);
+    let verdict = backup
+        .lines
+        .next()
+        .ok_or("backup printed no verdict")?
+        .map_err(|e| e.to_string())?;
+    let status = backup.child.wait().map_err(|e| e.to_string())?;
+    if !status.success() || verdict != format!("VERIFIED {end_seq}") {
+        return Err(format!("backup: {status}, said {verdict:?}"));
+    }
+    let wraps = stats.bytes / config().ring_capacity as u64;
+    println!(
+        "  rdma{}: {end_seq} entries verified in {took:.2?} ({:.0} entries/s); {} frames, {} bytes \
+         (~{wraps} ring wraps), {} throttle events, {} medium-full",
+        if ack_by_send { " (ACKs by SEND)" } else { "" },
+        end_seq as f64 / took.as_secs_f64(),
+        stats.frames,
+        stats.bytes,
+        stats.throttle_events,
+        stats.medium_full
+    );
+    Ok(())
+}
+
+fn backup_lost(s: &Sides, loss: Loss) -> Result<(), String> {
+    let (backup, addr) = spawn_backup(s)?;
+    let mut p = rdma::connect(addr.as_str(), config(), &s.a).map_err(|e| e.to_string())?;
+    let timeout = config().heartbeat_timeout;
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut buf = Vec::new();
+    for seq in 1..=10_000u64 {
+        payload(seq, &mut rng, &mut buf);
+        p.append(&input(seq, &buf))
+            .map_err(|e| format!("append {seq} before the loss: {e}"))?;
+    }
+    let m = p.append(&marker(10_001)).map_err(|e| e.to_string())?;
+    p.wait_acked(m)
+        .map_err(|e| format!("before the loss: {e}"))?;
+    let pid = i32::try_from(backup.child.id()).map_err(|e| e.to_string())?;
+    let signal = match loss {
+        Loss::Killed => libc::SIGKILL,
+        Loss::Frozen => libc::SIGSTOP,
+    };
+    // SAFETY: plain kill(2) on our own child's pid.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        return Err("kill failed".into());
+    }
+    let lost = Instant::now();
+    let mut seq = 10_001u64;
+    let err = loop {
+        seq += 1;
+        let r = p.append(&marker(seq)).and_then(|s| p.wait_acked(s));
+        if let Err(e) = r {
+            break e;
+        }
+        if lost.elapsed() > timeout * 4 {
+            return Err(format!(
+                "no error {:?} after the backup was {loss:?}",
+                lost.elapsed()
+            ));
+        }
+    };
+    let took = lost.elapsed();
+    println!("  rdma: backup {loss:?} → primary error after {took:.1?}: {err}");
+    check_backup_loss(loss, &err, took, timeout)
+}
+
+fn raw_hello() -> [u8; 64] {
+    // The Hello layout of `transport::handshake`.
+    let mut h = [0u8; 64];
+    h[..4].copy_from_slice(b"FTHS");
+    h[4] = 1;
+    h[6..8].copy_from_slice(&transport::PROTOCOL_VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&SESSION.to_le_bytes());
+    h[16..24].copy_from_slice(&1u64.to_le_bytes());
+    h[24..56].copy_from_slice(&[0x42; 32]);
+    h[56..60].copy_from_slice(&(MediumKind::Rdma as u32).to_le_bytes());
+    h
+}
+
+fn listener_b(s: &Sides) -> Result<(TcpListener, SocketAddr), String> {
+    let l = TcpListener::bind(SocketAddr::new(s.ip_b, 0)).map_err(|e| e.to_string())?;
+    let a = l.local_addr().map_err(|e| e.to_string())?;
+    Ok((l, a))
+}
+
+fn wrong_key_gets_no_rkey(s: &Sides) -> Result<(), String> {
+    // 1. An attacker that ignores the backup's proof and answers with a made-up MAC.
+    let (l, addr) = listener_b(s)?;
+    let b_cfg = s.b.clone();
+    let backup = std::thread::spawn(move || rdma::accept(&l, config(), &b_cfg).map(|_| ()));
+    let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    sock.write_all(&raw_hello()).map_err(|e| e.to_string())?;
+    let mut challenge = [0u8; 96];
+    sock.read_exact(&mut challenge)
+        .map_err(|e| format!("reading the challenge: {e}"))?;
+    if challenge[5] != 0 {
+        return Err(format!("backup refused the hello: status {}", challenge[5]));
+    }
+    let mut response = [0u8; 40];
+    response[..4].copy_from_slice(b"FTHS");
+    response[4] = 3;
+    response[8..40].copy_from_slice(&[0x5A; 32]);
+    sock.write_all(&response).map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    sock.read_to_end(&mut rest)
+        .map_err(|e| format!("reading after the bad response: {e}"))?;
+    let result = backup.join().map_err(|_| "backup thread panicked")?;
+    if !matches!(result, Err(ChannelError::PeerNotAuthenticated)) {
+        return Err(format!("backup accepted a bad MAC: {result:?}"));
+    }
+    // Everything received after the challenge: one 24-byte Welcome with status AuthFailed and
+    // no medium info — no set-up message, so no QPN, address or rkey.
+    if rest.len() != 24 || &rest[..4] != b"FTHS" || rest[4] != 4 || rest[5] != 5 {
+        return Err(format!(
+            "after a failed authentication the peer received {} bytes: {rest:02x?}",
+            rest.len()
+        ));
+    }
+    if rest[16..20] != [0; 4] || rest.windows(4).any(|w| w == b"FTRD") {
+        return Err("refusal carried medium info".into());
+    }
+
+    // 2. The real primary with the wrong key: refused on both sides.
+    let (l, addr) = listener_b(s)?;
+    let b_cfg = s.b.clone();
+    let backup = std::thread::spawn(move || rdma::accept(&l, config(), &b_cfg).map(|_| ()));
+    let mut wrong = config();
+    wrong.key = PreSharedKey::new(b"not-the-rdma-test-key".to_vec()).map_err(|e| e.to_string())?;
+    let primary = rdma::connect(addr, wrong, &s.a).map(|_| ());
+    let backup = backup.join().map_err(|_| "backup thread panicked")?;
+    if !matches!(primary, Err(ChannelError::PeerNotAuthenticated))
+        || !matches!(backup, Err(ChannelError::AuthRejected))
+    {
+        return Err(format!("wrong key: primary {primary:?}, backup {backup:?}"));
+    }
+    println!(
+        "  rdma: failed authentication received {} bytes after the challenge, no rkey",
+        rest.len()
+    );
+    Ok(())
+}
+
+fn session() -> SessionParams {
+    SessionParams {
+        session_id: SESSION,
+        epoch: 1,
+        medium: MediumKind::Rdma,
+        key: PreSharedKey::new(KEY.to_vec()).expect("key"),
+    }
+}
+
+fn plausible(role: Role) -> PeerInfo {
+    PeerInfo {
+        role,
+        mtu: 3,
+        qpn: 0x77,
+        psn: 0x1234,
+        lid: 0,
+        flags: 0,
+        rkey: 0x1111,
+        gid: [0xfe; 16],
+        addr: 0x10_0000,
+        len: match role {
+            Role::Backup => 256 * 1024,
+            Role::Primary => ACK_BLOCK_LEN,
+        },
+    }
+}
+
+/// What a malicious primary's attempt came to.
+struct Verdict {
+    /// The backup's error, or why there was none.
+    backup: Result<ChannelError, String>,
+    /// The failed completion of the primary's own write, if it failed.
+    write: Option<ChannelError>,
+}
+
+/// An authenticated but malicious primary: sets up a real queue pair, then writes `garbage` at
+/// offset 0 of the backup's ring and announces head `imm` — or, with `into_header`, writes it
+/// over the ring header's head counter just before the registered data area.
+fn malicious_primary(
+    s: &Sides,
+    garbage: &[u8],
+    imm: u32,
+    into_header: bool,
+) -> Result<Verdict, String> {
+    let e = |e: ChannelError| e.to_string();
+    let (l, addr) = listener_b(s)?;
+    let b_cfg = s.b.clone();
+    let backup = std::thread::spawn(move || -> Result<ChannelError, String> {
+        let mut b = rdma::accept(&l, config(), &b_cfg).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let mut frames = 0;
+            if let Err(err) = b.poll(|_| frames += 1) {
+                return Ok(err);
+            }
+            if frames > 0 {
+                return Err("the backup accepted a frame from garbage".into());
+            }
+            std::thread::yield_now();
+        }
+        Err("the backup saw nothing wrong for 3 s".into())
+    });
+    let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let accepted = handshake::primary_handshake(&mut sock, &session()).map_err(e)?;
+    let ring = PeerInfo::decode(&accepted.medium_info, Role::Backup, 0).map_err(e)?;
+    let mut ep = Endpoint::open(&s.a, 16, 1).map_err(e)?;
+    let mem = Arc::new(HeapRegion::new(4096).map_err(|e| e.to_string())?);
+    // SAFETY: `garbage` fits in the fresh 4 KiB region, which nothing else uses yet.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            garbage.as_ptr(),
+            transport::RingMemory::as_ptr(&*mem),
+            garbage.len().min(4096),
+        )
+    };
+    let mr = ep.register(&mem, 0, 4096, true).map_err(e)?;
+    ep.to_init().map_err(e)?;
+    ep.connect(&ring, 14).map_err(e)?;
+    let ours = PeerInfo {
+        role: Role::Primary,
+        mtu: ep.mtu,
+        qpn: ep.qpn(),
+        psn: ep.psn,
+        lid: ep.lid,
+        flags: 0,
+        rkey: mr.rkey,
+        gid: ep.gid,
+        addr: mr.addr,
+        len: ACK_BLOCK_LEN,
+    };
+    sock.write_all(&ours.encode()).map_err(|e| e.to_string())?;
+    let mut ready = [0u8; 1];
+    sock.read_exact(&mut ready).map_err(|e| e.to_string())?;
+    let remote = RemoteRegion {
+        addr: ring.addr,
+        len: ring.len,
+        rkey: ring.rkey,
+    };
+    // Signal every write, to see how it completes.
+    let mut sq = SendQueue::new(ep.sq_depth, 1);
+    let write = RdmaWrite {
+        local: mr.addr,
+        len: garbage.len() as u32,
+        remote: if into_header {
+            // The head counter sits 256 bytes before the data area (see transport::ring).
+            ring.addr.wrapping_sub(256)
+        } else {
+            remote.target(0, garbage.len() as u64).map_err(e)?
+        },
+        imm: (!into_header).then_some(imm),
+        send: false,
+    };
+    // SAFETY: the source is the registered region above, untouched from here on. The target is
+    // the peer's memory: the NIC, not this process, checks it against the peer's registration.
+    unsafe { post_writes(&mut ep, &mut sq, mr.lkey, remote.rkey, &[write]) }.map_err(e)?;
+    let mut wcs = [transport::rdma::verbs::NO_COMPLETION; 16];
+    let mut write_err = None;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let n = ep.poll(&mut wcs).map_err(e)?;
+        if let Some(c) = wcs[..n].first() {
+            if !c.ok {
+                write_err = Some(c.error());
+            }
+            break;
+        }
+        std::thread::yield_now();
+    }
+    // Keep the queue pair and the control socket open until the backup has judged.
+    let backup = backup.join().map_err(|_| "backup thread panicked")?;
+    drop(sock);
+    drop(ep);
+    Ok(Verdict {
+        backup,
+        write: write_err,
+    })
+}
+
+/// The backup trusts nothing the primary's NIC wrote: a record header running past the ring, or
+/// an immediate moving the head further than the ring holds, is a typed error, never a read out
+/// of bounds or a frame handed on.
+fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
+    // A record header claiming 4 GiB of payload, announced as 64 bytes of records.
+    let v = malicious_primary(s, &[0xFF; 64], 64, false)?;
+    match &v.backup {
+        Ok(err @ ChannelError::Ring(RingError::Corrupt { .. })) => {
+            println!("  rdma: garbage record header → {err}")
+        }
+        other => return Err(format!("garbage record: backup said {other:?}")),
+    }
+    // A head moved by more than the ring's capacity.
+    let v = malicious_primary(s, &[0; 64], 0x7FFF_FFF8, false)?;
+    match &v.backup {
+        Ok(err @ ChannelError::CorruptMessage(_)) => println!("  rdma: runaway head → {err}"),
+        other => return Err(format!("runaway head: backup said {other:?}")),
+    }
+    // A write over the ring header (outside the registered data area): the backup's NIC
+    // refuses it (remote access error for the writer), the head stays, no frame appears.
+    let v = malicious_primary(s, &[0x08; 8], 0, true)?;
+    match (&v.write, &v.backup) {
+        (Some(w @ ChannelError::RdmaCompletion { .. }), backup) => {
+            if let Ok(ChannelError::Ring(_)) = backup {
+                return Err(format!(
+                    "write into the header reached the ring: {backup:?}"
+                ));
+            }
+            println!(
+                "  rdma: write into the ring header → writer's completion: {w}; backup: {}",
+                match backup {
+                    Ok(err) => err.to_string(),
+                    Err(why) => why.clone(),
+                }
+            );
+        }
+        (w, b) => {
+            return Err(format!(
+                "write into the header completed as {w:?}, backup said {b:?}"
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn bad_setup_is_refused(s: &Sides) -> Result<(), String> {
+    // 1. An authenticated primary announcing an ACK block too small / wrapping the address space.
+    for bad in [
+        PeerInfo {
+            len: 8,
+            ..plausible(Role::Primary)
+        },
+        PeerInfo {
+            addr: u64::MAX - 16,
+            ..plausible(Role::Primary)
+        },
+    ] {
+        let (l, addr) = listener_b(s)?;
+        let b_cfg = s.b.clone();
+        let backup = std::thread::spawn(move || rdma::accept(&l, config(), &b_cfg).map(|_| ()));
+        let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let accepted =
+            handshake::primary_handshake(&mut sock, &session()).map_err(|e| e.to_string())?;
+        PeerInfo::decode(&accepted.medium_info, Role::Backup, 0)
+            .map_err(|e| format!("the real backup's set-up does not decode: {e}"))?;
+        sock.write_all(&bad.encode()).map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        let _ = sock.read_to_end(&mut answer);
+        let result = backup.join().map_err(|_| "backup thread panicked")?;
+        if !matches!(result, Err(ChannelError::RdmaSetup(_))) || answer != b"X" {
+            return Err(format!(
+                "bad ACK block {bad:?}: backup {result:?}, answered {answer:?}"
+            ));
+        }
+    }
+    // 2. A backup announcing a ring of a bad size or at a bad address.
+    for bad in [
+        PeerInfo {
+            len: 3 << 16,
+            ..plausible(Role::Backup)
+        },
+        PeerInfo {
+            len: 1 << 40,
+            ..plausible(Role::Backup)
+        },
+        PeerInfo {
+            addr: u64::MAX - 4096,
+            ..plausible(Role::Backup)
+        },
+    ] {
+        let (l, addr) = listener_b(s)?;
+        let fake = std::thread::spawn(move || -> Result<(), ChannelError> {
+            let (mut sock, _) = l.accept().map_err(|e| ChannelError::Io {
+                context: "accept",
+                source: e,
+            })?;
+            sock.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| ChannelError::Io {
+                    context: "timeout",
+                    source: e,
+                })?;
+            handshake::backup_authenticate(&mut sock, &session())?;
+            handshake::backup_welcome(&mut sock, 1, &bad.encode())?;
+            let mut rest = [0u8; SETUP_LEN];
+            // The primary must hang up rather than answer with its own set-up.
+            match sock.read(&mut rest) {
+                Ok(0) => Ok(()),
+                Ok(n) => Err(ChannelError::CorruptMessage(format!(
+                    "primary answered a bad ring with {n} bytes"
+                ))),
+                Err(e) => Err(ChannelError::Io {
+                    context: "read",
+                    source: e,
+                }),
+            }
+        });
+        let primary = rdma::connect(addr, config(), &s.a).map(|_| ());
+        let fake = fake.join().map_err(|_| "fake backup panicked")?;
+        if !matches!(primary, Err(ChannelError::RdmaSetup(_))) || fake.is_err() {
+            return Err(format!(
+                "bad ring {bad:?}: primary {primary:?}, fake backup {fake:?}"
+            ));
+        }
+    }
+    println!("  rdma: out-of-bounds ACK blocks and rings refused on both sides");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("backup") {
+        let Some(addr) = args.get(2) else {
+            eprintln!("usage: rdma_channel backup <address>");
+            return ExitCode::FAILURE;
+        };
+        return match backup_role(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("backup: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let s = match sides() {
+        Ok(s) => s,
+        Err(e) => {
+            println!("rdma_channel: FAILED, no RDMA devices configured: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
+    type Test = Box<dyn Fn(&Sides) -> Result<(), String>>;
+    let tests: Vec<(&str, Test)> = vec![
+        ("wrong_key_gets_no_rkey", Box::new(wrong_key_gets_no_rkey)),
+        ("bad_setup_is_refused", Box::new(bad_setup_is_refused)),
+        ("garbage_ring_is_refused", Box::new(garbage_ring_is_refused)),
+        (
+            "million_entries",
+            Box::new(|s| stream_entries(s, entries(), false)),
+        ),
+        ("send_acks", Box::new(|s| stream_entries(s, 50_000, true))),
+        ("backup_killed", Box::new(|s| backup_lost(s, Loss::Killed))),
+        ("backup_frozen", Box::new(|s| backup_lost(s, Loss::Frozen))),
+    ];
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str())))
+        .collect();
+    println!("running {} tests", selected.len());
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in selected {
+        let t = Instant::now();
+        match test(&s) {
+            Ok(()) => {
+                println!("test {name} ... ok ({:.1?})", t.elapsed());
+                passed += 1;
+            }
+            Err(e) => {
+                println!("test {name} ... FAILED ({:.1?}): {e}", t.elapsed());
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
