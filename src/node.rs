@@ -24,6 +24,10 @@ pub enum Medium {
     Shm,
     /// Kernel TCP, busy-polled.
     Tcp,
+    /// RDMA WRITEs into the backup's registered ring over a reliable-connected queue pair
+    /// (InfiniBand, RoCE, soft-RoCE); set up over an authenticated TCP connection to the
+    /// backup's `host:port`. Needs a build with `--features rdma`.
+    Rdma,
 }
 
 /// Options both roles share.
@@ -69,6 +73,31 @@ pub struct Common {
     /// replicas. Needed for failover: the survivor registers there.
     #[arg(long)]
     pub front: Option<std::net::SocketAddr>,
+    /// RDMA device for `--transport rdma` (as perftest's `-d`; `ibv_devices` lists them).
+    #[arg(long, default_value = "rxe0")]
+    pub rdma_dev: String,
+    /// GID index for `--transport rdma` (as perftest's `-x`; RoCE v2 over IPv4 is usually the
+    /// index whose GID ends in the interface's IPv4 address; `scripts/softroce-up.sh` prints it).
+    #[arg(long, default_value_t = 0)]
+    pub gid_index: u8,
+    /// Port of the RDMA device (as perftest's `-i`).
+    #[arg(long, default_value_t = 1)]
+    pub ib_port: u8,
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_config(c: &Common) -> transport::rdma::RdmaConfig {
+    let mut r = transport::rdma::RdmaConfig::new(c.rdma_dev.clone(), c.gid_index);
+    r.ib_port = c.ib_port;
+    r
+}
+
+#[cfg(not(feature = "rdma"))]
+fn no_rdma() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this ftvm was built without RDMA support: rebuild with `cargo build --release --features rdma` \
+         (needs libibverbs-dev and librdmacm-dev; scripts/install-deps.sh installs them)"
+    )
 }
 
 /// Guest programs built into ftvm.
@@ -456,6 +485,26 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
             let sink = FailoverSink::new(p, arbiter);
             record(vm, sink, port, c, "primary", stop, sink_findings)
         }
+        #[cfg(feature = "rdma")]
+        Medium::Rdma => {
+            let rdma = rdma_config(c);
+            let p = transport::rdma::connect(backup.as_str(), cfg, &rdma).with_context(|| {
+                format!(
+                    "connecting to the backup at {backup} over RDMA ({} port {} GID {})",
+                    rdma.device, rdma.ib_port, rdma.gid_index
+                )
+            })?;
+            register(&mut port, c, epoch)?;
+            println!(
+                "SERVING {} (replicating to {backup} over rdma on {}, epoch {epoch}{failover})",
+                serving_addr(&port)?,
+                rdma.device
+            );
+            let sink = FailoverSink::new(p, arbiter);
+            record(vm, sink, port, c, "primary", stop, sink_findings)
+        }
+        #[cfg(not(feature = "rdma"))]
+        Medium::Rdma => Err(no_rdma()),
     }
 }
 
@@ -534,6 +583,22 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
             let b = tcp::accept(&l, cfg).context("accepting the primary")?;
             replay(vm, b, args, epoch)
         }
+        #[cfg(feature = "rdma")]
+        Medium::Rdma => {
+            let rdma = rdma_config(c);
+            let l = std::net::TcpListener::bind(&args.listen)
+                .with_context(|| format!("binding {}", args.listen))?;
+            println!("LISTENING {} (rdma on {})", l.local_addr()?, rdma.device);
+            let b = transport::rdma::accept(&l, cfg, &rdma).with_context(|| {
+                format!(
+                    "accepting the primary over RDMA ({} port {} GID {})",
+                    rdma.device, rdma.ib_port, rdma.gid_index
+                )
+            })?;
+            replay(vm, b, args, epoch)
+        }
+        #[cfg(not(feature = "rdma"))]
+        Medium::Rdma => Err(no_rdma()),
     }
 }
 
