@@ -84,9 +84,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use self::setup::{AckBlock, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, SETUP_LEN};
+use self::setup::{
+    seal_sum, AckBlock, HeadSeal, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN,
+    DOORBELL_LEN, FLAG_SEALED, SEAL_LEN, SETUP_LEN,
+};
 use self::verbs::{
     post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue, NO_COMPLETION,
 };
@@ -106,6 +109,14 @@ const TAIL_OFFSET: usize = 256;
 pub const RECV_TAG: u64 = 1 << 63;
 /// Receives the primary posts for SEND-mode ACKs.
 const ACK_RECVS: u32 = 256;
+/// With a backlog of unreleased frames, every this many frames the primary also writes the
+/// seal into the doorbell block, so the backup's walk over record headers stays short.
+const DOORBELL_EVERY: u32 = 16;
+/// Record headers the backup's scan follows at most per poll (the doorbell seals keep the
+/// distance between two readable seals to about `DOORBELL_EVERY` frames).
+const WALK_LIMIT: usize = 64;
+/// How long a seal whose bytes do not add up may stay so before it is corruption.
+const BAD_SUM_GRACE: Duration = Duration::from_secs(1);
 
 /// Which RDMA device and port a channel end uses, and how its queues are sized; named after
 /// perftest's options (`-d`, `-i`, `-x`).
@@ -132,6 +143,22 @@ pub struct RdmaConfig {
     /// instead of writing them into the ACK block (the default). For comparison; see the
     /// module documentation.
     pub ack_by_send: bool,
+    /// Primary only: how the backup learns of new records (see the module documentation).
+    /// [`Doorbell::Sealed`] (the default) needs a backup that offers a doorbell block; with an
+    /// older one the primary falls back to immediates.
+    pub doorbell: Doorbell,
+}
+
+/// How the backup learns that new records are in its ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Doorbell {
+    /// The write carrying a frame ends with a sealed head word ([`setup::HeadSeal`]) that the
+    /// backup polls for in memory: one work request per frame, no receive, no completion.
+    #[default]
+    Sealed,
+    /// The frame's write is a WRITE WITH IMMEDIATE carrying the new head; the backup polls its
+    /// completion queue and reposts receives.
+    Immediate,
 }
 
 impl RdmaConfig {
@@ -147,6 +174,7 @@ impl RdmaConfig {
             max_inline: 256,
             retry_timeout: 14,
             ack_by_send: false,
+            doorbell: Doorbell::Sealed,
         }
     }
 
@@ -281,12 +309,16 @@ pub fn connect(
     let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
     let capacity = backup.len as usize;
 
+    let sealed = rdma.doorbell == Doorbell::Sealed && backup.flags & FLAG_SEALED != 0;
     let recvs = if rdma.ack_by_send { ACK_RECVS } else { 1 };
     let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, recvs)?;
-    let mirror = heap(ring::region_len(capacity))?;
+    // The mirror, then one staging slot per send-queue entry for seals sent to the doorbell.
+    let seal_slots = u64::from(ep.sq_depth.max(1));
+    let mirror_len = ring::region_len(capacity) + seal_slots as usize * SEAL_LEN;
+    let mirror = heap(mirror_len)?;
     ring::format(&*mirror, capacity)?;
     let producer = Producer::attach(mirror.clone())?;
-    let mirror_mr = ep.register(&mirror, 0, ring::region_len(capacity), false)?;
+    let mirror_mr = ep.register(&mirror, 0, mirror_len, false)?;
     let acks = heap(4096)?;
     let ack_mr = ep.register(&acks, 0, ACK_BLOCK_LEN as usize, true)?;
     // Receive buffers for SEND-mode ACKs: one 32-byte slot per posted receive.
@@ -319,7 +351,7 @@ pub fn connect(
             setup::FLAG_ACK_BY_SEND
         } else {
             0
-        },
+        } | if sealed { FLAG_SEALED } else { 0 },
         rkey: ack_mr.rkey,
         gid: ep.gid,
         addr: ack_mr.addr,
@@ -345,6 +377,14 @@ pub fn connect(
             len: backup.len,
             rkey: backup.rkey,
         },
+        doorbell: RemoteRegion {
+            addr: backup.addr + backup.len,
+            len: if sealed { DOORBELL_LEN } else { 0 },
+            rkey: backup.rkey,
+        },
+        sealed,
+        seal_slots,
+        since_doorbell: 0,
         capacity: capacity as u64,
         sent: 0,
         tail: 0,
@@ -385,11 +425,18 @@ pub fn accept(
     // The primary is authenticated: only now do the queue pair and the rkey come to exist.
     let capacity = config.ring_capacity;
     let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, rdma.recv_queue_depth)?;
-    let ring_mem = heap(ring::region_len(capacity))?;
+    // The ring, then the doorbell block (zeroed: no valid seal in it).
+    let ring_mem = heap(ring::region_len(capacity) + DOORBELL_LEN as usize)?;
     ring::format(&*ring_mem, capacity)?;
     let consumer = Consumer::attach(ring_mem.clone())?;
-    // The data area only: the header (head and tail) stays out of the peer's reach.
-    let ring_mr = ep.register(&ring_mem, RING_HEADER_LEN, capacity, true)?;
+    // The data area and the doorbell block only: the header (head and tail) stays out of the
+    // peer's reach.
+    let ring_mr = ep.register(
+        &ring_mem,
+        RING_HEADER_LEN,
+        capacity + DOORBELL_LEN as usize,
+        true,
+    )?;
     let slots = ep.sq_depth as usize;
     let ack_mem = heap(slots * ACK_LEN)?;
     let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
@@ -402,11 +449,11 @@ pub fn accept(
         qpn: ep.qpn(),
         psn: ep.psn,
         lid: ep.lid,
-        flags: 0,
+        flags: FLAG_SEALED,
         rkey: ring_mr.rkey,
         gid: ep.gid,
         addr: ring_mr.addr,
-        len: ring_mr.len,
+        len: capacity as u64,
     };
     handshake::backup_welcome(&mut stream, 1, &ours.encode())?;
     let mut msg = [0u8; SETUP_LEN];
@@ -442,6 +489,8 @@ pub fn accept(
             rkey: primary.rkey,
         },
         pending: None,
+        sealed: primary.flags & FLAG_SEALED != 0,
+        bad_sum_since: None,
         ack_by_send: primary.flags & setup::FLAG_ACK_BY_SEND != 0,
         beats: 0,
         stream,
@@ -461,6 +510,14 @@ pub struct RdmaPrimaryLink {
     /// The block the backup's ACKs land in.
     acks: Arc<HeapRegion>,
     remote: RemoteRegion,
+    /// The backup's doorbell block (empty unless `sealed`).
+    doorbell: RemoteRegion,
+    /// New records are announced with sealed head words, not immediates.
+    sealed: bool,
+    /// Seal staging slots after the mirror's ring.
+    seal_slots: u64,
+    /// Frames since the last seal written to the doorbell block.
+    since_doorbell: u32,
     capacity: u64,
     /// Head counter as far as writes were posted.
     sent: u64,
@@ -558,6 +615,17 @@ impl RdmaPrimaryLink {
         Ok(newest)
     }
 
+    /// [`seal_sum`] of `len` bytes at data offset `off` of the mirror.
+    fn mirror_sum(&self, off: u64, len: u64) -> u64 {
+        debug_assert!(off + len <= self.capacity && off.is_multiple_of(8) && len.is_multiple_of(8));
+        let base = RING_HEADER_LEN + off as usize;
+        seal_sum((0..len as usize / 8).map(|i| {
+            // SAFETY: `off + len <= capacity` (a record never crosses the ring's end), so each
+            // 8-aligned word lies in the mirror's data area, which only this producer writes.
+            u64::from_le(unsafe { self.mirror.as_ptr().add(base + 8 * i).cast::<u64>().read() })
+        }))
+    }
+
     fn ack_word(&self, i: usize) -> u64 {
         // SAFETY: the ACK block is the first 64 bytes of a page-aligned 4 KiB region owned by
         // `self`; word `i < 4` is in bounds and 8-aligned; the NIC writes it concurrently, so it
@@ -568,9 +636,9 @@ impl RdmaPrimaryLink {
 
 impl PrimaryLink for RdmaPrimaryLink {
     fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError> {
-        if self.sq.room() < 2 {
+        if self.sq.room() < 3 {
             self.reap()?;
-            if self.sq.room() < 2 {
+            if self.sq.room() < 3 {
                 return Ok(false);
             }
         }
@@ -582,53 +650,104 @@ impl PrimaryLink for RdmaPrimaryLink {
         self.producer.commit();
         let old = self.sent;
         let new = counter(&self.mirror, HEAD_OFFSET).load(Ordering::Relaxed);
+        let cap = self.capacity;
         let data = self.mirror_mr.addr + RING_HEADER_LEN as u64;
-        let offset = old & (self.capacity - 1);
-        let span = new - old;
-        let imm = Some(new as u32);
-        let to_end = self.capacity - offset;
-        let writes = if span > to_end {
-            // The record wrapped: a padding header at `offset`, the record at 0.
-            let len = span - to_end;
-            [
-                RdmaWrite {
-                    local: data + offset,
-                    len: ring::RECORD_HEADER_LEN as u32,
-                    remote: self.remote.target(offset, ring::RECORD_HEADER_LEN as u64)?,
-                    imm: None,
-                    send: false,
-                },
-                RdmaWrite {
-                    local: data,
-                    len: len as u32,
-                    remote: self.remote.target(0, len)?,
-                    imm,
-                    send: false,
-                },
-            ]
-        } else {
-            [
-                RdmaWrite {
-                    local: data + offset,
-                    len: span as u32,
-                    remote: self.remote.target(offset, span)?,
-                    imm,
-                    send: false,
-                },
-                RdmaWrite {
-                    local: 0,
-                    len: 0,
-                    remote: 0,
-                    imm: None,
-                    send: false,
-                },
-            ]
+        let offset = old & (cap - 1);
+        let to_end = cap - offset;
+        let none = RdmaWrite {
+            local: 0,
+            len: 0,
+            remote: 0,
+            imm: None,
+            send: false,
         };
-        let k = if span > to_end { 2 } else { 1 };
-        // SAFETY: the local ranges are the record's bytes in the mirror, registered under
-        // `mirror_mr`; the producer reuses them only once the backup has released them, which it
-        // can do only after the writes landed. The remote ranges were bounds-checked by
-        // `target` against the backup's registered data area.
+        let mut writes = [none; 3];
+        let mut k = 0;
+        // The record's bytes: [start, new) at `rec_off`, after a padding header if it wrapped.
+        let (start, rec_off) = if new - old > to_end {
+            writes[0] = RdmaWrite {
+                local: data + offset,
+                len: ring::RECORD_HEADER_LEN as u32,
+                remote: self.remote.target(offset, ring::RECORD_HEADER_LEN as u64)?,
+                ..none
+            };
+            k = 1;
+            (old + to_end, 0)
+        } else {
+            (old, offset)
+        };
+        let mut len = new - start;
+        if self.sealed {
+            let seal = HeadSeal {
+                end: new,
+                start,
+                sum: self.mirror_sum(rec_off, len),
+            }
+            .encode();
+            let end_off = rec_off + len;
+            // The seal goes right after the record when that space is free at the backup
+            // (not holding bytes it has not released) and does not cross the ring's end.
+            let in_ring =
+                end_off + SEAL_LEN as u64 <= cap && new + SEAL_LEN as u64 <= self.tail + cap;
+            self.since_doorbell += 1;
+            let bell = !in_ring || (old > self.tail && self.since_doorbell >= DOORBELL_EVERY);
+            if in_ring {
+                // SAFETY: `end_off + SEAL_LEN <= capacity`, so the bytes lie in the mirror's data
+                // area; they are free space the producer (owned by `self`) reserves only later.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        seal.as_ptr(),
+                        self.mirror.as_ptr().add(RING_HEADER_LEN + end_off as usize),
+                        SEAL_LEN,
+                    );
+                }
+                len += SEAL_LEN as u64;
+            }
+            writes[k] = RdmaWrite {
+                local: data + rec_off,
+                len: len as u32,
+                remote: self.remote.target(rec_off, len)?,
+                ..none
+            };
+            k += 1;
+            if bell {
+                // Slot of the request about to carry it; reused only `seal_slots` (the queue's
+                // depth) requests later, when this one has completed.
+                let slot = (self.sq.posted() + k as u64 + 1) % self.seal_slots;
+                let at = ring::region_len(cap as usize) + slot as usize * SEAL_LEN;
+                // SAFETY: `slot < seal_slots`, so the bytes lie in the mirror's staging area
+                // (allocated and registered with it); see above for why nothing reads them now.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        seal.as_ptr(),
+                        self.mirror.as_ptr().add(at),
+                        SEAL_LEN,
+                    );
+                }
+                writes[k] = RdmaWrite {
+                    local: self.mirror_mr.addr + at as u64,
+                    len: SEAL_LEN as u32,
+                    remote: self.doorbell.target(0, SEAL_LEN as u64)?,
+                    ..none
+                };
+                k += 1;
+                self.since_doorbell = 0;
+            }
+        } else {
+            writes[k] = RdmaWrite {
+                local: data + rec_off,
+                len: len as u32,
+                remote: self.remote.target(rec_off, len)?,
+                imm: Some(new as u32),
+                send: false,
+            };
+            k += 1;
+        }
+        // SAFETY: the local ranges are the record's bytes (and its seal) in the mirror, or a seal
+        // staging slot, all registered under `mirror_mr`; the producer reuses record bytes only
+        // once the backup has released them, which it can do only after the writes landed. The
+        // remote ranges were bounds-checked by `target` against the backup's registered data
+        // area and doorbell block.
         unsafe {
             post_writes(
                 &mut self.ep,
@@ -647,7 +766,12 @@ impl PrimaryLink for RdmaPrimaryLink {
     }
 
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
-        self.reap()?;
+        // Completions matter only for send-queue room (and SEND-mode ACKs): skip the verbs call
+        // until a signalled request can be outstanding. A failed request still surfaces: at
+        // the next reap, or as the queue pair's error state at heartbeat pace.
+        if self.ack_by_send || self.sq.in_flight() >= self.sq.signal_every() {
+            self.reap()?;
+        }
         let block = if self.ack_by_send {
             self.received_ack()?
         } else {
@@ -686,6 +810,7 @@ impl PrimaryLink for RdmaPrimaryLink {
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
         check_socket(&mut self.stream)?;
+        self.reap()?;
         self.ep.check_qp()
     }
 
@@ -713,6 +838,11 @@ pub struct RdmaBackupLink {
     peer: RemoteRegion,
     /// An ACK the send queue had no room for; cumulative, so only the newest matters.
     pending: Option<[u8; ACK_LEN]>,
+    /// The primary announces records with sealed head words (polled in memory), not
+    /// immediates.
+    sealed: bool,
+    /// Since when a seal's bytes have not added up (they may still be in flight).
+    bad_sum_since: Option<Instant>,
     /// The primary asked for ACKs by SEND.
     ack_by_send: bool,
     beats: u64,
@@ -735,7 +865,13 @@ impl RdmaBackupLink {
     /// Reaps completions; returns whether new records arrived (their head is then stored).
     fn reap(&mut self) -> Result<bool, ChannelError> {
         let (capacity, mut head, mut arrived) = (self.capacity, self.head, 0u32);
+        let sealed = self.sealed;
         reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
+            if sealed {
+                return Err(ChannelError::CorruptMessage(
+                    "write with immediate from a primary that announced sealed heads".into(),
+                ));
+            }
             let delta = u64::from(c.imm.wrapping_sub(head as u32));
             if delta > capacity || !delta.is_multiple_of(8) {
                 return Err(ChannelError::CorruptMessage(format!(
@@ -753,13 +889,127 @@ impl RdmaBackupLink {
             counter(&self.ring, HEAD_OFFSET).store(head, Ordering::Release);
         }
         let want = self.ep.rq_depth;
-        if self.recvs_posted < want / 2 {
+        if !self.sealed && self.recvs_posted < want / 2 {
             let n = want - self.recvs_posted;
             self.ep.post_recvs(self.next_recv, n as usize)?;
             self.next_recv += u64::from(n);
             self.recvs_posted = want;
         }
         Ok(arrived > 0)
+    }
+
+    /// The word at byte `at` of the ring region (8-aligned, in bounds), read atomically: the
+    /// primary's NIC may be writing it.
+    fn ring_word(&self, at: usize) -> u64 {
+        debug_assert!(at.is_multiple_of(8) && at + 8 <= self.ring.len());
+        // SAFETY: callers pass 8-aligned offsets inside the ring region (data area or doorbell
+        // block), which `self` keeps alive; concurrent NIC writes are why it is atomic.
+        u64::from_le(
+            unsafe { &*self.ring.as_ptr().add(at).cast::<AtomicU64>() }.load(Ordering::Acquire),
+        )
+    }
+
+    /// A valid seal at byte `at` of the ring region, if there is one.
+    fn seal_at(&self, at: usize) -> Option<HeadSeal> {
+        HeadSeal::from_words([
+            self.ring_word(at),
+            self.ring_word(at + 8),
+            self.ring_word(at + 16),
+            self.ring_word(at + 24),
+        ])
+    }
+
+    /// Whether the bytes a (validly checked) seal covers are all here. A seal that is not the
+    /// primary's own (runaway, across the ring's end, before what we have) is corruption; bytes
+    /// that do not add up yet are "not yet", for at most [`BAD_SUM_GRACE`].
+    fn covered(&mut self, seal: &HeadSeal, limit: u64) -> Result<bool, ChannelError> {
+        let cap = self.capacity;
+        let off = seal.start & (cap - 1);
+        if seal.start < self.head
+            || seal.end <= seal.start
+            || seal.end > limit
+            || !seal.start.is_multiple_of(8)
+            || !seal.end.is_multiple_of(8)
+            || off + (seal.end - seal.start) > cap
+        {
+            return Err(ChannelError::CorruptMessage(format!(
+                "primary sealed ring bytes [{}, {}) with the ring at {} and room up to {limit}",
+                seal.start, seal.end, self.head
+            )));
+        }
+        let base = RING_HEADER_LEN + off as usize;
+        let words = (seal.end - seal.start) as usize / 8;
+        if seal_sum((0..words).map(|i| self.ring_word(base + 8 * i))) == seal.sum {
+            self.bad_sum_since = None;
+            return Ok(true);
+        }
+        let since = *self.bad_sum_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > BAD_SUM_GRACE {
+            return Err(ChannelError::CorruptMessage(format!(
+                "ring bytes [{}, {}) do not match their seal",
+                seal.start, seal.end
+            )));
+        }
+        Ok(false)
+    }
+
+    /// Sealed mode: looks for new records in memory, without a verbs call. Returns whether the
+    /// head moved (it is then stored for the consumer).
+    fn scan(&mut self) -> Result<bool, ChannelError> {
+        let cap = self.capacity;
+        let mask = cap - 1;
+        // Nothing the primary wrote can end beyond what we have not released plus the ring.
+        let limit = counter(&self.ring, TAIL_OFFSET).load(Ordering::Acquire) + cap;
+        let mut best = self.head;
+        let bell = RING_HEADER_LEN + cap as usize;
+        if let Some(seal) = self.seal_at(bell) {
+            if seal.end > best && self.covered(&seal, limit)? {
+                best = seal.end;
+            }
+        }
+        // Walk the record headers from there, at most WALK_LIMIT of them, to the first
+        // position holding a seal that ends exactly there. The headers are only a guess at
+        // where to look (they may be stale or half-written): what moves the head is a seal
+        // whose `end` is where it was found. An intact seal where the walk starts means nothing
+        // was written there since (the next write would have overwritten its first word).
+        let max_payload = (cap / 2) - ring::RECORD_HEADER_LEN as u64;
+        let mut pos = best;
+        for _ in 0..WALK_LIMIT {
+            let off = pos & mask;
+            if off != 0 && off + SEAL_LEN as u64 <= cap {
+                if let Some(seal) = self.seal_at(RING_HEADER_LEN + off as usize) {
+                    if seal.end == pos {
+                        if pos > best && self.covered(&seal, limit)? {
+                            best = pos;
+                        }
+                        break;
+                    }
+                }
+            }
+            if pos + 8 > limit {
+                break;
+            }
+            let word = self.ring_word(RING_HEADER_LEN + off as usize);
+            let (len, flags) = (word & 0xffff_ffff, word >> 32);
+            let next = match flags {
+                1 => (pos | mask) + 1,
+                0 if len > 0 && len <= max_payload => {
+                    pos + ring::record_footprint(len as usize) as u64
+                }
+                _ => break,
+            };
+            if next > limit {
+                break;
+            }
+            pos = next;
+        }
+        if best == self.head {
+            return Ok(false);
+        }
+        self.head = best;
+        // The consumer bounds-checks this against its own position and capacity.
+        counter(&self.ring, HEAD_OFFSET).store(best, Ordering::Release);
+        Ok(true)
     }
 
     fn send_ack(&mut self, msg: [u8; ACK_LEN]) -> Result<(), ChannelError> {
@@ -813,7 +1063,16 @@ impl BackupLink for RdmaBackupLink {
     }
 
     fn receive(&mut self) -> Result<bool, ChannelError> {
-        let arrived = self.reap()?;
+        let arrived = if self.sealed {
+            // Completions only free send slots for ACKs here: reap once a signalled one can be
+            // outstanding (a failed write also shows as the queue pair's error state).
+            if self.sq.in_flight() >= self.sq.signal_every() {
+                self.reap()?;
+            }
+            self.scan()?
+        } else {
+            self.reap()?
+        };
         if let Some(msg) = self.pending {
             self.send_ack(msg)?;
         }
@@ -838,6 +1097,7 @@ impl BackupLink for RdmaBackupLink {
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
         check_socket(&mut self.stream)?;
+        self.reap()?;
         self.ep.check_qp()
     }
 

@@ -18,7 +18,7 @@
 //! | 8 | 4 | queue-pair number (24 bits) |
 //! | 12 | 4 | initial packet sequence number (24 bits) |
 //! | 16 | 2 | LID (0 on RoCE) |
-//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE |
+//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE; bit 1 = sealed heads: from a backup, "my registration extends [`DOORBELL_LEN`] bytes past the data area (the doorbell block)", from a primary, "I announce new records with sealed head words, not immediates" |
 //! | 20 | 4 | rkey of the region |
 //! | 24 | 16 | GID |
 //! | 40 | 8 | virtual address of the region |
@@ -38,6 +38,12 @@ pub const MAX_RING_CAPACITY: u64 = 1 << 30;
 pub const FLAG_ACK_BY_SEND: u16 = 1;
 /// Bytes of the primary's ACK block the backup writes into.
 pub const ACK_BLOCK_LEN: u64 = 64;
+/// Flag of both set-up messages: sealed head words (see [`HeadSeal`]). A backup that sets it
+/// registered a doorbell block of [`DOORBELL_LEN`] bytes right after its ring's data area (same
+/// rkey); a primary that sets it announces records with seals instead of immediates.
+pub const FLAG_SEALED: u16 = 2;
+/// Bytes of the backup's doorbell block (after the data area, same registration).
+pub const DOORBELL_LEN: u64 = 64;
 
 /// Which side sent a set-up message, and so what its region is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +147,8 @@ impl PeerInfo {
             len: u64_at(48),
         };
         let allowed = match role {
-            Role::Backup => 0,
-            Role::Primary => FLAG_ACK_BY_SEND,
+            Role::Backup => FLAG_SEALED,
+            Role::Primary => FLAG_ACK_BY_SEND | FLAG_SEALED,
         };
         if info.flags & !allowed != 0 {
             return bad(format!("unknown flags {:#x}", info.flags));
@@ -156,7 +162,18 @@ impl PeerInfo {
                 info.qpn, info.psn
             ));
         }
-        if info.addr == 0 || info.addr.checked_add(info.len).is_none() {
+        let extra = if role == Role::Backup && info.flags & FLAG_SEALED != 0 {
+            DOORBELL_LEN
+        } else {
+            0
+        };
+        if info.addr == 0
+            || info
+                .addr
+                .checked_add(info.len)
+                .and_then(|end| end.checked_add(extra))
+                .is_none()
+        {
             return bad(format!(
                 "region [{:#x}, +{}) wraps the address space",
                 info.addr, info.len
@@ -272,6 +289,62 @@ impl AckBlock {
             beats: words[2],
         };
         (block.check() == words[3]).then_some(block)
+    }
+}
+
+/// A sealed head word: "the primary's write of ring bytes `[start, end)` is complete, and
+/// their checksum is `sum`". The primary appends one to the write that carries each frame (in
+/// the ring, right after the frame's record, when that space is free and does not cross the
+/// ring's end; otherwise in the backup's doorbell block, by a second write). The backup polls
+/// for it in memory. Like the [`AckBlock`], it is checked against tearing: a seal only counts
+/// when its check word matches, its `end` is exactly the position it was found at (a seal left
+/// from an earlier lap holds an older counter) and the bytes it covers add up to `sum` (a write
+/// whose bytes are not all visible yet simply does not count yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HeadSeal {
+    /// Ring byte counter where the write's records end (the new head).
+    pub end: u64,
+    /// Ring byte counter where the write's bytes start (never across the ring's end).
+    pub start: u64,
+    /// [`seal_sum`] of the bytes in `[start, end)`.
+    pub sum: u64,
+}
+
+/// Bytes of an encoded [`HeadSeal`].
+pub const SEAL_LEN: usize = 32;
+
+/// The checksum a [`HeadSeal`] carries, folded over little-endian 64-bit words.
+pub fn seal_sum(words: impl Iterator<Item = u64>) -> u64 {
+    let mut s = 0x5345_414c_0000_0001u64;
+    for w in words {
+        s = (s.rotate_left(23) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    s
+}
+
+impl HeadSeal {
+    fn check(&self) -> u64 {
+        mix(self.end ^ mix(self.start ^ mix(self.sum ^ 0x4654_5345_414c_0000)))
+    }
+
+    /// The seal's bytes.
+    pub fn encode(&self) -> [u8; SEAL_LEN] {
+        let mut b = [0u8; SEAL_LEN];
+        b[..8].copy_from_slice(&self.end.to_le_bytes());
+        b[8..16].copy_from_slice(&self.start.to_le_bytes());
+        b[16..24].copy_from_slice(&self.sum.to_le_bytes());
+        b[24..32].copy_from_slice(&self.check().to_le_bytes());
+        b
+    }
+
+    /// The seal from its four words, or `None` if the check word does not match.
+    pub fn from_words(words: [u64; 4]) -> Option<Self> {
+        let seal = HeadSeal {
+            end: words[0],
+            start: words[1],
+            sum: words[2],
+        };
+        (seal.check() == words[3]).then_some(seal)
     }
 }
 
