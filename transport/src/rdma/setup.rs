@@ -497,4 +497,67 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn head_seal_check_catches_torn_reads_and_stale_laps() {
+        let old = HeadSeal {
+            end: 0x1_0040,
+            start: 0x1_0000,
+            sum: seal_sum([1u64, 2, 3].into_iter()),
+        };
+        let new = HeadSeal {
+            end: 0x2_0040,
+            start: 0x2_0000,
+            sum: seal_sum([4u64, 5, 6].into_iter()),
+        };
+        let words = |b: [u8; SEAL_LEN]| {
+            let mut w = [0u64; 4];
+            for (i, c) in b.chunks_exact(8).enumerate() {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(c);
+                w[i] = u64::from_le_bytes(x);
+            }
+            w
+        };
+        assert_eq!(HeadSeal::from_words(words(new.encode())), Some(new));
+        assert_eq!(HeadSeal::from_words([0; 4]), None);
+        let (a, b) = (old.encode(), new.encode());
+        for split in 1..SEAL_LEN {
+            for (first, second) in [(a, b), (b, a)] {
+                let mut torn = first;
+                torn[split..].copy_from_slice(&second[split..]);
+                if torn != a && torn != b {
+                    assert_eq!(HeadSeal::from_words(words(torn)), None, "split {split}");
+                }
+            }
+        }
+        // The sum depends on every word and on their order.
+        assert_ne!(
+            seal_sum([1u64, 2, 3].into_iter()),
+            seal_sum([1u64, 3, 2].into_iter())
+        );
+        assert_ne!(
+            seal_sum([1u64, 2, 3].into_iter()),
+            seal_sum([1u64, 2, 3, 0].into_iter())
+        );
+    }
+
+    #[test]
+    fn sealed_backup_region_must_leave_room_for_the_doorbell() {
+        let ok = PeerInfo {
+            flags: FLAG_SEALED,
+            ..backup_info()
+        };
+        PeerInfo::decode(&ok.encode(), Role::Backup, 64 * 1024).expect("valid");
+        // The ring fits the address space, its doorbell block does not.
+        refused(
+            PeerInfo {
+                addr: u64::MAX - (1 << 20) - 8 + 1,
+                ..ok
+            },
+            Role::Backup,
+        );
+        // Unknown flags are refused.
+        refused(PeerInfo { flags: 4, ..ok }, Role::Backup);
+    }
 }
