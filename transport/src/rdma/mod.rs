@@ -22,30 +22,72 @@
 //! The primary keeps a *mirror* of the backup's ring in its own registered memory, with the same
 //! capacity and byte layout: [`crate::ring::Producer`] lays each frame out there as a record
 //! (header, payload, wrap padding), and the bytes the record occupies are written to the same
-//! offsets of the backup's ring. The last write of each frame is an RDMA WRITE WITH IMMEDIATE
-//! whose immediate is the low 32 bits of the new head counter: the backup learns of new records
-//! from its completion queue (which the verbs ordering rules deliver only after the record's
-//! bytes are in place) and stores the head into its ring header itself. The backup's ring header
-//! is not even registered: the primary can only write into the data area, and the consumer
-//! validates every length and counter it reads from it ([`crate::ring`]).
+//! offsets of the backup's ring — one RDMA WRITE per frame (two when the record wraps: the
+//! padding header, then the record at offset 0), all of a frame's work requests posted with one
+//! `ibv_post_send` (on soft-RoCE, one doorbell system call). The backup's ring header is not
+//! registered: the primary can only write into the data area (and the doorbell block after it),
+//! and the consumer validates every length and counter it reads from it ([`crate::ring`]).
 //!
-//! Why not write the head counter with a second RDMA WRITE, as shared memory stores it: an RDMA
-//! write is not an atomic store for a CPU polling the same word (soft-RoCE copies with `memcpy`,
-//! which under emulation moves bytes one by one), so a polled head could be read torn and point
-//! past the written data; a completion cannot. It also saves a work request per frame.
+//! ## How the backup learns of new records: sealed head words ([`Doorbell::Sealed`], default)
+//! The frame's write carries, right after the record, a 32-byte sealed head word
+//! ([`setup::HeadSeal`]): `{end, start, sum, check}` — "my bytes `[start, end)` are complete
+//! and add up to `sum`". The backup polls for it in memory, as perftest's `ib_write_lat` polls
+//! its buffer's last byte: no receive to post, no completion for the responder to generate, no
+//! completion-queue poll. Its scan (each `receive`) looks at two places:
+//! - the word at its current head: an intact seal ending exactly there means nothing was
+//!   written since (the next frame's write starts there and overwrites it);
+//! - otherwise it follows the record headers from its head (at most `WALK_LIMIT` of them) to
+//!   the first position holding a seal whose `end` is that very position, and moves the head
+//!   there. The headers are only a guess at where to look (stale from an earlier lap, or half
+//!   written): what moves the head is a seal found exactly at its own `end` (a seal from an
+//!   earlier lap holds an older counter), with a matching check word (a torn read of the seal
+//!   fails it) and bytes that add up to its `sum`.
 //!
-//! Writes of at most `max_inline_data` bytes (heartbeats, small frames, ACKs) go inline, copied
-//! into the work request at post time. Only every [`RdmaConfig::signal_every`]-th work request is
-//! signalled ([`verbs::SendQueue`] makes sure a full send queue always holds one). Completion
-//! queues are busy-polled by the channel under its [`crate::PollPolicy`], like every other
-//! medium; they are polled from `poll`/`receive`, never waited on.
+//! When the seal does not fit behind the record (it would cross the ring's end, or land on bytes
+//! the backup has not released), and every `DOORBELL_EVERY` frames while older frames are still
+//! unreleased (so the walk stays short when frames queue up and each one's seal is overwritten
+//! by the next), the same seal also goes by a second, inline write into the 64-byte *doorbell
+//! block* the backup registered right after its data area (same rkey; announced with
+//! [`setup::FLAG_SEALED`]). The backup checks it first.
+//!
+//! What this relies on: on one RC queue pair, RDMA WRITEs are executed and placed in order, so
+//! a seal's bytes land after everything the same and earlier writes carried — what perftest,
+//! FaRM-style systems and every memory-polled RDMA protocol rely on; soft-RoCE (`rdma_rxe`)
+//! places the packets of a queue pair in order with `memcpy` (x86: stores become visible in
+//! program order). It does *not* rely on the bytes *within* one write becoming visible in
+//! order (a NIC's DMA or a string copy need not): the `sum` catches a seal that is visible
+//! before the bytes it covers; such a seal simply does not count yet. One whose bytes still do
+//! not add up after `BAD_SUM_GRACE` (1 s) is corruption ([`ChannelError::CorruptMessage`]), as
+//! is a valid seal claiming bytes before the backup's head, across the ring's end, or beyond
+//! what the ring can hold. Either way the consumer still checks every record header, and the
+//! receiver every frame's CRC, before anything is acknowledged: a seal only says where to look.
+//!
+//! ## Or write-with-immediate ([`Doorbell::Immediate`])
+//! The frame's last write is an RDMA WRITE WITH IMMEDIATE whose immediate is the low 32 bits of
+//! the new head counter: the backup learns of new records from its completion queue (which the
+//! verbs ordering rules deliver only after the record's bytes are in place), reposts receives,
+//! and stores the head into its ring header itself. Selected by the primary in its set-up
+//! message (no [`setup::FLAG_SEALED`]); also used against a backup that offers no doorbell
+//! block. Bench row `rdma-imm`.
+//!
+//! Writes of at most `max_inline_data` bytes (heartbeats, small frames with their seal, ACKs)
+//! go inline, copied into the work request at post time. Only every
+//! [`RdmaConfig::signal_every`]-th work request is signalled ([`verbs::SendQueue`] makes sure a
+//! full send queue always holds one), and completion queues are polled only when a signalled
+//! request can be outstanding (or receives are expected): a failed request still surfaces at
+//! the next reap, at the latest at the heartbeat-paced peer check, which also reaps and reads
+//! the queue pair's state. Everything is polled from `poll`/`receive` under the channel's
+//! [`crate::PollPolicy`], like every other medium, never waited on.
 //!
 //! # ACKs
 //! The backup publishes `{acked, tail, beats, check}` (32 bytes, [`setup::AckBlock`]) with an
 //! inline RDMA WRITE into the primary's ACK block: the cumulative ACK, how far it has released
 //! its ring (the primary's free space), and a counter that changes with every ACK (heartbeat).
 //! The primary reads the block from memory with no verbs call at all; the check word catches a
-//! read that raced the write.
+//! read that raced the write. A new ACK is handed to the channel at once; that the backup was
+//! *heard* (which makes the channel read the clock for its liveness bookkeeping) is reported one
+//! poll later, which takes a clock read off the output-commit path — in the soft-RoCE guest the
+//! clock source is the emulated HPET and `Instant::now` costs 1.7 µs (measured there).
 //!
 //! WRITE or SEND? [`RdmaConfig::ack_by_send`] switches the backup to SENDing the same 32 bytes
 //! into receives the primary posts (bench row `rdma-send`). The write is the default because it
