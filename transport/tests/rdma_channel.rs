@@ -547,8 +547,9 @@ fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
 /// checks, never handed on; a seal in the doorbell block claiming more than the ring can hold
 /// is a typed error.
 fn sealed_garbage_is_refused(s: &Sides) -> Result<(), String> {
-    // A record of 56 bytes of 0xFF (no frame), sealed right after it as the real primary does.
-    let mut bytes = vec![0u8; 64 + 32];
+    // A record of 56 bytes of 0xFF (no frame), sealed right after it (short form) as the real
+    // primary does.
+    let mut bytes = vec![0u8; 64 + 16];
     bytes[..8].copy_from_slice(&56u64.to_le_bytes());
     bytes[8..64].fill(0xFF);
     let words = |b: &[u8]| -> Vec<u64> {
@@ -561,7 +562,7 @@ fn sealed_garbage_is_refused(s: &Sides) -> Result<(), String> {
         start: 0,
         sum: seal_sum(words(&bytes[..64]).into_iter()),
     };
-    bytes[64..].copy_from_slice(&seal.encode());
+    bytes[64..].copy_from_slice(&seal.encode_short());
     let v = malicious_primary(s, &bytes, Target::Sealed)?;
     match &v.backup {
         Ok(err) => println!("  rdma: sealed garbage frame → {err}"),

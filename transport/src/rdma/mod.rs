@@ -29,26 +29,26 @@
 //! and the consumer validates every length and counter it reads from it ([`crate::ring`]).
 //!
 //! ## How the backup learns of new records: sealed head words ([`Doorbell::Sealed`], default)
-//! The frame's write carries, right after the record, a 32-byte sealed head word
-//! ([`setup::HeadSeal`]): `{end, start, sum, check}` — "my bytes `[start, end)` are complete
-//! and add up to `sum`". The backup polls for it in memory, as perftest's `ib_write_lat` polls
-//! its buffer's last byte: no receive to post, no completion for the responder to generate, no
-//! completion-queue poll. Its scan (each `receive`) looks at two places:
-//! - the word at its current head: an intact seal ending exactly there means nothing was
-//!   written since (the next frame's write starts there and overwrites it);
+//! A seal ([`setup::HeadSeal`]) says "the write of ring bytes `[start, end)` is complete and
+//! they add up to `sum`". The frame's write carries its seal in short form right after the
+//! record — 16 bytes, `{end, check(end, sum)}` — and the backup polls for it in memory, as
+//! perftest's `ib_write_lat` polls its buffer's last byte: no receive to post, no completion for
+//! the responder to generate, no completion-queue poll. Its scan (each `receive`):
+//! - an intact short seal at its head (the `end` and check word it last accepted) means
+//!   nothing was written since — the next frame's write starts there and overwrites it;
 //! - otherwise it follows the record headers from its head (at most `WALK_LIMIT` of them) to
-//!   the first position holding a seal whose `end` is that very position, and moves the head
-//!   there. The headers are only a guess at where to look (stale from an earlier lap, or half
-//!   written): what moves the head is a seal found exactly at its own `end` (a seal from an
-//!   earlier lap holds an older counter), with a matching check word (a torn read of the seal
-//!   fails it) and bytes that add up to its `sum`.
+//!   the first record followed by a matching short seal: `end` exactly that position (a seal
+//!   from an earlier lap holds an older counter) and a check word matching `end` and the sum of
+//!   the record's bytes, which the backup computes itself. The headers are only a guess at
+//!   where to look (stale from an earlier lap, or half written): what moves the head is a seal
+//!   that matches.
 //!
-//! When the seal does not fit behind the record (it would cross the ring's end, or land on bytes
-//! the backup has not released), and every `DOORBELL_EVERY` frames while older frames are still
-//! unreleased (so the walk stays short when frames queue up and each one's seal is overwritten
-//! by the next), the same seal also goes by a second, inline write into the 64-byte *doorbell
-//! block* the backup registered right after its data area (same rkey; announced with
-//! [`setup::FLAG_SEALED`]). The backup checks it first.
+//! When the short seal does not fit behind the record (it would cross the ring's end, or land
+//! on bytes the backup has not released), and every `DOORBELL_EVERY` frames while older frames
+//! are still unreleased (so the walk stays short when frames queue up and each one's seal is
+//! overwritten by the next), the full 32-byte seal `{end, start, sum, check}` also goes by a
+//! second, inline write into the 64-byte *doorbell block* the backup registered right after its
+//! data area (same rkey; announced with [`setup::FLAG_SEALED`]). The backup checks it first.
 //!
 //! What this relies on: on one RC queue pair, RDMA WRITEs are executed and placed in order, so
 //! a seal's bytes land after everything the same and earlier writes carried — what perftest,
@@ -56,10 +56,10 @@
 //! places the packets of a queue pair in order with `memcpy` (x86: stores become visible in
 //! program order). It does *not* rely on the bytes *within* one write becoming visible in
 //! order (a NIC's DMA or a string copy need not): the `sum` catches a seal that is visible
-//! before the bytes it covers; such a seal simply does not count yet. One whose bytes still do
-//! not add up after `BAD_SUM_GRACE` (1 s) is corruption ([`ChannelError::CorruptMessage`]), as
-//! is a valid seal claiming bytes before the backup's head, across the ring's end, or beyond
-//! what the ring can hold. Either way the consumer still checks every record header, and the
+//! before the bytes it covers (or read torn); such a seal simply does not count yet. A seal
+//! whose `end` matches but whose bytes still do not add up after `BAD_SUM_GRACE` (1 s) is
+//! corruption ([`ChannelError::CorruptMessage`]), as is a valid doorbell seal claiming bytes
+//! before the backup's head, across the ring's end, or beyond what the ring can hold. Either way the consumer still checks every record header, and the
 //! receiver every frame's CRC, before anything is acknowledged: a seal only says where to look.
 //!
 //! ## Or write-with-immediate ([`Doorbell::Immediate`])
@@ -130,7 +130,7 @@ use std::time::{Duration, Instant};
 
 use self::setup::{
     seal_sum, AckBlock, HeadSeal, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN,
-    DOORBELL_LEN, FLAG_SEALED, SEAL_LEN, SETUP_LEN,
+    DOORBELL_LEN, FLAG_SEALED, SEAL_LEN, SETUP_LEN, SHORT_SEAL_LEN,
 };
 use self::verbs::{
     post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue, NO_COMPLETION,
@@ -535,6 +535,7 @@ pub fn accept(
         pending: None,
         sealed: primary.flags & FLAG_SEALED != 0,
         bad_sum_since: None,
+        last_check: 0,
         ack_by_send: primary.flags & setup::FLAG_ACK_BY_SEND != 0,
         beats: 0,
         stream,
@@ -729,26 +730,28 @@ impl PrimaryLink for RdmaPrimaryLink {
                 end: new,
                 start,
                 sum: self.mirror_sum(rec_off, len),
-            }
-            .encode();
+            };
+            let short = seal.encode_short();
+            let seal = seal.encode();
             let end_off = rec_off + len;
-            // The seal goes right after the record when that space is free at the backup
+            // The short seal goes right after the record when that space is free at the backup
             // (not holding bytes it has not released) and does not cross the ring's end.
-            let in_ring =
-                end_off + SEAL_LEN as u64 <= cap && new + SEAL_LEN as u64 <= self.tail + cap;
+            let in_ring = end_off + SHORT_SEAL_LEN as u64 <= cap
+                && new + SHORT_SEAL_LEN as u64 <= self.tail + cap;
             self.since_doorbell += 1;
             let bell = !in_ring || (old > self.tail && self.since_doorbell >= DOORBELL_EVERY);
             if in_ring {
-                // SAFETY: `end_off + SEAL_LEN <= capacity`, so the bytes lie in the mirror's data
-                // area; they are free space the producer (owned by `self`) reserves only later.
+                // SAFETY: `end_off + SHORT_SEAL_LEN <= capacity`, so the bytes lie in the mirror's
+                // data area; they are free space the producer (owned by `self`) reserves only
+                // later.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        seal.as_ptr(),
+                        short.as_ptr(),
                         self.mirror.as_ptr().add(RING_HEADER_LEN + end_off as usize),
-                        SEAL_LEN,
+                        SHORT_SEAL_LEN,
                     );
                 }
-                len += SEAL_LEN as u64;
+                len += SHORT_SEAL_LEN as u64;
             }
             writes[k] = RdmaWrite {
                 local: data + rec_off,
@@ -906,6 +909,8 @@ pub struct RdmaBackupLink {
     sealed: bool,
     /// Since when a seal's bytes have not added up (they may still be in flight).
     bad_sum_since: Option<Instant>,
+    /// The check word of the short seal at `head` (what an untouched head position holds).
+    last_check: u64,
     /// The primary asked for ACKs by SEND.
     ack_by_send: bool,
     beats: u64,
@@ -982,9 +987,28 @@ impl RdmaBackupLink {
         ])
     }
 
-    /// Whether the bytes a (validly checked) seal covers are all here. A seal that is not the
-    /// primary's own (runaway, across the ring's end, before what we have) is corruption; bytes
-    /// that do not add up yet are "not yet", for at most [`BAD_SUM_GRACE`].
+    /// [`seal_sum`] of the ring bytes `[start, end)` (which must not cross the ring's end).
+    fn ring_sum(&self, start: u64, end: u64) -> u64 {
+        let base = RING_HEADER_LEN + (start & (self.capacity - 1)) as usize;
+        let words = (end - start) as usize / 8;
+        seal_sum((0..words).map(|i| self.ring_word(base + 8 * i)))
+    }
+
+    /// Bytes a seal covers that do not add up: "not yet" (they may still be on their way), for
+    /// at most [`BAD_SUM_GRACE`], then corruption.
+    fn not_yet(&mut self, start: u64, end: u64) -> Result<bool, ChannelError> {
+        let since = *self.bad_sum_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > BAD_SUM_GRACE {
+            return Err(ChannelError::CorruptMessage(format!(
+                "ring bytes [{start}, {end}) do not match their seal"
+            )));
+        }
+        Ok(false)
+    }
+
+    /// Whether the bytes a doorbell seal (check word valid) covers are all here. A seal that is
+    /// not the primary's own (runaway, across the ring's end, before what we have) is
+    /// corruption.
     fn covered(&mut self, seal: &HeadSeal, limit: u64) -> Result<bool, ChannelError> {
         let cap = self.capacity;
         let off = seal.start & (cap - 1);
@@ -1000,20 +1024,11 @@ impl RdmaBackupLink {
                 seal.start, seal.end, self.head
             )));
         }
-        let base = RING_HEADER_LEN + off as usize;
-        let words = (seal.end - seal.start) as usize / 8;
-        if seal_sum((0..words).map(|i| self.ring_word(base + 8 * i))) == seal.sum {
+        if self.ring_sum(seal.start, seal.end) == seal.sum {
             self.bad_sum_since = None;
             return Ok(true);
         }
-        let since = *self.bad_sum_since.get_or_insert_with(Instant::now);
-        if since.elapsed() > BAD_SUM_GRACE {
-            return Err(ChannelError::CorruptMessage(format!(
-                "ring bytes [{}, {}) do not match their seal",
-                seal.start, seal.end
-            )));
-        }
-        Ok(false)
+        self.not_yet(seal.start, seal.end)
     }
 
     /// Sealed mode: looks for new records in memory, without a verbs call. Returns whether the
@@ -1028,51 +1043,85 @@ impl RdmaBackupLink {
         if let Some(seal) = self.seal_at(bell) {
             if seal.end > best && self.covered(&seal, limit)? {
                 best = seal.end;
+                self.last_check = seal.ring_check();
             }
         }
-        // Walk the record headers from there, at most WALK_LIMIT of them, to the first
-        // position holding a seal that ends exactly there. The headers are only a guess at
-        // where to look (they may be stale or half-written): what moves the head is a seal
-        // whose `end` is where it was found. An intact seal where the walk starts means nothing
-        // was written there since (the next write would have overwritten its first word).
+        // An intact short seal at the head: nothing was written there since (the next frame's
+        // write starts there and overwrites it).
+        let head_off = best & mask;
+        if head_off != 0
+            && head_off + SHORT_SEAL_LEN as u64 <= cap
+            && self.ring_word(RING_HEADER_LEN + head_off as usize) == best
+            && self.ring_word(RING_HEADER_LEN + head_off as usize + 8) == self.last_check
+        {
+            return Ok(self.publish(best));
+        }
+        // Otherwise follow the record headers from there, at most WALK_LIMIT of them, to the
+        // first record followed by its short seal: `end` equal to that very position (a seal
+        // from an earlier lap holds an older counter) and a check word matching `end` and the
+        // sum of the record's bytes. The headers are only a guess at where to look (stale from
+        // an earlier lap, or half written): what moves the head is a seal that matches.
         let max_payload = (cap / 2) - ring::RECORD_HEADER_LEN as u64;
         let mut pos = best;
+        let mut unmatched = None;
         for _ in 0..WALK_LIMIT {
-            let off = pos & mask;
-            if off != 0 && off + SEAL_LEN as u64 <= cap {
-                if let Some(seal) = self.seal_at(RING_HEADER_LEN + off as usize) {
-                    if seal.end == pos {
-                        if pos > best && self.covered(&seal, limit)? {
-                            best = pos;
-                        }
-                        break;
-                    }
-                }
-            }
             if pos + 8 > limit {
                 break;
             }
-            let word = self.ring_word(RING_HEADER_LEN + off as usize);
+            let word = self.ring_word(RING_HEADER_LEN + (pos & mask) as usize);
             let (len, flags) = (word & 0xffff_ffff, word >> 32);
-            let next = match flags {
+            let start = pos;
+            pos = match flags {
                 1 => (pos | mask) + 1,
                 0 if len > 0 && len <= max_payload => {
                     pos + ring::record_footprint(len as usize) as u64
                 }
                 _ => break,
             };
-            if next > limit {
+            if pos > limit {
                 break;
             }
-            pos = next;
+            let end_off = ((pos - 1) & mask) + 1;
+            if flags != 0
+                || end_off + SHORT_SEAL_LEN as u64 > cap
+                || self.ring_word(RING_HEADER_LEN + end_off as usize) != pos
+            {
+                continue;
+            }
+            // `end` matches: the primary wrote this seal, for a record ending here.
+            let check = HeadSeal {
+                end: pos,
+                start,
+                sum: self.ring_sum(start, pos),
+            }
+            .ring_check();
+            if self.ring_word(RING_HEADER_LEN + end_off as usize + 8) == check {
+                self.bad_sum_since = None;
+                self.last_check = check;
+                best = pos;
+                break;
+            }
+            // Not (yet) a seal that matches: its bytes may still be on their way, or the word
+            // is the next record's header that happens to equal the position. Walk on.
+            unmatched.get_or_insert((start, pos));
         }
         if best == self.head {
-            return Ok(false);
+            if let Some((start, end)) = unmatched {
+                self.not_yet(start, end)?;
+            }
+        }
+        Ok(self.publish(best))
+    }
+
+    /// Moves the head to `best` if that is news, for the consumer to read (it bounds-checks it
+    /// against its own position and capacity).
+    fn publish(&mut self, best: u64) -> bool {
+        if best == self.head {
+            return false;
         }
         self.head = best;
-        // The consumer bounds-checks this against its own position and capacity.
         counter(&self.ring, HEAD_OFFSET).store(best, Ordering::Release);
-        Ok(true)
+        true
     }
 
     fn send_ack(&mut self, msg: [u8; ACK_LEN]) -> Result<(), ChannelError> {

@@ -293,13 +293,15 @@ impl AckBlock {
 }
 
 /// A sealed head word: "the primary's write of ring bytes `[start, end)` is complete, and
-/// their checksum is `sum`". The primary appends one to the write that carries each frame (in
-/// the ring, right after the frame's record, when that space is free and does not cross the
-/// ring's end; otherwise in the backup's doorbell block, by a second write). The backup polls
-/// for it in memory. Like the [`AckBlock`], it is checked against tearing: a seal only counts
-/// when its check word matches, its `end` is exactly the position it was found at (a seal left
-/// from an earlier lap holds an older counter) and the bytes it covers add up to `sum` (a write
-/// whose bytes are not all visible yet simply does not count yet).
+/// their checksum is `sum`". The primary appends one to the write that carries each frame: in
+/// short form ([`HeadSeal::encode_short`], `{end, ring_check}`) in the ring right after the
+/// frame's record, when that space is free and does not cross the ring's end; in full form
+/// ([`HeadSeal::encode`]) in the backup's doorbell block, by a second write, otherwise (and
+/// periodically). The backup polls for it in memory. Like the [`AckBlock`], it is checked
+/// against tearing: a seal only counts when its check word matches, its `end` is exactly the
+/// position it was found at (a seal left from an earlier lap holds an older counter) and the
+/// bytes it covers add up to `sum` (a write whose bytes are not all visible yet simply does not
+/// count yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HeadSeal {
     /// Ring byte counter where the write's records end (the new head).
@@ -310,8 +312,12 @@ pub struct HeadSeal {
     pub sum: u64,
 }
 
-/// Bytes of an encoded [`HeadSeal`].
+/// Bytes of an encoded [`HeadSeal`] (the doorbell block's form).
 pub const SEAL_LEN: usize = 32;
+/// Bytes of a seal's short form, written into the ring right after its record:
+/// `{end, ring_check}`. The backup knows where the record it follows started, so `start` and
+/// `sum` need not travel; the check word covers both.
+pub const SHORT_SEAL_LEN: usize = 16;
 
 /// The checksum a [`HeadSeal`] carries, folded over little-endian 64-bit words.
 pub fn seal_sum(words: impl Iterator<Item = u64>) -> u64 {
@@ -325,6 +331,20 @@ pub fn seal_sum(words: impl Iterator<Item = u64>) -> u64 {
 impl HeadSeal {
     fn check(&self) -> u64 {
         mix(self.end ^ mix(self.start ^ mix(self.sum ^ 0x4654_5345_414c_0000)))
+    }
+
+    /// The check word of the short form: covers `end` and `sum` (so the bytes of the record
+    /// that ends at `end` and started at `start`).
+    pub fn ring_check(&self) -> u64 {
+        mix(self.end ^ mix(self.sum ^ 0x4654_5348_5254_0000))
+    }
+
+    /// The short form's bytes: `end`, then [`HeadSeal::ring_check`].
+    pub fn encode_short(&self) -> [u8; SHORT_SEAL_LEN] {
+        let mut b = [0u8; SHORT_SEAL_LEN];
+        b[..8].copy_from_slice(&self.end.to_le_bytes());
+        b[8..].copy_from_slice(&self.ring_check().to_le_bytes());
+        b
     }
 
     /// The seal's bytes.
@@ -531,6 +551,17 @@ mod tests {
                 }
             }
         }
+        // The short form's check word covers `end` and `sum`.
+        let short = |x: HeadSeal| {
+            let b = x.encode_short();
+            (
+                u64::from_le_bytes(b[..8].try_into().expect("8")),
+                u64::from_le_bytes(b[8..].try_into().expect("8")),
+            )
+        };
+        assert_eq!(short(new), (new.end, new.ring_check()));
+        assert_ne!(new.ring_check(), HeadSeal { sum: 7, ..new }.ring_check());
+        assert_ne!(new.ring_check(), HeadSeal { end: 8, ..new }.ring_check());
         // The sum depends on every word and on their order.
         assert_ne!(
             seal_sum([1u64, 2, 3].into_iter()),
