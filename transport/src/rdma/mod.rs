@@ -104,23 +104,23 @@
 //! # Measured (soft-RoCE, QEMU/TCG guest, 2 vCPUs, rxe0↔rxe1 over a veth pair)
 //! `scripts/softroce-ci.sh` with `SOFTROCE_BENCH_TRANSPORTS=rdma,rdma-imm`: `bench commit`, 64 B
 //! input + output marker, 20,000 commits per row, perftest's `ib_write_lat` (64 B; it prints
-//! RTT/2) in the same guest run; four runs of this code on a loaded 2-core host (p50s):
+//! RTT/2) in the same guest run; five runs of this code on a loaded 2-core host (p50s):
 //!
-//! | | run 1 | run 2 | run 3 | run 4 |
-//! |---|---|---|---|---|
-//! | `rdma` commit (sealed heads) | 60.8 | 56.0 | 58.4 | 52.5 µs |
-//! | raw memory-polled WRITE ping-pong (`rdma`'s raw column) | 41.9 | 41.7 | 43.5 | 39.0 µs |
-//! | `rdma-imm` commit (immediates) | 64.6 | 54.6 | 61.2 | 53.5 µs |
-//! | raw write-with-immediate ping-pong (`rdma-imm`'s) | 51.6 | 43.7 | 49.3 | 43.8 µs |
-//! | `ib_write_lat` round trip (2 × typical) | 49.8 | 43.3 | 40.9 | 37.8 µs |
-//! | commit / `ib_write_lat` RTT | 1.22 | 1.29 | 1.43 | 1.39 |
+//! | | run 1 | run 2 | run 3 | run 4 | run 5 |
+//! |---|---|---|---|---|---|
+//! | `rdma` commit (sealed heads) | 60.8 | 56.0 | 58.4 | 52.5 | 53.5 µs |
+//! | raw memory-polled WRITE ping-pong (`rdma`'s raw column) | 41.9 | 41.7 | 43.5 | 39.0 | 39.3 µs |
+//! | `rdma-imm` commit (immediates) | 64.6 | 54.6 | 61.2 | 53.5 | 53.9 µs |
+//! | raw write-with-immediate ping-pong (`rdma-imm`'s) | 51.6 | 43.7 | 49.3 | 43.8 | 43.6 µs |
+//! | `ib_write_lat` round trip (2 × typical) | 49.8 | 43.3 | 40.9 | 37.8 | 37.8 µs |
+//! | commit / `ib_write_lat` RTT | 1.22 | 1.29 | 1.43 | 1.39 | 1.42 |
 //!
 //! (Commit p99 0.21–0.37 ms; p99.9 in the milliseconds, following the host's load, as the raw
 //! ping-pong's and `ib_write_lat`'s own tails do.) So the medium itself now costs what
 //! `ib_write_lat` costs: the memory-polled raw ping-pong is within 1–3 µs of it, and it reads
 //! the clock twice per round trip (1.7 µs each in this guest, whose clock source is the
 //! emulated HPET); the write-with-immediate ping-pong is 2–10 µs slower. The commit is
-//! 1.2–1.45× `ib_write_lat`'s round trip (the target is 1.2×), and sealed heads gain only 0–4 µs
+//! 1.22–1.43× `ib_write_lat`'s round trip (the target is 1.2×), and sealed heads gain only 0–4 µs
 //! over immediates, which the protocol uses in one direction only. What the commit pays on top
 //! of the medium, measured in the same guest: the channel's own work, ~6 µs (the `shm` row:
 //! commit 8.8–10.6 µs against a 2.7–4.1 µs raw ping-pong), and bytes: a 64 B commit puts a
