@@ -36,6 +36,10 @@ pub enum Medium {
     /// As `rdma`, but the backup sends its ACKs with SEND instead of an RDMA WRITE (for
     /// comparison).
     RdmaSend,
+    /// As `rdma`, but new records are announced with WRITE WITH IMMEDIATE and the backup polls
+    /// its completion queue (`Doorbell::Immediate`); the raw column is the write-with-immediate
+    /// ping-pong.
+    RdmaImm,
 }
 
 impl Medium {
@@ -48,6 +52,7 @@ impl Medium {
             Medium::DpdkMemif => "dpdk-memif",
             Medium::Rdma => "rdma",
             Medium::RdmaSend => "rdma-send",
+            Medium::RdmaImm => "rdma-imm",
         }
     }
 
@@ -58,6 +63,7 @@ impl Medium {
             Medium::Shm => RawMedium::Shm,
             Medium::DpdkMemif => RawMedium::DpdkMemif,
             Medium::Rdma | Medium::RdmaSend => RawMedium::Rdma,
+            Medium::RdmaImm => RawMedium::RdmaImm,
         }
     }
 }
@@ -92,6 +98,106 @@ pub struct CommitArgs {
     /// Write an SVG bar chart (commit p50/p99 against the raw p50, per medium) here.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    rdma: RdmaArgs,
+}
+
+/// RDMA devices, named as perftest names them; each overrides the `FTVM_RDMA_*` environment
+/// (side A: the primary, side B: the backup).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RdmaArgs {
+    /// The primary's RDMA device (perftest `-d`; else `FTVM_RDMA_DEV_A`).
+    #[arg(long)]
+    rdma_dev: Option<String>,
+    /// The primary's GID index (perftest `-x`; else `FTVM_RDMA_GID_A`).
+    #[arg(long)]
+    gid_index: Option<u8>,
+    /// The primary's port (perftest `-i`; default 1).
+    #[arg(long)]
+    ib_port: Option<u8>,
+    /// The backup's RDMA device (else `FTVM_RDMA_DEV_B`).
+    #[arg(long)]
+    peer_rdma_dev: Option<String>,
+    /// The backup's GID index (else `FTVM_RDMA_GID_B`).
+    #[arg(long)]
+    peer_gid_index: Option<u8>,
+    /// The backup's port (default 1).
+    #[arg(long)]
+    peer_ib_port: Option<u8>,
+    /// The IP address the backup's handshake socket binds (else `FTVM_RDMA_IP_B`).
+    #[arg(long)]
+    peer_ip: Option<std::net::IpAddr>,
+}
+
+/// The flags given to `bench commit`, read by [`with_pair`] (which `bench throughput` shares).
+static RDMA_ARGS: std::sync::OnceLock<RdmaArgs> = std::sync::OnceLock::new();
+
+#[cfg(feature = "rdma")]
+impl RdmaArgs {
+    /// One side's device: the flags where given, the environment for the rest.
+    fn side(
+        side: &str,
+        dev: &Option<String>,
+        gid: Option<u8>,
+        port: Option<u8>,
+        ip: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<(transport::rdma::RdmaConfig, std::net::IpAddr)> {
+        use transport::rdma::RdmaConfig;
+        let env = |name: &str| std::env::var(format!("FTVM_RDMA_{name}_{side}")).ok();
+        let Some(device) = dev.clone().or_else(|| env("DEV")) else {
+            bail!(
+                "no RDMA device for side {side}: pass --{}rdma-dev or set FTVM_RDMA_DEV_{side}",
+                if side == "A" { "" } else { "peer-" }
+            )
+        };
+        let gid = match gid {
+            Some(g) => g,
+            None => match env("GID") {
+                Some(g) => g
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("FTVM_RDMA_GID_{side} is not a GID index"))?,
+                None => bail!(
+                    "no GID index for side {side}: pass --{}gid-index or set FTVM_RDMA_GID_{side}",
+                    if side == "A" { "" } else { "peer-" }
+                ),
+            },
+        };
+        let ip = match ip {
+            Some(ip) => ip,
+            None => match env("IP") {
+                Some(ip) => ip
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("FTVM_RDMA_IP_{side} is not an IP address"))?,
+                None => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            },
+        };
+        let mut cfg = RdmaConfig::new(device, gid);
+        if let Some(p) = port {
+            cfg.ib_port = p;
+        }
+        Ok((cfg, ip))
+    }
+
+    /// (primary device, backup device, the backup's handshake address).
+    pub fn resolve(
+        &self,
+    ) -> anyhow::Result<(
+        transport::rdma::RdmaConfig,
+        transport::rdma::RdmaConfig,
+        std::net::IpAddr,
+    )> {
+        let (a, _) = Self::side("A", &self.rdma_dev, self.gid_index, self.ib_port, None)?;
+        let (b, ip) = Self::side(
+            "B",
+            &self.peer_rdma_dev,
+            self.peer_gid_index,
+            self.peer_ib_port,
+            self.peer_ip,
+        )?;
+        Ok((a, b, ip))
+    }
 }
 
 /// One row of results; later media add rows with the same fields.
@@ -119,7 +225,7 @@ pub fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
     let mut cfg = ChannelConfig::new(0xBE7C, 1, key);
     cfg.blocking = medium == Medium::Tcp;
     cfg.poll = PollPolicy::BUSY;
-    if matches!(medium, Medium::Rdma | Medium::RdmaSend) {
+    if matches!(medium, Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm) {
         // Soft-RoCE does the NIC's work in the kernel (softirq, often in ksoftirqd) on the same
         // CPUs as the two spinning threads: a long pure spin starves it until the scheduler
         // tick, which measured p90 3.3 ms / p99 8.8 ms in the 2-vCPU guest. Yield after a short
@@ -151,6 +257,18 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         "transport", "p50 µs", "p90", "p99", "p99.9", "max", "raw p50", "raw p99", "ratio"
     );
     let mut rows = Vec::new();
+    let _ = RDMA_ARGS.set(args.rdma.clone());
+    #[cfg(feature = "rdma")]
+    let rdma_devices = if args
+        .transports
+        .iter()
+        .any(|m| matches!(m, Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm))
+    {
+        let (a, b, _) = args.rdma.resolve()?;
+        Some((a, b))
+    } else {
+        None
+    };
     for &medium in &args.transports {
         let raw_config = RawConfig {
             payload: args.payload.max(8),
@@ -158,6 +276,8 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             warmup: args.warmup,
             client_core: Some(args.primary_core),
             server_core: Some(args.backup_core),
+            #[cfg(feature = "rdma")]
+            rdma: rdma_devices.clone(),
         };
         let raw_ping_pong = || {
             raw::ping_pong(medium.raw(), &raw_config)
@@ -364,13 +484,15 @@ pub fn with_pair<J: PrimaryJob>(
             join(backup)?;
             out
         }
-        Medium::Rdma | Medium::RdmaSend => {
+        Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm => {
             #[cfg(feature = "rdma")]
             {
-                use transport::rdma::{self, RdmaConfig};
-                let (mut a, _) = RdmaConfig::from_env("A")?;
+                use transport::rdma::{self, Doorbell};
+                let (mut a, b, ip_b) = RDMA_ARGS.get().cloned().unwrap_or_default().resolve()?;
                 a.ack_by_send = medium == Medium::RdmaSend;
-                let (b, ip_b) = RdmaConfig::from_env("B")?;
+                if medium == Medium::RdmaImm {
+                    a.doorbell = Doorbell::Immediate;
+                }
                 let listener = std::net::TcpListener::bind((ip_b, 0))?;
                 let addr = listener.local_addr()?;
                 let cfg = channel_config(medium)?;

@@ -36,10 +36,14 @@ pub enum RawMedium {
     /// Raw Ethernet frames (ethertype 0x88B5) over two DPDK `net_memif` ports joined to each
     /// other in this process (see [`memif`]); the echo side copies the payload into a new frame.
     DpdkMemif,
-    /// RDMA WRITE WITH IMMEDIATE into the peer's registered buffer, completions busy-polled:
-    /// the channel's own data path without the ring and the protocol. Devices from
-    /// `FTVM_RDMA_DEV/GID_A` (client) and `_B` (echo); needs the `rdma` feature.
+    /// RDMA WRITE into the peer's registered buffer, which the peer polls in memory for the
+    /// message's last 8 bytes (as perftest's `ib_write_lat` does): the channel's default
+    /// (sealed-head) data path without the ring and the protocol. Devices from
+    /// [`RawConfig::rdma`] (client on side A, echo on side B); needs the `rdma` feature.
     Rdma,
+    /// As `Rdma`, but each message is a WRITE WITH IMMEDIATE and the peer waits for its
+    /// completion (and reposts a receive): the channel's `Doorbell::Immediate` data path.
+    RdmaImm,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +58,9 @@ pub struct RawConfig {
     pub client_core: Option<usize>,
     /// Pin the echo side (the "backup") here.
     pub server_core: Option<usize>,
+    /// RDMA devices (client, echo); `None`: from the `FTVM_RDMA_*` environment.
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<(transport::rdma::RdmaConfig, transport::rdma::RdmaConfig)>,
 }
 
 /// Smallest payload: the round-trip index travels in the first 8 bytes.
@@ -143,10 +150,12 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
                 }
                 result
             }
-            RawMedium::Rdma => {
+            RawMedium::Rdma | RawMedium::RdmaImm => {
                 #[cfg(feature = "rdma")]
                 {
-                    let (client, server) = rdma_raw::pair(cfg.payload, &peer_failed)?;
+                    let imm = medium == RawMedium::RdmaImm;
+                    let (client, server) =
+                        rdma_raw::pair(cfg.payload, imm, cfg.rdma.clone(), &peer_failed)?;
                     drive(client, server, hist, &plan, &peer_failed)
                 }
                 #[cfg(not(feature = "rdma"))]
@@ -759,6 +768,7 @@ impl Endpoint for ShmEnd<'_> {
 
 #[cfg(feature = "rdma")]
 mod rdma_raw {
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     use anyhow::{ensure, Context};
@@ -783,22 +793,33 @@ mod rdma_raw {
         peer: RemoteRegion,
         wcs: [Completion; 16],
         next_recv: u64,
+        /// Writes with immediate (completion-polled) rather than memory-polled writes.
+        imm: bool,
+        /// Messages received so far: the index the next one carries.
+        received: u64,
         peer_failed: &'a FailFlag,
     }
 
     fn half<'a>(
         cfg: &RdmaConfig,
         payload: usize,
+        imm: bool,
         peer_failed: &'a FailFlag,
     ) -> anyhow::Result<(RdmaEnd<'a>, PeerInfo, Registered)> {
         let mut ep = Verbs::open(cfg, cfg.send_queue_depth, 64)?;
         let len = payload.div_ceil(4096) * 4096;
         let send_mem = Arc::new(HeapRegion::new(len)?);
         let recv_mem = Arc::new(HeapRegion::new(len)?);
+        // No message carries index u64::MAX: a memory-polled receive never mistakes the
+        // initial contents for one.
+        // SAFETY: the fresh region holds `len` bytes and nothing else uses it yet.
+        unsafe { std::ptr::write_bytes(recv_mem.as_ptr(), 0xff, len) };
         let send_mr = ep.register(&send_mem, 0, len, false)?;
         let recv_mr = ep.register(&recv_mem, 0, len, true)?;
         ep.to_init()?;
-        ep.post_recvs(RECV_TAG, 64)?;
+        if imm {
+            ep.post_recvs(RECV_TAG, 64)?;
+        }
         let info = PeerInfo {
             role: Role::Backup,
             mtu: ep.mtu,
@@ -825,20 +846,27 @@ mod rdma_raw {
             },
             wcs: [NO_COMPLETION; 16],
             next_recv: RECV_TAG + 64,
+            imm,
+            received: 0,
             peer_failed,
         };
         Ok((end, info, recv_mr))
     }
 
-    /// Both sides, connected to each other.
+    /// Both sides, connected to each other: the client on `devices.0` (default: side A of the
+    /// `FTVM_RDMA_*` environment), the echo on `devices.1` (side B).
     pub fn pair(
         payload: usize,
+        imm: bool,
+        devices: Option<(RdmaConfig, RdmaConfig)>,
         peer_failed: &FailFlag,
     ) -> anyhow::Result<(RdmaEnd<'_>, RdmaEnd<'_>)> {
-        let (a, _) = RdmaConfig::from_env("A")?;
-        let (b, _) = RdmaConfig::from_env("B")?;
-        let (mut client, ci, _) = half(&a, payload, peer_failed)?;
-        let (mut server, si, _) = half(&b, payload, peer_failed)?;
+        let (a, b) = match devices {
+            Some(d) => d,
+            None => (RdmaConfig::from_env("A")?.0, RdmaConfig::from_env("B")?.0),
+        };
+        let (mut client, ci, _) = half(&a, payload, imm, peer_failed)?;
+        let (mut server, si, _) = half(&b, payload, imm, peer_failed)?;
         client.ep.connect(&si, a.retry_timeout)?;
         server.ep.connect(&ci, b.retry_timeout)?;
         client.peer = RemoteRegion {
@@ -854,6 +882,22 @@ mod rdma_raw {
         Ok((client, server))
     }
 
+    impl RdmaEnd<'_> {
+        /// The 8-byte word at byte `at` of the receive buffer, read atomically (the peer's NIC
+        /// writes it).
+        fn recv_word(&self, at: usize) -> u64 {
+            debug_assert!(at + 8 <= self.recv_mem.len());
+            // SAFETY: the 8 bytes at `at` lie inside the receive buffer, which `self` keeps
+            // alive; a volatile read of a byte array has no alignment requirement, and the
+            // caller only trusts the value once the whole message is there.
+            let bytes = unsafe {
+                std::ptr::read_volatile(self.recv_mem.as_ptr().add(at).cast::<[u8; 8]>())
+            };
+            std::sync::atomic::fence(Ordering::Acquire);
+            u64::from_le_bytes(bytes)
+        }
+    }
+
     impl Endpoint for RdmaEnd<'_> {
         fn send(&mut self, buf: &[u8]) -> anyhow::Result<()> {
             ensure!(
@@ -861,6 +905,10 @@ mod rdma_raw {
                 "payload larger than the buffer"
             );
             let mut backoff = Backoff::new(self.peer_failed);
+            // Completions only free send slots: reap once a signalled one can be outstanding.
+            if self.sq.in_flight() >= self.sq.signal_every() {
+                reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| Ok(()))?;
+            }
             while self.sq.room() < 1 {
                 reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| Ok(()))?;
                 backoff.snooze("a free send slot")?;
@@ -875,7 +923,7 @@ mod rdma_raw {
                 local: self.send_mr.addr,
                 len,
                 remote: self.peer.target(0, u64::from(len))?,
-                imm: Some(len),
+                imm: self.imm.then_some(len),
                 send: false,
             };
             // SAFETY: the source is the registered send buffer, untouched until the echo came
@@ -893,20 +941,38 @@ mod rdma_raw {
         }
 
         fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+            ensure!(
+                buf.len() <= self.recv_mem.len() && buf.len() >= 8,
+                "payload of {} bytes does not fit the receive buffer",
+                buf.len()
+            );
             let mut backoff = Backoff::new(self.peer_failed);
+            let want = self.received;
             loop {
-                let mut got = None;
-                reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
-                    got = Some(c.imm);
-                    Ok(())
-                })?;
-                if let Some(len) = got {
-                    ensure!(
-                        len as usize == buf.len(),
-                        "received {len} bytes, expected {}",
-                        buf.len()
-                    );
-                    // SAFETY: `len` bytes lie inside the receive buffer (the sender wrote them
+                let arrived = if self.imm {
+                    let mut got = None;
+                    reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
+                        got = Some(c.imm);
+                        Ok(())
+                    })?;
+                    if let Some(len) = got {
+                        ensure!(
+                            len as usize == buf.len(),
+                            "received {len} bytes, expected {}",
+                            buf.len()
+                        );
+                        self.ep.post_recvs(self.next_recv, 1)?;
+                        self.next_recv += 1;
+                    }
+                    got.is_some()
+                } else {
+                    // The message's last word, then its first, carry its index (as perftest
+                    // polls the last byte); a message whose index is not there yet has not
+                    // arrived yet.
+                    self.recv_word(buf.len() - 8) == want && self.recv_word(0) == want
+                };
+                if arrived {
+                    // SAFETY: the message lies inside the receive buffer (the sender wrote it
                     // there, bounds-checked); the peer writes again only after our next send.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
@@ -915,8 +981,7 @@ mod rdma_raw {
                             buf.len(),
                         )
                     };
-                    self.ep.post_recvs(self.next_recv, 1)?;
-                    self.next_recv += 1;
+                    self.received += 1;
                     return Ok(());
                 }
                 backoff.snooze("an RDMA write from the peer")?;
@@ -1260,6 +1325,8 @@ mod tests {
             // would only make them queue.
             client_core: None,
             server_core: None,
+            #[cfg(feature = "rdma")]
+            rdma: None,
         }
     }
 

@@ -7,13 +7,17 @@
 //!   load (31–88 s for the million; a release build about 46,000/s), inside the CI's
 //!   per-binary timeout;
 //! - `send_acks`: 50,000 entries with the backup's ACKs sent by SEND instead of RDMA WRITE;
+//! - `immediate_doorbell`: 50,000 entries announced by writes with immediate instead of sealed
+//!   head words (`Doorbell::Immediate`);
 //! - `backup_killed` / `backup_frozen`: the backup SIGKILLed or SIGSTOPped mid-stream; the
 //!   primary's error arrives within the heartbeat timeout;
 //! - `wrong_key_gets_no_rkey`: a peer that fails authentication receives the challenge and a
 //!   refusal and nothing else — no set-up message, no rkey; the real primary with a wrong key is
 //!   refused on both sides;
 //! - `garbage_ring_is_refused`: an authenticated primary writing a bad record header, or
-//!   announcing a head beyond the ring, gets a typed error from the backup, not a frame;
+//!   announcing a head beyond the ring, gets a typed error from the backup, not a frame — by
+//!   immediate or by sealed head word (a sealed garbage frame, a seal in the doorbell block
+//!   claiming more than the ring holds);
 //! - `bad_setup_is_refused`: an authenticated peer announcing an out-of-bounds ACK block, or a
 //!   backup announcing a ring of a bad size or address, is refused with `RdmaSetup`.
 //!
@@ -35,9 +39,11 @@ use rand::SeedableRng;
 use std::sync::Arc;
 use transport::handshake::{self, MediumKind, SessionParams};
 
-use transport::rdma::setup::{PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, SETUP_LEN};
+use transport::rdma::setup::{
+    seal_sum, HeadSeal, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, FLAG_SEALED, SETUP_LEN,
+};
 use transport::rdma::verbs::{post_writes, Endpoint, RdmaWrite, SendQueue};
-use transport::rdma::{self, RdmaConfig};
+use transport::rdma::{self, Doorbell, RdmaConfig};
 use transport::{ChannelConfig, ChannelError, HeapRegion, PreSharedKey, RingError};
 
 const KEY: &[u8] = b"rdma-channel-test-key";
@@ -145,10 +151,16 @@ fn marker(seq: u64) -> Entry<'static> {
     )
 }
 
-fn stream_entries(s: &Sides, count: u64, ack_by_send: bool) -> Result<(), String> {
+fn stream_entries(
+    s: &Sides,
+    count: u64,
+    ack_by_send: bool,
+    doorbell: Doorbell,
+) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(s)?;
     let mut a = s.a.clone();
     a.ack_by_send = ack_by_send;
+    a.doorbell = doorbell;
     let mut p = rdma::connect(addr.as_str(), config(), &a).map_err(|e| e.to_string())?;
     let mut rng = SmallRng::seed_from_u64(0x5EED);
     let mut buf = Vec::new();
@@ -193,9 +205,14 @@ fn stream_entries(s: &Sides, count: u64, ack_by_send: bool) -> Result<(), String
     }
     let wraps = stats.bytes / config().ring_capacity as u64;
     println!(
-        "  rdma{}: {end_seq} entries verified in {took:.2?} ({:.0} entries/s); {} frames, {} bytes \
-         (~{wraps} ring wraps), {} throttle events, {} medium-full",
+        "  rdma{}{}: {end_seq} entries verified in {took:.2?} ({:.0} entries/s); {} frames, {} \
+         bytes (~{wraps} ring wraps), {} throttle events, {} medium-full",
         if ack_by_send { " (ACKs by SEND)" } else { "" },
+        if doorbell == Doorbell::Immediate {
+            " (immediates)"
+        } else {
+            ""
+        },
         end_seq as f64 / took.as_secs_f64(),
         stats.frames,
         stats.bytes,
@@ -361,15 +378,22 @@ struct Verdict {
     write: Option<ChannelError>,
 }
 
-/// An authenticated but malicious primary: sets up a real queue pair, then writes `garbage` at
-/// offset 0 of the backup's ring and announces head `imm` — or, with `into_header`, writes it
-/// over the ring header's head counter just before the registered data area.
-fn malicious_primary(
-    s: &Sides,
-    garbage: &[u8],
-    imm: u32,
-    into_header: bool,
-) -> Result<Verdict, String> {
+/// Where a malicious primary writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Offset 0 of the ring, announced by an immediate of this head.
+    Imm(u32),
+    /// Offset 0 of the ring, as a primary that announced sealed heads (the bytes carry the seal).
+    Sealed,
+    /// The doorbell block after the ring's data area, as a sealed-heads primary.
+    Doorbell,
+    /// The ring header's head counter, just before the registered data area.
+    Header,
+}
+
+/// An authenticated but malicious primary: sets up a real queue pair, then writes `garbage`
+/// where `target` says.
+fn malicious_primary(s: &Sides, garbage: &[u8], target: Target) -> Result<Verdict, String> {
     let e = |e: ChannelError| e.to_string();
     let (l, addr) = listener_b(s)?;
     let b_cfg = s.b.clone();
@@ -412,7 +436,11 @@ fn malicious_primary(
         qpn: ep.qpn(),
         psn: ep.psn,
         lid: ep.lid,
-        flags: 0,
+        flags: if matches!(target, Target::Sealed | Target::Doorbell) {
+            FLAG_SEALED
+        } else {
+            0
+        },
         rkey: mr.rkey,
         gid: ep.gid,
         addr: mr.addr,
@@ -431,13 +459,17 @@ fn malicious_primary(
     let write = RdmaWrite {
         local: mr.addr,
         len: garbage.len() as u32,
-        remote: if into_header {
+        remote: match target {
             // The head counter sits 256 bytes before the data area (see transport::ring).
-            ring.addr.wrapping_sub(256)
-        } else {
-            remote.target(0, garbage.len() as u64).map_err(e)?
+            Target::Header => ring.addr.wrapping_sub(256),
+            // The doorbell block follows the data area, in the same registration.
+            Target::Doorbell => ring.addr + ring.len,
+            Target::Imm(_) | Target::Sealed => remote.target(0, garbage.len() as u64).map_err(e)?,
         },
-        imm: (!into_header).then_some(imm),
+        imm: match target {
+            Target::Imm(head) => Some(head),
+            _ => None,
+        },
         send: false,
     };
     // SAFETY: the source is the registered region above, untouched from here on. The target is
@@ -471,7 +503,7 @@ fn malicious_primary(
 /// of bounds or a frame handed on.
 fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
     // A record header claiming 4 GiB of payload, announced as 64 bytes of records.
-    let v = malicious_primary(s, &[0xFF; 64], 64, false)?;
+    let v = malicious_primary(s, &[0xFF; 64], Target::Imm(64))?;
     match &v.backup {
         Ok(err @ ChannelError::Ring(RingError::Corrupt { .. })) => {
             println!("  rdma: garbage record header → {err}")
@@ -479,14 +511,14 @@ fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
         other => return Err(format!("garbage record: backup said {other:?}")),
     }
     // A head moved by more than the ring's capacity.
-    let v = malicious_primary(s, &[0; 64], 0x7FFF_FFF8, false)?;
+    let v = malicious_primary(s, &[0; 64], Target::Imm(0x7FFF_FFF8))?;
     match &v.backup {
         Ok(err @ ChannelError::CorruptMessage(_)) => println!("  rdma: runaway head → {err}"),
         other => return Err(format!("runaway head: backup said {other:?}")),
     }
     // A write over the ring header (outside the registered data area): the backup's NIC
     // refuses it (remote access error for the writer), the head stays, no frame appears.
-    let v = malicious_primary(s, &[0x08; 8], 0, true)?;
+    let v = malicious_primary(s, &[0x08; 8], Target::Header)?;
     match (&v.write, &v.backup) {
         (Some(w @ ChannelError::RdmaCompletion { .. }), backup) => {
             if let Ok(ChannelError::Ring(_)) = backup {
@@ -507,6 +539,45 @@ fn garbage_ring_is_refused(s: &Sides) -> Result<(), String> {
                 "write into the header completed as {w:?}, backup said {b:?}"
             ))
         }
+    }
+    Ok(())
+}
+
+/// The same with sealed head words: a garbage frame under a valid seal is refused by the frame
+/// checks, never handed on; a seal in the doorbell block claiming more than the ring can hold
+/// is a typed error.
+fn sealed_garbage_is_refused(s: &Sides) -> Result<(), String> {
+    // A record of 56 bytes of 0xFF (no frame), sealed right after it (short form) as the real
+    // primary does.
+    let mut bytes = vec![0u8; 64 + 16];
+    bytes[..8].copy_from_slice(&56u64.to_le_bytes());
+    bytes[8..64].fill(0xFF);
+    let words = |b: &[u8]| -> Vec<u64> {
+        b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    };
+    let seal = HeadSeal {
+        end: 64,
+        start: 0,
+        sum: seal_sum(words(&bytes[..64]).into_iter()),
+    };
+    bytes[64..].copy_from_slice(&seal.encode_short());
+    let v = malicious_primary(s, &bytes, Target::Sealed)?;
+    match &v.backup {
+        Ok(err) => println!("  rdma: sealed garbage frame → {err}"),
+        Err(why) => return Err(format!("sealed garbage frame: {why}")),
+    }
+    // A valid seal in the doorbell block moving the head a terabyte on.
+    let seal = HeadSeal {
+        end: 1 << 40,
+        start: (1 << 40) - 64,
+        sum: 0,
+    };
+    let v = malicious_primary(s, &seal.encode(), Target::Doorbell)?;
+    match &v.backup {
+        Ok(err @ ChannelError::CorruptMessage(_)) => println!("  rdma: runaway seal → {err}"),
+        other => return Err(format!("runaway seal: backup said {other:?}")),
     }
     Ok(())
 }
@@ -625,10 +696,21 @@ fn main() -> ExitCode {
         ("bad_setup_is_refused", Box::new(bad_setup_is_refused)),
         ("garbage_ring_is_refused", Box::new(garbage_ring_is_refused)),
         (
-            "million_entries",
-            Box::new(|s| stream_entries(s, entries(), false)),
+            "sealed_garbage_is_refused",
+            Box::new(sealed_garbage_is_refused),
         ),
-        ("send_acks", Box::new(|s| stream_entries(s, 50_000, true))),
+        (
+            "million_entries",
+            Box::new(|s| stream_entries(s, entries(), false, Doorbell::Sealed)),
+        ),
+        (
+            "send_acks",
+            Box::new(|s| stream_entries(s, 50_000, true, Doorbell::Sealed)),
+        ),
+        (
+            "immediate_doorbell",
+            Box::new(|s| stream_entries(s, 50_000, false, Doorbell::Immediate)),
+        ),
         ("backup_killed", Box::new(|s| backup_lost(s, Loss::Killed))),
         ("backup_frozen", Box::new(|s| backup_lost(s, Loss::Frozen))),
     ];

@@ -18,7 +18,7 @@
 //! | 8 | 4 | queue-pair number (24 bits) |
 //! | 12 | 4 | initial packet sequence number (24 bits) |
 //! | 16 | 2 | LID (0 on RoCE) |
-//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE |
+//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE; bit 1 = sealed heads: from a backup, "my registration extends [`DOORBELL_LEN`] bytes past the data area (the doorbell block)", from a primary, "I announce new records with sealed head words, not immediates" |
 //! | 20 | 4 | rkey of the region |
 //! | 24 | 16 | GID |
 //! | 40 | 8 | virtual address of the region |
@@ -38,6 +38,12 @@ pub const MAX_RING_CAPACITY: u64 = 1 << 30;
 pub const FLAG_ACK_BY_SEND: u16 = 1;
 /// Bytes of the primary's ACK block the backup writes into.
 pub const ACK_BLOCK_LEN: u64 = 64;
+/// Flag of both set-up messages: sealed head words (see [`HeadSeal`]). A backup that sets it
+/// registered a doorbell block of [`DOORBELL_LEN`] bytes right after its ring's data area (same
+/// rkey); a primary that sets it announces records with seals instead of immediates.
+pub const FLAG_SEALED: u16 = 2;
+/// Bytes of the backup's doorbell block (after the data area, same registration).
+pub const DOORBELL_LEN: u64 = 64;
 
 /// Which side sent a set-up message, and so what its region is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +147,8 @@ impl PeerInfo {
             len: u64_at(48),
         };
         let allowed = match role {
-            Role::Backup => 0,
-            Role::Primary => FLAG_ACK_BY_SEND,
+            Role::Backup => FLAG_SEALED,
+            Role::Primary => FLAG_ACK_BY_SEND | FLAG_SEALED,
         };
         if info.flags & !allowed != 0 {
             return bad(format!("unknown flags {:#x}", info.flags));
@@ -156,7 +162,18 @@ impl PeerInfo {
                 info.qpn, info.psn
             ));
         }
-        if info.addr == 0 || info.addr.checked_add(info.len).is_none() {
+        let extra = if role == Role::Backup && info.flags & FLAG_SEALED != 0 {
+            DOORBELL_LEN
+        } else {
+            0
+        };
+        if info.addr == 0
+            || info
+                .addr
+                .checked_add(info.len)
+                .and_then(|end| end.checked_add(extra))
+                .is_none()
+        {
             return bad(format!(
                 "region [{:#x}, +{}) wraps the address space",
                 info.addr, info.len
@@ -272,6 +289,82 @@ impl AckBlock {
             beats: words[2],
         };
         (block.check() == words[3]).then_some(block)
+    }
+}
+
+/// A sealed head word: "the primary's write of ring bytes `[start, end)` is complete, and
+/// their checksum is `sum`". The primary appends one to the write that carries each frame: in
+/// short form ([`HeadSeal::encode_short`], `{end, ring_check}`) in the ring right after the
+/// frame's record, when that space is free and does not cross the ring's end; in full form
+/// ([`HeadSeal::encode`]) in the backup's doorbell block, by a second write, otherwise (and
+/// periodically). The backup polls for it in memory. Like the [`AckBlock`], it is checked
+/// against tearing: a seal only counts when its check word matches, its `end` is exactly the
+/// position it was found at (a seal left from an earlier lap holds an older counter) and the
+/// bytes it covers add up to `sum` (a write whose bytes are not all visible yet simply does not
+/// count yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HeadSeal {
+    /// Ring byte counter where the write's records end (the new head).
+    pub end: u64,
+    /// Ring byte counter where the write's bytes start (never across the ring's end).
+    pub start: u64,
+    /// [`seal_sum`] of the bytes in `[start, end)`.
+    pub sum: u64,
+}
+
+/// Bytes of an encoded [`HeadSeal`] (the doorbell block's form).
+pub const SEAL_LEN: usize = 32;
+/// Bytes of a seal's short form, written into the ring right after its record:
+/// `{end, ring_check}`. The backup knows where the record it follows started, so `start` and
+/// `sum` need not travel; the check word covers both.
+pub const SHORT_SEAL_LEN: usize = 16;
+
+/// The checksum a [`HeadSeal`] carries, folded over little-endian 64-bit words.
+pub fn seal_sum(words: impl Iterator<Item = u64>) -> u64 {
+    let mut s = 0x5345_414c_0000_0001u64;
+    for w in words {
+        s = (s.rotate_left(23) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    s
+}
+
+impl HeadSeal {
+    fn check(&self) -> u64 {
+        mix(self.end ^ mix(self.start ^ mix(self.sum ^ 0x4654_5345_414c_0000)))
+    }
+
+    /// The check word of the short form: covers `end` and `sum` (so the bytes of the record
+    /// that ends at `end` and started at `start`).
+    pub fn ring_check(&self) -> u64 {
+        mix(self.end ^ mix(self.sum ^ 0x4654_5348_5254_0000))
+    }
+
+    /// The short form's bytes: `end`, then [`HeadSeal::ring_check`].
+    pub fn encode_short(&self) -> [u8; SHORT_SEAL_LEN] {
+        let mut b = [0u8; SHORT_SEAL_LEN];
+        b[..8].copy_from_slice(&self.end.to_le_bytes());
+        b[8..].copy_from_slice(&self.ring_check().to_le_bytes());
+        b
+    }
+
+    /// The seal's bytes.
+    pub fn encode(&self) -> [u8; SEAL_LEN] {
+        let mut b = [0u8; SEAL_LEN];
+        b[..8].copy_from_slice(&self.end.to_le_bytes());
+        b[8..16].copy_from_slice(&self.start.to_le_bytes());
+        b[16..24].copy_from_slice(&self.sum.to_le_bytes());
+        b[24..32].copy_from_slice(&self.check().to_le_bytes());
+        b
+    }
+
+    /// The seal from its four words, or `None` if the check word does not match.
+    pub fn from_words(words: [u64; 4]) -> Option<Self> {
+        let seal = HeadSeal {
+            end: words[0],
+            start: words[1],
+            sum: words[2],
+        };
+        (seal.check() == words[3]).then_some(seal)
     }
 }
 
@@ -423,5 +516,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn head_seal_check_catches_torn_reads_and_stale_laps() {
+        let old = HeadSeal {
+            end: 0x1_0040,
+            start: 0x1_0000,
+            sum: seal_sum([1u64, 2, 3].into_iter()),
+        };
+        let new = HeadSeal {
+            end: 0x2_0040,
+            start: 0x2_0000,
+            sum: seal_sum([4u64, 5, 6].into_iter()),
+        };
+        let words = |b: [u8; SEAL_LEN]| {
+            let mut w = [0u64; 4];
+            for (i, c) in b.chunks_exact(8).enumerate() {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(c);
+                w[i] = u64::from_le_bytes(x);
+            }
+            w
+        };
+        assert_eq!(HeadSeal::from_words(words(new.encode())), Some(new));
+        assert_eq!(HeadSeal::from_words([0; 4]), None);
+        let (a, b) = (old.encode(), new.encode());
+        for split in 1..SEAL_LEN {
+            for (first, second) in [(a, b), (b, a)] {
+                let mut torn = first;
+                torn[split..].copy_from_slice(&second[split..]);
+                if torn != a && torn != b {
+                    assert_eq!(HeadSeal::from_words(words(torn)), None, "split {split}");
+                }
+            }
+        }
+        // The short form's check word covers `end` and `sum`.
+        let short = |x: HeadSeal| {
+            let b = x.encode_short();
+            (
+                u64::from_le_bytes(b[..8].try_into().expect("8")),
+                u64::from_le_bytes(b[8..].try_into().expect("8")),
+            )
+        };
+        assert_eq!(short(new), (new.end, new.ring_check()));
+        assert_ne!(new.ring_check(), HeadSeal { sum: 7, ..new }.ring_check());
+        assert_ne!(new.ring_check(), HeadSeal { end: 8, ..new }.ring_check());
+        // The sum depends on every word and on their order.
+        assert_ne!(
+            seal_sum([1u64, 2, 3].into_iter()),
+            seal_sum([1u64, 3, 2].into_iter())
+        );
+        assert_ne!(
+            seal_sum([1u64, 2, 3].into_iter()),
+            seal_sum([1u64, 2, 3, 0].into_iter())
+        );
+    }
+
+    #[test]
+    fn sealed_backup_region_must_leave_room_for_the_doorbell() {
+        let ok = PeerInfo {
+            flags: FLAG_SEALED,
+            ..backup_info()
+        };
+        PeerInfo::decode(&ok.encode(), Role::Backup, 64 * 1024).expect("valid");
+        // The ring fits the address space, its doorbell block does not.
+        refused(
+            PeerInfo {
+                addr: u64::MAX - (1 << 20) - 8 + 1,
+                ..ok
+            },
+            Role::Backup,
+        );
+        // Unknown flags are refused.
+        refused(PeerInfo { flags: 4, ..ok }, Role::Backup);
     }
 }

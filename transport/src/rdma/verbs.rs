@@ -647,6 +647,11 @@ impl SendQueue {
         self.depth - (self.posted - self.completed)
     }
 
+    /// One request in this many is signalled.
+    pub fn signal_every(&self) -> u64 {
+        self.signal_every
+    }
+
     /// Requests ever posted (the id of the latest).
     pub fn posted(&self) -> u64 {
         self.posted
@@ -707,7 +712,7 @@ pub struct RdmaWrite {
     pub send: bool,
 }
 
-/// Posts `writes` (one or two) as one chain; the last is signalled as `sq` decides. Writes of
+/// Posts `writes` (one to three) as one chain (one `post_send`, so one doorbell); the last is signalled as `sq` decides. Writes of
 /// at most `max_inline` bytes go inline.
 ///
 /// # Safety
@@ -722,7 +727,7 @@ pub unsafe fn post_writes(
     writes: &[RdmaWrite],
 ) -> Result<(), ChannelError> {
     let k = writes.len();
-    if !(1..=2).contains(&k) {
+    if !(1..=3).contains(&k) {
         return Err(ChannelError::Config(format!("a chain of {k} writes")));
     }
     let prev = sq.last_signaled();
@@ -731,10 +736,10 @@ pub unsafe fn post_writes(
         addr: 0,
         length: 0,
         lkey,
-    }; 2];
+    }; 3];
     // SAFETY: all-zero is a valid `ibv_send_wr` (null pointers, zero integers, union of
     // integers and pointers).
-    let mut wrs: [ibv_send_wr; 2] = unsafe { std::mem::zeroed() };
+    let mut wrs: [ibv_send_wr; 3] = unsafe { std::mem::zeroed() };
     for (i, w) in writes.iter().enumerate() {
         sges[i].addr = w.local;
         sges[i].length = w.len;
@@ -763,7 +768,7 @@ pub unsafe fn post_writes(
     let sge_ptr = sges.as_mut_ptr();
     let wr_ptr = wrs.as_mut_ptr();
     for i in 0..k {
-        // SAFETY: `i < k <= 2`: both pointers stay inside their arrays.
+        // SAFETY: `i < k <= 3`: both pointers stay inside their arrays.
         unsafe {
             (*wr_ptr.add(i)).sg_list = sge_ptr.add(i);
             if i + 1 < k {
