@@ -23,6 +23,7 @@
 #   SOFTROCE_PERF_ITERS=5000 SOFTROCE_TEST_TIMEOUT=600 (per test binary, s)
 #   SOFTROCE_BENCH_TIMEOUT=300 SOFTROCE_PERF_TIMEOUT=90 SOFTROCE_VM_TIMEOUT=1200 (whole VM, s)
 #   SOFTROCE_VM_MEM=2048 (MiB) SOFTROCE_SMP=2 SOFTROCE_ACCEL=tcg (kvm cannot boot it on PVM hosts)
+#   SOFTROCE_KERNEL_ARGS="clocksource=tsc tsc=reliable" (appended to the guest's command line)
 #   development aids: SOFTROCE_EXTRA_TESTS="NAME=PATH ..." (more test executables),
 #   SOFTROCE_BENCH_EXE=PATH (a bench binary built elsewhere)
 set -euo pipefail
@@ -55,6 +56,9 @@ PERF_TIMEOUT=${SOFTROCE_PERF_TIMEOUT:-90}
 VM_TIMEOUT=${SOFTROCE_VM_TIMEOUT:-1200}
 VM_MEM=${SOFTROCE_VM_MEM:-2048}
 SMP=${SOFTROCE_SMP:-2}
+# The guest's clock source: TCG's emulated HPET makes every clock read cost ~1.7 µs, which the
+# channel and the bench pay and perftest (which counts TSC cycles) does not; use the TSC.
+KERNEL_ARGS=${SOFTROCE_KERNEL_ARGS-clocksource=tsc tsc=reliable}
 ACCEL=${SOFTROCE_ACCEL:-tcg}
 
 OUT=$ROOT/target/softroce
@@ -269,7 +273,7 @@ timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 "${accel[@]}" -m "$VM_M
   -chardev stdio,id=console,signal=off -serial chardev:console \
   -serial "file:$OUT/results.txt" \
   -kernel "$KDIR/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.cpio.gz" \
-  -append "console=ttyS0 panic=-1 loglevel=4 quiet" \
+  -append "console=ttyS0 panic=-1 loglevel=4 quiet $KERNEL_ARGS" \
   </dev/null 2>&1 | tee "$OUT/console.log" || vm_rc=$?
 ((vm_rc == 0)) || echo "softroce: qemu exited with status $vm_rc (124: host timeout ${VM_TIMEOUT} s)"
 

@@ -95,6 +95,7 @@ if [ "$setup_rc" != 0 ]; then
   exit 1
 fi
 say "rxe0@veth0 gid $g0 <-> rxe1@veth1 gid $g1"
+say "clock source: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null) (available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource 2>/dev/null))"
 
 export FTVM_RDMA_DEV_A=rxe0 FTVM_RDMA_GID_A="$g0" FTVM_RDMA_IP_A="$SOFTROCE_IP_A"
 export FTVM_RDMA_DEV_B=rxe1 FTVM_RDMA_GID_B="$g1" FTVM_RDMA_IP_B="$SOFTROCE_IP_B"
