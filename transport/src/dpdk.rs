@@ -78,6 +78,9 @@ const INFO_LEN: usize = 8 + 6 + 4 + 2;
 const MAC_MSG_LEN: usize = 7;
 /// Frames at most this many received packets per `rx_burst`.
 const BURST: usize = 32;
+/// Empty primary polls between two reads of the clock for the retransmission timer (a poll
+/// takes tens of nanoseconds, so the timer is late by a few microseconds at most).
+const TIMER_POLLS: u32 = 64;
 /// Smallest MTU we accept (a piece must hold something useful).
 const MIN_MTU: usize = 256;
 
@@ -436,6 +439,9 @@ pub struct DpdkPrimaryLink {
     last_nack: u64,
     /// The oldest unacknowledged packet is to be sent again before anything new.
     resend_front: bool,
+    /// Polls since the retransmission timer was last checked (the clock is read only every
+    /// [`TIMER_POLLS`] empty polls: a busy loop stays cheap).
+    polls: u32,
     epoch: u64,
 }
 
@@ -617,7 +623,12 @@ impl PrimaryLink for DpdkPrimaryLink {
             }
         }
         // Timeout: resend the oldest unacknowledged packet (the backup keeps later ones).
-        if !self.unacked.is_empty() && self.next_send > 0 && self.timer.elapsed() >= self.rto {
+        self.polls = self.polls.wrapping_add(1);
+        if !self.unacked.is_empty()
+            && self.next_send > 0
+            && (news.heard || self.polls.is_multiple_of(TIMER_POLLS))
+            && self.timer.elapsed() >= self.rto
+        {
             DpdkStats::inc(&self.cfg.stats.timeouts);
             self.resend_oldest();
             self.rto = (self.rto * 2).min(self.cfg.rto_max);
@@ -821,6 +832,10 @@ pub struct DpdkBackupLink {
     epoch: u64,
     /// The gap (value of `expected`) a NACK was last sent for.
     nacked: u64,
+    /// A packet ACK is owed: DATA arrived that completed a log frame, and the channel's log
+    /// ACK for it (which carries the packet ACK too) is expected next. Sent on its own only if
+    /// the channel does not ACK before the next receive.
+    ack_owed: bool,
     ack_buf: Vec<u8>,
 }
 
@@ -838,6 +853,7 @@ impl DpdkBackupLink {
         // An ACK that finds no room is not retried: a later one supersedes it.
         let r = self.wire.send(&buf);
         self.ack_buf = buf;
+        self.ack_owed = false;
         r.map(|_| ())
     }
 }
@@ -848,6 +864,11 @@ impl BackupLink for DpdkBackupLink {
     }
 
     fn receive(&mut self) -> Result<bool, ChannelError> {
+        if self.ack_owed {
+            // The channel did not acknowledge the frame it was handed (its buffer is full):
+            // acknowledge the packets on their own, so the primary does not resend them.
+            self.send_ack(T_ACK)?;
+        }
         let n = self.wire.receive();
         if n == 0 {
             return Ok(false);
@@ -890,6 +911,11 @@ impl BackupLink for DpdkBackupLink {
             self.nacked = self.frames.expected;
             DpdkStats::inc(&self.cfg.stats.nacks);
             self.send_ack(T_NACK)?;
+        } else if took && self.frames.peek().is_some() {
+            // A complete log frame is waiting: the channel takes it and calls `ack` at once,
+            // and that one packet carries both the packet ACK and the log ACK (one ACK per
+            // commit instead of two).
+            self.ack_owed = true;
         } else if answer {
             self.send_ack(T_ACK)?;
         }
@@ -909,10 +935,16 @@ impl BackupLink for DpdkBackupLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
+        if self.ack_owed {
+            self.send_ack(T_ACK)?;
+        }
         check_socket(&mut self.control)
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        if self.ack_owed {
+            self.send_ack(T_ACK)?;
+        }
         std::thread::sleep(timeout.min(Duration::from_micros(50)));
         Ok(false)
     }
@@ -990,6 +1022,7 @@ pub fn accept(
         log_acked: 0,
         epoch: hello.epoch.max(config.epoch),
         nacked: 0,
+        ack_owed: false,
         ack_buf: Vec::new(),
     };
     Backup::new(link, config, 1, hello.epoch)
@@ -1049,6 +1082,7 @@ pub fn connect(
         timer: Instant::now(),
         last_nack: u64::MAX,
         resend_front: false,
+        polls: 0,
         epoch: accepted.epoch.max(config.epoch),
     };
     Primary::new(link, config, accepted.resume_seq)
