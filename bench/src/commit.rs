@@ -42,6 +42,10 @@ impl Medium {
         }
     }
 
+    fn is_dpdk(self) -> bool {
+        matches!(self, Medium::DpdkMemif)
+    }
+
     fn raw(self) -> RawMedium {
         match self {
             Medium::Tcp => RawMedium::TcpBlocking,
@@ -97,6 +101,10 @@ pub struct CommitRow {
     commit_max_us: f64,
     raw_p50_us: f64,
     raw_p99_us: f64,
+    /// Bytes the raw ping-pong sent each way (for DPDK: one commit's DATA and ACK packets,
+    /// after the Ethernet header).
+    raw_request_bytes: usize,
+    raw_reply_bytes: usize,
     overhead_ratio_p50: f64,
 }
 
@@ -126,13 +134,23 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         args.payload, args.count, args.warmup, args.primary_core, args.backup_core
     );
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7}",
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} | raw bytes out/back",
         "transport", "p50 µs", "p90", "p99", "p99.9", "max", "raw p50", "raw p99", "ratio"
     );
     let mut rows = Vec::new();
     for &medium in &args.transports {
+        // Over DPDK the raw ping-pong moves exactly the bytes one commit puts on the wire: a
+        // DATA packet with the whole log frame one way, an ACK packet back. (The other media
+        // echo `--payload` bytes each way.)
+        let (payload, reply) = if medium.is_dpdk() {
+            let frame = commit_frame_len(args.payload)?;
+            (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+        } else {
+            (args.payload.max(8), None)
+        };
         let raw_config = RawConfig {
-            payload: args.payload.max(8),
+            payload,
+            reply,
             count: args.count,
             warmup: args.warmup,
             client_core: Some(args.primary_core),
@@ -165,10 +183,12 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             commit_max_us: commit.max() as f64 / 1000.0,
             raw_p50_us: us(&raw, 0.5),
             raw_p99_us: us(&raw, 0.99),
+            raw_request_bytes: payload,
+            raw_reply_bytes: reply.unwrap_or(payload),
             overhead_ratio_p50: us(&commit, 0.5) / us(&raw, 0.5).max(f64::MIN_POSITIVE),
         };
         println!(
-            "{:<10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2}",
+            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2} | {}/{}",
             row.transport,
             row.commit_p50_us,
             row.commit_p90_us,
@@ -177,7 +197,9 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             row.commit_max_us,
             row.raw_p50_us,
             row.raw_p99_us,
-            row.overhead_ratio_p50
+            row.overhead_ratio_p50,
+            row.raw_request_bytes,
+            row.raw_reply_bytes
         );
         rows.push(row);
     }
@@ -209,6 +231,32 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Length of the log frame one commit sends: the input entry of `payload` bytes (if any) and
+/// the output marker, as `primary_loop` appends them.
+fn commit_frame_len(payload: usize) -> anyhow::Result<usize> {
+    let input = vec![0xA5u8; payload];
+    let mut frame = logfmt::FrameBuf::new(payload + 1024);
+    frame.reset(1, 1);
+    if payload > 0 {
+        frame.push(&Entry::new(
+            Position::at_exit(1),
+            Event::DeviceInput {
+                device: 1,
+                data: &input,
+            },
+        ))?;
+    }
+    frame.push(&Entry::new(
+        Position::at_exit(1),
+        Event::OutputMarker {
+            device: 2,
+            len: payload as u32,
+            digest: 0,
+        },
+    ))?;
+    Ok(frame.finish()?.len())
 }
 
 /// Runs the backup end until it sees a Shutdown entry.

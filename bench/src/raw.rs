@@ -40,8 +40,12 @@ pub enum RawMedium {
 
 #[derive(Debug, Clone)]
 pub struct RawConfig {
-    /// Bytes sent each way per round trip (8 ..= 64 KiB).
+    /// Bytes sent by the timing side per round trip (8 ..= 64 KiB).
     pub payload: usize,
+    /// Bytes the echo side sends back (8 ..= 64 KiB); `None`: `payload` (a symmetric
+    /// ping-pong). The commit benchmark sets both to what one commit puts on the medium each
+    /// way, so raw and commit move the same bytes.
+    pub reply: Option<usize>,
     /// Measured round trips.
     pub count: u64,
     /// Round trips before measuring, excluded from the histogram.
@@ -67,11 +71,13 @@ const HIST_SIGFIG: u8 = 3;
 
 /// Round-trip times in nanoseconds, one sample per measured round trip.
 pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram<u64>> {
-    ensure!(
-        (MIN_PAYLOAD..=MAX_PAYLOAD).contains(&cfg.payload),
-        "raw ping-pong payload must be {MIN_PAYLOAD}..={MAX_PAYLOAD} bytes, got {}",
-        cfg.payload
-    );
+    let reply = cfg.reply.unwrap_or(cfg.payload);
+    for (what, len) in [("payload", cfg.payload), ("reply", reply)] {
+        ensure!(
+            (MIN_PAYLOAD..=MAX_PAYLOAD).contains(&len),
+            "raw ping-pong {what} must be {MIN_PAYLOAD}..={MAX_PAYLOAD} bytes, got {len}"
+        );
+    }
     let total = cfg
         .warmup
         .checked_add(cfg.count)
@@ -82,6 +88,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
     let peer_failed = FailFlag::default();
     let plan = Plan {
         payload: cfg.payload,
+        reply,
         warmup: cfg.warmup,
         total,
         pins,
@@ -120,9 +127,9 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
             }
             RawMedium::DpdkMemif => {
                 ensure!(
-                    cfg.payload <= memif::MAX_RAW_PAYLOAD,
-                    "the raw DPDK ping-pong sends one frame per message: payload must be at \
-                     most {} bytes, got {}",
+                    cfg.payload.max(reply) <= memif::MAX_RAW_PAYLOAD,
+                    "the raw DPDK ping-pong sends one frame per message: payload and reply \
+                     must be at most {} bytes, got {} and {reply}",
                     memif::MAX_RAW_PAYLOAD,
                     cfg.payload
                 );
@@ -141,7 +148,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
             }
             RawMedium::Shm => {
                 let ping = Mailbox::new(cfg.payload);
-                let pong = Mailbox::new(cfg.payload);
+                let pong = Mailbox::new(reply);
                 drive(
                     ShmEnd::new(&ping, &pong, &peer_failed),
                     ShmEnd::new(&pong, &ping, &peer_failed),
@@ -164,6 +171,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     payload: usize,
+    reply: usize,
     warmup: u64,
     total: u64,
     pins: Pins,
@@ -245,21 +253,23 @@ fn client_loop<E: Endpoint>(
     plan: &Plan,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut out = pattern(plan.payload);
-    let mut back = vec![0u8; plan.payload];
+    let mut back = vec![0u8; plan.reply];
+    let mut expect = pattern(plan.reply);
     for i in 0..plan.total {
         stamp(&mut out, i);
+        stamp(&mut expect, i);
         let start = Instant::now();
         ep.send(&out)
             .with_context(|| format!("round trip {i}: sending"))?;
         ep.recv(&mut back)
             .with_context(|| format!("round trip {i}: waiting for the echo"))?;
         let rtt = start.elapsed();
-        if back != out {
-            let differ = out.iter().zip(&back).filter(|(a, b)| a != b).count();
+        if back != expect {
+            let differ = expect.iter().zip(&back).filter(|(a, b)| a != b).count();
             bail!(
-                "round trip {i}: echoed payload differs from the one sent in {differ} of {} \
-                 bytes (it carries index {}, expected {i})",
-                plan.payload,
+                "round trip {i}: echoed payload differs from the expected one in {differ} of \
+                 {} bytes (it carries index {}, expected {i})",
+                plan.reply,
                 index_of(&back)
             );
         }
@@ -270,9 +280,13 @@ fn client_loop<E: Endpoint>(
     Ok(hist)
 }
 
-/// The echo side: receive, check the index, send the same bytes back.
+/// The echo side: receive, check the index, send the reply back (the same bytes, or for an
+/// asymmetric plan the reply pattern stamped with the same index, after comparing the request
+/// in full).
 fn echo_loop<E: Endpoint>(ep: &mut E, plan: &Plan) -> anyhow::Result<()> {
     let mut buf = vec![0u8; plan.payload];
+    let mut expect = pattern(plan.payload);
+    let mut reply = pattern(plan.reply);
     for i in 0..plan.total {
         ep.recv(&mut buf)
             .with_context(|| format!("round trip {i}: waiting for the request"))?;
@@ -287,8 +301,21 @@ fn echo_loop<E: Endpoint>(ep: &mut E, plan: &Plan) -> anyhow::Result<()> {
             first == i && last == i,
             "round trip {i}: request carries indices {first} and {last}, expected {i}"
         );
-        ep.send(&buf)
-            .with_context(|| format!("round trip {i}: sending the echo"))?;
+        if plan.reply == plan.payload {
+            ep.send(&buf)
+                .with_context(|| format!("round trip {i}: sending the echo"))?;
+        } else {
+            stamp(&mut reply, i);
+            ep.send(&reply)
+                .with_context(|| format!("round trip {i}: sending the reply"))?;
+            // The whole request is checked after the reply left (off the timed path; the
+            // client checks the whole reply).
+            stamp(&mut expect, i);
+            ensure!(
+                buf == expect,
+                "round trip {i}: request differs from the one sent"
+            );
+        }
     }
     Ok(())
 }
@@ -1069,6 +1096,7 @@ mod tests {
     fn cfg(payload: usize) -> RawConfig {
         RawConfig {
             payload,
+            reply: None,
             count: 2_000,
             warmup: 100,
             // Unpinned: tests run in parallel, and pinning them all to the same two cores

@@ -442,6 +442,9 @@ pub struct Sender<L: PrimaryLink> {
     last_sent: Instant,
     liveness: Liveness,
     pumps: u32,
+    /// Something was heard from the backup / sent since the clock was last read.
+    heard_since: bool,
+    sent_since: bool,
 }
 
 impl<L: PrimaryLink> Sender<L> {
@@ -491,15 +494,18 @@ impl<L: PrimaryLink> Sender<L> {
             }
         }
         progress |= sent_any;
-        // Clocks are read every 32 rounds, or whenever something happened: a busy loop stays
-        // cheap, and a heartbeat is never late by more than 32 rounds.
+        // The clock is read every 32 rounds only (not on every send or ACK: a clock read is a
+        // good part of a commit over a fast medium); what happened in between is noted and
+        // dated then. A heartbeat is never late by more than 32 rounds.
+        self.heard_since |= news.heard;
+        self.sent_since |= sent_any;
         self.pumps = self.pumps.wrapping_add(1);
-        if news.heard || sent_any || self.pumps.is_multiple_of(32) {
+        if self.pumps.is_multiple_of(32) {
             let now = Instant::now();
-            if news.heard {
+            if std::mem::take(&mut self.heard_since) {
                 self.liveness.last_heard = now;
             }
-            if sent_any {
+            if std::mem::take(&mut self.sent_since) {
                 self.last_sent = now;
             }
             self.timers(now)?;
@@ -593,6 +599,8 @@ impl<L: PrimaryLink> Primary<L> {
                 last_sent: now,
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
+                heard_since: false,
+                sent_since: false,
             },
             config,
         })
@@ -781,6 +789,9 @@ pub struct Receiver<L: BackupLink> {
     last_acked_at: Instant,
     liveness: Liveness,
     pumps: u32,
+    /// A frame was accepted / an ACK sent since the clock was last read.
+    heard_since: bool,
+    acked_since: bool,
     stats: Arc<ChannelStats>,
 }
 
@@ -811,13 +822,16 @@ impl<L: BackupLink> Receiver<L> {
                 break;
             }
         }
+        // As in `Sender::pump`: the clock is read every 32 rounds, events are dated then.
+        self.heard_since |= accepted;
+        self.acked_since |= acked_now;
         self.pumps = self.pumps.wrapping_add(1);
-        if accepted || acked_now || self.pumps.is_multiple_of(32) {
+        if self.pumps.is_multiple_of(32) {
             let now = Instant::now();
-            if accepted {
+            if std::mem::take(&mut self.heard_since) {
                 self.liveness.last_heard = now;
             }
-            if acked_now {
+            if std::mem::take(&mut self.acked_since) {
                 self.last_acked_at = now;
             }
             if now.duration_since(self.last_acked_at) >= self.heartbeat_interval {
@@ -927,6 +941,8 @@ impl<L: BackupLink> Backup<L> {
                 last_acked_at: now,
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
+                heard_since: false,
+                acked_since: false,
                 stats: stats.clone(),
             },
             frames,
