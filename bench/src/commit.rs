@@ -14,7 +14,7 @@ use serde::Serialize;
 use transport::dpdk::{self, DpdkConfig};
 use transport::{shm, tcp, BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
 
-use crate::raw::memif::MemifPair;
+use crate::raw::memif::{Kind, MemifPair};
 use crate::raw::{self, RawConfig, RawMedium};
 
 /// Media the commit benchmark knows.
@@ -29,6 +29,12 @@ pub enum Medium {
     /// Raw Ethernet frames over two DPDK `net_memif` ports joined to each other (one EAL in
     /// this process, set up on first use; TCP control connection on loopback).
     DpdkMemif,
+    /// The same over `net_af_packet` ports on the two ends of veth pair `ftvm-ap0`/`ftvm-ap1`
+    /// (created by the benchmark if missing; needs root).
+    DpdkAfPacket,
+    /// The same over `net_af_xdp` ports on the two ends of veth pair `ftvm-xd0`/`ftvm-xd1`
+    /// (created by the benchmark if missing, like the hugepages; needs root).
+    DpdkAfXdp,
 }
 
 impl Medium {
@@ -39,11 +45,23 @@ impl Medium {
             Medium::TcpSpin => "tcp-spin",
             Medium::Shm => "shm",
             Medium::DpdkMemif => "dpdk-memif",
+            Medium::DpdkAfPacket => "dpdk-af-packet",
+            Medium::DpdkAfXdp => "dpdk-af-xdp",
         }
     }
 
     fn is_dpdk(self) -> bool {
-        matches!(self, Medium::DpdkMemif)
+        self.dpdk_kind().is_some()
+    }
+
+    /// The DPDK port pairs this medium runs on.
+    pub fn dpdk_kind(self) -> Option<Kind> {
+        match self {
+            Medium::DpdkMemif => Some(Kind::Memif),
+            Medium::DpdkAfPacket => Some(Kind::AfPacket),
+            Medium::DpdkAfXdp => Some(Kind::AfXdp),
+            _ => None,
+        }
     }
 
     fn raw(self) -> RawMedium {
@@ -52,6 +70,8 @@ impl Medium {
             Medium::TcpSpin => RawMedium::TcpSpin,
             Medium::Shm => RawMedium::Shm,
             Medium::DpdkMemif => RawMedium::DpdkMemif,
+            Medium::DpdkAfPacket => RawMedium::DpdkAfPacket,
+            Medium::DpdkAfXdp => RawMedium::DpdkAfXdp,
         }
     }
 }
@@ -137,6 +157,12 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} | raw bytes out/back",
         "transport", "p50 µs", "p90", "p99", "p99.9", "max", "raw p50", "raw p99", "ratio"
     );
+    let kinds: Vec<Kind> = args
+        .transports
+        .iter()
+        .filter_map(|m| m.dpdk_kind())
+        .collect();
+    raw::memif::want(&kinds);
     let mut rows = Vec::new();
     for &medium in &args.transports {
         // Over DPDK the raw ping-pong moves exactly the bytes one commit puts on the wire: a
@@ -160,7 +186,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             raw::ping_pong(medium.raw(), &raw_config)
                 .with_context(|| format!("raw ping-pong over {}", medium.name()))
         };
-        let (commit, raw) = if medium == Medium::DpdkMemif {
+        let (commit, raw) = if medium.is_dpdk() {
             // The channel closes its DPDK ports when it is done, and the raw ping-pong gives its
             // pair back: measuring the raw medium first runs both over the same two ports.
             let raw = raw_ping_pong()?;
@@ -375,8 +401,9 @@ pub fn with_pair<J: PrimaryJob>(
             joined?;
             out
         }
-        Medium::DpdkMemif => {
-            let MemifPair { server, client } = raw::memif::take_pair()?;
+        Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
+            let kind = medium.dpdk_kind().context("a DPDK medium")?;
+            let MemifPair { server, client } = raw::memif::take(kind)?;
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let addr = listener.local_addr()?;
             let cfg = channel_config(medium)?;
