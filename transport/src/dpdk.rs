@@ -191,7 +191,7 @@ pub struct DpdkStats {
     pub too_far: AtomicU64,
     /// DATA packets dropped because the backup's backlog was full.
     pub backlogged: AtomicU64,
-    /// Received packets of other ethertypes, ignored.
+    /// Received packets of other ethertypes, or sent by this side (seen again), ignored.
     pub foreign: AtomicU64,
     /// Times the port or the mempool could not take a packet right now.
     pub tx_full: AtomicU64,
@@ -436,7 +436,12 @@ impl Wire {
         stats: &DpdkStats,
         data: &'a [u8],
     ) -> Option<(u8, u64, &'a [u8])> {
-        if data.len() < ETHER_HDR_LEN || data[12..14] != ETHERTYPE_FTVM.to_be_bytes() {
+        // Other ethertypes, and our own frames seen again (an af_packet socket also sees what
+        // its interface sends), are not for us.
+        if data.len() < ETHER_HDR_LEN
+            || data[12..14] != ETHERTYPE_FTVM.to_be_bytes()
+            || data[6..12] == mac.0
+        {
             DpdkStats::inc(&stats.foreign);
             return None;
         }
