@@ -20,6 +20,10 @@ pub enum Medium {
     Shm,
     /// Kernel TCP, busy-polled.
     Tcp,
+    /// Raw Ethernet frames on a DPDK port (`--eal` says which; build with `--features dpdk`).
+    /// Set-up runs over a TCP control connection: the backup's `--listen host:port`, the
+    /// primary's `--backup host:port`; the two ports' MAC addresses are exchanged there.
+    Dpdk,
 }
 
 /// Options both roles share.
@@ -50,6 +54,15 @@ pub struct Common {
     /// (it reads the TSC) that divergence detection must catch.
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: Guest,
+    /// `--transport dpdk`: this process's EAL options, one string split like a shell, e.g.
+    /// "--no-huge -m 256 --no-pci -l 1 --file-prefix ftvm-p
+    /// --vdev=net_memif0,role=client,id=0,socket=/tmp/ftvm-memif.sock,socket-abstract=no"
+    /// (each process its own --file-prefix; see dpdk_sys::EalArgs for the verified sets).
+    #[arg(long, allow_hyphen_values = true)]
+    pub eal: Option<String>,
+    /// `--transport dpdk`: the DPDK device to use (e.g. net_memif0); default: the only one.
+    #[arg(long)]
+    pub dpdk_port: Option<String>,
 }
 
 /// Guest programs built into ftvm.
@@ -66,7 +79,7 @@ pub enum Guest {
 pub struct PrimaryArgs {
     #[command(flatten)]
     pub common: Common,
-    /// The backup: a Unix socket path (shm) or host:port (tcp).
+    /// The backup: a Unix socket path (shm) or host:port (tcp; dpdk: its control address).
     #[arg(long, required_unless_present = "unreplicated")]
     pub backup: Option<String>,
     /// UDP address clients send requests to (port 0 picks one; printed as `SERVING addr`).
@@ -82,7 +95,7 @@ pub struct PrimaryArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Where to listen: a Unix socket path (shm) or host:port (tcp).
+    /// Where to listen: a Unix socket path (shm) or host:port (tcp; dpdk: the control address).
     #[arg(long)]
     pub listen: String,
 }
@@ -241,7 +254,69 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
             println!("SERVING {addr} (replicating to {backup} over tcp)");
             record(vm, p, socket, args, "primary")
         }
+        Medium::Dpdk => dpdk_primary(vm, socket, backup, cfg, args),
     }
+}
+
+/// `--transport dpdk`: initialises this process's EAL from `--eal` and opens its port. EAL
+/// pins the calling thread to its main lcore (`-l`); `--core` is applied again afterwards.
+#[cfg(feature = "dpdk")]
+fn dpdk_port(c: &Common) -> anyhow::Result<dpdk_sys::Port> {
+    use dpdk_sys::{EalArgs, Mempool, Port};
+    let line = c
+        .eal
+        .as_deref()
+        .context("--transport dpdk needs --eal \"<EAL options>\"")?;
+    let eal_args = EalArgs::parse(line).context("--eal")?;
+    let eal = eal_args
+        .init()
+        .with_context(|| format!("initialising DPDK with {eal_args}"))?;
+    let id = match &c.dpdk_port {
+        Some(name) => eal
+            .port_by_name(name)
+            .with_context(|| format!("--dpdk-port {name}: no such DPDK port"))?,
+        None => match eal.ports().as_slice() {
+            [id] => *id,
+            ports => bail!(
+                "--eal created {} DPDK ports; name one with --dpdk-port",
+                ports.len()
+            ),
+        },
+    };
+    let pool = Mempool::new("ftvm_log", 8191, 256, Mempool::DEFAULT_DATA_ROOM)
+        .context("creating the mbuf pool")?;
+    let mut port = Port::configure(id, &pool, 1024, 1024).context("configuring the DPDK port")?;
+    port.start().context("starting the DPDK port")?;
+    pin(c.core);
+    Ok(port)
+}
+
+#[cfg(feature = "dpdk")]
+fn dpdk_primary(
+    vm: Vm,
+    socket: UdpSocket,
+    backup: &str,
+    cfg: ChannelConfig,
+    args: &PrimaryArgs,
+) -> anyhow::Result<NodeSummary> {
+    use transport::dpdk::{self, DpdkConfig};
+    let addr = socket.local_addr()?;
+    let port = dpdk_port(&args.common)?;
+    let p = dpdk::connect(backup, port, cfg, DpdkConfig::default())
+        .with_context(|| format!("connecting to the backup at {backup}"))?;
+    println!("SERVING {addr} (replicating to {backup} over dpdk)");
+    record(vm, p, socket, args, "primary")
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_primary(
+    _: Vm,
+    _: UdpSocket,
+    _: &str,
+    _: ChannelConfig,
+    _: &PrimaryArgs,
+) -> anyhow::Result<NodeSummary> {
+    bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }
 
 fn replay<L: transport::BackupLink>(
@@ -291,5 +366,22 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
             let b = tcp::accept(&l, cfg).context("accepting the primary")?;
             replay(vm, b, args)
         }
+        Medium::Dpdk => dpdk_backup(vm, cfg, args),
     }
+}
+
+#[cfg(feature = "dpdk")]
+fn dpdk_backup(vm: Vm, cfg: ChannelConfig, args: &BackupArgs) -> anyhow::Result<NodeSummary> {
+    use transport::dpdk::{self, DpdkConfig};
+    let port = dpdk_port(&args.common)?;
+    let l = std::net::TcpListener::bind(&args.listen)
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("LISTENING {}", l.local_addr()?);
+    let b = dpdk::accept(&l, port, cfg, DpdkConfig::default()).context("accepting the primary")?;
+    replay(vm, b, args)
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_backup(_: Vm, _: ChannelConfig, _: &BackupArgs) -> anyhow::Result<NodeSummary> {
+    bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }
