@@ -15,6 +15,7 @@ packages=(
   dpdk-dev          # dpdk-sys: DPDK test/debug tools (dpdk-testpmd is in dpdk; dpdk-test, dpdk-pdump)
   libdpdk-dev       # dpdk-sys: DPDK headers and libdpdk.pc for pkg-config
   libclang-dev      # dpdk-sys: libclang for bindgen
+  iproute2          # ip: the veth pairs of the DPDK af_packet/af_xdp tests and bench rows
 )
 packages+=("$@")
 

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/install-deps.sh
+# Hugepages + hugetlbfs (net_af_xdp) and the benchmark's veth pairs; a no-op without root.
+scripts/dpdk-setup.sh
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -15,12 +17,14 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings (and with the DPDK medium)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport --features dpdk --all-targets -- -D warnings
+cargo clippy -p ftvm --features dpdk --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
 
-step "the DPDK medium: two processes over net_memif (no hugepages, no root needed)"
+step "the DPDK medium: two processes over net_memif (no root) and net_af_packet on a veth pair (root); an FT pair over DPDK"
 cargo test -p transport --features dpdk
+cargo test -p ftvm --features dpdk --test ft_dpdk
 
 step "miri: the ring's unit tests under the interpreter's UB and data-race checks"
 scripts/miri-ring.sh
