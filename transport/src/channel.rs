@@ -139,8 +139,14 @@ pub struct ChannelStats {
 }
 
 impl ChannelStats {
+    /// Adds to a counter. Every counter has one writing thread (the writer's, the sender's or
+    /// the receiver's), so a plain load and store does: no locked read-modify-write on the
+    /// commit path. Readers on other threads see a recent value.
     fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 
     /// A plain copy of the counters.

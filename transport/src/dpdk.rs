@@ -111,7 +111,8 @@ pub struct DpdkConfig {
     pub drop_every: Option<u32>,
     /// How long `connect`/`accept` wait for the port's link to come up.
     pub link_timeout: Duration,
-    /// Counters, shared with whoever holds a clone of this `Arc`.
+    /// Counters of one channel end, shared with whoever holds a clone of this `Arc` (give each
+    /// end its own: only the thread driving an end may count into it).
     pub stats: Arc<DpdkStats>,
 }
 
@@ -198,8 +199,14 @@ pub struct DpdkStats {
 }
 
 impl DpdkStats {
+    /// Counts one. Each side's counters are written by the thread that drives its link only
+    /// (share one `DpdkStats` between the two ends of a channel and counts may be lost), so a
+    /// plain load and store does: no locked read-modify-write per packet.
     fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
     }
 
     /// Reads one counter.
@@ -1100,7 +1107,13 @@ impl BackupLink for DpdkBackupLink {
 
     fn consume(&mut self) -> Result<(), ChannelError> {
         let bad = self.frames.consume();
-        self.cfg.stats.garbage.fetch_add(bad, Ordering::Relaxed);
+        if bad > 0 {
+            let g = &self.cfg.stats.garbage;
+            g.store(
+                g.load(Ordering::Relaxed).wrapping_add(bad),
+                Ordering::Relaxed,
+            );
+        }
         Ok(())
     }
 
