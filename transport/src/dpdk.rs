@@ -300,6 +300,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// One port, its peer, and the packet I/O both sides share.
 struct Wire {
+    /// Received mbufs; before `port` and `pool` so they are freed first.
+    rx: Vec<Mbuf>,
     port: Port,
     pool: Mempool,
     mac: EtherAddr,
@@ -307,7 +309,6 @@ struct Wire {
     tag: u32,
     drop_every: Option<u32>,
     sent_count: u64,
-    rx: Vec<Mbuf>,
     stats: Arc<DpdkStats>,
 }
 
@@ -1003,10 +1004,12 @@ impl Reassembly {
 /// The backup's DPDK link.
 #[derive(Debug)]
 pub struct DpdkBackupLink {
+    /// Before `wire`: fields drop in order, and frames kept in their mbufs go back to the
+    /// port's pool before the port and pool handles do.
+    frames: Reassembly,
     wire: Wire,
     control: TcpStream,
     cfg: DpdkConfig,
-    frames: Reassembly,
     /// The last log ACK and epoch the channel published.
     log_acked: u64,
     epoch: u64,
