@@ -448,9 +448,6 @@ pub struct Sender<L: PrimaryLink> {
     last_sent: Instant,
     liveness: Liveness,
     pumps: u32,
-    /// Something was heard from the backup / sent since the clock was last read.
-    heard_since: bool,
-    sent_since: bool,
 }
 
 impl<L: PrimaryLink> Sender<L> {
@@ -500,18 +497,15 @@ impl<L: PrimaryLink> Sender<L> {
             }
         }
         progress |= sent_any;
-        // The clock is read every 32 rounds only (not on every send or ACK: a clock read is a
-        // good part of a commit over a fast medium); what happened in between is noted and
-        // dated then. A heartbeat is never late by more than 32 rounds.
-        self.heard_since |= news.heard;
-        self.sent_since |= sent_any;
+        // Clocks are read every 32 rounds, or whenever something happened: a busy loop stays
+        // cheap, and a heartbeat is never late by more than 32 rounds.
         self.pumps = self.pumps.wrapping_add(1);
-        if self.pumps.is_multiple_of(32) {
+        if news.heard || sent_any || self.pumps.is_multiple_of(32) {
             let now = Instant::now();
-            if std::mem::take(&mut self.heard_since) {
+            if news.heard {
                 self.liveness.last_heard = now;
             }
-            if std::mem::take(&mut self.sent_since) {
+            if sent_any {
                 self.last_sent = now;
             }
             self.timers(now)?;
@@ -605,8 +599,6 @@ impl<L: PrimaryLink> Primary<L> {
                 last_sent: now,
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
-                heard_since: false,
-                sent_since: false,
             },
             config,
         })
@@ -795,9 +787,6 @@ pub struct Receiver<L: BackupLink> {
     last_acked_at: Instant,
     liveness: Liveness,
     pumps: u32,
-    /// A frame was accepted / an ACK sent since the clock was last read.
-    heard_since: bool,
-    acked_since: bool,
     stats: Arc<ChannelStats>,
 }
 
@@ -828,16 +817,13 @@ impl<L: BackupLink> Receiver<L> {
                 break;
             }
         }
-        // As in `Sender::pump`: the clock is read every 32 rounds, events are dated then.
-        self.heard_since |= accepted;
-        self.acked_since |= acked_now;
         self.pumps = self.pumps.wrapping_add(1);
-        if self.pumps.is_multiple_of(32) {
+        if accepted || acked_now || self.pumps.is_multiple_of(32) {
             let now = Instant::now();
-            if std::mem::take(&mut self.heard_since) {
+            if accepted {
                 self.liveness.last_heard = now;
             }
-            if std::mem::take(&mut self.acked_since) {
+            if acked_now {
                 self.last_acked_at = now;
             }
             if now.duration_since(self.last_acked_at) >= self.heartbeat_interval {
@@ -947,8 +933,6 @@ impl<L: BackupLink> Backup<L> {
                 last_acked_at: now,
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
-                heard_since: false,
-                acked_since: false,
                 stats: stats.clone(),
             },
             frames,

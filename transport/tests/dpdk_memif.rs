@@ -431,9 +431,13 @@ fn run_primary(
     let started = Instant::now();
     for seq in 1..=ENTRIES {
         payload(seq, &mut rng, &mut buf);
-        let got = p
-            .append(&input(seq, &buf))
-            .map_err(|e| format!("append {seq}: {e}"))?;
+        let got = p.append(&input(seq, &buf)).map_err(|e| {
+            format!(
+                "append {seq}: {e} (link: {}; channel: {:?})",
+                stats_line(&stats),
+                p.stats()
+            )
+        })?;
         if got != seq {
             return Err(format!("append returned seq {got}, expected {seq}"));
         }
