@@ -336,6 +336,11 @@ fn primary(medium: &str, scenario: &str, lcores: (&str, &str)) -> Result<(), Str
         _ => None,
     };
     let result = run_primary(medium, scenario, port, &addr, &mut backup, injector);
+    if result.is_err() {
+        if let Some(line) = backup.next() {
+            eprintln!("  backup said: {line}");
+        }
+    }
     let _ = std::fs::remove_dir_all(&runtime_dir);
     drop(backup);
     drop(veth);
