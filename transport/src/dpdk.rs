@@ -516,6 +516,8 @@ pub struct DpdkPrimaryLink {
     /// Polls since the retransmission timer was last checked (the clock is read only every
     /// [`TIMER_POLLS`] empty polls: a busy loop stays cheap).
     polls: u32,
+    /// An offer was refused for lack of window since the last progress.
+    blocked: bool,
     epoch: u64,
 }
 
@@ -588,6 +590,7 @@ impl DpdkPrimaryLink {
             }
             self.rto = self.rto_base;
             self.progress = true;
+            self.blocked = false;
         }
         any
     }
@@ -612,6 +615,9 @@ impl PrimaryLink for DpdkPrimaryLink {
         let piece = self.cfg.piece_len();
         let pieces = frame.len().div_ceil(piece).max(1);
         if self.unacked.len() + pieces > self.cfg.window {
+            // Blocked on the window: from now on the timer is checked on every poll (a caller
+            // that waits between polls may take long for TIMER_POLLS of them).
+            self.blocked = true;
             return Ok(false);
         }
         let total = u32::try_from(frame.len()).map_err(|_| ChannelError::FrameTooLarge {
@@ -738,7 +744,7 @@ impl PrimaryLink for DpdkPrimaryLink {
         // The clock is read every TIMER_POLLS polls only; progress since the last check
         // restarts the timer then.
         self.polls = self.polls.wrapping_add(1);
-        if self.polls.is_multiple_of(TIMER_POLLS) {
+        if self.blocked || self.polls.is_multiple_of(TIMER_POLLS) {
             let now = Instant::now();
             if std::mem::take(&mut self.progress) || self.unacked.is_empty() {
                 self.timer = now;
@@ -1275,6 +1281,7 @@ pub fn connect(
         last_nack: u64::MAX,
         resend_front: false,
         polls: 0,
+        blocked: false,
         epoch: accepted.epoch.max(config.epoch),
     };
     Primary::new(link, config, accepted.resume_seq)
