@@ -1234,9 +1234,13 @@ pub mod memif {
         }
     }
 
-    /// Closes the ports still unused and removes the memif sockets' directory and the EAL's
-    /// runtime directory; does nothing if DPDK was never set up. The EAL itself stays (it
-    /// cannot be initialised again in this process), so call this once, before exiting.
+    /// Removes the memif sockets' directory and the EAL's runtime directory; does nothing if
+    /// DPDK was never set up. The EAL itself stays (it cannot be initialised again in this
+    /// process), so call this once, before exiting.
+    ///
+    /// The ports still unused are left open (forgotten): closing both ends of a memif pair in
+    /// one process just before it exits crashed it now and then (SIGSEGV in DPDK's
+    /// `eal-intr-thread`, inside net_memif's disconnect handling).
     pub fn cleanup() {
         if let Some(Ok(state)) = STATE.get() {
             for p in state
@@ -1245,7 +1249,7 @@ pub mod memif {
                 .unwrap_or_else(|e| e.into_inner())
                 .iter_mut()
             {
-                p.clear();
+                std::mem::forget(std::mem::take(p));
             }
             let _ = std::fs::remove_dir_all(&state.dir);
             let _ = std::fs::remove_dir_all(state.eal.runtime_dir());
