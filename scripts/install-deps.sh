@@ -17,6 +17,7 @@ packages=(
   libclang-dev      # dpdk-sys: libclang for bindgen
   libibverbs-dev    # rdma-sys (transport feature rdma): verbs headers and libibverbs
   librdmacm-dev     # rdma-sys: rdma_cm headers and librdmacm
+  iproute2          # ip: the veth pairs of the DPDK af_packet/af_xdp tests and bench rows
 )
 packages+=("$@")
 

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/install-deps.sh
+# Hugepages + hugetlbfs (net_af_xdp) and the benchmark's veth pairs; a no-op without root.
+scripts/dpdk-setup.sh
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -17,12 +19,15 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport --features dpdk --all-targets -- -D warnings
 cargo clippy -p transport --features rdma --all-targets -- -D warnings
 cargo clippy -p bench --features rdma --all-targets -- -D warnings
+cargo clippy -p ftvm --features dpdk --all-targets -- -D warnings
+cargo clippy -p ftvm --features rdma --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
 
-step "the DPDK medium: two processes over net_memif (no hugepages, no root needed)"
+step "the DPDK medium: two processes over net_memif (no root) and net_af_packet on a veth pair (root); an FT pair over DPDK"
 cargo test -p transport --features dpdk
+cargo test -p ftvm --features dpdk --test ft_dpdk
 
 step "the RDMA medium on soft-RoCE: tests, commit bench and ib_write_lat in a QEMU guest (rdma_rxe)"
 scripts/softroce-ci.sh

@@ -28,6 +28,10 @@ pub enum Medium {
     /// (InfiniBand, RoCE, soft-RoCE); set up over an authenticated TCP connection to the
     /// backup's `host:port`. Needs a build with `--features rdma`.
     Rdma,
+    /// Raw Ethernet frames on a DPDK port (`--eal` says which; build with `--features dpdk`).
+    /// Set-up runs over a TCP control connection: the backup's `--listen host:port`, the
+    /// primary's `--backup host:port`; the two ports' MAC addresses are exchanged there.
+    Dpdk,
 }
 
 /// Options both roles share.
@@ -83,6 +87,15 @@ pub struct Common {
     /// Port of the RDMA device (as perftest's `-i`).
     #[arg(long, default_value_t = 1)]
     pub ib_port: u8,
+    /// `--transport dpdk`: this process's EAL options, one string split like a shell, e.g.
+    /// "--no-huge -m 256 --no-pci -l 1 --file-prefix ftvm-p
+    /// --vdev=net_memif0,role=client,id=0,socket=/tmp/ftvm-memif.sock,socket-abstract=no"
+    /// (each process its own --file-prefix; see dpdk_sys::EalArgs for the verified sets).
+    #[arg(long, allow_hyphen_values = true)]
+    pub eal: Option<String>,
+    /// `--transport dpdk`: the DPDK device to use (e.g. net_memif0); default: the only one.
+    #[arg(long)]
+    pub dpdk_port: Option<String>,
 }
 
 #[cfg(feature = "rdma")]
@@ -114,7 +127,7 @@ pub enum Guest {
 pub struct PrimaryArgs {
     #[command(flatten)]
     pub common: Common,
-    /// The backup: a Unix socket path (shm) or host:port (tcp).
+    /// The backup: a Unix socket path (shm) or host:port (tcp; dpdk: its control address).
     #[arg(long, required_unless_present = "unreplicated")]
     pub backup: Option<String>,
     /// UDP address clients send requests to (port 0 picks one; printed as `SERVING addr`).
@@ -131,7 +144,7 @@ pub struct PrimaryArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Where to listen: a Unix socket path (shm) or host:port (tcp).
+    /// Where to listen: a Unix socket path (shm) or host:port (tcp; dpdk: the control address).
     #[arg(long)]
     pub listen: String,
     /// The replica's own UDP address once live (the front forwards to it).
@@ -505,7 +518,81 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
         }
         #[cfg(not(feature = "rdma"))]
         Medium::Rdma => Err(no_rdma()),
+        Medium::Dpdk => dpdk_primary(vm, port, backup, cfg, c, epoch, arbiter, stop),
     }
+}
+
+/// `--transport dpdk`: initialises this process's EAL from `--eal` and opens its port. EAL
+/// pins the calling thread to its main lcore (`-l`); `--core` is applied again afterwards.
+#[cfg(feature = "dpdk")]
+fn dpdk_port(c: &Common) -> anyhow::Result<dpdk_sys::Port> {
+    use dpdk_sys::{EalArgs, Mempool, Port};
+    let line = c
+        .eal
+        .as_deref()
+        .context("--transport dpdk needs --eal \"<EAL options>\"")?;
+    let eal_args = EalArgs::parse(line).context("--eal")?;
+    let eal = eal_args
+        .init()
+        .with_context(|| format!("initialising DPDK with {eal_args}"))?;
+    let id = match &c.dpdk_port {
+        Some(name) => eal
+            .port_by_name(name)
+            .with_context(|| format!("--dpdk-port {name}: no such DPDK port"))?,
+        None => match eal.ports().as_slice() {
+            [id] => *id,
+            ports => bail!(
+                "--eal created {} DPDK ports; name one with --dpdk-port",
+                ports.len()
+            ),
+        },
+    };
+    let pool = Mempool::new("ftvm_log", 8191, 256, Mempool::DEFAULT_DATA_ROOM)
+        .context("creating the mbuf pool")?;
+    let mut port = Port::configure(id, &pool, 1024, 1024).context("configuring the DPDK port")?;
+    port.start().context("starting the DPDK port")?;
+    pin(c.core);
+    Ok(port)
+}
+
+#[cfg(feature = "dpdk")]
+#[allow(clippy::too_many_arguments)]
+fn dpdk_primary(
+    vm: Vm,
+    mut port: ServicePort,
+    backup: &str,
+    cfg: ChannelConfig,
+    c: &Common,
+    epoch: u64,
+    arbiter: Option<ArbiterClient>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<NodeSummary> {
+    use transport::dpdk::{self, DpdkConfig};
+    let dpdk_port = dpdk_port(c)?;
+    let p = dpdk::connect(backup, dpdk_port, cfg, DpdkConfig::default())
+        .with_context(|| format!("connecting to the backup at {backup}"))?;
+    register(&mut port, c, epoch)?;
+    println!(
+        "SERVING {} (replicating to {backup} over dpdk, epoch {epoch})",
+        serving_addr(&port)?
+    );
+    let sink = FailoverSink::new(p, arbiter);
+    record(vm, sink, port, c, "primary", stop, sink_findings)
+}
+
+#[cfg(not(feature = "dpdk"))]
+#[allow(clippy::too_many_arguments)]
+fn dpdk_primary(
+    _: Vm,
+    _: ServicePort,
+    _: &str,
+    _: ChannelConfig,
+    _: &Common,
+    _: u64,
+    _: Option<ArbiterClient>,
+    _: Arc<AtomicBool>,
+) -> anyhow::Result<NodeSummary> {
+    bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }
 
 fn replay<L: transport::BackupLink>(
@@ -599,6 +686,7 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
         }
         #[cfg(not(feature = "rdma"))]
         Medium::Rdma => Err(no_rdma()),
+        Medium::Dpdk => dpdk_backup(vm, cfg, args, epoch),
     }
 }
 
@@ -637,4 +725,25 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
     summary.outputs_checked = replayer.outputs_checked();
     summary.entries_received = replayer.entries();
     conclude(&args.json, summary, result)
+}
+
+#[cfg(feature = "dpdk")]
+fn dpdk_backup(
+    vm: Vm,
+    cfg: ChannelConfig,
+    args: &BackupArgs,
+    epoch: u64,
+) -> anyhow::Result<NodeSummary> {
+    use transport::dpdk::{self, DpdkConfig};
+    let port = dpdk_port(&args.common)?;
+    let l = std::net::TcpListener::bind(&args.listen)
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("LISTENING {}", l.local_addr()?);
+    let b = dpdk::accept(&l, port, cfg, DpdkConfig::default()).context("accepting the primary")?;
+    replay(vm, b, args, epoch)
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_backup(_: Vm, _: ChannelConfig, _: &BackupArgs, _: u64) -> anyhow::Result<NodeSummary> {
+    bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }

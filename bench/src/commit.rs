@@ -14,7 +14,7 @@ use serde::Serialize;
 use transport::dpdk::{self, DpdkConfig};
 use transport::{shm, tcp, BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
 
-use crate::raw::memif::MemifPair;
+use crate::raw::memif::{Kind, MemifPair};
 use crate::raw::{self, RawConfig, RawMedium};
 
 /// Media the commit benchmark knows.
@@ -40,6 +40,12 @@ pub enum Medium {
     /// its completion queue (`Doorbell::Immediate`); the raw column is the write-with-immediate
     /// ping-pong.
     RdmaImm,
+    /// The same over `net_af_packet` ports on the two ends of veth pair `ftvm-ap0`/`ftvm-ap1`
+    /// (created by the benchmark if missing; needs root).
+    DpdkAfPacket,
+    /// The same over `net_af_xdp` ports on the two ends of veth pair `ftvm-xd0`/`ftvm-xd1`
+    /// (created by the benchmark if missing, like the hugepages; needs root).
+    DpdkAfXdp,
 }
 
 impl Medium {
@@ -53,6 +59,22 @@ impl Medium {
             Medium::Rdma => "rdma",
             Medium::RdmaSend => "rdma-send",
             Medium::RdmaImm => "rdma-imm",
+            Medium::DpdkAfPacket => "dpdk-af-packet",
+            Medium::DpdkAfXdp => "dpdk-af-xdp",
+        }
+    }
+
+    fn is_dpdk(self) -> bool {
+        self.dpdk_kind().is_some()
+    }
+
+    /// The DPDK port pairs this medium runs on.
+    pub fn dpdk_kind(self) -> Option<Kind> {
+        match self {
+            Medium::DpdkMemif => Some(Kind::Memif),
+            Medium::DpdkAfPacket => Some(Kind::AfPacket),
+            Medium::DpdkAfXdp => Some(Kind::AfXdp),
+            _ => None,
         }
     }
 
@@ -64,6 +86,8 @@ impl Medium {
             Medium::DpdkMemif => RawMedium::DpdkMemif,
             Medium::Rdma | Medium::RdmaSend => RawMedium::Rdma,
             Medium::RdmaImm => RawMedium::RdmaImm,
+            Medium::DpdkAfPacket => RawMedium::DpdkAfPacket,
+            Medium::DpdkAfXdp => RawMedium::DpdkAfXdp,
         }
     }
 }
@@ -213,6 +237,10 @@ pub struct CommitRow {
     commit_max_us: f64,
     raw_p50_us: f64,
     raw_p99_us: f64,
+    /// Bytes the raw ping-pong sent each way (for DPDK: one commit's DATA and ACK packets,
+    /// after the Ethernet header).
+    raw_request_bytes: usize,
+    raw_reply_bytes: usize,
     overhead_ratio_p50: f64,
 }
 
@@ -253,9 +281,15 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         args.payload, args.count, args.warmup, args.primary_core, args.backup_core
     );
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7}",
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} | raw bytes out/back",
         "transport", "p50 µs", "p90", "p99", "p99.9", "max", "raw p50", "raw p99", "ratio"
     );
+    let kinds: Vec<Kind> = args
+        .transports
+        .iter()
+        .filter_map(|m| m.dpdk_kind())
+        .collect();
+    raw::memif::want(&kinds);
     let mut rows = Vec::new();
     let _ = RDMA_ARGS.set(args.rdma.clone());
     #[cfg(feature = "rdma")]
@@ -270,8 +304,18 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         None
     };
     for &medium in &args.transports {
+        // Over DPDK the raw ping-pong moves exactly the bytes one commit puts on the wire: a
+        // DATA packet with the whole log frame one way, an ACK packet back. (The other media
+        // echo `--payload` bytes each way.)
+        let (payload, reply) = if medium.is_dpdk() {
+            let frame = commit_frame_len(args.payload)?;
+            (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+        } else {
+            (args.payload.max(8), None)
+        };
         let raw_config = RawConfig {
-            payload: args.payload.max(8),
+            payload,
+            reply,
             count: args.count,
             warmup: args.warmup,
             client_core: Some(args.primary_core),
@@ -283,7 +327,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             raw::ping_pong(medium.raw(), &raw_config)
                 .with_context(|| format!("raw ping-pong over {}", medium.name()))
         };
-        let (commit, raw) = if medium == Medium::DpdkMemif {
+        let (commit, raw) = if medium.is_dpdk() {
             // The channel closes its DPDK ports when it is done, and the raw ping-pong gives its
             // pair back: measuring the raw medium first runs both over the same two ports.
             let raw = raw_ping_pong()?;
@@ -306,10 +350,12 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             commit_max_us: commit.max() as f64 / 1000.0,
             raw_p50_us: us(&raw, 0.5),
             raw_p99_us: us(&raw, 0.99),
+            raw_request_bytes: payload,
+            raw_reply_bytes: reply.unwrap_or(payload),
             overhead_ratio_p50: us(&commit, 0.5) / us(&raw, 0.5).max(f64::MIN_POSITIVE),
         };
         println!(
-            "{:<10} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2}",
+            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2} | {}/{}",
             row.transport,
             row.commit_p50_us,
             row.commit_p90_us,
@@ -318,7 +364,9 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             row.commit_max_us,
             row.raw_p50_us,
             row.raw_p99_us,
-            row.overhead_ratio_p50
+            row.overhead_ratio_p50,
+            row.raw_request_bytes,
+            row.raw_reply_bytes
         );
         rows.push(row);
     }
@@ -350,6 +398,32 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Length of the log frame one commit sends: the input entry of `payload` bytes (if any) and
+/// the output marker, as `primary_loop` appends them.
+fn commit_frame_len(payload: usize) -> anyhow::Result<usize> {
+    let input = vec![0xA5u8; payload];
+    let mut frame = logfmt::FrameBuf::new(payload + 1024);
+    frame.reset(1, 1);
+    if payload > 0 {
+        frame.push(&Entry::new(
+            Position::at_exit(1),
+            Event::DeviceInput {
+                device: 1,
+                data: &input,
+            },
+        ))?;
+    }
+    frame.push(&Entry::new(
+        Position::at_exit(1),
+        Event::OutputMarker {
+            device: 2,
+            len: payload as u32,
+            digest: 0,
+        },
+    ))?;
+    Ok(frame.finish()?.len())
 }
 
 /// Runs the backup end until it sees a Shutdown entry.
@@ -468,8 +542,9 @@ pub fn with_pair<J: PrimaryJob>(
             joined?;
             out
         }
-        Medium::DpdkMemif => {
-            let MemifPair { server, client } = raw::memif::take_pair()?;
+        Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
+            let kind = medium.dpdk_kind().context("a DPDK medium")?;
+            let MemifPair { server, client } = raw::memif::take(kind)?;
             let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let addr = listener.local_addr()?;
             let cfg = channel_config(medium)?;

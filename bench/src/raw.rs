@@ -44,12 +44,31 @@ pub enum RawMedium {
     /// As `Rdma`, but each message is a WRITE WITH IMMEDIATE and the peer waits for its
     /// completion (and reposts a receive): the channel's `Doorbell::Immediate` data path.
     RdmaImm,
+    /// The same over `net_af_packet` on the two ends of a veth pair.
+    DpdkAfPacket,
+    /// The same over `net_af_xdp` on the two ends of a veth pair.
+    DpdkAfXdp,
+}
+
+impl RawMedium {
+    fn dpdk_kind(self) -> Option<memif::Kind> {
+        match self {
+            RawMedium::DpdkMemif => Some(memif::Kind::Memif),
+            RawMedium::DpdkAfPacket => Some(memif::Kind::AfPacket),
+            RawMedium::DpdkAfXdp => Some(memif::Kind::AfXdp),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct RawConfig {
-    /// Bytes sent each way per round trip (8 ..= 64 KiB).
+    /// Bytes sent by the timing side per round trip (8 ..= 64 KiB).
     pub payload: usize,
+    /// Bytes the echo side sends back (8 ..= 64 KiB); `None`: `payload` (a symmetric
+    /// ping-pong). The commit benchmark sets both to what one commit puts on the medium each
+    /// way, so raw and commit move the same bytes.
+    pub reply: Option<usize>,
     /// Measured round trips.
     pub count: u64,
     /// Round trips before measuring, excluded from the histogram.
@@ -78,11 +97,13 @@ const HIST_SIGFIG: u8 = 3;
 
 /// Round-trip times in nanoseconds, one sample per measured round trip.
 pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram<u64>> {
-    ensure!(
-        (MIN_PAYLOAD..=MAX_PAYLOAD).contains(&cfg.payload),
-        "raw ping-pong payload must be {MIN_PAYLOAD}..={MAX_PAYLOAD} bytes, got {}",
-        cfg.payload
-    );
+    let reply = cfg.reply.unwrap_or(cfg.payload);
+    for (what, len) in [("payload", cfg.payload), ("reply", reply)] {
+        ensure!(
+            (MIN_PAYLOAD..=MAX_PAYLOAD).contains(&len),
+            "raw ping-pong {what} must be {MIN_PAYLOAD}..={MAX_PAYLOAD} bytes, got {len}"
+        );
+    }
     let total = cfg
         .warmup
         .checked_add(cfg.count)
@@ -93,6 +114,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
     let peer_failed = FailFlag::default();
     let plan = Plan {
         payload: cfg.payload,
+        reply,
         warmup: cfg.warmup,
         total,
         pins,
@@ -129,15 +151,16 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
                     &peer_failed,
                 )
             }
-            RawMedium::DpdkMemif => {
+            RawMedium::DpdkMemif | RawMedium::DpdkAfPacket | RawMedium::DpdkAfXdp => {
+                let kind = medium.dpdk_kind().context("a DPDK medium")?;
                 ensure!(
-                    cfg.payload <= memif::MAX_RAW_PAYLOAD,
-                    "the raw DPDK ping-pong sends one frame per message: payload must be at \
-                     most {} bytes, got {}",
+                    cfg.payload.max(reply) <= memif::MAX_RAW_PAYLOAD,
+                    "the raw DPDK ping-pong sends one frame per message: payload and reply \
+                     must be at most {} bytes, got {} and {reply}",
                     memif::MAX_RAW_PAYLOAD,
                     cfg.payload
                 );
-                let mut pair = memif::take_pair()?;
+                let mut pair = memif::take(kind)?;
                 let result = {
                     let (server, client) = (&mut pair.server, &mut pair.client);
                     let client_end = DpdkEnd::new(client, server.mac_address()?, &peer_failed)?;
@@ -146,7 +169,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
                 };
                 // A ping-pong leaves nothing in flight: the ports can carry the next run.
                 if result.is_ok() {
-                    memif::give_back(pair);
+                    memif::give_back_kind(kind, pair);
                 }
                 result
             }
@@ -163,7 +186,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
             }
             RawMedium::Shm => {
                 let ping = Mailbox::new(cfg.payload);
-                let pong = Mailbox::new(cfg.payload);
+                let pong = Mailbox::new(reply);
                 drive(
                     ShmEnd::new(&ping, &pong, &peer_failed),
                     ShmEnd::new(&pong, &ping, &peer_failed),
@@ -186,6 +209,7 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
 #[derive(Debug, Clone, Copy)]
 struct Plan {
     payload: usize,
+    reply: usize,
     warmup: u64,
     total: u64,
     pins: Pins,
@@ -267,21 +291,23 @@ fn client_loop<E: Endpoint>(
     plan: &Plan,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut out = pattern(plan.payload);
-    let mut back = vec![0u8; plan.payload];
+    let mut back = vec![0u8; plan.reply];
+    let mut expect = pattern(plan.reply);
     for i in 0..plan.total {
         stamp(&mut out, i);
+        stamp(&mut expect, i);
         let start = Instant::now();
         ep.send(&out)
             .with_context(|| format!("round trip {i}: sending"))?;
         ep.recv(&mut back)
             .with_context(|| format!("round trip {i}: waiting for the echo"))?;
         let rtt = start.elapsed();
-        if back != out {
-            let differ = out.iter().zip(&back).filter(|(a, b)| a != b).count();
+        if back != expect {
+            let differ = expect.iter().zip(&back).filter(|(a, b)| a != b).count();
             bail!(
-                "round trip {i}: echoed payload differs from the one sent in {differ} of {} \
-                 bytes (it carries index {}, expected {i})",
-                plan.payload,
+                "round trip {i}: echoed payload differs from the expected one in {differ} of \
+                 {} bytes (it carries index {}, expected {i})",
+                plan.reply,
                 index_of(&back)
             );
         }
@@ -292,9 +318,13 @@ fn client_loop<E: Endpoint>(
     Ok(hist)
 }
 
-/// The echo side: receive, check the index, send the same bytes back.
+/// The echo side: receive, check the index, send the reply back (the same bytes, or for an
+/// asymmetric plan the reply pattern stamped with the same index, after comparing the request
+/// in full).
 fn echo_loop<E: Endpoint>(ep: &mut E, plan: &Plan) -> anyhow::Result<()> {
     let mut buf = vec![0u8; plan.payload];
+    let mut expect = pattern(plan.payload);
+    let mut reply = pattern(plan.reply);
     for i in 0..plan.total {
         ep.recv(&mut buf)
             .with_context(|| format!("round trip {i}: waiting for the request"))?;
@@ -309,8 +339,21 @@ fn echo_loop<E: Endpoint>(ep: &mut E, plan: &Plan) -> anyhow::Result<()> {
             first == i && last == i,
             "round trip {i}: request carries indices {first} and {last}, expected {i}"
         );
-        ep.send(&buf)
-            .with_context(|| format!("round trip {i}: sending the echo"))?;
+        if plan.reply == plan.payload {
+            ep.send(&buf)
+                .with_context(|| format!("round trip {i}: sending the echo"))?;
+        } else {
+            stamp(&mut reply, i);
+            ep.send(&reply)
+                .with_context(|| format!("round trip {i}: sending the reply"))?;
+            // The whole request is checked after the reply left (off the timed path; the
+            // client checks the whole reply).
+            stamp(&mut expect, i);
+            ensure!(
+                buf == expect,
+                "round trip {i}: request differs from the one sent"
+            );
+        }
     }
     Ok(())
 }
@@ -1098,9 +1141,20 @@ impl Endpoint for DpdkEnd<'_> {
 }
 
 /// This process's one DPDK EAL, set up the first time a DPDK medium is measured and kept for
-/// the rest of the process, with [`PAIRS`] pairs of `net_memif` ports: in pair k,
-/// `net_memif<2k>` is the memif server and `net_memif<2k+1>` the client, joined over a Unix
-/// socket in a private temporary directory.
+/// the rest of the process, with port pairs for the DPDK media [`want`]ed before (net_memif
+/// only, if nothing was asked for):
+///
+/// - [`Kind::Memif`]: [`memif::PAIRS`] pairs of `net_memif` ports joined over Unix sockets in
+///   a private temporary directory (no root needed).
+/// - [`Kind::AfPacket`]: one `net_af_packet` port on each end of the veth pair
+///   `ftvm-ap0`/`ftvm-ap1` (root).
+/// - [`Kind::AfXdp`]: one `net_af_xdp` port on each end of the veth pair `ftvm-xd0`/`ftvm-xd1`
+///   (root, 2 MiB hugepages; with it, the whole EAL runs from hugepages).
+///
+/// The veth pairs and hugepages are set up by the benchmark itself on first use (it runs
+/// `ip link add ... type veth`, and writes `nr_hugepages` and mounts hugetlbfs if needed,
+/// exactly as `scripts/dpdk-setup.sh` does; both are idempotent and the pairs are kept for the
+/// next run).
 ///
 /// A pair is taken with [`take_pair`]. The raw ping-pong gives it back afterwards; the log
 /// channel consumes it (`transport::dpdk` closes its port when the channel drops, and a closed
@@ -1108,11 +1162,48 @@ impl Endpoint for DpdkEnd<'_> {
 /// and removes the files.
 pub mod memif {
     use std::path::PathBuf;
+    use std::process::Command;
     use std::sync::{Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
     use anyhow::{anyhow, bail, Context};
-    use dpdk_sys::{Eal, Mempool, Port};
+    use dpdk_sys::{af_packet_vdev, af_xdp_vdev, memif_vdev, EalArgs, MemifRole, Mempool, Port};
+
+    /// The DPDK media the benchmark measures.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Kind {
+        /// `net_memif`, two ports of this process joined over a Unix socket.
+        Memif,
+        /// `net_af_packet` on the two ends of veth pair `ftvm-ap0`/`ftvm-ap1`.
+        AfPacket,
+        /// `net_af_xdp` on the two ends of veth pair `ftvm-xd0`/`ftvm-xd1`.
+        AfXdp,
+    }
+
+    impl Kind {
+        fn index(self) -> usize {
+            self as usize
+        }
+
+        /// Port pairs made for this medium.
+        fn pairs(self) -> usize {
+            match self {
+                Kind::Memif => PAIRS,
+                // One socket per veth end: a second port on the same interface would see the
+                // first one's frames too.
+                Kind::AfPacket | Kind::AfXdp => 1,
+            }
+        }
+
+        /// The veth pair: (the backup / echo side's end, the primary / timing side's end).
+        pub fn veth(self) -> Option<(&'static str, &'static str)> {
+            match self {
+                Kind::Memif => None,
+                Kind::AfPacket => Some(("ftvm-ap0", "ftvm-ap1")),
+                Kind::AfXdp => Some(("ftvm-xd0", "ftvm-xd1")),
+            }
+        }
+    }
 
     /// memif port pairs created at EAL init (each channel over DPDK uses one up).
     pub const PAIRS: usize = 4;
@@ -1122,11 +1213,11 @@ pub mod memif {
     const QUEUE: u16 = 1024;
     /// mbufs in each port's pool.
     const POOL_MBUFS: u32 = 4095;
-    /// How long to wait for a memif client to connect to its server.
+    /// How long to wait for a link to come up.
     const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 
-    /// Two memif ports joined to each other: the backup / echo side uses `server`, the
-    /// primary / timing side `client`.
+    /// Two ports joined to each other: the backup / echo side uses `server`, the primary /
+    /// timing side `client`.
     #[derive(Debug)]
     pub struct MemifPair {
         pub server: Port,
@@ -1135,12 +1226,26 @@ pub mod memif {
 
     #[derive(Debug)]
     struct State {
-        eal: Eal,
+        eal: dpdk_sys::Eal,
         dir: PathBuf,
-        pairs: Mutex<Vec<MemifPair>>,
+        /// Per [`Kind`], by `Kind::index`.
+        pairs: Mutex<[Vec<MemifPair>; 3]>,
+        kinds: Vec<Kind>,
     }
 
     static STATE: OnceLock<Result<State, String>> = OnceLock::new();
+    static WANTED: Mutex<Vec<Kind>> = Mutex::new(Vec::new());
+
+    /// Declares which DPDK media this process will measure; call before the first
+    /// [`take_pair`] (the EAL and its ports are set up once).
+    pub fn want(kinds: &[Kind]) {
+        let mut w = WANTED.lock().unwrap_or_else(|e| e.into_inner());
+        for k in kinds {
+            if !w.contains(k) {
+                w.push(*k);
+            }
+        }
+    }
 
     fn state() -> anyhow::Result<&'static State> {
         // EAL init pins the calling thread to its main lcore; run it on a thread of its own so
@@ -1157,7 +1262,7 @@ pub mod memif {
                     })
             })
             .as_ref()
-            .map_err(|e| anyhow!("DPDK (EAL with net_memif ports) is unavailable: {e}"))
+            .map_err(|e| anyhow!("DPDK (EAL with the benchmark's ports) is unavailable: {e}"))
     }
 
     fn init() -> anyhow::Result<State> {
@@ -1173,80 +1278,169 @@ pub mod memif {
         }
     }
 
+    fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new(cmd)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {cmd} {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "{cmd} {}: {}: {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates the veth pair (if missing) and brings both ends up, IPv6 off.
+    pub fn ensure_veth(a: &str, b: &str) -> anyhow::Result<()> {
+        let exists = Command::new("ip")
+            .args(["link", "show", a])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !exists {
+            run("ip", &["link", "add", a, "type", "veth", "peer", "name", b])
+                .context("creating a veth pair (needs root and iproute2)")?;
+        }
+        for i in [a, b] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{i}/disable_ipv6"), "1");
+            run("ip", &["link", "set", i, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// At least `pages` 2 MiB hugepages and hugetlbfs on /dev/hugepages.
+    pub fn ensure_hugepages(pages: u32) -> anyhow::Result<()> {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let have: u32 = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {path}"))?;
+        if have < pages {
+            std::fs::write(path, pages.to_string())
+                .with_context(|| format!("writing {pages} to {path} (needs root)"))?;
+        }
+        let mounted = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/dev/hugepages"));
+        if !mounted {
+            std::fs::create_dir_all("/dev/hugepages").context("creating /dev/hugepages")?;
+            run("mount", &["-t", "hugetlbfs", "none", "/dev/hugepages"])?;
+        }
+        Ok(())
+    }
+
     fn init_in(dir: &std::path::Path, pid: u32) -> anyhow::Result<State> {
+        let mut kinds = WANTED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if kinds.is_empty() {
+            kinds.push(Kind::Memif);
+        }
         // The main lcore: a CPU this thread may run on. Benchmark threads are non-EAL threads
         // that pin themselves; each polls its own port's queues.
         let lcore = core_affinity::get_core_ids()
             .and_then(|ids| ids.first().map(|c| c.id))
-            .unwrap_or(0)
-            .to_string();
+            .unwrap_or(0);
+        let lcore = u32::try_from(lcore).unwrap_or(0);
         let prefix = format!("ftvm-bench-{pid}");
-        let mut args: Vec<String> = [
-            "--no-huge",
-            "-m",
-            "512",
-            "--no-pci",
-            "--no-telemetry",
-            "-l",
-            &lcore,
-            "--file-prefix",
-            &prefix,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for k in 0..PAIRS {
-            let socket = dir.join(format!("memif{k}.sock"));
-            let socket = socket
-                .to_str()
-                .with_context(|| format!("{} is not UTF-8", socket.display()))?;
-            for (n, role) in [(2 * k, "server"), (2 * k + 1, "client")] {
-                args.push(format!(
-                    "--vdev=net_memif{n},role={role},id=0,socket={socket},socket-abstract=no"
-                ));
+        let hugepages = kinds.contains(&Kind::AfXdp);
+        if hugepages {
+            ensure_hugepages(256)?;
+        }
+        let mut args = EalArgs::base(&prefix, lcore, hugepages, 512);
+        if hugepages {
+            // net_af_xdp registers a mempool's memory as one UMEM from its first chunk: the
+            // pool must be virtually contiguous, which IOVA-as-PA does not promise.
+            args = args.arg("--iova-mode=va");
+        }
+        // (kind, pair number, server port name, client port name)
+        let mut names: Vec<(Kind, String, String)> = Vec::new();
+        for &kind in &kinds {
+            match kind {
+                Kind::Memif => {
+                    for k in 0..PAIRS {
+                        let socket = dir.join(format!("memif{k}.sock"));
+                        let (s, c) = (2 * k as u32, 2 * k as u32 + 1);
+                        args = args
+                            .vdev(memif_vdev(s, MemifRole::Server, &socket))
+                            .vdev(memif_vdev(c, MemifRole::Client, &socket));
+                        names.push((kind, format!("net_memif{s}"), format!("net_memif{c}")));
+                    }
+                }
+                Kind::AfPacket | Kind::AfXdp => {
+                    let Some((a, b)) = kind.veth() else { continue };
+                    ensure_veth(a, b)?;
+                    let vdev = if kind == Kind::AfPacket {
+                        af_packet_vdev
+                    } else {
+                        af_xdp_vdev
+                    };
+                    let base = if kind == Kind::AfPacket {
+                        "net_af_packet"
+                    } else {
+                        "net_af_xdp"
+                    };
+                    args = args.vdev(vdev(0, a)).vdev(vdev(1, b));
+                    names.push((kind, format!("{base}0"), format!("{base}1")));
+                }
             }
         }
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let eal = Eal::init(&argv).with_context(|| format!("rte_eal_init {}", args.join(" ")))?;
-        let set_up = || -> anyhow::Result<Vec<MemifPair>> {
-            let port = |n: usize| -> anyhow::Result<Port> {
-                let name = format!("net_memif{n}");
+        let eal = args
+            .init()
+            .with_context(|| format!("rte_eal_init {args}"))?;
+        let set_up = || -> anyhow::Result<[Vec<MemifPair>; 3]> {
+            let mut n = 0u32;
+            let mut port = |name: &str, kind: Option<Kind>| -> anyhow::Result<Port> {
+                n += 1;
                 // A pool per port: the benchmark threads are not EAL lcores, so they have no
                 // mempool cache, and two cores sharing one pool's ring would bounce its cache
                 // lines on every alloc and free. Each port's frames (sent and received) come
                 // from and go back to its own pool, touched by one thread.
-                let pool = Mempool::new(
+                let pool = Mempool::with_ops(
                     &format!("ftvm_bench{n}"),
                     POOL_MBUFS,
                     0,
                     Mempool::DEFAULT_DATA_ROOM,
+                    // net_af_xdp: a LIFO pool. With DPDK's default FIFO ring pool, the PMD
+                    // stopped receiving here after a fixed number of packets that grew with the
+                    // pool size (1023 of 4095, 3069 of 8191: mbufs deep in the pool, refilled
+                    // into its fill queue, never came back with a packet); reusing the most
+                    // recently freed mbufs first, as an EAL thread's mempool cache does, works.
+                    kind.filter(|k| *k == Kind::AfXdp).map(|_| "stack"),
                 )
                 .with_context(|| format!("creating the mbuf pool for {name}"))?;
                 let id = eal
-                    .port_by_name(&name)
+                    .port_by_name(name)
                     .with_context(|| format!("EAL has no port {name}"))?;
                 let mut port = Port::configure(id, &pool, QUEUE, QUEUE)
                     .with_context(|| format!("configuring {name}"))?;
                 port.start().with_context(|| format!("starting {name}"))?;
                 Ok(port)
             };
-            (0..PAIRS)
-                .map(|k| {
-                    Ok(MemifPair {
-                        server: port(2 * k)?,
-                        client: port(2 * k + 1)?,
-                    })
-                })
-                .collect()
+            let mut pairs: [Vec<MemifPair>; 3] = Default::default();
+            for (kind, s, c) in &names {
+                pairs[kind.index()].push(MemifPair {
+                    server: port(s, Some(*kind))?,
+                    client: port(c, Some(*kind))?,
+                });
+            }
+            Ok(pairs)
         };
         match set_up() {
             Ok(mut pairs) => {
                 // Handed out from the back: pair 0 first.
-                pairs.reverse();
+                for p in &mut pairs {
+                    p.reverse();
+                }
                 Ok(State {
                     eal,
                     dir: dir.to_path_buf(),
                     pairs: Mutex::new(pairs),
+                    kinds,
                 })
             }
             Err(e) => {
@@ -1256,28 +1450,26 @@ pub mod memif {
         }
     }
 
-    /// A connected pair of memif ports (initialising DPDK on first use).
-    pub fn take_pair() -> anyhow::Result<MemifPair> {
+    /// A connected pair of ports of medium `kind` (initialising DPDK on first use).
+    pub fn take(kind: Kind) -> anyhow::Result<MemifPair> {
         let state = state()?;
-        let pair = state
-            .pairs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        if !state.kinds.contains(&kind) {
+            bail!("DPDK was set up without {kind:?} ports (call raw::memif::want first)");
+        }
+        let pair = state.pairs.lock().unwrap_or_else(|e| e.into_inner())[kind.index()]
             .pop()
             .with_context(|| {
                 format!(
-                    "all {PAIRS} memif port pairs are used up (each channel over DPDK closes \
-                     its ports, and DPDK is set up once per process)"
+                    "all {} {kind:?} port pairs are used up (each channel over DPDK closes \
+                     its ports, and DPDK is set up once per process)",
+                    kind.pairs()
                 )
             })?;
         let deadline = Instant::now() + LINK_TIMEOUT;
         for port in [&pair.server, &pair.client] {
             while !port.link().with_context(|| port.name())?.up {
                 if Instant::now() > deadline {
-                    bail!(
-                        "memif link of {} not up after {LINK_TIMEOUT:?}",
-                        port.name()
-                    );
+                    bail!("link of {} not up after {LINK_TIMEOUT:?}", port.name());
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -1285,27 +1477,30 @@ pub mod memif {
         Ok(pair)
     }
 
-    /// Returns a pair [`take_pair`] handed out, for the next run.
-    pub fn give_back(pair: MemifPair) {
+    /// Returns a pair [`take`] handed out, for the next run.
+    pub fn give_back_kind(kind: Kind, pair: MemifPair) {
         if let Some(Ok(state)) = STATE.get() {
-            state
-                .pairs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(pair);
+            state.pairs.lock().unwrap_or_else(|e| e.into_inner())[kind.index()].push(pair);
         }
     }
 
-    /// Closes the ports still unused and removes the memif sockets' directory and the EAL's
-    /// runtime directory; does nothing if DPDK was never set up. The EAL itself stays (it
-    /// cannot be initialised again in this process), so call this once, before exiting.
+    /// Removes the memif sockets' directory and the EAL's runtime directory; does nothing if
+    /// DPDK was never set up. The EAL itself stays (it cannot be initialised again in this
+    /// process), so call this once, before exiting.
+    ///
+    /// The ports still unused are left open (forgotten): closing both ends of a memif pair in
+    /// one process just before it exits crashed it now and then (SIGSEGV in DPDK's
+    /// `eal-intr-thread`, inside net_memif's disconnect handling).
     pub fn cleanup() {
         if let Some(Ok(state)) = STATE.get() {
-            state
+            for p in state
                 .pairs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .clear();
+                .iter_mut()
+            {
+                std::mem::forget(std::mem::take(p));
+            }
             let _ = std::fs::remove_dir_all(&state.dir);
             let _ = std::fs::remove_dir_all(state.eal.runtime_dir());
         }
@@ -1319,6 +1514,7 @@ mod tests {
     fn cfg(payload: usize) -> RawConfig {
         RawConfig {
             payload,
+            reply: None,
             count: 2_000,
             warmup: 100,
             // Unpinned: tests run in parallel, and pinning them all to the same two cores
@@ -1381,6 +1577,26 @@ mod tests {
         })();
         memif::cleanup();
         result
+    }
+
+    #[test]
+    fn asymmetric_reply_is_checked_both_ways() -> anyhow::Result<()> {
+        for medium in [RawMedium::Shm, RawMedium::TcpSpin] {
+            for (payload, reply) in [(182, 32), (8, 1500), (64, 64)] {
+                let cfg = RawConfig {
+                    reply: Some(reply),
+                    ..cfg(payload)
+                };
+                let h = ping_pong(medium, &cfg)?;
+                assert_eq!(h.len(), cfg.count, "{medium:?} {payload}/{reply}");
+            }
+        }
+        let bad = RawConfig {
+            reply: Some(4),
+            ..cfg(64)
+        };
+        assert!(ping_pong(RawMedium::Shm, &bad).is_err());
+        Ok(())
     }
 
     #[test]
@@ -1481,6 +1697,7 @@ mod tests {
     fn plan(payload: usize) -> Plan {
         Plan {
             payload,
+            reply: payload,
             warmup: 0,
             total: 100,
             pins: Pins {

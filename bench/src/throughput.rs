@@ -86,9 +86,15 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<()> {
         args.count, args.entry_bytes, args.primary_core, args.backup_core
     );
     println!(
-        "{:<10} {:>12} {:>10} {:>10} {:>10}",
+        "{:<14} {:>12} {:>10} {:>10} {:>10}",
         "transport", "Mentries/s", "MB/s", "frames", "throttled"
     );
+    let kinds: Vec<_> = args
+        .transports
+        .iter()
+        .filter_map(|m| m.dpdk_kind())
+        .collect();
+    crate::raw::memif::want(&kinds);
     let mut rows = Vec::new();
     for &medium in &args.transports {
         let (seconds, stats) = with_pair(medium, args.primary_core, args.backup_core, Job(args))
@@ -105,7 +111,7 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<()> {
             throttle_events: stats.throttle_events,
         };
         println!(
-            "{:<10} {:>12.2} {:>10.1} {:>10} {:>10}",
+            "{:<14} {:>12.2} {:>10.1} {:>10} {:>10}",
             row.transport,
             rate / 1e6,
             row.mbytes_per_sec,

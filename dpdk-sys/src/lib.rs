@@ -30,12 +30,14 @@
 //! # drop(eal); Ok(()) }
 //! ```
 
+mod args;
 mod eal;
 mod error;
 mod mbuf;
 mod mempool;
 mod port;
 
+pub use args::{af_packet_vdev, af_xdp_vdev, memif_vdev, EalArgs, MemifRole};
 pub use eal::Eal;
 pub use error::DpdkError;
 pub use mbuf::Mbuf;

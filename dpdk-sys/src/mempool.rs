@@ -66,6 +66,18 @@ impl Mempool {
     /// mbuf, headroom included (use [`Mempool::DEFAULT_DATA_ROOM`] for standard frames). `name`
     /// must be unique in the process. Needs a live EAL ([`DpdkError::NotInitialized`]).
     pub fn new(name: &str, n: u32, cache: u32, data_room: u16) -> Result<Mempool, DpdkError> {
+        Self::with_ops(name, n, cache, data_room, None)
+    }
+
+    /// As [`Mempool::new`], with the mempool driver `ops` (e.g. `"stack"`: a LIFO pool that
+    /// hands out the most recently freed mbuf first; `None`: DPDK's default ring).
+    pub fn with_ops(
+        name: &str,
+        n: u32,
+        cache: u32,
+        data_room: u16,
+        ops: Option<&str>,
+    ) -> Result<Mempool, DpdkError> {
         let eal = Eal::current().ok_or(DpdkError::NotInitialized)?;
         if data_room < Self::HEADROOM {
             return Err(DpdkError::InvalidArgument(format!(
@@ -75,10 +87,30 @@ impl Mempool {
         }
         let c_name = CString::new(name)
             .map_err(|_| DpdkError::InvalidArgument(format!("{name:?} contains a NUL")))?;
+        let c_ops = ops
+            .map(|o| {
+                CString::new(o)
+                    .map_err(|_| DpdkError::InvalidArgument(format!("{o:?} contains a NUL")))
+            })
+            .transpose()?;
         let socket = Eal::socket_id();
-        // SAFETY: c_name is NUL-terminated; DPDK validates the numbers and copies the name.
+        // SAFETY: c_name (and c_ops, if any) are NUL-terminated and outlive the call; DPDK
+        // validates the numbers and the ops name and copies what it keeps.
         let pool = unsafe {
-            ffi::rte_pktmbuf_pool_create(c_name.as_ptr(), n, cache, 0, data_room, socket)
+            match &c_ops {
+                None => {
+                    ffi::rte_pktmbuf_pool_create(c_name.as_ptr(), n, cache, 0, data_room, socket)
+                }
+                Some(o) => ffi::rte_pktmbuf_pool_create_by_ops(
+                    c_name.as_ptr(),
+                    n,
+                    cache,
+                    0,
+                    data_room,
+                    socket,
+                    o.as_ptr(),
+                ),
+            }
         };
         let pool = NonNull::new(pool)
             .ok_or_else(|| DpdkError::from_rte_errno("rte_pktmbuf_pool_create"))?;

@@ -20,7 +20,10 @@ use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dpdk_sys::{DpdkError, Eal, EtherAddr, Mbuf, Mempool, Port, ETHERTYPE_FTVM, ETHER_HDR_LEN};
+use dpdk_sys::{
+    DpdkError, Eal, EalArgs, EtherAddr, Mbuf, MemifRole, Mempool, Port, ETHERTYPE_FTVM,
+    ETHER_HDR_LEN,
+};
 
 /// Round trips per frame size (after a warm-up).
 const ROUND_TRIPS: usize = 10_000;
@@ -33,21 +36,18 @@ const TAG: &str = "FTVM ";
 
 // ================================================================ child roles
 
+/// The options every process here uses (no hugepages), as `dpdk_sys::EalArgs` builds them.
 fn common_eal_args(lcore: &str, prefix: &str) -> Vec<String> {
-    [
-        "--no-huge",
-        "-m",
-        "256",
-        "--no-pci",
-        "--no-telemetry",
-        "-l",
-        lcore,
-        "--file-prefix",
-        prefix,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let lcore = lcore.parse::<u32>().unwrap_or(0);
+    EalArgs::base(prefix, lcore, false, 256).args().to_vec()
+}
+
+/// The memif combination, as `dpdk_sys::EalArgs::memif` builds it.
+fn memif_eal_args(role: MemifRole, socket: &str, lcore: &str, prefix: &str) -> Vec<String> {
+    let lcore = lcore.parse::<u32>().unwrap_or(0);
+    EalArgs::memif(role, Path::new(socket), prefix, lcore)
+        .args()
+        .to_vec()
 }
 
 fn init_eal(args: &[String]) -> Result<Eal, String> {
@@ -160,11 +160,7 @@ fn build_frame(
 
 /// Echo server: returns every frame to its sender with the MAC addresses swapped.
 fn role_server(socket: &str, lcore: &str, prefix: &str, shared_core: bool) -> Result<(), String> {
-    let mut args = common_eal_args(lcore, prefix);
-    args.push(format!(
-        "--vdev=net_memif0,role=server,id=0,socket={socket},socket-abstract=no"
-    ));
-    let eal = init_eal(&args)?;
+    let eal = init_eal(&memif_eal_args(MemifRole::Server, socket, lcore, prefix))?;
     let pool = Mempool::new("echo_pool", 4095, 256, Mempool::DEFAULT_DATA_ROOM)
         .map_err(|e| e.to_string())?;
     let mut port = memif_port(&eal, &pool)?;
@@ -237,11 +233,7 @@ fn role_client(
     shared_core: bool,
     server_mac: &str,
 ) -> Result<(), String> {
-    let mut args = common_eal_args(lcore, prefix);
-    args.push(format!(
-        "--vdev=net_memif0,role=client,id=0,socket={socket},socket-abstract=no"
-    ));
-    let eal = init_eal(&args)?;
+    let eal = init_eal(&memif_eal_args(MemifRole::Client, socket, lcore, prefix))?;
     let server = parse_mac(server_mac)?;
     let pool = Mempool::new("ping_pool", 4095, 256, Mempool::DEFAULT_DATA_ROOM)
         .map_err(|e| e.to_string())?;

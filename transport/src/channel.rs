@@ -139,8 +139,14 @@ pub struct ChannelStats {
 }
 
 impl ChannelStats {
+    /// Adds to a counter. Every counter has one writing thread (the writer's, the sender's or
+    /// the receiver's), so a plain load and store does: no locked read-modify-write on the
+    /// commit path. Readers on other threads see a recent value.
     fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 
     /// A plain copy of the counters.
@@ -448,6 +454,8 @@ pub struct Sender<L: PrimaryLink> {
     last_sent: Instant,
     liveness: Liveness,
     pumps: u32,
+    /// The last round heard from the backup and left reading the clock to this one.
+    heard_undated: bool,
 }
 
 impl<L: PrimaryLink> Sender<L> {
@@ -498,11 +506,17 @@ impl<L: PrimaryLink> Sender<L> {
         }
         progress |= sent_any;
         // Clocks are read every 32 rounds, or whenever something happened: a busy loop stays
-        // cheap, and a heartbeat is never late by more than 32 rounds.
+        // cheap, and a heartbeat is never late by more than 32 rounds. A round that only heard
+        // from the backup (typically: the ACK a commit waits for) leaves the clock to the next
+        // round, so the waiter is not held up by it.
         self.pumps = self.pumps.wrapping_add(1);
-        if news.heard || sent_any || self.pumps.is_multiple_of(32) {
+        let undated = std::mem::take(&mut self.heard_undated);
+        let periodic = self.pumps.is_multiple_of(32);
+        if news.heard && !undated && !sent_any && !periodic {
+            self.heard_undated = true;
+        } else if news.heard || undated || sent_any || periodic {
             let now = Instant::now();
-            if news.heard {
+            if news.heard || undated {
                 self.liveness.last_heard = now;
             }
             if sent_any {
@@ -599,6 +613,7 @@ impl<L: PrimaryLink> Primary<L> {
                 last_sent: now,
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
+                heard_undated: false,
             },
             config,
         })

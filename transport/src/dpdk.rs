@@ -70,6 +70,10 @@ const T_NACK: u8 = 3;
 const DATA_HDR: usize = 28;
 /// Length of our header (and body) in an ACK/NACK packet.
 const ACK_HDR: usize = 32;
+/// Bytes a DATA packet adds to the piece it carries, after the Ethernet header.
+pub const DATA_HEADER_LEN: usize = DATA_HDR;
+/// Bytes of an ACK/NACK packet after the Ethernet header.
+pub const ACK_LEN: usize = ACK_HDR;
 /// Marks the welcome's medium info as ours (the handshake's medium kind is shared with TCP).
 const INFO_MAGIC: &[u8; 8] = b"FTVMDPDK";
 /// Medium info: magic, MAC (6), link tag (4), MTU (2).
@@ -78,6 +82,11 @@ const INFO_LEN: usize = 8 + 6 + 4 + 2;
 const MAC_MSG_LEN: usize = 7;
 /// Frames at most this many received packets per `rx_burst`.
 const BURST: usize = 32;
+/// Empty primary polls between two reads of the clock for the retransmission timer (a poll
+/// takes tens of nanoseconds, so the timer is late by a few microseconds at most).
+const TIMER_POLLS: u32 = 64;
+/// One DATA packet in this many (by sequence number) is timed for the RTT estimate.
+const RTT_SAMPLE_EVERY: u64 = 8;
 /// Smallest MTU we accept (a piece must hold something useful).
 const MIN_MTU: usize = 256;
 
@@ -102,7 +111,8 @@ pub struct DpdkConfig {
     pub drop_every: Option<u32>,
     /// How long `connect`/`accept` wait for the port's link to come up.
     pub link_timeout: Duration,
-    /// Counters, shared with whoever holds a clone of this `Arc`.
+    /// Counters of one channel end, shared with whoever holds a clone of this `Arc` (give each
+    /// end its own: only the thread driving an end may count into it).
     pub stats: Arc<DpdkStats>,
 }
 
@@ -182,15 +192,21 @@ pub struct DpdkStats {
     pub too_far: AtomicU64,
     /// DATA packets dropped because the backup's backlog was full.
     pub backlogged: AtomicU64,
-    /// Received packets of other ethertypes, ignored.
+    /// Received packets of other ethertypes, or sent by this side (seen again), ignored.
     pub foreign: AtomicU64,
     /// Times the port or the mempool could not take a packet right now.
     pub tx_full: AtomicU64,
 }
 
 impl DpdkStats {
+    /// Counts one. Each side's counters are written by the thread that drives its link only
+    /// (share one `DpdkStats` between the two ends of a channel and counts may be lost), so a
+    /// plain load and store does: no locked read-modify-write per packet.
     fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
     }
 
     /// Reads one counter.
@@ -284,6 +300,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// One port, its peer, and the packet I/O both sides share.
 struct Wire {
+    /// Received mbufs; before `port` and `pool` so they are freed first.
+    rx: Vec<Mbuf>,
     port: Port,
     pool: Mempool,
     mac: EtherAddr,
@@ -291,7 +309,6 @@ struct Wire {
     tag: u32,
     drop_every: Option<u32>,
     sent_count: u64,
-    rx: Vec<Mbuf>,
     stats: Arc<DpdkStats>,
 }
 
@@ -314,22 +331,72 @@ enum Sent {
     Full,
 }
 
-impl Wire {
-    /// Writes the Ethernet header and our common header into `buf` (cleared first).
-    fn header(&self, buf: &mut Vec<u8>, kind: u8, seq: u64) {
-        buf.clear();
-        buf.extend_from_slice(&self.peer.0);
-        buf.extend_from_slice(&self.mac.0);
-        buf.extend_from_slice(&ETHERTYPE_FTVM.to_be_bytes());
-        buf.extend_from_slice(&MAGIC);
-        buf.push(VERSION);
-        buf.push(kind);
-        buf.extend_from_slice(&self.tag.to_le_bytes());
-        buf.extend_from_slice(&seq.to_le_bytes());
-    }
+/// The fields of a DATA packet's header.
+#[derive(Debug, Clone, Copy)]
+struct DataHead {
+    seq: u64,
+    total: u32,
+    offset: u32,
+    len: u16,
+}
 
+impl DataHead {
+    /// Writes the whole packet (Ethernet header, our header, `piece`) into `b`, which is
+    /// exactly `ETHER_HDR_LEN + DATA_HDR + piece.len()` bytes long.
+    fn write(&self, b: &mut [u8], peer: EtherAddr, mac: EtherAddr, tag: u32, piece: &[u8]) {
+        b[0..6].copy_from_slice(&peer.0);
+        b[6..12].copy_from_slice(&mac.0);
+        b[12..14].copy_from_slice(&ETHERTYPE_FTVM.to_be_bytes());
+        let h = &mut b[ETHER_HDR_LEN..];
+        h[0..2].copy_from_slice(&MAGIC);
+        h[2] = VERSION;
+        h[3] = T_DATA;
+        h[4..8].copy_from_slice(&tag.to_le_bytes());
+        h[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        h[16..20].copy_from_slice(&self.total.to_le_bytes());
+        h[20..24].copy_from_slice(&self.offset.to_le_bytes());
+        h[24..26].copy_from_slice(&self.len.to_le_bytes());
+        h[26..28].copy_from_slice(&[0, 0]);
+        h[DATA_HDR..].copy_from_slice(piece);
+    }
+}
+
+impl Wire {
     /// Sends one complete Ethernet frame (copied into an mbuf).
     fn send(&mut self, frame: &[u8]) -> Result<Sent, ChannelError> {
+        self.send_with(frame.len(), |b| b.copy_from_slice(frame))
+    }
+
+    /// Sends an ACK or NACK, written straight into the mbuf.
+    fn send_ack(
+        &mut self,
+        kind: u8,
+        ack: u64,
+        log_acked: u64,
+        epoch: u64,
+    ) -> Result<Sent, ChannelError> {
+        let (peer, mac, tag) = (self.peer, self.mac, self.tag);
+        self.send_with(ETHER_HDR_LEN + ACK_HDR, |b| {
+            b[0..6].copy_from_slice(&peer.0);
+            b[6..12].copy_from_slice(&mac.0);
+            b[12..14].copy_from_slice(&ETHERTYPE_FTVM.to_be_bytes());
+            let h = &mut b[ETHER_HDR_LEN..];
+            h[0..2].copy_from_slice(&MAGIC);
+            h[2] = VERSION;
+            h[3] = kind;
+            h[4..8].copy_from_slice(&tag.to_le_bytes());
+            h[8..16].copy_from_slice(&ack.to_le_bytes());
+            h[16..24].copy_from_slice(&log_acked.to_le_bytes());
+            h[24..32].copy_from_slice(&epoch.to_le_bytes());
+        })
+    }
+
+    /// Sends one Ethernet frame of `len` bytes that `fill` writes into the mbuf.
+    fn send_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<Sent, ChannelError> {
         let mut m = match Mbuf::alloc(&self.pool) {
             Ok(m) => m,
             Err(DpdkError::PoolExhausted(_)) => {
@@ -338,8 +405,7 @@ impl Wire {
             }
             Err(e) => return Err(dpdk_err("allocating an mbuf", e)),
         };
-        m.extend_from_slice(frame)
-            .map_err(|e| dpdk_err("filling an mbuf", e))?;
+        fill(m.append(len).map_err(|e| dpdk_err("filling an mbuf", e))?);
         if let Some(n) = self.drop_every {
             self.sent_count += 1;
             if self.sent_count.is_multiple_of(u64::from(n)) {
@@ -378,7 +444,12 @@ impl Wire {
         stats: &DpdkStats,
         data: &'a [u8],
     ) -> Option<(u8, u64, &'a [u8])> {
-        if data.len() < ETHER_HDR_LEN || data[12..14] != ETHERTYPE_FTVM.to_be_bytes() {
+        // Other ethertypes, and our own frames seen again (an af_packet socket also sees what
+        // its interface sends), are not for us.
+        if data.len() < ETHER_HDR_LEN
+            || data[12..14] != ETHERTYPE_FTVM.to_be_bytes()
+            || data[6..12] == mac.0
+        {
             DpdkStats::inc(&stats.foreign);
             return None;
         }
@@ -404,7 +475,10 @@ struct Outstanding {
     seq: u64,
     /// The whole Ethernet frame.
     bytes: Vec<u8>,
-    /// When it was first handed to the port.
+    /// Whether it was handed to the port.
+    sent: bool,
+    /// When it was first handed to the port, for packets that give an RTT sample (one in
+    /// [`RTT_SAMPLE_EVERY`]: the clock is read only for those).
     sent_at: Option<Instant>,
     /// Whether it was sent more than once (no RTT sample then: Karn's rule).
     resent: bool,
@@ -432,10 +506,18 @@ pub struct DpdkPrimaryLink {
     rttvar_ns: u64,
     /// When the retransmission timer was last started (progress, or a resend).
     timer: Instant,
+    /// Progress (an ACK, or a new packet after an idle spell) since the timer was last
+    /// checked: the timer restarts at the next check instead of reading the clock now.
+    progress: bool,
     /// The cumulative ACK of the last NACK acted on (a repeat for the same gap is ignored).
     last_nack: u64,
     /// The oldest unacknowledged packet is to be sent again before anything new.
     resend_front: bool,
+    /// Polls since the retransmission timer was last checked (the clock is read only every
+    /// [`TIMER_POLLS`] empty polls: a busy loop stays cheap).
+    polls: u32,
+    /// An offer was refused for lack of window since the last progress.
+    blocked: bool,
     epoch: u64,
 }
 
@@ -450,7 +532,7 @@ impl DpdkPrimaryLink {
         let mut now = None;
         if self.resend_front {
             if let Some(p) = self.unacked.front_mut() {
-                if p.sent_at.is_some() {
+                if p.sent {
                     match self.wire.send(&p.bytes)? {
                         Sent::Yes => {
                             p.resent = true;
@@ -466,10 +548,13 @@ impl DpdkPrimaryLink {
             match self.wire.send(&p.bytes)? {
                 Sent::Yes => {
                     self.next_send += 1;
-                    if p.sent_at.is_some() {
+                    if p.sent {
                         p.resent = true;
                     } else {
-                        p.sent_at = Some(*now.get_or_insert_with(Instant::now));
+                        p.sent = true;
+                        if p.seq.is_multiple_of(RTT_SAMPLE_EVERY) {
+                            p.sent_at = Some(*now.get_or_insert_with(Instant::now));
+                        }
                     }
                 }
                 Sent::Full => return Ok(false),
@@ -499,12 +584,13 @@ impl DpdkPrimaryLink {
             any = true;
         }
         if any {
-            let now = Instant::now();
             if let Some(sent) = sample_from {
+                let now = Instant::now();
                 self.rtt_sample(now.duration_since(sent));
             }
             self.rto = self.rto_base;
-            self.timer = now;
+            self.progress = true;
+            self.blocked = false;
         }
         any
     }
@@ -529,6 +615,9 @@ impl PrimaryLink for DpdkPrimaryLink {
         let piece = self.cfg.piece_len();
         let pieces = frame.len().div_ceil(piece).max(1);
         if self.unacked.len() + pieces > self.cfg.window {
+            // Blocked on the window: from now on the timer is checked on every poll (a caller
+            // that waits between polls may take long for TIMER_POLLS of them).
+            self.blocked = true;
             return Ok(false);
         }
         let total = u32::try_from(frame.len()).map_err(|_| ChannelError::FrameTooLarge {
@@ -536,37 +625,72 @@ impl PrimaryLink for DpdkPrimaryLink {
             max: u32::MAX as usize,
         })?;
         if self.unacked.is_empty() {
-            self.timer = Instant::now();
+            self.progress = true;
         }
+        // Nothing queued before this frame: its packets go straight from `frame` into mbufs,
+        // and the copies kept for retransmission are made after they left (off the latency
+        // path).
+        let mut direct = !self.resend_front && self.next_send == self.unacked.len();
         let mut offset = 0usize;
         loop {
             let chunk = &frame[offset..(offset + piece).min(frame.len())];
-            let mut buf = self.free.pop().unwrap_or_default();
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.wire.header(&mut buf, T_DATA, seq);
-            buf.extend_from_slice(&total.to_le_bytes());
-            // Both fit in u32/u16: offset < total, chunk <= piece < mtu <= u16::MAX.
-            buf.extend_from_slice(&(offset as u32).to_le_bytes());
-            buf.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
-            buf.extend_from_slice(&[0, 0]);
-            buf.extend_from_slice(chunk);
+            let head = DataHead {
+                seq,
+                total,
+                // Both fit: offset < total (u32), chunk <= piece < mtu <= u16::MAX.
+                offset: offset as u32,
+                len: chunk.len() as u16,
+            };
+            let len = ETHER_HDR_LEN + DATA_HDR + chunk.len();
+            let mut sent = false;
+            if direct {
+                let (peer, mac, tag) = (self.wire.peer, self.wire.mac, self.wire.tag);
+                match self
+                    .wire
+                    .send_with(len, |b| head.write(b, peer, mac, tag, chunk))?
+                {
+                    Sent::Yes => sent = true,
+                    Sent::Full => direct = false,
+                }
+            }
+            let mut buf = self.free.pop().unwrap_or_default();
+            buf.clear();
+            buf.resize(len, 0);
+            head.write(
+                &mut buf,
+                self.wire.peer,
+                self.wire.mac,
+                self.wire.tag,
+                chunk,
+            );
+            let sent_at = (sent && seq.is_multiple_of(RTT_SAMPLE_EVERY)).then(Instant::now);
             self.unacked.push_back(Outstanding {
                 seq,
                 bytes: buf,
-                sent_at: None,
+                sent,
+                sent_at,
                 resent: false,
             });
+            if sent {
+                self.next_send += 1;
+            }
             offset += chunk.len();
             if offset >= frame.len() {
                 break;
             }
         }
-        self.transmit()?;
+        if !direct {
+            self.transmit()?;
+        }
         Ok(true)
     }
 
     fn flush(&mut self) -> Result<bool, ChannelError> {
+        if !self.resend_front && self.next_send == self.unacked.len() {
+            return Ok(true);
+        }
         self.transmit()
     }
 
@@ -617,14 +741,24 @@ impl PrimaryLink for DpdkPrimaryLink {
             }
         }
         // Timeout: resend the oldest unacknowledged packet (the backup keeps later ones).
-        if !self.unacked.is_empty() && self.next_send > 0 && self.timer.elapsed() >= self.rto {
-            DpdkStats::inc(&self.cfg.stats.timeouts);
-            self.resend_oldest();
-            self.rto = (self.rto * 2).min(self.cfg.rto_max);
-            // A timeout may be a lost NACK for the same gap: allow a new one.
-            self.last_nack = u64::MAX;
+        // The clock is read every TIMER_POLLS polls only; progress since the last check
+        // restarts the timer then.
+        self.polls = self.polls.wrapping_add(1);
+        if self.blocked || self.polls.is_multiple_of(TIMER_POLLS) {
+            let now = Instant::now();
+            if std::mem::take(&mut self.progress) || self.unacked.is_empty() {
+                self.timer = now;
+            } else if self.next_send > 0 && now.duration_since(self.timer) >= self.rto {
+                DpdkStats::inc(&self.cfg.stats.timeouts);
+                self.resend_oldest();
+                self.rto = (self.rto * 2).min(self.cfg.rto_max);
+                // A timeout may be a lost NACK for the same gap: allow a new one.
+                self.last_nack = u64::MAX;
+            }
         }
-        self.transmit()?;
+        if self.resend_front || self.next_send < self.unacked.len() {
+            self.transmit()?;
+        }
         Ok(news)
     }
 
@@ -656,6 +790,32 @@ enum Piece {
     Garbage,
 }
 
+/// A complete log frame waiting for the channel.
+#[derive(Debug)]
+enum Ready {
+    /// Reassembled from pieces (or copied out of a packet that came after a gap).
+    Owned(Vec<u8>),
+    /// Carried whole by one packet that arrived in order: kept in its mbuf, no copy.
+    Held {
+        mbuf: Mbuf,
+        /// Where the frame starts in the mbuf's data, and its length.
+        start: usize,
+        len: usize,
+    },
+}
+
+impl Ready {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Ready::Owned(v) => v,
+            // `data_whole` checked the range when it kept the mbuf.
+            Ready::Held { mbuf, start, len } => {
+                mbuf.data().get(*start..*start + *len).unwrap_or(&[])
+            }
+        }
+    }
+}
+
 /// The backup's in-order reassembly of log frames from DATA packets (no I/O, so it is tested
 /// on its own).
 #[derive(Debug)]
@@ -672,7 +832,7 @@ struct Reassembly {
     partial: Vec<u8>,
     partial_len: Option<usize>,
     /// Complete log frames, oldest first.
-    ready: VecDeque<Vec<u8>>,
+    ready: VecDeque<Ready>,
     /// Spare frame buffers.
     free: Vec<Vec<u8>>,
 }
@@ -784,19 +944,57 @@ impl Reassembly {
         }
         self.partial.extend_from_slice(piece);
         if self.partial.len() == total {
-            self.ready.push_back(std::mem::take(&mut self.partial));
+            self.ready
+                .push_back(Ready::Owned(std::mem::take(&mut self.partial)));
             self.partial_len = None;
         }
         true
     }
 
+    /// The fast path for the common case: DATA packet `seq`, received in `mbuf` (our header at
+    /// `ETHER_HDR_LEN`), is the next one expected and carries a whole log frame: the frame is
+    /// kept in the mbuf, not copied. Gives the mbuf back for [`Reassembly::data`] otherwise.
+    fn data_whole(&mut self, seq: u64, mbuf: Mbuf) -> Result<(), Mbuf> {
+        if seq != self.expected
+            || self.partial_len.is_some()
+            || !self.ahead.is_empty()
+            || self.ready.len() >= self.backlog
+        {
+            return Err(mbuf);
+        }
+        let Some(body) = mbuf.data().get(ETHER_HDR_LEN..) else {
+            return Err(mbuf);
+        };
+        if body.len() < DATA_HDR {
+            return Err(mbuf);
+        }
+        let total = u32_at(body, 16) as usize;
+        let offset = u32_at(body, 20) as usize;
+        let len = usize::from(u16_at(body, 24));
+        if offset != 0
+            || len != total
+            || total == 0
+            || total > self.max_frame
+            || body.len() < DATA_HDR + len
+        {
+            return Err(mbuf);
+        }
+        self.ready.push_back(Ready::Held {
+            mbuf,
+            start: ETHER_HDR_LEN + DATA_HDR,
+            len,
+        });
+        self.expected += 1;
+        Ok(())
+    }
+
     fn peek(&self) -> Option<&[u8]> {
-        self.ready.front().map(Vec::as_slice)
+        self.ready.front().map(Ready::bytes)
     }
 
     /// Drops the oldest complete frame; returns how many kept packets then failed to fit.
     fn consume(&mut self) -> u64 {
-        if let Some(buf) = self.ready.pop_front() {
+        if let Some(Ready::Owned(buf)) = self.ready.pop_front() {
             if self.free.len() < 64 {
                 self.free.push(buf);
             }
@@ -812,16 +1010,21 @@ impl Reassembly {
 /// The backup's DPDK link.
 #[derive(Debug)]
 pub struct DpdkBackupLink {
+    /// Before `wire`: fields drop in order, and frames kept in their mbufs go back to the
+    /// port's pool before the port and pool handles do.
+    frames: Reassembly,
     wire: Wire,
     control: TcpStream,
     cfg: DpdkConfig,
-    frames: Reassembly,
     /// The last log ACK and epoch the channel published.
     log_acked: u64,
     epoch: u64,
     /// The gap (value of `expected`) a NACK was last sent for.
     nacked: u64,
-    ack_buf: Vec<u8>,
+    /// A packet ACK is owed: DATA arrived that completed a log frame, and the channel's log
+    /// ACK for it (which carries the packet ACK too) is expected next. Sent on its own only if
+    /// the channel does not ACK before the next receive.
+    ack_owed: bool,
 }
 
 impl DpdkBackupLink {
@@ -831,14 +1034,11 @@ impl DpdkBackupLink {
     }
 
     fn send_ack(&mut self, kind: u8) -> Result<(), ChannelError> {
-        let mut buf = std::mem::take(&mut self.ack_buf);
-        self.wire.header(&mut buf, kind, self.frames.expected - 1);
-        buf.extend_from_slice(&self.log_acked.to_le_bytes());
-        buf.extend_from_slice(&self.epoch.to_le_bytes());
+        self.ack_owed = false;
         // An ACK that finds no room is not retried: a later one supersedes it.
-        let r = self.wire.send(&buf);
-        self.ack_buf = buf;
-        r.map(|_| ())
+        self.wire
+            .send_ack(kind, self.frames.expected - 1, self.log_acked, self.epoch)
+            .map(|_| ())
     }
 }
 
@@ -848,6 +1048,11 @@ impl BackupLink for DpdkBackupLink {
     }
 
     fn receive(&mut self) -> Result<bool, ChannelError> {
+        if self.ack_owed {
+            // The channel did not acknowledge the frame it was handed (its buffer is full):
+            // acknowledge the packets on their own, so the primary does not resend them.
+            self.send_ack(T_ACK)?;
+        }
         let n = self.wire.receive();
         if n == 0 {
             return Ok(false);
@@ -856,8 +1061,8 @@ impl BackupLink for DpdkBackupLink {
         let mut took = false;
         let mut answer = false;
         let stats = &self.cfg.stats;
-        for m in rx.iter().take(n) {
-            let Some((kind, seq, body)) = Wire::classify(
+        for m in rx.drain(..) {
+            let Some((kind, seq, _)) = Wire::classify(
                 self.wire.mac,
                 self.wire.peer,
                 self.wire.tag,
@@ -871,6 +1076,14 @@ impl BackupLink for DpdkBackupLink {
                 continue;
             }
             answer = true;
+            let m = match self.frames.data_whole(seq, m) {
+                Ok(()) => {
+                    took = true;
+                    continue;
+                }
+                Err(m) => m,
+            };
+            let body = m.data().get(ETHER_HDR_LEN..).unwrap_or(&[]);
             match self.frames.data(seq, body) {
                 Piece::Taken => took = true,
                 Piece::Duplicate => DpdkStats::inc(&stats.duplicates),
@@ -890,6 +1103,11 @@ impl BackupLink for DpdkBackupLink {
             self.nacked = self.frames.expected;
             DpdkStats::inc(&self.cfg.stats.nacks);
             self.send_ack(T_NACK)?;
+        } else if took && self.frames.peek().is_some() {
+            // A complete log frame is waiting: the channel takes it and calls `ack` at once,
+            // and that one packet carries both the packet ACK and the log ACK (one ACK per
+            // commit instead of two).
+            self.ack_owed = true;
         } else if answer {
             self.send_ack(T_ACK)?;
         }
@@ -898,7 +1116,13 @@ impl BackupLink for DpdkBackupLink {
 
     fn consume(&mut self) -> Result<(), ChannelError> {
         let bad = self.frames.consume();
-        self.cfg.stats.garbage.fetch_add(bad, Ordering::Relaxed);
+        if bad > 0 {
+            let g = &self.cfg.stats.garbage;
+            g.store(
+                g.load(Ordering::Relaxed).wrapping_add(bad),
+                Ordering::Relaxed,
+            );
+        }
         Ok(())
     }
 
@@ -909,10 +1133,16 @@ impl BackupLink for DpdkBackupLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
+        if self.ack_owed {
+            self.send_ack(T_ACK)?;
+        }
         check_socket(&mut self.control)
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        if self.ack_owed {
+            self.send_ack(T_ACK)?;
+        }
         std::thread::sleep(timeout.min(Duration::from_micros(50)));
         Ok(false)
     }
@@ -990,7 +1220,7 @@ pub fn accept(
         log_acked: 0,
         epoch: hello.epoch.max(config.epoch),
         nacked: 0,
-        ack_buf: Vec::new(),
+        ack_owed: false,
     };
     Backup::new(link, config, 1, hello.epoch)
 }
@@ -1047,8 +1277,11 @@ pub fn connect(
         next_seq: 1,
         free: Vec::new(),
         timer: Instant::now(),
+        progress: false,
         last_nack: u64::MAX,
         resend_front: false,
+        polls: 0,
+        blocked: false,
         epoch: accepted.epoch.max(config.epoch),
     };
     Primary::new(link, config, accepted.resume_seq)

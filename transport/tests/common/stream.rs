@@ -56,15 +56,15 @@ pub fn verify_stream<L: transport::BackupLink>(mut b: transport::Backup<L>) -> R
                 }
             }
         });
-        match polled {
-            // The shutdown entry and the primary's hang-up can arrive in one poll: the channel
-            // hands over every acknowledged frame before it reports the hang-up.
-            Err(ChannelError::PeerClosed) if done && failure.is_none() => return Ok(next - 1),
-            Err(e) => return Err(format!("backup after {next} entries: {e}")),
-            Ok(_) => {}
-        }
         if let Some(f) = failure.take() {
             return Err(f);
+        }
+        match polled {
+            Ok(_) => {}
+            // The Shutdown entry came with the hang-up: the primary saw its ACK and left before
+            // this poll returned (frames acknowledged before a failure are still handed over).
+            Err(ChannelError::PeerClosed) if done => return Ok(next - 1),
+            Err(e) => return Err(format!("backup after {next} entries: {e}")),
         }
     }
     // Keep acknowledging until the primary has seen the final ACK and hangs up.
