@@ -470,55 +470,85 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
     };
     let cfg = channel_config(c, epoch)?;
     let arbiter = arbiter_client(c, "primary", stop.clone())?;
-    let failover = if arbiter.is_some() {
-        ", failover by arbiter"
-    } else {
-        ""
+    let live = Replicating {
+        vm,
+        port,
+        epoch,
+        arbiter,
+        stop,
     };
+    let connecting = || format!("connecting to the backup at {backup}");
     match c.transport {
         Medium::Shm => {
-            let p = shm::connect(backup, cfg)
-                .with_context(|| format!("connecting to the backup at {backup}"))?;
-            register(&mut port, c, epoch)?;
-            println!(
-                "SERVING {} (replicating to {backup} over shm, epoch {epoch}{failover})",
-                serving_addr(&port)?
-            );
-            let sink = FailoverSink::new(p, arbiter);
-            record(vm, sink, port, c, "primary", stop, sink_findings)
+            let p = shm::connect(backup, cfg).with_context(connecting)?;
+            live.run(p, c, &format!("replicating to {backup} over shm"))
         }
         Medium::Tcp => {
-            let p = tcp::connect(backup.as_str(), cfg)
-                .with_context(|| format!("connecting to the backup at {backup}"))?;
-            register(&mut port, c, epoch)?;
-            println!(
-                "SERVING {} (replicating to {backup} over tcp, epoch {epoch}{failover})",
-                serving_addr(&port)?
-            );
-            let sink = FailoverSink::new(p, arbiter);
-            record(vm, sink, port, c, "primary", stop, sink_findings)
+            let p = tcp::connect(backup.as_str(), cfg).with_context(connecting)?;
+            live.run(p, c, &format!("replicating to {backup} over tcp"))
         }
         #[cfg(feature = "rdma")]
         Medium::Rdma => {
             let rdma = rdma_config(c);
             let p = transport::rdma::connect(backup.as_str(), cfg, &rdma).with_context(|| {
                 format!(
-                    "connecting to the backup at {backup} over RDMA ({} port {} GID {})",
-                    rdma.device, rdma.ib_port, rdma.gid_index
+                    "{} over RDMA ({} port {} GID {})",
+                    connecting(),
+                    rdma.device,
+                    rdma.ib_port,
+                    rdma.gid_index
                 )
             })?;
-            register(&mut port, c, epoch)?;
-            println!(
-                "SERVING {} (replicating to {backup} over rdma on {}, epoch {epoch}{failover})",
-                serving_addr(&port)?,
-                rdma.device
-            );
-            let sink = FailoverSink::new(p, arbiter);
-            record(vm, sink, port, c, "primary", stop, sink_findings)
+            live.run(
+                p,
+                c,
+                &format!("replicating to {backup} over rdma on {}", rdma.device),
+            )
         }
         #[cfg(not(feature = "rdma"))]
         Medium::Rdma => Err(no_rdma()),
-        Medium::Dpdk => dpdk_primary(vm, port, backup, cfg, c, epoch, arbiter, stop),
+        Medium::Dpdk => dpdk_primary(live, backup, cfg, c),
+    }
+}
+
+/// A primary about to replicate: its VM, service port, epoch and arbiter.
+struct Replicating {
+    vm: Vm,
+    port: ServicePort,
+    epoch: u64,
+    arbiter: Option<ArbiterClient>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Replicating {
+    /// Claims the service address, says so, and runs the guest replicating through `p`.
+    fn run<L: transport::PrimaryLink>(
+        mut self,
+        p: transport::Primary<L>,
+        c: &Common,
+        how: &str,
+    ) -> anyhow::Result<NodeSummary> {
+        register(&mut self.port, c, self.epoch)?;
+        let failover = if self.arbiter.is_some() {
+            ", failover by arbiter"
+        } else {
+            ""
+        };
+        println!(
+            "SERVING {} ({how}, epoch {}{failover})",
+            serving_addr(&self.port)?,
+            self.epoch
+        );
+        let sink = FailoverSink::new(p, self.arbiter);
+        record(
+            self.vm,
+            sink,
+            self.port,
+            c,
+            "primary",
+            self.stop,
+            sink_findings,
+        )
     }
 }
 
@@ -556,41 +586,25 @@ fn dpdk_port(c: &Common) -> anyhow::Result<dpdk_sys::Port> {
 }
 
 #[cfg(feature = "dpdk")]
-#[allow(clippy::too_many_arguments)]
 fn dpdk_primary(
-    vm: Vm,
-    mut port: ServicePort,
+    live: Replicating,
     backup: &str,
     cfg: ChannelConfig,
     c: &Common,
-    epoch: u64,
-    arbiter: Option<ArbiterClient>,
-    stop: Arc<AtomicBool>,
 ) -> anyhow::Result<NodeSummary> {
     use transport::dpdk::{self, DpdkConfig};
     let dpdk_port = dpdk_port(c)?;
     let p = dpdk::connect(backup, dpdk_port, cfg, DpdkConfig::default())
         .with_context(|| format!("connecting to the backup at {backup}"))?;
-    register(&mut port, c, epoch)?;
-    println!(
-        "SERVING {} (replicating to {backup} over dpdk, epoch {epoch})",
-        serving_addr(&port)?
-    );
-    let sink = FailoverSink::new(p, arbiter);
-    record(vm, sink, port, c, "primary", stop, sink_findings)
+    live.run(p, c, &format!("replicating to {backup} over dpdk"))
 }
 
 #[cfg(not(feature = "dpdk"))]
-#[allow(clippy::too_many_arguments)]
 fn dpdk_primary(
-    _: Vm,
-    _: ServicePort,
+    _: Replicating,
     _: &str,
     _: ChannelConfig,
     _: &Common,
-    _: u64,
-    _: Option<ArbiterClient>,
-    _: Arc<AtomicBool>,
 ) -> anyhow::Result<NodeSummary> {
     bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }
