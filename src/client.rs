@@ -110,10 +110,8 @@ fn exchange(
             report.retries += 1;
             resend = now + w.retry;
         }
-        let wait = resend.min(give_up).saturating_duration_since(now);
-        socket
-            .set_read_timeout(Some(wait.max(Duration::from_micros(100))))
-            .context("client socket timeout")?;
+        // The socket's read timeout is the retry interval (set once in `run`): a wait ends at
+        // most one interval late, without a system call per wait to adjust it.
         match socket.recv_from(buf) {
             // Responses to earlier ids (duplicates of retried requests) are skipped.
             Ok((n, from)) if from == service && n >= 4 && buf[..4] == id.to_le_bytes() => {
@@ -148,6 +146,9 @@ pub fn run(
         "[::1]:0"
     };
     let socket = UdpSocket::bind(bind).context("binding the client socket")?;
+    socket
+        .set_read_timeout(Some(w.retry.min(w.timeout).max(Duration::from_millis(1))))
+        .context("client socket timeout")?;
     let mut rng = SmallRng::seed_from_u64(w.seed);
     let mut model = KvModel::default();
     let mut report = ClientReport::default();
