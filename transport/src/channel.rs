@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use logfmt::{Entry, Event, FrameBuf, FrameHeader, FrameView};
 
 use crate::error::ChannelError;
-use crate::handshake::PreSharedKey;
+use crate::handshake::{MediumKind, PreSharedKey, SessionParams};
 use crate::poll::PollPolicy;
 use crate::region::HeapRegion;
 use crate::ring::{self, Consumer, Producer, RingError};
@@ -82,6 +82,16 @@ impl ChannelConfig {
             ring_capacity: 4 << 20,
             poll: PollPolicy::BUSY,
             blocking: false,
+        }
+    }
+
+    /// What the handshake over `medium` must agree on: this pair, this epoch, this key.
+    pub fn session_params(&self, medium: MediumKind) -> SessionParams {
+        SessionParams {
+            session_id: self.session_id,
+            epoch: self.epoch,
+            medium,
+            key: self.key.clone(),
         }
     }
 

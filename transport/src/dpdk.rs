@@ -57,7 +57,7 @@ use dpdk_sys::{DpdkError, EtherAddr, Mbuf, Mempool, Port, ETHERTYPE_FTVM, ETHER_
 
 use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
-use crate::handshake::{self, MediumKind, SessionParams};
+use crate::handshake::{self, MediumKind};
 
 /// Our header after the Ethernet header: magic.
 const MAGIC: [u8; 2] = *b"FL";
@@ -219,16 +219,6 @@ fn dpdk_err(context: &'static str, e: DpdkError) -> ChannelError {
     ChannelError::Io {
         context,
         source: std::io::Error::other(e.to_string()),
-    }
-}
-
-fn session(config: &ChannelConfig) -> SessionParams {
-    SessionParams {
-        session_id: config.session_id,
-        epoch: config.epoch,
-        // The handshake has no DPDK kind; the medium info's magic tells the media apart.
-        medium: MediumKind::Dpdk,
-        key: config.key.clone(),
     }
 }
 
@@ -1181,7 +1171,8 @@ pub fn accept(
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
     with_timeouts(&control, config.handshake_timeout)?;
-    let hello = handshake::backup_authenticate(&mut control, &session(&config))?;
+    let hello =
+        handshake::backup_authenticate(&mut control, &config.session_params(MediumKind::Dpdk))?;
     let tag = random_u32()?;
     let mut info = Vec::with_capacity(INFO_LEN);
     info.extend_from_slice(INFO_MAGIC);
@@ -1241,7 +1232,8 @@ pub fn connect(
     let mut control = TcpStream::connect(control_addr)
         .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
     with_timeouts(&control, config.handshake_timeout)?;
-    let accepted = handshake::primary_handshake(&mut control, &session(&config))?;
+    let accepted =
+        handshake::primary_handshake(&mut control, &config.session_params(MediumKind::Dpdk))?;
     let info = accepted.medium_info;
     if info.len() != INFO_LEN || info[..8] != INFO_MAGIC[..] {
         return Err(ChannelError::MediumMismatch);

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
-use crate::handshake::{self, MediumKind, SessionParams};
+use crate::handshake::{self, MediumKind};
 use crate::region::{RingMemory, SharedRegion};
 use crate::ring::{self, Consumer, Producer, RingError};
 
@@ -73,15 +73,6 @@ impl Control {
     }
 }
 
-fn session(config: &ChannelConfig) -> SessionParams {
-    SessionParams {
-        session_id: config.session_id,
-        epoch: config.epoch,
-        medium: MediumKind::Shm,
-        key: config.key.clone(),
-    }
-}
-
 fn with_timeouts(stream: &UnixStream, t: Duration) -> Result<(), ChannelError> {
     let io = |e| ChannelError::io("setting control socket timeouts", e);
     stream.set_read_timeout(Some(t)).map_err(io)?;
@@ -122,7 +113,8 @@ pub fn accept(
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
     with_timeouts(&stream, config.handshake_timeout)?;
-    let hello = handshake::backup_authenticate(&mut stream, &session(&config))?;
+    let hello =
+        handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Shm))?;
 
     let capacity = config.ring_capacity;
     let ctrl = control_offset(capacity);
@@ -185,7 +177,8 @@ pub fn connect(
     let mut stream = UnixStream::connect(path.as_ref())
         .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
     with_timeouts(&stream, config.handshake_timeout)?;
-    let accepted = handshake::primary_handshake(&mut stream, &session(&config))?;
+    let accepted =
+        handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Shm))?;
     let ring_path = PathBuf::from(
         String::from_utf8(accepted.medium_info)
             .map_err(|_| ChannelError::BadHandshake("ring path is not UTF-8".into()))?,

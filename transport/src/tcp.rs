@@ -15,21 +15,14 @@ use std::time::Duration;
 
 use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
-use crate::handshake::{self, MediumKind, SessionParams};
+use crate::handshake::{self, MediumKind};
 
 const ACK_MAGIC: [u8; 4] = *b"FTAK";
 const ACK_LEN: usize = 24;
 
-fn session(config: &ChannelConfig) -> SessionParams {
-    SessionParams {
-        session_id: config.session_id,
-        epoch: config.epoch,
-        medium: MediumKind::Tcp,
-        key: config.key.clone(),
-    }
-}
-
-fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
+/// Readies a TCP connection for a handshake: no Nagle delay, and reads and writes bounded by
+/// the handshake timeout. Shared by the media that shake hands over TCP.
+pub(crate) fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
     let io = |context| move |e| ChannelError::io(context, e);
     stream
         .set_nodelay(true)
@@ -100,7 +93,8 @@ pub fn connect(
         }
     };
     prepare(&stream, &config)?;
-    let accepted = handshake::primary_handshake(&mut stream, &session(&config))?;
+    let accepted =
+        handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Tcp))?;
     go_nonblocking(&stream)?;
     let link = TcpPrimaryLink {
         stream,
@@ -124,7 +118,8 @@ pub fn accept(
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
     prepare(&stream, &config)?;
-    let hello = handshake::backup_authenticate(&mut stream, &session(&config))?;
+    let hello =
+        handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Tcp))?;
     let resume = 1;
     handshake::backup_welcome(&mut stream, resume, &[])?;
     go_nonblocking(&stream)?;

@@ -155,7 +155,7 @@ use self::verbs::{
 };
 use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
-use crate::handshake::{self, MediumKind, SessionParams};
+use crate::handshake::{self, MediumKind};
 use crate::region::{HeapRegion, RingMemory};
 use crate::ring::{self, Consumer, Producer, RingError, RING_HEADER_LEN};
 
@@ -273,29 +273,6 @@ impl Default for RdmaConfig {
     }
 }
 
-fn session(config: &ChannelConfig) -> SessionParams {
-    SessionParams {
-        session_id: config.session_id,
-        epoch: config.epoch,
-        medium: MediumKind::Rdma,
-        key: config.key.clone(),
-    }
-}
-
-fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
-    let io = |context| move |e| ChannelError::io(context, e);
-    stream
-        .set_nodelay(true)
-        .map_err(io("setting TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(config.handshake_timeout))
-        .map_err(io("setting handshake timeout"))?;
-    stream
-        .set_write_timeout(Some(config.handshake_timeout))
-        .map_err(io("setting handshake timeout"))?;
-    Ok(())
-}
-
 fn read_setup(
     stream: &mut TcpStream,
     buf: &mut [u8],
@@ -364,8 +341,9 @@ pub fn connect(
 ) -> Result<Primary<RdmaPrimaryLink>, ChannelError> {
     config.validate()?;
     let mut stream = connect_tcp(addr, config.handshake_timeout)?;
-    prepare(&stream, &config)?;
-    let accepted = handshake::primary_handshake(&mut stream, &session(&config))?;
+    crate::tcp::prepare(&stream, &config)?;
+    let accepted =
+        handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Rdma))?;
     let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
     let capacity = backup.len as usize;
 
@@ -481,8 +459,9 @@ pub fn accept(
     let (mut stream, _) = listener
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
-    prepare(&stream, &config)?;
-    let hello = handshake::backup_authenticate(&mut stream, &session(&config))?;
+    crate::tcp::prepare(&stream, &config)?;
+    let hello =
+        handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Rdma))?;
 
     // The primary is authenticated: only now do the queue pair and the rkey come to exist.
     let capacity = config.ring_capacity;
