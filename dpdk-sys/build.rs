@@ -117,6 +117,8 @@ fn main() {
         .allowlist_function("rte_mempool_.*")
         .allowlist_function("rte_lcore.*")
         .allowlist_function("rte_get_main_lcore")
+        .allowlist_function("rte_thread_register")
+        .allowlist_function("rte_thread_unregister")
         .allowlist_function("rte_socket_id")
         .allowlist_function("rte_strerror")
         .allowlist_function("rte_ether_.*")

@@ -550,12 +550,16 @@ pub fn with_pair<J: PrimaryJob>(
             let cfg = channel_config(medium)?;
             let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
                 pin(backup_core);
-                backup_loop(dpdk::accept(&listener, server, cfg, DpdkConfig::default())?)
+                crate::pin::as_dpdk_lcore(|| {
+                    backup_loop(dpdk::accept(&listener, server, cfg, DpdkConfig::default())?)
+                })
             });
             pin(primary_core);
-            let out = dpdk::connect(addr, client, channel_config(medium)?, DpdkConfig::default())
-                .map_err(anyhow::Error::from)
-                .and_then(|p| job.run(p));
+            let out = crate::pin::as_dpdk_lcore(|| {
+                dpdk::connect(addr, client, channel_config(medium)?, DpdkConfig::default())
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| job.run(p))
+            });
             join(backup)?;
             out
         }

@@ -15,3 +15,22 @@ pub fn pin_current(core: usize, role: &str) -> bool {
     }
     ok
 }
+
+/// Runs `f` with the calling thread registered as a DPDK lcore, if this process has an EAL:
+/// mbufs it allocates and frees (its own, and the ones a PMD frees in a transmit) then go
+/// through the mempools' per-lcore caches, as they do on any DPDK application's polling
+/// threads, instead of the shared ring. Every thread that polls a port in a measurement runs
+/// under this, the raw ping-pong's as much as the channel's.
+pub fn as_dpdk_lcore<T>(f: impl FnOnce() -> T) -> T {
+    let eal = dpdk_sys::Eal::current();
+    if let Some(eal) = &eal {
+        if let Err(e) = eal.register_thread() {
+            eprintln!("warning: cannot register this thread as a DPDK lcore ({e}); its mbufs bypass the mempool caches");
+        }
+    }
+    let out = f();
+    if let Some(eal) = &eal {
+        eal.unregister_thread();
+    }
+    out
+}

@@ -243,7 +243,7 @@ where
                 let mut server = server;
                 guarded(peer_failed, Side::Echo, || {
                     pin_current(plan.pins.server, "echo (server)");
-                    echo_loop(&mut server, &plan)
+                    crate::pin::as_dpdk_lcore(|| echo_loop(&mut server, &plan))
                 })
             })
             .context("spawning the echo thread")?;
@@ -253,7 +253,7 @@ where
                 let mut client = client;
                 guarded(peer_failed, Side::Client, || {
                     pin_current(plan.pins.client, "client");
-                    client_loop(&mut client, hist, &plan)
+                    crate::pin::as_dpdk_lcore(|| client_loop(&mut client, hist, &plan))
                 })
             }) {
             Ok(handle) => handle,

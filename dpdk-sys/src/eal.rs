@@ -170,6 +170,35 @@ impl Eal {
         (id != ffi::LCORE_ID_ANY).then_some(id)
     }
 
+    /// Makes the calling thread an lcore (`rte_thread_register`) and returns its id; a thread
+    /// that already is one (the one that ran [`Eal::init`], or one registered before) keeps
+    /// its id.
+    ///
+    /// Why: mempools keep a per-lcore cache, and a thread without an lcore id bypasses it, so
+    /// every mbuf it allocates or frees (including the ones a PMD frees inside a transmit)
+    /// goes through the pool's shared ring with atomic operations. A thread that polls ports
+    /// should be registered; [`Eal::unregister_thread`] gives the id back before it exits.
+    pub fn register_thread(&self) -> Result<u32, DpdkError> {
+        if let Some(id) = Self::lcore_id() {
+            return Ok(id);
+        }
+        // SAFETY: the EAL is initialised (self exists); registers the calling thread only.
+        if unsafe { ffi::rte_thread_register() } != 0 {
+            return Err(DpdkError::from_rte_errno("rte_thread_register"));
+        }
+        Self::lcore_id().ok_or_else(|| DpdkError::from_rte_errno("rte_thread_register"))
+    }
+
+    /// Gives back the lcore id [`Eal::register_thread`] gave the calling thread (a no-op for
+    /// a thread that has none). Call it on the thread itself, before it exits; the EAL's own
+    /// main thread keeps its id.
+    pub fn unregister_thread(&self) {
+        if Self::lcore_id().is_some_and(|id| id != self.main_lcore()) {
+            // SAFETY: the EAL is initialised; releases the calling thread's lcore only.
+            unsafe { ffi::rte_thread_unregister() };
+        }
+    }
+
     /// The NUMA socket of the calling thread's lcore (`rte_socket_id`).
     pub fn socket_id() -> i32 {
         // SAFETY: reads a thread-local; no preconditions.

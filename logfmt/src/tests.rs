@@ -327,6 +327,31 @@ fn crc_mismatch() {
     }
 }
 
+#[test]
+fn parse_validated_skips_only_the_crc() {
+    let f = encode(&[random(b"abc"), random(b"de")]);
+    let (checked, len) = FrameView::parse(&f).expect("valid frame");
+    let (trusted, trusted_len) = FrameView::parse_validated(&f).expect("valid frame");
+    assert_eq!((checked, len), (trusted, trusted_len));
+    // A wrong CRC is the one thing it does not look at...
+    let mut bad_crc = f.clone();
+    bad_crc[38] ^= 0x04;
+    assert!(FrameView::parse(&bad_crc).is_err());
+    let (view, _) = FrameView::parse_validated(&bad_crc).expect("CRC not checked");
+    assert_eq!(view.entries().count(), 2);
+    // ...every structural check still holds.
+    let mut bad_kind = f.clone();
+    bad_kind[40 + 8] = 0xEE;
+    assert!(matches!(
+        FrameView::parse_validated(&bad_kind),
+        Err(DecodeError::UnknownKind { kind: 0xEE, .. })
+    ));
+    assert!(matches!(
+        FrameView::parse_validated(&f[..f.len() - 1]),
+        Err(DecodeError::Truncated { .. })
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry errors
 

@@ -357,12 +357,15 @@ impl LogWriter {
         self.shared.stats.snapshot()
     }
 
+    /// Appends `entry` to the open batch. Returns its sequence number and whether the batch
+    /// is now due to go out (an output marker, or the batch delay passed); the caller then
+    /// flushes it. A batch that is full is shipped through the log ring here.
     fn append_with(
         &mut self,
         entry: &Entry<'_>,
         pump: &mut dyn FnMut(Option<Instant>) -> Result<(), ChannelError>,
         timeout: Duration,
-    ) -> Result<u64, ChannelError> {
+    ) -> Result<(u64, bool), ChannelError> {
         // Backpressure: the backup may lag by at most `max_lag` entries.
         if self.next_seq - self.acked() > self.max_lag {
             let start = Instant::now();
@@ -397,10 +400,17 @@ impl LogWriter {
             let now = Instant::now();
             now.duration_since(*self.batch_started.get_or_insert(now)) >= delay
         });
-        if overdue || matches!(entry.event, Event::OutputMarker { .. }) {
-            self.flush_with(pump, timeout)?;
-        }
-        Ok(seq)
+        Ok((
+            seq,
+            overdue || matches!(entry.event, Event::OutputMarker { .. }),
+        ))
+    }
+
+    /// The open batch has gone out by another way than the log ring: start the next one.
+    fn batch_sent(&mut self) {
+        self.frame.clear();
+        self.frames_flushed += 1;
+        self.batch_started = None;
     }
 
     fn flush_with(
@@ -442,9 +452,7 @@ impl LogWriter {
                 start.elapsed().as_nanos() as u64,
             );
         }
-        self.frame.clear();
-        self.frames_flushed += 1;
-        self.batch_started = None;
+        self.batch_sent();
         Ok(())
     }
 }
@@ -466,6 +474,8 @@ pub struct Sender<L: PrimaryLink> {
     pumps: u32,
     /// The last round heard from the backup and left reading the clock to this one.
     heard_undated: bool,
+    /// A frame went out directly (not through a round) and the clock was not read for it.
+    sent_undated: bool,
 }
 
 impl<L: PrimaryLink> Sender<L> {
@@ -521,15 +531,17 @@ impl<L: PrimaryLink> Sender<L> {
         // round, so the waiter is not held up by it.
         self.pumps = self.pumps.wrapping_add(1);
         let undated = std::mem::take(&mut self.heard_undated);
+        let sent_undated = std::mem::take(&mut self.sent_undated);
         let periodic = self.pumps.is_multiple_of(32);
         if news.heard && !undated && !sent_any && !periodic {
             self.heard_undated = true;
-        } else if news.heard || undated || sent_any || periodic {
+            self.sent_undated = sent_undated;
+        } else if news.heard || undated || sent_any || sent_undated || periodic {
             let now = Instant::now();
             if news.heard || undated {
                 self.liveness.last_heard = now;
             }
-            if sent_any {
+            if sent_any || sent_undated {
                 self.last_sent = now;
             }
             self.timers(now)?;
@@ -550,6 +562,46 @@ impl<L: PrimaryLink> Sender<L> {
         }
         let link = &mut self.link;
         self.liveness.check(now, || link.check_peer())
+    }
+
+    /// Offers a whole frame straight to the link, bypassing the log ring, when nothing is
+    /// queued before it (the ring is empty and the link has nothing buffered). Returns whether
+    /// the link took it; if not, the caller queues it in the ring as usual. For the inline
+    /// sender: a commit then costs no copy into the ring and no second look at the header.
+    fn offer_direct(
+        &mut self,
+        frame: &[u8],
+        entry_count: u32,
+        last_seq: u64,
+    ) -> Result<bool, ChannelError> {
+        if !self.consumer_is_idle() {
+            return Ok(false);
+        }
+        let taken = match self.link.flush().and_then(|flushed| {
+            if flushed {
+                self.link.offer(frame)
+            } else {
+                Ok(false)
+            }
+        }) {
+            Ok(taken) => taken,
+            Err(e) => {
+                self.shared.fail(&e);
+                return Err(e);
+            }
+        };
+        if !taken {
+            return Ok(false);
+        }
+        let stats = &self.shared.stats;
+        ChannelStats::add(&stats.frames, 1);
+        ChannelStats::add(&stats.entries, u64::from(entry_count));
+        ChannelStats::add(&stats.bytes, frame.len() as u64);
+        self.sent_seq = last_seq;
+        // The next round dates the send (for the heartbeat timer); reading the clock now
+        // would only delay the wait for the ACK.
+        self.sent_undated = true;
+        Ok(true)
     }
 
     /// A heartbeat may go out only when no frame is waiting, or it would overtake it.
@@ -624,6 +676,7 @@ impl<L: PrimaryLink> Primary<L> {
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
                 heard_undated: false,
+                sent_undated: false,
             },
             config,
         })
@@ -635,18 +688,31 @@ impl<L: PrimaryLink> Primary<L> {
     pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, ChannelError> {
         let (writer, sender, cfg) = (&mut self.writer, &mut self.sender, &self.config);
         let frames_before = writer.frames_flushed;
-        let seq =
+        let (seq, due) =
             writer.append_with(entry, &mut pump_inline(sender, cfg), cfg.heartbeat_timeout)?;
-        // A frame went into the log ring (an output marker, or a full batch): move it on now.
-        if writer.frames_flushed != frames_before {
+        if due {
+            self.flush()?;
+        } else if writer.frames_flushed != frames_before {
+            // A full batch went into the log ring: move it on now.
             sender.pump()?;
         }
         Ok(seq)
     }
 
-    /// Sends any batched entries now.
+    /// Sends any batched entries now: straight to the medium when nothing is queued before
+    /// them, else through the log ring.
     pub fn flush(&mut self) -> Result<(), ChannelError> {
         let (writer, sender, cfg) = (&mut self.writer, &mut self.sender, &self.config);
+        if writer.frame.is_empty() {
+            return Ok(());
+        }
+        let entry_count = writer.frame.entry_count();
+        let last_seq = writer.next_seq - 1;
+        let frame = writer.frame.finish()?;
+        if sender.offer_direct(frame, entry_count, last_seq)? {
+            writer.batch_sent();
+            return Ok(());
+        }
         writer.flush_with(&mut pump_inline(sender, cfg), cfg.heartbeat_timeout)?;
         sender.pump()?;
         Ok(())
@@ -761,7 +827,11 @@ impl ThreadedWriter {
     pub fn append(&mut self, entry: &Entry<'_>) -> Result<u64, ChannelError> {
         self.writer.shared.check()?;
         let mut wait = Self::waiter(self.policy, self.writer.shared.clone());
-        self.writer.append_with(entry, &mut wait, self.timeout)
+        let (seq, due) = self.writer.append_with(entry, &mut wait, self.timeout)?;
+        if due {
+            self.writer.flush_with(&mut wait, self.timeout)?;
+        }
+        Ok(seq)
     }
 
     /// As [`Primary::flush`].
@@ -976,8 +1046,8 @@ impl<L: BackupLink> Backup<L> {
         let pumped = self.receiver.pump();
         let mut n = 0;
         while let Some(bytes) = self.frames.read()? {
-            // Our own ring holds only frames the receiver validated.
-            let (frame, _) = FrameView::parse(bytes)?;
+            // Our own ring holds only frames the receiver validated, CRC included.
+            let (frame, _) = FrameView::parse_validated(bytes)?;
             f(&frame);
             n += 1;
         }

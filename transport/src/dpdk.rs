@@ -687,7 +687,7 @@ impl PrimaryLink for DpdkPrimaryLink {
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
         let mut news = BackupNews::default();
         let n = self.wire.receive();
-        let mut rx = std::mem::take(&mut self.wire.rx);
+        let rx = std::mem::take(&mut self.wire.rx);
         let mut nack: Option<u64> = None;
         for m in rx.iter().take(n) {
             let Some((kind, ack, body)) = Wire::classify(
@@ -719,7 +719,8 @@ impl PrimaryLink for DpdkPrimaryLink {
                 nack = Some(ack);
             }
         }
-        rx.clear();
+        // The ACK packets stay in `rx` until the next receive frees them: freeing them is not
+        // on the way to the waiting commit.
         self.wire.rx = rx;
         // A NACK: the backup holds later packets but misses the one after `ack`; resend it at
         // once (once per gap).
@@ -982,12 +983,13 @@ impl Reassembly {
         self.ready.front().map(Ready::bytes)
     }
 
-    /// Drops the oldest complete frame; returns how many kept packets then failed to fit.
-    fn consume(&mut self) -> u64 {
-        if let Some(Ready::Owned(buf)) = self.ready.pop_front() {
-            if self.free.len() < 64 {
-                self.free.push(buf);
-            }
+    /// Drops the oldest complete frame; returns how many kept packets then failed to fit. A
+    /// frame held in its mbuf goes to `spent` (the caller frees it once the ACK is out).
+    fn consume(&mut self, spent: &mut Vec<Mbuf>) -> u64 {
+        match self.ready.pop_front() {
+            Some(Ready::Owned(buf)) if self.free.len() < 64 => self.free.push(buf),
+            Some(Ready::Held { mbuf, .. }) => spent.push(mbuf),
+            Some(Ready::Owned(_)) | None => {}
         }
         if self.ahead.is_empty() {
             0
@@ -1003,6 +1005,9 @@ pub struct DpdkBackupLink {
     /// Before `wire`: fields drop in order, and frames kept in their mbufs go back to the
     /// port's pool before the port and pool handles do.
     frames: Reassembly,
+    /// Consumed frames' mbufs, freed after the ACK for them went out (freeing is not on the
+    /// way to the ACK).
+    spent: Vec<Mbuf>,
     wire: Wire,
     control: TcpStream,
     cfg: DpdkConfig,
@@ -1043,6 +1048,7 @@ impl BackupLink for DpdkBackupLink {
             // acknowledge the packets on their own, so the primary does not resend them.
             self.send_ack(T_ACK)?;
         }
+        self.spent.clear();
         let n = self.wire.receive();
         if n == 0 {
             return Ok(false);
@@ -1105,7 +1111,7 @@ impl BackupLink for DpdkBackupLink {
     }
 
     fn consume(&mut self) -> Result<(), ChannelError> {
-        let bad = self.frames.consume();
+        let bad = self.frames.consume(&mut self.spent);
         if bad > 0 {
             let g = &self.cfg.stats.garbage;
             g.store(
@@ -1119,7 +1125,9 @@ impl BackupLink for DpdkBackupLink {
     fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError> {
         self.log_acked = acked;
         self.epoch = epoch;
-        self.send_ack(T_ACK)
+        let sent = self.send_ack(T_ACK);
+        self.spent.clear();
+        sent
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
@@ -1207,6 +1215,7 @@ pub fn accept(
             dpdk.backlog_frames,
             dpdk.window,
         ),
+        spent: Vec::new(),
         cfg: dpdk,
         log_acked: 0,
         epoch: hello.epoch.max(config.epoch),
@@ -1322,7 +1331,7 @@ mod tests {
         assert!(!r.has_gap());
         assert_eq!(r.expected, 4);
         assert_eq!(r.peek(), Some(&frame[..]));
-        assert_eq!(r.consume(), 0);
+        assert_eq!(r.consume(&mut Vec::new()), 0);
         assert_eq!(r.peek(), None);
     }
 
@@ -1333,10 +1342,10 @@ mod tests {
         assert_eq!(r.data(2, &data_body(2, 10, 0, &[2; 10])), Piece::Backlogged);
         assert_eq!(r.data(3, &data_body(3, 10, 0, &[3; 10])), Piece::Buffered);
         assert_eq!(r.peek(), Some(&[1u8; 10][..]));
-        assert_eq!(r.consume(), 0);
+        assert_eq!(r.consume(&mut Vec::new()), 0);
         assert_eq!(r.data(2, &data_body(2, 10, 0, &[2; 10])), Piece::Taken);
         assert_eq!(r.peek(), Some(&[2u8; 10][..]));
-        assert_eq!(r.consume(), 0);
+        assert_eq!(r.consume(&mut Vec::new()), 0);
         assert_eq!(r.peek(), Some(&[3u8; 10][..]));
     }
 
