@@ -25,7 +25,7 @@
 #   SOFTROCE_VM_MEM=2048 (MiB) SOFTROCE_SMP=2 SOFTROCE_ACCEL=tcg (kvm cannot boot it on PVM hosts)
 #   SOFTROCE_KERNEL_ARGS="clocksource=tsc tsc=reliable" (appended to the guest's command line)
 #   development aids: SOFTROCE_EXTRA_TESTS="NAME=PATH ..." (more test executables),
-#   SOFTROCE_BENCH_EXE=PATH (a bench binary built elsewhere)
+#   SOFTROCE_BENCH_EXE=PATH (a bench binary built elsewhere), SOFTROCE_NO_TESTS=1 (bench only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -174,6 +174,10 @@ fi
 
 # Development aid: SOFTROCE_EXTRA_TESTS="NAME=PATH ..." runs more executables as tests in the guest.
 # SOFTROCE_BENCH_EXE=PATH runs PATH as the bench instead.
+# SOFTROCE_NO_TESTS=1 runs no test binary (a bench-only run while tuning; CI never sets it).
+if [[ ${SOFTROCE_NO_TESTS:-0} == 1 ]]; then
+  tests=()
+fi
 for extra in ${SOFTROCE_EXTRA_TESTS:-}; do
   tests+=("${extra%%=*}"$'\t'"${extra#*=}")
 done

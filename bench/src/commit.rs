@@ -277,8 +277,13 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         bail!("--count must be at least 1");
     }
     println!(
-        "output commit latency: {} B input + output marker per commit, {} commits after {} warm-up, primary core {}, backup core {}",
-        args.payload, args.count, args.warmup, args.primary_core, args.backup_core
+        "output commit latency: {} B input + output marker per commit, {} commits after {} warm-up, primary core {}, backup core {}, frame CRC32C by {}",
+        args.payload,
+        args.count,
+        args.warmup,
+        args.primary_core,
+        args.backup_core,
+        logfmt::crc::implementation().name()
     );
     println!(
         "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} | raw bytes out/back",
@@ -374,7 +379,10 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let json = serde_json::json!({ "rows": rows });
+        let json = serde_json::json!({
+            "rows": rows,
+            "frame_crc32c": logfmt::crc::implementation().name(),
+        });
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());

@@ -18,7 +18,8 @@ pub(crate) const CRC_COVERED_LEN: usize = FRAME_HEADER_LEN - 4;
 /// The CRC32C of a frame: the header bytes before the CRC field, then the body.
 #[inline]
 pub(crate) fn frame_crc(covered_header: &[u8; CRC_COVERED_LEN], body: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(covered_header), body)
+    let crc = crate::crc::implementation();
+    crc.append(crc.append(0, covered_header), body)
 }
 
 /// The validated fields of a frame header.
