@@ -138,10 +138,15 @@ fn choose() -> CrcImpl {
     }
     // A frame-sized buffer; the best of a few rounds of each, interleaved, so a preemption in
     // one round does not decide.
-    let buf: Vec<u8> = (0..256u32).map(|i| (i.wrapping_mul(151) >> 3) as u8).collect();
+    let buf: Vec<u8> = (0..256u32)
+        .map(|i| (i.wrapping_mul(151) >> 3) as u8)
+        .collect();
     let mut best = [Duration::MAX; 2];
     for _ in 0..5 {
-        for (slot, imp) in [CrcImpl::Instruction, CrcImpl::Table].into_iter().enumerate() {
+        for (slot, imp) in [CrcImpl::Instruction, CrcImpl::Table]
+            .into_iter()
+            .enumerate()
+        {
             let start = Instant::now();
             let mut crc = 0;
             for _ in 0..32 {

@@ -292,6 +292,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 struct Wire {
     /// Received mbufs; before `port` and `pool` so they are freed first.
     rx: Vec<Mbuf>,
+    /// An mbuf allocated ahead, after the last send, so the next send does not wait for the
+    /// pool (see [`Wire::refill`]).
+    spare: Option<Mbuf>,
     port: Port,
     pool: Mempool,
     mac: EtherAddr,
@@ -387,7 +390,11 @@ impl Wire {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<Sent, ChannelError> {
-        let mut m = match Mbuf::alloc(&self.pool) {
+        let mut m = match self
+            .spare
+            .take()
+            .map_or_else(|| Mbuf::alloc(&self.pool), Ok)
+        {
             Ok(m) => m,
             Err(DpdkError::PoolExhausted(_)) => {
                 DpdkStats::inc(&self.stats.tx_full);
@@ -416,6 +423,15 @@ impl Wire {
                 DpdkStats::inc(&self.stats.tx_full);
                 Ok(Sent::Full)
             }
+        }
+    }
+
+    /// Allocates the next send's mbuf now, while the last packet is in flight: taking an mbuf
+    /// from the pool is then not on the way from a commit to its packet, nor from a frame to
+    /// its ACK. (Pool exhaustion is left to the send itself to report.)
+    fn refill(&mut self) {
+        if self.spare.is_none() {
+            self.spare = Mbuf::alloc(&self.pool).ok();
         }
     }
 
@@ -674,6 +690,7 @@ impl PrimaryLink for DpdkPrimaryLink {
         if !direct {
             self.transmit()?;
         }
+        self.wire.refill();
         Ok(true)
     }
 
@@ -1127,6 +1144,7 @@ impl BackupLink for DpdkBackupLink {
         self.epoch = epoch;
         let sent = self.send_ack(T_ACK);
         self.spent.clear();
+        self.wire.refill();
         sent
     }
 
@@ -1157,6 +1175,7 @@ fn wire(port: Port, mac: EtherAddr, peer: EtherAddr, tag: u32, cfg: &DpdkConfig)
         drop_every: cfg.drop_every,
         sent_count: 0,
         rx: Vec::with_capacity(BURST),
+        spare: None,
         stats: cfg.stats.clone(),
     }
 }
