@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::stream::{check_backup_loss, payload, verify_stream, Loss, DEVICE};
-use logfmt::{ControlOp, Entry, Event, Position};
-use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use common::stream::{
+    check_backup_loss, check_verdict, commit, commit_until_error, end_stream, send_stream, signal,
+    verify_stream, Loss, StreamPrimary,
+};
+use logfmt::Entry;
 use transport::{shm, tcp, ChannelConfig, ChannelError, PreSharedKey};
 
 const ENTRIES: u64 = 1_000_000;
@@ -104,6 +105,15 @@ impl AnyPrimary {
             _ => AnyPrimary::Tcp(tcp::connect(addr, cfg)?),
         })
     }
+    fn stats(&self) -> transport::StatsSnapshot {
+        match self {
+            AnyPrimary::Tcp(p) => p.stats(),
+            AnyPrimary::Shm(p) => p.stats(),
+        }
+    }
+}
+
+impl StreamPrimary for AnyPrimary {
     fn append(&mut self, e: &Entry<'_>) -> Result<u64, ChannelError> {
         match self {
             AnyPrimary::Tcp(p) => p.append(e),
@@ -128,12 +138,6 @@ impl AnyPrimary {
             AnyPrimary::Shm(p) => p.wait_acked(seq),
         }
     }
-    fn stats(&self) -> transport::StatsSnapshot {
-        match self {
-            AnyPrimary::Tcp(p) => p.stats(),
-            AnyPrimary::Shm(p) => p.stats(),
-        }
-    }
 }
 
 fn address_for(medium: &str) -> String {
@@ -153,59 +157,15 @@ fn address_for(medium: &str) -> String {
 fn million_entries(medium: &str) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
     let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
-    let mut rng = SmallRng::seed_from_u64(0x5EED);
-    let mut buf = Vec::new();
-    let mut last_acked = 0;
     let started = Instant::now();
-    for seq in 1..=ENTRIES {
-        payload(seq, &mut rng, &mut buf);
-        let entry = Entry::new(
-            Position::at_exit(seq),
-            Event::DeviceInput {
-                device: DEVICE,
-                data: &buf,
-            },
-        );
-        let got = p.append(&entry).map_err(|e| format!("append {seq}: {e}"))?;
-        if got != seq {
-            return Err(format!("append returned seq {got}, expected {seq}"));
-        }
-        let acked = p.acked();
-        if acked < last_acked {
-            return Err(format!("ACK went backwards: {last_acked} then {acked}"));
-        }
-        last_acked = acked;
-        if seq % 64 == 0 {
-            p.pump().map_err(|e| e.to_string())?;
-        }
-    }
-    let marker = Entry::new(
-        Position::at_exit(ENTRIES + 1),
-        Event::OutputMarker {
-            device: DEVICE,
-            len: 0,
-            digest: logfmt::digest(b""),
-        },
-    );
-    let marker_seq = p.append(&marker).map_err(|e| e.to_string())?;
-    p.wait_acked(marker_seq).map_err(|e| e.to_string())?;
-    let end = Entry::new(
-        Position::at_exit(ENTRIES + 2),
-        Event::Control(ControlOp::Shutdown),
-    );
-    let end_seq = p.append(&end).map_err(|e| e.to_string())?;
-    p.wait_acked(end_seq).map_err(|e| e.to_string())?;
+    send_stream(&mut p, ENTRIES, 0x5EED, |_| String::new())?;
+    commit(&mut p, ENTRIES + 1)?;
+    let end_seq = end_stream(&mut p, ENTRIES + 2)?;
     let stats = p.stats();
     drop(p);
-    let verdict = backup
-        .lines
-        .next()
-        .ok_or("backup printed no verdict")?
-        .map_err(|e| e.to_string())?;
+    let verdict = backup.lines.next().and_then(Result::ok);
     let status = backup.child.wait().map_err(|e| e.to_string())?;
-    if !status.success() || verdict != format!("VERIFIED {end_seq}") {
-        return Err(format!("backup: {status}, said {verdict:?}"));
-    }
+    check_verdict(verdict, status, end_seq)?;
     eprintln!(
         "  {medium}: {end_seq} entries verified in {:.2?}; {} frames, {} bytes, {} throttle events",
         started.elapsed(),
@@ -216,85 +176,24 @@ fn million_entries(medium: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A hung backup (SIGSTOP: alive, socket open, silent) is caught by the heartbeat timeout.
-fn backup_frozen(medium: &str) -> Result<(), String> {
+/// A backup taken away after 10,000 entries: SIGKILLed (the primary sees the hang-up or the
+/// silence), or SIGSTOPped (alive, socket open, silent: only the heartbeat timeout can tell).
+fn backup_lost(medium: &str, loss: Loss) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
     let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
     let timeout = config().heartbeat_timeout;
-    let pid = i32::try_from(backup.child.id()).map_err(|e| e.to_string())?;
-    // SAFETY: plain kill(2) on our own child's pid.
-    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
-        return Err("SIGSTOP failed".into());
-    }
-    let frozen = Instant::now();
-    let marker = Entry::new(
-        Position::at_exit(1),
-        Event::OutputMarker {
-            device: 1,
-            len: 0,
-            digest: 0,
-        },
-    );
-    let result = p.append(&marker).and_then(|s| p.wait_acked(s));
-    let took = frozen.elapsed();
+    send_stream(&mut p, 10_000, 7, |_| " (before the loss)".into())?;
+    commit(&mut p, 10_001)?;
+    let pid = backup.child.id();
+    let lost = commit_until_error(&mut p, 10_002, timeout, || match loss {
+        Loss::Killed => signal(pid, libc::SIGKILL),
+        Loss::Frozen => signal(pid, libc::SIGSTOP),
+    });
     let _ = backup.child.kill();
     let _ = backup.child.wait();
-    let err = match result {
-        Err(e) => e,
-        Ok(()) => return Err("a frozen backup acknowledged an entry".into()),
-    };
-    eprintln!("  {medium}: backup frozen → primary error after {took:.1?}: {err}");
-    check_backup_loss(Loss::Frozen, &err, took, timeout)?;
-    Ok(())
-}
-
-fn backup_killed(medium: &str) -> Result<(), String> {
-    let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
-    let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
-    let timeout = config().heartbeat_timeout;
-    let mut rng = SmallRng::seed_from_u64(7);
-    let mut buf = Vec::new();
-    for seq in 1..=10_000u64 {
-        payload(seq, &mut rng, &mut buf);
-        let entry = Entry::new(
-            Position::at_exit(seq),
-            Event::DeviceInput {
-                device: DEVICE,
-                data: &buf,
-            },
-        );
-        p.append(&entry)
-            .map_err(|e| format!("append {seq} before the kill: {e}"))?;
-    }
-    backup.child.kill().map_err(|e| e.to_string())?;
-    let killed = Instant::now();
-    let _ = backup.child.wait();
-    let mut seq = 10_000u64;
-    let err = loop {
-        seq += 1;
-        let marker = Entry::new(
-            Position::at_exit(seq),
-            Event::OutputMarker {
-                device: 1,
-                len: 0,
-                digest: 0,
-            },
-        );
-        let r = p.append(&marker).and_then(|s| p.wait_acked(s));
-        if let Err(e) = r {
-            break e;
-        }
-        if killed.elapsed() > timeout * 4 {
-            return Err(format!(
-                "no error {:?} after the backup died",
-                killed.elapsed()
-            ));
-        }
-    };
-    let took = killed.elapsed();
-    eprintln!("  {medium}: backup killed → primary error after {took:.1?}: {err}");
-    check_backup_loss(Loss::Killed, &err, took, timeout)?;
-    Ok(())
+    let (err, took) = lost?;
+    eprintln!("  {medium}: backup {loss:?} → primary error after {took:.1?}: {err}");
+    check_backup_loss(loss, &err, took, timeout)
 }
 
 fn main() -> ExitCode {
@@ -330,19 +229,19 @@ fn main() -> ExitCode {
         ),
         (
             "backup_killed_tcp".into(),
-            Box::new(|| backup_killed("tcp")),
+            Box::new(|| backup_lost("tcp", Loss::Killed)),
         ),
         (
             "backup_killed_shm".into(),
-            Box::new(|| backup_killed("shm")),
+            Box::new(|| backup_lost("shm", Loss::Killed)),
         ),
         (
             "backup_frozen_tcp".into(),
-            Box::new(|| backup_frozen("tcp")),
+            Box::new(|| backup_lost("tcp", Loss::Frozen)),
         ),
         (
             "backup_frozen_shm".into(),
-            Box::new(|| backup_frozen("shm")),
+            Box::new(|| backup_lost("shm", Loss::Frozen)),
         ),
     ];
     let mut failed = 0;

@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 use dpdk_sys::{EalArgs, MemifRole, Mempool, Port};
 mod common;
 
-use common::stream::{check_backup_loss, payload, verify_stream, Loss, DEVICE};
-use logfmt::{ControlOp, Entry, Event, Position};
-use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use common::stream::{
+    check_acked, check_backup_loss, check_verdict, commit, commit_until_error, end_stream,
+    send_stream, signal, verify_stream, Loss,
+};
 use transport::dpdk::{self, DpdkConfig, DpdkStats};
 use transport::{ChannelConfig, PreSharedKey};
 
@@ -243,27 +243,6 @@ fn spawn_backup(
     Ok((b, addr))
 }
 
-fn input(seq: u64, buf: &[u8]) -> Entry<'_> {
-    Entry::new(
-        Position::at_exit(seq),
-        Event::DeviceInput {
-            device: DEVICE,
-            data: buf,
-        },
-    )
-}
-
-fn marker(seq: u64) -> Entry<'static> {
-    Entry::new(
-        Position::at_exit(seq),
-        Event::OutputMarker {
-            device: DEVICE,
-            len: 0,
-            digest: logfmt::digest(b""),
-        },
-    )
-}
-
 fn pct(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
@@ -369,96 +348,29 @@ fn run_primary(
         dpdk::connect(addr, port, config(scenario), dcfg).map_err(|e| format!("connect: {e}"))?;
     eprintln!("  connected in {:.1?}", connected.elapsed());
     let injecting = injector.map(garbage::Injector::go);
-    let mut rng = SmallRng::seed_from_u64(0x5EED);
-    let mut buf = Vec::new();
 
-    if scenario == "frozen" {
-        // SIGSTOP: the backup's process, control socket and memif stay; only silence tells.
-        let timeout = config(scenario).heartbeat_timeout;
-        for seq in 1..=10_000u64 {
-            payload(seq, &mut rng, &mut buf);
-            p.append(&input(seq, &buf))
-                .map_err(|e| format!("append {seq} before the freeze: {e}"))?;
-        }
-        p.wait_acked(10_000).map_err(|e| e.to_string())?;
-        let pid = backup.child.id().to_string();
-        let stopped = Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .map_err(|e| format!("kill -STOP: {e}"))?;
-        if !stopped.success() {
-            return Err(format!("kill -STOP {pid}: {stopped}"));
-        }
-        let frozen = Instant::now();
-        let r = p.append(&marker(10_001)).and_then(|s| p.wait_acked(s));
-        let took = frozen.elapsed();
-        let err = match r {
-            Err(e) => e,
-            Ok(()) => return Err("a frozen backup acknowledged an entry".into()),
+    if scenario == "frozen" || scenario == "killed" {
+        // SIGSTOP leaves the backup's process, control socket and memif in place: only the
+        // silence tells. SIGKILL closes the control socket too.
+        let (loss, sig) = match scenario {
+            "frozen" => (Loss::Frozen, libc::SIGSTOP),
+            _ => (Loss::Killed, libc::SIGKILL),
         };
-        eprintln!("  backup frozen → primary error after {took:.1?}: {err}");
-        check_backup_loss(Loss::Frozen, &err, took, timeout)?;
-        return Ok(());
+        let timeout = config(scenario).heartbeat_timeout;
+        send_stream(&mut p, 10_000, 0x5EED, |_| " (before the loss)".into())?;
+        commit(&mut p, 10_001)?;
+        let pid = backup.child.id();
+        let (err, took) = commit_until_error(&mut p, 10_002, timeout, || signal(pid, sig))?;
+        eprintln!("  backup {loss:?} → primary error after {took:.1?}: {err}");
+        return check_backup_loss(loss, &err, took, timeout);
     }
 
-    if scenario == "killed" {
-        let timeout = config(scenario).heartbeat_timeout;
-        for seq in 1..=10_000u64 {
-            payload(seq, &mut rng, &mut buf);
-            p.append(&input(seq, &buf))
-                .map_err(|e| format!("append {seq} before the kill: {e}"))?;
-        }
-        p.wait_acked(10_000).map_err(|e| e.to_string())?;
-        backup.child.kill().map_err(|e| e.to_string())?;
-        let killed = Instant::now();
-        let _ = backup.child.wait();
-        let mut seq = 10_000u64;
-        let err = loop {
-            seq += 1;
-            let r = p.append(&marker(seq)).and_then(|s| p.wait_acked(s));
-            if let Err(e) = r {
-                break e;
-            }
-            if killed.elapsed() > timeout * 4 {
-                return Err(format!(
-                    "no error {:?} after the backup died",
-                    killed.elapsed()
-                ));
-            }
-        };
-        let took = killed.elapsed();
-        eprintln!("  backup killed → primary error after {took:.1?}: {err}");
-        check_backup_loss(Loss::Killed, &err, took, timeout)?;
-        return Ok(());
-    }
-
-    let mut last_acked = 0;
     let started = Instant::now();
-    for seq in 1..=ENTRIES {
-        payload(seq, &mut rng, &mut buf);
-        let got = p.append(&input(seq, &buf)).map_err(|e| {
-            format!(
-                "append {seq}: {e} (link: {}; channel: {:?})",
-                stats_line(&stats),
-                p.stats()
-            )
-        })?;
-        if got != seq {
-            return Err(format!("append returned seq {got}, expected {seq}"));
-        }
-        let acked = p.acked();
-        if acked < last_acked {
-            return Err(format!("ACK went backwards: {last_acked} then {acked}"));
-        }
-        last_acked = acked;
-        if seq % 64 == 0 {
-            p.pump().map_err(|e| e.to_string())?;
-        }
-    }
-    let mut seq = ENTRIES;
-    seq += 1;
-    let s = p.append(&marker(seq)).map_err(|e| e.to_string())?;
-    p.wait_acked(s).map_err(|e| e.to_string())?;
+    let mut last_acked = send_stream(&mut p, ENTRIES, 0x5EED, |p| {
+        format!(" (link: {}; channel: {:?})", stats_line(&stats), p.stats())
+    })?;
+    let mut seq = ENTRIES + 1;
+    commit(&mut p, seq)?;
     let streamed = started.elapsed();
     // Every garbage frame is out before the end of the stream: the counters below are final.
     let injected = match injecting {
@@ -476,28 +388,18 @@ fn run_primary(
     for _ in 0..COMMITS {
         seq += 1;
         let t = Instant::now();
-        let s = p.append(&marker(seq)).map_err(|e| e.to_string())?;
-        p.wait_acked(s).map_err(|e| e.to_string())?;
+        commit(&mut p, seq)?;
         lat.push(u32::try_from(t.elapsed().as_nanos()).unwrap_or(u32::MAX));
-        let acked = p.acked();
-        if acked < last_acked {
-            return Err(format!("ACK went backwards: {last_acked} then {acked}"));
-        }
-        last_acked = acked;
+        last_acked = check_acked(&p, last_acked)?;
     }
     lat.sort_unstable();
 
-    seq += 1;
-    let end = Entry::new(Position::at_exit(seq), Event::Control(ControlOp::Shutdown));
-    let end_seq = p.append(&end).map_err(|e| e.to_string())?;
-    p.wait_acked(end_seq).map_err(|e| e.to_string())?;
+    let end_seq = end_stream(&mut p, seq + 1)?;
     drop(p);
     let bstats = backup.expect("STATS ")?;
-    let verdict = backup.next().ok_or("backup printed no verdict")?;
+    let verdict = backup.next();
     let status = backup.child.wait().map_err(|e| e.to_string())?;
-    if !status.success() || verdict != format!("VERIFIED {end_seq}") {
-        return Err(format!("backup: {status}, said {verdict:?}"));
-    }
+    check_verdict(verdict, status, end_seq)?;
     eprintln!(
         "  {ENTRIES} entries streamed and verified in {streamed:.2?}; {} frames, {} bytes, {} throttle events, {} medium-full",
         pstats.frames, pstats.bytes, pstats.throttle_events, pstats.medium_full

@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::stream::{check_backup_loss, payload, verify_stream, Loss, DEVICE};
-use logfmt::{ControlOp, Entry, Event, Position};
-use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use common::stream::{
+    check_backup_loss, check_verdict, commit, commit_until_error, end_stream, send_stream, signal,
+    verify_stream, Loss,
+};
 use std::sync::Arc;
 use transport::handshake::{self, MediumKind, SessionParams};
 
@@ -130,27 +130,6 @@ fn spawn_backup(s: &Sides) -> Result<(BackupProcess, String), String> {
     Ok((BackupProcess { child, lines }, addr))
 }
 
-fn input(seq: u64, buf: &[u8]) -> Entry<'_> {
-    Entry::new(
-        Position::at_exit(seq),
-        Event::DeviceInput {
-            device: DEVICE,
-            data: buf,
-        },
-    )
-}
-
-fn marker(seq: u64) -> Entry<'static> {
-    Entry::new(
-        Position::at_exit(seq),
-        Event::OutputMarker {
-            device: DEVICE,
-            len: 0,
-            digest: logfmt::digest(b""),
-        },
-    )
-}
-
 fn stream_entries(
     s: &Sides,
     count: u64,
@@ -162,47 +141,16 @@ fn stream_entries(
     a.ack_by_send = ack_by_send;
     a.doorbell = doorbell;
     let mut p = rdma::connect(addr.as_str(), config(), &a).map_err(|e| e.to_string())?;
-    let mut rng = SmallRng::seed_from_u64(0x5EED);
-    let mut buf = Vec::new();
-    let mut last_acked = 0;
     let started = Instant::now();
-    for seq in 1..=count {
-        payload(seq, &mut rng, &mut buf);
-        let got = p
-            .append(&input(seq, &buf))
-            .map_err(|e| format!("append {seq}: {e}"))?;
-        if got != seq {
-            return Err(format!("append returned seq {got}, expected {seq}"));
-        }
-        let acked = p.acked();
-        if acked < last_acked {
-            return Err(format!("ACK went backwards: {last_acked} then {acked}"));
-        }
-        last_acked = acked;
-        if seq % 64 == 0 {
-            p.pump().map_err(|e| e.to_string())?;
-        }
-    }
-    let m = p.append(&marker(count + 1)).map_err(|e| e.to_string())?;
-    p.wait_acked(m).map_err(|e| e.to_string())?;
-    let end = Entry::new(
-        Position::at_exit(count + 2),
-        Event::Control(ControlOp::Shutdown),
-    );
-    let end_seq = p.append(&end).map_err(|e| e.to_string())?;
-    p.wait_acked(end_seq).map_err(|e| e.to_string())?;
+    send_stream(&mut p, count, 0x5EED, |_| String::new())?;
+    commit(&mut p, count + 1)?;
+    let end_seq = end_stream(&mut p, count + 2)?;
     let took = started.elapsed();
     let stats = p.stats();
     drop(p);
-    let verdict = backup
-        .lines
-        .next()
-        .ok_or("backup printed no verdict")?
-        .map_err(|e| e.to_string())?;
+    let verdict = backup.lines.next().and_then(Result::ok);
     let status = backup.child.wait().map_err(|e| e.to_string())?;
-    if !status.success() || verdict != format!("VERIFIED {end_seq}") {
-        return Err(format!("backup: {status}, said {verdict:?}"));
-    }
+    check_verdict(verdict, status, end_seq)?;
     let wraps = stats.bytes / config().ring_capacity as u64;
     println!(
         "  rdma{}{}: {end_seq} entries verified in {took:.2?} ({:.0} entries/s); {} frames, {} \
@@ -223,44 +171,19 @@ fn stream_entries(
 }
 
 fn backup_lost(s: &Sides, loss: Loss) -> Result<(), String> {
-    let (backup, addr) = spawn_backup(s)?;
+    let (mut backup, addr) = spawn_backup(s)?;
     let mut p = rdma::connect(addr.as_str(), config(), &s.a).map_err(|e| e.to_string())?;
     let timeout = config().heartbeat_timeout;
-    let mut rng = SmallRng::seed_from_u64(7);
-    let mut buf = Vec::new();
-    for seq in 1..=10_000u64 {
-        payload(seq, &mut rng, &mut buf);
-        p.append(&input(seq, &buf))
-            .map_err(|e| format!("append {seq} before the loss: {e}"))?;
-    }
-    let m = p.append(&marker(10_001)).map_err(|e| e.to_string())?;
-    p.wait_acked(m)
-        .map_err(|e| format!("before the loss: {e}"))?;
-    let pid = i32::try_from(backup.child.id()).map_err(|e| e.to_string())?;
-    let signal = match loss {
-        Loss::Killed => libc::SIGKILL,
-        Loss::Frozen => libc::SIGSTOP,
-    };
-    // SAFETY: plain kill(2) on our own child's pid.
-    if unsafe { libc::kill(pid, signal) } != 0 {
-        return Err("kill failed".into());
-    }
-    let lost = Instant::now();
-    let mut seq = 10_001u64;
-    let err = loop {
-        seq += 1;
-        let r = p.append(&marker(seq)).and_then(|s| p.wait_acked(s));
-        if let Err(e) = r {
-            break e;
-        }
-        if lost.elapsed() > timeout * 4 {
-            return Err(format!(
-                "no error {:?} after the backup was {loss:?}",
-                lost.elapsed()
-            ));
-        }
-    };
-    let took = lost.elapsed();
+    send_stream(&mut p, 10_000, 7, |_| " (before the loss)".into())?;
+    commit(&mut p, 10_001)?;
+    let pid = backup.child.id();
+    let lost = commit_until_error(&mut p, 10_002, timeout, || match loss {
+        Loss::Killed => signal(pid, libc::SIGKILL),
+        Loss::Frozen => signal(pid, libc::SIGSTOP),
+    });
+    let _ = backup.child.kill();
+    let _ = backup.child.wait();
+    let (err, took) = lost?;
     println!("  rdma: backup {loss:?} → primary error after {took:.1?}: {err}");
     check_backup_loss(loss, &err, took, timeout)
 }

@@ -1,12 +1,15 @@
 //! What the two-process channel tests share: the checksummed entry payloads the primary sends,
-//! and the backup's check of the stream (every entry in order, once, intact).
+//! the primary's sending and ending of a stream, and the backup's check of it (every entry in
+//! order, once, intact).
+// Each test binary (one per medium) uses its own subset.
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
-use logfmt::{ControlOp, Event};
+use logfmt::{ControlOp, Entry, Event, Position};
 use rand::rngs::SmallRng;
 use rand::Rng;
-use transport::ChannelError;
+use transport::{ChannelError, PrimaryLink};
 
 /// Device id the test entries carry.
 pub const DEVICE: u16 = 3;
@@ -109,6 +112,162 @@ pub fn check_backup_loss(
     if took > timeout + Duration::from_millis(200) {
         return Err(format!(
             "error took {took:?}, heartbeat timeout is {timeout:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Input entry `seq` carrying `data` (a [`payload`]).
+pub fn input(seq: u64, data: &[u8]) -> Entry<'_> {
+    Entry::new(
+        Position::at_exit(seq),
+        Event::DeviceInput {
+            device: DEVICE,
+            data,
+        },
+    )
+}
+
+/// An output marker at position `seq`.
+pub fn marker(seq: u64) -> Entry<'static> {
+    Entry::new(
+        Position::at_exit(seq),
+        Event::OutputMarker {
+            device: DEVICE,
+            len: 0,
+            digest: logfmt::digest(b""),
+        },
+    )
+}
+
+/// What the stream helpers need of a primary: the channel's own [`transport::Primary`], or a
+/// test's wrapper over several media.
+pub trait StreamPrimary {
+    fn append(&mut self, e: &Entry<'_>) -> Result<u64, ChannelError>;
+    fn acked(&self) -> u64;
+    fn pump(&mut self) -> Result<bool, ChannelError>;
+    fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError>;
+}
+
+impl<L: PrimaryLink> StreamPrimary for transport::Primary<L> {
+    fn append(&mut self, e: &Entry<'_>) -> Result<u64, ChannelError> {
+        transport::Primary::append(self, e)
+    }
+    fn acked(&self) -> u64 {
+        transport::Primary::acked(self)
+    }
+    fn pump(&mut self) -> Result<bool, ChannelError> {
+        transport::Primary::pump(self)
+    }
+    fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError> {
+        transport::Primary::wait_acked(self, seq)
+    }
+}
+
+/// Appends entries `1..=count` with [`payload`]s (seeded with `seed`) as a vCPU would: checks
+/// each sequence number and that the ACK never goes backwards, and pumps every 64 entries.
+/// `why` adds context to an append's error. Returns the newest ACK seen.
+pub fn send_stream<P: StreamPrimary>(
+    p: &mut P,
+    count: u64,
+    seed: u64,
+    why: impl Fn(&P) -> String,
+) -> Result<u64, String> {
+    use rand::SeedableRng;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = Vec::new();
+    let mut last_acked = 0;
+    for seq in 1..=count {
+        payload(seq, &mut rng, &mut buf);
+        let got = p
+            .append(&input(seq, &buf))
+            .map_err(|e| format!("append {seq}: {e}{}", why(p)))?;
+        if got != seq {
+            return Err(format!("append returned seq {got}, expected {seq}"));
+        }
+        last_acked = check_acked(p, last_acked)?;
+        if seq % 64 == 0 {
+            p.pump().map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(last_acked)
+}
+
+/// The newest ACK, checked not to be older than `last`.
+pub fn check_acked<P: StreamPrimary>(p: &P, last: u64) -> Result<u64, String> {
+    let acked = p.acked();
+    if acked < last {
+        return Err(format!("ACK went backwards: {last} then {acked}"));
+    }
+    Ok(acked)
+}
+
+/// Appends an output marker at `seq` and waits for its ACK (the output rule's wait).
+pub fn commit<P: StreamPrimary>(p: &mut P, seq: u64) -> Result<u64, String> {
+    let s = p.append(&marker(seq)).map_err(|e| e.to_string())?;
+    p.wait_acked(s).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Ends a stream: a Shutdown entry at position `seq`, acknowledged. Returns its sequence number,
+/// the last one the backup must report.
+pub fn end_stream<P: StreamPrimary>(p: &mut P, seq: u64) -> Result<u64, String> {
+    let end = Entry::new(Position::at_exit(seq), Event::Control(ControlOp::Shutdown));
+    let end_seq = p.append(&end).map_err(|e| e.to_string())?;
+    p.wait_acked(end_seq).map_err(|e| e.to_string())?;
+    Ok(end_seq)
+}
+
+/// The backup process's verdict on a stream that ended at `end_seq`: it must have exited
+/// cleanly after printing `VERIFIED <end_seq>`.
+pub fn check_verdict(
+    verdict: Option<String>,
+    status: std::process::ExitStatus,
+    end_seq: u64,
+) -> Result<(), String> {
+    let verdict = verdict.ok_or("backup printed no verdict")?;
+    if !status.success() || verdict != format!("VERIFIED {end_seq}") {
+        return Err(format!("backup: {status}, said {verdict:?}"));
+    }
+    Ok(())
+}
+
+/// Takes the backup away (`take_away`: kill or freeze its process; the clock starts when it
+/// returns), then commits markers from position `from` on until the primary reports an error.
+/// Fails if none comes within four heartbeat timeouts; returns the error and how long it took,
+/// for [`check_backup_loss`].
+pub fn commit_until_error<P: StreamPrimary>(
+    p: &mut P,
+    from: u64,
+    timeout: Duration,
+    take_away: impl FnOnce() -> Result<(), String>,
+) -> Result<(ChannelError, Duration), String> {
+    take_away()?;
+    let lost = Instant::now();
+    let mut seq = from;
+    loop {
+        let r = p.append(&marker(seq)).and_then(|s| p.wait_acked(s));
+        if let Err(e) = r {
+            return Ok((e, lost.elapsed()));
+        }
+        if lost.elapsed() > timeout * 4 {
+            return Err(format!(
+                "no error {:?} after the backup was taken away",
+                lost.elapsed()
+            ));
+        }
+        seq += 1;
+    }
+}
+
+/// Sends `signal` to process `pid` (a test's own backup child).
+pub fn signal(pid: u32, signal: i32) -> Result<(), String> {
+    let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
+    // SAFETY: plain kill(2) on a child process of this test.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        return Err(format!(
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
         ));
     }
     Ok(())
