@@ -20,7 +20,8 @@
 #   --perftest-only   skip building/running the Rust side (plumbing check: boot + ib_write_lat)
 # Environment (defaults): SOFTROCE_BENCH_TRANSPORTS=rdma (e.g. rdma,rdma-send; the target
 #   check uses the rdma row) SOFTROCE_BENCH_COUNT=20000 SOFTROCE_BENCH_WARMUP=2000
-#   SOFTROCE_PERF_ITERS=5000 SOFTROCE_TEST_TIMEOUT=600 (per test binary, s)
+#   SOFTROCE_PERF_ITERS=5000 SOFTROCE_ROUNDS=3 (bench + ib_write_lat rounds; the target check
+#   takes the median of the rounds' ratios) SOFTROCE_TEST_TIMEOUT=600 (per test binary, s)
 #   SOFTROCE_BENCH_TIMEOUT=300 SOFTROCE_PERF_TIMEOUT=90 SOFTROCE_VM_TIMEOUT=1200 (whole VM, s)
 #   SOFTROCE_VM_MEM=2048 (MiB) SOFTROCE_SMP=2 SOFTROCE_ACCEL=tcg (kvm cannot boot it on PVM hosts)
 #   SOFTROCE_KERNEL_ARGS="clocksource=tsc tsc=reliable" (appended to the guest's command line)
@@ -50,6 +51,7 @@ BENCH_TRANSPORTS=${SOFTROCE_BENCH_TRANSPORTS:-rdma}
 BENCH_COUNT=${SOFTROCE_BENCH_COUNT:-20000}
 BENCH_WARMUP=${SOFTROCE_BENCH_WARMUP:-2000}
 PERF_ITERS=${SOFTROCE_PERF_ITERS:-5000}
+ROUNDS=${SOFTROCE_ROUNDS:-3}
 TEST_TIMEOUT=${SOFTROCE_TEST_TIMEOUT:-600}
 BENCH_TIMEOUT=${SOFTROCE_BENCH_TIMEOUT:-300}
 PERF_TIMEOUT=${SOFTROCE_PERF_TIMEOUT:-90}
@@ -255,6 +257,7 @@ BENCH_TRANSPORTS=$BENCH_TRANSPORTS
 BENCH_COUNT=$BENCH_COUNT
 BENCH_WARMUP=$BENCH_WARMUP
 PERF_ITERS=$PERF_ITERS
+ROUNDS=$ROUNDS
 TEST_TIMEOUT=$TEST_TIMEOUT
 BENCH_TIMEOUT=$BENCH_TIMEOUT
 PERF_TIMEOUT=$PERF_TIMEOUT
@@ -285,7 +288,8 @@ timeout --kill-after=10 "$VM_TIMEOUT" qemu-system-x86_64 "${accel[@]}" -m "$VM_M
 log "results"
 expected=()
 for t in "${tests[@]}"; do expected+=("${t%%$'\t'*}"); done
-report_args=(--results "$OUT/results.txt" --out "$OUT" --kernel "$KVER" --perf-iters "$PERF_ITERS")
+report_args=(--results "$OUT/results.txt" --out "$OUT" --kernel "$KVER" --perf-iters "$PERF_ITERS"
+  --rounds "$ROUNDS")
 [[ -z $bench_exe ]] || report_args+=(--expect-bench)
 rc=0
 python3 -B "$S/report.py" "${report_args[@]}" "${expected[@]}" || rc=$?
