@@ -7,7 +7,7 @@
 #   FTVM-RESULT-END <kind> <name> rc=<exit status> secs=<wall seconds>
 # and the run ends with FTVM-ALL-DONE; the host treats anything missing as a failure.
 # Settings come from /ftvm/config (sourced): BENCH_TRANSPORTS, BENCH_COUNT, BENCH_WARMUP,
-# PERF_ITERS, ROUNDS, TEST_TIMEOUT,
+# PERF_ITERS, ROUNDS, WIRE_BYTES, TEST_TIMEOUT,
 # BENCH_TIMEOUT, PERF_TIMEOUT.
 
 # Used by lib.sh: busybox's own `ip` applet would shadow iproute2's.
@@ -116,6 +116,40 @@ for t in /ftvm/tests/*; do
   emit test "$name" "$rc" "$secs" "/tmp/test-$name.log"
 done
 
+# --- perftest's ib_write_lat: server on rxe1, client on rxe0, across the veth pair -----------
+# perftest NAME BYTES [PREFIX]: one ib_write_lat run of BYTES-byte writes, emitted as NAME.
+perftest() {
+  # Each side pinned to its own vCPU: TCG's per-vCPU TSCs are not synchronised, and perftest turns
+  # its TSC-vs-clock calibration into cycles per µs; a calibration that migrated between vCPUs
+  # ("Correlation coefficient r^2 ... < 0.9") makes it print inf. Such a run is repeated (4 tries).
+  perf_try=1
+  while :; do
+    say "${3}ib_write_lat $2 B x $PERF_ITERS (try $perf_try): server rxe1 (gid $g1) on cpu 1, client rxe0 (gid $g0) on cpu 0 -> $SOFTROCE_IP_B"
+    t0=$(up)
+    run_limited "$PERF_TIMEOUT" /tmp/perf-server.log \
+      taskset -c 1 ib_write_lat -d rxe1 -i 1 -x "$g1" -s "$2" -n "$PERF_ITERS" -F &
+    srv=$!
+    sleep 1
+    run_limited "$PERF_TIMEOUT" /tmp/perf-client.log \
+      taskset -c 0 ib_write_lat -d rxe0 -i 1 -x "$g0" -s "$2" -n "$PERF_ITERS" -F "$SOFTROCE_IP_B"
+    crc=$?
+    wait "$srv"
+    src=$?
+    secs=$(since "$t0")
+    cat /tmp/perf-client.log
+    say "ib_write_lat: client exit $crc, server exit $src, $secs s"
+    if [ "$crc" = 0 ] && [ "$src" = 0 ] && ! grep -Eq '(^|[[:space:]])(-?inf|-?nan)([[:space:]]|$)' /tmp/perf-client.log; then
+      break
+    fi
+    [ "$perf_try" -lt 4 ] || break
+    perf_try=$((perf_try + 1))
+    say "ib_write_lat: no usable numbers, again"
+    sleep 1
+  done
+  emit perftest-client "$1" "$crc" "$secs" /tmp/perf-client.log
+  emit perftest-server "$1" "$src" "$secs" /tmp/perf-server.log
+}
+
 # --- the commit-latency bench and perftest's ib_write_lat, in ROUNDS alternating rounds ------
 # Both move with the emulator's and the host's load (ib_write_lat's RTT ranged 37-50 µs between
 # runs), so the comparison is made round by round, each bench next to its own ib_write_lat, and
@@ -135,39 +169,17 @@ while [ "$round" -le "$ROUNDS" ]; do
     [ -f "/tmp/bench-$round.json" ] && emit bench-json "bench-$round" "$rc" "$secs" "/tmp/bench-$round.json"
   fi
 
-  # --- perftest's ib_write_lat: server on rxe1, client on rxe0, across the veth pair -----------
-  # Each side pinned to its own vCPU: TCG's per-vCPU TSCs are not synchronised, and perftest turns
-  # its TSC-vs-clock calibration into cycles per µs; a calibration that migrated between vCPUs
-  # ("Correlation coefficient r^2 ... < 0.9") makes it print inf. Such a run is repeated (4 tries).
-  perf_try=1
-  while :; do
-    say "round $round/$ROUNDS: ib_write_lat 64 B x $PERF_ITERS (try $perf_try): server rxe1 (gid $g1) on cpu 1, client rxe0 (gid $g0) on cpu 0 -> $SOFTROCE_IP_B"
-    t0=$(up)
-    run_limited "$PERF_TIMEOUT" /tmp/perf-server.log \
-      taskset -c 1 ib_write_lat -d rxe1 -i 1 -x "$g1" -s 64 -n "$PERF_ITERS" -F &
-    srv=$!
-    sleep 1
-    run_limited "$PERF_TIMEOUT" /tmp/perf-client.log \
-      taskset -c 0 ib_write_lat -d rxe0 -i 1 -x "$g0" -s 64 -n "$PERF_ITERS" -F "$SOFTROCE_IP_B"
-    crc=$?
-    wait "$srv"
-    src=$?
-    secs=$(since "$t0")
-    cat /tmp/perf-client.log
-    say "ib_write_lat: client exit $crc, server exit $src, $secs s"
-    if [ "$crc" = 0 ] && [ "$src" = 0 ] && ! grep -Eq '(^|[[:space:]])(-?inf|-?nan)([[:space:]]|$)' /tmp/perf-client.log; then
-      break
-    fi
-    [ "$perf_try" -lt 4 ] || break
-    perf_try=$((perf_try + 1))
-    say "ib_write_lat: no usable numbers, again"
-    sleep 1
-  done
-  emit perftest-client "ib_write_lat-$round" "$crc" "$secs" /tmp/perf-client.log
-  emit perftest-server "ib_write_lat-$round" "$src" "$secs" /tmp/perf-server.log
+  perftest "ib_write_lat-$round" 64 "round $round/$ROUNDS: "
 
   round=$((round + 1))
 done
+
+# For the record, not for the target: ib_write_lat with as many bytes per write as one commit
+# puts on the wire (record header, frame, seal), so the commit can also be read against the
+# medium at equal size.
+if [ -n "${WIRE_BYTES:-}" ] && [ "$WIRE_BYTES" != 64 ]; then
+  perftest ib_write_lat-wire "$WIRE_BYTES" "at the commit's wire size: "
+fi
 
 echo "FTVM-ALL-DONE" >"$RES"
 say "all done"

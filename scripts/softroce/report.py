@@ -232,6 +232,26 @@ def main():
     elif a.expect_bench:
         print("\n# TARGET: not computed (no rdma bench row or no ib_write_lat numbers)")
 
+    # For the record: ib_write_lat at the commit's wire size (not part of the target).
+    at_wire = None
+    wire = results.get(("perftest-client", "ib_write_lat-wire"))
+    wire_lat = parse_perftest(wire["text"]) if wire and wire["rc"] == 0 else None
+    if wire_lat:
+        commits = sorted(x["rdma_commit_p50_us"] for x in rounds)
+        at_wire = {
+            "bytes": int(wire_lat["bytes"]),
+            "rtt_p50_us": 2 * wire_lat["t_typical_us"],
+            "ib_write_lat": wire_lat,
+        }
+        line = (f"\n  ib_write_lat at the commit's wire size, {int(wire_lat['bytes'])} B: RTT typical "
+                f"{2 * wire_lat['t_typical_us']:.2f} µs")
+        if commits:
+            median = commits[len(commits) // 2]
+            at_wire["rdma_commit_p50_median_us"] = median
+            at_wire["ratio"] = median / (2 * wire_lat["t_typical_us"])
+            line += f"; median rdma commit p50 {median:.2f} µs = {at_wire['ratio']:.2f}x that"
+        print(line)
+
     if not done:
         failures.append("the guest did not reach FTVM-ALL-DONE (it died, hung or was killed)")
 
@@ -240,6 +260,7 @@ def main():
         "rows": rows,
         "ib_write_lat": [x["ib_write_lat"] for x in rounds],
         "target": target,
+        "ib_write_lat_at_commit_wire_size": at_wire,
         "environment": {
             "guest": "QEMU TCG, Debian kernel " + env.get("kernel", a.kernel),
             "cpus": env.get("cpus"),
