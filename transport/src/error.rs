@@ -102,6 +102,10 @@ pub enum ChannelError {
     /// The channel failed earlier (on another thread) and cannot be used.
     #[error("channel failed earlier: {0}")]
     Failed(String),
+    /// The backup authenticated this primary but could not set up its side of the medium (its
+    /// RDMA device failed, for example); the text is the backup's own error.
+    #[error("the backup could not set up the medium: {0}")]
+    PeerMediumFailed(String),
     /// An RDMA device could not be found, opened or used as configured (no such device, port
     /// down, empty GID entry, no kernel RDMA support).
     #[error("RDMA device {device:?}: {reason}")]

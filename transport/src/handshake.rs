@@ -154,7 +154,13 @@ enum Status {
     MediumMismatch = 3,
     StaleEpoch = 4,
     AuthFailed = 5,
+    /// After authentication: the backup could not set up its side of the medium (e.g. its RDMA
+    /// device); the Welcome's medium info carries the reason as text.
+    MediumUnavailable = 6,
 }
+
+/// Longest reason text a [`backup_refuse_medium`] sends.
+const MAX_REASON: usize = 512;
 
 /// What the primary learns from a successful handshake.
 #[derive(Debug, Clone)]
@@ -328,6 +334,14 @@ pub fn primary_handshake<S: Read + Write>(
     let mut welcome = [0u8; WELCOME_LEN];
     read_msg(stream, &mut welcome, "backup's welcome")?;
     check_magic(&welcome, WELCOME, "backup's welcome")?;
+    if welcome[5] == Status::MediumUnavailable as u8 {
+        let len = (u32_at(&welcome, 16) as usize).min(MAX_REASON);
+        let mut reason = vec![0u8; len];
+        read_msg(stream, &mut reason, "backup's reason")?;
+        return Err(ChannelError::PeerMediumFailed(
+            String::from_utf8_lossy(&reason).into_owned(),
+        ));
+    }
     if welcome[5] != Status::Ok as u8 {
         return Err(refusal(
             welcome[5],
@@ -446,6 +460,26 @@ pub fn backup_authenticate<S: Read + Write>(
     Ok(PrimaryHello { epoch: their_epoch })
 }
 
+/// Second step of the backup's side, when the medium could not be set up after all (its device
+/// failed, say): tells the authenticated primary why, so it reports that instead of a hang-up.
+/// The reason is cut to 512 bytes.
+pub fn backup_refuse_medium<S: Write>(stream: &mut S, reason: &str) -> Result<(), ChannelError> {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
+    let mut welcome = Vec::with_capacity(WELCOME_LEN + reason.len());
+    welcome.extend_from_slice(&MAGIC);
+    welcome.push(WELCOME);
+    welcome.push(Status::MediumUnavailable as u8);
+    welcome.extend_from_slice(&[0; 10]);
+    welcome.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    welcome.extend_from_slice(&[0; 4]);
+    welcome.extend_from_slice(reason);
+    write_msg(stream, &welcome, "sending the medium's refusal")
+}
+
 /// Second step of the backup's side: accept the authenticated primary.
 pub fn backup_welcome<S: Write>(
     stream: &mut S,
@@ -508,6 +542,43 @@ mod tests {
     }
 
     const KEY: &[u8] = b"0123456789abcdef-key";
+
+    /// A backup whose medium fails after authentication: the primary gets the reason, cut to
+    /// 512 bytes on a character boundary, and nothing is left unread on the socket.
+    #[test]
+    fn medium_refusal_carries_the_reason() {
+        for (reason, expect) in [
+            ("RDMA device \"rxe9\": no such device".to_string(), None),
+            ("é".repeat(300), Some("é".repeat(256))),
+        ] {
+            let (mut a, mut b) = UnixStream::pair().expect("pair");
+            a.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let sent = reason.clone();
+            let backup_side = std::thread::spawn(move || {
+                backup_authenticate(&mut b, &params(KEY, 3))?;
+                backup_refuse_medium(&mut b, &sent)?;
+                Ok::<_, ChannelError>(b)
+            });
+            let p = primary_handshake(&mut a, &params(KEY, 3));
+            let _b = backup_side
+                .join()
+                .expect("backup thread")
+                .expect("backup side");
+            match p {
+                Err(ChannelError::PeerMediumFailed(got)) => {
+                    assert_eq!(got, expect.unwrap_or(reason));
+                }
+                other => panic!("expected the backup's reason, got {other:?}"),
+            }
+            a.set_nonblocking(true).expect("nonblocking");
+            let mut rest = [0u8; 1];
+            assert!(
+                matches!(std::io::Read::read(&mut a, &mut rest), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                "bytes left after the refusal"
+            );
+        }
+    }
 
     #[test]
     fn matching_peers_agree() {

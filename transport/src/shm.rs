@@ -118,25 +118,37 @@ pub fn accept(
 
     let capacity = config.ring_capacity;
     let ctrl = control_offset(capacity);
-    let mut suffix = [0u8; 8];
-    getrandom::getrandom(&mut suffix)
-        .map_err(|e| ChannelError::io("naming the ring", std::io::Error::other(e.to_string())))?;
-    let path = PathBuf::from("/dev/shm").join(format!(
-        "ftvm-{:x}-{}-{:016x}",
-        config.session_id,
-        std::process::id(),
-        u64::from_le_bytes(suffix)
-    ));
-    let region = SharedRegion::create(&path, ctrl + PAGE).map_err(|e| ChannelError::Io {
-        context: "creating the shared ring",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| ChannelError::io("restricting the shared ring", e))?;
-    ring::format(&region, capacity)?;
-    let region = Arc::new(region);
-    let control = Control::new(region.clone(), ctrl)?;
-    let consumer = Consumer::attach(region.clone())?;
+    // The primary is authenticated: if the shared ring cannot be made, it is told why.
+    let set_up = || -> Result<_, ChannelError> {
+        let mut suffix = [0u8; 8];
+        getrandom::getrandom(&mut suffix).map_err(|e| {
+            ChannelError::io("naming the ring", std::io::Error::other(e.to_string()))
+        })?;
+        let path = PathBuf::from("/dev/shm").join(format!(
+            "ftvm-{:x}-{}-{:016x}",
+            config.session_id,
+            std::process::id(),
+            u64::from_le_bytes(suffix)
+        ));
+        let region = SharedRegion::create(&path, ctrl + PAGE).map_err(|e| ChannelError::Io {
+            context: "creating the shared ring",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ChannelError::io("restricting the shared ring", e))?;
+        ring::format(&region, capacity)?;
+        let region = Arc::new(region);
+        let control = Control::new(region.clone(), ctrl)?;
+        let consumer = Consumer::attach(region.clone())?;
+        Ok((path, control, consumer))
+    };
+    let (path, control, consumer) = match set_up() {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = handshake::backup_refuse_medium(&mut stream, &e.to_string());
+            return Err(e);
+        }
+    };
 
     let path_bytes = path.as_os_str().as_encoded_bytes().to_vec();
     handshake::backup_welcome(&mut stream, 1, &path_bytes)?;

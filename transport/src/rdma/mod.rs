@@ -464,27 +464,38 @@ pub fn accept(
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Rdma))?;
 
-    // The primary is authenticated: only now do the queue pair and the rkey come to exist.
+    // The primary is authenticated: only now do the queue pair and the rkey come to exist. If
+    // that fails (no device, port down, out of resources), the primary is told why.
     let capacity = config.ring_capacity;
-    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, rdma.recv_queue_depth)?;
-    // The ring, then the doorbell block (zeroed: no valid seal in it).
-    let ring_mem = heap(ring::region_len(capacity) + DOORBELL_LEN as usize)?;
-    ring::format(&*ring_mem, capacity)?;
-    let consumer = Consumer::attach(ring_mem.clone())?;
-    // The data area and the doorbell block only: the header (head and tail) stays out of the
-    // peer's reach.
-    let ring_mr = ep.register(
-        &ring_mem,
-        RING_HEADER_LEN,
-        capacity + DOORBELL_LEN as usize,
-        true,
-    )?;
-    let slots = ep.sq_depth as usize;
-    let ack_mem = heap(slots * ACK_LEN)?;
-    let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
-    ep.to_init()?;
-    let rq_depth = ep.rq_depth;
-    ep.post_recvs(RECV_TAG, rq_depth as usize)?;
+    let set_up = || -> Result<_, ChannelError> {
+        let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, rdma.recv_queue_depth)?;
+        // The ring, then the doorbell block (zeroed: no valid seal in it).
+        let ring_mem = heap(ring::region_len(capacity) + DOORBELL_LEN as usize)?;
+        ring::format(&*ring_mem, capacity)?;
+        let consumer = Consumer::attach(ring_mem.clone())?;
+        // The data area and the doorbell block only: the header (head and tail) stays out of
+        // the peer's reach.
+        let ring_mr = ep.register(
+            &ring_mem,
+            RING_HEADER_LEN,
+            capacity + DOORBELL_LEN as usize,
+            true,
+        )?;
+        let slots = ep.sq_depth as usize;
+        let ack_mem = heap(slots * ACK_LEN)?;
+        let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
+        ep.to_init()?;
+        let rq_depth = ep.rq_depth;
+        ep.post_recvs(RECV_TAG, rq_depth as usize)?;
+        Ok((ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr, rq_depth))
+    };
+    let (mut ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr, rq_depth) = match set_up() {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = handshake::backup_refuse_medium(&mut stream, &e.to_string());
+            return Err(e);
+        }
+    };
     let ours = PeerInfo {
         role: Role::Backup,
         mtu: ep.mtu,
@@ -1252,7 +1263,7 @@ mod tests {
 
     /// On a host without RDMA (or without that device), an authenticated pair fails with a typed
     /// device error on the backup — after authentication, which is when the device is opened —
-    /// and the primary sees the hang-up; nothing panics or hangs.
+    /// and the primary gets the backup's reason; nothing panics or hangs.
     #[test]
     fn missing_device_after_authentication_is_a_typed_error() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1266,13 +1277,13 @@ mod tests {
             matches!(backup, Err(ChannelError::RdmaDevice { .. })),
             "{backup:?}"
         );
-        assert!(
-            matches!(
-                primary,
-                Err(ChannelError::PeerClosed | ChannelError::RdmaDevice { .. })
-            ),
-            "{primary:?}"
-        );
+        // The primary learns why, not just that the backup hung up.
+        match &primary {
+            Err(ChannelError::PeerMediumFailed(reason)) => {
+                assert!(reason.contains("ftvm-no-such-rdma-device"), "{reason}")
+            }
+            other => panic!("expected the backup's reason, got {other:?}"),
+        }
     }
 
     /// A wrong key is refused before any RDMA resource (and so any rkey) exists: the refusal is
