@@ -19,11 +19,13 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport --features dpdk --all-targets -- -D warnings
 cargo clippy -p transport --features rdma --all-targets -- -D warnings
 cargo clippy -p bench --features rdma --all-targets -- -D warnings
+cargo clippy -p bench --features trace --all-targets -- -D warnings
 cargo clippy -p ftvm --features dpdk --all-targets -- -D warnings
 cargo clippy -p ftvm --features rdma --all-targets -- -D warnings
 
 step "cargo test --workspace"
 cargo test --workspace
+cargo test -p transport --features trace --lib trace
 
 step "the DPDK medium: two processes over net_memif (no root) and net_af_packet on a veth pair (root); an FT pair over DPDK"
 cargo test -p transport --features dpdk

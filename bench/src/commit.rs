@@ -122,8 +122,61 @@ pub struct CommitArgs {
     /// Write an SVG bar chart (commit p50/p99 against the raw p50, per medium) here.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+    /// Also break each commit down into the steps of its path (time stamps on both sides,
+    /// `transport::trace`), printed as p50/mean per step and written to the JSON; needs the
+    /// bench built with `--features trace`.
+    #[arg(long)]
+    trace: bool,
     #[command(flatten)]
     rdma: RdmaArgs,
+}
+
+/// One step of the commit path, as `--trace` reports it.
+#[derive(Debug, Serialize)]
+struct TraceStep {
+    step: &'static str,
+    p50_ns: f64,
+    mean_ns: f64,
+}
+
+/// TSC ticks per nanosecond, from the ticks and the time a run took.
+struct TscRate {
+    ticks: u64,
+    start: Instant,
+}
+
+impl TscRate {
+    fn begin() -> Self {
+        TscRate {
+            ticks: transport::trace::stamp(),
+            start: Instant::now(),
+        }
+    }
+
+    fn per_ns(&self) -> f64 {
+        let ns = self.start.elapsed().as_nanos().max(1) as f64;
+        transport::trace::stamp().wrapping_sub(self.ticks) as f64 / ns
+    }
+}
+
+/// The measured commits' steps (frames `warmup..warmup + count`), in nanoseconds.
+fn trace_steps(args: &CommitArgs, per_ns: f64) -> Vec<TraceStep> {
+    let from = args.warmup as usize;
+    let to = from + args.count as usize;
+    transport::trace::segments(from, to)
+        .into_iter()
+        .filter(|s| !s.ticks.is_empty())
+        .map(|mut s| {
+            s.ticks.sort_unstable();
+            let ns = |t: i64| t as f64 / per_ns.max(f64::MIN_POSITIVE);
+            let mean = s.ticks.iter().map(|&t| ns(t)).sum::<f64>() / s.ticks.len() as f64;
+            TraceStep {
+                step: s.name,
+                p50_ns: ns(s.ticks[s.ticks.len() / 2]),
+                mean_ns: mean,
+            }
+        })
+        .collect()
 }
 
 /// RDMA devices, named as perftest names them; each overrides the `FTVM_RDMA_*` environment
@@ -295,7 +348,11 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         .filter_map(|m| m.dpdk_kind())
         .collect();
     raw::memif::want(&kinds);
+    if args.trace && !cfg!(feature = "trace") {
+        bail!("--trace needs the bench built with the trace feature (cargo build --release -p bench --features trace)");
+    }
     let mut rows = Vec::new();
+    let mut traces = serde_json::Map::new();
     let _ = RDMA_ARGS.set(args.rdma.clone());
     #[cfg(feature = "rdma")]
     let rdma_devices = if args
@@ -332,17 +389,29 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             raw::ping_pong(medium.raw(), &raw_config)
                 .with_context(|| format!("raw ping-pong over {}", medium.name()))
         };
-        let (commit, raw) = if medium.is_dpdk() {
+        let measure = || -> anyhow::Result<(Histogram<u64>, Vec<TraceStep>)> {
+            if args.trace {
+                // Every frame of the run gets a row: warm-up, measured, and the last ones.
+                transport::trace::start((args.warmup + args.count) as usize + 64);
+            }
+            let rate = TscRate::begin();
+            let commit = measure_commit(medium, args)
+                .with_context(|| format!("commit latency over {}", medium.name()))?;
+            let steps = if args.trace {
+                trace_steps(args, rate.per_ns())
+            } else {
+                Vec::new()
+            };
+            Ok((commit, steps))
+        };
+        let ((commit, steps), raw) = if medium.is_dpdk() {
             // The channel closes its DPDK ports when it is done, and the raw ping-pong gives its
             // pair back: measuring the raw medium first runs both over the same two ports.
             let raw = raw_ping_pong()?;
-            let commit = measure_commit(medium, args)
-                .with_context(|| format!("commit latency over {}", medium.name()))?;
-            (commit, raw)
+            (measure()?, raw)
         } else {
-            let commit = measure_commit(medium, args)
-                .with_context(|| format!("commit latency over {}", medium.name()))?;
-            (commit, raw_ping_pong()?)
+            let measured = measure()?;
+            (measured, raw_ping_pong()?)
         };
         let row = CommitRow {
             transport: medium.name().into(),
@@ -373,16 +442,32 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             row.raw_request_bytes,
             row.raw_reply_bytes
         );
+        if args.trace {
+            println!(
+                "  {} step by step (p50 / mean, ns per commit):",
+                row.transport
+            );
+            for step in &steps {
+                println!(
+                    "    {:<32} {:>9.0} {:>9.0}",
+                    step.step, step.p50_ns, step.mean_ns
+                );
+            }
+            traces.insert(row.transport.clone(), serde_json::to_value(&steps)?);
+        }
         rows.push(row);
     }
     if let Some(path) = &args.json {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "rows": rows,
             "frame_crc32c": logfmt::crc::implementation().name(),
         });
+        if args.trace {
+            json["trace"] = serde_json::Value::Object(traces);
+        }
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
@@ -469,6 +554,7 @@ fn primary_loop<L: PrimaryLink>(
     for i in 0..args.warmup + args.count {
         exit += 1;
         let start = Instant::now();
+        transport::trace::primary(transport::trace::PrimaryPoint::Start);
         if !input.is_empty() {
             primary.append(&Entry::new(
                 Position::at_exit(exit),
@@ -488,6 +574,8 @@ fn primary_loop<L: PrimaryLink>(
         ))?;
         primary.wait_acked(seq)?;
         let took = start.elapsed();
+        transport::trace::primary(transport::trace::PrimaryPoint::Done);
+        transport::trace::primary_next();
         if i >= args.warmup {
             hist.saturating_record(took.as_nanos() as u64);
         }

@@ -30,6 +30,7 @@ use crate::handshake::{MediumKind, PreSharedKey, SessionParams};
 use crate::poll::PollPolicy;
 use crate::region::HeapRegion;
 use crate::ring::{self, Consumer, Producer, RingError};
+use crate::trace::{self, BackupPoint, PrimaryPoint};
 
 /// How the channel behaves; both sides should use the same timing values.
 #[derive(Debug, Clone)]
@@ -495,6 +496,7 @@ impl<L: PrimaryLink> Sender<L> {
         if self.link.flush()? {
             while let Some(frame) = self.consumer.peek()? {
                 let header = FrameHeader::parse(frame)?;
+                trace::primary(PrimaryPoint::Sent);
                 if !self.link.offer(frame)? {
                     ChannelStats::add(&self.shared.stats.medium_full, 1);
                     break;
@@ -520,6 +522,7 @@ impl<L: PrimaryLink> Sender<L> {
                 )));
             }
             if acked > self.shared.acked.load(Ordering::Relaxed) {
+                trace::primary(PrimaryPoint::Acked);
                 self.shared.acked.store(acked, Ordering::Release);
                 progress = true;
             }
@@ -579,6 +582,7 @@ impl<L: PrimaryLink> Sender<L> {
         }
         let taken = match self.link.flush().and_then(|flushed| {
             if flushed {
+                trace::primary(PrimaryPoint::Sent);
                 self.link.offer(frame)
             } else {
                 Ok(false)
@@ -709,6 +713,7 @@ impl<L: PrimaryLink> Primary<L> {
         let entry_count = writer.frame.entry_count();
         let last_seq = writer.next_seq - 1;
         let frame = writer.frame.finish()?;
+        trace::primary(PrimaryPoint::Sealed);
         if sender.offer_direct(frame, entry_count, last_seq)? {
             writer.batch_sent();
             return Ok(());
@@ -900,6 +905,7 @@ impl<L: BackupLink> Receiver<L> {
             // the ACK is what the primary's output is waiting for.
             if self.expected - 1 > self.acked {
                 self.acked = self.expected - 1;
+                trace::backup(BackupPoint::Acking);
                 let acked = self.link.ack(self.acked, self.epoch);
                 if result.is_ok() {
                     acked?;
@@ -937,6 +943,7 @@ impl<L: BackupLink> Receiver<L> {
     fn accept_buffered(&mut self) -> Result<(bool, bool), ChannelError> {
         let mut accepted = false;
         while let Some(bytes) = self.link.peek()? {
+            let since = trace::stamp();
             let (frame, len) = FrameView::parse(bytes)?;
             if len != bytes.len() {
                 return Err(ChannelError::CorruptMessage(format!(
@@ -958,6 +965,7 @@ impl<L: BackupLink> Receiver<L> {
             }
             let count = u64::from(frame.entry_count());
             if count > 0 {
+                trace::backup_frame(since);
                 match self.producer.try_reserve(len) {
                     Ok(slot) => slot.copy_from_slice(bytes),
                     // The backup's buffer is full: leave the frame on the medium (which then
@@ -972,6 +980,9 @@ impl<L: BackupLink> Receiver<L> {
             self.epoch = frame.epoch();
             self.expected += count;
             self.link.consume()?;
+            if count > 0 {
+                trace::backup(BackupPoint::Landed);
+            }
             accepted = true;
         }
         Ok((accepted, true))

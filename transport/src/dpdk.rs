@@ -652,6 +652,7 @@ impl PrimaryLink for DpdkPrimaryLink {
             let len = ETHER_HDR_LEN + DATA_HDR + chunk.len();
             let mut sent = false;
             if direct {
+                crate::trace::primary(crate::trace::PrimaryPoint::Sent);
                 let (peer, mac, tag) = (self.wire.peer, self.wire.mac, self.wire.tag);
                 match self
                     .wire
@@ -1089,6 +1090,7 @@ impl BackupLink for DpdkBackupLink {
                 continue;
             }
             answer = true;
+            crate::trace::backup_arrived();
             let m = match self.frames.data_whole(seq, m) {
                 Ok(()) => {
                     took = true;

@@ -31,6 +31,7 @@ pub mod region;
 pub mod ring;
 pub mod shm;
 pub mod tcp;
+pub mod trace;
 
 pub use channel::{
     Backup, BackupLink, BackupNews, ChannelConfig, ChannelStats, LogWriter, Primary, PrimaryLink,

@@ -38,8 +38,8 @@ use dpdk_sys::{EalArgs, MemifRole, Mempool, Port};
 mod common;
 
 use common::stream::{
-    check_acked, check_backup_loss, check_verdict, commit, commit_until_error, end_stream,
-    send_stream, signal, verify_stream, Loss,
+    check_acked, check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream,
+    verify_stream, Loss,
 };
 use transport::dpdk::{self, DpdkConfig, DpdkStats};
 use transport::{ChannelConfig, PreSharedKey};
@@ -352,15 +352,12 @@ fn run_primary(
     if scenario == "frozen" || scenario == "killed" {
         // SIGSTOP leaves the backup's process, control socket and memif in place: only the
         // silence tells. SIGKILL closes the control socket too.
-        let (loss, sig) = match scenario {
-            "frozen" => (Loss::Frozen, libc::SIGSTOP),
-            _ => (Loss::Killed, libc::SIGKILL),
+        let loss = match scenario {
+            "frozen" => Loss::Frozen,
+            _ => Loss::Killed,
         };
         let timeout = config(scenario).heartbeat_timeout;
-        send_stream(&mut p, 10_000, 0x5EED, |_| " (before the loss)".into())?;
-        commit(&mut p, 10_001)?;
-        let pid = backup.child.id();
-        let (err, took) = commit_until_error(&mut p, 10_002, timeout, || signal(pid, sig))?;
+        let (err, took) = lose_backup(&mut p, &mut backup.child, loss, timeout)?;
         eprintln!("  backup {loss:?} → primary error after {took:.1?}: {err}");
         return check_backup_loss(loss, &err, took, timeout);
     }

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::stream::{
-    check_backup_loss, check_verdict, commit, commit_until_error, end_stream, send_stream, signal,
-    verify_stream, Loss,
+    check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream, verify_stream,
+    Loss,
 };
 use std::sync::Arc;
 use transport::handshake::{self, MediumKind, SessionParams};
@@ -174,16 +174,7 @@ fn backup_lost(s: &Sides, loss: Loss) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(s)?;
     let mut p = rdma::connect(addr.as_str(), config(), &s.a).map_err(|e| e.to_string())?;
     let timeout = config().heartbeat_timeout;
-    send_stream(&mut p, 10_000, 7, |_| " (before the loss)".into())?;
-    commit(&mut p, 10_001)?;
-    let pid = backup.child.id();
-    let lost = commit_until_error(&mut p, 10_002, timeout, || match loss {
-        Loss::Killed => signal(pid, libc::SIGKILL),
-        Loss::Frozen => signal(pid, libc::SIGSTOP),
-    });
-    let _ = backup.child.kill();
-    let _ = backup.child.wait();
-    let (err, took) = lost?;
+    let (err, took) = lose_backup(&mut p, &mut backup.child, loss, timeout)?;
     println!("  rdma: backup {loss:?} → primary error after {took:.1?}: {err}");
     check_backup_loss(loss, &err, took, timeout)
 }

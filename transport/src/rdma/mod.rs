@@ -818,6 +818,7 @@ impl PrimaryLink for RdmaPrimaryLink {
             };
             k += 1;
         }
+        crate::trace::primary(crate::trace::PrimaryPoint::Sent);
         // SAFETY: the local ranges are the record's bytes (and its seal) in the mirror, or a seal
         // staging slot, all registered under `mirror_mr`; the producer reuses record bytes only
         // once the backup has released them, which it can do only after the writes landed. The
@@ -1161,6 +1162,7 @@ impl RdmaBackupLink {
         }
         self.head = best;
         counter(&self.ring, HEAD_OFFSET).store(best, Ordering::Release);
+        crate::trace::backup_arrived();
         true
     }
 

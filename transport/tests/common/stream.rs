@@ -272,3 +272,25 @@ pub fn signal(pid: u32, signal: i32) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The backup-loss scenario every medium runs: 10,000 entries and a commit, then the backup's
+/// process (`child`) is SIGKILLed or SIGSTOPped and the primary commits on until it reports an
+/// error ([`commit_until_error`]); the child is reaped either way. Returns the error and how
+/// long after the loss it came, for [`check_backup_loss`].
+pub fn lose_backup<P: StreamPrimary>(
+    p: &mut P,
+    child: &mut std::process::Child,
+    loss: Loss,
+    timeout: Duration,
+) -> Result<(ChannelError, Duration), String> {
+    send_stream(p, 10_000, 7, |_| " (before the loss)".into())?;
+    commit(p, 10_001)?;
+    let pid = child.id();
+    let lost = commit_until_error(p, 10_002, timeout, || match loss {
+        Loss::Killed => signal(pid, libc::SIGKILL),
+        Loss::Frozen => signal(pid, libc::SIGSTOP),
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    lost
+}
