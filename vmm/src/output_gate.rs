@@ -56,12 +56,14 @@ impl OutputGate {
         self.clients.insert(request_id, from);
     }
 
-    /// Parks an output whose marker has log sequence number `seq`.
-    pub fn hold(&mut self, seq: u64, bytes: &[u8]) {
+    /// Parks an output whose marker has log sequence number `seq`; the guest produced it at
+    /// `produced` (before its marker was appended and sent), which is where its commit latency
+    /// is counted from.
+    pub fn hold(&mut self, seq: u64, bytes: &[u8], produced: Instant) {
         self.held.push_back(Held {
             seq,
             bytes: bytes.to_vec(),
-            held_at: Instant::now(),
+            held_at: produced,
         });
     }
 

@@ -308,6 +308,8 @@ impl<S: LogSink> EventSource for Recorder<S> {
 
     fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError> {
         self.first_output_exit.get_or_insert(exit);
+        // The output's commit starts here: appending and sending its marker is part of it.
+        let produced = Instant::now();
         let seq = self.log.append(&Entry::new(
             Position::at_exit(exit),
             Event::OutputMarker {
@@ -316,7 +318,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
                 digest: logfmt::digest(bytes),
             },
         ))?;
-        self.gate.hold(seq, bytes);
+        self.gate.hold(seq, bytes, produced);
         self.release()?;
         if self.gate.pending() > 0 && !self.config.commit_spin.is_zero() {
             let until = Instant::now() + self.config.commit_spin;
