@@ -567,33 +567,30 @@ impl<L: PrimaryLink> Sender<L> {
         self.liveness.check(now, || link.check_peer())
     }
 
-    /// Offers a whole frame straight to the link, bypassing the log ring, when nothing is
-    /// queued before it (the ring is empty and the link has nothing buffered). Returns whether
-    /// the link took it; if not, the caller queues it in the ring as usual. For the inline
-    /// sender: a commit then costs no copy into the ring and no second look at the header.
+    /// Whether nothing is queued before a new frame: the log ring is empty and the link has
+    /// nothing buffered. Then the frame may go straight to the link ([`Sender::offer_direct`]).
+    fn can_offer_direct(&mut self) -> Result<bool, ChannelError> {
+        if !self.consumer_is_idle() {
+            return Ok(false);
+        }
+        self.link.flush().inspect_err(|e| self.shared.fail(e))
+    }
+
+    /// Offers a whole frame straight to the link, bypassing the log ring (call it when
+    /// [`Sender::can_offer_direct`] said so). Returns whether the link took it; if not, the
+    /// caller queues it in the ring as usual. For the inline sender: a commit then costs no
+    /// copy into the ring and no second look at the header.
     fn offer_direct(
         &mut self,
         frame: &[u8],
         entry_count: u32,
         last_seq: u64,
     ) -> Result<bool, ChannelError> {
-        if !self.consumer_is_idle() {
-            return Ok(false);
-        }
-        let taken = match self.link.flush().and_then(|flushed| {
-            if flushed {
-                trace::primary(PrimaryPoint::Sent);
-                self.link.offer(frame)
-            } else {
-                Ok(false)
-            }
-        }) {
-            Ok(taken) => taken,
-            Err(e) => {
-                self.shared.fail(&e);
-                return Err(e);
-            }
-        };
+        trace::primary(PrimaryPoint::Sent);
+        let taken = self
+            .link
+            .offer(frame)
+            .inspect_err(|e| self.shared.fail(e))?;
         if !taken {
             return Ok(false);
         }
@@ -710,13 +707,16 @@ impl<L: PrimaryLink> Primary<L> {
         if writer.frame.is_empty() {
             return Ok(());
         }
-        let entry_count = writer.frame.entry_count();
-        let last_seq = writer.next_seq - 1;
-        let frame = writer.frame.finish()?;
-        trace::primary(PrimaryPoint::Sealed);
-        if sender.offer_direct(frame, entry_count, last_seq)? {
-            writer.batch_sent();
-            return Ok(());
+        if sender.can_offer_direct()? {
+            let entry_count = writer.frame.entry_count();
+            let last_seq = writer.next_seq - 1;
+            let frame = writer.frame.finish()?;
+            trace::primary(PrimaryPoint::Sealed);
+            if sender.offer_direct(frame, entry_count, last_seq)? {
+                writer.batch_sent();
+                return Ok(());
+            }
+            // The medium is full after all (rare): the ring takes the frame, sealed again.
         }
         writer.flush_with(&mut pump_inline(sender, cfg), cfg.heartbeat_timeout)?;
         sender.pump()?;
