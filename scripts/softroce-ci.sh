@@ -6,7 +6,8 @@
 #   1. installs what it needs (apt, skipped when present), downloads and unpacks Debian's
 #      linux-image-amd64 into target/softroce/work (cached across runs);
 #   2. builds the RDMA test binaries (`cargo test -p transport --features rdma --no-run`, the
-#      test targets named rdma*) and the bench (`cargo build --release -p bench --features rdma`);
+#      test targets named rdma*) and the bench (`cargo build --release -p bench --features
+#      rdma,trace`);
 #   3. packs them with busybox, the rxe modules and perftest into an initramfs and boots it:
 #      rxe0@veth0 (10.99.0.1) <-> rxe1@veth1 (10.99.0.2), each test binary run with
 #      FTVM_RDMA_{DEV,GID,IP}_{A,B}, then `bench commit --transport rdma`, then ib_write_lat;
@@ -161,8 +162,8 @@ EOF
   ((${#tests[@]})) || die "no RDMA test binaries: cargo test -p transport --features rdma built no test target named rdma* (transport/tests/rdma_*.rs)"
   printf 'softroce: test binary %s\n' "${tests[@]}"
 
-  log "cargo build --release -p bench --features rdma"
-  cargo build --release -p bench --features rdma --message-format=json-render-diagnostics \
+  log "cargo build --release -p bench --features rdma,trace"
+  cargo build --release -p bench --features rdma,trace --message-format=json-render-diagnostics \
     >"$OUT/cargo-bench.json" || die "building the bench failed"
   bench_exe=$(python3 - "$OUT/cargo-bench.json" <<'EOF'
 import json, sys

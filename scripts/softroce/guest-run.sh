@@ -174,6 +174,20 @@ while [ "$round" -le "$ROUNDS" ]; do
   round=$((round + 1))
 done
 
+# For the record, not for the target: one more, shorter bench run with `--trace`, the commit
+# broken into its steps on both sides (the stamps cost time here, so the rounds above run
+# without them).
+if [ -x /ftvm/bench ]; then
+  say "bench commit --transport rdma --trace (for the record)"
+  t0=$(up)
+  run_limited "$BENCH_TIMEOUT" /tmp/bench-trace.log /ftvm/bench commit --transport rdma \
+    --count 5000 --warmup 1000 --trace
+  rc=$?
+  secs=$(since "$t0")
+  show bench-trace /tmp/bench-trace.log
+  say "bench --trace: exit $rc after $secs s"
+fi
+
 # For the record, not for the target: ib_write_lat with as many bytes per write as one commit
 # puts on the wire (record header, frame, seal), so the commit can also be read against the
 # medium at equal size.
