@@ -57,6 +57,19 @@ impl Scratch {
         &self.0
     }
 
+    /// Where [`Scratch::file_arbiter`] keeps its store.
+    fn store(&self) -> PathBuf {
+        self.0.join("store")
+    }
+
+    /// A fresh file-arbiter store in the scratch directory, as an `--arbiter` spec.
+    fn file_arbiter(&self) -> String {
+        let store = self.store();
+        std::fs::create_dir_all(&store).expect("store dir");
+        ft_arbiter::FileArbiter::create_store(&store).expect("store");
+        format!("file:{}", store.display())
+    }
+
     fn key(&self) -> PathBuf {
         let k = self.0.join("psk");
         if !k.exists() {
@@ -497,11 +510,9 @@ fn a_cut_channel_leaves_exactly_one_replica_live() {
     let mut winners = Vec::new();
     for round in 0..4 {
         let scratch = Scratch::new("cut");
-        let store = scratch.path().join("store");
-        std::fs::create_dir_all(&store).expect("store dir");
-        ft_arbiter::FileArbiter::create_store(&store).expect("store");
+        let arbiter = scratch.file_arbiter();
         let _turn = turn();
-        let mut pair = start_pair(&scratch, &format!("file:{}", store.display()), true);
+        let mut pair = start_pair(&scratch, &arbiter, true);
         let client = start_client(pair.front.local_addr(), 300, round);
         std::thread::sleep(Duration::from_millis(150 + 100 * round));
         pair.cable.as_ref().expect("cable").cut();
@@ -577,11 +588,9 @@ fn with_the_arbiter_down_nobody_goes_live_until_it_is_back() {
 #[test]
 fn a_deposed_primary_cannot_reach_a_client() {
     let scratch = Scratch::new("deposed");
-    let store = scratch.path().join("store");
-    std::fs::create_dir_all(&store).expect("store dir");
-    ft_arbiter::FileArbiter::create_store(&store).expect("store");
+    let arbiter = scratch.file_arbiter();
     let _turn = turn();
-    let mut pair = start_pair(&scratch, &format!("file:{}", store.display()), false);
+    let mut pair = start_pair(&scratch, &arbiter, false);
     let client = start_client(pair.front.local_addr(), 400, 9);
     std::thread::sleep(Duration::from_millis(200));
     // Freeze the primary: to the backup it is as good as dead, but it will wake up.
@@ -722,10 +731,7 @@ fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
     for round in 0..3u64 {
         let scratch = Scratch::new("veth");
         let key = scratch.key();
-        let store = scratch.path().join("store");
-        std::fs::create_dir_all(&store).expect("store dir");
-        ft_arbiter::FileArbiter::create_store(&store).expect("store");
-        let arbiter = format!("file:{}", store.display());
+        let arbiter = scratch.file_arbiter();
         let _turn = turn();
         let veths = Veths::new();
         let psk = PreSharedKey::from_file(&key).expect("key");
@@ -797,11 +803,9 @@ fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
 #[test]
 fn a_primary_that_loses_its_backup_asks_then_goes_on_alone() {
     let scratch = Scratch::new("backup-killed");
-    let store = scratch.path().join("store");
-    std::fs::create_dir_all(&store).expect("store dir");
-    ft_arbiter::FileArbiter::create_store(&store).expect("store");
+    let arbiter = scratch.file_arbiter();
     let _turn = turn();
-    let mut pair = start_pair(&scratch, &format!("file:{}", store.display()), false);
+    let mut pair = start_pair(&scratch, &arbiter, false);
     let client = start_client(pair.front.local_addr(), 300, 11);
     std::thread::sleep(Duration::from_millis(150));
     pair.backup.signal(libc::SIGKILL);
@@ -816,7 +820,7 @@ fn a_primary_that_loses_its_backup_asks_then_goes_on_alone() {
     client_ok(client);
     assert_eq!(pair.primary.exited_within(Duration::ZERO), None);
     assert_eq!(pair.primary.stop(), 0);
-    let current = ft_arbiter::FileArbiter::open(&store)
+    let current = ft_arbiter::FileArbiter::open(scratch.store())
         .and_then(|mut a| ft_arbiter::Arbiter::current(&mut a, "ftvm-pair-1"))
         .expect("arbiter");
     assert!(

@@ -7,15 +7,14 @@
 //!
 //! Custom harness (`harness = false`) so the backup role is a plain command line.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::stream::{
-    check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream, verify_stream,
-    Loss, StreamPrimary,
+    self, check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream,
+    verify_stream, BackupProcess, Loss, StreamPrimary,
 };
 use logfmt::Entry;
 use transport::{shm, tcp, ChannelConfig, ChannelError, PreSharedKey};
@@ -65,29 +64,8 @@ fn verified(result: Result<u64, String>) -> Result<(), String> {
 
 // ---------------------------------------------------------------- primary role (this process)
 
-struct BackupProcess {
-    child: Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
 fn spawn_backup(medium: &str, address: &str) -> Result<(BackupProcess, String), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .args(["backup", medium, address])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning backup: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .ok_or("backup exited before listening")?
-        .map_err(|e| e.to_string())?;
-    let addr = first
-        .strip_prefix("LISTENING ")
-        .ok_or_else(|| format!("backup said {first:?}"))?
-        .to_string();
-    Ok((BackupProcess { child, lines }, addr))
+    stream::spawn_backup(&["backup", medium, address])
 }
 
 /// Either medium's primary end behind one interface, for the test's driving code.

@@ -25,16 +25,16 @@
 //! `scripts/softroce-ci.sh` sets them); without them it FAILS, since it is only ever run there.
 //! Custom harness (`harness = false`) so the backup role is a plain command line.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::stream::{
-    check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream, verify_stream,
-    Loss,
+    self, check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream,
+    verify_stream, BackupProcess, Loss,
 };
 use std::sync::Arc;
 use transport::handshake::{self, MediumKind, SessionParams};
@@ -98,36 +98,8 @@ fn backup_role(address: &str) -> Result<(), String> {
 
 // ---------------------------------------------------------------- primary role (this process)
 
-struct BackupProcess {
-    child: Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Drop for BackupProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn_backup(s: &Sides) -> Result<(BackupProcess, String), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .args(["backup", &SocketAddr::new(s.ip_b, 0).to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawning backup: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .ok_or("backup exited before listening")?
-        .map_err(|e| e.to_string())?;
-    let addr = first
-        .strip_prefix("LISTENING ")
-        .ok_or_else(|| format!("backup said {first:?}"))?
-        .to_string();
-    Ok((BackupProcess { child, lines }, addr))
+    stream::spawn_backup(&["backup", &SocketAddr::new(s.ip_b, 0).to_string()])
 }
 
 fn stream_entries(
@@ -198,11 +170,19 @@ fn listener_b(s: &Sides) -> Result<(TcpListener, SocketAddr), String> {
     Ok((l, a))
 }
 
-fn wrong_key_gets_no_rkey(s: &Sides) -> Result<(), String> {
-    // 1. An attacker that ignores the backup's proof and answers with a made-up MAC.
+/// A real backup (`rdma::accept` on device B) in a thread, for a test that plays the primary
+/// by hand: the thread's result, and the address to connect to.
+type BackupThread = std::thread::JoinHandle<Result<(), ChannelError>>;
+fn backup_thread(s: &Sides) -> Result<(BackupThread, SocketAddr), String> {
     let (l, addr) = listener_b(s)?;
     let b_cfg = s.b.clone();
     let backup = std::thread::spawn(move || rdma::accept(&l, config(), &b_cfg).map(|_| ()));
+    Ok((backup, addr))
+}
+
+fn wrong_key_gets_no_rkey(s: &Sides) -> Result<(), String> {
+    // 1. An attacker that ignores the backup's proof and answers with a made-up MAC.
+    let (backup, addr) = backup_thread(s)?;
     let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
@@ -238,9 +218,7 @@ fn wrong_key_gets_no_rkey(s: &Sides) -> Result<(), String> {
     }
 
     // 2. The real primary with the wrong key: refused on both sides.
-    let (l, addr) = listener_b(s)?;
-    let b_cfg = s.b.clone();
-    let backup = std::thread::spawn(move || rdma::accept(&l, config(), &b_cfg).map(|_| ()));
+    let (backup, addr) = backup_thread(s)?;
     let mut wrong = config();
     wrong.key = PreSharedKey::new(b"not-the-rdma-test-key".to_vec()).map_err(|e| e.to_string())?;
     let primary = rdma::connect(addr, wrong, &s.a).map(|_| ());
@@ -508,9 +486,7 @@ fn bad_setup_is_refused(s: &Sides) -> Result<(), String> {
             ..plausible(Role::Primary)
         },
     ] {
-        let (l, addr) = listener_b(s)?;
-        let b_cfg = s.b.clone();
-        let backup = std::thread::spawn(move || rdma::accept(&l, config(), &b_cfg).map(|_| ()));
+        let (backup, addr) = backup_thread(s)?;
         let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
         sock.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;

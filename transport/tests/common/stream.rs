@@ -294,3 +294,40 @@ pub fn lose_backup<P: StreamPrimary>(
     let _ = child.wait();
     lost
 }
+
+/// A backup child process: this test binary run again with `args`, speaking a line protocol on
+/// its stdout (first `LISTENING <address>`, last its verdict). Killed and reaped when dropped.
+pub struct BackupProcess {
+    pub child: std::process::Child,
+    pub lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for BackupProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts this test binary as a backup with `args` and returns it with the address it
+/// announced.
+pub fn spawn_backup(args: &[&str]) -> Result<(BackupProcess, String), String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning backup: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .ok_or("backup exited before listening")?
+        .map_err(|e| e.to_string())?;
+    let addr = first
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| format!("backup said {first:?}"))?
+        .to_string();
+    Ok((BackupProcess { child, lines }, addr))
+}
