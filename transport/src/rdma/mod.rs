@@ -133,8 +133,8 @@
 //! one `ib_write_lat` at the commit's 178-byte wire size): with the frame CRC by table instead
 //! of the `crc32` instruction (QEMU's TCG emulates that bit by bit: 1.1 µs against 0.35 µs per
 //! 154-byte frame), frames offered straight to the link, and idle polls that read one word,
-//! commit p50 47–62 µs against an `ib_write_lat` RTT of 35.0–49.5 µs: per-run medians of
-//! 1.19–1.39×, median 1.34×, eleven runs (one passed the 1.2× target, on a slow
+//! commit p50 47–62 µs against an `ib_write_lat` RTT of 35.0–53.7 µs: per-run medians of
+//! 1.18–1.39×, median 1.33×, fourteen runs (two passed the 1.2× target, both on a slow
 //! `ib_write_lat`). Against `ib_write_lat` at 178 B (44.3–50.1 µs) the commit is 1.04–1.16×. Traced with TSC stamps in the guest, a commit spends ≈ 4 µs of emulated CPU in
 //! the channel (2.2 µs on the primary before the write is posted, 1.8 µs on the backup from the
 //! record's arrival to the ACK's post, 0.4 µs after the ACK), and the rest of the gap is bytes:
