@@ -683,6 +683,30 @@ impl<L: PrimaryLink> Primary<L> {
         })
     }
 
+    /// The same end over another link type that wraps this one (e.g. the medium layer's
+    /// [`crate::medium::AnyPrimaryLink`]); all state is kept.
+    pub fn map_link<M: PrimaryLink>(self, wrap: impl FnOnce(L) -> M) -> Primary<M> {
+        let s = self.sender;
+        Primary {
+            writer: self.writer,
+            sender: Sender {
+                link: wrap(s.link),
+                consumer: s.consumer,
+                shared: s.shared,
+                epoch: s.epoch,
+                sent_seq: s.sent_seq,
+                heartbeat: s.heartbeat,
+                heartbeat_interval: s.heartbeat_interval,
+                last_sent: s.last_sent,
+                liveness: s.liveness,
+                pumps: s.pumps,
+                heard_undated: s.heard_undated,
+                sent_undated: s.sent_undated,
+            },
+            config: self.config,
+        }
+    }
+
     /// Appends one entry and returns its sequence number. Entries are batched; an output marker
     /// (or a full batch) flushes the batch to the medium at once. Waits (counted as throttling)
     /// while the backup lags more than the configured bound.
@@ -1045,6 +1069,29 @@ impl<L: BackupLink> Backup<L> {
             config,
             stats,
         })
+    }
+
+    /// The same end over another link type that wraps this one (e.g. the medium layer's
+    /// [`crate::medium::AnyBackupLink`]); all state is kept.
+    pub fn map_link<M: BackupLink>(self, wrap: impl FnOnce(L) -> M) -> Backup<M> {
+        let r = self.receiver;
+        Backup {
+            receiver: Receiver {
+                link: wrap(r.link),
+                producer: r.producer,
+                epoch: r.epoch,
+                expected: r.expected,
+                acked: r.acked,
+                heartbeat_interval: r.heartbeat_interval,
+                last_acked_at: r.last_acked_at,
+                liveness: r.liveness,
+                pumps: r.pumps,
+                stats: r.stats,
+            },
+            frames: self.frames,
+            config: self.config,
+            stats: self.stats,
+        }
     }
 
     /// Pumps the medium once and hands every frame now in the backup's buffer to `f`, in order;

@@ -24,6 +24,7 @@ pub mod channel;
 pub mod dpdk;
 pub mod error;
 pub mod handshake;
+pub mod medium;
 pub mod poll;
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -39,6 +40,7 @@ pub use channel::{
 };
 pub use error::ChannelError;
 pub use handshake::{MediumKind, PreSharedKey, PROTOCOL_VERSION};
+pub use medium::{AnyBackup, AnyPrimary, Listener, Medium};
 pub use poll::{PollPolicy, Poller};
 pub use region::{HeapRegion, RegionError, RingMemory, SharedRegion};
 pub use ring::{Consumer, Producer, RingError};

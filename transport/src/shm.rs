@@ -109,9 +109,19 @@ pub fn accept(
     config: ChannelConfig,
 ) -> Result<Backup<ShmBackupLink>, ChannelError> {
     config.validate()?;
-    let (mut stream, _) = listener
+    let (stream, _) = listener
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    backup_on(stream, config)
+}
+
+/// The backup's channel end over a connected control socket, whichever side dialed:
+/// authenticates the primary, creates the shared ring for it.
+pub fn backup_on(
+    mut stream: UnixStream,
+    config: ChannelConfig,
+) -> Result<Backup<ShmBackupLink>, ChannelError> {
+    config.validate()?;
     with_timeouts(&stream, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Shm))?;
@@ -186,8 +196,18 @@ pub fn connect(
     config: ChannelConfig,
 ) -> Result<Primary<ShmPrimaryLink>, ChannelError> {
     config.validate()?;
-    let mut stream = UnixStream::connect(path.as_ref())
+    let stream = UnixStream::connect(path.as_ref())
         .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
+    primary_on(stream, config)
+}
+
+/// The primary's channel end over a connected control socket, whichever side dialed:
+/// authenticates, maps the backup's ring.
+pub fn primary_on(
+    mut stream: UnixStream,
+    config: ChannelConfig,
+) -> Result<Primary<ShmPrimaryLink>, ChannelError> {
+    config.validate()?;
     with_timeouts(&stream, config.handshake_timeout)?;
     let accepted =
         handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Shm))?;

@@ -62,36 +62,42 @@ pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool
     Ok(rc > 0)
 }
 
+/// Dials `addr` (the first of its resolutions that answers within the handshake timeout).
+pub(crate) fn dial(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| ChannelError::io("resolving the peer's address", e))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => ChannelError::io("connecting to the peer", e),
+        None => ChannelError::Config("peer address resolved to nothing".into()),
+    })
+}
+
 /// Connects to a backup at `addr` and runs the handshake; returns the primary's channel end.
 pub fn connect(
     addr: impl ToSocketAddrs,
     config: ChannelConfig,
 ) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
     config.validate()?;
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ChannelError::io("resolving the backup's address", e))?
-        .collect();
-    let mut last = None;
-    let mut stream = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, config.handshake_timeout) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let mut stream = match (stream, last) {
-        (Some(s), _) => s,
-        (None, Some(e)) => return Err(ChannelError::io("connecting to the backup", e)),
-        (None, None) => {
-            return Err(ChannelError::Config(
-                "backup address resolved to nothing".into(),
-            ))
-        }
-    };
+    let stream = dial(addr, config.handshake_timeout)?;
+    primary_on(stream, config)
+}
+
+/// The primary's channel end over a connected stream, whichever side dialed: runs the
+/// handshake as the primary.
+pub fn primary_on(
+    mut stream: TcpStream,
+    config: ChannelConfig,
+) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
+    config.validate()?;
     prepare(&stream, &config)?;
     let accepted =
         handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Tcp))?;
@@ -108,15 +114,26 @@ pub fn connect(
 }
 
 /// Accepts one primary on `listener`, runs the handshake and returns the backup's channel end.
-/// A primary that fails the handshake is refused with a typed error (accept again to go on).
+/// A primary that fails the handshake is refused with a typed error (accept again to go on;
+/// [`crate::medium::Listener`] does).
 pub fn accept(
     listener: &TcpListener,
     config: ChannelConfig,
 ) -> Result<Backup<TcpBackupLink>, ChannelError> {
     config.validate()?;
-    let (mut stream, _) = listener
+    let (stream, _) = listener
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    backup_on(stream, config)
+}
+
+/// The backup's channel end over a connected stream, whichever side dialed: runs the
+/// handshake as the backup.
+pub fn backup_on(
+    mut stream: TcpStream,
+    config: ChannelConfig,
+) -> Result<Backup<TcpBackupLink>, ChannelError> {
+    config.validate()?;
     prepare(&stream, &config)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Tcp))?;
