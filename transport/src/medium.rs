@@ -194,12 +194,12 @@ impl fmt::Display for Medium {
     }
 }
 
+/// `key=value` pairs of a medium description.
+type Options<'a> = Vec<(&'a str, &'a str)>;
+
 /// Splits `host:port,key=value,…` into the address and its options; a key named `last` takes
 /// the rest of the string, commas included.
-fn options<'a>(
-    rest: &'a str,
-    last: Option<&str>,
-) -> Result<(&'a str, Vec<(&'a str, &'a str)>), ChannelError> {
+fn options<'a>(rest: &'a str, last: Option<&str>) -> Result<(&'a str, Options<'a>), ChannelError> {
     let (addr, mut tail) = rest.split_once(',').unwrap_or((rest, ""));
     let mut out = Vec::new();
     while !tail.is_empty() {
@@ -755,13 +755,13 @@ mod tests {
 
     #[test]
     fn parses_every_form() {
-        let m: Medium = "shm:/tmp/x.sock".parse().unwrap();
+        let m: Medium = "shm:/tmp/x.sock".parse().expect("parses");
         assert!(matches!(&m, Medium::Shm { socket } if socket == &PathBuf::from("/tmp/x.sock")));
-        let m: Medium = "tcp:127.0.0.1:7500".parse().unwrap();
+        let m: Medium = "tcp:127.0.0.1:7500".parse().expect("parses");
         assert_eq!(m.address(), "127.0.0.1:7500");
         let m: Medium = "rdma:10.0.0.2:7410,dev=mlx5_0,gid=3,port=2"
             .parse()
-            .unwrap();
+            .expect("parses");
         match &m {
             Medium::Rdma { addr, device } => {
                 assert_eq!(addr, "10.0.0.2:7410");
@@ -779,7 +779,7 @@ mod tests {
         let line = "--no-huge -m 256 -l 0 --vdev=net_memif0,role=client,id=0";
         let m: Medium = format!("dpdk:127.0.0.1:7500,port=net_memif0,eal={line}")
             .parse()
-            .unwrap();
+            .expect("parses");
         match &m {
             Medium::Dpdk { addr, device } => {
                 assert_eq!(addr, "127.0.0.1:7500");
@@ -789,7 +789,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Display gives back a string that parses to the same thing.
-        let again: Medium = m.to_string().parse().unwrap();
+        let again: Medium = m.to_string().parse().expect("parses");
         assert_eq!(again.to_string(), m.to_string());
     }
 
@@ -817,8 +817,8 @@ mod tests {
     #[cfg(not(feature = "rdma"))]
     #[test]
     fn a_medium_not_built_says_how_to_rebuild() {
-        let m: Medium = "rdma:127.0.0.1:1".parse().unwrap();
-        let e = Listener::bind(&m).unwrap_err().to_string();
+        let m: Medium = "rdma:127.0.0.1:1".parse().expect("parses");
+        let e = Listener::bind(&m).expect_err("not built").to_string();
         assert!(e.contains("--features rdma"), "{e}");
     }
 }
