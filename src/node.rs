@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ft_arbiter::ArbiterSpec;
-use transport::{shm, tcp, ChannelConfig, PollPolicy, PreSharedKey};
+use transport::{ChannelConfig, PollPolicy, PreSharedKey};
 use vmm::engine::{self, EngineError, RunSummary};
 use vmm::failover::{ArbiterClient, Arbitration, Failover, FailoverSink, Takeover, TakeoverReport};
 use vmm::journal::{Journal, JournalLink};
@@ -98,19 +98,35 @@ pub struct Common {
     pub dpdk_port: Option<String>,
 }
 
-#[cfg(feature = "rdma")]
-fn rdma_config(c: &Common) -> transport::rdma::RdmaConfig {
-    let mut r = transport::rdma::RdmaConfig::new(c.rdma_dev.clone(), c.gid_index);
-    r.ib_port = c.ib_port;
-    r
-}
-
-#[cfg(not(feature = "rdma"))]
-fn no_rdma() -> anyhow::Error {
-    anyhow::anyhow!(
-        "this ftvm was built without RDMA support: rebuild with `cargo build --release --features rdma` \
-         (needs libibverbs-dev and librdmacm-dev; scripts/install-deps.sh installs them)"
-    )
+/// The log channel's medium description, from the flags, with `addr` as the set-up address
+/// (the backup's `--listen`, the primary's `--backup`): built once, then handed to
+/// `transport::medium`.
+fn medium(c: &Common, addr: &str) -> anyhow::Result<transport::Medium> {
+    use transport::medium::{DpdkDevice, RdmaDevice};
+    let addr = addr.to_owned();
+    Ok(match c.transport {
+        Medium::Shm => transport::Medium::Shm {
+            socket: PathBuf::from(addr),
+        },
+        Medium::Tcp => transport::Medium::Tcp { addr },
+        Medium::Rdma => transport::Medium::Rdma {
+            addr,
+            device: RdmaDevice {
+                device: c.rdma_dev.clone(),
+                gid_index: c.gid_index,
+                ib_port: c.ib_port,
+            },
+        },
+        Medium::Dpdk => transport::Medium::Dpdk {
+            addr,
+            device: DpdkDevice::from_eal(
+                c.eal
+                    .clone()
+                    .context("--transport dpdk needs --eal \"<EAL options>\"")?,
+                c.dpdk_port.clone(),
+            ),
+        },
+    })
 }
 
 /// Guest programs built into ftvm.
@@ -477,38 +493,12 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
         arbiter,
         stop,
     };
-    let connecting = || format!("connecting to the backup at {backup}");
-    match c.transport {
-        Medium::Shm => {
-            let p = shm::connect(backup, cfg).with_context(connecting)?;
-            live.run(p, c, &format!("replicating to {backup} over shm"))
-        }
-        Medium::Tcp => {
-            let p = tcp::connect(backup.as_str(), cfg).with_context(connecting)?;
-            live.run(p, c, &format!("replicating to {backup} over tcp"))
-        }
-        #[cfg(feature = "rdma")]
-        Medium::Rdma => {
-            let rdma = rdma_config(c);
-            let p = transport::rdma::connect(backup.as_str(), cfg, &rdma).with_context(|| {
-                format!(
-                    "{} over RDMA ({} port {} GID {})",
-                    connecting(),
-                    rdma.device,
-                    rdma.ib_port,
-                    rdma.gid_index
-                )
-            })?;
-            live.run(
-                p,
-                c,
-                &format!("replicating to {backup} over rdma on {}", rdma.device),
-            )
-        }
-        #[cfg(not(feature = "rdma"))]
-        Medium::Rdma => Err(no_rdma()),
-        Medium::Dpdk => dpdk_primary(live, backup, cfg, c),
-    }
+    let medium = medium(c, backup)?;
+    let p = transport::medium::dial_primary(&medium, cfg)
+        .with_context(|| format!("connecting to the backup at {medium}"))?;
+    // DPDK's EAL pins the calling thread to its main lcore: apply --core again.
+    pin(c.core);
+    live.run(p, c, &format!("replicating to {medium}"))
 }
 
 /// A primary about to replicate: its VM, service port, epoch and arbiter.
@@ -550,63 +540,6 @@ impl Replicating {
             sink_findings,
         )
     }
-}
-
-/// `--transport dpdk`: initialises this process's EAL from `--eal` and opens its port. EAL
-/// pins the calling thread to its main lcore (`-l`); `--core` is applied again afterwards.
-#[cfg(feature = "dpdk")]
-fn dpdk_port(c: &Common) -> anyhow::Result<dpdk_sys::Port> {
-    use dpdk_sys::{EalArgs, Mempool, Port};
-    let line = c
-        .eal
-        .as_deref()
-        .context("--transport dpdk needs --eal \"<EAL options>\"")?;
-    let eal_args = EalArgs::parse(line).context("--eal")?;
-    let eal = eal_args
-        .init()
-        .with_context(|| format!("initialising DPDK with {eal_args}"))?;
-    let id = match &c.dpdk_port {
-        Some(name) => eal
-            .port_by_name(name)
-            .with_context(|| format!("--dpdk-port {name}: no such DPDK port"))?,
-        None => match eal.ports().as_slice() {
-            [id] => *id,
-            ports => bail!(
-                "--eal created {} DPDK ports; name one with --dpdk-port",
-                ports.len()
-            ),
-        },
-    };
-    let pool = Mempool::new("ftvm_log", 8191, 256, Mempool::DEFAULT_DATA_ROOM)
-        .context("creating the mbuf pool")?;
-    let mut port = Port::configure(id, &pool, 1024, 1024).context("configuring the DPDK port")?;
-    port.start().context("starting the DPDK port")?;
-    pin(c.core);
-    Ok(port)
-}
-
-#[cfg(feature = "dpdk")]
-fn dpdk_primary(
-    live: Replicating,
-    backup: &str,
-    cfg: ChannelConfig,
-    c: &Common,
-) -> anyhow::Result<NodeSummary> {
-    use transport::dpdk::{self, DpdkConfig};
-    let dpdk_port = dpdk_port(c)?;
-    let p = dpdk::connect(backup, dpdk_port, cfg, DpdkConfig::default())
-        .with_context(|| format!("connecting to the backup at {backup}"))?;
-    live.run(p, c, &format!("replicating to {backup} over dpdk"))
-}
-
-#[cfg(not(feature = "dpdk"))]
-fn dpdk_primary(
-    _: Replicating,
-    _: &str,
-    _: ChannelConfig,
-    _: &Common,
-) -> anyhow::Result<NodeSummary> {
-    bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }
 
 fn replay<L: transport::BackupLink>(
@@ -669,39 +602,14 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
     pin(c.core);
     let epoch = start_epoch(c)?;
     let cfg = channel_config(c, epoch)?;
-    match c.transport {
-        Medium::Shm => {
-            let l = shm::listen(&args.listen)?;
-            println!("LISTENING {}", args.listen);
-            let b = shm::accept(&l, cfg).context("accepting the primary")?;
-            let _ = std::fs::remove_file(&args.listen);
-            replay(vm, b, args, epoch)
-        }
-        Medium::Tcp => {
-            let l = std::net::TcpListener::bind(&args.listen)
-                .with_context(|| format!("binding {}", args.listen))?;
-            println!("LISTENING {}", l.local_addr()?);
-            let b = tcp::accept(&l, cfg).context("accepting the primary")?;
-            replay(vm, b, args, epoch)
-        }
-        #[cfg(feature = "rdma")]
-        Medium::Rdma => {
-            let rdma = rdma_config(c);
-            let l = std::net::TcpListener::bind(&args.listen)
-                .with_context(|| format!("binding {}", args.listen))?;
-            println!("LISTENING {} (rdma on {})", l.local_addr()?, rdma.device);
-            let b = transport::rdma::accept(&l, cfg, &rdma).with_context(|| {
-                format!(
-                    "accepting the primary over RDMA ({} port {} GID {})",
-                    rdma.device, rdma.ib_port, rdma.gid_index
-                )
-            })?;
-            replay(vm, b, args, epoch)
-        }
-        #[cfg(not(feature = "rdma"))]
-        Medium::Rdma => Err(no_rdma()),
-        Medium::Dpdk => dpdk_backup(vm, cfg, args, epoch),
-    }
+    let medium = medium(c, &args.listen)?;
+    let mut listener = transport::Listener::bind(&medium)
+        .with_context(|| format!("listening for the primary at {medium}"))?;
+    pin(c.core);
+    println!("LISTENING {} ({})", listener.local_addr(), medium.name());
+    let b = listener.backup(cfg).context("accepting the primary")?;
+    drop(listener);
+    replay(vm, b, args, epoch)
 }
 
 /// Replays a journal on a fresh VM, to its end (a logged shutdown, or the last entry).
@@ -739,25 +647,4 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
     summary.outputs_checked = replayer.outputs_checked();
     summary.entries_received = replayer.entries();
     conclude(&args.json, summary, result)
-}
-
-#[cfg(feature = "dpdk")]
-fn dpdk_backup(
-    vm: Vm,
-    cfg: ChannelConfig,
-    args: &BackupArgs,
-    epoch: u64,
-) -> anyhow::Result<NodeSummary> {
-    use transport::dpdk::{self, DpdkConfig};
-    let port = dpdk_port(&args.common)?;
-    let l = std::net::TcpListener::bind(&args.listen)
-        .with_context(|| format!("binding {}", args.listen))?;
-    println!("LISTENING {}", l.local_addr()?);
-    let b = dpdk::accept(&l, port, cfg, DpdkConfig::default()).context("accepting the primary")?;
-    replay(vm, b, args, epoch)
-}
-
-#[cfg(not(feature = "dpdk"))]
-fn dpdk_backup(_: Vm, _: ChannelConfig, _: &BackupArgs, _: u64) -> anyhow::Result<NodeSummary> {
-    bail!("--transport dpdk: this ftvm was built without the dpdk feature (cargo build --features dpdk)")
 }

@@ -82,6 +82,20 @@ pub struct DpdkDevice {
     pub opened: Option<DpdkPortSlot>,
 }
 
+impl DpdkDevice {
+    /// A port from an EAL this call initialises: `eal` is one option string split like a
+    /// shell, `port` the device name (default: the only one), default tuning.
+    // Without the feature, the update below covers no field.
+    #[allow(clippy::needless_update)]
+    pub fn from_eal(eal: impl Into<String>, port: Option<String>) -> Self {
+        DpdkDevice {
+            eal: Some(eal.into()),
+            port,
+            ..DpdkDevice::default()
+        }
+    }
+}
+
 /// A DPDK port handed over to the medium layer (taken out at set-up).
 #[cfg(feature = "dpdk")]
 #[derive(Clone)]
