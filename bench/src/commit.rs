@@ -596,99 +596,101 @@ pub trait PrimaryJob {
     fn run<L: PrimaryLink>(self, primary: transport::Primary<L>) -> anyhow::Result<Self::Output>;
 }
 
-/// Sets up a real channel over `medium`: the backup end in a thread pinned to `backup_core`
-/// (consuming until it sees a Shutdown entry), the primary end in this thread, pinned to
-/// `primary_core`, running `job`.
+/// The two sides' medium descriptions for a bench row: the backup's (which listens) and the
+/// primary's (which dials the address the backup's listener was given).
+fn sides(medium: Medium) -> anyhow::Result<(transport::Medium, transport::Medium)> {
+    Ok(match medium {
+        Medium::Tcp | Medium::TcpSpin => {
+            let m: transport::Medium = "tcp:127.0.0.1:0".parse()?;
+            (m.clone(), m)
+        }
+        Medium::Shm => {
+            let socket =
+                std::env::temp_dir().join(format!("ftvm-bench-{}.sock", std::process::id()));
+            let m = transport::Medium::Shm { socket };
+            (m.clone(), m)
+        }
+        Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
+            use transport::medium::{DpdkDevice, DpdkPortSlot};
+            let kind = medium.dpdk_kind().context("a DPDK medium")?;
+            let MemifPair { server, client } = raw::memif::take(kind)?;
+            let side = |port| transport::Medium::Dpdk {
+                addr: "127.0.0.1:0".into(),
+                device: DpdkDevice {
+                    opened: Some(DpdkPortSlot::new(port)),
+                    ..DpdkDevice::default()
+                },
+            };
+            (side(server), side(client))
+        }
+        Medium::Rdma => {
+            #[cfg(feature = "rdma")]
+            {
+                use transport::medium::RdmaDevice;
+                let (a, b, ip_b) = RDMA_ARGS.get().cloned().unwrap_or_default().resolve()?;
+                let device = |c: &transport::rdma::RdmaConfig| RdmaDevice {
+                    device: c.device.clone(),
+                    gid_index: c.gid_index,
+                    ib_port: c.ib_port,
+                };
+                let addr = std::net::SocketAddr::new(ip_b, 0).to_string();
+                (
+                    transport::Medium::Rdma {
+                        addr: addr.clone(),
+                        device: device(&b),
+                    },
+                    transport::Medium::Rdma {
+                        addr,
+                        device: device(&a),
+                    },
+                )
+            }
+            #[cfg(not(feature = "rdma"))]
+            bail!("the bench was built without the `rdma` feature (cargo build -p bench --features rdma)")
+        }
+        Medium::RdmaSend | Medium::RdmaImm => {
+            bail!("{}: the SEND-ACK and immediate-doorbell variants are gone (measured equivalent to rdma)", medium.name())
+        }
+    })
+}
+
+/// Sets up a real channel over `medium` through `transport::medium`: the backup end listens in
+/// a thread pinned to `backup_core` (consuming until it sees a Shutdown entry), the primary end
+/// dials it from this thread, pinned to `primary_core`, and runs `job`.
 pub fn with_pair<J: PrimaryJob>(
     medium: Medium,
     primary_core: usize,
     backup_core: usize,
     job: J,
 ) -> anyhow::Result<J::Output> {
-    match medium {
-        Medium::Tcp | Medium::TcpSpin => {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let addr = listener.local_addr()?;
-            let cfg = channel_config(medium)?;
-            let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
-                pin(backup_core);
-                backup_loop(tcp::accept(&listener, cfg)?)
-            });
-            pin(primary_core);
-            let out = tcp::connect(addr, channel_config(medium)?)
-                .map_err(anyhow::Error::from)
-                .and_then(|p| job.run(p));
-            join(backup)?;
-            out
+    let (backup_side, primary_side) = sides(medium)?;
+    let mut listener = transport::Listener::bind(&backup_side)?;
+    let dial = primary_side.with_address(listener.local_addr());
+    let cfg = channel_config(medium)?;
+    // Threads that poll DPDK ports are registered lcores (mempool caches).
+    let lcore = medium.is_dpdk();
+    let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
+        pin(backup_core);
+        let run = || backup_loop(listener.backup(cfg)?);
+        if lcore {
+            crate::pin::as_dpdk_lcore(run)
+        } else {
+            run()
         }
-        Medium::Shm => {
-            let sock = std::env::temp_dir().join(format!("ftvm-bench-{}.sock", std::process::id()));
-            let listener = shm::listen(&sock)?;
-            let cfg = channel_config(medium)?;
-            let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
-                pin(backup_core);
-                backup_loop(shm::accept(&listener, cfg)?)
-            });
-            pin(primary_core);
-            let out = shm::connect(&sock, channel_config(medium)?)
-                .map_err(anyhow::Error::from)
-                .and_then(|p| job.run(p));
-            let joined = join(backup);
-            let _ = std::fs::remove_file(&sock);
-            joined?;
-            out
-        }
-        Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
-            let kind = medium.dpdk_kind().context("a DPDK medium")?;
-            let MemifPair { server, client } = raw::memif::take(kind)?;
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let addr = listener.local_addr()?;
-            let cfg = channel_config(medium)?;
-            let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
-                pin(backup_core);
-                crate::pin::as_dpdk_lcore(|| {
-                    backup_loop(dpdk::accept(&listener, server, cfg, DpdkConfig::default())?)
-                })
-            });
-            pin(primary_core);
-            let out = crate::pin::as_dpdk_lcore(|| {
-                dpdk::connect(addr, client, channel_config(medium)?, DpdkConfig::default())
-                    .map_err(anyhow::Error::from)
-                    .and_then(|p| job.run(p))
-            });
-            join(backup)?;
-            out
-        }
-        Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm => {
-            #[cfg(feature = "rdma")]
-            {
-                use transport::rdma::{self, Doorbell};
-                let (mut a, b, ip_b) = RDMA_ARGS.get().cloned().unwrap_or_default().resolve()?;
-                a.ack_by_send = medium == Medium::RdmaSend;
-                if medium == Medium::RdmaImm {
-                    a.doorbell = Doorbell::Immediate;
-                }
-                let listener = std::net::TcpListener::bind((ip_b, 0))?;
-                let addr = listener.local_addr()?;
-                let cfg = channel_config(medium)?;
-                let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
-                    pin(backup_core);
-                    backup_loop(rdma::accept(&listener, cfg, &b)?)
-                });
-                pin(primary_core);
-                let out = rdma::connect(addr, channel_config(medium)?, &a)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|p| job.run(p));
-                join(backup)?;
-                out
-            }
-            #[cfg(not(feature = "rdma"))]
-            {
-                let _ = (primary_core, backup_core, job);
-                bail!("the bench was built without the `rdma` feature (cargo build -p bench --features rdma)")
-            }
-        }
-    }
+    });
+    pin(primary_core);
+    let run = || {
+        transport::medium::dial_primary(&dial, channel_config(medium)?)
+            .map_err(anyhow::Error::from)
+            .and_then(|p| job.run(p))
+    };
+    let out = if lcore {
+        crate::pin::as_dpdk_lcore(run)
+    } else {
+        run()
+    };
+    join(backup)?;
+    out
 }
 
 struct CommitJob<'a>(&'a CommitArgs);

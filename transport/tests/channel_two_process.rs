@@ -14,10 +14,10 @@ mod common;
 
 use common::stream::{
     self, check_backup_loss, check_verdict, commit, end_stream, lose_backup, send_stream,
-    verify_stream, BackupProcess, Loss, StreamPrimary,
+    verify_stream, BackupProcess, Loss,
 };
-use logfmt::Entry;
-use transport::{shm, tcp, ChannelConfig, ChannelError, PreSharedKey};
+use transport::medium::{self, Listener, Medium};
+use transport::{AnyPrimary, ChannelConfig, ChannelError, PreSharedKey};
 
 const ENTRIES: u64 = 1_000_000;
 
@@ -33,28 +33,26 @@ fn config() -> ChannelConfig {
 
 // ---------------------------------------------------------------- backup role (child process)
 
+/// `medium` is `tcp`, `tcp-blocking` or `shm`; `address` the set-up address. The child builds
+/// its medium description and listens through `transport::medium`, as `ftvm backup` does.
 fn backup(medium: &str, address: &str) -> Result<(), String> {
-    let cfg = config();
+    let mut cfg = config();
+    cfg.blocking = medium == "tcp-blocking";
+    let mut listener = Listener::bind(&describe(medium, address)?).map_err(|e| e.to_string())?;
+    println!("LISTENING {}", listener.local_addr());
+    let b = listener.backup(cfg).map_err(|e| e.to_string())?;
+    verified(verify_stream(b))
+}
+
+/// The medium description of one of this test's media.
+fn describe(medium: &str, address: &str) -> Result<Medium, String> {
     match medium {
-        "tcp" | "tcp-blocking" => {
-            let mut cfg = cfg;
-            cfg.blocking = medium == "tcp-blocking";
-            let listener = std::net::TcpListener::bind(address).map_err(|e| e.to_string())?;
-            println!(
-                "LISTENING {}",
-                listener.local_addr().map_err(|e| e.to_string())?
-            );
-            let b = tcp::accept(&listener, cfg).map_err(|e| e.to_string())?;
-            verified(verify_stream(b))
-        }
-        "shm" => {
-            let listener = shm::listen(address).map_err(|e| e.to_string())?;
-            println!("LISTENING {address}");
-            let b = shm::accept(&listener, cfg).map_err(|e| e.to_string())?;
-            verified(verify_stream(b))
-        }
-        other => Err(format!("unknown medium {other}")),
+        "tcp" | "tcp-blocking" => format!("tcp:{address}"),
+        "shm" => format!("shm:{address}"),
+        other => return Err(format!("unknown medium {other}")),
     }
+    .parse()
+    .map_err(|e: ChannelError| e.to_string())
 }
 
 fn verified(result: Result<u64, String>) -> Result<(), String> {
@@ -68,54 +66,11 @@ fn spawn_backup(medium: &str, address: &str) -> Result<(BackupProcess, String), 
     stream::spawn_backup(&["backup", medium, address])
 }
 
-/// Either medium's primary end behind one interface, for the test's driving code.
-enum AnyPrimary {
-    Tcp(transport::Primary<tcp::TcpPrimaryLink>),
-    Shm(transport::Primary<shm::ShmPrimaryLink>),
-}
-
-impl AnyPrimary {
-    fn connect(medium: &str, addr: &str) -> Result<Self, ChannelError> {
-        let mut cfg = config();
-        cfg.blocking = medium == "tcp-blocking";
-        Ok(match medium {
-            "shm" => AnyPrimary::Shm(shm::connect(addr, cfg)?),
-            _ => AnyPrimary::Tcp(tcp::connect(addr, cfg)?),
-        })
-    }
-    fn stats(&self) -> transport::StatsSnapshot {
-        match self {
-            AnyPrimary::Tcp(p) => p.stats(),
-            AnyPrimary::Shm(p) => p.stats(),
-        }
-    }
-}
-
-impl StreamPrimary for AnyPrimary {
-    fn append(&mut self, e: &Entry<'_>) -> Result<u64, ChannelError> {
-        match self {
-            AnyPrimary::Tcp(p) => p.append(e),
-            AnyPrimary::Shm(p) => p.append(e),
-        }
-    }
-    fn pump(&mut self) -> Result<bool, ChannelError> {
-        match self {
-            AnyPrimary::Tcp(p) => p.pump(),
-            AnyPrimary::Shm(p) => p.pump(),
-        }
-    }
-    fn acked(&self) -> u64 {
-        match self {
-            AnyPrimary::Tcp(p) => p.acked(),
-            AnyPrimary::Shm(p) => p.acked(),
-        }
-    }
-    fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError> {
-        match self {
-            AnyPrimary::Tcp(p) => p.wait_acked(seq),
-            AnyPrimary::Shm(p) => p.wait_acked(seq),
-        }
-    }
+/// The primary's end over `medium`, dialing the backup at `addr`.
+fn connect(medium: &str, addr: &str) -> Result<AnyPrimary, String> {
+    let mut cfg = config();
+    cfg.blocking = medium == "tcp-blocking";
+    medium::dial_primary(&describe(medium, addr)?, cfg).map_err(|e| e.to_string())
 }
 
 fn address_for(medium: &str) -> String {
@@ -134,7 +89,7 @@ fn address_for(medium: &str) -> String {
 
 fn million_entries(medium: &str) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
-    let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
+    let mut p = connect(medium, &addr)?;
     let started = Instant::now();
     send_stream(&mut p, ENTRIES, 0x5EED, |_| String::new())?;
     commit(&mut p, ENTRIES + 1)?;
@@ -158,7 +113,7 @@ fn million_entries(medium: &str) -> Result<(), String> {
 /// silence), or SIGSTOPped (alive, socket open, silent: only the heartbeat timeout can tell).
 fn backup_lost(medium: &str, loss: Loss) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
-    let mut p = AnyPrimary::connect(medium, &addr).map_err(|e| e.to_string())?;
+    let mut p = connect(medium, &addr)?;
     let timeout = config().heartbeat_timeout;
     let (err, took) = lose_backup(&mut p, &mut backup.child, loss, timeout)?;
     eprintln!("  {medium}: backup {loss:?} → primary error after {took:.1?}: {err}");
