@@ -1,0 +1,341 @@
+//! Setting up the RDMA medium over the channel's TCP handshake socket.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use super::setup::{
+    self, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, DOORBELL_LEN, FLAG_SEALED,
+    SEAL_LEN, SETUP_LEN,
+};
+use super::verbs::{Endpoint, SendQueue, NO_COMPLETION};
+use super::{heap, Doorbell, RdmaBackupLink, RdmaConfig, RdmaPrimaryLink, ACK_RECVS, RECV_TAG};
+use crate::channel::{Backup, ChannelConfig, Primary};
+use crate::error::ChannelError;
+use crate::handshake::{self, MediumKind};
+use crate::ring::{self, Consumer, Producer, RING_HEADER_LEN};
+
+fn read_setup(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), ChannelError> {
+    stream.read_exact(buf).map_err(|e| match e.kind() {
+        ErrorKind::UnexpectedEof => ChannelError::PeerClosed,
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            ChannelError::HandshakeTimeout { waiting_for: what }
+        }
+        _ => ChannelError::io(what, e),
+    })
+}
+
+fn connect_tcp(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| ChannelError::io("resolving the backup's address", e))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => ChannelError::io("connecting to the backup", e),
+        None => ChannelError::Config("backup address resolved to nothing".into()),
+    })
+}
+
+/// Connects to a backup listening at `addr` (its TCP handshake socket), authenticates, sets up
+/// the RDMA queue pair on `rdma`'s device and returns the primary's channel end.
+pub fn connect(
+    addr: impl ToSocketAddrs,
+    config: ChannelConfig,
+    rdma: &RdmaConfig,
+) -> Result<Primary<RdmaPrimaryLink>, ChannelError> {
+    config.validate()?;
+    let mut stream = connect_tcp(addr, config.handshake_timeout)?;
+    crate::tcp::prepare(&stream, &config)?;
+    let accepted =
+        handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Rdma))?;
+    let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
+    let capacity = backup.len as usize;
+
+    let sealed = rdma.doorbell == Doorbell::Sealed && backup.flags & FLAG_SEALED != 0;
+    let recvs = if rdma.ack_by_send { ACK_RECVS } else { 1 };
+    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, recvs)?;
+    // The mirror, then one staging slot per send-queue entry for seals sent to the doorbell.
+    let seal_slots = u64::from(ep.sq_depth.max(1));
+    let mirror_len = ring::region_len(capacity) + seal_slots as usize * SEAL_LEN;
+    let mirror = heap(mirror_len)?;
+    ring::format(&*mirror, capacity)?;
+    let producer = Producer::attach(mirror.clone())?;
+    let mirror_mr = ep.register(&mirror, 0, mirror_len, false)?;
+    let acks = heap(4096)?;
+    let ack_mr = ep.register(&acks, 0, ACK_BLOCK_LEN as usize, true)?;
+    // Receive buffers for SEND-mode ACKs: one 32-byte slot per posted receive.
+    let slots = ep.rq_depth.min(ACK_RECVS) as usize;
+    let ack_recv = heap((slots * ACK_LEN).max(4096))?;
+    let ack_recv_mr = ep.register(&ack_recv, 0, slots * ACK_LEN, true)?;
+    ep.to_init()?;
+    if rdma.ack_by_send {
+        for i in 0..slots {
+            // SAFETY: slot `i` lies in the registered receive region, which only the NIC
+            // touches until its receive completes (then it is read and reposted).
+            unsafe {
+                ep.post_recv_buffer(
+                    RECV_TAG | i as u64,
+                    ack_recv_mr.addr + (i * ACK_LEN) as u64,
+                    ACK_LEN as u32,
+                    ack_recv_mr.lkey,
+                )?;
+            }
+        }
+    }
+    ep.connect(&backup, rdma.retry_timeout)?;
+    let ours = PeerInfo {
+        role: Role::Primary,
+        mtu: ep.mtu,
+        qpn: ep.qpn(),
+        psn: ep.psn,
+        lid: ep.lid,
+        flags: if rdma.ack_by_send {
+            setup::FLAG_ACK_BY_SEND
+        } else {
+            0
+        } | if sealed { FLAG_SEALED } else { 0 },
+        rkey: ack_mr.rkey,
+        gid: ep.gid,
+        addr: ack_mr.addr,
+        len: ack_mr.len,
+    };
+    stream
+        .write_all(&ours.encode())
+        .map_err(|e| ChannelError::io("sending the RDMA set-up", e))?;
+    let mut ready = [0u8; 1];
+    read_setup(&mut stream, &mut ready, "the backup's RDMA ready signal")?;
+    if ready != *b"R" {
+        return Err(ChannelError::RdmaSetup(
+            "the backup refused our RDMA set-up".into(),
+        ));
+    }
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let sq = SendQueue::new(ep.sq_depth, rdma.signal_every);
+    let link = RdmaPrimaryLink {
+        remote: RemoteRegion {
+            addr: backup.addr,
+            len: backup.len,
+            rkey: backup.rkey,
+        },
+        doorbell: RemoteRegion {
+            addr: backup.addr + backup.len,
+            len: if sealed { DOORBELL_LEN } else { 0 },
+            rkey: backup.rkey,
+        },
+        sealed,
+        seal_slots,
+        since_doorbell: 0,
+        capacity: capacity as u64,
+        sent: 0,
+        tail: 0,
+        producer,
+        mirror,
+        mirror_mr,
+        acks,
+        sq,
+        last_beats: 0,
+        last_ack_check: 0,
+        last_acked: 0,
+        heard_pending: false,
+        torn_reads: 0,
+        ack_by_send: rdma.ack_by_send,
+        ack_recv,
+        ack_recv_mr,
+        arrived: Vec::with_capacity(16),
+        stream,
+        wcs: [NO_COMPLETION; 16],
+        ep,
+    };
+    Primary::new(link, config, accepted.resume_seq)
+}
+
+/// Accepts one primary on `listener` (the TCP handshake socket), authenticates it, and only then
+/// creates the queue pair and the registered ring on `rdma`'s device; returns the backup's channel
+/// end. A primary that fails the handshake or sends a bad set-up message is refused with a typed
+/// error (accept again to go on); it has received no rkey.
+pub fn accept(
+    listener: &TcpListener,
+    config: ChannelConfig,
+    rdma: &RdmaConfig,
+) -> Result<Backup<RdmaBackupLink>, ChannelError> {
+    config.validate()?;
+    let (mut stream, _) = listener
+        .accept()
+        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    crate::tcp::prepare(&stream, &config)?;
+    let hello =
+        handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Rdma))?;
+
+    // The primary is authenticated: only now do the queue pair and the rkey come to exist. If
+    // that fails (no device, port down, out of resources), the primary is told why.
+    let capacity = config.ring_capacity;
+    let set_up = || -> Result<_, ChannelError> {
+        let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, rdma.recv_queue_depth)?;
+        // The ring, then the doorbell block (zeroed: no valid seal in it).
+        let ring_mem = heap(ring::region_len(capacity) + DOORBELL_LEN as usize)?;
+        ring::format(&*ring_mem, capacity)?;
+        let consumer = Consumer::attach(ring_mem.clone())?;
+        // The data area and the doorbell block only: the header (head and tail) stays out of
+        // the peer's reach.
+        let ring_mr = ep.register(
+            &ring_mem,
+            RING_HEADER_LEN,
+            capacity + DOORBELL_LEN as usize,
+            true,
+        )?;
+        let slots = ep.sq_depth as usize;
+        let ack_mem = heap(slots * ACK_LEN)?;
+        let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
+        ep.to_init()?;
+        let rq_depth = ep.rq_depth;
+        ep.post_recvs(RECV_TAG, rq_depth as usize)?;
+        Ok((ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr, rq_depth))
+    };
+    let (mut ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr, rq_depth) = match set_up() {
+        Ok(parts) => parts,
+        Err(e) => {
+            let _ = handshake::backup_refuse_medium(&mut stream, &e.to_string());
+            return Err(e);
+        }
+    };
+    let ours = PeerInfo {
+        role: Role::Backup,
+        mtu: ep.mtu,
+        qpn: ep.qpn(),
+        psn: ep.psn,
+        lid: ep.lid,
+        flags: FLAG_SEALED,
+        rkey: ring_mr.rkey,
+        gid: ep.gid,
+        addr: ring_mr.addr,
+        len: capacity as u64,
+    };
+    handshake::backup_welcome(&mut stream, 1, &ours.encode())?;
+    let mut msg = [0u8; SETUP_LEN];
+    read_setup(&mut stream, &mut msg, "the primary's RDMA set-up")?;
+    let primary = match PeerInfo::decode(&msg, Role::Primary, 0) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = stream.write_all(b"X");
+            return Err(e);
+        }
+    };
+    ep.connect(&primary, rdma.retry_timeout)?;
+    stream
+        .write_all(b"R")
+        .map_err(|e| ChannelError::io("sending the RDMA ready signal", e))?;
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| ChannelError::io("control socket", e))?;
+    let sq = SendQueue::new(ep.sq_depth, rdma.signal_every);
+    let link = RdmaBackupLink {
+        consumer,
+        ring: ring_mem,
+        capacity: capacity as u64,
+        head: 0,
+        next_recv: RECV_TAG + u64::from(rq_depth),
+        recvs_posted: rq_depth,
+        sq,
+        acks: ack_mem,
+        ack_mr,
+        peer: RemoteRegion {
+            addr: primary.addr,
+            len: primary.len,
+            rkey: primary.rkey,
+        },
+        pending: None,
+        sealed: primary.flags & FLAG_SEALED != 0,
+        bad_sum_since: None,
+        last_check: 0,
+        last_bell_check: 0,
+        ack_by_send: primary.flags & setup::FLAG_ACK_BY_SEND != 0,
+        beats: 0,
+        stream,
+        wcs: [NO_COMPLETION; 16],
+        ep,
+    };
+    Backup::new(link, config, 1, hello.epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PreSharedKey;
+
+    fn config(key: &[u8]) -> ChannelConfig {
+        let mut c = ChannelConfig::new(9, 1, PreSharedKey::new(key.to_vec()).expect("key"));
+        c.handshake_timeout = Duration::from_secs(2);
+        c
+    }
+
+    fn no_device() -> RdmaConfig {
+        RdmaConfig::new("ftvm-no-such-rdma-device", 0)
+    }
+
+    /// On a host without RDMA (or without that device), an authenticated pair fails with a typed
+    /// device error on the backup — after authentication, which is when the device is opened —
+    /// and the primary gets the backup's reason; nothing panics or hangs.
+    #[test]
+    fn missing_device_after_authentication_is_a_typed_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backup = std::thread::spawn(move || {
+            accept(&listener, config(b"rdma-unit-test-key"), &no_device()).map(|_| ())
+        });
+        let primary = connect(addr, config(b"rdma-unit-test-key"), &no_device()).map(|_| ());
+        let backup = backup.join().expect("backup thread");
+        assert!(
+            matches!(backup, Err(ChannelError::RdmaDevice { .. })),
+            "{backup:?}"
+        );
+        // The primary learns why, not just that the backup hung up.
+        match &primary {
+            Err(ChannelError::PeerMediumFailed(reason)) => {
+                assert!(reason.contains("ftvm-no-such-rdma-device"), "{reason}")
+            }
+            other => panic!("expected the backup's reason, got {other:?}"),
+        }
+    }
+
+    /// A wrong key is refused before any RDMA resource (and so any rkey) exists: the refusal is
+    /// the handshake's, not a device error.
+    #[test]
+    fn wrong_key_is_refused_before_the_device_is_touched() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backup = std::thread::spawn(move || {
+            accept(&listener, config(b"rdma-unit-test-key"), &no_device()).map(|_| ())
+        });
+        let primary = connect(addr, config(b"another-rdma-test-key"), &no_device()).map(|_| ());
+        let backup = backup.join().expect("backup thread");
+        assert!(
+            matches!(primary, Err(ChannelError::PeerNotAuthenticated)),
+            "{primary:?}"
+        );
+        assert!(
+            matches!(backup, Err(ChannelError::AuthRejected)),
+            "{backup:?}"
+        );
+    }
+
+    #[test]
+    fn env_config_names_missing_variables() {
+        match RdmaConfig::from_env("ftvm-unset-side") {
+            Err(ChannelError::Config(m)) => assert!(m.contains("FTVM_RDMA_DEV_ftvm-unset-side")),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+}
