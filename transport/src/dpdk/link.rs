@@ -2,7 +2,6 @@
 //! [`DpdkBackupLink`] (receiving, ACKs).
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,26 +14,15 @@ use super::reassembly::{Piece, Reassembly};
 use super::wire::{Sent, Wire};
 use super::{DpdkConfig, DpdkStats};
 use crate::channel::{BackupLink, BackupNews, PrimaryLink};
+use crate::control;
 use crate::error::ChannelError;
+use crate::poll::PollPolicy;
 
 /// Empty primary polls between two reads of the clock for the retransmission timer (a poll
 /// takes tens of nanoseconds, so the timer is late by a few microseconds at most).
 const TIMER_POLLS: u32 = 64;
 /// One DATA packet in this many (by sequence number) is timed for the RTT estimate.
 const RTT_SAMPLE_EVERY: u64 = 8;
-
-/// Checks the control socket without blocking: end-of-file means the peer process is gone.
-fn check_socket(stream: &mut TcpStream) -> Result<(), ChannelError> {
-    let mut byte = [0u8; 1];
-    match stream.read(&mut byte) {
-        Ok(0) => Err(ChannelError::PeerClosed),
-        Ok(_) => Err(ChannelError::CorruptMessage(
-            "unexpected data on the DPDK control socket".into(),
-        )),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
-        Err(e) => Err(ChannelError::io("checking the control socket", e)),
-    }
-}
 
 /// A DATA packet kept until acknowledged.
 #[derive(Debug)]
@@ -333,13 +321,12 @@ impl PrimaryLink for DpdkPrimaryLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
-        check_socket(&mut self.control)
+        control::check_peer(&mut self.control, "DPDK")
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
-        // Nothing to sleep on for a polled port; sleep briefly so blocking mode stays cheap.
-        std::thread::sleep(timeout.min(Duration::from_micros(50)));
-        Ok(false)
+        // Nothing to sleep on for a polled port.
+        Ok(PollPolicy::nap(timeout))
     }
 }
 
@@ -480,14 +467,13 @@ impl BackupLink for DpdkBackupLink {
         if self.ack_owed {
             self.send_ack(T_ACK)?;
         }
-        check_socket(&mut self.control)
+        control::check_peer(&mut self.control, "DPDK")
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
         if self.ack_owed {
             self.send_ack(T_ACK)?;
         }
-        std::thread::sleep(timeout.min(Duration::from_micros(50)));
-        Ok(false)
+        Ok(PollPolicy::nap(timeout))
     }
 }

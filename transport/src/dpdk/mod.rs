@@ -63,7 +63,7 @@ use crate::error::ChannelError;
 
 pub use self::codec::{ACK_LEN, DATA_HEADER_LEN};
 pub use self::link::{DpdkBackupLink, DpdkPrimaryLink};
-pub use self::setup::{accept, connect};
+pub use self::setup::{accept, backup_on, connect, primary_on};
 
 use self::codec::DATA_HDR;
 

@@ -1,7 +1,6 @@
 //! Setting up the DPDK medium over its TCP control connection.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use super::reassembly::Reassembly;
 use super::wire::Wire;
 use super::{dpdk_err, DpdkConfig};
 use crate::channel::{Backup, ChannelConfig, Primary};
+use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 
@@ -24,14 +24,6 @@ const INFO_LEN: usize = 8 + 6 + 4 + 2;
 const MAC_MSG_LEN: usize = 7;
 /// Frames at most this many received packets per `rx_burst`.
 const BURST: usize = 32;
-
-fn with_timeouts(stream: &TcpStream, t: Duration) -> Result<(), ChannelError> {
-    let io = |e| ChannelError::io("setting control socket timeouts", e);
-    stream.set_read_timeout(Some(t)).map_err(io)?;
-    stream.set_write_timeout(Some(t)).map_err(io)?;
-    let _ = stream.set_nodelay(true);
-    Ok(())
-}
 
 fn wait_link(port: &Port, timeout: Duration) -> Result<(), ChannelError> {
     let start = Instant::now();
@@ -76,9 +68,9 @@ fn wire(port: Port, mac: EtherAddr, peer: EtherAddr, tag: u32, cfg: &DpdkConfig)
     }
 }
 
-/// Accepts one primary on the control `listener`, authenticates it, exchanges MAC addresses,
-/// and returns the backup's channel end over `port` (configured and started by the caller, in a
-/// process that did `Eal::init`). Waits up to [`DpdkConfig::link_timeout`] for the link.
+/// Accepts one primary on the control `listener` and sets up the backup's channel end over
+/// `port` with [`backup_on`]. Kept for existing callers: a listener that should survive a failed
+/// handshake calls [`backup_on`] itself with the same `Option<Port>`.
 pub fn accept(
     listener: &TcpListener,
     port: Port,
@@ -87,13 +79,34 @@ pub fn accept(
 ) -> Result<Backup<DpdkBackupLink>, ChannelError> {
     config.validate()?;
     dpdk.validate(&config)?;
-    let mac = port
-        .mac_address()
-        .map_err(|e| dpdk_err("reading the port's MAC address", e))?;
-    let (mut control, _) = listener
+    let (stream, _) = listener
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
-    with_timeouts(&control, config.handshake_timeout)?;
+    backup_on(stream, &mut Some(port), config, dpdk)
+}
+
+/// The backup's end of the DPDK medium over an already-connected control `stream`, whoever
+/// dialed it: authenticates the primary (the handshake is role-based), exchanges MAC addresses
+/// and waits up to [`DpdkConfig::link_timeout`] for the link of `port` (configured and started
+/// by the caller, in a process that did `Eal::init`).
+///
+/// The port is taken out of `port` only once the primary is authenticated and set-up succeeded:
+/// after a failed handshake (a stray connection, a wrong key) it is still there, so a listener
+/// can go on accepting with it. `None` is a [`ChannelError::Config`].
+pub fn backup_on(
+    mut control: TcpStream,
+    port: &mut Option<Port>,
+    config: ChannelConfig,
+    dpdk: DpdkConfig,
+) -> Result<Backup<DpdkBackupLink>, ChannelError> {
+    config.validate()?;
+    dpdk.validate(&config)?;
+    let mac = port
+        .as_ref()
+        .ok_or_else(no_port)?
+        .mac_address()
+        .map_err(|e| dpdk_err("reading the port's MAC address", e))?;
+    control::prepare(&control, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut control, &config.session_params(MediumKind::Dpdk))?;
     let tag = random_u32()?;
@@ -105,12 +118,7 @@ pub fn accept(
     info.extend_from_slice(&(dpdk.mtu as u16).to_le_bytes());
     handshake::backup_welcome(&mut control, 1, &info)?;
     let mut msg = [0u8; MAC_MSG_LEN];
-    control.read_exact(&mut msg).map_err(|e| match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => ChannelError::HandshakeTimeout {
-            waiting_for: "the primary's MAC address",
-        },
-        _ => ChannelError::io("waiting for the primary's MAC address", e),
-    })?;
+    control::read_exact(&mut control, &mut msg, "the primary's MAC address")?;
     if msg[0] != b'M' {
         return Err(ChannelError::BadHandshake(
             "primary did not send its MAC address".into(),
@@ -118,10 +126,9 @@ pub fn accept(
     }
     let mut peer = [0u8; 6];
     peer.copy_from_slice(&msg[1..7]);
-    wait_link(&port, dpdk.link_timeout)?;
-    control
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("control socket", e))?;
+    wait_link(port.as_ref().ok_or_else(no_port)?, dpdk.link_timeout)?;
+    control::go_nonblocking(&control)?;
+    let port = port.take().ok_or_else(no_port)?;
     let link = DpdkBackupLink {
         wire: wire(port, mac, EtherAddr(peer), tag, &dpdk),
         control,
@@ -140,9 +147,8 @@ pub fn accept(
     Backup::new(link, config, 1, hello.epoch)
 }
 
-/// Connects to a backup's control address, authenticates, exchanges MAC addresses, and returns
-/// the primary's channel end over `port` (configured and started by the caller, in a process
-/// that did `Eal::init`). Waits up to [`DpdkConfig::link_timeout`] for the link.
+/// Connects to a backup's control address and sets up the primary's channel end over `port`
+/// with [`primary_on`]. Kept for existing callers.
 pub fn connect(
     control_addr: impl ToSocketAddrs,
     port: Port,
@@ -150,12 +156,29 @@ pub fn connect(
     dpdk: DpdkConfig,
 ) -> Result<Primary<DpdkPrimaryLink>, ChannelError> {
     config.validate()?;
+    let control = TcpStream::connect(control_addr)
+        .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
+    primary_on(control, &mut Some(port), config, dpdk)
+}
+
+/// The primary's end of the DPDK medium over an already-connected control `stream`, whoever
+/// dialed it: authenticates with the backup, exchanges MAC addresses and waits up to
+/// [`DpdkConfig::link_timeout`] for the link of `port` (configured and started by the caller,
+/// in a process that did `Eal::init`). As in [`backup_on`], the port is taken out of `port` only
+/// once the backup is authenticated and set-up succeeded.
+pub fn primary_on(
+    mut control: TcpStream,
+    port: &mut Option<Port>,
+    config: ChannelConfig,
+    dpdk: DpdkConfig,
+) -> Result<Primary<DpdkPrimaryLink>, ChannelError> {
+    config.validate()?;
     let mac = port
+        .as_ref()
+        .ok_or_else(no_port)?
         .mac_address()
         .map_err(|e| dpdk_err("reading the port's MAC address", e))?;
-    let mut control = TcpStream::connect(control_addr)
-        .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
-    with_timeouts(&control, config.handshake_timeout)?;
+    control::prepare(&control, config.handshake_timeout)?;
     let accepted =
         handshake::primary_handshake(&mut control, &config.session_params(MediumKind::Dpdk))?;
     let info = accepted.medium_info;
@@ -173,13 +196,10 @@ pub fn connect(
     let mut msg = [0u8; MAC_MSG_LEN];
     msg[0] = b'M';
     msg[1..].copy_from_slice(&mac.0);
-    control
-        .write_all(&msg)
-        .map_err(|e| ChannelError::io("sending our MAC address", e))?;
-    wait_link(&port, dpdk.link_timeout)?;
-    control
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("control socket", e))?;
+    control::write_all(&mut control, &msg, "sending our MAC address")?;
+    wait_link(port.as_ref().ok_or_else(no_port)?, dpdk.link_timeout)?;
+    control::go_nonblocking(&control)?;
+    let port = port.take().ok_or_else(no_port)?;
     let link = DpdkPrimaryLink {
         wire: wire(port, mac, EtherAddr(peer), tag, &dpdk),
         control,
@@ -201,4 +221,8 @@ pub fn connect(
         epoch: accepted.epoch.max(config.epoch),
     };
     Primary::new(link, config, accepted.resume_seq)
+}
+
+fn no_port() -> ChannelError {
+    ChannelError::Config("no DPDK port to set the channel up on (taken by an earlier one)".into())
 }

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use super::setup::{AckBlock, RemoteRegion, ACK_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use super::{check_socket, counter, HEAD_OFFSET, TAIL_OFFSET};
+use super::{counter, HEAD_OFFSET, TAIL_OFFSET};
 use crate::channel::BackupLink;
+use crate::control;
 use crate::error::ChannelError;
+use crate::poll::PollPolicy;
 use crate::region::{HeapRegion, RingMemory};
 use crate::ring::Consumer;
 
@@ -181,13 +183,12 @@ impl BackupLink for RdmaBackupLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
-        check_socket(&mut self.stream)?;
+        control::check_peer(&mut self.stream, "RDMA")?;
         self.reap()?;
         self.ep.check_qp()
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
-        std::thread::sleep(timeout.min(Duration::from_micros(50)));
-        Ok(false)
+        Ok(PollPolicy::nap(timeout))
     }
 }

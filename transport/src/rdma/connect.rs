@@ -1,6 +1,6 @@
 //! Setting up the RDMA medium over the channel's TCP handshake socket.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -11,23 +11,10 @@ use super::setup::{
 use super::verbs::{Endpoint, SendQueue, NO_COMPLETION};
 use super::{heap, Doorbell, RdmaBackupLink, RdmaConfig, RdmaPrimaryLink, ACK_RECVS, RECV_TAG};
 use crate::channel::{Backup, ChannelConfig, Primary};
+use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 use crate::ring::{self, Consumer, Producer, RING_HEADER_LEN};
-
-fn read_setup(
-    stream: &mut TcpStream,
-    buf: &mut [u8],
-    what: &'static str,
-) -> Result<(), ChannelError> {
-    stream.read_exact(buf).map_err(|e| match e.kind() {
-        ErrorKind::UnexpectedEof => ChannelError::PeerClosed,
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-            ChannelError::HandshakeTimeout { waiting_for: what }
-        }
-        _ => ChannelError::io(what, e),
-    })
-}
 
 fn connect_tcp(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
     let addrs: Vec<SocketAddr> = addr
@@ -47,16 +34,28 @@ fn connect_tcp(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream,
     })
 }
 
-/// Connects to a backup listening at `addr` (its TCP handshake socket), authenticates, sets up
-/// the RDMA queue pair on `rdma`'s device and returns the primary's channel end.
+/// Connects to a backup listening at `addr` (its TCP handshake socket) and sets up the
+/// primary's channel end with [`primary_on`]. Kept for existing callers.
 pub fn connect(
     addr: impl ToSocketAddrs,
     config: ChannelConfig,
     rdma: &RdmaConfig,
 ) -> Result<Primary<RdmaPrimaryLink>, ChannelError> {
     config.validate()?;
-    let mut stream = connect_tcp(addr, config.handshake_timeout)?;
-    crate::tcp::prepare(&stream, &config)?;
+    let stream = connect_tcp(addr, config.handshake_timeout)?;
+    primary_on(stream, config, rdma)
+}
+
+/// The primary's end of the RDMA medium over an already-connected TCP `stream`, whoever dialed
+/// it: authenticates with the backup, sets up the RDMA queue pair on `rdma`'s device and returns
+/// the primary's channel end.
+pub fn primary_on(
+    mut stream: TcpStream,
+    config: ChannelConfig,
+    rdma: &RdmaConfig,
+) -> Result<Primary<RdmaPrimaryLink>, ChannelError> {
+    config.validate()?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let accepted =
         handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Rdma))?;
     let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
@@ -110,19 +109,15 @@ pub fn connect(
         addr: ack_mr.addr,
         len: ack_mr.len,
     };
-    stream
-        .write_all(&ours.encode())
-        .map_err(|e| ChannelError::io("sending the RDMA set-up", e))?;
+    control::write_all(&mut stream, &ours.encode(), "sending the RDMA set-up")?;
     let mut ready = [0u8; 1];
-    read_setup(&mut stream, &mut ready, "the backup's RDMA ready signal")?;
+    control::read_exact(&mut stream, &mut ready, "the backup's RDMA ready signal")?;
     if ready != *b"R" {
         return Err(ChannelError::RdmaSetup(
             "the backup refused our RDMA set-up".into(),
         ));
     }
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("control socket", e))?;
+    control::go_nonblocking(&stream)?;
     let sq = SendQueue::new(ep.sq_depth, rdma.signal_every);
     let link = RdmaPrimaryLink {
         remote: RemoteRegion {
@@ -162,20 +157,31 @@ pub fn connect(
     Primary::new(link, config, accepted.resume_seq)
 }
 
-/// Accepts one primary on `listener` (the TCP handshake socket), authenticates it, and only then
-/// creates the queue pair and the registered ring on `rdma`'s device; returns the backup's channel
-/// end. A primary that fails the handshake or sends a bad set-up message is refused with a typed
-/// error (accept again to go on); it has received no rkey.
+/// Accepts one primary on `listener` (the TCP handshake socket) and sets up the backup's channel
+/// end with [`backup_on`]. Kept for existing callers.
 pub fn accept(
     listener: &TcpListener,
     config: ChannelConfig,
     rdma: &RdmaConfig,
 ) -> Result<Backup<RdmaBackupLink>, ChannelError> {
     config.validate()?;
-    let (mut stream, _) = listener
+    let (stream, _) = listener
         .accept()
         .map_err(|e| ChannelError::io("accepting the primary", e))?;
-    crate::tcp::prepare(&stream, &config)?;
+    backup_on(stream, config, rdma)
+}
+
+/// The backup's end of the RDMA medium over an already-connected TCP `stream`, whoever dialed
+/// it: authenticates the primary, and only then creates the queue pair and the registered ring on
+/// `rdma`'s device. A primary that fails the handshake or sends a bad set-up message is refused
+/// with a typed error (accept another stream to go on); it has received no rkey.
+pub fn backup_on(
+    mut stream: TcpStream,
+    config: ChannelConfig,
+    rdma: &RdmaConfig,
+) -> Result<Backup<RdmaBackupLink>, ChannelError> {
+    config.validate()?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Rdma))?;
 
@@ -225,7 +231,7 @@ pub fn accept(
     };
     handshake::backup_welcome(&mut stream, 1, &ours.encode())?;
     let mut msg = [0u8; SETUP_LEN];
-    read_setup(&mut stream, &mut msg, "the primary's RDMA set-up")?;
+    control::read_exact(&mut stream, &mut msg, "the primary's RDMA set-up")?;
     let primary = match PeerInfo::decode(&msg, Role::Primary, 0) {
         Ok(p) => p,
         Err(e) => {
@@ -234,12 +240,8 @@ pub fn accept(
         }
     };
     ep.connect(&primary, rdma.retry_timeout)?;
-    stream
-        .write_all(b"R")
-        .map_err(|e| ChannelError::io("sending the RDMA ready signal", e))?;
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("control socket", e))?;
+    control::write_all(&mut stream, b"R", "sending the RDMA ready signal")?;
+    control::go_nonblocking(&stream)?;
     let sq = SendQueue::new(ep.sq_depth, rdma.signal_every);
     let link = RdmaBackupLink {
         consumer,
@@ -329,6 +331,47 @@ mod tests {
             matches!(backup, Err(ChannelError::AuthRejected)),
             "{backup:?}"
         );
+    }
+
+    /// Either side can dial: here the primary listens and the backup dials it, and the
+    /// role-based handshake still authenticates them (and fails on the device, after
+    /// authentication, as above); a wrong key is still refused first.
+    #[test]
+    fn the_backup_can_dial_a_listening_primary() {
+        for (key, authenticated) in [
+            (&b"rdma-unit-test-key"[..], true),
+            (&b"another-rdma-test-key"[..], false),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let primary = std::thread::spawn(move || {
+                let (stream, _) = listener.accept().expect("accept the backup");
+                primary_on(stream, config(b"rdma-unit-test-key"), &no_device()).map(|_| ())
+            });
+            let stream = TcpStream::connect(addr).expect("dial the primary");
+            let backup = backup_on(stream, config(key), &no_device()).map(|_| ());
+            let primary = primary.join().expect("primary thread");
+            if authenticated {
+                assert!(
+                    matches!(backup, Err(ChannelError::RdmaDevice { .. })),
+                    "{backup:?}"
+                );
+                assert!(
+                    matches!(primary, Err(ChannelError::PeerMediumFailed(_))),
+                    "{primary:?}"
+                );
+            } else {
+                // The primary checks the backup's proof first.
+                assert!(
+                    matches!(primary, Err(ChannelError::PeerNotAuthenticated)),
+                    "{primary:?}"
+                );
+                assert!(
+                    matches!(backup, Err(ChannelError::AuthRejected)),
+                    "{backup:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -114,8 +114,7 @@ mod scan;
 pub mod setup;
 pub mod verbs;
 
-use std::io::{ErrorKind, Read};
-use std::net::{IpAddr, TcpStream};
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,7 +124,7 @@ use crate::region::{HeapRegion, RingMemory};
 use crate::ring::RingError;
 
 pub use self::backup::RdmaBackupLink;
-pub use self::connect::{accept, connect};
+pub use self::connect::{accept, backup_on, connect, primary_on};
 pub use self::primary::RdmaPrimaryLink;
 pub use self::verbs::device_names;
 
@@ -253,17 +252,4 @@ pub(super) fn counter(region: &HeapRegion, offset: usize) -> &AtomicU64 {
     // reference lives no longer than the borrowed region; the ring code accesses the same word
     // only atomically.
     unsafe { &*region.as_ptr().add(offset).cast::<AtomicU64>() }
-}
-
-/// Checks the control socket without blocking: end-of-file means the peer process is gone.
-pub(super) fn check_socket(stream: &mut TcpStream) -> Result<(), ChannelError> {
-    let mut byte = [0u8; 1];
-    match stream.read(&mut byte) {
-        Ok(0) => Err(ChannelError::PeerClosed),
-        Ok(_) => Err(ChannelError::CorruptMessage(
-            "unexpected data on the RDMA control socket".into(),
-        )),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
-        Err(e) => Err(ChannelError::io("checking the control socket", e)),
-    }
 }

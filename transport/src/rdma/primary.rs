@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use super::setup::{seal_sum, AckBlock, HeadSeal, RemoteRegion, ACK_LEN, SEAL_LEN, SHORT_SEAL_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use super::{check_socket, counter, DOORBELL_EVERY, HEAD_OFFSET, RECV_TAG, TAIL_OFFSET};
+use super::{counter, DOORBELL_EVERY, HEAD_OFFSET, RECV_TAG, TAIL_OFFSET};
 use crate::channel::{BackupNews, PrimaryLink};
+use crate::control;
 use crate::error::ChannelError;
+use crate::poll::PollPolicy;
 use crate::region::{HeapRegion, RingMemory};
 use crate::ring::{self, Producer, RingError, RING_HEADER_LEN};
 
@@ -351,14 +353,13 @@ impl PrimaryLink for RdmaPrimaryLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
-        check_socket(&mut self.stream)?;
+        control::check_peer(&mut self.stream, "RDMA")?;
         self.reap()?;
         self.ep.check_qp()
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
-        // Completions are polled, not waited for: sleep briefly so blocking mode stays cheap.
-        std::thread::sleep(timeout.min(Duration::from_micros(50)));
-        Ok(false)
+        // Completions are polled, not waited for.
+        Ok(PollPolicy::nap(timeout))
     }
 }
