@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::setup::{AckBlock, RemoteRegion, ACK_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use super::{counter, HEAD_OFFSET, TAIL_OFFSET};
+use super::{counter, TAIL_OFFSET};
 use crate::channel::BackupLink;
 use crate::control;
 use crate::error::ChannelError;
@@ -22,10 +22,8 @@ pub struct RdmaBackupLink {
     pub(super) consumer: Consumer<Arc<HeapRegion>>,
     pub(super) ring: Arc<HeapRegion>,
     pub(super) capacity: u64,
-    /// The producer's head, rebuilt from the immediates of the primary's writes.
+    /// The producer's head, as far as the seals found so far (see `scan.rs`).
     pub(super) head: u64,
-    pub(super) next_recv: u64,
-    pub(super) recvs_posted: u32,
     pub(super) sq: SendQueue,
     /// Source slots for ACK writes the device cannot take inline.
     pub(super) acks: Arc<HeapRegion>,
@@ -33,17 +31,12 @@ pub struct RdmaBackupLink {
     pub(super) peer: RemoteRegion,
     /// An ACK the send queue had no room for; cumulative, so only the newest matters.
     pub(super) pending: Option<[u8; ACK_LEN]>,
-    /// The primary announces records with sealed head words (polled in memory), not
-    /// immediates.
-    pub(super) sealed: bool,
     /// Since when a seal's bytes have not added up (they may still be in flight).
     pub(super) bad_sum_since: Option<Instant>,
     /// The check word of the short seal at `head` (what an untouched head position holds).
     pub(super) last_check: u64,
     /// The check word of the doorbell seal last dealt with.
     pub(super) last_bell_check: u64,
-    /// The primary asked for ACKs by SEND.
-    pub(super) ack_by_send: bool,
     pub(super) beats: u64,
     pub(super) stream: TcpStream,
     pub(super) wcs: [Completion; 16],
@@ -55,46 +48,19 @@ impl std::fmt::Debug for RdmaBackupLink {
             .field("ep", &self.ep)
             .field("capacity", &self.capacity)
             .field("head", &self.head)
-            .field("recvs_posted", &self.recvs_posted)
             .finish_non_exhaustive()
     }
 }
 
 impl RdmaBackupLink {
-    /// Reaps completions; returns whether new records arrived (their head is then stored).
-    fn reap(&mut self) -> Result<bool, ChannelError> {
-        let (capacity, mut head, mut arrived) = (self.capacity, self.head, 0u32);
-        let sealed = self.sealed;
-        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
-            if sealed {
-                return Err(ChannelError::CorruptMessage(
-                    "write with immediate from a primary that announced sealed heads".into(),
-                ));
-            }
-            let delta = u64::from(c.imm.wrapping_sub(head as u32));
-            if delta > capacity || !delta.is_multiple_of(8) {
-                return Err(ChannelError::CorruptMessage(format!(
-                    "primary's write moved the ring head by {delta} bytes (capacity {capacity})"
-                )));
-            }
-            head += delta;
-            arrived += 1;
-            Ok(())
-        })?;
-        self.recvs_posted -= arrived.min(self.recvs_posted);
-        if head != self.head {
-            self.head = head;
-            // The consumer bounds-checks this against its own position and capacity.
-            counter(&self.ring, HEAD_OFFSET).store(head, Ordering::Release);
-        }
-        let want = self.ep.rq_depth;
-        if !self.sealed && self.recvs_posted < want / 2 {
-            let n = want - self.recvs_posted;
-            self.ep.post_recvs(self.next_recv, n as usize)?;
-            self.next_recv += u64::from(n);
-            self.recvs_posted = want;
-        }
-        Ok(arrived > 0)
+    /// Reaps the completions of ACK writes (send-queue room). The backup posts no receives, so a
+    /// receive completion cannot happen; one would be the primary's protocol violation.
+    pub(super) fn reap(&mut self) -> Result<(), ChannelError> {
+        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| {
+            Err(ChannelError::CorruptMessage(
+                "receive completion on the backup".into(),
+            ))
+        })
     }
 }
 
@@ -125,7 +91,7 @@ impl RdmaBackupLink {
             len: ACK_LEN as u32,
             remote: self.peer.target(0, ACK_LEN as u64)?,
             imm: None,
-            send: self.ack_by_send,
+            send: false,
         };
         // SAFETY: the source is this request's slot in the registered slot region, untouched
         // until the slot comes round again (after the request completed); the target was
@@ -150,16 +116,12 @@ impl BackupLink for RdmaBackupLink {
     }
 
     fn receive(&mut self) -> Result<bool, ChannelError> {
-        let arrived = if self.sealed {
-            // Completions only free send slots for ACKs here: reap once a signalled one can be
-            // outstanding (a failed write also shows as the queue pair's error state).
-            if self.sq.in_flight() >= self.sq.signal_every() {
-                self.reap()?;
-            }
-            self.scan()?
-        } else {
-            self.reap()?
-        };
+        // Completions only free send slots for ACKs here: reap once a signalled one can be
+        // outstanding (a failed write also shows as the queue pair's error state).
+        if self.sq.in_flight() >= self.sq.signal_every() {
+            self.reap()?;
+        }
+        let arrived = self.scan()?;
         if let Some(msg) = self.pending {
             self.send_ack(msg)?;
         }

@@ -5,11 +5,11 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use super::setup::{
-    self, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, DOORBELL_LEN, FLAG_SEALED,
-    SEAL_LEN, SETUP_LEN,
+    PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, DOORBELL_LEN, FLAG_SEALED, SEAL_LEN,
+    SETUP_LEN,
 };
 use super::verbs::{Endpoint, SendQueue, NO_COMPLETION};
-use super::{heap, Doorbell, RdmaBackupLink, RdmaConfig, RdmaPrimaryLink, ACK_RECVS, RECV_TAG};
+use super::{heap, RdmaBackupLink, RdmaConfig, RdmaPrimaryLink};
 use crate::channel::{Backup, ChannelConfig, Primary};
 use crate::control;
 use crate::error::ChannelError;
@@ -61,9 +61,12 @@ pub fn primary_on(
     let backup = PeerInfo::decode(&accepted.medium_info, Role::Backup, config.max_frame_bytes)?;
     let capacity = backup.len as usize;
 
-    let sealed = rdma.doorbell == Doorbell::Sealed && backup.flags & FLAG_SEALED != 0;
-    let recvs = if rdma.ack_by_send { ACK_RECVS } else { 1 };
-    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, recvs)?;
+    if backup.flags & FLAG_SEALED == 0 {
+        return Err(ChannelError::RdmaSetup(
+            "the backup offers no doorbell block (sealed head words): an older build".into(),
+        ));
+    }
+    let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, 1)?;
     // The mirror, then one staging slot per send-queue entry for seals sent to the doorbell.
     let seal_slots = u64::from(ep.sq_depth.max(1));
     let mirror_len = ring::region_len(capacity) + seal_slots as usize * SEAL_LEN;
@@ -73,25 +76,7 @@ pub fn primary_on(
     let mirror_mr = ep.register(&mirror, 0, mirror_len, false)?;
     let acks = heap(4096)?;
     let ack_mr = ep.register(&acks, 0, ACK_BLOCK_LEN as usize, true)?;
-    // Receive buffers for SEND-mode ACKs: one 32-byte slot per posted receive.
-    let slots = ep.rq_depth.min(ACK_RECVS) as usize;
-    let ack_recv = heap((slots * ACK_LEN).max(4096))?;
-    let ack_recv_mr = ep.register(&ack_recv, 0, slots * ACK_LEN, true)?;
     ep.to_init()?;
-    if rdma.ack_by_send {
-        for i in 0..slots {
-            // SAFETY: slot `i` lies in the registered receive region, which only the NIC
-            // touches until its receive completes (then it is read and reposted).
-            unsafe {
-                ep.post_recv_buffer(
-                    RECV_TAG | i as u64,
-                    ack_recv_mr.addr + (i * ACK_LEN) as u64,
-                    ACK_LEN as u32,
-                    ack_recv_mr.lkey,
-                )?;
-            }
-        }
-    }
     ep.connect(&backup, rdma.retry_timeout)?;
     let ours = PeerInfo {
         role: Role::Primary,
@@ -99,11 +84,7 @@ pub fn primary_on(
         qpn: ep.qpn(),
         psn: ep.psn,
         lid: ep.lid,
-        flags: if rdma.ack_by_send {
-            setup::FLAG_ACK_BY_SEND
-        } else {
-            0
-        } | if sealed { FLAG_SEALED } else { 0 },
+        flags: FLAG_SEALED,
         rkey: ack_mr.rkey,
         gid: ep.gid,
         addr: ack_mr.addr,
@@ -127,10 +108,9 @@ pub fn primary_on(
         },
         doorbell: RemoteRegion {
             addr: backup.addr + backup.len,
-            len: if sealed { DOORBELL_LEN } else { 0 },
+            len: DOORBELL_LEN,
             rkey: backup.rkey,
         },
-        sealed,
         seal_slots,
         since_doorbell: 0,
         capacity: capacity as u64,
@@ -146,10 +126,6 @@ pub fn primary_on(
         last_acked: 0,
         heard_pending: false,
         torn_reads: 0,
-        ack_by_send: rdma.ack_by_send,
-        ack_recv,
-        ack_recv_mr,
-        arrived: Vec::with_capacity(16),
         stream,
         wcs: [NO_COMPLETION; 16],
         ep,
@@ -189,7 +165,8 @@ pub fn backup_on(
     // that fails (no device, port down, out of resources), the primary is told why.
     let capacity = config.ring_capacity;
     let set_up = || -> Result<_, ChannelError> {
-        let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, rdma.recv_queue_depth)?;
+        // No receives: new records are found in memory (sealed head words).
+        let mut ep = Endpoint::open(rdma, rdma.send_queue_depth, 1)?;
         // The ring, then the doorbell block (zeroed: no valid seal in it).
         let ring_mem = heap(ring::region_len(capacity) + DOORBELL_LEN as usize)?;
         ring::format(&*ring_mem, capacity)?;
@@ -206,11 +183,9 @@ pub fn backup_on(
         let ack_mem = heap(slots * ACK_LEN)?;
         let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
         ep.to_init()?;
-        let rq_depth = ep.rq_depth;
-        ep.post_recvs(RECV_TAG, rq_depth as usize)?;
-        Ok((ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr, rq_depth))
+        Ok((ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr))
     };
-    let (mut ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr, rq_depth) = match set_up() {
+    let (mut ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr) = match set_up() {
         Ok(parts) => parts,
         Err(e) => {
             let _ = handshake::backup_refuse_medium(&mut stream, &e.to_string());
@@ -232,7 +207,15 @@ pub fn backup_on(
     handshake::backup_welcome(&mut stream, 1, &ours.encode())?;
     let mut msg = [0u8; SETUP_LEN];
     control::read_exact(&mut stream, &mut msg, "the primary's RDMA set-up")?;
-    let primary = match PeerInfo::decode(&msg, Role::Primary, 0) {
+    let primary = match PeerInfo::decode(&msg, Role::Primary, 0).and_then(|p| {
+        if p.flags & FLAG_SEALED == 0 {
+            Err(ChannelError::RdmaSetup(
+                "the primary does not announce sealed head words: an older build".into(),
+            ))
+        } else {
+            Ok(p)
+        }
+    }) {
         Ok(p) => p,
         Err(e) => {
             let _ = stream.write_all(b"X");
@@ -248,8 +231,6 @@ pub fn backup_on(
         ring: ring_mem,
         capacity: capacity as u64,
         head: 0,
-        next_recv: RECV_TAG + u64::from(rq_depth),
-        recvs_posted: rq_depth,
         sq,
         acks: ack_mem,
         ack_mr,
@@ -259,11 +240,9 @@ pub fn backup_on(
             rkey: primary.rkey,
         },
         pending: None,
-        sealed: primary.flags & FLAG_SEALED != 0,
         bad_sum_since: None,
         last_check: 0,
         last_bell_check: 0,
-        ack_by_send: primary.flags & setup::FLAG_ACK_BY_SEND != 0,
         beats: 0,
         stream,
         wcs: [NO_COMPLETION; 16],

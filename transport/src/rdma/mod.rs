@@ -28,7 +28,7 @@
 //! registered: the primary can only write into the data area (and the doorbell block after it),
 //! and the consumer validates every length and counter it reads from it ([`crate::ring`]).
 //!
-//! ## How the backup learns of new records: sealed head words ([`Doorbell::Sealed`], default)
+//! ## How the backup learns of new records: sealed head words
 //! A seal ([`setup::HeadSeal`]) says "the write of ring bytes `[start, end)` is complete and
 //! they add up to `sum`". The frame's write carries its seal in short form right after the
 //! record — 16 bytes, `{end, check(end, sum)}` — and the backup polls for it in memory, as
@@ -62,14 +62,6 @@
 //! before the backup's head, across the ring's end, or beyond what the ring can hold. Either way the consumer still checks every record header, and the
 //! receiver every frame's CRC, before anything is acknowledged: a seal only says where to look.
 //!
-//! ## Or write-with-immediate ([`Doorbell::Immediate`])
-//! The frame's last write is an RDMA WRITE WITH IMMEDIATE whose immediate is the low 32 bits of
-//! the new head counter: the backup learns of new records from its completion queue (which the
-//! verbs ordering rules deliver only after the record's bytes are in place), reposts receives,
-//! and stores the head into its ring header itself. Selected by the primary in its set-up
-//! message (no [`setup::FLAG_SEALED`]); also used against a backup that offers no doorbell
-//! block. Bench row `rdma-imm`.
-//!
 //! Writes of at most `max_inline_data` bytes (heartbeats, small frames with their seal, ACKs)
 //! go inline, copied into the work request at post time. Only every
 //! [`RdmaConfig::signal_every`]-th work request is signalled ([`verbs::SendQueue`] makes sure a
@@ -89,11 +81,10 @@
 //! poll later, which takes a clock read off the output-commit path (in an emulated guest a clock
 //! read can cost microseconds).
 //!
-//! WRITE or SEND? [`RdmaConfig::ack_by_send`] switches the backup to SENDing the same 32 bytes
-//! into receives the primary posts (bench row `rdma-send`). The write is the default because it
-//! does strictly less work per ACK: no receive to consume, no receive completion for the
-//! responder to generate, and on the primary no completion to poll and no receive to repost —
-//! the ACK is one memory read.
+//! ACKs go by RDMA WRITE rather than SEND because the write does strictly less work per ACK: no
+//! receive to consume, no receive completion for the responder to generate, and on the primary
+//! no completion to poll and no receive to repost — the ACK is one memory read. Neither side
+//! posts receives at all.
 //!
 //! # Measurements
 //! Numbers measured on this medium (soft-RoCE in the CI guest), with the commands that produced
@@ -134,8 +125,6 @@ pub(super) const HEAD_OFFSET: usize = 128;
 pub(super) const TAIL_OFFSET: usize = 256;
 /// Receive work requests carry this bit in their ids, send requests never do.
 pub const RECV_TAG: u64 = 1 << 63;
-/// Receives the primary posts for SEND-mode ACKs.
-pub(super) const ACK_RECVS: u32 = 256;
 /// With a backlog of unreleased frames, every this many frames the primary also writes the
 /// seal into the doorbell block, so the backup's walk over record headers stays short.
 pub(super) const DOORBELL_EVERY: u32 = 16;
@@ -157,8 +146,6 @@ pub struct RdmaConfig {
     pub gid_index: u8,
     /// Send queue slots requested.
     pub send_queue_depth: u32,
-    /// Receive queue slots requested (the backup posts one per expected frame).
-    pub recv_queue_depth: u32,
     /// Signal one send work request in this many (clamped to a quarter of the queue).
     pub signal_every: u32,
     /// Inline bytes requested per work request (`max_inline_data`); writes up to what the device
@@ -166,26 +153,6 @@ pub struct RdmaConfig {
     pub max_inline: u32,
     /// Local ACK timeout exponent (4.096 µs × 2^n) before the NIC retransmits; 7 retries.
     pub retry_timeout: u8,
-    /// Primary only: ask the backup to send its ACKs with SEND into receives posted here,
-    /// instead of writing them into the ACK block (the default). For comparison; see the
-    /// module documentation.
-    pub ack_by_send: bool,
-    /// Primary only: how the backup learns of new records (see the module documentation).
-    /// [`Doorbell::Sealed`] (the default) needs a backup that offers a doorbell block; with an
-    /// older one the primary falls back to immediates.
-    pub doorbell: Doorbell,
-}
-
-/// How the backup learns that new records are in its ring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Doorbell {
-    /// The write carrying a frame ends with a sealed head word ([`setup::HeadSeal`]) that the
-    /// backup polls for in memory: one work request per frame, no receive, no completion.
-    #[default]
-    Sealed,
-    /// The frame's write is a WRITE WITH IMMEDIATE carrying the new head; the backup polls its
-    /// completion queue and reposts receives.
-    Immediate,
 }
 
 impl RdmaConfig {
@@ -196,12 +163,9 @@ impl RdmaConfig {
             ib_port: 1,
             gid_index,
             send_queue_depth: 256,
-            recv_queue_depth: 1024,
             signal_every: 32,
             max_inline: 256,
             retry_timeout: 14,
-            ack_by_send: false,
-            doorbell: Doorbell::Sealed,
         }
     }
 

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::setup::{seal_sum, AckBlock, HeadSeal, RemoteRegion, ACK_LEN, SEAL_LEN, SHORT_SEAL_LEN};
+use super::setup::{seal_sum, AckBlock, HeadSeal, RemoteRegion, SEAL_LEN, SHORT_SEAL_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use super::{counter, DOORBELL_EVERY, HEAD_OFFSET, RECV_TAG, TAIL_OFFSET};
+use super::{counter, DOORBELL_EVERY, HEAD_OFFSET, TAIL_OFFSET};
 use crate::channel::{BackupNews, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -25,10 +25,8 @@ pub struct RdmaPrimaryLink {
     /// The block the backup's ACKs land in.
     pub(super) acks: Arc<HeapRegion>,
     pub(super) remote: RemoteRegion,
-    /// The backup's doorbell block (empty unless `sealed`).
+    /// The backup's doorbell block.
     pub(super) doorbell: RemoteRegion,
-    /// New records are announced with sealed head words, not immediates.
-    pub(super) sealed: bool,
     /// Seal staging slots after the mirror's ring.
     pub(super) seal_slots: u64,
     /// Frames since the last seal written to the doorbell block.
@@ -46,12 +44,6 @@ pub struct RdmaPrimaryLink {
     pub(super) last_acked: u64,
     pub(super) heard_pending: bool,
     pub(super) torn_reads: u64,
-    /// ACKs come by SEND into `ack_recv`'s slots rather than into `acks`.
-    pub(super) ack_by_send: bool,
-    pub(super) ack_recv: Arc<HeapRegion>,
-    pub(super) ack_recv_mr: Registered,
-    /// Slots whose receives completed in the current poll.
-    pub(super) arrived: Vec<u64>,
     pub(super) stream: TcpStream,
     pub(super) wcs: [Completion; 16],
 }
@@ -80,59 +72,11 @@ impl RdmaPrimaryLink {
     }
 
     fn reap(&mut self) -> Result<(), ChannelError> {
-        let (by_send, arrived) = (self.ack_by_send, &mut self.arrived);
-        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |c| {
-            if !by_send {
-                return Err(ChannelError::CorruptMessage(
-                    "receive completion on the primary".into(),
-                ));
-            }
-            arrived.push(c.wr_id & !RECV_TAG);
-            Ok(())
+        reap(&mut self.ep, &mut self.sq, &mut self.wcs, |_| {
+            Err(ChannelError::CorruptMessage(
+                "receive completion on the primary".into(),
+            ))
         })
-    }
-
-    /// SEND mode: the newest ACK among the receives that completed, each slot reposted.
-    fn received_ack(&mut self) -> Result<Option<AckBlock>, ChannelError> {
-        let mut newest = None;
-        let slots = self.ack_recv_mr.len / ACK_LEN as u64;
-        for i in 0..self.arrived.len() {
-            let slot = self.arrived[i];
-            if slot >= slots {
-                return Err(ChannelError::CorruptMessage(format!(
-                    "receive completion for slot {slot}"
-                )));
-            }
-            let at = slot as usize * ACK_LEN;
-            let mut words = [0u64; 4];
-            for (j, w) in words.iter_mut().enumerate() {
-                // SAFETY: the slot lies in the receive region (checked above), the receive
-                // completed so the NIC is done with it, and it is reposted only below.
-                *w = u64::from_le(unsafe {
-                    self.ack_recv
-                        .as_ptr()
-                        .add(at + 8 * j)
-                        .cast::<u64>()
-                        .read_volatile()
-                });
-            }
-            let block = AckBlock::from_words(words).ok_or_else(|| {
-                ChannelError::CorruptMessage("ACK message with a bad check word".into())
-            })?;
-            newest = Some(block);
-            // SAFETY: as at set-up: the slot is in the registered receive region, untouched
-            // until this receive completes.
-            unsafe {
-                self.ep.post_recv_buffer(
-                    RECV_TAG | slot,
-                    self.ack_recv_mr.addr + at as u64,
-                    ACK_LEN as u32,
-                    self.ack_recv_mr.lkey,
-                )?;
-            }
-        }
-        self.arrived.clear();
-        Ok(newest)
     }
 
     /// [`seal_sum`] of `len` bytes at data offset `off` of the mirror.
@@ -197,7 +141,7 @@ impl PrimaryLink for RdmaPrimaryLink {
             (old, offset)
         };
         let mut len = new - start;
-        if self.sealed {
+        {
             let seal = HeadSeal {
                 end: new,
                 start,
@@ -255,15 +199,6 @@ impl PrimaryLink for RdmaPrimaryLink {
                 k += 1;
                 self.since_doorbell = 0;
             }
-        } else {
-            writes[k] = RdmaWrite {
-                local: data + rec_off,
-                len: len as u32,
-                remote: self.remote.target(rec_off, len)?,
-                imm: Some(new as u32),
-                send: false,
-            };
-            k += 1;
         }
         crate::trace::primary(crate::trace::PrimaryPoint::Sent);
         // SAFETY: the local ranges are the record's bytes (and its seal) in the mirror, or a seal
@@ -289,15 +224,13 @@ impl PrimaryLink for RdmaPrimaryLink {
     }
 
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
-        // Completions matter only for send-queue room (and SEND-mode ACKs): skip the verbs call
-        // until a signalled request can be outstanding. A failed request still surfaces: at
-        // the next reap, or as the queue pair's error state at heartbeat pace.
-        if self.ack_by_send || self.sq.in_flight() >= self.sq.signal_every() {
+        // Completions matter only for send-queue room: skip the verbs call until a signalled
+        // request can be outstanding. A failed request still surfaces: at the next reap, or as
+        // the queue pair's error state at heartbeat pace.
+        if self.sq.in_flight() >= self.sq.signal_every() {
             self.reap()?;
         }
-        let block = if self.ack_by_send {
-            self.received_ack()?
-        } else {
+        let block = {
             // Every ACK write changes the check word (its beat count always moves), so an
             // unchanged check word means nothing new: one load per idle poll, and the poll
             // that finds the commit's ACK starts that much sooner.
