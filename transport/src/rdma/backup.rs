@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use super::setup::{AckBlock, RemoteRegion, ACK_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use super::{counter, TAIL_OFFSET};
 use crate::channel::BackupLink;
 use crate::control;
 use crate::error::ChannelError;
 use crate::poll::PollPolicy;
 use crate::region::{HeapRegion, RingMemory};
-use crate::ring::Consumer;
+use crate::ring::{self, Consumer};
 
 /// The backup's RDMA link: its ring, written by the primary's NIC, and one-sided ACK writes.
 pub struct RdmaBackupLink {
@@ -138,7 +137,7 @@ impl BackupLink for RdmaBackupLink {
         self.beats += 1;
         let block = AckBlock {
             acked,
-            tail: counter(&self.ring, TAIL_OFFSET).load(Ordering::Acquire),
+            tail: ring::tail_word(&*self.ring).load(Ordering::Acquire),
             beats: self.beats,
         };
         self.send_ack(block.encode())

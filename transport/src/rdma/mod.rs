@@ -106,12 +106,11 @@ pub mod setup;
 pub mod verbs;
 
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ChannelError;
-use crate::region::{HeapRegion, RingMemory};
+use crate::region::HeapRegion;
 use crate::ring::RingError;
 
 pub use self::backup::RdmaBackupLink;
@@ -119,10 +118,6 @@ pub use self::connect::{accept, backup_on, connect, primary_on};
 pub use self::primary::RdmaPrimaryLink;
 pub use self::verbs::device_names;
 
-/// Offset of the producer's `head` counter in a ring region (see [`crate::ring`]'s layout).
-pub(super) const HEAD_OFFSET: usize = 128;
-/// Offset of the consumer's `tail` counter in a ring region.
-pub(super) const TAIL_OFFSET: usize = 256;
 /// Receive work requests carry this bit in their ids, send requests never do.
 pub const RECV_TAG: u64 = 1 << 63;
 /// With a backlog of unreleased frames, every this many frames the primary also writes the
@@ -206,14 +201,4 @@ impl Default for RdmaConfig {
 
 pub(super) fn heap(len: usize) -> Result<Arc<HeapRegion>, ChannelError> {
     Ok(Arc::new(HeapRegion::new(len).map_err(RingError::from)?))
-}
-
-/// An 8-byte counter in a ring header.
-pub(super) fn counter(region: &HeapRegion, offset: usize) -> &AtomicU64 {
-    debug_assert!(offset + 8 <= region.len() && offset.is_multiple_of(8));
-    // SAFETY: callers pass HEAD_OFFSET or TAIL_OFFSET of a ring region (at least
-    // RING_HEADER_LEN bytes, page-aligned), so the word is in bounds and 8-aligned; the
-    // reference lives no longer than the borrowed region; the ring code accesses the same word
-    // only atomically.
-    unsafe { &*region.as_ptr().add(offset).cast::<AtomicU64>() }
 }

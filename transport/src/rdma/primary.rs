@@ -1,13 +1,13 @@
 //! The primary's end of the RDMA medium.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::setup::{seal_sum, AckBlock, HeadSeal, RemoteRegion, SEAL_LEN, SHORT_SEAL_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use super::{counter, DOORBELL_EVERY, HEAD_OFFSET, TAIL_OFFSET};
+use super::DOORBELL_EVERY;
 use crate::channel::{BackupNews, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -91,10 +91,8 @@ impl RdmaPrimaryLink {
     }
 
     fn ack_word(&self, i: usize) -> u64 {
-        // SAFETY: the ACK block is the first 64 bytes of a page-aligned 4 KiB region owned by
-        // `self`; word `i < 4` is in bounds and 8-aligned; the NIC writes it concurrently, so it
-        // is read atomically.
-        unsafe { &*self.acks.as_ptr().add(8 * i).cast::<AtomicU64>() }.load(Ordering::Acquire)
+        // The ACK block is the first 64 bytes of `acks`; the NIC writes it concurrently.
+        self.acks.word(8 * i).load(Ordering::Acquire)
     }
 }
 
@@ -113,7 +111,7 @@ impl PrimaryLink for RdmaPrimaryLink {
         }
         self.producer.commit();
         let old = self.sent;
-        let new = counter(&self.mirror, HEAD_OFFSET).load(Ordering::Relaxed);
+        let new = ring::head_word(&*self.mirror).load(Ordering::Relaxed);
         let cap = self.capacity;
         let data = self.mirror_mr.addr + RING_HEADER_LEN as u64;
         let offset = old & (cap - 1);
@@ -261,7 +259,7 @@ impl PrimaryLink for RdmaPrimaryLink {
             )));
         }
         if block.tail != self.tail {
-            counter(&self.mirror, TAIL_OFFSET).store(block.tail, Ordering::Release);
+            ring::tail_word(&*self.mirror).store(block.tail, Ordering::Release);
             self.tail = block.tail;
         }
         let fresh = block.beats != self.last_beats;

@@ -1,11 +1,11 @@
 //! How the RDMA backup finds new records in its ring: sealed head words (see the module
 //! documentation), checked without a verbs call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::setup::{seal_sum, HeadSeal, SHORT_SEAL_LEN};
-use super::{counter, RdmaBackupLink, BAD_SUM_GRACE, HEAD_OFFSET, TAIL_OFFSET, WALK_LIMIT};
+use super::{RdmaBackupLink, BAD_SUM_GRACE, WALK_LIMIT};
 use crate::error::ChannelError;
 use crate::region::RingMemory;
 use crate::ring::{self, RING_HEADER_LEN};
@@ -14,12 +14,7 @@ impl RdmaBackupLink {
     /// The word at byte `at` of the ring region (8-aligned, in bounds), read atomically: the
     /// primary's NIC may be writing it.
     pub(super) fn ring_word(&self, at: usize) -> u64 {
-        debug_assert!(at.is_multiple_of(8) && at + 8 <= self.ring.len());
-        // SAFETY: callers pass 8-aligned offsets inside the ring region (data area or doorbell
-        // block), which `self` keeps alive; concurrent NIC writes are why it is atomic.
-        u64::from_le(
-            unsafe { &*self.ring.as_ptr().add(at).cast::<AtomicU64>() }.load(Ordering::Acquire),
-        )
+        u64::from_le(self.ring.word(at).load(Ordering::Acquire))
     }
 
     /// A valid seal at byte `at` of the ring region, if there is one.
@@ -82,7 +77,7 @@ impl RdmaBackupLink {
         let cap = self.capacity;
         let mask = cap - 1;
         // Nothing the primary wrote can end beyond what we have not released plus the ring.
-        let limit = counter(&self.ring, TAIL_OFFSET).load(Ordering::Acquire) + cap;
+        let limit = ring::tail_word(&*self.ring).load(Ordering::Acquire) + cap;
         let mut best = self.head;
         let bell = RING_HEADER_LEN + cap as usize;
         // A doorbell seal whose check word was already dealt with is skipped on one load (each
@@ -173,7 +168,7 @@ impl RdmaBackupLink {
             return false;
         }
         self.head = best;
-        counter(&self.ring, HEAD_OFFSET).store(best, Ordering::Release);
+        ring::head_word(&*self.ring).store(best, Ordering::Release);
         crate::trace::backup_arrived();
         true
     }
