@@ -19,7 +19,7 @@
 #
 # Usage: scripts/softroce-ci.sh [--perftest-only]
 #   --perftest-only   skip building/running the Rust side (plumbing check: boot + ib_write_lat)
-# Environment (defaults): SOFTROCE_BENCH_TRANSPORTS=rdma (e.g. rdma,rdma-send; the target
+# Environment (defaults): SOFTROCE_BENCH_TRANSPORTS=rdma (e.g. rdma,shm; the target
 #   check uses the rdma row) SOFTROCE_BENCH_COUNT=20000 SOFTROCE_BENCH_WARMUP=2000
 #   SOFTROCE_PERF_ITERS=5000 SOFTROCE_ROUNDS=3 (bench + ib_write_lat rounds; the target check
 #   takes the median of the rounds' ratios) SOFTROCE_TEST_TIMEOUT=600 (per test binary, s)

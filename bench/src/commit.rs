@@ -11,8 +11,8 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use logfmt::{ControlOp, Entry, Event, Position};
 use serde::Serialize;
-use transport::dpdk::{self, DpdkConfig};
-use transport::{shm, tcp, BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
+use transport::dpdk;
+use transport::{BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
 
 use crate::raw::memif::{Kind, MemifPair};
 use crate::raw::{self, RawConfig, RawMedium};
@@ -33,13 +33,6 @@ pub enum Medium {
     /// backup on device B, TCP handshake on B's address (`FTVM_RDMA_DEV/GID/IP_A/B`); needs the
     /// bench built with `--features rdma`.
     Rdma,
-    /// As `rdma`, but the backup sends its ACKs with SEND instead of an RDMA WRITE (for
-    /// comparison).
-    RdmaSend,
-    /// As `rdma`, but new records are announced with WRITE WITH IMMEDIATE and the backup polls
-    /// its completion queue (`Doorbell::Immediate`); the raw column is the write-with-immediate
-    /// ping-pong.
-    RdmaImm,
     /// The same over `net_af_packet` ports on the two ends of veth pair `ftvm-ap0`/`ftvm-ap1`
     /// (created by the benchmark if missing; needs root).
     DpdkAfPacket,
@@ -57,8 +50,6 @@ impl Medium {
             Medium::Shm => "shm",
             Medium::DpdkMemif => "dpdk-memif",
             Medium::Rdma => "rdma",
-            Medium::RdmaSend => "rdma-send",
-            Medium::RdmaImm => "rdma-imm",
             Medium::DpdkAfPacket => "dpdk-af-packet",
             Medium::DpdkAfXdp => "dpdk-af-xdp",
         }
@@ -84,8 +75,7 @@ impl Medium {
             Medium::TcpSpin => RawMedium::TcpSpin,
             Medium::Shm => RawMedium::Shm,
             Medium::DpdkMemif => RawMedium::DpdkMemif,
-            Medium::Rdma | Medium::RdmaSend => RawMedium::Rdma,
-            Medium::RdmaImm => RawMedium::RdmaImm,
+            Medium::Rdma => RawMedium::Rdma,
             Medium::DpdkAfPacket => RawMedium::DpdkAfPacket,
             Medium::DpdkAfXdp => RawMedium::DpdkAfXdp,
         }
@@ -306,7 +296,7 @@ pub fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
     let mut cfg = ChannelConfig::new(0xBE7C, 1, key);
     cfg.blocking = medium == Medium::Tcp;
     cfg.poll = PollPolicy::BUSY;
-    if matches!(medium, Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm) {
+    if medium == Medium::Rdma {
         // Soft-RoCE does the NIC's work in the kernel (softirq, often in ksoftirqd) on the same
         // CPUs as the two spinning threads: a long pure spin starves it until the scheduler
         // tick, which measured p90 3.3 ms / p99 8.8 ms in the 2-vCPU guest. Yield after a short
@@ -355,11 +345,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
     let mut traces = serde_json::Map::new();
     let _ = RDMA_ARGS.set(args.rdma.clone());
     #[cfg(feature = "rdma")]
-    let rdma_devices = if args
-        .transports
-        .iter()
-        .any(|m| matches!(m, Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm))
-    {
+    let rdma_devices = if args.transports.contains(&Medium::Rdma) {
         let (a, b, _) = args.rdma.resolve()?;
         Some((a, b))
     } else {
@@ -647,9 +633,6 @@ fn sides(medium: Medium) -> anyhow::Result<(transport::Medium, transport::Medium
             }
             #[cfg(not(feature = "rdma"))]
             bail!("the bench was built without the `rdma` feature (cargo build -p bench --features rdma)")
-        }
-        Medium::RdmaSend | Medium::RdmaImm => {
-            bail!("{}: the SEND-ACK and immediate-doorbell variants are gone (measured equivalent to rdma)", medium.name())
         }
     })
 }

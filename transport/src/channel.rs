@@ -879,8 +879,18 @@ impl ThreadedWriter {
         self.writer.last_seq()
     }
 
-    /// As [`Primary::wait_acked`]; fails if the sender thread failed.
+    /// As [`Primary::wait_acked`]; fails if the sender thread failed, and at once for an entry
+    /// that was never appended (which no ACK would ever cover).
     pub fn wait_acked(&mut self, seq: u64) -> Result<(), ChannelError> {
+        if self.writer.acked() >= seq {
+            return Ok(());
+        }
+        if seq > self.writer.last_seq() {
+            return Err(ChannelError::Config(format!(
+                "waiting for entry {seq}, but only {} were appended",
+                self.writer.last_seq()
+            )));
+        }
         self.flush()?;
         let mut poller = self.policy.poller();
         while self.writer.acked() < seq {

@@ -22,6 +22,7 @@ use std::io::{Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::control;
 use crate::error::ChannelError;
 
 /// The channel protocol version this build speaks (handshake and data phase).
@@ -178,33 +179,11 @@ fn read_msg<S: Read>(
     buf: &mut [u8],
     what: &'static str,
 ) -> Result<(), ChannelError> {
-    stream
-        .read_exact(buf)
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::UnexpectedEof => ChannelError::PeerClosed,
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                ChannelError::HandshakeTimeout { waiting_for: what }
-            }
-            _ => ChannelError::Io {
-                context: what,
-                source,
-            },
-        })
+    control::read_exact(stream, buf, what)
 }
 
 fn write_msg<S: Write>(stream: &mut S, buf: &[u8], what: &'static str) -> Result<(), ChannelError> {
-    stream
-        .write_all(buf)
-        .and_then(|()| stream.flush())
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
-                ChannelError::PeerClosed
-            }
-            _ => ChannelError::Io {
-                context: what,
-                source,
-            },
-        })
+    control::write_all(stream, buf, what)
 }
 
 fn check_magic(buf: &[u8], kind: u8, what: &'static str) -> Result<(), ChannelError> {

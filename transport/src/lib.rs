@@ -11,6 +11,8 @@
 //! - [`poll`]: the one spin → yield → park policy every busy loop uses;
 //! - [`channel`]: the medium-independent protocol (batching, cumulative ACKs, heartbeats,
 //!   backpressure) over two small traits, [`PrimaryLink`] and [`BackupLink`];
+//! - [`control`]: the control stream each medium sets itself up over (timeouts, messages, the
+//!   peer check);
 //! - [`handshake`]: version, session, epoch and pre-shared-key authentication;
 //! - the media: [`tcp`] (kernel TCP, busy-polled or blocking), [`shm`] (a ring shared by two
 //!   processes: the kernel-bypass reference), and behind features `dpdk` (raw Ethernet frames)
@@ -20,6 +22,7 @@
 //! `crossbeam-queue`; the ring is for records that must live in a particular memory region.
 
 pub mod channel;
+pub mod control;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod error;

@@ -299,6 +299,7 @@ impl FromStr for Medium {
     }
 }
 
+#[cfg_attr(all(feature = "rdma", feature = "dpdk"), allow(dead_code))]
 fn not_built(medium: &str, feature: &str) -> ChannelError {
     ChannelError::Config(format!(
         "the {medium} medium is not in this build: rebuild with `--features {feature}`"
@@ -306,6 +307,9 @@ fn not_built(medium: &str, feature: &str) -> ChannelError {
 }
 
 /// The primary's link over whichever medium was chosen.
+// One per channel end, never moved on the data path: the size of the largest medium is no
+// cost, a box would be a pointer chase per call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyPrimaryLink {
     /// Over TCP.
@@ -321,6 +325,9 @@ pub enum AnyPrimaryLink {
 }
 
 /// The backup's link over whichever medium was chosen.
+// One per channel end, never moved on the data path: the size of the largest medium is no
+// cost, a box would be a pointer chase per call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnyBackupLink {
     /// Over TCP.

@@ -75,6 +75,21 @@ impl PollPolicy {
     }
 }
 
+/// Longest sleep of [`PollPolicy::nap`].
+pub const MAX_NAP: Duration = Duration::from_micros(50);
+
+impl PollPolicy {
+    /// The blocking wait of a medium that has nothing to sleep on (a polled DPDK port, shared
+    /// memory, RDMA completion queues that are polled rather than waited on): sleeps `timeout`,
+    /// but at most [`MAX_NAP`], so blocking mode stays cheap on the CPU and still answers within
+    /// tens of microseconds. Returns `false`, "nothing is known to have arrived", which is what
+    /// such a medium's `PrimaryLink::block` / `BackupLink::block` then answers.
+    pub fn nap(timeout: Duration) -> bool {
+        std::thread::sleep(timeout.min(MAX_NAP));
+        false
+    }
+}
+
 impl Default for PollPolicy {
     fn default() -> Self {
         PollPolicy::BALANCED
@@ -143,6 +158,16 @@ mod tests {
         let got: Option<()> = PollPolicy::BALANCED.wait_until(Some(deadline), || None);
         assert_eq!(got, None);
         assert!(start.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn nap_sleeps_at_most_max_nap_and_reports_nothing() {
+        assert!(!PollPolicy::nap(Duration::ZERO));
+        let start = Instant::now();
+        // Capped: an hour's timeout naps for MAX_NAP (a test that hangs would fail it).
+        assert!(!PollPolicy::nap(Duration::from_secs(3600)));
+        assert!(start.elapsed() >= MAX_NAP);
+        assert!(start.elapsed() < Duration::from_secs(60));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use memmap2::MmapMut;
@@ -63,6 +64,34 @@ pub unsafe trait RingMemory {
     /// True if the region has no bytes (never the case for the regions in this crate).
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The 8-byte word at byte `offset` of the region, for atomic access: the one way this crate
+    /// views a word of a region another process or a NIC may write at the same time (ring
+    /// counters, ACK blocks, seals, control words). Whoever shares the word must access it
+    /// atomically too; values are little-endian on the wire, which is the host order on the
+    /// machines ftvm runs on (x86-64).
+    ///
+    /// # Panics
+    /// If the word is not wholly inside the region or not 8-aligned: offsets come from this
+    /// crate's layouts, never from a peer, so that is a bug in the caller.
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        assert!(
+            offset.checked_add(8).is_some_and(|end| end <= self.len()),
+            "word at {offset} outside a {}-byte region",
+            self.len()
+        );
+        // SAFETY: `offset + 8 <= len` (checked above), so the pointer stays inside the region.
+        let ptr = unsafe { self.as_ptr().add(offset) };
+        assert!(
+            (ptr as usize).is_multiple_of(std::mem::align_of::<AtomicU64>()),
+            "word at {offset} is not 8-aligned"
+        );
+        // SAFETY: the 8 bytes are inside the region and aligned (checked above); the trait's
+        // contract keeps them valid for as long as `self`, which bounds the reference's
+        // lifetime; `AtomicU64` is valid for any bit pattern, and concurrent writers (another
+        // process, a NIC) are why the access is atomic.
+        unsafe { &*ptr.cast::<AtomicU64>() }
     }
 }
 
@@ -298,6 +327,27 @@ unsafe impl RingMemory for SharedRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_are_shared_in_place_and_bounds_checked() {
+        use std::sync::atomic::Ordering;
+        let region = HeapRegion::new(64).expect("region");
+        region
+            .word(8)
+            .store(0x1122_3344_5566_7788, Ordering::Release);
+        region.word(56).store(7, Ordering::Release);
+        // The same bytes, seen through the word and through the region's memory.
+        // SAFETY: bytes 8..16 of the 64-byte region; nothing writes them concurrently.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().add(8), 8) };
+        assert_eq!(bytes, 0x1122_3344_5566_7788u64.to_ne_bytes());
+        assert_eq!(region.word(56).load(Ordering::Acquire), 7);
+        for bad in [57, 60, 64, usize::MAX - 3] {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                region.word(bad);
+            }));
+            assert!(caught.is_err(), "word at {bad} was not refused");
+        }
+    }
 
     #[test]
     fn heap_region_is_zeroed_and_aligned() {

@@ -50,6 +50,10 @@ pub const RING_HEADER_LEN: usize = 384;
 pub const RECORD_HEADER_LEN: usize = 8;
 /// Records start on multiples of this.
 pub const RECORD_ALIGN: usize = 8;
+/// Offset of the producer's `head` counter in a ring region.
+pub const HEAD_OFFSET: usize = 128;
+/// Offset of the consumer's `tail` counter in a ring region.
+pub const TAIL_OFFSET: usize = 256;
 /// Smallest data capacity accepted.
 pub const MIN_CAPACITY: usize = 64;
 
@@ -84,8 +88,8 @@ struct RingHeader {
 }
 
 const _: () = assert!(std::mem::size_of::<RingHeader>() == RING_HEADER_LEN);
-const _: () = assert!(std::mem::offset_of!(RingHeader, head) == 128);
-const _: () = assert!(std::mem::offset_of!(RingHeader, tail) == 256);
+const _: () = assert!(std::mem::offset_of!(RingHeader, head) == HEAD_OFFSET);
+const _: () = assert!(std::mem::offset_of!(RingHeader, tail) == TAIL_OFFSET);
 const _: () = assert!(REGION_ALIGN >= std::mem::align_of::<RingHeader>());
 
 /// Why a ring operation failed. None of these loses data: a failed push leaves the ring as it
@@ -195,6 +199,23 @@ pub fn format<M: RingMemory>(mem: &M, capacity: usize) -> Result<(), RingError> 
     // Release: whoever sees the magic sees every field above.
     header.magic.store(RING_MAGIC, Ordering::Release);
     Ok(())
+}
+
+/// The producer's `head` counter of the ring laid out at the start of `mem` ([`HEAD_OFFSET`]),
+/// for a side that stands in for a producer that is not a [`Producer`]: over RDMA the primary's
+/// NIC writes the records, and the backup publishes here how far they are complete. Store with
+/// `Release`; a [`Consumer`] bounds-checks whatever it finds here. Panics if `mem` is smaller
+/// than a ring header (see [`RingMemory::word`]).
+pub fn head_word<M: RingMemory>(mem: &M) -> &AtomicU64 {
+    mem.word(HEAD_OFFSET)
+}
+
+/// The consumer's `tail` counter of the ring laid out at the start of `mem` ([`TAIL_OFFSET`]):
+/// read by a side that stands in for the producer, stored by one that stands in for a consumer
+/// that is not a [`Consumer`] (over RDMA the primary's mirror learns the backup's `tail` from its
+/// ACKs). A [`Producer`] bounds-checks whatever it finds here. Panics as [`head_word`] does.
+pub fn tail_word<M: RingMemory>(mem: &M) -> &AtomicU64 {
+    mem.word(TAIL_OFFSET)
 }
 
 /// The two ends of a ring in (shared) heap memory.

@@ -285,8 +285,7 @@ impl PrimaryLink for ShmPrimaryLink {
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
         // Nothing to sleep on for memory; sleep briefly so blocking mode stays cheap.
-        std::thread::sleep(timeout.min(Duration::from_micros(50)));
-        Ok(false)
+        Ok(crate::poll::PollPolicy::nap(timeout))
     }
 }
 

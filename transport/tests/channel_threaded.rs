@@ -107,3 +107,51 @@ fn a_sender_thread_carries_the_log_and_its_failure_reaches_the_writer() {
         "{sender_result:?}"
     );
 }
+
+/// Waiting for an entry that was never appended fails at once (no ACK would ever cover it: the
+/// wait would spin for as long as the backup stays alive), as `Primary::wait_acked` does.
+#[test]
+fn waiting_for_an_entry_never_appended_fails_instead_of_spinning() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let backup = std::thread::spawn(move || {
+        let mut b = tcp::accept(&listener, config()).expect("accept");
+        // Alive and acknowledging (heartbeats too) until the writer is done.
+        while done_rx.try_recv().is_err() {
+            b.poll_timeout(Duration::from_millis(5), |_| {})
+                .expect("backup");
+        }
+    });
+    let primary = tcp::connect(addr, config()).expect("connect");
+    let (mut writer, sender) = primary.split();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_sender = stop.clone();
+    let sender = std::thread::spawn(move || sender.run(&stop_sender, PollPolicy::BALANCED));
+    let seq = writer
+        .append(&Entry::new(
+            Position::at_exit(1),
+            Event::Control(ControlOp::Shutdown),
+        ))
+        .expect("append");
+    writer
+        .wait_acked(seq)
+        .expect("an appended entry is acknowledged");
+    // The wait runs on its own thread so that a regression shows as this test failing, not
+    // hanging: the answer must come while the backup is still alive.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(writer.wait_acked(seq + 10));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Err(ChannelError::Config(m))) => assert!(m.contains("only 1 were appended"), "{m}"),
+        Ok(other) => panic!("expected a refusal, got {other:?}"),
+        Err(_) => panic!("wait_acked for a never-appended entry did not return"),
+    }
+    waiter.join().expect("waiter");
+    let _ = done_tx.send(());
+    backup.join().expect("backup thread");
+    // The sender may have seen the backup go; either way it stops.
+    stop.store(true, Ordering::Relaxed);
+    let _ = sender.join().expect("sender thread");
+}

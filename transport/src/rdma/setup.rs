@@ -18,7 +18,7 @@
 //! | 8 | 4 | queue-pair number (24 bits) |
 //! | 12 | 4 | initial packet sequence number (24 bits) |
 //! | 16 | 2 | LID (0 on RoCE) |
-//! | 18 | 2 | flags: bit 0 (primary only) = send ACKs with SEND instead of RDMA WRITE; bit 1 = sealed heads: from a backup, "my registration extends [`DOORBELL_LEN`] bytes past the data area (the doorbell block)", from a primary, "I announce new records with sealed head words, not immediates" |
+//! | 18 | 2 | flags: bit 0 reserved (was: ACKs by SEND; refused now); bit 1 = sealed heads (both sides must set it): from a backup, "my registration extends [`DOORBELL_LEN`] bytes past the data area (the doorbell block)", from a primary, "I announce new records with sealed head words" |
 //! | 20 | 4 | rkey of the region |
 //! | 24 | 16 | GID |
 //! | 40 | 8 | virtual address of the region |
@@ -34,13 +34,12 @@ const MAGIC: [u8; 4] = *b"FTRD";
 const VERSION: u16 = 1;
 /// Largest ring a backup may announce: the primary allocates a mirror of this size.
 pub const MAX_RING_CAPACITY: u64 = 1 << 30;
-/// Flag of a primary's set-up message: send ACKs as SENDs into its posted receives.
-pub const FLAG_ACK_BY_SEND: u16 = 1;
 /// Bytes of the primary's ACK block the backup writes into.
 pub const ACK_BLOCK_LEN: u64 = 64;
 /// Flag of both set-up messages: sealed head words (see [`HeadSeal`]). A backup that sets it
 /// registered a doorbell block of [`DOORBELL_LEN`] bytes right after its ring's data area (same
-/// rkey); a primary that sets it announces records with seals instead of immediates.
+/// rkey); a primary that sets it announces records with seals. Both sides must set it (the
+/// medium's set-up refuses a peer that does not).
 pub const FLAG_SEALED: u16 = 2;
 /// Bytes of the backup's doorbell block (after the data area, same registration).
 pub const DOORBELL_LEN: u64 = 64;
@@ -68,7 +67,7 @@ pub struct PeerInfo {
     pub psn: u32,
     /// LID (InfiniBand; 0 on RoCE).
     pub lid: u16,
-    /// [`FLAG_ACK_BY_SEND`] or 0.
+    /// [`FLAG_SEALED`] or 0.
     pub flags: u16,
     /// Remote key of the region.
     pub rkey: u32,
@@ -148,7 +147,7 @@ impl PeerInfo {
         };
         let allowed = match role {
             Role::Backup => FLAG_SEALED,
-            Role::Primary => FLAG_ACK_BY_SEND | FLAG_SEALED,
+            Role::Primary => FLAG_SEALED,
         };
         if info.flags & !allowed != 0 {
             return bad(format!("unknown flags {:#x}", info.flags));
