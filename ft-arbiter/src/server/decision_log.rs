@@ -267,4 +267,53 @@ mod tests {
         DecisionLog::open(&dir).expect("free again");
         fs::remove_dir_all(&dir).ok();
     }
+
+    #[test]
+    fn records_round_trip_and_refuse_what_no_server_writes() {
+        let rec = encode_record("pair-1", "host-a", 9);
+        assert_eq!(
+            decode_record(&rec),
+            Some(("pair-1".into(), "host-a".into(), 9, rec.len()))
+        );
+        // Followed by more bytes: the record still ends where it says.
+        let mut two = rec.clone();
+        two.extend_from_slice(&encode_record("q", "b", 1));
+        assert_eq!(decode_record(&two).map(|r| r.3), Some(rec.len()));
+        // A checksummed record with a name a server never records.
+        let bad = encode_record("../etc", "host-a", 9);
+        assert_eq!(decode_record(&bad), None);
+        for n in 0..rec.len() {
+            assert_eq!(decode_record(&rec[..n]), None, "{n} bytes");
+        }
+    }
+
+    #[test]
+    fn a_failed_append_refuses_every_later_decision() {
+        let dir = temp_dir("failed");
+        let mut log = DecisionLog::open(&dir).expect("new log");
+        assert_eq!(log.test_and_set("p", "a", 1), Response::Won(2));
+        // The log's file now refuses writes, as a failing disk would.
+        log.file = File::open(dir.join(LOG_FILE)).expect("read-only handle");
+        assert!(matches!(
+            log.test_and_set("q", "b", 1),
+            Response::Unavailable(_)
+        ));
+        assert!(log.failed.is_some());
+        // Nothing more is decided, even for another pair.
+        assert!(matches!(
+            log.test_and_set("r", "c", 1),
+            Response::Unavailable(_)
+        ));
+        // What is already durable is still answered: a retry of the recorded winner, a loser.
+        assert_eq!(log.test_and_set("p", "a", 1), Response::Won(2));
+        assert_eq!(log.test_and_set("p", "b", 1), Response::Lost("a".into(), 2));
+        assert_eq!(log.current("q"), Response::Current(None));
+        drop(log);
+        // A restart decides again, from what reached the log.
+        let mut log = DecisionLog::open(&dir).expect("reopen");
+        assert_eq!(log.current("p"), Response::Current(Some(("a".into(), 2))));
+        assert_eq!(log.test_and_set("q", "b", 1), Response::Won(2));
+        drop(log);
+        fs::remove_dir_all(&dir).ok();
+    }
 }

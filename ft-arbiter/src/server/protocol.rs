@@ -224,4 +224,26 @@ mod tests {
             Some(Response::Unavailable(m)) if m.len() <= MAX_MESSAGE / 2
         ));
     }
+
+    #[test]
+    fn truncated_or_padded_requests_are_refused() {
+        let req = Request::TestAndSet {
+            pair: "pair-1".into(),
+            candidate: "host-a".into(),
+            epoch: 1,
+        };
+        let bytes = req.encode();
+        for n in 0..bytes.len() {
+            assert_eq!(Request::decode(&bytes[..n]), None, "{n} bytes");
+        }
+        let mut longer = bytes;
+        longer.push(0);
+        assert_eq!(Request::decode(&longer), None);
+        // A string that is not UTF-8.
+        assert_eq!(Request::decode(&[2, 1, 0, 0xff]), None);
+        assert_eq!(
+            Request::decode(&[2, 1, 0, b'p']),
+            Some(Request::Current { pair: "p".into() })
+        );
+    }
 }

@@ -252,4 +252,46 @@ mod tests {
         let e = server.read_message().expect_err("another key");
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
     }
+
+    #[test]
+    fn answers_flow_back_and_reflections_are_refused() {
+        let (mut client, mut server) = sealed_pair(1);
+        server.stream.written.clear();
+        server.write_message(b"answer").expect("write");
+        let wire = std::mem::take(&mut server.stream.written);
+        client.stream.input.extend(&wire);
+        assert_eq!(client.read_message().expect("answer"), b"answer");
+        // The client's own message bounced back to it: right key, right number, wrong direction.
+        client.write_message(b"request").expect("write");
+        let wire = std::mem::take(&mut client.stream.written);
+        client.stream.input.extend(&wire);
+        let e = client.read_message().expect_err("a reflection must fail");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn messages_of_another_connection_are_refused() {
+        let (mut client, _) = sealed_pair(1);
+        let (_, mut other_server) = sealed_pair(1);
+        client.write_message(b"hello").expect("write");
+        let wire = std::mem::take(&mut client.stream.written);
+        other_server.stream.input.extend(&wire);
+        let e = other_server
+            .read_message()
+            .expect_err("another connection's nonces");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_unread() {
+        let (_, mut server) = sealed_pair(1);
+        let len = (MAX_MESSAGE + 1) as u32;
+        server.stream.input.extend(len.to_le_bytes());
+        server.stream.input.extend(std::iter::repeat_n(0u8, 8));
+        let e = server.read_message().expect_err("too long");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("max 1024"), "{e}");
+        // The announced body was not consumed.
+        assert_eq!(server.stream.input.len(), 8);
+    }
 }
