@@ -60,8 +60,7 @@
 //!
 //! # fn main() -> Result<(), ft_arbiter::ArbiterError> {
 //! # let dir = std::env::temp_dir().join(format!("ft-arbiter-doc-{}", std::process::id()));
-//! # std::fs::create_dir_all(&dir).map_err(|source| ft_arbiter::ArbiterError::Io { context: "doc", source })?;
-//! FileArbiter::create_store(&dir)?; // once, when the shared storage is set up
+//! FileArbiter::init(&dir)?; // once, when the shared storage is set up (`ftvm arbiter init file:DIR`)
 //! let mut host_a = FileArbiter::open(&dir)?;
 //! let mut host_b = FileArbiter::open(&dir)?;
 //! // Both survivors ran in epoch 4.
@@ -287,6 +286,50 @@ impl std::fmt::Display for ArbiterSpec {
     }
 }
 
+/// What [`ArbiterSpec::init`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InitOutcome {
+    /// A [`FileArbiter`] store, created by this call or found in place (and checked by opening
+    /// it).
+    FileStore {
+        /// The store's own directory (`DIR/ftvm-arbiter`).
+        store_dir: PathBuf,
+        /// The store's random id.
+        store_id: String,
+        /// True if this call created the store; false if it was already there (left as it was).
+        created: bool,
+    },
+    /// This kind of arbiter has nothing to create; the text says why.
+    NotNeeded(&'static str),
+}
+
+impl std::fmt::Display for InitOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InitOutcome::FileStore {
+                store_dir,
+                store_id,
+                created: true,
+            } => write!(
+                f,
+                "created arbiter store {} (id {store_id})",
+                store_dir.display()
+            ),
+            InitOutcome::FileStore {
+                store_dir,
+                store_id,
+                created: false,
+            } => write!(
+                f,
+                "arbiter store {} already exists (id {store_id}); left as it was",
+                store_dir.display()
+            ),
+            InitOutcome::NotNeeded(why) => f.write_str(why),
+        }
+    }
+}
+
 impl ArbiterSpec {
     /// Opens a client of this arbiter with default settings. `key` is needed for `server:`.
     pub fn open(&self, key: Option<&PreSharedKey>) -> Result<Box<dyn Arbiter>, ArbiterError> {
@@ -302,6 +345,32 @@ impl ArbiterSpec {
             }
             ArbiterSpec::Etcd(urls) => Box::new(EtcdArbiter::new(urls.clone())?),
         })
+    }
+
+    /// Prepares the arbiter for its first decision (`ftvm arbiter init`). For `file:DIR` this is
+    /// [`FileArbiter::init`]: it creates `DIR` if missing and the store in it, or checks the store
+    /// already there; idempotent. `server:` and `etcd:` have nothing to create and return
+    /// [`InitOutcome::NotNeeded`] (the server creates its decision log when it starts; etcd keys
+    /// appear with a pair's first decision).
+    pub fn init(&self) -> Result<InitOutcome, ArbiterError> {
+        match self {
+            ArbiterSpec::File(dir) => {
+                let (store, created) = FileArbiter::init(dir)?;
+                Ok(InitOutcome::FileStore {
+                    store_dir: store.store_dir().to_owned(),
+                    store_id: store.store_id().to_owned(),
+                    created,
+                })
+            }
+            ArbiterSpec::Server(_) => Ok(InitOutcome::NotNeeded(
+                "a server arbiter needs no init: `ftvm arbiter serve --state-dir DIR` creates its \
+                 decision log when it starts",
+            )),
+            ArbiterSpec::Etcd(_) => Ok(InitOutcome::NotNeeded(
+                "an etcd arbiter needs no init: a pair's keys are created by its first decision \
+                 (the etcd cluster must be running)",
+            )),
+        }
     }
 }
 

@@ -78,6 +78,65 @@ fn file_store_must_exist() {
 }
 
 #[test]
+fn file_init_creates_a_store_once_and_checks_it_after() {
+    let dir = common::TempDir::new("init");
+    // A directory that does not exist yet (with a missing parent) is created.
+    let share = dir.path().join("mnt/share");
+    let spec = ft_arbiter::ArbiterSpec::File(share.clone());
+    let first = spec.init().expect("first init");
+    let ft_arbiter::InitOutcome::FileStore {
+        store_id, created, ..
+    } = &first
+    else {
+        panic!("{first:?}")
+    };
+    assert!(*created, "{first:?}");
+    let mut a = FileArbiter::open(&share).expect("the store opens");
+    assert_eq!(
+        a.test_and_set("p", "a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    // Again: nothing changes, the decision stays.
+    let again = spec.init().expect("second init");
+    assert_eq!(
+        again,
+        ft_arbiter::InitOutcome::FileStore {
+            store_dir: share.join("ftvm-arbiter"),
+            store_id: store_id.clone(),
+            created: false,
+        }
+    );
+    assert!(again.to_string().contains("already exists"), "{again}");
+    assert_eq!(a.current("p").ok(), Some(Some(("a".into(), 2))));
+    // A damaged store is reported, not replaced.
+    std::fs::write(share.join("ftvm-arbiter/STORE"), b"garbage").expect("write");
+    assert!(matches!(spec.init(), Err(ArbiterError::Corrupt(_))));
+}
+
+#[test]
+fn file_init_refuses_what_is_not_a_directory() {
+    let dir = common::TempDir::new("init-bad");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    match FileArbiter::init(&file) {
+        Err(ArbiterError::InvalidArgument(msg)) => assert!(msg.contains("not a directory")),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        FileArbiter::init(file.join("below")),
+        Err(ArbiterError::Io { .. })
+    ));
+    // Other kinds of arbiter have nothing to create.
+    for spec in ["server:127.0.0.1:1", "etcd:http://127.0.0.1:1"] {
+        let spec: ft_arbiter::ArbiterSpec = spec.parse().expect("spec");
+        assert!(
+            matches!(spec.init(), Ok(ft_arbiter::InitOutcome::NotNeeded(_))),
+            "{spec}"
+        );
+    }
+}
+
+#[test]
 fn file_store_replaced_is_unavailable() {
     let fixture = FileFixture::start();
     let mut a = fixture.client();

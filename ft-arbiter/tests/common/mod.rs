@@ -84,8 +84,7 @@ impl Fixture for FileFixture {
     fn start() -> Self {
         let dir = TempDir::new("file");
         let share = dir.path().join("share");
-        std::fs::create_dir(&share).expect("share dir");
-        FileArbiter::create_store(&share).expect("creating the store");
+        FileArbiter::init(&share).expect("creating the store");
         FileFixture { _dir: dir, share }
     }
 
