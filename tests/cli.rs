@@ -136,6 +136,23 @@ fn arbiter_init_creates_a_file_store_the_replicas_can_use() {
 }
 
 #[test]
+fn an_etcd_arbiter_needs_no_init_or_says_how_to_rebuild() {
+    let out = ftvm()
+        .args(["arbiter", "init", "etcd:http://127.0.0.1:2379"])
+        .output()
+        .expect("run ftvm");
+    if cfg!(feature = "etcd") {
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("needs no init"));
+    } else {
+        // A build without the feature refuses the spec and names the feature.
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--features etcd"), "{err}");
+    }
+}
+
+#[test]
 fn a_missing_dev_kvm_is_a_clear_error() {
     // Hide /dev (and with it /dev/kvm) in a private mount namespace (needs root, as our test
     // machines have).

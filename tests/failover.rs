@@ -284,6 +284,7 @@ fn sigkill_the_primary_at_random_points_server_arbiter() {
     random_kills("server", &format!("server:{addr}"), &key);
 }
 
+#[cfg(feature = "etcd")]
 #[test]
 fn sigkill_the_primary_at_random_points_etcd_arbiter() {
     let scratch = Scratch::new("etcd");

@@ -10,7 +10,8 @@
 //!   filesystem in production), decided by atomic `link(2)`;
 //! - [`server`]: a small arbiter server ([`ArbiterServer`]) with a durable log, reached by
 //!   [`ServerArbiter`] over TCP after ftvm's pre-shared-key handshake;
-//! - [`etcd`]: an etcd v3 cluster ([`EtcdArbiter`]), decided by one transaction.
+//! - `etcd`: an etcd v3 cluster (`EtcdArbiter`), decided by one transaction; behind the cargo
+//!   feature `etcd` (on by default; its build needs protoc).
 //!
 //! # Semantics
 //!
@@ -76,6 +77,7 @@
 //! ```
 
 pub mod error;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
 pub mod server;
@@ -84,6 +86,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use error::ArbiterError;
+#[cfg(feature = "etcd")]
 pub use etcd::EtcdArbiter;
 pub use file::FileArbiter;
 pub use server::{ArbiterServer, ServerArbiter, ServerStats, StopHandle};
@@ -268,9 +271,10 @@ impl FromStr for ArbiterSpec {
         match kind {
             "file" => Ok(ArbiterSpec::File(PathBuf::from(rest))),
             "server" => Ok(ArbiterSpec::Server(rest.to_owned())),
-            "etcd" => Ok(ArbiterSpec::Etcd(
+            "etcd" if cfg!(feature = "etcd") => Ok(ArbiterSpec::Etcd(
                 rest.split(',').map(str::to_owned).collect(),
             )),
+            "etcd" => Err(etcd_not_built()),
             _ => Err(bad()),
         }
     }
@@ -284,6 +288,14 @@ impl std::fmt::Display for ArbiterSpec {
             ArbiterSpec::Etcd(urls) => write!(f, "etcd:{}", urls.join(",")),
         }
     }
+}
+
+/// The error for an `etcd:` arbiter in a build without the `etcd` feature.
+fn etcd_not_built() -> ArbiterError {
+    ArbiterError::NotBuilt(
+        "the etcd arbiter backend: rebuild with the cargo feature `etcd` (on by default; \
+         `cargo build --features etcd`; it needs protoc, Debian's protobuf-compiler)",
+    )
 }
 
 /// What [`ArbiterSpec::init`] did.
@@ -343,7 +355,10 @@ impl ArbiterSpec {
                 })?;
                 Box::new(ServerArbiter::new(addr.clone(), key.clone()))
             }
+            #[cfg(feature = "etcd")]
             ArbiterSpec::Etcd(urls) => Box::new(EtcdArbiter::new(urls.clone())?),
+            #[cfg(not(feature = "etcd"))]
+            ArbiterSpec::Etcd(_) => return Err(etcd_not_built()),
         })
     }
 
@@ -366,6 +381,7 @@ impl ArbiterSpec {
                 "a server arbiter needs no init: `ftvm arbiter serve --state-dir DIR` creates its \
                  decision log when it starts",
             )),
+            ArbiterSpec::Etcd(_) if !cfg!(feature = "etcd") => Err(etcd_not_built()),
             ArbiterSpec::Etcd(_) => Ok(InitOutcome::NotNeeded(
                 "an etcd arbiter needs no init: a pair's keys are created by its first decision \
                  (the etcd cluster must be running)",
@@ -427,14 +443,25 @@ mod tests {
 
     #[test]
     fn specs_parse_and_print() {
-        for s in [
-            "file:/mnt/shared",
-            "server:10.0.0.3:7410",
-            "etcd:http://a:2379,http://b:2379",
-        ] {
+        for s in ["file:/mnt/shared", "server:10.0.0.3:7410"] {
             let spec: ArbiterSpec = s.parse().expect("parses");
             assert_eq!(spec.to_string(), s);
         }
+        for bad in ["", "file:", "nfs:/x", "server"] {
+            assert!(bad.parse::<ArbiterSpec>().is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            ArbiterSpec::Server("x:1".into()).open(None),
+            Err(ArbiterError::InvalidArgument(_))
+        ));
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_specs_parse_and_print() {
+        let s = "etcd:http://a:2379,http://b:2379";
+        let spec: ArbiterSpec = s.parse().expect("parses");
+        assert_eq!(spec.to_string(), s);
         assert_eq!(
             "etcd:http://a:2379,http://b:2379"
                 .parse::<ArbiterSpec>()
@@ -444,12 +471,18 @@ mod tests {
                 "http://b:2379".into()
             ]))
         );
-        for bad in ["", "file:", "nfs:/x", "server"] {
-            assert!(bad.parse::<ArbiterSpec>().is_err(), "{bad:?}");
-        }
-        assert!(matches!(
-            ArbiterSpec::Server("x:1".into()).open(None),
-            Err(ArbiterError::InvalidArgument(_))
-        ));
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn etcd_specs_without_the_feature_say_how_to_rebuild() {
+        let err = "etcd:http://a:2379"
+            .parse::<ArbiterSpec>()
+            .expect_err("no etcd backend in this build");
+        assert!(matches!(err, ArbiterError::NotBuilt(_)), "{err:?}");
+        assert!(err.to_string().contains("--features etcd"), "{err}");
+        let spec = ArbiterSpec::Etcd(vec!["http://a:2379".into()]);
+        assert!(matches!(spec.open(None), Err(ArbiterError::NotBuilt(_))));
+        assert!(matches!(spec.init(), Err(ArbiterError::NotBuilt(_))));
     }
 }

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{suite, EtcdFixture, FileFixture, Fixture, ServerFixture};
+#[cfg(feature = "etcd")]
+use common::EtcdFixture;
+use common::{suite, FileFixture, Fixture, ServerFixture};
 use ft_arbiter::{Arbiter, ArbiterError, Decision, FileArbiter, PreSharedKey, ServerArbiter};
 
 /// Re-run of this binary by `race_across_processes`; a no-op in an ordinary run.
@@ -63,6 +65,7 @@ macro_rules! backend_suite {
 
 backend_suite!(file, FileFixture);
 backend_suite!(server, ServerFixture);
+#[cfg(feature = "etcd")]
 backend_suite!(etcd, EtcdFixture);
 
 // ------------------------------------------------------------------------------ file
@@ -127,7 +130,12 @@ fn file_init_refuses_what_is_not_a_directory() {
         Err(ArbiterError::Io { .. })
     ));
     // Other kinds of arbiter have nothing to create.
-    for spec in ["server:127.0.0.1:1", "etcd:http://127.0.0.1:1"] {
+    let specs: &[&str] = if cfg!(feature = "etcd") {
+        &["server:127.0.0.1:1", "etcd:http://127.0.0.1:1"]
+    } else {
+        &["server:127.0.0.1:1"]
+    };
+    for spec in specs {
         let spec: ft_arbiter::ArbiterSpec = spec.parse().expect("spec");
         assert!(
             matches!(spec.init(), Ok(ft_arbiter::InitOutcome::NotNeeded(_))),
@@ -297,6 +305,7 @@ fn server_silent_is_unavailable_in_bounded_time() {
 
 // ------------------------------------------------------------------------------ etcd
 
+#[cfg(feature = "etcd")]
 #[test]
 fn etcd_silent_is_unavailable_in_bounded_time() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -320,6 +329,7 @@ fn etcd_missing_binary_names_the_package() {
     assert!(err.contains("etcd-server"), "{err}");
 }
 
+#[cfg(feature = "etcd")]
 #[test]
 fn etcd_decisions_carry_no_lease() {
     let fixture = EtcdFixture::start();
