@@ -316,4 +316,49 @@ mod tests {
         drop(log);
         fs::remove_dir_all(&dir).ok();
     }
+
+    /// A writer into a shared buffer, for a test subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_append_is_reported_through_tracing() {
+        let dir = temp_dir("traced");
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut log = DecisionLog::open(&dir).expect("new log");
+            log.file = File::open(dir.join(LOG_FILE)).expect("read-only handle");
+            assert!(matches!(
+                log.test_and_set("q", "b", 1),
+                Response::Unavailable(_)
+            ));
+        });
+        let text = String::from_utf8_lossy(&captured.0.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_owned();
+        assert!(text.contains("ERROR"), "{text}");
+        assert!(
+            text.contains("refusing further decisions until restarted"),
+            "{text}"
+        );
+        assert!(text.contains(LOG_FILE), "{text}");
+        fs::remove_dir_all(&dir).ok();
+    }
 }
