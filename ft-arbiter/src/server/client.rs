@@ -15,7 +15,7 @@ use crate::{
     validate_candidate, validate_pair_id, validate_request, Arbiter, ArbiterError, Decision,
 };
 
-/// A client of an [`ArbiterServer`]: an [`Arbiter`] over TCP.
+/// A client of an [`ArbiterServer`](super::ArbiterServer): an [`Arbiter`] over TCP.
 #[derive(Debug)]
 pub struct ServerArbiter {
     addr: String,
