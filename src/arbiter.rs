@@ -1,10 +1,11 @@
-//! `ftvm arbiter serve`: the network arbiter both replicas of a pair ask on failover.
+//! `ftvm arbiter serve`: the network arbiter both replicas of a pair ask on failover;
+//! `ftvm arbiter init`: creates a file arbiter's store.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use ft_arbiter::ArbiterServer;
+use ft_arbiter::{ArbiterServer, ArbiterSpec};
 use transport::PreSharedKey;
 
 /// `ftvm arbiter …`.
@@ -17,6 +18,18 @@ pub struct ArbiterArgs {
 /// Arbiter subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum ArbiterCommand {
+    /// Create the store of a file arbiter, before the pair's first run.
+    ///
+    /// `file:DIR` creates DIR (and its parents) if missing and the store in it. Idempotent: a
+    /// store already there is checked and left as it is (its decisions kept), so both hosts may
+    /// run it. Run it where the shared storage is mounted. `server:` and `etcd:` arbiters need no
+    /// init (the server creates its decision log when it starts; etcd keys appear with a pair's
+    /// first decision): it says so and exits 0.
+    Init {
+        /// The arbiter, as the replicas' `--arbiter` takes it: `file:DIR`, `server:HOST:PORT` or
+        /// `etcd:URL[,URL...]`.
+        spec: ArbiterSpec,
+    },
     /// Serve test-and-set decisions, durable in a state directory, to authenticated replicas.
     Serve {
         /// Address to listen on.
@@ -34,6 +47,13 @@ pub enum ArbiterCommand {
 /// Runs the subcommand until SIGTERM/SIGINT.
 pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
     match &args.command {
+        ArbiterCommand::Init { spec } => {
+            let outcome = spec
+                .init()
+                .with_context(|| format!("initializing arbiter {spec}"))?;
+            println!("{outcome}");
+            Ok(())
+        }
         ArbiterCommand::Serve {
             listen,
             state_dir,

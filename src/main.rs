@@ -34,7 +34,7 @@ enum Command {
     Replay(node::ReplayArgs),
     /// Send key-value requests to a running primary and verify every response.
     Client(ClientArgs),
-    /// The failover arbiter (`ftvm arbiter serve`).
+    /// The failover arbiter (`ftvm arbiter serve`, `ftvm arbiter init`).
     Arbiter(arbiter::ArbiterArgs),
     /// The service front: owns the service address, forwards to the replica holding the newest
     /// fencing epoch, and drops every response from an older one.

@@ -76,6 +76,83 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
 }
 
 #[test]
+fn arbiter_init_creates_a_file_store_the_replicas_can_use() {
+    use ft_arbiter::{Arbiter, Decision, FileArbiter};
+
+    let dir = std::env::temp_dir().join(format!("ftvm-cli-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let share = dir.join("share");
+    let spec = format!("file:{}", share.display());
+    // Before init, a replica finds no store.
+    assert!(FileArbiter::open(&share).is_err());
+    let out = ftvm()
+        .args(["arbiter", "init", &spec])
+        .output()
+        .expect("run ftvm");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created arbiter store"));
+    let mut a = FileArbiter::open(&share).expect("the store init created");
+    assert_eq!(
+        a.test_and_set("pair-1", "backup-a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    // Again (the other host, say): the store and its decision stay.
+    let out = ftvm()
+        .args(["arbiter", "init", &spec])
+        .output()
+        .expect("run ftvm");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
+    let mut b = FileArbiter::open(&share).expect("store");
+    assert_eq!(
+        b.test_and_set("pair-1", "primary-b", 1).ok(),
+        Some(Decision::Lost {
+            winner: "backup-a".into(),
+            epoch: 2
+        })
+    );
+    // A path that cannot be a directory: a clear error naming it, and nothing created.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"not a directory").expect("write");
+    let out = ftvm()
+        .args(["arbiter", "init", &format!("file:{}", file.display())])
+        .output()
+        .expect("run ftvm");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("not a directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&file).expect("read"), b"not a directory");
+    // Other kinds of arbiter need no init, and say so.
+    let out = ftvm()
+        .args(["arbiter", "init", "server:127.0.0.1:7500"])
+        .output()
+        .expect("run ftvm");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("needs no init"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_etcd_arbiter_needs_no_init_or_says_how_to_rebuild() {
+    let out = ftvm()
+        .args(["arbiter", "init", "etcd:http://127.0.0.1:2379"])
+        .output()
+        .expect("run ftvm");
+    if cfg!(feature = "etcd") {
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("needs no init"));
+    } else {
+        // A build without the feature refuses the spec and names the feature.
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--features etcd"), "{err}");
+    }
+}
+
+#[test]
 fn a_missing_dev_kvm_is_a_clear_error() {
     // Hide /dev (and with it /dev/kvm) in a private mount namespace (needs root, as our test
     // machines have).

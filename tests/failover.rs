@@ -64,10 +64,9 @@ impl Scratch {
 
     /// A fresh file-arbiter store in the scratch directory, as an `--arbiter` spec.
     fn file_arbiter(&self) -> String {
-        let store = self.store();
-        std::fs::create_dir_all(&store).expect("store dir");
-        ft_arbiter::FileArbiter::create_store(&store).expect("store");
-        format!("file:{}", store.display())
+        let spec = ft_arbiter::ArbiterSpec::File(self.store());
+        spec.init().expect("store"); // what `ftvm arbiter init` does
+        spec.to_string()
     }
 
     fn key(&self) -> PathBuf {
@@ -285,6 +284,7 @@ fn sigkill_the_primary_at_random_points_server_arbiter() {
     random_kills("server", &format!("server:{addr}"), &key);
 }
 
+#[cfg(feature = "etcd")]
 #[test]
 fn sigkill_the_primary_at_random_points_etcd_arbiter() {
     let scratch = Scratch::new("etcd");

@@ -19,6 +19,10 @@ pub enum ArbiterError {
     /// Stored decisions that do not parse or contradict each other; never read as a decision.
     #[error("corrupt arbiter state: {0}")]
     Corrupt(String),
+    /// A backend this build does not include (a cargo feature left out); the text says how to
+    /// rebuild.
+    #[error("not in this build: {0}")]
+    NotBuilt(&'static str),
     /// The peer broke the arbiter protocol or answered something impossible.
     #[error("arbiter protocol error: {0}")]
     Protocol(String),

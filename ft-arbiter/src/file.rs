@@ -106,7 +106,43 @@ impl FileArbiter {
     /// Creates the store under `dir` (an existing directory, normally the shared mount) if it is
     /// not there yet. Idempotent, and safe if both hosts run it at once.
     pub fn create_store(dir: impl AsRef<Path>) -> Result<(), ArbiterError> {
+        Self::create(dir.as_ref()).map(|_created| ())
+    }
+
+    /// `ftvm arbiter init file:DIR`: creates `dir` (and its parents) if missing, creates the
+    /// store in it if it is not there yet, and opens it, which checks a store that was already
+    /// there. Idempotent, and safe if both hosts run it at once. Returns the open store and
+    /// whether this call created it. Run it where the shared storage is mounted: on a mount
+    /// point without the share it would create a store that the share then hides.
+    pub fn init(dir: impl AsRef<Path>) -> Result<(FileArbiter, bool), ArbiterError> {
         let dir = dir.as_ref();
+        match fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(ArbiterError::InvalidArgument(format!(
+                    "{}: not a directory",
+                    dir.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|source| ArbiterError::Io {
+                    context: "creating the store's directory",
+                    source,
+                })?;
+            }
+            Err(source) => {
+                return Err(ArbiterError::Io {
+                    context: "looking up the store's directory",
+                    source,
+                })
+            }
+        }
+        let created = Self::create(dir)?;
+        Ok((FileArbiter::open(dir)?, created))
+    }
+
+    /// Creates the store under `dir` unless it is there; true if this call created it.
+    fn create(dir: &Path) -> Result<bool, ArbiterError> {
         let root = dir.join(STORE_DIR);
         let setup = |context: &'static str| move |source| ArbiterError::Io { context, source };
         for d in [&root, &root.join(PAIRS_DIR)] {
@@ -127,8 +163,10 @@ impl FileArbiter {
         let linked = fs::hard_link(&tmp, root.join(STORE_FILE));
         let _ = fs::remove_file(&tmp);
         match linked {
-            Ok(()) => sync_dir(&root).map_err(setup("syncing the store directory")),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Ok(()) => sync_dir(&root)
+                .map(|()| true)
+                .map_err(setup("syncing the store directory")),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(setup("linking the store file")(e)),
         }
     }
@@ -148,6 +186,11 @@ impl FileArbiter {
     /// The store's own directory (`DIR/ftvm-arbiter`).
     pub fn store_dir(&self) -> &Path {
         &self.root
+    }
+
+    /// The store's random id (it tells this store from another one mounted in its place).
+    pub fn store_id(&self) -> &str {
+        &self.store_id
     }
 
     fn check_store(&self) -> Result<(), ArbiterError> {

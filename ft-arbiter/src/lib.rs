@@ -10,7 +10,8 @@
 //!   filesystem in production), decided by atomic `link(2)`;
 //! - [`server`]: a small arbiter server ([`ArbiterServer`]) with a durable log, reached by
 //!   [`ServerArbiter`] over TCP after ftvm's pre-shared-key handshake;
-//! - [`etcd`]: an etcd v3 cluster ([`EtcdArbiter`]), decided by one transaction.
+//! - `etcd`: an etcd v3 cluster (`EtcdArbiter`), decided by one transaction; behind the cargo
+//!   feature `etcd` (on by default; its build needs protoc).
 //!
 //! # Semantics
 //!
@@ -60,8 +61,7 @@
 //!
 //! # fn main() -> Result<(), ft_arbiter::ArbiterError> {
 //! # let dir = std::env::temp_dir().join(format!("ft-arbiter-doc-{}", std::process::id()));
-//! # std::fs::create_dir_all(&dir).map_err(|source| ft_arbiter::ArbiterError::Io { context: "doc", source })?;
-//! FileArbiter::create_store(&dir)?; // once, when the shared storage is set up
+//! FileArbiter::init(&dir)?; // once, when the shared storage is set up (`ftvm arbiter init file:DIR`)
 //! let mut host_a = FileArbiter::open(&dir)?;
 //! let mut host_b = FileArbiter::open(&dir)?;
 //! // Both survivors ran in epoch 4.
@@ -77,6 +77,7 @@
 //! ```
 
 pub mod error;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
 pub mod server;
@@ -85,6 +86,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use error::ArbiterError;
+#[cfg(feature = "etcd")]
 pub use etcd::EtcdArbiter;
 pub use file::FileArbiter;
 pub use server::{ArbiterServer, ServerArbiter, ServerStats, StopHandle};
@@ -269,9 +271,10 @@ impl FromStr for ArbiterSpec {
         match kind {
             "file" => Ok(ArbiterSpec::File(PathBuf::from(rest))),
             "server" => Ok(ArbiterSpec::Server(rest.to_owned())),
-            "etcd" => Ok(ArbiterSpec::Etcd(
+            "etcd" if cfg!(feature = "etcd") => Ok(ArbiterSpec::Etcd(
                 rest.split(',').map(str::to_owned).collect(),
             )),
+            "etcd" => Err(etcd_not_built()),
             _ => Err(bad()),
         }
     }
@@ -283,6 +286,58 @@ impl std::fmt::Display for ArbiterSpec {
             ArbiterSpec::File(dir) => write!(f, "file:{}", dir.display()),
             ArbiterSpec::Server(addr) => write!(f, "server:{addr}"),
             ArbiterSpec::Etcd(urls) => write!(f, "etcd:{}", urls.join(",")),
+        }
+    }
+}
+
+/// The error for an `etcd:` arbiter in a build without the `etcd` feature.
+fn etcd_not_built() -> ArbiterError {
+    ArbiterError::NotBuilt(
+        "the etcd arbiter backend: rebuild with the cargo feature `etcd` (on by default; \
+         `cargo build --features etcd`; it needs protoc, Debian's protobuf-compiler)",
+    )
+}
+
+/// What [`ArbiterSpec::init`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InitOutcome {
+    /// A [`FileArbiter`] store, created by this call or found in place (and checked by opening
+    /// it).
+    FileStore {
+        /// The store's own directory (`DIR/ftvm-arbiter`).
+        store_dir: PathBuf,
+        /// The store's random id.
+        store_id: String,
+        /// True if this call created the store; false if it was already there (left as it was).
+        created: bool,
+    },
+    /// This kind of arbiter has nothing to create; the text says why.
+    NotNeeded(&'static str),
+}
+
+impl std::fmt::Display for InitOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InitOutcome::FileStore {
+                store_dir,
+                store_id,
+                created: true,
+            } => write!(
+                f,
+                "created arbiter store {} (id {store_id})",
+                store_dir.display()
+            ),
+            InitOutcome::FileStore {
+                store_dir,
+                store_id,
+                created: false,
+            } => write!(
+                f,
+                "arbiter store {} already exists (id {store_id}); left as it was",
+                store_dir.display()
+            ),
+            InitOutcome::NotNeeded(why) => f.write_str(why),
         }
     }
 }
@@ -300,8 +355,38 @@ impl ArbiterSpec {
                 })?;
                 Box::new(ServerArbiter::new(addr.clone(), key.clone()))
             }
+            #[cfg(feature = "etcd")]
             ArbiterSpec::Etcd(urls) => Box::new(EtcdArbiter::new(urls.clone())?),
+            #[cfg(not(feature = "etcd"))]
+            ArbiterSpec::Etcd(_) => return Err(etcd_not_built()),
         })
+    }
+
+    /// Prepares the arbiter for its first decision (`ftvm arbiter init`). For `file:DIR` this is
+    /// [`FileArbiter::init`]: it creates `DIR` if missing and the store in it, or checks the store
+    /// already there; idempotent. `server:` and `etcd:` have nothing to create and return
+    /// [`InitOutcome::NotNeeded`] (the server creates its decision log when it starts; etcd keys
+    /// appear with a pair's first decision).
+    pub fn init(&self) -> Result<InitOutcome, ArbiterError> {
+        match self {
+            ArbiterSpec::File(dir) => {
+                let (store, created) = FileArbiter::init(dir)?;
+                Ok(InitOutcome::FileStore {
+                    store_dir: store.store_dir().to_owned(),
+                    store_id: store.store_id().to_owned(),
+                    created,
+                })
+            }
+            ArbiterSpec::Server(_) => Ok(InitOutcome::NotNeeded(
+                "a server arbiter needs no init: `ftvm arbiter serve --state-dir DIR` creates its \
+                 decision log when it starts",
+            )),
+            ArbiterSpec::Etcd(_) if !cfg!(feature = "etcd") => Err(etcd_not_built()),
+            ArbiterSpec::Etcd(_) => Ok(InitOutcome::NotNeeded(
+                "an etcd arbiter needs no init: a pair's keys are created by its first decision \
+                 (the etcd cluster must be running)",
+            )),
+        }
     }
 }
 
@@ -358,14 +443,25 @@ mod tests {
 
     #[test]
     fn specs_parse_and_print() {
-        for s in [
-            "file:/mnt/shared",
-            "server:10.0.0.3:7410",
-            "etcd:http://a:2379,http://b:2379",
-        ] {
+        for s in ["file:/mnt/shared", "server:10.0.0.3:7410"] {
             let spec: ArbiterSpec = s.parse().expect("parses");
             assert_eq!(spec.to_string(), s);
         }
+        for bad in ["", "file:", "nfs:/x", "server"] {
+            assert!(bad.parse::<ArbiterSpec>().is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            ArbiterSpec::Server("x:1".into()).open(None),
+            Err(ArbiterError::InvalidArgument(_))
+        ));
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_specs_parse_and_print() {
+        let s = "etcd:http://a:2379,http://b:2379";
+        let spec: ArbiterSpec = s.parse().expect("parses");
+        assert_eq!(spec.to_string(), s);
         assert_eq!(
             "etcd:http://a:2379,http://b:2379"
                 .parse::<ArbiterSpec>()
@@ -375,12 +471,18 @@ mod tests {
                 "http://b:2379".into()
             ]))
         );
-        for bad in ["", "file:", "nfs:/x", "server"] {
-            assert!(bad.parse::<ArbiterSpec>().is_err(), "{bad:?}");
-        }
-        assert!(matches!(
-            ArbiterSpec::Server("x:1".into()).open(None),
-            Err(ArbiterError::InvalidArgument(_))
-        ));
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn etcd_specs_without_the_feature_say_how_to_rebuild() {
+        let err = "etcd:http://a:2379"
+            .parse::<ArbiterSpec>()
+            .expect_err("no etcd backend in this build");
+        assert!(matches!(err, ArbiterError::NotBuilt(_)), "{err:?}");
+        assert!(err.to_string().contains("--features etcd"), "{err}");
+        let spec = ArbiterSpec::Etcd(vec!["http://a:2379".into()]);
+        assert!(matches!(spec.open(None), Err(ArbiterError::NotBuilt(_))));
+        assert!(matches!(spec.init(), Err(ArbiterError::NotBuilt(_))));
     }
 }

@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ft_arbiter::{Arbiter, ArbiterServer, EtcdArbiter, FileArbiter, PreSharedKey, ServerArbiter};
+#[cfg(feature = "etcd")]
+use ft_arbiter::EtcdArbiter;
+use ft_arbiter::{Arbiter, ArbiterServer, FileArbiter, PreSharedKey, ServerArbiter};
 
 /// The key every test server and client shares (unless a test wants another one).
 pub const KEY: &[u8] = b"ft-arbiter-test-key-0123456789ab";
@@ -84,8 +86,7 @@ impl Fixture for FileFixture {
     fn start() -> Self {
         let dir = TempDir::new("file");
         let share = dir.path().join("share");
-        std::fs::create_dir(&share).expect("share dir");
-        FileArbiter::create_store(&share).expect("creating the store");
+        FileArbiter::init(&share).expect("creating the store");
         FileFixture { _dir: dir, share }
     }
 
@@ -336,10 +337,12 @@ impl Drop for EtcdProcess {
     }
 }
 
+#[cfg(feature = "etcd")]
 pub struct EtcdFixture {
     pub etcd: EtcdProcess,
 }
 
+#[cfg(feature = "etcd")]
 impl Fixture for EtcdFixture {
     type A = EtcdArbiter;
 

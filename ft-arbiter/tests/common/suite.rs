@@ -144,6 +144,7 @@ pub fn child_worker() {
             ft_arbiter::ServerArbiter::new(addr, super::key())
                 .with_timeouts(Duration::from_secs(2), Duration::from_secs(10)),
         ),
+        #[cfg(feature = "etcd")]
         ft_arbiter::ArbiterSpec::Etcd(urls) => Box::new(
             ft_arbiter::EtcdArbiter::new(urls)
                 .expect("etcd client")

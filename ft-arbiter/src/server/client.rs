@@ -1,0 +1,158 @@
+//! The client: [`ServerArbiter`], an [`Arbiter`] over TCP.
+//!
+//! The client keeps its connection between calls. If a reused connection fails, it reconnects
+//! and asks once more, which is safe because test-and-set is idempotent for the recorded winner.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use transport::handshake::{primary_handshake, SessionParams};
+use transport::{ChannelError, PreSharedKey};
+
+use super::protocol::{Request, Response};
+use super::session::{self, Sealed};
+use crate::{
+    validate_candidate, validate_pair_id, validate_request, Arbiter, ArbiterError, Decision,
+};
+
+/// A client of an [`ArbiterServer`](super::ArbiterServer): an [`Arbiter`] over TCP.
+#[derive(Debug)]
+pub struct ServerArbiter {
+    addr: String,
+    params: SessionParams,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    conn: Option<Sealed<TcpStream>>,
+}
+
+impl ServerArbiter {
+    /// A client of the server at `addr` (`host:port`, resolved at each connection). It connects
+    /// on first use, with a 1 s connect and a 3 s I/O timeout.
+    pub fn new(addr: impl Into<String>, key: PreSharedKey) -> Self {
+        ServerArbiter {
+            addr: addr.into(),
+            params: session::params(key),
+            connect_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(3),
+            conn: None,
+        }
+    }
+
+    /// Sets the connect timeout (per address) and the timeout of each read and write.
+    pub fn with_timeouts(mut self, connect: Duration, io: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.io_timeout = io;
+        self
+    }
+
+    fn connect(&self) -> Result<Sealed<TcpStream>, ArbiterError> {
+        let addrs = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|e| ArbiterError::unavailable(&format!("resolving {}", self.addr), e))?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, self.connect_timeout) {
+                Ok(mut stream) => {
+                    let setup = stream
+                        .set_nodelay(true)
+                        .and_then(|()| stream.set_read_timeout(Some(self.io_timeout)))
+                        .and_then(|()| stream.set_write_timeout(Some(self.io_timeout)));
+                    setup.map_err(|e| ArbiterError::unavailable("configuring a socket", e))?;
+                    primary_handshake(&mut stream, &self.params).map_err(handshake_error)?;
+                    return Sealed::open(stream, self.params.key.clone(), true)
+                        .map_err(|e| ArbiterError::unavailable("arbiter nonce exchange", e));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ArbiterError::Unavailable(match last {
+            Some(e) => format!("connecting to arbiter {}: {e}", self.addr),
+            None => format!("arbiter {} resolves to no address", self.addr),
+        }))
+    }
+
+    fn request(&mut self, req: &Request) -> Result<Response, ArbiterError> {
+        let body = req.encode();
+        loop {
+            let reused = self.conn.is_some();
+            let mut stream = match self.conn.take() {
+                Some(s) => s,
+                None => self.connect()?,
+            };
+            let answer = stream
+                .write_message(&body)
+                .and_then(|()| stream.read_message());
+            match answer {
+                Ok(answer) => {
+                    let response = Response::decode(&answer).ok_or_else(|| {
+                        ArbiterError::Protocol("malformed response from the arbiter".into())
+                    })?;
+                    self.conn = Some(stream);
+                    return Ok(response);
+                }
+                // A kept connection may have died since (server restarted): ask once more on a
+                // new one. Safe: the recorded winner asking again gets the same Won.
+                Err(_) if reused => continue,
+                Err(e) => {
+                    return Err(ArbiterError::unavailable(
+                        &format!("asking arbiter {}", self.addr),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn handshake_error(e: ChannelError) -> ArbiterError {
+    match e {
+        ChannelError::AuthRejected | ChannelError::PeerNotAuthenticated => ArbiterError::Auth(e),
+        ChannelError::PeerClosed
+        | ChannelError::HandshakeTimeout { .. }
+        | ChannelError::Timeout { .. }
+        | ChannelError::Io { .. } => ArbiterError::unavailable("arbiter handshake", e),
+        other => ArbiterError::Protocol(format!("arbiter handshake: {other}")),
+    }
+}
+
+fn server_error(resp: Response, what: &str) -> ArbiterError {
+    match resp {
+        Response::Unavailable(msg) => ArbiterError::Unavailable(format!("arbiter server: {msg}")),
+        Response::Refused(msg) => ArbiterError::Protocol(format!("arbiter server refused: {msg}")),
+        other => ArbiterError::Protocol(format!("unexpected answer to {what}: {other:?}")),
+    }
+}
+
+impl Arbiter for ServerArbiter {
+    fn test_and_set(
+        &mut self,
+        pair_id: &str,
+        candidate: &str,
+        epoch: u64,
+    ) -> Result<Decision, ArbiterError> {
+        let new_epoch = validate_request(pair_id, candidate, epoch)?;
+        let resp = self.request(&Request::TestAndSet {
+            pair: pair_id.to_owned(),
+            candidate: candidate.to_owned(),
+            epoch,
+        })?;
+        match resp {
+            Response::Won(e) if e == new_epoch => Ok(Decision::Won { epoch: e }),
+            Response::Lost(winner, e) if e > epoch && validate_candidate(&winner).is_ok() => {
+                Ok(Decision::Lost { winner, epoch: e })
+            }
+            other => Err(server_error(other, "test-and-set")),
+        }
+    }
+
+    fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
+        validate_pair_id(pair_id)?;
+        match self.request(&Request::Current {
+            pair: pair_id.to_owned(),
+        })? {
+            Response::Current(c) => Ok(c),
+            other => Err(server_error(other, "current")),
+        }
+    }
+}
