@@ -10,10 +10,12 @@
 //! carry the round-trip index, the rest a fixed pattern), and the server checks the index too,
 //! so a broken medium fails the run instead of producing a flattering number.
 //!
-//! Busy-waiting sides spin with [`std::hint::spin_loop`] and call [`thread::yield_now`] every
-//! [`YIELD_EVERY`] empty polls, so two spinners that share a core (unpinned, or on a 2-core
-//! machine with something else running) still make progress. A side that waits for more than
-//! [`STALL_TIMEOUT`], or whose peer thread failed, gives up with an error instead of hanging.
+//! Busy-waiting sides wait under the one polling policy, [`transport::PollPolicy`] ([`RAW_POLL`]):
+//! one [`std::hint::spin_loop`] per empty poll for the first [`RAW_POLL`]`.spins` polls, then
+//! [`thread::yield_now`] on every further one, so two spinners that share a core (unpinned, or
+//! on a 2-core machine with something else running) still make progress. A side that waits
+//! for more than [`STALL_TIMEOUT`], or whose peer thread failed, gives up with an error instead
+//! of hanging.
 //!
 //! This module is the driver: it checks the plan, runs the two pinned threads, times and
 //! verifies every round trip and records the histogram. Each medium is a module of its own that
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use hdrhistogram::Histogram;
+use transport::{PollPolicy, Poller};
 
 mod dpdk;
 pub mod memif;
@@ -96,8 +99,17 @@ pub struct RawConfig {
 const MIN_PAYLOAD: usize = 8;
 /// Largest payload accepted, for every medium alike.
 const MAX_PAYLOAD: usize = 64 * 1024;
-/// Empty polls between two `yield_now` calls in a busy wait.
-const YIELD_EVERY: u32 = 1000;
+/// How every busy wait of the raw media waits: 1000 empty polls with one `spin_loop` hint
+/// (PAUSE) each and nothing else (no clock read, no syscall: the hot loop of a ping-pong,
+/// whose waits are far shorter), then a `yield_now` per poll. It never sleeps: the yields
+/// (`u32::MAX` of them) outlast [`STALL_TIMEOUT`]. (Until the channel's policy was used here,
+/// the raw loop yielded once every 1000 polls and spun in between; waits shorter than that,
+/// which are the measured ones, run the same instructions.)
+pub(crate) const RAW_POLL: PollPolicy = PollPolicy {
+    spins: 1000,
+    yields: u32::MAX,
+    ..PollPolicy::BUSY
+};
 /// A side that sees no progress for this long fails instead of waiting forever.
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Histogram range: 1 ns to 60 s, 3 significant digits.
@@ -440,11 +452,12 @@ fn join<T>(
     }
 }
 
-/// Busy-wait step: spin, yield every [`YIELD_EVERY`] empty polls, and at each yield check
-/// whether the peer failed or the wait has stalled past [`STALL_TIMEOUT`].
+/// One busy wait under [`RAW_POLL`], that also gives up: once past the pure spinning stage
+/// (and every 1024 spins before that) it checks whether the peer failed or the wait has
+/// stalled past [`STALL_TIMEOUT`].
 #[derive(Debug)]
 struct Backoff<'a> {
-    polls: u32,
+    poller: Poller,
     since: Option<Instant>,
     peer_failed: &'a FailFlag,
 }
@@ -452,19 +465,26 @@ struct Backoff<'a> {
 impl<'a> Backoff<'a> {
     fn new(peer_failed: &'a FailFlag) -> Self {
         Backoff {
-            polls: 0,
+            poller: RAW_POLL.poller(),
             since: None,
             peer_failed,
         }
     }
 
+    #[inline]
     fn snooze(&mut self, waiting_for: &'static str) -> anyhow::Result<()> {
-        self.polls = self.polls.wrapping_add(1);
-        if !self.polls.is_multiple_of(YIELD_EVERY) {
-            std::hint::spin_loop();
-            return Ok(());
+        self.poller.wait();
+        if self.poller.is_past_spinning() {
+            self.check(waiting_for)
+        } else {
+            Ok(())
         }
-        thread::yield_now();
+    }
+
+    /// Off the spinning path, so that it stays a PAUSE and a counter.
+    #[cold]
+    #[inline(never)]
+    fn check(&mut self, waiting_for: &'static str) -> anyhow::Result<()> {
         if self.peer_failed.raised() {
             bail!("the peer thread failed while this one was waiting for {waiting_for}");
         }
