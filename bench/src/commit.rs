@@ -11,10 +11,13 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use logfmt::{ControlOp, Entry, Event, Position};
 use serde::Serialize;
+#[cfg(feature = "dpdk")]
 use transport::dpdk::{self, DpdkConfig};
 use transport::{shm, tcp, BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
 
-use crate::raw::memif::{Kind, MemifPair};
+use crate::raw::memif::Kind;
+#[cfg(feature = "dpdk")]
+use crate::raw::memif::MemifPair;
 use crate::raw::{self, RawConfig, RawMedium};
 
 /// Media the commit benchmark knows.
@@ -347,7 +350,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         .iter()
         .filter_map(|m| m.dpdk_kind())
         .collect();
-    raw::memif::want(&kinds);
+    raw::memif::want(&kinds)?;
     if args.trace && !cfg!(feature = "trace") {
         bail!("--trace needs the bench built with the trace feature (cargo build --release -p bench --features trace)");
     }
@@ -370,8 +373,13 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         // DATA packet with the whole log frame one way, an ACK packet back. (The other media
         // echo `--payload` bytes each way.)
         let (payload, reply) = if medium.is_dpdk() {
-            let frame = commit_frame_len(args.payload)?;
-            (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+            #[cfg(not(feature = "dpdk"))]
+            bail!("--transport {}: {}", medium.name(), raw::NO_DPDK);
+            #[cfg(feature = "dpdk")]
+            {
+                let frame = commit_frame_len(args.payload)?;
+                (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+            }
         } else {
             (args.payload.max(8), None)
         };
@@ -495,6 +503,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
 
 /// Length of the log frame one commit sends: the input entry of `payload` bytes (if any) and
 /// the output marker, as `primary_loop` appends them.
+#[cfg(feature = "dpdk")]
 fn commit_frame_len(payload: usize) -> anyhow::Result<usize> {
     let input = vec![0xA5u8; payload];
     let mut frame = logfmt::FrameBuf::new(payload + 1024);
@@ -638,6 +647,7 @@ pub fn with_pair<J: PrimaryJob>(
             joined?;
             out
         }
+        #[cfg(feature = "dpdk")]
         Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
             let kind = medium.dpdk_kind().context("a DPDK medium")?;
             let MemifPair { server, client } = raw::memif::take(kind)?;
@@ -658,6 +668,11 @@ pub fn with_pair<J: PrimaryJob>(
             });
             join(backup)?;
             out
+        }
+        #[cfg(not(feature = "dpdk"))]
+        Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
+            let _ = (primary_core, backup_core, job);
+            bail!("--transport {}: {}", medium.name(), raw::NO_DPDK)
         }
         Medium::Rdma | Medium::RdmaSend | Medium::RdmaImm => {
             #[cfg(feature = "rdma")]

@@ -30,6 +30,7 @@ use anyhow::{bail, ensure, Context};
 use hdrhistogram::Histogram;
 use transport::{PollPolicy, Poller};
 
+#[cfg(feature = "dpdk")]
 mod dpdk;
 pub mod memif;
 #[cfg(feature = "rdma")]
@@ -95,6 +96,12 @@ pub struct RawConfig {
     pub rdma: Option<(transport::rdma::RdmaConfig, transport::rdma::RdmaConfig)>,
 }
 
+/// Why a DPDK medium cannot run in this build, and how to get one that can.
+#[cfg(not(feature = "dpdk"))]
+pub const NO_DPDK: &str = "this bench was built without the `dpdk` feature: rebuild it with \
+    `cargo build --release -p bench --features dpdk` (or run `cargo run --release -p bench \
+    --features dpdk -- ...`; needs DPDK 22.11 and libclang: scripts/install-deps.sh)";
+
 /// Smallest payload: the round-trip index travels in the first 8 bytes.
 const MIN_PAYLOAD: usize = 8;
 /// Largest payload accepted, for every medium alike.
@@ -148,7 +155,12 @@ pub fn ping_pong(medium: RawMedium, cfg: &RawConfig) -> anyhow::Result<Histogram
             RawMedium::Shm => shm::run(hist, &plan, &peer_failed),
             RawMedium::DpdkMemif | RawMedium::DpdkAfPacket | RawMedium::DpdkAfXdp => {
                 let kind = medium.dpdk_kind().context("a DPDK medium")?;
-                dpdk::run(kind, hist, &plan, &peer_failed)
+                #[cfg(feature = "dpdk")]
+                {
+                    dpdk::run(kind, hist, &plan, &peer_failed)
+                }
+                #[cfg(not(feature = "dpdk"))]
+                bail!("--transport {}: {NO_DPDK}", kind.row())
             }
             RawMedium::Rdma | RawMedium::RdmaImm => {
                 #[cfg(feature = "rdma")]
@@ -547,6 +559,31 @@ mod tests {
         };
         assert!(ping_pong(RawMedium::Shm, &bad).is_err());
         Ok(())
+    }
+
+    /// Without the `dpdk` feature a DPDK medium is refused, before anything runs, with the
+    /// command that builds a bench that has it.
+    #[cfg(not(feature = "dpdk"))]
+    #[test]
+    fn dpdk_media_without_the_feature_say_how_to_rebuild() {
+        use super::memif::Kind;
+        for (medium, kind) in [
+            (RawMedium::DpdkMemif, Kind::Memif),
+            (RawMedium::DpdkAfPacket, Kind::AfPacket),
+            (RawMedium::DpdkAfXdp, Kind::AfXdp),
+        ] {
+            let err = format!(
+                "{:#}",
+                ping_pong(medium, &cfg(64)).expect_err("no DPDK here")
+            );
+            assert!(err.contains("--features dpdk"), "{err}");
+            let err = format!("{:#}", memif::want(&[kind]).expect_err("no DPDK here"));
+            assert!(
+                err.contains(kind.row()) && err.contains("--features dpdk"),
+                "{err}"
+            );
+        }
+        assert!(memif::want(&[]).is_ok());
     }
 
     #[test]

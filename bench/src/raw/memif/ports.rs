@@ -1,24 +1,5 @@
+//! This process's one DPDK EAL and its port pairs (the `dpdk` feature).
 //!
-//! This process's one DPDK EAL, set up the first time a DPDK medium is measured and kept for
-//! the rest of the process, with port pairs for the DPDK media [`want`]ed before (net_memif
-//! only, if nothing was asked for):
-//!
-//! - [`Kind::Memif`]: [`memif::PAIRS`] pairs of `net_memif` ports joined over Unix sockets in
-//!   a private temporary directory (no root needed).
-//! - [`Kind::AfPacket`]: one `net_af_packet` port on each end of the veth pair
-//!   `ftvm-ap0`/`ftvm-ap1` (root).
-//! - [`Kind::AfXdp`]: one `net_af_xdp` port on each end of the veth pair `ftvm-xd0`/`ftvm-xd1`
-//!   (root, 2 MiB hugepages; with it, the whole EAL runs from hugepages).
-//!
-//! The veth pairs and hugepages are set up by the benchmark itself on first use (it runs
-//! `ip link add ... type veth`, and writes `nr_hugepages` and mounts hugetlbfs if needed,
-//! exactly as `scripts/dpdk-setup.sh` does; both are idempotent and the pairs are kept for the
-//! next run).
-//!
-//! A pair is taken with [`take_pair`]. The raw ping-pong gives it back afterwards; the log
-//! channel consumes it (`transport::dpdk` closes its port when the channel drops, and a closed
-//! vdev is gone), so each channel over DPDK uses up one pair. [`cleanup`] closes what is left
-//! and removes the files.
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
@@ -27,16 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use dpdk_sys::{af_packet_vdev, af_xdp_vdev, memif_vdev, EalArgs, MemifRole, Mempool, Port};
 
-/// The DPDK media the benchmark measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// `net_memif`, two ports of this process joined over a Unix socket.
-    Memif,
-    /// `net_af_packet` on the two ends of veth pair `ftvm-ap0`/`ftvm-ap1`.
-    AfPacket,
-    /// `net_af_xdp` on the two ends of veth pair `ftvm-xd0`/`ftvm-xd1`.
-    AfXdp,
-}
+use super::{Kind, WANTED};
 
 impl Kind {
     fn index(self) -> usize {
@@ -54,7 +26,7 @@ impl Kind {
     }
 
     /// The veth pair: (the backup / echo side's end, the primary / timing side's end).
-    pub fn veth(self) -> Option<(&'static str, &'static str)> {
+    fn veth(self) -> Option<(&'static str, &'static str)> {
         match self {
             Kind::Memif => None,
             Kind::AfPacket => Some(("ftvm-ap0", "ftvm-ap1")),
@@ -64,7 +36,7 @@ impl Kind {
 }
 
 /// memif port pairs created at EAL init (each channel over DPDK uses one up).
-pub const PAIRS: usize = 4;
+const PAIRS: usize = 4;
 /// Largest raw ping-pong payload: one standard Ethernet frame's worth.
 pub const MAX_RAW_PAYLOAD: usize = 1500;
 /// Descriptors per rx/tx queue.
@@ -92,18 +64,6 @@ struct State {
 }
 
 static STATE: OnceLock<Result<State, String>> = OnceLock::new();
-static WANTED: Mutex<Vec<Kind>> = Mutex::new(Vec::new());
-
-/// Declares which DPDK media this process will measure; call before the first
-/// [`take_pair`] (the EAL and its ports are set up once).
-pub fn want(kinds: &[Kind]) {
-    let mut w = WANTED.lock().unwrap_or_else(|e| e.into_inner());
-    for k in kinds {
-        if !w.contains(k) {
-            w.push(*k);
-        }
-    }
-}
 
 fn state() -> anyhow::Result<&'static State> {
     // EAL init pins the calling thread to its main lcore; run it on a thread of its own so
@@ -312,15 +272,19 @@ fn init_in(dir: &std::path::Path, pid: u32) -> anyhow::Result<State> {
 pub fn take(kind: Kind) -> anyhow::Result<MemifPair> {
     let state = state()?;
     if !state.kinds.contains(&kind) {
-        bail!("DPDK was set up without {kind:?} ports (call raw::memif::want first)");
+        bail!(
+            "DPDK was set up without {} ports (call raw::memif::want first)",
+            kind.row()
+        );
     }
     let pair = state.pairs.lock().unwrap_or_else(|e| e.into_inner())[kind.index()]
         .pop()
         .with_context(|| {
             format!(
-                "all {} {kind:?} port pairs are used up (each channel over DPDK closes \
+                "all {} {} port pairs are used up (each channel over DPDK closes \
                  its ports, and DPDK is set up once per process)",
-                kind.pairs()
+                kind.pairs(),
+                kind.row()
             )
         })?;
     let deadline = Instant::now() + LINK_TIMEOUT;
