@@ -9,10 +9,8 @@
 //! - [`Kind::AfXdp`]: one `net_af_xdp` port on each end of the veth pair `ftvm-xd0`/`ftvm-xd1`
 //!   (root, 2 MiB hugepages; with it, the whole EAL runs from hugepages).
 //!
-//! The veth pairs and hugepages are set up by the benchmark itself on first use (it runs
-//! `ip link add ... type veth`, and writes `nr_hugepages` and mounts hugetlbfs if needed,
-//! exactly as `scripts/dpdk-setup.sh` does; both are idempotent and the pairs are kept for the
-//! next run).
+//! The veth pairs and hugepages are set up on first use by running `scripts/dpdk-setup.sh`
+//! (idempotent; the pairs are kept for the next run), the one place those steps live.
 //!
 //! A pair is taken with [`take`]. The raw ping-pong gives it back afterwards; the log
 //! channel consumes it (`transport::dpdk` closes its port when the channel drops, and a closed

@@ -1,6 +1,6 @@
 //! This process's one DPDK EAL and its port pairs (the `dpdk` feature).
 //!
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -96,59 +96,68 @@ fn init() -> anyhow::Result<State> {
     }
 }
 
-fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd} {}", args.join(" ")))?;
-    if !out.status.success() {
+/// The EAL's memory (`-m`), in MB.
+const EAL_MEM_MB: u32 = 512;
+/// 2 MiB hugepages that memory takes when the EAL runs from hugepages (for net_af_xdp).
+const HUGEPAGES: u32 = EAL_MEM_MB / 2;
+
+/// Sets up what the veth-based ports need on this machine — the veth pairs of [`Kind::veth`]
+/// and, with `hugepages`, [`HUGEPAGES`] 2 MiB pages on hugetlbfs — by running
+/// `scripts/dpdk-setup.sh`, then checks that they are there.
+///
+/// The script is the one place these steps live: CI (`scripts/test.sh`) and a person setting up
+/// a machine run it, and so does the bench, instead of repeating its `ip link` and
+/// `nr_hugepages` steps in Rust. (A Rust function, e.g. in dpdk-sys, would need a binary for
+/// the script's users as well; the script needs only the bench's sources, which a bench built
+/// with cargo has.) It is found in the workspace this bench was built from, and is idempotent:
+/// what exists is kept, and the pairs stay for the next run.
+fn set_up_host(hugepages: bool) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dpdk-setup.sh");
+    if !script.is_file() {
         bail!(
-            "{cmd} {}: {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            "{} is missing: the bench runs it to create the veth pairs (and hugepages) of the \
+             af_packet/af_xdp rows; run it as root from the ftvm sources, or measure dpdk-memif",
+            script.display()
         );
     }
-    Ok(())
-}
-
-/// Creates the veth pair (if missing) and brings both ends up, IPv6 off.
-pub fn ensure_veth(a: &str, b: &str) -> anyhow::Result<()> {
-    let exists = Command::new("ip")
-        .args(["link", "show", a])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !exists {
-        run("ip", &["link", "add", a, "type", "veth", "peer", "name", b])
-            .context("creating a veth pair (needs root and iproute2)")?;
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).stdout(std::io::stderr());
+    if hugepages {
+        cmd.env("FTVM_HUGEPAGES", HUGEPAGES.to_string());
     }
-    for i in [a, b] {
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{i}/disable_ipv6"), "1");
-        run("ip", &["link", "set", i, "up"])?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
     }
-    Ok(())
-}
-
-/// At least `pages` 2 MiB hugepages and hugetlbfs on /dev/hugepages.
-pub fn ensure_hugepages(pages: u32) -> anyhow::Result<()> {
-    let path = "/proc/sys/vm/nr_hugepages";
-    let have: u32 = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {path}"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("parsing {path}"))?;
-    if have < pages {
-        std::fs::write(path, pages.to_string())
-            .with_context(|| format!("writing {pages} to {path} (needs root)"))?;
+    // Without root the script does nothing and says so; the rows cannot run then.
+    for kind in [Kind::AfPacket, Kind::AfXdp] {
+        if let Some((a, b)) = kind.veth() {
+            for end in [a, b] {
+                if !Path::new("/sys/class/net").join(end).exists() {
+                    bail!(
+                        "no veth interface {end} after {}: the af_packet/af_xdp rows need root",
+                        script.display()
+                    );
+                }
+            }
+        }
     }
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/dev/hugepages"));
-    if !mounted {
-        std::fs::create_dir_all("/dev/hugepages").context("creating /dev/hugepages")?;
-        run("mount", &["-t", "hugetlbfs", "none", "/dev/hugepages"])?;
+    if hugepages {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let have: u32 = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {path}"))?;
+        if have < HUGEPAGES {
+            bail!(
+                "{have} hugepages after {}, the af_xdp row needs {HUGEPAGES} (root, and free \
+                 memory)",
+                script.display()
+            );
+        }
     }
     Ok(())
 }
@@ -166,10 +175,10 @@ fn init_in(dir: &std::path::Path, pid: u32) -> anyhow::Result<State> {
     let lcore = u32::try_from(lcore).unwrap_or(0);
     let prefix = format!("ftvm-bench-{pid}");
     let hugepages = kinds.contains(&Kind::AfXdp);
-    if hugepages {
-        ensure_hugepages(256)?;
+    if kinds.iter().any(|k| k.veth().is_some()) {
+        set_up_host(hugepages)?;
     }
-    let mut args = EalArgs::base(&prefix, lcore, hugepages, 512);
+    let mut args = EalArgs::base(&prefix, lcore, hugepages, EAL_MEM_MB);
     if hugepages {
         // net_af_xdp registers a mempool's memory as one UMEM from its first chunk: the
         // pool must be virtually contiguous, which IOVA-as-PA does not promise.
@@ -191,7 +200,6 @@ fn init_in(dir: &std::path::Path, pid: u32) -> anyhow::Result<State> {
             }
             Kind::AfPacket | Kind::AfXdp => {
                 let Some((a, b)) = kind.veth() else { continue };
-                ensure_veth(a, b)?;
                 let vdev = if kind == Kind::AfPacket {
                     af_packet_vdev
                 } else {
