@@ -5,6 +5,9 @@
 #   - the veth pairs the benchmark uses: ftvm-ap0 <-> ftvm-ap1 (net_af_packet) and
 #     ftvm-xd0 <-> ftvm-xd1 (net_af_xdp), up, IPv6 off (no router solicitations on the link).
 # The tests create their own uniquely named veth pairs and remove them afterwards.
+# `bench commit/throughput --transport dpdk-af-packet,dpdk-af-xdp` runs this script itself
+# (bench/src/raw/memif/ports.rs, with FTVM_HUGEPAGES set to what its EAL needs): this is the
+# one place these steps live.
 # Without root this prints what it cannot do and exits 0 (the tests that need it then say so).
 set -euo pipefail
 

@@ -18,6 +18,7 @@ step "cargo clippy --workspace --all-targets -- -D warnings (and with the DPDK a
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport --features dpdk --all-targets -- -D warnings
 cargo clippy -p transport --features rdma --all-targets -- -D warnings
+cargo clippy -p bench --features dpdk --all-targets -- -D warnings
 cargo clippy -p bench --features rdma --all-targets -- -D warnings
 cargo clippy -p bench --features trace --all-targets -- -D warnings
 cargo clippy -p ftvm --features dpdk --all-targets -- -D warnings
@@ -29,6 +30,7 @@ cargo test -p transport --features trace --lib trace
 
 step "the DPDK medium: two processes over net_memif (no root) and net_af_packet on a veth pair (root); an FT pair over DPDK"
 cargo test -p transport --features dpdk
+cargo test -p bench --features dpdk
 cargo test -p ftvm --features dpdk --test ft_dpdk
 
 step "the RDMA medium on soft-RoCE: tests, commit bench and ib_write_lat in a QEMU guest (rdma_rxe)"

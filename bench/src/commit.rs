@@ -11,10 +11,13 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use logfmt::{ControlOp, Entry, Event, Position};
 use serde::Serialize;
+#[cfg(feature = "dpdk")]
 use transport::dpdk;
 use transport::{BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
 
-use crate::raw::memif::{Kind, MemifPair};
+use crate::raw::memif::Kind;
+#[cfg(feature = "dpdk")]
+use crate::raw::memif::MemifPair;
 use crate::raw::{self, RawConfig, RawMedium};
 
 /// Media the commit benchmark knows.
@@ -337,7 +340,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         .iter()
         .filter_map(|m| m.dpdk_kind())
         .collect();
-    raw::memif::want(&kinds);
+    raw::memif::want(&kinds)?;
     if args.trace && !cfg!(feature = "trace") {
         bail!("--trace needs the bench built with the trace feature (cargo build --release -p bench --features trace)");
     }
@@ -356,8 +359,13 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         // DATA packet with the whole log frame one way, an ACK packet back. (The other media
         // echo `--payload` bytes each way.)
         let (payload, reply) = if medium.is_dpdk() {
-            let frame = commit_frame_len(args.payload)?;
-            (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+            #[cfg(not(feature = "dpdk"))]
+            bail!("--transport {}: {}", medium.name(), raw::NO_DPDK);
+            #[cfg(feature = "dpdk")]
+            {
+                let frame = commit_frame_len(args.payload)?;
+                (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+            }
         } else {
             (args.payload.max(8), None)
         };
@@ -481,6 +489,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
 
 /// Length of the log frame one commit sends: the input entry of `payload` bytes (if any) and
 /// the output marker, as `primary_loop` appends them.
+#[cfg(feature = "dpdk")]
 fn commit_frame_len(payload: usize) -> anyhow::Result<usize> {
     let input = vec![0xA5u8; payload];
     let mut frame = logfmt::FrameBuf::new(payload + 1024);
@@ -596,6 +605,11 @@ fn sides(medium: Medium) -> anyhow::Result<(transport::Medium, transport::Medium
             let m = transport::Medium::Shm { socket };
             (m.clone(), m)
         }
+        #[cfg(not(feature = "dpdk"))]
+        Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
+            bail!("--transport {}: {}", medium.name(), raw::NO_DPDK)
+        }
+        #[cfg(feature = "dpdk")]
         Medium::DpdkMemif | Medium::DpdkAfPacket | Medium::DpdkAfXdp => {
             use transport::medium::{DpdkDevice, DpdkPortSlot};
             let kind = medium.dpdk_kind().context("a DPDK medium")?;

@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         Command::Throughput(args) => throughput::run(&args),
     };
     // DPDK media leave memif sockets and the EAL's runtime directory behind otherwise.
+    #[cfg(feature = "dpdk")]
     raw::memif::cleanup();
     result
 }

@@ -21,6 +21,7 @@ pub fn pin_current(core: usize, role: &str) -> bool {
 /// through the mempools' per-lcore caches, as they do on any DPDK application's polling
 /// threads, instead of the shared ring. Every thread that polls a port in a measurement runs
 /// under this, the raw ping-pong's as much as the channel's.
+#[cfg(feature = "dpdk")]
 pub fn as_dpdk_lcore<T>(f: impl FnOnce() -> T) -> T {
     let eal = dpdk_sys::Eal::current();
     if let Some(eal) = &eal {
@@ -33,4 +34,10 @@ pub fn as_dpdk_lcore<T>(f: impl FnOnce() -> T) -> T {
         eal.unregister_thread();
     }
     out
+}
+
+/// Without DPDK there is no EAL to register with: runs `f`.
+#[cfg(not(feature = "dpdk"))]
+pub fn as_dpdk_lcore<T>(f: impl FnOnce() -> T) -> T {
+    f()
 }

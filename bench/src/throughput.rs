@@ -94,7 +94,7 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<()> {
         .iter()
         .filter_map(|m| m.dpdk_kind())
         .collect();
-    crate::raw::memif::want(&kinds);
+    crate::raw::memif::want(&kinds)?;
     let mut rows = Vec::new();
     for &medium in &args.transports {
         let (seconds, stats) = with_pair(medium, args.primary_core, args.backup_core, Job(args))
