@@ -59,7 +59,7 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
                 handle.stop();
             });
             server.wait();
-            eprintln!("arbiter: stopped");
+            tracing::info!("arbiter: stopped");
             Ok(())
         }
     }

@@ -81,8 +81,23 @@ struct ClientArgs {
     timeout_ms: u64,
 }
 
+/// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`); stdout keeps
+/// what other programs read (the readiness line, JSON reports).
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         let code = if e.is::<node::Deposed>() {
             node::DEPOSED_EXIT_CODE
@@ -127,7 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Primary(args) => {
             let s = node::primary(&args)?;
-            eprintln!(
+            tracing::info!(
                 "primary: {} exits, {} outputs committed, stopped cleanly",
                 s.exits, s.outputs_committed
             );
@@ -135,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup(args) => {
             let s = node::backup(&args)?;
             match &s.takeover {
-                Some(t) => eprintln!(
+                Some(t) => tracing::info!(
                     "backup: took over at exit {} in epoch {} ({} outputs checked before, {} \
                      requests served live), stopped at exit {}, memory {}",
                     t.exit,
@@ -145,7 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     s.exits,
                     s.memory_hash
                 ),
-                None => eprintln!(
+                None => tracing::info!(
                     "backup: replayed {} exits, {} outputs checked, memory {}",
                     s.exits, s.outputs_checked, s.memory_hash
                 ),

@@ -235,7 +235,7 @@ pub fn stop_flag() -> Arc<AtomicBool> {
 pub fn pin(core: Option<usize>) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            eprintln!("warning: could not pin the vCPU thread to core {core}");
+            tracing::warn!("could not pin the vCPU thread to core {core}");
         }
     }
 }
