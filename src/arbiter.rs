@@ -1,7 +1,6 @@
 //! `ftvm arbiter serve`: the network arbiter both replicas of a pair ask on failover.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use ft_arbiter::ArbiterServer;
@@ -45,17 +44,15 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
                 std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
             let server = ArbiterServer::serve(listener, state_dir, key)
                 .context("starting the arbiter server")?;
+            let stop = crate::node::stop_signals()?;
             println!(
                 "ARBITER {} (decisions in {})",
                 server.local_addr(),
                 state_dir.display()
             );
-            let stop = crate::node::stop_flag();
             let handle = server.stop_handle();
             std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                stop.wait();
                 handle.stop();
             });
             server.wait();

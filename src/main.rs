@@ -130,11 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = transport::PreSharedKey::from_file(&args.key_file)?;
             let socket = std::net::UdpSocket::bind(args.listen)?;
             let front = vmm::service::Front::spawn(socket, key, args.session)?;
+            let stop = node::stop_signals()?;
             println!("FRONT {} (pair {})", front.local_addr(), args.session);
-            let stop = node::stop_flag();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            stop.wait();
             println!("{}", serde_json::to_string_pretty(&front.stats())?);
         }
         Command::Demo(args) => {
@@ -144,7 +142,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let s = node::primary(&args)?;
             tracing::info!(
                 "primary: {} exits, {} outputs committed, stopped cleanly",
-                s.exits, s.outputs_committed
+                s.exits,
+                s.outputs_committed
             );
         }
         Command::Backup(args) => {
@@ -162,7 +161,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 None => tracing::info!(
                     "backup: replayed {} exits, {} outputs checked, memory {}",
-                    s.exits, s.outputs_checked, s.memory_hash
+                    s.exits,
+                    s.outputs_checked,
+                    s.memory_hash
                 ),
             }
         }

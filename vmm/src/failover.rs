@@ -186,7 +186,9 @@ impl<L: PrimaryLink> FailoverSink<L> {
         }
         tracing::info!(
             "{}: won epoch {} in {:.1} ms; continuing unreplicated",
-            arbiter.candidate, a.epoch, a.decide_ms
+            arbiter.candidate,
+            a.epoch,
+            a.decide_ms
         );
         // Alone, everything counts as acknowledged: the outputs held for the lost backup go
         // out now, stamped with the epoch just won.
@@ -430,7 +432,8 @@ impl<L: BackupLink> Failover<L> {
         report.takeover_ms = ended_at.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             "{}: won epoch {epoch}; live at exit {exit} ({:.1} ms after the log ended)",
-            t.arbiter.candidate, report.takeover_ms
+            t.arbiter.candidate,
+            report.takeover_ms
         );
         self.report = Some(report);
         self.mode = Mode::Live(Box::new(recorder));
