@@ -244,21 +244,44 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A fresh directory only this user can enter (0700), removed when dropped.
+fn private_dir() -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("ftvm-demo-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("creating the demo's private directory")
+}
+
+/// A random pre-shared key in `dir/psk`, created 0600 (the key file rule of
+/// `PreSharedKey::from_file`).
 fn write_key(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
     let key = dir.join("psk");
     let mut k = [0u8; 32];
     getrandom::getrandom(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
-    std::fs::write(
-        &key,
-        k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| {
+            f.write_all(
+                k.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+                    .as_bytes(),
+            )
+        })
+        .with_context(|| format!("writing the key file {}", key.display()))?;
     Ok(key)
 }
 
 /// The FT pair behind the service front, the primary killed after `kill_after` requests.
 pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<FailoverSummary> {
-    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let scratch = private_dir()?;
+    let dir = scratch.path().to_path_buf();
     let key = match &args.key_file {
         Some(k) => k.clone(),
         None => write_key(&dir)?,
@@ -475,7 +498,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     if let Err(e) = &backup_result {
         eprintln!("  backup: {e}");
     }
@@ -492,8 +515,8 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
 
 /// The FT pair run to a clean stop, then compared.
 pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
-    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let scratch = private_dir()?;
+    let dir = scratch.path().to_path_buf();
     let key = write_key(&dir)?;
     let sock = dir.join("backup.sock");
     crate::node::pin(Some(args.client_core));
@@ -580,7 +603,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     if summary.responses_ok != summary.requests
         || summary.divergences > 0
         || summary.primary_memory_hash.is_empty()

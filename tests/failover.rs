@@ -14,6 +14,7 @@
 
 #[path = "../ft-arbiter/tests/common/mod.rs"]
 mod arbiters;
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -72,14 +73,14 @@ impl Scratch {
 
     fn key(&self) -> PathBuf {
         let k = self.0.join("psk");
-        if !k.exists() {
-            std::fs::write(
-                &k,
-                format!("failover-test-key-{:032x}", rand::random::<u128>()),
-            )
-            .expect("key");
+        if k.exists() {
+            return k;
         }
-        k
+        common::write_key(
+            &self.0,
+            "psk",
+            &format!("failover-test-key-{:032x}", rand::random::<u128>()),
+        )
     }
 }
 

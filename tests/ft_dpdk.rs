@@ -6,6 +6,8 @@
 //! `--features dpdk`.
 #![cfg(feature = "dpdk")]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -69,8 +71,7 @@ fn json(path: &Path) -> serde_json::Value {
 fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
     let dir = std::env::temp_dir().join(format!("ftvm-ft-dpdk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let key = dir.join("key");
-    std::fs::write(&key, b"ftvm-dpdk-pair-test-key-32-bytes").expect("key");
+    let key = common::write_key(&dir, "key", "ftvm-dpdk-pair-test-key-32-bytes");
     let socket = dir.join("memif.sock");
     let id = std::process::id();
     let common = |role: &str, core: u32, summary: &Path, eal_args: String| -> Vec<String> {
