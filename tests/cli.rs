@@ -35,9 +35,9 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
 
-    let dir = std::env::temp_dir().join(format!("ftvm-cli-arbiter-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let key = common::write_key(&dir, "psk", "cli-test-arbiter-key-0123456789");
+    let scratch = common::scratch("ftvm-cli-arbiter-");
+    let dir = scratch.path();
+    let key = common::write_key(dir, "psk", "cli-test-arbiter-key-0123456789");
     let mut child = ftvm()
         .args(["arbiter", "serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.join("state"))
@@ -73,16 +73,14 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(child.wait().expect("wait").success());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_missing_dev_kvm_is_a_clear_error() {
     // Hide /dev (and with it /dev/kvm) in a private mount namespace (needs root, as our test
     // machines have).
-    let dir = std::env::temp_dir().join(format!("ftvm-cli-nokvm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let key = common::write_key(&dir, "psk", "cli-test-no-kvm-key-0123456789");
+    let scratch = common::scratch("ftvm-cli-nokvm-");
+    let key = common::write_key(scratch.path(), "psk", "cli-test-no-kvm-key-0123456789");
     let script = format!(
         "mount -t tmpfs none /dev && exec {} primary --unreplicated --service 127.0.0.1:0 --key-file {}",
         env!("CARGO_BIN_EXE_ftvm"),
@@ -98,7 +96,6 @@ fn a_missing_dev_kvm_is_a_clear_error() {
         stderr.contains("/dev/kvm") && stderr.contains("is KVM available?"),
         "unclear error: {stderr}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

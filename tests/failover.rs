@@ -41,26 +41,21 @@ const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 /// Kills per arbiter backend.
 const KILLS: usize = 50;
 
-struct Scratch(PathBuf);
+/// A private temporary directory for one test, removed on drop.
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ftvm-failover-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
+        Scratch(common::scratch(&format!("ftvm-failover-{name}-")))
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Where [`Scratch::file_arbiter`] keeps its store.
     fn store(&self) -> PathBuf {
-        self.0.join("store")
+        self.path().join("store")
     }
 
     /// A fresh file-arbiter store in the scratch directory, as an `--arbiter` spec.
@@ -72,21 +67,15 @@ impl Scratch {
     }
 
     fn key(&self) -> PathBuf {
-        let k = self.0.join("psk");
+        let k = self.path().join("psk");
         if k.exists() {
             return k;
         }
         common::write_key(
-            &self.0,
+            self.path(),
             "psk",
             &format!("failover-test-key-{:032x}", rand::random::<u128>()),
         )
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -69,9 +69,9 @@ fn json(path: &Path) -> serde_json::Value {
 
 #[test]
 fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
-    let dir = std::env::temp_dir().join(format!("ftvm-ft-dpdk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let key = common::write_key(&dir, "key", "ftvm-dpdk-pair-test-key-32-bytes");
+    let scratch = common::scratch("ftvm-ft-dpdk-");
+    let dir = scratch.path();
+    let key = common::write_key(dir, "key", "ftvm-dpdk-pair-test-key-32-bytes");
     let socket = dir.join("memif.sock");
     let id = std::process::id();
     let common = |role: &str, core: u32, summary: &Path, eal_args: String| -> Vec<String> {
@@ -159,7 +159,7 @@ fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
         "dpdk pair: {} requests, commit p50 {} us, p99 {} us",
         REQUESTS, p["commit_p50_us"], p["commit_p99_us"]
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     // EAL leaves its runtime directories behind (as root under /var/run/dpdk).
     for prefix in [format!("ftvm-tb{id}"), format!("ftvm-tp{id}")] {
         let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&prefix));

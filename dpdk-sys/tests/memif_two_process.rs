@@ -648,30 +648,6 @@ fn remove_runtime_dirs(prefix: &str, reported: &[PathBuf]) {
     }
 }
 
-/// A private temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "ftvm-dpdk-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn prefix(role: &str) -> String {
     format!("ftvm-test-{}-{role}", std::process::id())
 }
@@ -701,8 +677,11 @@ fn first_cpu() -> String {
 }
 
 fn memif_ping_pong() -> Result<(), String> {
-    let dir = TempDir::new("memif")?;
-    let socket = dir.0.join("memif.sock").display().to_string();
+    let dir = tempfile::Builder::new()
+        .prefix("ftvm-dpdk-memif-")
+        .tempdir()
+        .map_err(|e| format!("temporary directory: {e}"))?;
+    let socket = dir.path().join("memif.sock").display().to_string();
     let (cpu_server, cpu_client) = two_cpus();
     let shared = if cpu_server == cpu_client { "1" } else { "0" };
     let (p_server, p_client) = (prefix("server"), prefix("client"));

@@ -69,7 +69,7 @@ backend_suite!(etcd, EtcdFixture);
 
 #[test]
 fn file_store_must_exist() {
-    let dir = common::TempDir::new("nostore");
+    let dir = common::temp_dir("nostore");
     // An unmounted share (an empty mount point) has no store: no decision can be made there.
     match FileArbiter::open(dir.path()) {
         Err(ArbiterError::Unavailable(_)) => {}

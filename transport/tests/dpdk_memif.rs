@@ -196,29 +196,6 @@ impl Drop for BackupProcess {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "ftvm-dpdk-memif-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        Ok(TempDir(dir))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn spawn_backup(
     medium: &str,
     scenario: &str,
@@ -294,7 +271,10 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 fn primary(medium: &str, scenario: &str, lcores: (&str, &str)) -> Result<(), String> {
-    let dir = TempDir::new()?;
+    let dir = tempfile::Builder::new()
+        .prefix("ftvm-dpdk-memif-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let (veth, primary_end, backup_end) = match medium {
         "afpacket" => {
             let v = Veth::new()?;
