@@ -45,11 +45,8 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
             let server = ArbiterServer::serve(listener, state_dir, key)
                 .context("starting the arbiter server")?;
             let stop = crate::node::stop_signals()?;
-            println!(
-                "ARBITER {} (decisions in {})",
-                server.local_addr(),
-                state_dir.display()
-            );
+            let detail = format!("decisions in {}", state_dir.display());
+            crate::ready::Ready::new("arbiter", server.local_addr(), detail).announce()?;
             let handle = server.stop_handle();
             std::thread::spawn(move || {
                 stop.wait();

@@ -5,6 +5,7 @@ mod arbiter;
 mod client;
 mod demo;
 mod node;
+mod ready;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,7 +59,7 @@ struct FrontArgs {
 
 #[derive(clap::Args, Debug)]
 struct ClientArgs {
-    /// The service address the primary printed (`SERVING addr`).
+    /// The service address (the `addr` of the primary's or the front's readiness line).
     #[arg(long)]
     service: SocketAddr,
     /// Requests to send.
@@ -131,7 +132,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let socket = std::net::UdpSocket::bind(args.listen)?;
             let front = vmm::service::Front::spawn(socket, key, args.session)?;
             let stop = node::stop_signals()?;
-            println!("FRONT {} (pair {})", front.local_addr(), args.session);
+            ready::Ready::new(
+                "front",
+                front.local_addr(),
+                format!("pair {}", args.session),
+            )
+            .announce()?;
             stop.wait();
             println!("{}", serde_json::to_string_pretty(&front.stats())?);
         }

@@ -17,6 +17,8 @@ use vmm::replay::Replayer;
 use vmm::service::ServicePort;
 use vmm::vm::Vm;
 
+use crate::ready::Ready;
+
 /// The log channel's medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Medium {
@@ -130,7 +132,7 @@ pub struct PrimaryArgs {
     /// The backup: a Unix socket path (shm) or host:port (tcp; dpdk: its control address).
     #[arg(long, required_unless_present = "unreplicated")]
     pub backup: Option<String>,
-    /// UDP address clients send requests to (port 0 picks one; printed as `SERVING addr`).
+    /// UDP address clients send requests to (port 0 picks one; printed in the readiness line).
     /// With `--front`, the replica's own address the front forwards to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub service: String,
@@ -463,7 +465,7 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
     let epoch = start_epoch(c)?;
     if args.unreplicated {
         register(&mut port, c, epoch)?;
-        println!("SERVING {} (unreplicated)", serving_addr(&port)?);
+        Ready::new("primary", serving_addr(&port)?, "unreplicated").announce()?;
         return record(
             vm,
             NoLog::at_epoch(epoch),
@@ -543,11 +545,8 @@ impl Replicating {
         } else {
             ""
         };
-        println!(
-            "SERVING {} ({how}, epoch {}{failover})",
-            serving_addr(&self.port)?,
-            self.epoch
-        );
+        let detail = format!("{how}, epoch {}{failover}", self.epoch);
+        Ready::new("primary", serving_addr(&self.port)?, detail).announce()?;
         let sink = FailoverSink::new(p, self.arbiter);
         record(
             self.vm,
@@ -681,7 +680,7 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
     match c.transport {
         Medium::Shm => {
             let l = shm::listen(&args.listen)?;
-            println!("LISTENING {}", args.listen);
+            Ready::new("backup", &args.listen, "shm").announce()?;
             let b = shm::accept(&l, cfg).context("accepting the primary")?;
             let _ = std::fs::remove_file(&args.listen);
             replay(vm, b, args, epoch)
@@ -689,7 +688,7 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
         Medium::Tcp => {
             let l = std::net::TcpListener::bind(&args.listen)
                 .with_context(|| format!("binding {}", args.listen))?;
-            println!("LISTENING {}", l.local_addr()?);
+            Ready::new("backup", l.local_addr()?, "tcp").announce()?;
             let b = tcp::accept(&l, cfg).context("accepting the primary")?;
             replay(vm, b, args, epoch)
         }
@@ -698,7 +697,12 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
             let rdma = rdma_config(c);
             let l = std::net::TcpListener::bind(&args.listen)
                 .with_context(|| format!("binding {}", args.listen))?;
-            println!("LISTENING {} (rdma on {})", l.local_addr()?, rdma.device);
+            Ready::new(
+                "backup",
+                l.local_addr()?,
+                format!("rdma on {}", rdma.device),
+            )
+            .announce()?;
             let b = transport::rdma::accept(&l, cfg, &rdma).with_context(|| {
                 format!(
                     "accepting the primary over RDMA ({} port {} GID {})",
@@ -761,7 +765,7 @@ fn dpdk_backup(
     let port = dpdk_port(&args.common)?;
     let l = std::net::TcpListener::bind(&args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
-    println!("LISTENING {}", l.local_addr()?);
+    Ready::new("backup", l.local_addr()?, "dpdk").announce()?;
     let b = dpdk::accept(&l, port, cfg, DpdkConfig::default()).context("accepting the primary")?;
     replay(vm, b, args, epoch)
 }

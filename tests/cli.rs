@@ -32,7 +32,7 @@ fn unknown_subcommands_fail_with_usage() {
 
 #[test]
 fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader};
+    use std::io::BufReader;
     use std::process::Stdio;
 
     let scratch = common::scratch("ftvm-cli-arbiter-");
@@ -46,15 +46,11 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = line
-        .split_whitespace()
-        .nth(1)
-        .expect("ARBITER <addr>")
-        .to_string();
+    let ready = common::ready::find(&mut BufReader::new(child.stdout.take().expect("stdout")))
+        .expect("stdout")
+        .expect("the arbiter's readiness line");
+    assert_eq!(ready.role, "arbiter");
+    let addr = ready.addr;
     let psk = ft_arbiter::PreSharedKey::from_file(&key).expect("psk");
     let mut client = ft_arbiter::ServerArbiter::new(addr, psk);
     use ft_arbiter::Arbiter;
@@ -129,11 +125,13 @@ fn a_key_file_readable_by_others_is_refused_naming_file_and_mode() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn ftvm front");
-    let mut line = String::new();
     // Kept open: the front prints its statistics when it stops.
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-    std::io::BufRead::read_line(&mut stdout, &mut line).expect("first line");
-    assert!(line.starts_with("FRONT "), "front said {line:?}");
+    let ready = common::ready::find(&mut stdout).expect("stdout");
+    assert!(
+        ready.as_ref().is_some_and(|r| r.role == "front"),
+        "front said {ready:?}"
+    );
     let pid = i32::try_from(child.id()).expect("pid");
     // SAFETY: kill(2) on our own child, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -16,7 +16,7 @@
 mod arbiters;
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -83,11 +83,12 @@ impl Scratch {
 struct Proc {
     child: Child,
     name: String,
-    first_line: String,
+    /// Its readiness line.
+    ready: common::ready::Ready,
 }
 
 impl Proc {
-    /// Starts `ftvm args…` and waits for its first line on stdout (its "ready" line).
+    /// Starts `ftvm args…` and waits for its readiness line on stdout.
     fn start(name: &str, args: &[String]) -> Proc {
         Proc::start_in(None, name, args)
     }
@@ -110,18 +111,17 @@ impl Proc {
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
-        let mut first_line = String::new();
-        reader.read_line(&mut first_line).expect("first line");
+        let ready = common::ready::find(&mut reader).expect("reading stdout");
         // Keep draining so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = reader.read_to_end(&mut sink);
         });
-        assert!(!first_line.is_empty(), "{name} exited before it was ready");
+        let ready = ready.unwrap_or_else(|| panic!("{name} exited before it was ready"));
         Proc {
             child,
             name: name.into(),
-            first_line: first_line.trim().into(),
+            ready,
         }
     }
 
@@ -266,12 +266,7 @@ fn sigkill_the_primary_at_random_points_server_arbiter() {
     let scratch = Scratch::new("server");
     let key = scratch.key();
     let server = start_arbiter_server(&scratch, &key, "127.0.0.1:0");
-    let addr = server
-        .first_line
-        .split_whitespace()
-        .nth(1)
-        .expect("address")
-        .to_owned();
+    let addr = server.ready.addr.clone();
     random_kills("server", &format!("server:{addr}"), &key);
 }
 
@@ -398,11 +393,10 @@ fn start_pair(scratch: &Scratch, arbiter: &str, over_cable: bool) -> Pair {
         b.extend([s("--transport"), s("tcp"), s("--listen"), s("127.0.0.1:0")]);
         let backup = Proc::start("backup", &b);
         let listening: SocketAddr = backup
-            .first_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("backup said {:?}", backup.first_line));
+            .ready
+            .addr
+            .parse()
+            .unwrap_or_else(|_| panic!("backup said {:?}", backup.ready));
         let cable = Cable::to(listening);
         p.extend([
             s("--transport"),
@@ -535,12 +529,7 @@ fn with_the_arbiter_down_nobody_goes_live_until_it_is_back() {
     let scratch = Scratch::new("arbiter-down");
     let key = scratch.key();
     let mut server = start_arbiter_server(&scratch, &key, "127.0.0.1:0");
-    let addr = server
-        .first_line
-        .split_whitespace()
-        .nth(1)
-        .expect("address")
-        .to_owned();
+    let addr = server.ready.addr.clone();
     let _turn = turn();
     let mut pair = start_pair(&scratch, &format!("server:{addr}"), true);
     let client = start_client(pair.front.local_addr(), 300, 5);
@@ -742,12 +731,7 @@ fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
             s("10.78.0.2:0"),
         ]);
         let mut backup = Proc::start("backup", &b);
-        let listening = backup
-            .first_line
-            .split_whitespace()
-            .nth(1)
-            .expect("addr")
-            .to_owned();
+        let listening = backup.ready.addr.clone();
         let mut p = node_args("primary", &key, &arbiter, service_front, 0);
         p.extend([
             s("--transport"),

@@ -1,6 +1,10 @@
 //! Helpers shared by the `ftvm` binary's integration tests (each test crate uses a part).
 #![allow(dead_code)]
 
+/// The readiness line `ftvm` processes print, and its parser (the binary's own module).
+#[path = "../../src/ready.rs"]
+pub mod ready;
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
