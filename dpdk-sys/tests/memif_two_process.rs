@@ -794,6 +794,15 @@ fn child_main(args: &[String]) -> ExitCode {
     }
 }
 
+/// libtest-mimic's arguments (`--list`, filters, `--ignored`, ...), one test at a time unless
+/// `--test-threads` says otherwise: each test runs two processes that pin or spin on the
+/// machine's cores.
+fn harness_args() -> libtest_mimic::Arguments {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = args.test_threads.or(Some(1));
+    args
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if matches!(
@@ -802,8 +811,6 @@ fn main() -> ExitCode {
     ) {
         return child_main(&args);
     }
-    // libtest-style filter (first non-flag argument); `--list` etc. are not supported.
-    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
     type Test = fn() -> Result<(), String>;
     let tests: [(&str, Test); 4] = [
         ("eal_bogus_argument", || {
@@ -815,25 +822,9 @@ fn main() -> ExitCode {
         ("mempool_mbuf_port_basics", || single_child("basics", "OK")),
         ("memif_ping_pong", memif_ping_pong),
     ];
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|(name, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str())))
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| libtest_mimic::Trial::test(name, move || test().map_err(Into::into)))
         .collect();
-    println!("running {} tests", selected.len());
-    let mut failed = 0;
-    for (name, test) in selected {
-        let started = Instant::now();
-        match test() {
-            Ok(()) => println!("test {name} ... ok ({:.2?})", started.elapsed()),
-            Err(e) => {
-                println!("test {name} ... FAILED: {e}");
-                failed += 1;
-            }
-        }
-    }
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    libtest_mimic::run(&harness_args(), trials).exit_code()
 }
