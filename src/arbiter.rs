@@ -2,7 +2,6 @@
 //! `ftvm arbiter init`: creates a file arbiter's store.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use ft_arbiter::{ArbiterServer, ArbiterSpec};
@@ -65,21 +64,16 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
                 std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
             let server = ArbiterServer::serve(listener, state_dir, key)
                 .context("starting the arbiter server")?;
-            println!(
-                "ARBITER {} (decisions in {})",
-                server.local_addr(),
-                state_dir.display()
-            );
-            let stop = crate::node::stop_flag();
+            let stop = crate::node::stop_signals()?;
+            let detail = format!("decisions in {}", state_dir.display());
+            crate::ready::Ready::new("arbiter", server.local_addr(), detail).announce()?;
             let handle = server.stop_handle();
             std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                stop.wait();
                 handle.stop();
             });
             server.wait();
-            eprintln!("arbiter: stopped");
+            tracing::info!("arbiter: stopped");
             Ok(())
         }
     }

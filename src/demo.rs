@@ -3,7 +3,7 @@
 //! primary with a progress display, stops the pair at a logged exit, and compares the two
 //! guests. Then runs the same workload unreplicated to measure what FT costs.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 
 use crate::client::{self, ClientReport, Workload};
 use crate::node::NodeSummary;
+use crate::ready::Ready;
 
 /// `ftvm demo`.
 #[derive(clap::Args, Debug, Clone)]
@@ -140,7 +141,7 @@ struct Node {
 }
 
 impl Node {
-    fn spawn(name: &'static str, args: &[String]) -> anyhow::Result<(Node, String)> {
+    fn spawn(name: &'static str, args: &[String]) -> anyhow::Result<(Node, Ready)> {
         let exe = std::env::current_exe().context("finding the ftvm binary")?;
         let mut child = Command::new(exe)
             .args(args)
@@ -149,21 +150,19 @@ impl Node {
             .with_context(|| format!("starting the {name}"))?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut reader = BufReader::new(stdout);
-        let mut first = String::new();
-        reader
-            .read_line(&mut first)
-            .with_context(|| format!("reading the {name}'s first line"))?;
-        if first.is_empty() {
+        let ready = crate::ready::find(&mut reader)
+            .with_context(|| format!("reading the {name}'s readiness line"))?;
+        let Some(ready) = ready else {
             let status = child.wait()?;
             bail!("the {name} exited before it was ready ({status})");
-        }
+        };
         Ok((
             Node {
                 child,
                 name,
                 _stdout: reader,
             },
-            first.trim().to_string(),
+            ready,
         ))
     }
 
@@ -188,13 +187,11 @@ fn read_summary(path: &Path) -> anyhow::Result<NodeSummary> {
     Ok(serde_json::from_slice(&bytes)?)
 }
 
-fn drive(service: &str, args: &DemoArgs, label: &str) -> anyhow::Result<ClientReport> {
+fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<ClientReport> {
     let addr: SocketAddr = service
-        .split_whitespace()
-        .nth(1)
-        .context("no service address")?
+        .addr
         .parse()
-        .context("service address")?;
+        .with_context(|| format!("service address {:?}", service.addr))?;
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.timeout = Duration::from_secs(2);
     let step = (args.requests / 50).max(1);
@@ -244,21 +241,44 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A fresh directory only this user can enter (0700), removed when dropped.
+fn private_dir() -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("ftvm-demo-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("creating the demo's private directory")
+}
+
+/// A random pre-shared key in `dir/psk`, created 0600 (the key file rule of
+/// `PreSharedKey::from_file`).
 fn write_key(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
     let key = dir.join("psk");
     let mut k = [0u8; 32];
     getrandom::getrandom(&mut k).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
-    std::fs::write(
-        &key,
-        k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| {
+            f.write_all(
+                k.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+                    .as_bytes(),
+            )
+        })
+        .with_context(|| format!("writing the key file {}", key.display()))?;
     Ok(key)
 }
 
 /// The FT pair behind the service front, the primary killed after `kill_after` requests.
 pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<FailoverSummary> {
-    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let scratch = private_dir()?;
+    let dir = scratch.path().to_path_buf();
     let key = match &args.key_file {
         Some(k) => k.clone(),
         None => write_key(&dir)?,
@@ -317,7 +337,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         "127.0.0.1:0".into(),
     ]);
     let (mut primary, serving) = Node::spawn("primary", &pargs)?;
-    println!("  primary {serving}");
+    println!("  primary serving {} ({})", serving.addr, serving.detail);
     // The pair starts in the arbiter's latest epoch for it (1 for a new pair).
     let first_epoch = front.stats().epoch;
 
@@ -475,7 +495,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     if let Err(e) = &backup_result {
         eprintln!("  backup: {e}");
     }
@@ -492,8 +512,8 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
 
 /// The FT pair run to a clean stop, then compared.
 pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
-    let dir = std::env::temp_dir().join(format!("ftvm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let scratch = private_dir()?;
+    let dir = scratch.path().to_path_buf();
     let key = write_key(&dir)?;
     let sock = dir.join("backup.sock");
     crate::node::pin(Some(args.client_core));
@@ -515,7 +535,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         "127.0.0.1:0".into(),
     ]);
     let (primary, serving) = Node::spawn("primary", &pargs)?;
-    println!("  primary {serving}");
+    println!("  primary serving {} ({})", serving.addr, serving.detail);
     let ft = drive(&serving, args, "FT pair")?;
     println!("  stopping the pair at a logged exit …");
     let primary_result = primary.stop();
@@ -580,7 +600,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     if summary.responses_ok != summary.requests
         || summary.divergences > 0
         || summary.primary_memory_hash.is_empty()

@@ -5,6 +5,7 @@ mod arbiter;
 mod client;
 mod demo;
 mod node;
+mod ready;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,7 +59,7 @@ struct FrontArgs {
 
 #[derive(clap::Args, Debug)]
 struct ClientArgs {
-    /// The service address the primary printed (`SERVING addr`).
+    /// The service address (the `addr` of the primary's or the front's readiness line).
     #[arg(long)]
     service: SocketAddr,
     /// Requests to send.
@@ -81,8 +82,23 @@ struct ClientArgs {
     timeout_ms: u64,
 }
 
+/// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`); stdout keeps
+/// what other programs read (the readiness line, JSON reports).
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logging();
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         let code = if e.is::<node::Deposed>() {
             node::DEPOSED_EXIT_CODE
@@ -115,11 +131,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = transport::PreSharedKey::from_file(&args.key_file)?;
             let socket = std::net::UdpSocket::bind(args.listen)?;
             let front = vmm::service::Front::spawn(socket, key, args.session)?;
-            println!("FRONT {} (pair {})", front.local_addr(), args.session);
-            let stop = node::stop_flag();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let stop = node::stop_signals()?;
+            ready::Ready::new(
+                "front",
+                front.local_addr(),
+                format!("pair {}", args.session),
+            )
+            .announce()?;
+            stop.wait();
             println!("{}", serde_json::to_string_pretty(&front.stats())?);
         }
         Command::Demo(args) => {
@@ -127,15 +146,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Primary(args) => {
             let s = node::primary(&args)?;
-            eprintln!(
+            tracing::info!(
                 "primary: {} exits, {} outputs committed, stopped cleanly",
-                s.exits, s.outputs_committed
+                s.exits,
+                s.outputs_committed
             );
         }
         Command::Backup(args) => {
             let s = node::backup(&args)?;
             match &s.takeover {
-                Some(t) => eprintln!(
+                Some(t) => tracing::info!(
                     "backup: took over at exit {} in epoch {} ({} outputs checked before, {} \
                      requests served live), stopped at exit {}, memory {}",
                     t.exit,
@@ -145,9 +165,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     s.exits,
                     s.memory_hash
                 ),
-                None => eprintln!(
+                None => tracing::info!(
                     "backup: replayed {} exits, {} outputs checked, memory {}",
-                    s.exits, s.outputs_checked, s.memory_hash
+                    s.exits,
+                    s.outputs_checked,
+                    s.memory_hash
                 ),
             }
         }

@@ -2,7 +2,7 @@
 
 use std::net::UdpSocket;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use vmm::record::{LogSink, NoLog, RecordConfig, Recorder};
 use vmm::replay::Replayer;
 use vmm::service::ServicePort;
 use vmm::vm::Vm;
+
+use crate::ready::Ready;
 
 /// The log channel's medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -146,7 +148,7 @@ pub struct PrimaryArgs {
     /// The backup: a Unix socket path (shm) or host:port (tcp; dpdk: its control address).
     #[arg(long, required_unless_present = "unreplicated")]
     pub backup: Option<String>,
-    /// UDP address clients send requests to (port 0 picks one; printed as `SERVING addr`).
+    /// UDP address clients send requests to (port 0 picks one; printed in the readiness line).
     /// With `--front`, the replica's own address the front forwards to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub service: String,
@@ -222,36 +224,45 @@ pub struct NodeSummary {
     pub entries_received: u64,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+/// SIGTERM and SIGINT set the returned flag (the primary checks it at every exit). The
+/// handler (signal-hook's) only stores to the flag: no thread polls for it.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, flag.clone())
+            .with_context(|| format!("installing the handler for signal {sig}"))?;
+    }
+    Ok(flag)
 }
 
-/// SIGTERM and SIGINT set the returned flag (the primary checks it at every exit).
-pub fn stop_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+/// Blocks the calling thread until SIGTERM or SIGINT arrives (for processes that only serve:
+/// the front, the arbiter server). The handlers are installed when this returns its
+/// [`StopSignals`], so create it before saying the process is ready.
+pub fn stop_signals() -> anyhow::Result<StopSignals> {
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing the SIGTERM/SIGINT handlers")?;
+    Ok(StopSignals(signals))
+}
+
+/// SIGTERM/SIGINT handlers installed by [`stop_signals`].
+#[derive(Debug)]
+pub struct StopSignals(signal_hook::iterator::Signals);
+
+impl StopSignals {
+    /// Returns once SIGTERM or SIGINT has arrived.
+    pub fn wait(mut self) {
+        let _ = self.0.forever().next();
     }
-    let f = flag.clone();
-    std::thread::spawn(move || loop {
-        if STOP.load(Ordering::Relaxed) {
-            f.store(true, Ordering::Relaxed);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    });
-    flag
 }
 
 /// Pins the calling thread to `core`, if given (a warning if that fails).
 pub fn pin(core: Option<usize>) {
     if let Some(core) = core {
         if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
-            eprintln!("warning: could not pin the vCPU thread to core {core}");
+            tracing::warn!("could not pin the vCPU thread to core {core}");
         }
     }
 }
@@ -465,12 +476,12 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
     let c = &args.common;
     let vm = new_vm(c)?;
     pin(c.core);
-    let stop = stop_flag();
+    let stop = stop_flag()?;
     let mut port = service_port(c, &args.service)?;
     let epoch = start_epoch(c)?;
     if args.unreplicated {
         register(&mut port, c, epoch)?;
-        println!("SERVING {} (unreplicated)", serving_addr(&port)?);
+        Ready::new("primary", serving_addr(&port)?, "unreplicated").announce()?;
         return record(
             vm,
             NoLog::at_epoch(epoch),
@@ -524,11 +535,8 @@ impl Replicating {
         } else {
             ""
         };
-        println!(
-            "SERVING {} ({how}, epoch {}{failover})",
-            serving_addr(&self.port)?,
-            self.epoch
-        );
+        let detail = format!("{how}, epoch {}{failover}", self.epoch);
+        Ready::new("primary", serving_addr(&self.port)?, detail).announce()?;
         let sink = FailoverSink::new(p, self.arbiter);
         record(
             self.vm,
@@ -549,7 +557,7 @@ fn replay<L: transport::BackupLink>(
     epoch: u64,
 ) -> anyhow::Result<NodeSummary> {
     let c = &args.common;
-    let stop = stop_flag();
+    let stop = stop_flag()?;
     let takeover = match arbiter_client(c, "backup", stop.clone())? {
         Some(arbiter) => {
             if c.front.is_none() {
@@ -606,7 +614,7 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
     let mut listener = transport::Listener::bind(&medium)
         .with_context(|| format!("listening for the primary at {medium}"))?;
     pin(c.core);
-    println!("LISTENING {} ({})", listener.local_addr(), medium.name());
+    Ready::new("backup", listener.local_addr(), medium.name()).announce()?;
     let b = listener.backup(cfg).context("accepting the primary")?;
     drop(listener);
     replay(vm, b, args, epoch)

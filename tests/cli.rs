@@ -1,5 +1,7 @@
 //! The `ftvm` binary's command line.
 
+mod common;
+
 use std::process::Command;
 
 fn ftvm() -> Command {
@@ -30,13 +32,12 @@ fn unknown_subcommands_fail_with_usage() {
 
 #[test]
 fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
-    use std::io::{BufRead, BufReader};
+    use std::io::BufReader;
     use std::process::Stdio;
 
-    let dir = std::env::temp_dir().join(format!("ftvm-cli-arbiter-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let key = dir.join("psk");
-    std::fs::write(&key, "cli-test-arbiter-key-0123456789").expect("key");
+    let scratch = common::scratch("ftvm-cli-arbiter-");
+    let dir = scratch.path();
+    let key = common::write_key(dir, "psk", "cli-test-arbiter-key-0123456789");
     let mut child = ftvm()
         .args(["arbiter", "serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.join("state"))
@@ -45,15 +46,11 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = line
-        .split_whitespace()
-        .nth(1)
-        .expect("ARBITER <addr>")
-        .to_string();
+    let ready = common::ready::find(&mut BufReader::new(child.stdout.take().expect("stdout")))
+        .expect("stdout")
+        .expect("the arbiter's readiness line");
+    assert_eq!(ready.role, "arbiter");
+    let addr = ready.addr;
     let psk = ft_arbiter::PreSharedKey::from_file(&key).expect("psk");
     let mut client = ft_arbiter::ServerArbiter::new(addr, psk);
     use ft_arbiter::Arbiter;
@@ -72,7 +69,6 @@ fn arbiter_serve_answers_an_authenticated_client_and_stops_on_sigterm() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(child.wait().expect("wait").success());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -156,10 +152,8 @@ fn an_etcd_arbiter_needs_no_init_or_says_how_to_rebuild() {
 fn a_missing_dev_kvm_is_a_clear_error() {
     // Hide /dev (and with it /dev/kvm) in a private mount namespace (needs root, as our test
     // machines have).
-    let dir = std::env::temp_dir().join(format!("ftvm-cli-nokvm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let key = dir.join("psk");
-    std::fs::write(&key, "cli-test-no-kvm-key-0123456789").expect("key");
+    let scratch = common::scratch("ftvm-cli-nokvm-");
+    let key = common::write_key(scratch.path(), "psk", "cli-test-no-kvm-key-0123456789");
     let script = format!(
         "mount -t tmpfs none /dev && exec {} primary --unreplicated --service 127.0.0.1:0 --key-file {}",
         env!("CARGO_BIN_EXE_ftvm"),
@@ -175,5 +169,48 @@ fn a_missing_dev_kvm_is_a_clear_error() {
         stderr.contains("/dev/kvm") && stderr.contains("is KVM available?"),
         "unclear error: {stderr}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_refused_naming_file_and_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::scratch("ftvm-cli-key-");
+    let key = common::write_key(dir.path(), "psk", "cli-test-open-key-0123456789");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = ftvm()
+        .args(["front", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key)
+        .output()
+        .expect("run ftvm front");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a 0644 key must be refused: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "permissions 0644 for '{}' are too open",
+            key.display()
+        )),
+        "unclear error: {stderr}"
+    );
+    // The same file, owner-only, is accepted (the front starts and says so).
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut child = ftvm()
+        .args(["front", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ftvm front");
+    // Kept open: the front prints its statistics when it stops.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let ready = common::ready::find(&mut stdout).expect("stdout");
+    assert!(
+        ready.as_ref().is_some_and(|r| r.role == "front"),
+        "front said {ready:?}"
+    );
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(child.wait().expect("wait").success());
 }

@@ -14,8 +14,9 @@
 
 #[path = "../ft-arbiter/tests/common/mod.rs"]
 mod arbiters;
+mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,26 +41,21 @@ const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 /// Kills per arbiter backend.
 const KILLS: usize = 50;
 
-struct Scratch(PathBuf);
+/// A private temporary directory for one test, removed on drop.
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "ftvm-failover-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
+        Scratch(common::scratch(&format!("ftvm-failover-{name}-")))
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// Where [`Scratch::file_arbiter`] keeps its store.
     fn store(&self) -> PathBuf {
-        self.0.join("store")
+        self.path().join("store")
     }
 
     /// A fresh file-arbiter store in the scratch directory, as an `--arbiter` spec.
@@ -70,21 +66,15 @@ impl Scratch {
     }
 
     fn key(&self) -> PathBuf {
-        let k = self.0.join("psk");
-        if !k.exists() {
-            std::fs::write(
-                &k,
-                format!("failover-test-key-{:032x}", rand::random::<u128>()),
-            )
-            .expect("key");
+        let k = self.path().join("psk");
+        if k.exists() {
+            return k;
         }
-        k
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        common::write_key(
+            self.path(),
+            "psk",
+            &format!("failover-test-key-{:032x}", rand::random::<u128>()),
+        )
     }
 }
 
@@ -92,11 +82,12 @@ impl Drop for Scratch {
 struct Proc {
     child: Child,
     name: String,
-    first_line: String,
+    /// Its readiness line.
+    ready: common::ready::Ready,
 }
 
 impl Proc {
-    /// Starts `ftvm args…` and waits for its first line on stdout (its "ready" line).
+    /// Starts `ftvm args…` and waits for its readiness line on stdout.
     fn start(name: &str, args: &[String]) -> Proc {
         Proc::start_in(None, name, args)
     }
@@ -119,18 +110,17 @@ impl Proc {
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
-        let mut first_line = String::new();
-        reader.read_line(&mut first_line).expect("first line");
+        let ready = common::ready::find(&mut reader).expect("reading stdout");
         // Keep draining so the child never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = reader.read_to_end(&mut sink);
         });
-        assert!(!first_line.is_empty(), "{name} exited before it was ready");
+        let ready = ready.unwrap_or_else(|| panic!("{name} exited before it was ready"));
         Proc {
             child,
             name: name.into(),
-            first_line: first_line.trim().into(),
+            ready,
         }
     }
 
@@ -275,12 +265,7 @@ fn sigkill_the_primary_at_random_points_server_arbiter() {
     let scratch = Scratch::new("server");
     let key = scratch.key();
     let server = start_arbiter_server(&scratch, &key, "127.0.0.1:0");
-    let addr = server
-        .first_line
-        .split_whitespace()
-        .nth(1)
-        .expect("address")
-        .to_owned();
+    let addr = server.ready.addr.clone();
     random_kills("server", &format!("server:{addr}"), &key);
 }
 
@@ -408,11 +393,10 @@ fn start_pair(scratch: &Scratch, arbiter: &str, over_cable: bool) -> Pair {
         b.extend([s("--transport"), s("tcp"), s("--listen"), s("127.0.0.1:0")]);
         let backup = Proc::start("backup", &b);
         let listening: SocketAddr = backup
-            .first_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("backup said {:?}", backup.first_line));
+            .ready
+            .addr
+            .parse()
+            .unwrap_or_else(|_| panic!("backup said {:?}", backup.ready));
         let cable = Cable::to(listening);
         p.extend([
             s("--transport"),
@@ -545,12 +529,7 @@ fn with_the_arbiter_down_nobody_goes_live_until_it_is_back() {
     let scratch = Scratch::new("arbiter-down");
     let key = scratch.key();
     let mut server = start_arbiter_server(&scratch, &key, "127.0.0.1:0");
-    let addr = server
-        .first_line
-        .split_whitespace()
-        .nth(1)
-        .expect("address")
-        .to_owned();
+    let addr = server.ready.addr.clone();
     let _turn = turn();
     let mut pair = start_pair(&scratch, &format!("server:{addr}"), true);
     let client = start_client(pair.front.local_addr(), 300, 5);
@@ -752,12 +731,7 @@ fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
             s("10.78.0.2:0"),
         ]);
         let mut backup = Proc::start("backup", &b);
-        let listening = backup
-            .first_line
-            .split_whitespace()
-            .nth(1)
-            .expect("addr")
-            .to_owned();
+        let listening = backup.ready.addr.clone();
         let mut p = node_args("primary", &key, &arbiter, service_front, 0);
         p.extend([
             s("--transport"),

@@ -6,6 +6,8 @@
 //! `--features dpdk`.
 #![cfg(feature = "dpdk")]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,9 +29,9 @@ fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_ftvm")
 }
 
-/// Starts `ftvm <role> ...` and returns it with the value after `word` on its first line that
-/// starts with `word` (`LISTENING addr` / `SERVING addr`).
-fn start(args: &[String], word: &str) -> (Node, String) {
+/// Starts `ftvm <role> ...` and returns it with the address of its readiness line (the
+/// backup's listening address, the primary's service address); EAL's lines may come first.
+fn start(args: &[String], role: &str) -> (Node, String) {
     let mut child = Command::new(exe())
         .args(args)
         .stdout(Stdio::piped())
@@ -37,23 +39,17 @@ fn start(args: &[String], word: &str) -> (Node, String) {
         .expect("spawn ftvm");
     let stdout = child.stdout.take().expect("stdout");
     let mut node = Node(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let value = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(rest) = line.strip_prefix(word) {
-                    break rest.split_whitespace().next().unwrap_or("").to_string();
-                }
-            }
-            _ => {
-                let status = node.0.wait();
-                panic!("{args:?} exited before printing {word}: {status:?}");
-            }
+    let mut reader = BufReader::new(stdout);
+    let ready = match common::ready::find(&mut reader) {
+        Ok(Some(r)) if r.role == role => r,
+        other => {
+            let status = node.0.wait();
+            panic!("{args:?} was not ready as the {role} ({other:?}): {status:?}");
         }
     };
     // Keep draining stdout so the node never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (node, value)
+    std::thread::spawn(move || for _ in reader.lines() {});
+    (node, ready.addr)
 }
 
 fn eal(lcore: u32, prefix: &str, role: dpdk_sys::MemifRole, socket: &Path) -> String {
@@ -67,10 +63,9 @@ fn json(path: &Path) -> serde_json::Value {
 
 #[test]
 fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
-    let dir = std::env::temp_dir().join(format!("ftvm-ft-dpdk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let key = dir.join("key");
-    std::fs::write(&key, b"ftvm-dpdk-pair-test-key-32-bytes").expect("key");
+    let scratch = common::scratch("ftvm-ft-dpdk-");
+    let dir = scratch.path();
+    let key = common::write_key(dir, "key", "ftvm-dpdk-pair-test-key-32-bytes");
     let socket = dir.join("memif.sock");
     let id = std::process::id();
     let common = |role: &str, core: u32, summary: &Path, eal_args: String| -> Vec<String> {
@@ -101,7 +96,7 @@ fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
         ),
     );
     bargs.extend(["--listen".into(), "127.0.0.1:0".into()]);
-    let (mut backup, listen) = start(&bargs, "LISTENING ");
+    let (mut backup, listen) = start(&bargs, "backup");
     let mut pargs = common(
         "primary",
         0,
@@ -119,7 +114,7 @@ fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
         "--service".into(),
         "127.0.0.1:0".into(),
     ]);
-    let (mut primary, service) = start(&pargs, "SERVING ");
+    let (mut primary, service) = start(&pargs, "primary");
 
     let client = Command::new(exe())
         .args([
@@ -158,7 +153,7 @@ fn a_pair_over_dpdk_memif_serves_requests_and_stays_in_step() {
         "dpdk pair: {} requests, commit p50 {} us, p99 {} us",
         REQUESTS, p["commit_p50_us"], p["commit_p99_us"]
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     // EAL leaves its runtime directories behind (as root under /var/run/dpdk).
     for prefix in [format!("ftvm-tb{id}"), format!("ftvm-tp{id}")] {
         let _ = std::fs::remove_dir_all(Path::new("/var/run/dpdk").join(&prefix));

@@ -14,13 +14,11 @@ fn demo(args: &[&str]) -> (bool, serde_json::Value, String) {
     let _turn = ONE_PAIR_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let dir = std::env::temp_dir().join(format!(
-        "ftvm-ft-pair-{}-{}",
-        std::process::id(),
-        args.join("_").replace(['-', '/'], "")
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let json = dir.join("demo.json");
+    let dir = tempfile::Builder::new()
+        .prefix("ftvm-ft-pair-")
+        .tempdir()
+        .expect("temp dir");
+    let json = dir.path().join("demo.json");
     let out = Command::new(env!("CARGO_BIN_EXE_ftvm"))
         .arg("demo")
         .args(args)
@@ -37,7 +35,6 @@ fn demo(args: &[&str]) -> (bool, serde_json::Value, String) {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(serde_json::Value::Null);
-    let _ = std::fs::remove_dir_all(&dir);
     (out.status.success(), summary, log)
 }
 

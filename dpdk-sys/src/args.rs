@@ -196,78 +196,14 @@ pub fn af_xdp_vdev(index: u32, iface: &str) -> String {
     format!("net_af_xdp{index},iface={iface},start_queue=0,queue_count=1")
 }
 
+/// Splits `line` as a POSIX shell would (quotes, backslash escapes; a `#` that starts a word
+/// starts a comment). An unterminated quote or a trailing backslash is an error.
 fn split_shell(line: &str) -> Result<Vec<String>, DpdkError> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => cur.push(c),
-                        None => {
-                            return Err(DpdkError::InvalidArgument(format!(
-                                "unterminated ' in EAL arguments {line:?}"
-                            )))
-                        }
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(e @ ('"' | '\\' | '$' | '`')) => cur.push(e),
-                            Some('\n') => {}
-                            Some(other) => {
-                                cur.push('\\');
-                                cur.push(other);
-                            }
-                            None => break,
-                        },
-                        Some(c) => cur.push(c),
-                        None => {
-                            return Err(DpdkError::InvalidArgument(format!(
-                                "unterminated \" in EAL arguments {line:?}"
-                            )))
-                        }
-                    }
-                }
-            }
-            '\\' => match chars.next() {
-                Some('\n') => {}
-                Some(e) => {
-                    in_word = true;
-                    cur.push(e);
-                }
-                None => {
-                    return Err(DpdkError::InvalidArgument(format!(
-                        "trailing backslash in EAL arguments {line:?}"
-                    )))
-                }
-            },
-            c => {
-                in_word = true;
-                cur.push(c);
-            }
-        }
-    }
-    if in_word {
-        out.push(cur);
-    }
-    Ok(out)
+    shlex::split(line).ok_or_else(|| {
+        DpdkError::InvalidArgument(format!(
+            "EAL arguments {line:?}: unterminated quote or trailing backslash"
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -293,8 +229,13 @@ mod tests {
         assert_eq!(split(r"a\ b c"), ["a b", "c"]);
         assert_eq!(split("''"), [""]);
         assert_eq!(split("'it'\\''s'"), ["it's"]);
-        for bad in ["'open", "\"open", "x\\"] {
-            assert!(EalArgs::parse(bad).is_err(), "{bad:?}");
+        for bad in ["'open", "\"open", "x\\", "\"a\\", "-l 0 --vdev='net_memif0"] {
+            match EalArgs::parse(bad) {
+                Err(DpdkError::InvalidArgument(msg)) => {
+                    assert!(msg.contains("unterminated quote"), "{bad:?}: {msg}")
+                }
+                other => panic!("{bad:?} must be refused, got {other:?}"),
+            }
         }
     }
 

@@ -648,30 +648,6 @@ fn remove_runtime_dirs(prefix: &str, reported: &[PathBuf]) {
     }
 }
 
-/// A private temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "ftvm-dpdk-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn prefix(role: &str) -> String {
     format!("ftvm-test-{}-{role}", std::process::id())
 }
@@ -701,8 +677,11 @@ fn first_cpu() -> String {
 }
 
 fn memif_ping_pong() -> Result<(), String> {
-    let dir = TempDir::new("memif")?;
-    let socket = dir.0.join("memif.sock").display().to_string();
+    let dir = tempfile::Builder::new()
+        .prefix("ftvm-dpdk-memif-")
+        .tempdir()
+        .map_err(|e| format!("temporary directory: {e}"))?;
+    let socket = dir.path().join("memif.sock").display().to_string();
     let (cpu_server, cpu_client) = two_cpus();
     let shared = if cpu_server == cpu_client { "1" } else { "0" };
     let (p_server, p_client) = (prefix("server"), prefix("client"));
@@ -815,6 +794,15 @@ fn child_main(args: &[String]) -> ExitCode {
     }
 }
 
+/// libtest-mimic's arguments (`--list`, filters, `--ignored`, ...), one test at a time unless
+/// `--test-threads` says otherwise: each test runs two processes that pin or spin on the
+/// machine's cores.
+fn harness_args() -> libtest_mimic::Arguments {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = args.test_threads.or(Some(1));
+    args
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if matches!(
@@ -823,8 +811,6 @@ fn main() -> ExitCode {
     ) {
         return child_main(&args);
     }
-    // libtest-style filter (first non-flag argument); `--list` etc. are not supported.
-    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
     type Test = fn() -> Result<(), String>;
     let tests: [(&str, Test); 4] = [
         ("eal_bogus_argument", || {
@@ -836,25 +822,9 @@ fn main() -> ExitCode {
         ("mempool_mbuf_port_basics", || single_child("basics", "OK")),
         ("memif_ping_pong", memif_ping_pong),
     ];
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|(name, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str())))
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| libtest_mimic::Trial::test(name, move || test().map_err(Into::into)))
         .collect();
-    println!("running {} tests", selected.len());
-    let mut failed = 0;
-    for (name, test) in selected {
-        let started = Instant::now();
-        match test() {
-            Ok(()) => println!("test {name} ... ok ({:.2?})", started.elapsed()),
-            Err(e) => {
-                println!("test {name} ... FAILED: {e}");
-                failed += 1;
-            }
-        }
-    }
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    libtest_mimic::run(&harness_args(), trials).exit_code()
 }

@@ -72,7 +72,7 @@ backend_suite!(etcd, EtcdFixture);
 
 #[test]
 fn file_store_must_exist() {
-    let dir = common::TempDir::new("nostore");
+    let dir = common::temp_dir("nostore");
     // An unmounted share (an empty mount point) has no store: no decision can be made there.
     match FileArbiter::open(dir.path()) {
         Err(ArbiterError::Unavailable(_)) => {}
@@ -82,7 +82,7 @@ fn file_store_must_exist() {
 
 #[test]
 fn file_init_creates_a_store_once_and_checks_it_after() {
-    let dir = common::TempDir::new("init");
+    let dir = common::temp_dir("init");
     // A directory that does not exist yet (with a missing parent) is created.
     let share = dir.path().join("mnt/share");
     let spec = ft_arbiter::ArbiterSpec::File(share.clone());
@@ -118,7 +118,7 @@ fn file_init_creates_a_store_once_and_checks_it_after() {
 
 #[test]
 fn file_init_refuses_what_is_not_a_directory() {
-    let dir = common::TempDir::new("init-bad");
+    let dir = common::temp_dir("init-bad");
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");
     match FileArbiter::init(&file) {

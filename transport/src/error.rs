@@ -153,6 +153,28 @@ pub enum ChannelError {
     /// The peer's RDMA set-up message was malformed or out of bounds; the connection was refused.
     #[error("RDMA set-up refused: {0}")]
     RdmaSetup(String),
+    /// A pre-shared key file that group or others may access (as ssh refuses a private key):
+    /// nothing was read from it.
+    #[error(
+        "permissions {mode:04o} for '{}' are too open: a key file must be readable by its owner \
+         only (chmod 600 it)",
+        path.display()
+    )]
+    KeyFilePermissions {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A pre-shared key file could not be read.
+    #[error("reading pre-shared key file '{}': {source}", path.display())]
+    KeyFile {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// An operating-system call failed.
     #[error("{context}: {source}")]
     Io {

@@ -62,14 +62,26 @@ impl PreSharedKey {
         Ok(PreSharedKey(bytes))
     }
 
-    /// Reads a key file: its contents, with surrounding whitespace trimmed.
+    /// Reads a key file: its contents, with surrounding whitespace trimmed. A file that group
+    /// or others may access (any of the mode bits 0o077) is refused with
+    /// [`ChannelError::KeyFilePermissions`] before anything is read from it.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ChannelError> {
-        let raw = std::fs::read(path).map_err(|source| ChannelError::Io {
-            context: "reading pre-shared key file",
+        use std::os::unix::fs::PermissionsExt;
+        let key_file = |source| ChannelError::KeyFile {
+            path: path.to_path_buf(),
             source,
-        })?;
-        let trimmed = raw.trim_ascii();
-        Self::new(trimmed.to_vec())
+        };
+        let mut file = std::fs::File::open(path).map_err(key_file)?;
+        let mode = file.metadata().map_err(key_file)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(ChannelError::KeyFilePermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let mut raw = Vec::new();
+        file.read_to_end(&mut raw).map_err(key_file)?;
+        Self::new(raw.trim_ascii().to_vec())
     }
 
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
@@ -612,6 +624,46 @@ mod tests {
         a.write_all(&[0xAB; 200]).expect("write");
         let err = backup_authenticate(&mut b, &params(KEY, 1)).expect_err("garbage");
         assert!(matches!(err, ChannelError::BadHandshake(_)), "{err:?}");
+    }
+
+    #[test]
+    fn key_files_readable_by_group_or_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("psk");
+        std::fs::write(&path, b"  key-file-test-key-0123456789\n").expect("write");
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            match PreSharedKey::from_file(&path) {
+                Err(e @ ChannelError::KeyFilePermissions { .. }) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(&format!("permissions {mode:04o} for '{}'", path.display())),
+                        "{msg}"
+                    );
+                    assert!(msg.contains("too open"), "{msg}");
+                }
+                other => panic!("mode {mode:o} must be refused, got {other:?}"),
+            }
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let key = PreSharedKey::from_file(&path).expect("an owner-only key file is read");
+            let expected =
+                PreSharedKey::new(b"key-file-test-key-0123456789".to_vec()).expect("key");
+            assert_eq!(
+                key.tag(b"t", &[]),
+                expected.tag(b"t", &[]),
+                "trimmed contents"
+            );
+        }
+        let missing = dir.path().join("nope");
+        match PreSharedKey::from_file(&missing) {
+            Err(e @ ChannelError::KeyFile { .. }) => {
+                assert!(e.to_string().contains("nope"), "{e}")
+            }
+            other => panic!("a missing key file is a KeyFile error, got {other:?}"),
+        }
     }
 
     #[test]

@@ -59,7 +59,8 @@ fn wrong_key_is_refused_on_both_sides() {
 
 #[test]
 fn wrong_key_over_shm_never_reveals_the_ring() {
-    let sock = std::env::temp_dir().join(format!("ftvm-refusal-{}.sock", std::process::id()));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("refusal.sock");
     let l = shm::listen(&sock).expect("listen");
     let prefix = format!("ftvm-{:x}-{}-", 0xABu64, std::process::id());
     let backup = std::thread::spawn(move || shm::accept(&l, config(KEY)).map(|_| ()));

@@ -120,6 +120,15 @@ fn backup_lost(medium: &str, loss: Loss) -> Result<(), String> {
     check_backup_loss(loss, &err, took, timeout)
 }
 
+/// libtest-mimic's arguments (`--list`, filters, `--ignored`, ...), one test at a time unless
+/// `--test-threads` says otherwise: each test runs two processes that pin or spin on the
+/// machine's cores.
+fn harness_args() -> libtest_mimic::Arguments {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = args.test_threads.or(Some(1));
+    args
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("backup") {
@@ -135,9 +144,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    // Optional libtest-style filter (the first non-flag argument).
-    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
-    type Test = Box<dyn Fn() -> Result<(), String>>;
+    type Test = Box<dyn Fn() -> Result<(), String> + Send>;
     let tests: Vec<(String, Test)> = vec![
         (
             "million_entries_tcp_spin".into(),
@@ -168,24 +175,9 @@ fn main() -> ExitCode {
             Box::new(|| backup_lost("shm", Loss::Frozen)),
         ),
     ];
-    let mut failed = 0;
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|(name, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str())))
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| libtest_mimic::Trial::test(name, move || test().map_err(Into::into)))
         .collect();
-    println!("running {} tests", selected.len());
-    for (name, test) in selected {
-        match test() {
-            Ok(()) => println!("test {name} ... ok"),
-            Err(e) => {
-                println!("test {name} ... FAILED: {e}");
-                failed += 1;
-            }
-        }
-    }
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    libtest_mimic::run(&harness_args(), trials).exit_code()
 }

@@ -196,29 +196,6 @@ impl Drop for BackupProcess {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "ftvm-dpdk-memif-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        Ok(TempDir(dir))
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn spawn_backup(
     medium: &str,
     scenario: &str,
@@ -294,7 +271,10 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 fn primary(medium: &str, scenario: &str, lcores: (&str, &str)) -> Result<(), String> {
-    let dir = TempDir::new()?;
+    let dir = tempfile::Builder::new()
+        .prefix("ftvm-dpdk-memif-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let (veth, primary_end, backup_end) = match medium {
         "afpacket" => {
             let v = Veth::new()?;
@@ -486,6 +466,15 @@ fn run_child(medium: &str, scenario: &str) -> Result<(), String> {
     }
 }
 
+/// libtest-mimic's arguments (`--list`, filters, `--ignored`, ...), one test at a time unless
+/// `--test-threads` says otherwise: each test runs two processes that pin or spin on the
+/// machine's cores.
+fn harness_args() -> libtest_mimic::Arguments {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = args.test_threads.or(Some(1));
+    args
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let role = args.get(1).map(String::as_str);
@@ -515,7 +504,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    let filter = args.iter().skip(1).find(|a| !a.starts_with('-')).cloned();
     let tests = [
         ("million_entries", "memif", "plain"),
         ("million_entries_drop50", "memif", "drop50"),
@@ -526,31 +514,21 @@ fn main() -> ExitCode {
     ];
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|(name, _, _)| filter.as_ref().is_none_or(|f| name.contains(f.as_str())))
-        .collect();
-    println!("running {} tests", selected.len());
-    let mut failed = 0;
-    for (name, medium, scenario) in selected {
-        if *medium == "afpacket" && !root {
-            println!("test {name} ... SKIPPED: needs root (veth pair, AF_PACKET sockets)");
-            continue;
-        }
-        let t = Instant::now();
-        match run_child(medium, scenario) {
-            Ok(()) => println!("test {name} ... ok ({:.2?})", t.elapsed()),
-            Err(e) => {
-                println!("test {name} ... FAILED ({:.2?}): {e}", t.elapsed());
-                failed += 1;
+    let trials = tests
+        .into_iter()
+        .map(|(name, medium, scenario)| {
+            let trial = libtest_mimic::Trial::test(name, move || {
+                run_child(medium, scenario).map_err(Into::into)
+            });
+            if medium == "afpacket" && !root {
+                // Cannot run here: reported as ignored, never as passed.
+                trial.with_kind("needs root").with_ignored_flag(true)
+            } else {
+                trial
             }
-        }
-    }
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+        })
+        .collect();
+    libtest_mimic::run(&harness_args(), trials).exit_code()
 }
 
 // ---------------------------------------------------------------- garbage injection

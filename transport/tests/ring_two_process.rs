@@ -130,31 +130,35 @@ fn consume(path: &str, count: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// libtest-mimic's arguments (`--list`, filters, `--ignored`, ...), one test at a time unless
+/// `--test-threads` says otherwise: each test runs two processes that pin or spin on the
+/// machine's cores.
+fn harness_args() -> libtest_mimic::Arguments {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = args.test_threads.or(Some(1));
+    args
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let result = match args.get(1).map(String::as_str) {
-        Some("consume") => match (args.get(2), args.get(3).and_then(|n| n.parse().ok())) {
+    // The child role (re-exec'd by `produce`) is decided before libtest-mimic sees argv.
+    if args.get(1).map(String::as_str) == Some("consume") {
+        let result = match (args.get(2), args.get(3).and_then(|n| n.parse().ok())) {
             (Some(path), Some(count)) => consume(path, count),
             _ => Err("usage: ring_two_process consume <path> <count>".into()),
-        },
-        // Anything else is the test harness calling us (possibly with libtest flags).
-        _ => {
-            let path = std::path::PathBuf::from("/dev/shm")
-                .join(format!("ftvm-ring-test-{}", std::process::id()));
-            println!("running 1 test\ntest ring_two_process ... ");
-            produce(&path, RECORDS)
-        }
-    };
-    match result {
-        Ok(()) => {
-            if args.get(1).map(String::as_str) != Some("consume") {
-                println!("test ring_two_process ... ok");
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ring_two_process consumer FAILED: {e}");
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("ring_two_process FAILED: {e}");
-            ExitCode::FAILURE
-        }
+        };
     }
+    let trials = vec![libtest_mimic::Trial::test("ring_two_process", || {
+        let path = std::path::PathBuf::from("/dev/shm")
+            .join(format!("ftvm-ring-test-{}", std::process::id()));
+        produce(&path, RECORDS).map_err(Into::into)
+    })];
+    libtest_mimic::run(&harness_args(), trials).exit_code()
 }

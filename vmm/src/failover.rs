@@ -95,7 +95,7 @@ impl ArbiterClient {
                 }
                 Err(e) => {
                     if unavailable == 0 {
-                        eprintln!(
+                        tracing::warn!(
                             "{}: arbiter gave no decision ({e}); waiting, not going live",
                             self.candidate
                         );
@@ -172,7 +172,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
         let epoch = p.config().epoch;
         self.log_bytes = p.stats().bytes;
         self.lost_backup = Some(e.to_string());
-        eprintln!(
+        tracing::warn!(
             "{}: lost the backup ({e}); asking the arbiter",
             arbiter.candidate
         );
@@ -184,9 +184,11 @@ impl<L: PrimaryLink> FailoverSink<L> {
                 by: format!("{} won epoch {}", a.winner, a.epoch),
             });
         }
-        eprintln!(
+        tracing::info!(
             "{}: won epoch {} in {:.1} ms; continuing unreplicated",
-            arbiter.candidate, a.epoch, a.decide_ms
+            arbiter.candidate,
+            a.epoch,
+            a.decide_ms
         );
         // Alone, everything counts as acknowledged: the outputs held for the lost backup go
         // out now, stamped with the epoch just won.
@@ -384,7 +386,7 @@ impl<L: BackupLink> Failover<L> {
         };
         self.replayed_entries = replayer.entries();
         self.outputs_checked = replayer.outputs_checked();
-        eprintln!(
+        tracing::warn!(
             "{}: log ended at exit {exit} ({cause}); every received entry replayed; asking the arbiter",
             t.arbiter.candidate
         );
@@ -418,7 +420,7 @@ impl<L: BackupLink> Failover<L> {
         let mut record = t.record.clone();
         record.clock_base_ns = replayer.last_clock_ns().saturating_add(1);
         let journal = replayer.take_journal().unwrap_or_else(|e| {
-            eprintln!(
+            tracing::error!(
                 "{}: journal lost ({e}); going on without it",
                 t.arbiter.candidate
             );
@@ -428,9 +430,10 @@ impl<L: BackupLink> Failover<L> {
         let recorder =
             Recorder::new(log, t.port, record, t.stop)?.reregister_with(t.key, t.session);
         report.takeover_ms = ended_at.elapsed().as_secs_f64() * 1e3;
-        eprintln!(
+        tracing::info!(
             "{}: won epoch {epoch}; live at exit {exit} ({:.1} ms after the log ended)",
-            t.arbiter.candidate, report.takeover_ms
+            t.arbiter.candidate,
+            report.takeover_ms
         );
         self.report = Some(report);
         self.mode = Mode::Live(Box::new(recorder));

@@ -10,7 +10,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "etcd")]
@@ -24,32 +23,14 @@ pub fn key() -> PreSharedKey {
     PreSharedKey::new(KEY.to_vec()).expect("test key")
 }
 
-/// A directory removed on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "ft-arbiter-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("creating a temporary directory");
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh private temporary directory (0700), removed on drop.
+pub fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("ft-arbiter-{name}-"))
+        .tempdir()
+        .expect("creating a temporary directory")
 }
 
 /// A backend under test.
@@ -84,7 +65,7 @@ impl Fixture for FileFixture {
     type A = FileArbiter;
 
     fn start() -> Self {
-        let dir = TempDir::new("file");
+        let dir = temp_dir("file");
         let share = dir.path().join("share");
         FileArbiter::init(&share).expect("creating the store");
         FileFixture { _dir: dir, share }
@@ -138,7 +119,7 @@ impl Fixture for ServerFixture {
     type A = ServerArbiter;
 
     fn start() -> Self {
-        let state = TempDir::new("server");
+        let state = temp_dir("server");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = ArbiterServer::serve(listener, state.path(), key()).expect("serve");
@@ -223,7 +204,7 @@ impl EtcdProcess {
         for _ in 0..3 {
             let mut etcd = EtcdProcess {
                 bin: bin.to_owned(),
-                dir: TempDir::new("etcd"),
+                dir: temp_dir("etcd"),
                 client_port: free_port(),
                 peer_port: free_port(),
                 child: None,
