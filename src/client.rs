@@ -26,6 +26,9 @@ pub struct Workload {
     pub seed: u64,
     /// Distinct keys.
     pub keys: u32,
+    /// Keys are named `PREFIX-N`: clients that share a service each keep to their own keys
+    /// (the read-back checks a key against one client's model).
+    pub key_prefix: String,
     /// Percent of GETs; the rest split between PUT and INCR.
     pub get_percent: u8,
     /// Give up on a response after this long.
@@ -44,6 +47,7 @@ impl Workload {
             requests,
             seed,
             keys,
+            key_prefix: "key".into(),
             get_percent,
             timeout: Duration::from_secs(5),
             retry: Duration::from_millis(50),
@@ -162,7 +166,7 @@ pub fn run(
     for i in 0..w.requests {
         next_id = next_id.wrapping_add(1).max(1);
         let id = next_id;
-        let key = format!("key-{}", rng.gen_range(0..w.keys.max(1)));
+        let key = format!("{}-{}", w.key_prefix, rng.gen_range(0..w.keys.max(1)));
         let roll = rng.gen_range(0..100u8);
         let (op, value) = if roll < w.get_percent {
             (kv::OP_GET, Vec::new())

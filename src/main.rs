@@ -71,6 +71,9 @@ struct ClientArgs {
     /// Distinct keys.
     #[arg(long, default_value_t = 100)]
     keys: u32,
+    /// Keys are named PREFIX-N (clients sharing a service keep to their own keys).
+    #[arg(long, default_value = "key")]
+    key_prefix: String,
     /// Percent of GET requests.
     #[arg(long, default_value_t = 40)]
     get_percent: u8,
@@ -177,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut w =
                 client::Workload::new(args.requests, args.seed, args.keys, args.get_percent);
             w.verify = args.verify;
+            w.key_prefix = args.key_prefix.clone();
             w.timeout = Duration::from_millis(args.timeout_ms);
             let r = client::run(args.service, &w, |_| {})?;
             println!("{}", serde_json::to_string_pretty(&r)?);

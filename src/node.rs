@@ -11,7 +11,7 @@ use ft_arbiter::ArbiterSpec;
 use transport::{ChannelConfig, PollPolicy, PreSharedKey};
 use vmm::engine::{self, EngineError, RunSummary};
 use vmm::failover::{ArbiterClient, Arbitration, Failover, FailoverSink, Takeover, TakeoverReport};
-use vmm::journal::{Journal, JournalLink};
+use vmm::journal::{Journal, JournalSource};
 use vmm::record::{LogSink, NoLog, RecordConfig, Recorder};
 use vmm::replay::Replayer;
 use vmm::service::ServicePort;
@@ -57,6 +57,16 @@ pub struct Common {
     /// Heartbeat timeout in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
+    /// Lag control: the primary waits while its backup's replay trails by more than this much
+    /// time (ms; 0: no time bound) — about what a failover then has to drain.
+    #[arg(long, default_value_t = 100)]
+    pub max_lag_ms: u64,
+    /// Lag control: ... or by more than this many bytes of log.
+    #[arg(long, default_value_t = 2 << 20)]
+    pub max_lag_bytes: u64,
+    /// Lag control: ... or by more than this many entries.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_lag_entries: u64,
     /// Write a JSON summary here when the run ends.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -222,6 +232,20 @@ pub struct NodeSummary {
     pub takeover: Option<TakeoverReport>,
     /// Backup: log entries received from the primary.
     pub entries_received: u64,
+    /// Primary: the lag control's record (`None` unreplicated).
+    pub lag: Option<LagSummary>,
+}
+
+/// What lag control did on a primary: the largest replay lag seen when a frame was sealed
+/// (before any wait), and how often and how long appends waited for the backup's replay.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LagSummary {
+    pub lag_max_ms: f64,
+    pub lag_max_bytes: u64,
+    pub lag_max_entries: u64,
+    pub lag_throttles: u64,
+    /// All throttled time (lag control and full rings), ms.
+    pub throttled_ms: f64,
 }
 
 /// SIGTERM and SIGINT set the returned flag (the primary checks it at every exit). The
@@ -325,6 +349,10 @@ fn channel_config(c: &Common, epoch: u64) -> anyhow::Result<ChannelConfig> {
     let mut cfg = ChannelConfig::new(c.session, epoch, read_key(c)?);
     cfg.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
     cfg.heartbeat_interval = cfg.heartbeat_timeout / 10;
+    cfg.max_lag_time = (c.max_lag_ms > 0).then(|| Duration::from_millis(c.max_lag_ms));
+    cfg.max_lag_bytes = c.max_lag_bytes;
+    cfg.max_lag_entries = c.max_lag_entries;
+    cfg.validate().context("the channel options")?;
     // Each VMM owns its core: spin, then yield (so a client sharing the core still runs), but
     // never sleep — a sleeping backup would delay its ACKs, and with them every output.
     cfg.poll = PollPolicy::BUSY;
@@ -469,6 +497,13 @@ fn serving_addr(port: &ServicePort) -> anyhow::Result<std::net::SocketAddr> {
 fn sink_findings<L: transport::PrimaryLink>(s: &mut NodeSummary, sink: &FailoverSink<L>) {
     s.arbitration = sink.arbitration().cloned();
     s.lost_backup = sink.lost_backup().map(str::to_owned);
+    s.lag = sink.channel_stats().map(|st| LagSummary {
+        lag_max_ms: st.lag_max_ns as f64 / 1e6,
+        lag_max_bytes: st.lag_max_bytes,
+        lag_max_entries: st.lag_max_entries,
+        lag_throttles: st.lag_throttles,
+        throttled_ms: st.throttled_ns as f64 / 1e6,
+    });
 }
 
 /// Runs the primary until SIGTERM/SIGINT, then logs the stop point and exits.
@@ -593,7 +628,7 @@ fn replay<L: transport::BackupLink>(
     summary.entries_received = source.replayed_entries();
     summary.epoch = epoch;
     if let Some(r) = source.replayer() {
-        summary.log_bytes = r.backup().stats().bytes;
+        summary.log_bytes = r.source().stats().bytes;
     }
     if let Some(rec) = source.recorder() {
         fill_gate(&mut summary, rec);
@@ -630,13 +665,9 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
         },
     )
     .context("creating the VM")?;
-    let link = JournalLink::open(&args.journal)
+    let journal = JournalSource::open(&args.journal)
         .with_context(|| format!("journal {}", args.journal.display()))?;
-    // The key only authenticates live channels; a journal has none.
-    let mut cfg = ChannelConfig::new(0, 0, PreSharedKey::new([0u8; 32].to_vec())?);
-    cfg.poll = PollPolicy::BUSY;
-    let backup = transport::Backup::new(link, cfg, 1, 0)?;
-    let mut replayer = Replayer::new(backup, Duration::from_millis(1));
+    let mut replayer = Replayer::new(journal, Duration::from_millis(1));
     let started = Instant::now();
     let result = engine::run(&mut vm, &mut replayer, 1);
     // A journal that ends without a logged shutdown replays to its last entry.

@@ -207,6 +207,41 @@ impl<'a> FrameView<'a> {
         Self::parse_checked(bytes, false)
     }
 
+    /// A view of a frame this process validated completely before and kept since in memory
+    /// nobody else writes, with only its header and length checked again: for reading a
+    /// landed frame entry by entry in place ([`FrameView::entry_at`]), where re-walking every
+    /// entry at each step would cost the frame's length per entry.
+    pub fn parse_landed(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        let header = FrameHeader::parse(bytes)?;
+        let frame_len = header.frame_len();
+        let truncated = DecodeError::Truncated {
+            what: "frame",
+            needed: frame_len,
+            available: bytes.len(),
+        };
+        let frame = bytes.get(..frame_len).ok_or(truncated)?;
+        let body = frame.get(FRAME_HEADER_LEN..).ok_or(truncated)?;
+        Ok(Self {
+            header,
+            bytes: frame,
+            body,
+        })
+    }
+
+    /// The entry with index `index` that starts at body offset `offset`, and the body offset
+    /// of the next one: the step of an in-place cursor (start at `(0, 0)`). The entry is
+    /// decoded and checked as [`FrameView::parse`] checks it, so a wrong offset is an error,
+    /// never a wrong entry read as a right one.
+    pub fn entry_at(&self, offset: usize, index: u32) -> Result<(Entry<'a>, usize), DecodeError> {
+        if index >= self.header.entry_count {
+            return Err(DecodeError::EntryCountMismatch {
+                declared: self.header.entry_count,
+                found: index,
+            });
+        }
+        Entry::parse(self.body, offset, index)
+    }
+
     fn parse_checked(bytes: &'a [u8], check_crc: bool) -> Result<(Self, usize), DecodeError> {
         let header = FrameHeader::parse(bytes)?;
         let frame_len = header.frame_len();

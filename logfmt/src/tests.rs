@@ -352,6 +352,38 @@ fn parse_validated_skips_only_the_crc() {
     ));
 }
 
+#[test]
+fn a_landed_frame_reads_entry_by_entry_in_place() {
+    let f = encode(&[random(b"abc"), random(b"de"), random(b"")]);
+    let (checked, _) = FrameView::parse(&f).expect("valid frame");
+    let landed = FrameView::parse_landed(&f).expect("valid header");
+    assert_eq!(landed.header(), checked.header());
+    let mut offset = 0;
+    let mut stepped = Vec::new();
+    for index in 0..landed.entry_count() {
+        let (entry, next) = landed.entry_at(offset, index).expect("entry");
+        assert!(next > offset);
+        stepped.push(entry);
+        offset = next;
+    }
+    assert_eq!(offset, landed.body().len());
+    assert_eq!(stepped, checked.entries().collect::<Vec<_>>());
+    // Past the last entry, and at an offset inside an entry, it is an error.
+    assert!(matches!(
+        landed.entry_at(offset, 3),
+        Err(DecodeError::EntryCountMismatch {
+            declared: 3,
+            found: 3
+        })
+    ));
+    assert!(landed.entry_at(1, 0).is_err());
+    // Only the header and the length are checked again.
+    assert!(matches!(
+        FrameView::parse_landed(&f[..f.len() - 1]),
+        Err(DecodeError::Truncated { .. })
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry errors
 

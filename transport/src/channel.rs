@@ -7,8 +7,10 @@
 //!      └──── acked (cumulative seq) ◄────┴──────────── ACK ◄─────────────────┘
 //! ```
 //! - [`LogWriter`] (the vCPU thread) batches entries into frames; an output marker flushes at
-//!   once, so its commit waits for no batch. Appends are throttled (and counted) when the backup
-//!   lags more than [`ChannelConfig::max_lag_entries`] behind.
+//!   once, so its commit waits for no batch. Appends are throttled (and counted) when the
+//!   backup's *replay* lags behind by more than the configured bound
+//!   ([`ChannelConfig::max_lag_time`], `max_lag_entries`, `max_lag_bytes`): VMware FT's lag
+//!   control, which bounds what a failover has to drain.
 //! - [`Sender`] moves frames from the log ring onto the medium, reads ACKs, sends heartbeats
 //!   (empty frames) and notices a silent backup. It runs on its own pinned thread, or inline in
 //!   the caller's thread ([`Primary`]) — on a 2-core machine a separate sender thread would
@@ -16,9 +18,13 @@
 //! - [`Receiver`] validates every frame completely (CRC, sequence, epoch) before it lands in the
 //!   backup's own ring, and only then acknowledges it: nothing acknowledged can be lost by the
 //!   receiver, and a bad frame is never applied.
+//! - The replica reads entries in place from that ring ([`Backup::next_entry`],
+//!   [`Backup::advance`]); a frame's space is freed once its last entry is replayed, so the ring
+//!   bounds the backup's memory. Every ACK also carries the replay position ([`Ack`]).
 //!
 //! Sequence numbers start at 1; an ACK of `n` covers every entry up to and including `n`.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,8 +55,18 @@ pub struct ChannelConfig {
     pub handshake_timeout: Duration,
     /// Largest frame (header included); entries are batched up to this size.
     pub max_frame_bytes: usize,
-    /// Backpressure bound: appends wait while more entries than this are unacknowledged.
+    /// Lag bound in entries: appends wait while more entries than this are not yet replayed by
+    /// the backup (replayed entries are acknowledged ones, so this bounds those too).
     pub max_lag_entries: u64,
+    /// Lag bound in bytes: appends wait while the frames the backup has not finished replaying
+    /// hold more bytes than this (the backup's ring holds them, so keep it below
+    /// [`ChannelConfig::ring_capacity`] for the ACKs to keep flowing while it catches up).
+    pub max_lag_bytes: u64,
+    /// Lag bound in time: appends wait while the backup would need longer than this to replay
+    /// what it has received and not replayed, at its replay rate as measured from its reports
+    /// (before a rate is known: while the oldest unreplayed frame is older than this) — what a
+    /// failover has to drain. `None`: no time bound.
+    pub max_lag_time: Option<Duration>,
     /// If set, a batch is flushed once its first entry is this old (checked at each append), so
     /// the backup follows the primary closely instead of a batch behind. Output markers always
     /// flush at once. Off by default: when the backup's ACKs come from its vCPU thread (as on
@@ -68,7 +84,8 @@ pub struct ChannelConfig {
 }
 
 impl ChannelConfig {
-    /// Defaults suited to a local pair: 5 ms heartbeats, 200 ms timeout, 64 KiB frames.
+    /// Defaults suited to a local pair: 5 ms heartbeats, 200 ms timeout, 64 KiB frames, a 4 MiB
+    /// ring and a replay lag of at most 100 ms, 2 MiB or 2^20 entries.
     pub fn new(session_id: u64, epoch: u64, key: PreSharedKey) -> Self {
         ChannelConfig {
             session_id,
@@ -79,6 +96,8 @@ impl ChannelConfig {
             handshake_timeout: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
             max_lag_entries: 1 << 20,
+            max_lag_bytes: 2 << 20,
+            max_lag_time: Some(DEFAULT_MAX_LAG),
             max_batch_delay: None,
             ring_capacity: 4 << 20,
             poll: PollPolicy::BUSY,
@@ -126,9 +145,24 @@ impl ChannelConfig {
         if self.max_lag_entries == 0 {
             return bad("max lag must be at least one entry".into());
         }
+        if self.max_lag_bytes < self.max_frame_bytes as u64 {
+            return bad(format!(
+                "max lag of {} bytes is less than one frame ({} bytes)",
+                self.max_lag_bytes, self.max_frame_bytes
+            ));
+        }
+        if self.max_lag_time.is_some_and(|t| t.is_zero()) {
+            return bad("a max lag time must be more than zero".into());
+        }
         Ok(())
     }
 }
+
+/// The default bound on the backup's replay lag ([`ChannelConfig::max_lag_time`]).
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_millis(100);
+
+/// How often, at most, a backup whose replay moved reports it when it has nothing else to send.
+pub const REPLAY_REPORT_INTERVAL: Duration = Duration::from_micros(500);
 
 /// Counters of a channel end, readable from any thread while it runs.
 #[derive(Debug, Default)]
@@ -147,6 +181,16 @@ pub struct ChannelStats {
     pub throttled_ns: AtomicU64,
     /// Times the medium refused a frame for lack of room (it was retried later).
     pub medium_full: AtomicU64,
+    /// Times an append waited because the backup's replay lagged beyond the bound (also
+    /// counted in `throttle_events`).
+    pub lag_throttles: AtomicU64,
+    /// Largest replay lag seen when a frame was sealed, in ns (the time the backup needs to
+    /// replay its backlog); appends wait while it exceeds [`ChannelConfig::max_lag_time`].
+    pub lag_max_ns: AtomicU64,
+    /// Largest replay lag seen when a frame was sealed, in bytes.
+    pub lag_max_bytes: AtomicU64,
+    /// Largest replay lag seen when a frame was sealed, in entries.
+    pub lag_max_entries: AtomicU64,
 }
 
 impl ChannelStats {
@@ -160,6 +204,13 @@ impl ChannelStats {
         );
     }
 
+    /// Raises a maximum (one writing thread, as for [`ChannelStats::add`]).
+    fn max(counter: &AtomicU64, n: u64) {
+        if n > counter.load(Ordering::Relaxed) {
+            counter.store(n, Ordering::Relaxed);
+        }
+    }
+
     /// A plain copy of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -171,6 +222,10 @@ impl ChannelStats {
             throttle_events: g(&self.throttle_events),
             throttled_ns: g(&self.throttled_ns),
             medium_full: g(&self.medium_full),
+            lag_throttles: g(&self.lag_throttles),
+            lag_max_ns: g(&self.lag_max_ns),
+            lag_max_bytes: g(&self.lag_max_bytes),
+            lag_max_entries: g(&self.lag_max_entries),
         }
     }
 }
@@ -186,6 +241,10 @@ pub struct StatsSnapshot {
     pub throttle_events: u64,
     pub throttled_ns: u64,
     pub medium_full: u64,
+    pub lag_throttles: u64,
+    pub lag_max_ns: u64,
+    pub lag_max_bytes: u64,
+    pub lag_max_entries: u64,
 }
 
 /// What a primary learns from one poll of its medium.
@@ -193,6 +252,9 @@ pub struct StatsSnapshot {
 pub struct BackupNews {
     /// The newest cumulative ACK that arrived, if any.
     pub acked: Option<u64>,
+    /// The newest replay position that arrived with it: every entry up to this sequence
+    /// number has been replayed by the backup.
+    pub replayed: Option<u64>,
     /// Whether anything at all (ACK or heartbeat) arrived.
     pub heard: bool,
 }
@@ -219,6 +281,17 @@ pub trait PrimaryLink: Send {
     }
 }
 
+/// What a backup's ACK says; every medium carries all of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// Every entry up to this sequence number is in the backup's ring (cumulative).
+    pub received: u64,
+    /// Every entry up to this sequence number has been replayed (`replayed <= received`).
+    pub replayed: u64,
+    /// The newest epoch the backup has seen.
+    pub epoch: u64,
+}
+
 /// The backup's end of a medium: whole frames in order, cumulative ACKs out.
 pub trait BackupLink: Send {
     /// The next whole frame's bytes, if one has fully arrived and is already here, without any
@@ -233,8 +306,9 @@ pub trait BackupLink: Send {
     }
     /// Drops the frame the last `peek` returned.
     fn consume(&mut self) -> Result<(), ChannelError>;
-    /// Publishes a cumulative ACK (also the backup's heartbeat, when sent unchanged).
-    fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError>;
+    /// Publishes a cumulative ACK with the replay position (also the backup's heartbeat, when
+    /// sent unchanged).
+    fn ack(&mut self, ack: Ack) -> Result<(), ChannelError>;
     /// As [`PrimaryLink::check_peer`].
     fn check_peer(&mut self) -> Result<(), ChannelError> {
         Ok(())
@@ -293,6 +367,8 @@ impl Liveness {
 #[derive(Debug, Default)]
 struct PrimaryShared {
     acked: crossbeam_utils::CachePadded<AtomicU64>,
+    /// The backup's newest replay position.
+    replayed: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
     stats: ChannelStats,
@@ -320,6 +396,142 @@ impl PrimaryShared {
     }
 }
 
+/// What the writer knows of the backup's replay: the frames sealed and not yet known to be
+/// replayed, for the lag bounds of [`ChannelConfig`].
+#[derive(Debug)]
+struct LagControl {
+    max_entries: u64,
+    max_bytes: u64,
+    max_time: Option<Duration>,
+    /// Sealed frames not yet known to be replayed, oldest first: (last sequence number, bytes
+    /// sealed up to and including it, when it was sealed).
+    unreplayed: VecDeque<(u64, u64, Instant)>,
+    /// Bytes of every frame sealed.
+    sealed_bytes: u64,
+    /// Bytes of the frames known to be replayed.
+    replayed_bytes: u64,
+    /// The backlog would take longer than `max_time` to replay, at the last look.
+    late: bool,
+    /// The backup's replay rate, measured while it had a backlog.
+    rate: ReplayRate,
+}
+
+/// The backup's replay rate (entries per second), measured over windows of at least
+/// [`ReplayRate::WINDOW`] during which it had a backlog throughout (an idle backup replays
+/// slowly because it has nothing to replay, not because it is slow), smoothed.
+#[derive(Debug)]
+struct ReplayRate {
+    start: Instant,
+    start_replayed: u64,
+    busy: bool,
+    per_sec: f64,
+}
+
+impl ReplayRate {
+    const WINDOW: Duration = Duration::from_millis(2);
+
+    fn observe(&mut self, now: Instant, replayed: u64, backlog: u64) {
+        if backlog == 0 {
+            self.busy = false;
+        }
+        let dt = now.duration_since(self.start);
+        if dt < Self::WINDOW && self.busy {
+            return;
+        }
+        if self.busy && dt >= Self::WINDOW {
+            let sample = (replayed - self.start_replayed) as f64 / dt.as_secs_f64();
+            self.per_sec = if self.per_sec == 0.0 {
+                sample
+            } else {
+                0.7 * self.per_sec + 0.3 * sample
+            };
+        }
+        self.start = now;
+        self.start_replayed = replayed;
+        self.busy = backlog > 0;
+    }
+
+    /// How long `backlog` entries take to replay at the measured rate (`None`: no rate yet).
+    fn drain_time(&self, backlog: u64) -> Option<Duration> {
+        (self.per_sec > 0.0 && backlog > 0)
+            .then(|| Duration::from_secs_f64(backlog as f64 / self.per_sec))
+    }
+}
+
+impl LagControl {
+    fn new(config: &ChannelConfig) -> Self {
+        LagControl {
+            max_entries: config.max_lag_entries,
+            max_bytes: config.max_lag_bytes,
+            max_time: config.max_lag_time,
+            unreplayed: VecDeque::new(),
+            sealed_bytes: 0,
+            replayed_bytes: 0,
+            late: false,
+            rate: ReplayRate {
+                start: Instant::now(),
+                start_replayed: 0,
+                busy: false,
+                per_sec: 0.0,
+            },
+        }
+    }
+
+    /// Drops the frames the backup has replayed completely.
+    fn forget(&mut self, replayed: u64) {
+        while let Some(&(last, bytes, _)) = self.unreplayed.front() {
+            if last > replayed {
+                break;
+            }
+            self.replayed_bytes = bytes;
+            self.unreplayed.pop_front();
+        }
+    }
+
+    /// The replay lag in time: how long the backup needs to replay what it has not, at its
+    /// measured rate — what a failover would have to drain. Until a rate is known, how long
+    /// ago the oldest unreplayed frame was sealed.
+    fn lag(&mut self, now: Instant, last_seq: u64, replayed: u64) -> Duration {
+        let backlog = last_seq.saturating_sub(replayed);
+        self.rate.observe(now, replayed, backlog);
+        self.rate.drain_time(backlog).unwrap_or_else(|| {
+            self.unreplayed
+                .front()
+                .map_or(Duration::ZERO, |&(_, _, at)| now.duration_since(at))
+        })
+    }
+
+    /// Notes a sealed frame; updates `late` and the lag maxima.
+    fn sealed(&mut self, last_seq: u64, len: usize, replayed: u64, stats: &ChannelStats) {
+        let now = Instant::now();
+        self.sealed_bytes += len as u64;
+        self.unreplayed
+            .push_back((last_seq, self.sealed_bytes, now));
+        self.forget(replayed);
+        let age = self.lag(now, last_seq, replayed);
+        self.late = self.max_time.is_some_and(|max| age > max);
+        ChannelStats::max(&stats.lag_max_ns, age.as_nanos() as u64);
+        ChannelStats::max(
+            &stats.lag_max_bytes,
+            self.sealed_bytes - self.replayed_bytes,
+        );
+        ChannelStats::max(&stats.lag_max_entries, last_seq.saturating_sub(replayed));
+    }
+
+    /// Whether appending entry `next_seq` now would exceed a bound. Integer checks only; the
+    /// time bound was checked when the last frame was sealed (or, with `now`, is checked again).
+    fn exceeded(&mut self, next_seq: u64, replayed: u64, now: Option<Instant>) -> bool {
+        if let Some(now) = now {
+            self.forget(replayed);
+            let lag = self.lag(now, next_seq - 1, replayed);
+            self.late = self.max_time.is_some_and(|max| lag > max);
+        }
+        self.late
+            || next_seq - replayed > self.max_entries
+            || self.sealed_bytes - self.replayed_bytes > self.max_bytes
+    }
+}
+
 /// The primary's producing end: turns entries into frames in the log ring.
 #[derive(Debug)]
 pub struct LogWriter {
@@ -328,7 +540,7 @@ pub struct LogWriter {
     epoch: u64,
     /// Sequence number the next appended entry gets.
     next_seq: u64,
-    max_lag: u64,
+    lag: LagControl,
     shared: Arc<PrimaryShared>,
     /// Frames put into the log ring so far.
     frames_flushed: u64,
@@ -346,6 +558,11 @@ impl LogWriter {
     /// The newest cumulative ACK: every entry up to this sequence number is in the backup's buffer.
     pub fn acked(&self) -> u64 {
         self.shared.acked.load(Ordering::Acquire)
+    }
+
+    /// The backup's newest replay position.
+    pub fn replayed(&self) -> u64 {
+        self.shared.replayed.load(Ordering::Acquire)
     }
 
     /// The fencing epoch stamped on every frame.
@@ -367,24 +584,9 @@ impl LogWriter {
         pump: &mut dyn FnMut(Option<Instant>) -> Result<(), ChannelError>,
         timeout: Duration,
     ) -> Result<(u64, bool), ChannelError> {
-        // Backpressure: the backup may lag by at most `max_lag` entries.
-        if self.next_seq - self.acked() > self.max_lag {
-            let start = Instant::now();
-            let deadline = start + timeout;
-            ChannelStats::add(&self.shared.stats.throttle_events, 1);
-            while self.next_seq - self.acked() > self.max_lag {
-                if Instant::now() >= deadline {
-                    return Err(ChannelError::Timeout {
-                        what: "the backup to catch up (backpressure)",
-                        waited: start.elapsed(),
-                    });
-                }
-                pump(Some(deadline))?;
-            }
-            ChannelStats::add(
-                &self.shared.stats.throttled_ns,
-                start.elapsed().as_nanos() as u64,
-            );
+        // Lag control: the backup's replay may trail by at most the configured bounds.
+        if self.lag.exceeded(self.next_seq, self.replayed(), None) {
+            self.wait_for_replay(pump, timeout)?;
         }
         if self.frame.is_empty() {
             self.frame.reset(self.epoch, self.next_seq);
@@ -407,8 +609,51 @@ impl LogWriter {
         ))
     }
 
+    /// Waits until the backup's replay is back within the lag bounds. The open batch goes out
+    /// first (the backup cannot replay what it has not been sent). Fails if the backup's replay
+    /// does not move for the heartbeat timeout plus the lag bound.
+    fn wait_for_replay(
+        &mut self,
+        pump: &mut dyn FnMut(Option<Instant>) -> Result<(), ChannelError>,
+        timeout: Duration,
+    ) -> Result<(), ChannelError> {
+        self.flush_with(pump, timeout)?;
+        let start = Instant::now();
+        let patience = timeout + self.lag.max_time.unwrap_or(Duration::ZERO);
+        let stats = &self.shared.stats;
+        ChannelStats::add(&stats.throttle_events, 1);
+        ChannelStats::add(&stats.lag_throttles, 1);
+        let mut seen = self.replayed();
+        let mut moved_at = start;
+        loop {
+            let now = Instant::now();
+            let replayed = self.replayed();
+            if !self.lag.exceeded(self.next_seq, replayed, Some(now)) {
+                break;
+            }
+            if replayed != seen {
+                seen = replayed;
+                moved_at = now;
+            } else if now.duration_since(moved_at) >= patience {
+                return Err(ChannelError::Timeout {
+                    what: "the backup's replay to catch up (lag control)",
+                    waited: start.elapsed(),
+                });
+            }
+            pump(Some(moved_at + patience))?;
+        }
+        ChannelStats::add(
+            &self.shared.stats.throttled_ns,
+            start.elapsed().as_nanos() as u64,
+        );
+        Ok(())
+    }
+
     /// The open batch has gone out by another way than the log ring: start the next one.
-    fn batch_sent(&mut self) {
+    fn batch_sent(&mut self, len: usize) {
+        let replayed = self.replayed();
+        self.lag
+            .sealed(self.next_seq - 1, len, replayed, &self.shared.stats);
         self.frame.clear();
         self.frames_flushed += 1;
         self.batch_started = None;
@@ -423,6 +668,7 @@ impl LogWriter {
             return Ok(());
         }
         let bytes = self.frame.finish()?;
+        let len = bytes.len();
         let mut throttled: Option<Instant> = None;
         loop {
             match self.producer.try_reserve(bytes.len()) {
@@ -453,7 +699,7 @@ impl LogWriter {
                 start.elapsed().as_nanos() as u64,
             );
         }
-        self.batch_sent();
+        self.batch_sent(len);
         Ok(())
     }
 }
@@ -524,6 +770,18 @@ impl<L: PrimaryLink> Sender<L> {
             if acked > self.shared.acked.load(Ordering::Relaxed) {
                 trace::primary(PrimaryPoint::Acked);
                 self.shared.acked.store(acked, Ordering::Release);
+                progress = true;
+            }
+        }
+        if let Some(replayed) = news.replayed {
+            if replayed > self.sent_seq {
+                return Err(ChannelError::CorruptMessage(format!(
+                    "backup replayed entry {replayed}, only {} were sent",
+                    self.sent_seq
+                )));
+            }
+            if replayed > self.shared.replayed.load(Ordering::Relaxed) {
+                self.shared.replayed.store(replayed, Ordering::Release);
                 progress = true;
             }
         }
@@ -652,6 +910,7 @@ impl<L: PrimaryLink> Primary<L> {
         let shared = Arc::new(PrimaryShared::default());
         let resume_seq = resume_seq.max(1);
         shared.acked.store(resume_seq - 1, Ordering::Relaxed);
+        shared.replayed.store(resume_seq - 1, Ordering::Relaxed);
         let now = Instant::now();
         Ok(Primary {
             writer: LogWriter {
@@ -659,7 +918,7 @@ impl<L: PrimaryLink> Primary<L> {
                 frame: FrameBuf::new(config.max_frame_bytes),
                 epoch: config.epoch,
                 next_seq: resume_seq,
-                max_lag: config.max_lag_entries,
+                lag: LagControl::new(&config),
                 shared: shared.clone(),
                 frames_flushed: 0,
                 batch_started: None,
@@ -736,8 +995,9 @@ impl<L: PrimaryLink> Primary<L> {
             let last_seq = writer.next_seq - 1;
             let frame = writer.frame.finish()?;
             trace::primary(PrimaryPoint::Sealed);
+            let len = frame.len();
             if sender.offer_direct(frame, entry_count, last_seq)? {
-                writer.batch_sent();
+                writer.batch_sent(len);
                 return Ok(());
             }
             // The medium is full after all (rare): the ring takes the frame, sealed again.
@@ -917,6 +1177,10 @@ pub struct Receiver<L: BackupLink> {
     expected: u64,
     /// Last ACK published.
     acked: u64,
+    /// The replica's replay position, as the backup last set it.
+    replayed: u64,
+    /// The replay position last published.
+    replayed_sent: u64,
     heartbeat_interval: Duration,
     last_acked_at: Instant,
     liveness: Liveness,
@@ -940,7 +1204,7 @@ impl<L: BackupLink> Receiver<L> {
             if self.expected - 1 > self.acked {
                 self.acked = self.expected - 1;
                 trace::backup(BackupPoint::Acking);
-                let acked = self.link.ack(self.acked, self.epoch);
+                let acked = self.send_ack();
                 if result.is_ok() {
                     acked?;
                 }
@@ -953,7 +1217,8 @@ impl<L: BackupLink> Receiver<L> {
             }
         }
         self.pumps = self.pumps.wrapping_add(1);
-        if accepted || acked_now || self.pumps.is_multiple_of(32) {
+        let report = self.replayed != self.replayed_sent;
+        if accepted || acked_now || report || self.pumps.is_multiple_of(32) {
             let now = Instant::now();
             if accepted {
                 self.liveness.last_heard = now;
@@ -961,15 +1226,28 @@ impl<L: BackupLink> Receiver<L> {
             if acked_now {
                 self.last_acked_at = now;
             }
-            if now.duration_since(self.last_acked_at) >= self.heartbeat_interval {
-                self.link.ack(self.acked, self.epoch)?;
-                ChannelStats::add(&self.stats.heartbeats, 1);
+            let quiet = now.duration_since(self.last_acked_at);
+            if quiet >= self.heartbeat_interval || (report && quiet >= REPLAY_REPORT_INTERVAL) {
+                self.send_ack()?;
+                if !report {
+                    ChannelStats::add(&self.stats.heartbeats, 1);
+                }
                 self.last_acked_at = now;
             }
             let link = &mut self.link;
             self.liveness.check(now, || link.check_peer())?;
         }
         Ok(accepted || acked_now)
+    }
+
+    /// Publishes the ACK and the replay position.
+    fn send_ack(&mut self) -> Result<(), ChannelError> {
+        self.replayed_sent = self.replayed;
+        self.link.ack(Ack {
+            received: self.acked,
+            replayed: self.replayed,
+            epoch: self.epoch,
+        })
     }
 
     /// Validates and lands every frame already delivered by the link. Returns whether any was
@@ -1038,12 +1316,39 @@ impl<L: BackupLink> Receiver<L> {
     }
 }
 
-/// The backup's end with the receiver run inline: [`Backup::poll`] pumps the medium and hands
-/// validated frames to the caller.
+/// One entry read in place from the backup's ring ([`Backup::next_entry`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LoggedEntry<'a> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The entry, borrowed from the ring.
+    pub entry: Entry<'a>,
+    /// The whole frame, on the frame's first entry (for a journal); `None` on the others.
+    pub frame: Option<&'a [u8]>,
+}
+
+/// Where the replica is in the frame at the front of the backup's ring.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cursor {
+    /// Body offset and index of the next entry to replay.
+    offset: usize,
+    index: u32,
+    /// Of the entry the last `next_entry` returned: where the one after it starts, its frame's
+    /// first sequence number and entry count; `current` says there is one.
+    next: usize,
+    first_seq: u64,
+    count: u32,
+    current: bool,
+}
+
+/// The backup's end with the receiver run inline. The replica reads entries in place with
+/// [`Backup::next_entry`] and [`Backup::advance`] (the frame-level [`Backup::poll`] is for
+/// callers that consume whole frames at once; use one or the other).
 #[derive(Debug)]
 pub struct Backup<L: BackupLink> {
     receiver: Receiver<L>,
     frames: Consumer<Arc<HeapRegion>>,
+    cursor: Cursor,
     config: ChannelConfig,
     stats: Arc<ChannelStats>,
 }
@@ -1069,6 +1374,8 @@ impl<L: BackupLink> Backup<L> {
                 epoch: epoch.max(config.epoch),
                 expected,
                 acked: expected - 1,
+                replayed: expected - 1,
+                replayed_sent: expected - 1,
                 heartbeat_interval: config.heartbeat_interval,
                 last_acked_at: now,
                 liveness: Liveness::new(&config, now),
@@ -1076,6 +1383,7 @@ impl<L: BackupLink> Backup<L> {
                 stats: stats.clone(),
             },
             frames,
+            cursor: Cursor::default(),
             config,
             stats,
         })
@@ -1092,6 +1400,8 @@ impl<L: BackupLink> Backup<L> {
                 epoch: r.epoch,
                 expected: r.expected,
                 acked: r.acked,
+                replayed: r.replayed,
+                replayed_sent: r.replayed_sent,
                 heartbeat_interval: r.heartbeat_interval,
                 last_acked_at: r.last_acked_at,
                 liveness: r.liveness,
@@ -1099,6 +1409,7 @@ impl<L: BackupLink> Backup<L> {
                 stats: r.stats,
             },
             frames: self.frames,
+            cursor: self.cursor,
             config: self.config,
             stats: self.stats,
         }
@@ -1117,11 +1428,90 @@ impl<L: BackupLink> Backup<L> {
             // Our own ring holds only frames the receiver validated, CRC included.
             let (frame, _) = FrameView::parse_validated(bytes)?;
             f(&frame);
+            if let Some(last) = frame.last_seq() {
+                self.receiver.replayed = last;
+            }
             n += 1;
         }
         self.frames.release();
         pumped?;
         Ok(n)
+    }
+
+    /// Does the medium's work once (accept frames, acknowledge them, report the replay
+    /// position, check liveness) without blocking; returns whether anything moved.
+    pub fn pump(&mut self) -> Result<bool, ChannelError> {
+        self.receiver.pump()
+    }
+
+    /// The next entry not yet replayed, read in place from the backup's ring, if one has landed;
+    /// it stays the next one until [`Backup::advance`]. Does no I/O (see [`Backup::pump`]).
+    pub fn next_entry(&mut self) -> Result<Option<LoggedEntry<'_>>, ChannelError> {
+        let Some(bytes) = self.frames.peek()? else {
+            return Ok(None);
+        };
+        // Only frames the receiver validated completely land in this ring, and only frames
+        // with entries.
+        let frame = FrameView::parse_landed(bytes)?;
+        let c = &mut self.cursor;
+        let (entry, next) = frame.entry_at(c.offset, c.index)?;
+        c.next = next;
+        c.first_seq = frame.first_seq();
+        c.count = frame.entry_count();
+        c.current = true;
+        Ok(Some(LoggedEntry {
+            seq: frame.first_seq() + u64::from(c.index),
+            entry,
+            frame: (c.index == 0).then(|| frame.as_bytes()),
+        }))
+    }
+
+    /// The entry the last [`Backup::next_entry`] returned is replayed: step over it, and free
+    /// its frame's space if it was the frame's last. Its sequence number goes to the primary
+    /// with the next ACK (or within [`REPLAY_REPORT_INTERVAL`]). Does nothing if there was none.
+    pub fn advance(&mut self) {
+        let c = &mut self.cursor;
+        if !std::mem::take(&mut c.current) {
+            return;
+        }
+        self.receiver.replayed = c.first_seq + u64::from(c.index);
+        c.index += 1;
+        c.offset = c.next;
+        if c.index >= c.count {
+            self.cursor = Cursor::default();
+            self.frames.advance_peeked();
+            self.frames.release();
+        }
+    }
+
+    /// Pumps until an entry is ready for [`Backup::next_entry`] (`Ok(true)`) or `timeout`
+    /// passed (`Ok(false)`), waiting under the configured policy (or in the kernel, in blocking
+    /// mode). A failed channel still hands over what landed before: the error comes once the
+    /// ring holds no entry.
+    pub fn wait(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        let deadline = Instant::now() + timeout;
+        let mut poller = self.config.poll.poller();
+        loop {
+            let pumped = self.receiver.pump();
+            if self.frames.has_records()? {
+                return Ok(true);
+            }
+            pumped?;
+            if poller.is_past_spinning() && Instant::now() >= deadline {
+                return Ok(false);
+            }
+            if self.config.blocking {
+                self.receiver.link.block(self.config.heartbeat_interval)?;
+            } else {
+                poller.wait();
+            }
+        }
+    }
+
+    /// The sequence number of the last entry replayed (as set by [`Backup::advance`], or by
+    /// [`Backup::poll`] when it handed a frame over).
+    pub fn replayed(&self) -> u64 {
+        self.receiver.replayed
     }
 
     /// Polls until at least one frame was handed to `f` or `timeout` passed (`Ok(0)`), waiting
@@ -1162,11 +1552,5 @@ impl<L: BackupLink> Backup<L> {
     /// Counters of this end.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
-    }
-
-    /// Splits into the receiver (for its own thread: call [`Receiver::pump`] in a loop) and the
-    /// consumer of the backup's ring, which yields validated frames.
-    pub fn split(self) -> (Receiver<L>, Consumer<Arc<HeapRegion>>) {
-        (self.receiver, self.frames)
     }
 }

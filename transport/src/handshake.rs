@@ -26,7 +26,7 @@ use crate::control;
 use crate::error::ChannelError;
 
 /// The channel protocol version this build speaks (handshake and data phase).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 const MAGIC: [u8; 4] = *b"FTHS";
 const HELLO: u8 = 1;

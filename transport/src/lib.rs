@@ -38,8 +38,8 @@ pub mod tcp;
 pub mod trace;
 
 pub use channel::{
-    Backup, BackupLink, BackupNews, ChannelConfig, ChannelStats, LogWriter, Primary, PrimaryLink,
-    Receiver, Sender, StatsSnapshot, ThreadedWriter,
+    Ack, Backup, BackupLink, BackupNews, ChannelConfig, ChannelStats, LogWriter, LoggedEntry,
+    Primary, PrimaryLink, Receiver, Sender, StatsSnapshot, ThreadedWriter,
 };
 pub use error::ChannelError;
 pub use handshake::{MediumKind, PreSharedKey, PROTOCOL_VERSION};

@@ -11,7 +11,7 @@
 //!
 //! Mapping layout: the ring region (`ring::region_len(capacity)` bytes, see [`crate::ring`]),
 //! padded to 4 KiB, then a 4 KiB control page: offset 0 the backup's cumulative ACK (u64),
-//! offset 8 the backup's heartbeat counter (u64).
+//! offset 8 the backup's heartbeat counter (u64), offset 16 the backup's replay position (u64).
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 use crate::region::{RingMemory, SharedRegion};
@@ -33,7 +33,7 @@ fn control_offset(capacity: usize) -> usize {
     ring::region_len(capacity).div_ceil(PAGE) * PAGE
 }
 
-/// The two control words, viewed in a mapped region.
+/// The control words, viewed in a mapped region.
 #[derive(Debug)]
 struct Control {
     region: Arc<SharedRegion>,
@@ -53,7 +53,7 @@ impl Control {
 
     fn word(&self, index: usize) -> &AtomicU64 {
         // SAFETY: `new` checked the control page lies inside the mapping; the mapping is
-        // page-aligned, so `offset + 8 * index` (index < 2) is 8-aligned; the `Arc` keeps the
+        // page-aligned, so `offset + 8 * index` (index < 3) is 8-aligned; the `Arc` keeps the
         // mapping alive as long as `self`; both processes only touch these words atomically.
         unsafe {
             &*self
@@ -70,6 +70,10 @@ impl Control {
 
     fn beats(&self) -> &AtomicU64 {
         self.word(1)
+    }
+
+    fn replayed(&self) -> &AtomicU64 {
+        self.word(2)
     }
 }
 
@@ -268,6 +272,7 @@ impl PrimaryLink for ShmPrimaryLink {
 
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
         let acked = self.control.acked().load(Ordering::Acquire);
+        let replayed = self.control.replayed().load(Ordering::Acquire);
         let beats = self.control.beats().load(Ordering::Relaxed);
         let heard = beats != self.last_beats;
         self.last_beats = beats;
@@ -275,6 +280,7 @@ impl PrimaryLink for ShmPrimaryLink {
         // ACK may land between the two loads and must not wait for the next heartbeat.
         Ok(BackupNews {
             acked: Some(acked),
+            replayed: Some(replayed),
             heard,
         })
     }
@@ -308,8 +314,11 @@ impl BackupLink for ShmBackupLink {
         Ok(())
     }
 
-    fn ack(&mut self, acked: u64, _epoch: u64) -> Result<(), ChannelError> {
-        self.control.acked().store(acked, Ordering::Release);
+    fn ack(&mut self, ack: Ack) -> Result<(), ChannelError> {
+        self.control
+            .replayed()
+            .store(ack.replayed, Ordering::Release);
+        self.control.acked().store(ack.received, Ordering::Release);
         self.control.beats().fetch_add(1, Ordering::Release);
         Ok(())
     }

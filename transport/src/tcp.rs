@@ -1,4 +1,4 @@
-//! The kernel-TCP medium: log frames back to back on a TCP connection (`TCP_NODELAY`), 24-byte
+//! The kernel-TCP medium: log frames back to back on a TCP connection (`TCP_NODELAY`), 32-byte
 //! ACK messages on the way back.
 //!
 //! The socket is always non-blocking after the handshake. In busy-poll mode (`tcp-spin`) the
@@ -6,19 +6,20 @@
 //! ([`ChannelConfig::blocking`]) waits sleep in `poll(2)` until the socket is readable, trading
 //! latency (a kernel wake-up per message) for CPU.
 //!
-//! ACK message, little-endian: `b"FTAK"`, u32 zero, u64 epoch, u64 cumulative acked sequence.
+//! ACK message, little-endian: `b"FTAK"`, u32 zero, u64 epoch, u64 cumulative acked sequence,
+//! u64 replayed sequence (see [`Ack`](crate::channel::Ack)).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 
 const ACK_MAGIC: [u8; 4] = *b"FTAK";
-const ACK_LEN: usize = 24;
+const ACK_LEN: usize = 32;
 
 /// Readies a TCP connection for a handshake: no Nagle delay, and reads and writes bounded by
 /// the handshake timeout. Shared by the media that shake hands over TCP.
@@ -225,10 +226,20 @@ impl PrimaryLink for TcpPrimaryLink {
                                 &msg[..8]
                             )));
                         }
-                        let mut seq = [0; 8];
-                        seq.copy_from_slice(&msg[16..24]);
-                        let seq = u64::from_le_bytes(seq);
+                        let word = |at: usize| {
+                            let mut w = [0; 8];
+                            w.copy_from_slice(&msg[at..at + 8]);
+                            u64::from_le_bytes(w)
+                        };
+                        let (seq, replayed) = (word(16), word(24));
+                        if replayed > seq {
+                            return Err(ChannelError::CorruptMessage(format!(
+                                "ACK of entry {seq} says entry {replayed} was replayed"
+                            )));
+                        }
                         news.acked = Some(news.acked.map_or(seq, |a: u64| a.max(seq)));
+                        news.replayed =
+                            Some(news.replayed.map_or(replayed, |r: u64| r.max(replayed)));
                     }
                     self.inbox.copy_within(whole..self.inbox_len, 0);
                     self.inbox_len -= whole;
@@ -343,11 +354,12 @@ impl BackupLink for TcpBackupLink {
         Ok(())
     }
 
-    fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError> {
+    fn ack(&mut self, ack: Ack) -> Result<(), ChannelError> {
         let mut msg = [0u8; ACK_LEN];
         msg[..4].copy_from_slice(&ACK_MAGIC);
-        msg[8..16].copy_from_slice(&epoch.to_le_bytes());
-        msg[16..24].copy_from_slice(&acked.to_le_bytes());
+        msg[8..16].copy_from_slice(&ack.epoch.to_le_bytes());
+        msg[16..24].copy_from_slice(&ack.received.to_le_bytes());
+        msg[24..32].copy_from_slice(&ack.replayed.to_le_bytes());
         self.send_ack(msg)
     }
 

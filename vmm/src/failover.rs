@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use ft_arbiter::{Arbiter, Decision};
 use logfmt::Entry;
-use transport::{BackupLink, PreSharedKey, Primary, PrimaryLink};
+use transport::{PreSharedKey, Primary, PrimaryLink, StatsSnapshot};
 
 use crate::engine::{EngineError, EventSource};
 use crate::journal::AloneLog;
 use crate::record::{LogSink, NoLog, RecordConfig, Recorder};
-use crate::replay::Replayer;
+use crate::replay::{EntrySource, Replayer};
 use crate::service::ServicePort;
 
 /// How a replica asks the arbiter.
@@ -122,6 +122,8 @@ pub struct FailoverSink<L: PrimaryLink> {
     state: SinkState<L>,
     arbiter: Option<ArbiterClient>,
     log_bytes: u64,
+    /// The channel's counters when it was lost.
+    last_stats: Option<StatsSnapshot>,
     arbitration: Option<Arbitration>,
     lost_backup: Option<String>,
 }
@@ -146,6 +148,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
             state: SinkState::Replicated(Box::new(primary)),
             arbiter,
             log_bytes: 0,
+            last_stats: None,
             arbitration: None,
             lost_backup: None,
         }
@@ -161,6 +164,14 @@ impl<L: PrimaryLink> FailoverSink<L> {
         self.lost_backup.as_deref()
     }
 
+    /// The channel's counters (lag control among them): now, or when the backup was lost.
+    pub fn channel_stats(&self) -> Option<StatsSnapshot> {
+        match &self.state {
+            SinkState::Replicated(p) => Some(p.stats()),
+            SinkState::Alone(_) => self.last_stats,
+        }
+    }
+
     /// Handles a failed channel operation: asks the arbiter; on a win continues alone.
     fn failed(&mut self, e: EngineError) -> Result<(), EngineError> {
         let SinkState::Replicated(p) = &self.state else {
@@ -171,6 +182,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
         };
         let epoch = p.config().epoch;
         self.log_bytes = p.stats().bytes;
+        self.last_stats = Some(p.stats());
         self.lost_backup = Some(e.to_string());
         tracing::warn!(
             "{}: lost the backup ({e}); asking the arbiter",
@@ -295,23 +307,23 @@ pub fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-enum Mode<L: BackupLink> {
-    Replay(Box<Replayer<L>>),
+enum Mode<S: EntrySource> {
+    Replay(Box<Replayer<S>>),
     Live(Box<Recorder<AloneLog>>),
     Switching,
 }
 
 /// The backup's event source: replays the log; when it ends, asks the arbiter and (on a win)
 /// continues the same guest live. See the module docs.
-pub struct Failover<L: BackupLink> {
-    mode: Mode<L>,
+pub struct Failover<S: EntrySource> {
+    mode: Mode<S>,
     takeover: Option<Takeover>,
     report: Option<TakeoverReport>,
     replayed_entries: u64,
     outputs_checked: u64,
 }
 
-impl<L: BackupLink> std::fmt::Debug for Failover<L> {
+impl<S: EntrySource> std::fmt::Debug for Failover<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Failover")
             .field("live", &matches!(self.mode, Mode::Live(_)))
@@ -320,10 +332,10 @@ impl<L: BackupLink> std::fmt::Debug for Failover<L> {
     }
 }
 
-impl<L: BackupLink> Failover<L> {
+impl<S: EntrySource> Failover<S> {
     /// Replays through `replayer`; with `takeover`, goes live when the log ends (without it, the
     /// end of the log ends the run).
-    pub fn new(replayer: Replayer<L>, takeover: Option<Takeover>) -> Self {
+    pub fn new(replayer: Replayer<S>, takeover: Option<Takeover>) -> Self {
         Failover {
             mode: Mode::Replay(Box::new(replayer)),
             takeover,
@@ -334,7 +346,7 @@ impl<L: BackupLink> Failover<L> {
     }
 
     /// The replayer, while replaying.
-    pub fn replayer(&self) -> Option<&Replayer<L>> {
+    pub fn replayer(&self) -> Option<&Replayer<S>> {
         match &self.mode {
             Mode::Replay(r) => Some(r),
             _ => None,
@@ -457,7 +469,7 @@ macro_rules! step {
     }};
 }
 
-impl<L: BackupLink> EventSource for Failover<L> {
+impl<S: EntrySource> EventSource for Failover<S> {
     fn should_stop(&mut self, exit: u64) -> Result<bool, EngineError> {
         step!(self, s => s.should_stop(exit))
     }

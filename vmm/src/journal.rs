@@ -2,7 +2,7 @@
 //! recorded live, in one file of back-to-back `logfmt` frames with continuous sequence numbers
 //! (the epoch steps up where the replica went live).
 //!
-//! Replaying a journal on a fresh VM ([`JournalLink`] under an ordinary [`crate::replay::Replayer`])
+//! Replaying a journal on a fresh VM ([`JournalSource`] under an ordinary [`crate::replay::Replayer`])
 //! must end in the same memory as the replica that wrote it: the check that a takeover continued
 //! exactly the guest the old primary's log described, with nothing lost or invented at the seam.
 
@@ -10,11 +10,15 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use logfmt::{Entry, FrameBuf};
-use transport::{BackupLink, ChannelError};
+use std::time::Duration;
+
+use logfmt::{Entry, FrameBuf, FrameView};
+use transport::channel::LoggedEntry;
+use transport::ChannelError;
 
 use crate::engine::EngineError;
 use crate::record::LogSink;
+use crate::replay::EntrySource;
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> EngineError {
     move |source| EngineError::Io { context, source }
@@ -119,55 +123,132 @@ impl LogSink for AloneLog {
     }
 }
 
-/// A journal file as the backup end of a channel: its frames, in order, then a closed peer.
-/// Drives [`crate::replay::Replayer`] through [`transport::Backup`], with every check a live
-/// channel makes (CRC, continuous sequence numbers, epochs that never go back).
+/// A journal file as a replica's entry source: its frames in order, each checked as a live
+/// channel checks it (CRC, continuous sequence numbers, epochs that never go back) before any
+/// of its entries is replayed, read in place; the end of the file ends the log.
 #[derive(Debug)]
-pub struct JournalLink {
+pub struct JournalSource {
     bytes: Vec<u8>,
+    /// Offset of the frame being replayed.
     at: usize,
-    peeked: usize,
+    /// That frame passed the checks (its length, first sequence number and entry count).
+    checked: Option<(usize, u64, u32)>,
+    /// Body offset and index of the next entry, and where the one after it starts.
+    offset: usize,
+    index: u32,
+    next: usize,
+    current: bool,
+    expected: u64,
+    epoch: u64,
+    received: u64,
 }
 
-impl JournalLink {
+impl JournalSource {
     /// Reads the whole journal at `path`.
     pub fn open(path: &Path) -> Result<Self, EngineError> {
         let bytes = std::fs::read(path).map_err(io("reading the journal"))?;
-        Ok(JournalLink {
+        Ok(JournalSource {
             bytes,
             at: 0,
-            peeked: 0,
+            checked: None,
+            offset: 0,
+            index: 0,
+            next: 0,
+            current: false,
+            expected: 1,
+            epoch: 0,
+            received: 0,
         })
     }
-}
 
-impl BackupLink for JournalLink {
-    fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+    /// Checks the frame at `at`.
+    fn check(&mut self) -> Result<(), ChannelError> {
         let rest = &self.bytes[self.at..];
         if rest.is_empty() {
-            return Ok(None);
+            return Err(ChannelError::PeerClosed);
         }
-        let len = logfmt::peek_frame_len(rest).map_err(ChannelError::from)?;
-        let frame = rest.get(..len).ok_or_else(|| {
+        let len = logfmt::peek_frame_len(rest)?;
+        let bytes = rest.get(..len).ok_or_else(|| {
             ChannelError::CorruptMessage(format!(
                 "journal ends inside a {len}-byte frame at offset {}",
                 self.at
             ))
         })?;
-        self.peeked = len;
-        Ok(Some(frame))
-    }
-    fn consume(&mut self) -> Result<(), ChannelError> {
-        self.at += std::mem::take(&mut self.peeked);
-        Ok(())
-    }
-    fn ack(&mut self, _acked: u64, _epoch: u64) -> Result<(), ChannelError> {
-        Ok(())
-    }
-    fn check_peer(&mut self) -> Result<(), ChannelError> {
-        if self.at >= self.bytes.len() {
-            return Err(ChannelError::PeerClosed);
+        let (frame, _) = FrameView::parse(bytes)?;
+        if frame.epoch() < self.epoch {
+            return Err(ChannelError::StaleEpoch {
+                frame: frame.epoch(),
+                current: self.epoch,
+            });
+        }
+        if frame.first_seq() != self.expected {
+            return Err(ChannelError::SequenceGap {
+                expected: self.expected,
+                found: frame.first_seq(),
+            });
+        }
+        self.epoch = frame.epoch();
+        let count = frame.entry_count();
+        self.expected += u64::from(count);
+        self.received += u64::from(count);
+        if count == 0 {
+            self.at += len;
+        } else {
+            self.checked = Some((len, frame.first_seq(), count));
         }
         Ok(())
+    }
+}
+
+impl EntrySource for JournalSource {
+    fn next_entry(&mut self) -> Result<Option<LoggedEntry<'_>>, ChannelError> {
+        let Some((len, first_seq, _)) = self.checked else {
+            return Ok(None);
+        };
+        let frame = FrameView::parse_landed(&self.bytes[self.at..self.at + len])?;
+        let (entry, next) = frame.entry_at(self.offset, self.index)?;
+        self.next = next;
+        self.current = true;
+        Ok(Some(LoggedEntry {
+            seq: first_seq + u64::from(self.index),
+            entry,
+            frame: (self.index == 0).then(|| frame.as_bytes()),
+        }))
+    }
+
+    fn advance(&mut self) {
+        let Some((len, _, count)) = self.checked else {
+            return;
+        };
+        if !std::mem::take(&mut self.current) {
+            return;
+        }
+        self.index += 1;
+        self.offset = self.next;
+        if self.index >= count {
+            self.at += len;
+            self.checked = None;
+            self.index = 0;
+            self.offset = 0;
+        }
+    }
+
+    fn pump(&mut self) -> Result<bool, ChannelError> {
+        if self.checked.is_some() {
+            return Ok(false);
+        }
+        self.check()?;
+        Ok(true)
+    }
+
+    fn wait(&mut self, _timeout: Duration) -> Result<bool, ChannelError> {
+        while self.checked.is_none() {
+            self.check()?;
+        }
+        Ok(true)
+    }
+
+    fn received(&self) -> u64 {
+        self.received
     }
 }

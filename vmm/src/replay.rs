@@ -4,114 +4,104 @@
 //! digest against the primary's marker: a mismatch is a divergence, reported with the exit,
 //! the device and both digests.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use logfmt::{ControlOp, Event};
-use transport::{Backup, BackupLink};
+use transport::channel::LoggedEntry;
+use transport::{Backup, BackupLink, ChannelError, StatsSnapshot};
 
 use crate::engine::{EngineError, EventSource, NET_DEVICE};
 use crate::journal::Journal;
 
-/// One log entry, owned (frames are borrowed from the channel only while it is polled).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Logged {
-    Input { device: u16, data: Vec<u8> },
-    Clock(u64),
-    Random(Vec<u8>),
-    Interrupt(u8),
-    Output { device: u16, len: u32, digest: u64 },
-    Shutdown,
-    Other(String),
-}
-
-#[derive(Debug)]
-struct Pending {
-    seq: u64,
-    exit: u64,
-    what: Logged,
-}
-
-/// Where received frames go besides the replay queue.
-#[derive(Debug, Default)]
-struct Sinks {
-    entries: u64,
-    last_seq: u64,
-    journal: Option<Journal>,
-    journal_error: Option<String>,
-}
-
-/// Copies a frame's entries into the replay queue, owned (and the frame into the journal).
-fn enqueue(queue: &mut VecDeque<Pending>, sinks: &mut Sinks, frame: &logfmt::FrameView<'_>) {
-    if let Some(j) = &mut sinks.journal {
-        if let Err(e) = j.write_frame(frame.as_bytes()) {
-            sinks.journal_error = Some(e.to_string());
-            sinks.journal = None;
-        }
+/// Where a replica's log entries come from, read in place: the live channel's validated ring
+/// ([`transport::Backup`]) or a journal file ([`crate::journal::JournalSource`]).
+pub trait EntrySource {
+    /// The next entry not yet replayed, if one is here; it stays the next one until
+    /// [`EntrySource::advance`]. No I/O.
+    fn next_entry(&mut self) -> Result<Option<LoggedEntry<'_>>, ChannelError>;
+    /// The entry `next_entry` returned is replayed.
+    fn advance(&mut self);
+    /// Does the source's work once (receive, acknowledge, report the replay position); an
+    /// error means the log has ended (what was already received can still be replayed).
+    fn pump(&mut self) -> Result<bool, ChannelError>;
+    /// Pumps until an entry is ready or `timeout` passed.
+    fn wait(&mut self, timeout: Duration) -> Result<bool, ChannelError>;
+    /// Entries received so far.
+    fn received(&self) -> u64;
+    /// Counters of the channel underneath, if there is one.
+    fn stats(&self) -> Option<StatsSnapshot> {
+        None
     }
-    if let Some(last) = frame.last_seq() {
-        sinks.last_seq = last;
+}
+
+impl<L: BackupLink> EntrySource for Backup<L> {
+    fn next_entry(&mut self) -> Result<Option<LoggedEntry<'_>>, ChannelError> {
+        Backup::next_entry(self)
     }
-    let entries = &mut sinks.entries;
-    for (seq, entry) in frame.entries_with_seq() {
-        *entries += 1;
-        let what = match entry.event {
-            Event::DeviceInput { device, data } => Logged::Input {
-                device,
-                data: data.to_vec(),
-            },
-            Event::Clock { ns } => Logged::Clock(ns),
-            Event::Random { data } => Logged::Random(data.to_vec()),
-            Event::Interrupt { vector } => Logged::Interrupt(vector),
-            Event::OutputMarker {
-                device,
-                len,
-                digest,
-            } => Logged::Output {
-                device,
-                len,
-                digest,
-            },
-            Event::Heartbeat { .. } => continue,
-            Event::Control(ControlOp::Shutdown) => Logged::Shutdown,
-            other => Logged::Other(format!("{other:?}")),
-        };
-        queue.push_back(Pending {
-            seq,
-            exit: entry.position.exit,
-            what,
-        });
+    fn advance(&mut self) {
+        Backup::advance(self);
+    }
+    fn pump(&mut self) -> Result<bool, ChannelError> {
+        Backup::pump(self)
+    }
+    fn wait(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        Backup::wait(self, timeout)
+    }
+    fn received(&self) -> u64 {
+        Backup::stats(self).entries
+    }
+    fn stats(&self) -> Option<StatsSnapshot> {
+        Some(Backup::stats(self))
     }
 }
 
 /// The backup's [`EventSource`].
 #[derive(Debug)]
-pub struct Replayer<L: BackupLink> {
-    backup: Backup<L>,
-    queue: VecDeque<Pending>,
+pub struct Replayer<S: EntrySource> {
+    source: S,
     stall_timeout: Duration,
     outputs_checked: u64,
-    sinks: Sinks,
-    /// Why the channel ended, once it has: from then on only the queue is replayed.
+    journal: Option<Journal>,
+    journal_error: Option<String>,
+    /// The last sequence number whose frame went to the journal.
+    journaled: u64,
+    /// The last sequence number replayed.
+    replayed: u64,
+    /// Why the log ended, once it has: from then on only what was received is replayed.
     ended: Option<String>,
+    /// After the end, the source was pumped once more with nothing left and gave nothing.
+    drained: bool,
     /// The newest clock value replayed (a backup that goes live continues from it).
     last_clock_ns: u64,
     /// When the channel's failure was noticed (ns since the Unix epoch).
     ended_unix_ns: u64,
 }
 
-impl<L: BackupLink> Replayer<L> {
-    /// Replays the log arriving on `backup`. A stall longer than `stall_timeout` with the channel
-    /// still alive is not an error (the primary may be idle); the channel's own heartbeat timeout
-    /// ends a stall on a dead primary.
-    pub fn new(backup: Backup<L>, stall_timeout: Duration) -> Self {
+/// A copy of what an entry says, for error messages.
+fn describe(event: &Event<'_>) -> String {
+    match event {
+        Event::DeviceInput { device, data } => {
+            format!("Input {{ device: {device}, {} bytes }}", data.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+impl<S: EntrySource> Replayer<S> {
+    /// Replays the log arriving from `source`. A stall longer than `stall_timeout` with the
+    /// source still alive is not an error (the primary may be idle); the channel's own
+    /// heartbeat timeout ends a stall on a dead primary.
+    pub fn new(source: S, stall_timeout: Duration) -> Self {
         Replayer {
-            backup,
-            queue: VecDeque::new(),
+            source,
             stall_timeout,
             outputs_checked: 0,
-            sinks: Sinks::default(),
+            journal: None,
+            journal_error: None,
+            journaled: 0,
+            replayed: 0,
             ended: None,
+            drained: false,
             last_clock_ns: 0,
             ended_unix_ns: 0,
         }
@@ -124,31 +114,32 @@ impl<L: BackupLink> Replayer<L> {
 
     /// Log entries received.
     pub fn entries(&self) -> u64 {
-        self.sinks.entries
+        self.source.received()
     }
 
-    /// Also appends every frame received to `journal`.
+    /// Also appends every frame replayed to `journal` (when its first entry comes up).
     pub fn with_journal(mut self, journal: Journal) -> Self {
-        self.sinks.journal = Some(journal);
+        self.journal = Some(journal);
         self
     }
 
     /// Takes the journal back (for the live log after a takeover), or says why it was lost.
     pub fn take_journal(&mut self) -> Result<Option<Journal>, String> {
-        match self.sinks.journal_error.take() {
+        match self.journal_error.take() {
             Some(e) => Err(e),
-            None => Ok(self.sinks.journal.take()),
+            None => Ok(self.journal.take()),
         }
     }
 
-    /// The sequence number of the last entry received.
+    /// The sequence number of the last entry replayed (once the log has ended: of the last
+    /// entry received, for every received entry is replayed before the end is reported).
     pub fn last_seq(&self) -> u64 {
-        self.sinks.last_seq
+        self.replayed
     }
 
-    /// The channel end.
-    pub fn backup(&self) -> &Backup<L> {
-        &self.backup
+    /// The entry source.
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     /// The newest guest clock value replayed so far.
@@ -166,179 +157,224 @@ impl<L: BackupLink> Replayer<L> {
         self.ended_unix_ns
     }
 
-    /// Entries received but not replayed yet.
-    pub fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Records that the channel failed, then drains it: a failed channel still hands over every
-    /// frame it validated (and the medium may hold more), so poll until nothing new comes.
-    fn end(&mut self, cause: transport::ChannelError) {
-        self.ended = Some(cause.to_string());
-        self.ended_unix_ns = crate::failover::unix_ns();
-        for _ in 0..1024 {
-            let before = self.sinks.entries;
-            let (queue, sinks) = (&mut self.queue, &mut self.sinks);
-            let _ = self.backup.poll(|frame| enqueue(queue, sinks, frame));
-            if self.sinks.entries == before {
-                break;
-            }
+    fn end(&mut self, cause: ChannelError) {
+        if self.ended.is_none() {
+            self.ended = Some(cause.to_string());
+            self.ended_unix_ns = crate::failover::unix_ns();
         }
     }
 
-    /// Copies newly arrived entries into the queue; waits (stalls) while there is nothing.
+    /// Makes sure an entry is ready; waits (stalls) while there is none.
     ///
-    /// Polls the channel at least once per call even when entries are queued: the channel is
+    /// Pumps the source at least once per call even when entries are ready: the channel is
     /// pumped only from this thread, so this is what keeps the backup's ACKs (and with them the
     /// primary's output commits) flowing while the replica works through a backlog.
     ///
-    /// Once the channel has failed, the entries already received are still replayed, in order;
-    /// only when none is left does this return [`EngineError::LogEnded`] for `exit`.
+    /// Once the source has failed, the entries already received are still replayed, in order
+    /// (a failed medium may still hand over frames it validated: it is pumped once more when
+    /// nothing is left); only when none is left does this return [`EngineError::LogEnded`].
     fn fill(&mut self, exit: u64) -> Result<(), EngineError> {
         if self.ended.is_none() {
-            let (queue, sinks) = (&mut self.queue, &mut self.sinks);
-            if let Err(e) = self.backup.poll(|frame| enqueue(queue, sinks, frame)) {
+            if let Err(e) = self.source.pump() {
                 self.end(e);
             }
         }
-        while self.queue.is_empty() {
+        loop {
+            if self.source.next_entry()?.is_some() {
+                return Ok(());
+            }
             if let Some(cause) = &self.ended {
-                return Err(EngineError::LogEnded {
-                    exit,
-                    cause: cause.clone(),
-                });
+                if self.drained {
+                    return Err(EngineError::LogEnded {
+                        exit,
+                        cause: cause.clone(),
+                    });
+                }
+                self.drained = true;
+                let _ = self.source.pump();
+                continue;
             }
-            let (queue, sinks) = (&mut self.queue, &mut self.sinks);
-            if let Err(e) = self
-                .backup
-                .poll_timeout(self.stall_timeout, |frame| enqueue(queue, sinks, frame))
-            {
+            if let Err(e) = self.source.wait(self.stall_timeout) {
                 self.end(e);
             }
         }
-        Ok(())
     }
 
-    /// The next entry, which must belong to `exit`.
-    fn front(&mut self, exit: u64) -> Result<&Pending, EngineError> {
-        self.fill(exit)?;
-        let Some(front) = self.queue.front() else {
-            unreachable!("fill returns only with a non-empty queue")
+    /// The next entry that is not a heartbeat, which must belong to `exit`; journals its frame.
+    fn front(&mut self, exit: u64) -> Result<LoggedEntry<'_>, EngineError> {
+        loop {
+            self.fill(exit)?;
+            let Some(e) = self.source.next_entry()? else {
+                unreachable!("fill returns only with an entry ready")
+            };
+            if !matches!(e.entry.event, Event::Heartbeat { .. }) {
+                break;
+            }
+            let seq = e.seq;
+            self.source.advance();
+            self.replayed = seq;
+        }
+        let Some(e) = self.source.next_entry()? else {
+            unreachable!("fill returned with an entry ready")
         };
-        if front.exit < exit {
+        if let (Some(frame), Some(j)) = (e.frame, &mut self.journal) {
+            if e.seq > self.journaled {
+                self.journaled = e.seq;
+                if let Err(err) = j.write_frame(frame) {
+                    self.journal_error = Some(err.to_string());
+                    self.journal = None;
+                }
+            }
+        }
+        let at = e.entry.position.exit;
+        if at < exit {
             return Err(EngineError::MalformedLog {
                 exit,
                 what: format!(
-                    "entry {} is for exit {}, which the replica has passed",
-                    front.seq, front.exit
+                    "entry {} is for exit {at}, which the replica has passed",
+                    e.seq
                 ),
             });
         }
-        if front.exit > exit {
+        if at > exit {
             return Err(EngineError::Divergence {
                 exit,
                 device: 0,
-                primary: format!("no event until exit {}", front.exit),
+                primary: format!("no event until exit {at}"),
                 backup: "a hypercall that needs a logged value".into(),
             });
         }
-        Ok(front)
+        Ok(e)
     }
 
-    fn take(&mut self, exit: u64, wanted: &str) -> Result<Logged, EngineError> {
-        self.front(exit)?;
-        let Some(p) = self.queue.pop_front() else {
-            unreachable!("front checked the queue")
-        };
-        match p.what {
-            Logged::Other(what) => Err(EngineError::MalformedLog {
-                exit,
-                what: format!("entry {}: {what} where {wanted} was expected", p.seq),
+    /// Steps over the entry `front` returned.
+    fn advance(&mut self, seq: u64) {
+        self.source.advance();
+        self.replayed = seq;
+    }
+
+    /// Takes the next entry for `exit` if `pick` accepts it; else the divergence (or, for an
+    /// entry of a kind the replica never expects, the malformed log) `pick` reports.
+    fn take<T>(
+        &mut self,
+        exit: u64,
+        wanted: &str,
+        backup: &str,
+        pick: impl FnOnce(&Event<'_>) -> Option<Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        let e = self.front(exit)?;
+        let seq = e.seq;
+        let picked = pick(&e.entry.event);
+        let result = match picked {
+            Some(r) => r,
+            None => Err(match &e.entry.event {
+                Event::DeviceInput { .. }
+                | Event::Clock { .. }
+                | Event::Random { .. }
+                | Event::Interrupt { .. }
+                | Event::OutputMarker { .. }
+                | Event::Control(ControlOp::Shutdown) => EngineError::Divergence {
+                    exit,
+                    device: 0,
+                    primary: format!("logged {}", describe(&e.entry.event)),
+                    backup: backup.into(),
+                },
+                other => EngineError::MalformedLog {
+                    exit,
+                    what: format!(
+                        "entry {seq}: {} where {wanted} was expected",
+                        describe(other)
+                    ),
+                },
             }),
-            other => Ok(other),
+        };
+        if result.is_ok() {
+            self.advance(seq);
         }
-    }
-
-    fn mismatch(exit: u64, primary: &Logged, backup: &str) -> EngineError {
-        EngineError::Divergence {
-            exit,
-            device: 0,
-            primary: format!("logged {primary:?}"),
-            backup: backup.into(),
-        }
+        result
     }
 }
 
-impl<L: BackupLink> EventSource for Replayer<L> {
+impl<S: EntrySource> EventSource for Replayer<S> {
     fn should_stop(&mut self, exit: u64) -> Result<bool, EngineError> {
-        Ok(self.front(exit)?.what == Logged::Shutdown)
+        Ok(matches!(
+            self.front(exit)?.entry.event,
+            Event::Control(ControlOp::Shutdown)
+        ))
     }
 
     fn interrupts(&mut self, exit: u64, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        while let Logged::Interrupt(v) = self.front(exit)?.what {
-            out.push(v);
-            self.queue.pop_front();
+        loop {
+            let e = self.front(exit)?;
+            let Event::Interrupt { vector } = e.entry.event else {
+                return Ok(());
+            };
+            let seq = e.seq;
+            out.push(vector);
+            self.advance(seq);
         }
-        Ok(())
     }
 
     fn net_rx(&mut self, exit: u64, buf: &mut Vec<u8>) -> Result<(), EngineError> {
-        match self.take(exit, "network input")? {
-            Logged::Input {
-                device: NET_DEVICE,
-                data,
-            } => {
-                buf.extend_from_slice(&data);
-                Ok(())
-            }
-            other => Err(Self::mismatch(exit, &other, "network receive")),
-        }
+        self.take(
+            exit,
+            "network input",
+            "network receive",
+            |event| match event {
+                Event::DeviceInput {
+                    device: NET_DEVICE,
+                    data,
+                } => {
+                    buf.extend_from_slice(data);
+                    Some(Ok(()))
+                }
+                _ => None,
+            },
+        )
     }
 
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError> {
-        match self.take(exit, "clock")? {
-            Logged::Clock(ns) => {
-                self.last_clock_ns = self.last_clock_ns.max(ns);
-                Ok(ns)
-            }
-            other => Err(Self::mismatch(exit, &other, "clock read")),
-        }
+        let ns = self.take(exit, "clock", "clock read", |event| match event {
+            Event::Clock { ns } => Some(Ok(*ns)),
+            _ => None,
+        })?;
+        self.last_clock_ns = self.last_clock_ns.max(ns);
+        Ok(ns)
     }
 
     fn random(&mut self, exit: u64) -> Result<[u8; 16], EngineError> {
-        match self.take(exit, "random bytes")? {
-            Logged::Random(data) => {
-                data.as_slice()
-                    .try_into()
-                    .map_err(|_| EngineError::MalformedLog {
-                        exit,
-                        what: format!("{} random bytes where 16 were expected", data.len()),
-                    })
+        self.take(exit, "random bytes", "random read", |event| match event {
+            Event::Random { data } => {
+                Some((*data).try_into().map_err(|_| EngineError::MalformedLog {
+                    exit,
+                    what: format!("{} random bytes where 16 were expected", data.len()),
+                }))
             }
-            other => Err(Self::mismatch(exit, &other, "random read")),
-        }
+            _ => None,
+        })
     }
 
     fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError> {
         let ours = logfmt::digest(bytes);
-        match self.take(exit, "output marker")? {
-            Logged::Output {
+        self.take(exit, "output marker", "an output", |event| match event {
+            Event::OutputMarker {
                 device: d,
                 len,
                 digest,
-            } if d == device => {
-                if digest != ours || len as usize != bytes.len() {
-                    return Err(EngineError::Divergence {
+            } if *d == device => {
+                if *digest != ours || *len as usize != bytes.len() {
+                    return Some(Err(EngineError::Divergence {
                         exit,
                         device,
                         primary: format!("output digest {digest:#018x} ({len} bytes)"),
                         backup: format!("output digest {ours:#018x} ({} bytes)", bytes.len()),
-                    });
+                    }));
                 }
-                self.outputs_checked += 1;
-                Ok(())
+                Some(Ok(()))
             }
-            other => Err(Self::mismatch(exit, &other, "an output")),
-        }
+            _ => None,
+        })?;
+        self.outputs_checked += 1;
+        Ok(())
     }
 }

@@ -8,14 +8,14 @@ use super::DpdkStats;
 /// Our header after the Ethernet header: magic.
 pub(super) const MAGIC: [u8; 2] = *b"FL";
 /// Wire format version.
-pub(super) const VERSION: u8 = 1;
+pub(super) const VERSION: u8 = 2;
 pub(super) const T_DATA: u8 = 1;
 pub(super) const T_ACK: u8 = 2;
 pub(super) const T_NACK: u8 = 3;
 /// Length of our header in a DATA packet.
 pub(super) const DATA_HDR: usize = 28;
 /// Length of our header (and body) in an ACK/NACK packet.
-pub(super) const ACK_HDR: usize = 32;
+pub(super) const ACK_HDR: usize = 40;
 /// Bytes a DATA packet adds to the piece it carries, after the Ethernet header.
 pub const DATA_HEADER_LEN: usize = DATA_HDR;
 /// Bytes of an ACK/NACK packet after the Ethernet header.

@@ -13,7 +13,7 @@ use super::codec::{classify, u64_at, DataHead, ACK_HDR, DATA_HDR, T_ACK, T_DATA,
 use super::reassembly::{Piece, Reassembly};
 use super::wire::{Sent, Wire};
 use super::{DpdkConfig, DpdkStats};
-use crate::channel::{BackupLink, BackupNews, PrimaryLink};
+use crate::channel::{Ack, BackupLink, BackupNews, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
 use crate::poll::PollPolicy;
@@ -272,6 +272,7 @@ impl PrimaryLink for DpdkPrimaryLink {
             }
             let log_acked = u64_at(body, 16);
             let epoch = u64_at(body, 24);
+            let replayed = u64_at(body, 32);
             if epoch > self.epoch {
                 self.wire.rx = rx;
                 return Err(ChannelError::StaleEpoch {
@@ -281,6 +282,7 @@ impl PrimaryLink for DpdkPrimaryLink {
             }
             news.heard = true;
             news.acked = Some(news.acked.map_or(log_acked, |a| a.max(log_acked)));
+            news.replayed = Some(news.replayed.map_or(replayed, |r| r.max(replayed)));
             self.acknowledge(ack);
             if kind == T_NACK {
                 nack = Some(ack);
@@ -342,9 +344,8 @@ pub struct DpdkBackupLink {
     pub(super) wire: Wire,
     pub(super) control: TcpStream,
     pub(super) cfg: DpdkConfig,
-    /// The last log ACK and epoch the channel published.
-    pub(super) log_acked: u64,
-    pub(super) epoch: u64,
+    /// The last log ACK (with the epoch and replay position) the channel published.
+    pub(super) log: Ack,
     /// The gap (value of `expected`) a NACK was last sent for.
     pub(super) nacked: u64,
     /// A packet ACK is owed: DATA arrived that completed a log frame, and the channel's log
@@ -363,7 +364,7 @@ impl DpdkBackupLink {
         self.ack_owed = false;
         // An ACK that finds no room is not retried: a later one supersedes it.
         self.wire
-            .send_ack(kind, self.frames.expected - 1, self.log_acked, self.epoch)
+            .send_ack(kind, self.frames.expected - 1, self.log)
             .map(|_| ())
     }
 }
@@ -454,9 +455,8 @@ impl BackupLink for DpdkBackupLink {
         Ok(())
     }
 
-    fn ack(&mut self, acked: u64, epoch: u64) -> Result<(), ChannelError> {
-        self.log_acked = acked;
-        self.epoch = epoch;
+    fn ack(&mut self, ack: Ack) -> Result<(), ChannelError> {
+        self.log = ack;
         let sent = self.send_ack(T_ACK);
         self.spent.clear();
         self.wire.refill();

@@ -14,7 +14,7 @@
 //! ```text
 //! off len  field
 //!   0   2  magic "FL"
-//!   2   1  version (1)
+//!   2   1  version (2)
 //!   3   1  type: 1 DATA, 2 ACK, 3 NACK
 //!   4   4  link tag (random, chosen by the backup per connection; little-endian)
 //!   8   8  DATA: this packet's sequence number (from 1, per direction)
@@ -28,6 +28,7 @@
 //! ACK/NACK:
 //!  16   8  the channel's cumulative log ACK (`BackupLink::ack`)
 //!  24   8  the backup's epoch
+//!  32   8  the backup's replay position (`Ack::replayed`)
 //! ```
 //!
 //! # Reliability

@@ -11,7 +11,7 @@ use super::link::{DpdkBackupLink, DpdkPrimaryLink};
 use super::reassembly::Reassembly;
 use super::wire::Wire;
 use super::{dpdk_err, DpdkConfig};
-use crate::channel::{Backup, ChannelConfig, Primary};
+use crate::channel::{Ack, Backup, ChannelConfig, Primary};
 use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
@@ -139,8 +139,10 @@ pub fn backup_on(
         ),
         spent: Vec::new(),
         cfg: dpdk,
-        log_acked: 0,
-        epoch: hello.epoch.max(config.epoch),
+        log: Ack {
+            epoch: hello.epoch.max(config.epoch),
+            ..Ack::default()
+        },
         nacked: 0,
         ack_owed: false,
     };

@@ -6,6 +6,7 @@ use dpdk_sys::{DpdkError, EtherAddr, Mbuf, Mempool, Port, ETHERTYPE_FTVM, ETHER_
 
 use super::codec::{ACK_HDR, MAGIC, VERSION};
 use super::{dpdk_err, DpdkStats};
+use crate::channel::Ack;
 use crate::error::ChannelError;
 
 /// One port, its peer, and the packet I/O both sides share.
@@ -51,13 +52,7 @@ impl Wire {
     }
 
     /// Sends an ACK or NACK, written straight into the mbuf.
-    pub(super) fn send_ack(
-        &mut self,
-        kind: u8,
-        ack: u64,
-        log_acked: u64,
-        epoch: u64,
-    ) -> Result<Sent, ChannelError> {
+    pub(super) fn send_ack(&mut self, kind: u8, ack: u64, log: Ack) -> Result<Sent, ChannelError> {
         let (peer, mac, tag) = (self.peer, self.mac, self.tag);
         self.send_with(ETHER_HDR_LEN + ACK_HDR, |b| {
             b[0..6].copy_from_slice(&peer.0);
@@ -69,8 +64,9 @@ impl Wire {
             h[3] = kind;
             h[4..8].copy_from_slice(&tag.to_le_bytes());
             h[8..16].copy_from_slice(&ack.to_le_bytes());
-            h[16..24].copy_from_slice(&log_acked.to_le_bytes());
-            h[24..32].copy_from_slice(&epoch.to_le_bytes());
+            h[16..24].copy_from_slice(&log.received.to_le_bytes());
+            h[24..32].copy_from_slice(&log.epoch.to_le_bytes());
+            h[32..40].copy_from_slice(&log.replayed.to_le_bytes());
         })
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::setup::{AckBlock, RemoteRegion, ACK_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
-use crate::channel::BackupLink;
+use crate::channel::{Ack, BackupLink};
 use crate::control;
 use crate::error::ChannelError;
 use crate::poll::PollPolicy;
@@ -78,7 +78,7 @@ impl RdmaBackupLink {
         let slot = (self.sq.posted() + 1) % slots;
         let at = slot as usize * ACK_LEN;
         debug_assert!(at + ACK_LEN <= self.acks.len());
-        // SAFETY: `slot < slots`, so the 32 bytes lie inside the registered slot region owned by
+        // SAFETY: `slot < slots`, so the ACK_LEN bytes lie inside the registered slot region owned by
         // `self`; the NIC reads them only for a request posted from this slot, which completed
         // before the slot came round again.
         unsafe {
@@ -133,12 +133,13 @@ impl BackupLink for RdmaBackupLink {
         Ok(())
     }
 
-    fn ack(&mut self, acked: u64, _epoch: u64) -> Result<(), ChannelError> {
+    fn ack(&mut self, ack: Ack) -> Result<(), ChannelError> {
         self.beats += 1;
         let block = AckBlock {
-            acked,
+            acked: ack.received,
             tail: ring::tail_word(&*self.ring).load(Ordering::Acquire),
             beats: self.beats,
+            replayed: ack.replayed,
         };
         self.send_ack(block.encode())
     }

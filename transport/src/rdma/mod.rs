@@ -72,9 +72,10 @@
 //! [`crate::PollPolicy`], like every other medium, never waited on.
 //!
 //! # ACKs
-//! The backup publishes `{acked, tail, beats, check}` (32 bytes, [`setup::AckBlock`]) with an
-//! inline RDMA WRITE into the primary's ACK block: the cumulative ACK, how far it has released
-//! its ring (the primary's free space), and a counter that changes with every ACK (heartbeat).
+//! The backup publishes `{acked, tail, beats, replayed, check}` (40 bytes, [`setup::AckBlock`])
+//! with an inline RDMA WRITE into the primary's ACK block: the cumulative ACK, how far it has
+//! released its ring (the primary's free space), a counter that changes with every ACK
+//! (heartbeat), and how far its replica has replayed (lag control).
 //! The primary reads the block from memory with no verbs call at all; the check word catches a
 //! read that raced the write. A new ACK is handed to the channel at once; that the backup was
 //! *heard* (which makes the channel read the clock for its liveness bookkeeping) is reported one

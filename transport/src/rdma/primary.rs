@@ -5,7 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::setup::{seal_sum, AckBlock, HeadSeal, RemoteRegion, SEAL_LEN, SHORT_SEAL_LEN};
+use super::setup::{
+    seal_sum, AckBlock, HeadSeal, RemoteRegion, ACK_WORDS, SEAL_LEN, SHORT_SEAL_LEN,
+};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
 use super::DOORBELL_EVERY;
 use crate::channel::{BackupNews, PrimaryLink};
@@ -232,15 +234,19 @@ impl PrimaryLink for RdmaPrimaryLink {
             // Every ACK write changes the check word (its beat count always moves), so an
             // unchanged check word means nothing new: one load per idle poll, and the poll
             // that finds the commit's ACK starts that much sooner.
-            let check = self.ack_word(3);
+            let check = self.ack_word(ACK_WORDS - 1);
             if check == self.last_ack_check {
                 None
             } else {
-                let words = [self.ack_word(0), self.ack_word(1), self.ack_word(2), check];
+                let mut words = [0; ACK_WORDS];
+                for (i, w) in words.iter_mut().enumerate().take(ACK_WORDS - 1) {
+                    *w = self.ack_word(i);
+                }
+                words[ACK_WORDS - 1] = check;
                 let block = AckBlock::from_words(words);
                 match block {
                     Some(_) => self.last_ack_check = check,
-                    None if words != [0; 4] => self.torn_reads += 1,
+                    None if words != [0; ACK_WORDS] => self.torn_reads += 1,
                     None => {}
                 }
                 block
@@ -249,6 +255,7 @@ impl PrimaryLink for RdmaPrimaryLink {
         let Some(block) = block else {
             return Ok(BackupNews {
                 acked: None,
+                replayed: None,
                 heard: std::mem::take(&mut self.heard_pending),
             });
         };
@@ -279,6 +286,7 @@ impl PrimaryLink for RdmaPrimaryLink {
         self.last_acked = block.acked;
         Ok(BackupNews {
             acked: Some(block.acked),
+            replayed: Some(block.replayed),
             heard,
         })
     }

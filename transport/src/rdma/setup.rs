@@ -240,7 +240,7 @@ impl RemoteRegion {
 
 /// The backup's ACK as it lands in the primary's ACK block: cumulative ACK, the ring's released
 /// position (the primary's free space), a counter that changes with every ACK (the heartbeat),
-/// and a check word. An RDMA write is not atomic for a reader polling the same memory (a NIC or
+/// the replay position, and a check word. An RDMA write is not atomic for a reader polling the same memory (a NIC or
 /// soft-RoCE may place the bytes in any order), so the primary only believes a block whose check
 /// word matches; a torn read is simply retried at the next poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -251,10 +251,14 @@ pub struct AckBlock {
     pub tail: u64,
     /// Changes with every ACK the backup publishes.
     pub beats: u64,
+    /// Every entry up to this sequence number has been replayed.
+    pub replayed: u64,
 }
 
 /// Bytes of an encoded [`AckBlock`].
-pub const ACK_LEN: usize = 32;
+pub const ACK_LEN: usize = 40;
+/// Words of an encoded [`AckBlock`] (the last is the check word).
+pub const ACK_WORDS: usize = ACK_LEN / 8;
 
 fn mix(mut x: u64) -> u64 {
     // splitmix64's finaliser: non-linear, so a block assembled from two different writes does
@@ -266,7 +270,8 @@ fn mix(mut x: u64) -> u64 {
 
 impl AckBlock {
     fn check(&self) -> u64 {
-        mix(self.acked ^ mix(self.tail ^ mix(self.beats ^ 0x4654_4143_4b31_0000)))
+        mix(self.acked
+            ^ mix(self.tail ^ mix(self.beats ^ mix(self.replayed ^ 0x4654_4143_4b32_0000))))
     }
 
     /// The block's bytes.
@@ -275,19 +280,21 @@ impl AckBlock {
         b[..8].copy_from_slice(&self.acked.to_le_bytes());
         b[8..16].copy_from_slice(&self.tail.to_le_bytes());
         b[16..24].copy_from_slice(&self.beats.to_le_bytes());
-        b[24..32].copy_from_slice(&self.check().to_le_bytes());
+        b[24..32].copy_from_slice(&self.replayed.to_le_bytes());
+        b[32..40].copy_from_slice(&self.check().to_le_bytes());
         b
     }
 
-    /// The block from its four words, or `None` if the check word does not match (nothing
-    /// written yet, or a read that raced the backup's write).
-    pub fn from_words(words: [u64; 4]) -> Option<Self> {
+    /// The block from its words, or `None` if the check word does not match (nothing written
+    /// yet, or a read that raced the backup's write).
+    pub fn from_words(words: [u64; ACK_WORDS]) -> Option<Self> {
         let block = AckBlock {
             acked: words[0],
             tail: words[1],
             beats: words[2],
+            replayed: words[3],
         };
-        (block.check() == words[3]).then_some(block)
+        (block.check() == words[4]).then_some(block)
     }
 }
 
@@ -486,14 +493,16 @@ mod tests {
             acked: 0x00ff,
             tail: 0x1000,
             beats: 9,
+            replayed: 0x00f0,
         };
         let new = AckBlock {
             acked: 0x0100,
             tail: 0x1040,
             beats: 10,
+            replayed: 0x00ff,
         };
         let words = |b: [u8; ACK_LEN]| {
-            let mut w = [0u64; 4];
+            let mut w = [0u64; ACK_WORDS];
             for (i, c) in b.chunks_exact(8).enumerate() {
                 let mut x = [0u8; 8];
                 x.copy_from_slice(c);
@@ -502,7 +511,7 @@ mod tests {
             w
         };
         assert_eq!(AckBlock::from_words(words(old.encode())), Some(old));
-        assert_eq!(AckBlock::from_words([0; 4]), None);
+        assert_eq!(AckBlock::from_words([0; ACK_WORDS]), None);
         // Every mix of bytes from the old and the new block (byte-wise tearing) but the two
         // whole blocks is rejected.
         let (a, b) = (old.encode(), new.encode());
