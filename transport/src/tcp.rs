@@ -9,11 +9,12 @@
 //! ACK message, little-endian: `b"FTAK"`, u32 zero, u64 epoch, u64 cumulative acked sequence.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use crate::channel::{Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 
@@ -62,32 +63,13 @@ pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool
     Ok(rc > 0)
 }
 
-/// Dials `addr` (the first of its resolutions that answers within the handshake timeout).
-pub(crate) fn dial(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ChannelError::io("resolving the peer's address", e))?
-        .collect();
-    let mut last = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(match last {
-        Some(e) => ChannelError::io("connecting to the peer", e),
-        None => ChannelError::Config("peer address resolved to nothing".into()),
-    })
-}
-
 /// Connects to a backup at `addr` and runs the handshake; returns the primary's channel end.
 pub fn connect(
     addr: impl ToSocketAddrs,
     config: ChannelConfig,
 ) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
     config.validate()?;
-    let stream = dial(addr, config.handshake_timeout)?;
+    let stream = control::dial(addr, config.handshake_timeout)?;
     primary_on(stream, config)
 }
 
