@@ -21,28 +21,6 @@ use crate::handshake::{self, MediumKind};
 const ACK_MAGIC: [u8; 4] = *b"FTAK";
 const ACK_LEN: usize = 24;
 
-/// Readies a TCP connection for a handshake: no Nagle delay, and reads and writes bounded by
-/// the handshake timeout. Shared by the media that shake hands over TCP.
-pub(crate) fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
-    let io = |context| move |e| ChannelError::io(context, e);
-    stream
-        .set_nodelay(true)
-        .map_err(io("setting TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(config.handshake_timeout))
-        .map_err(io("setting handshake timeout"))?;
-    stream
-        .set_write_timeout(Some(config.handshake_timeout))
-        .map_err(io("setting handshake timeout"))?;
-    Ok(())
-}
-
-fn go_nonblocking(stream: &TcpStream) -> Result<(), ChannelError> {
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("making the socket non-blocking", e))
-}
-
 /// Waits in `poll(2)` until `fd` is readable (or writable, if asked) or `timeout` passes.
 pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool, ChannelError> {
     let mut pfd = libc::pollfd {
@@ -80,10 +58,10 @@ pub fn primary_on(
     config: ChannelConfig,
 ) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
     config.validate()?;
-    prepare(&stream, &config)?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let accepted =
         handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Tcp))?;
-    go_nonblocking(&stream)?;
+    control::go_nonblocking(&stream)?;
     let link = TcpPrimaryLink {
         stream,
         pending: Vec::new(),
@@ -116,12 +94,12 @@ pub fn backup_on(
     config: ChannelConfig,
 ) -> Result<Backup<TcpBackupLink>, ChannelError> {
     config.validate()?;
-    prepare(&stream, &config)?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Tcp))?;
     let resume = 1;
     handshake::backup_welcome(&mut stream, resume, &[])?;
-    go_nonblocking(&stream)?;
+    control::go_nonblocking(&stream)?;
     let max_frame = config.max_frame_bytes;
     let link = TcpBackupLink {
         stream,
