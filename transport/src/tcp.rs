@@ -81,9 +81,7 @@ pub fn accept(
     config: ChannelConfig,
 ) -> Result<Backup<TcpBackupLink>, ChannelError> {
     config.validate()?;
-    let (stream, _) = listener
-        .accept()
-        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    let stream = control::accept(listener)?;
     backup_on(stream, config)
 }
 

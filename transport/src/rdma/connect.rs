@@ -121,9 +121,7 @@ pub fn accept(
     rdma: &RdmaConfig,
 ) -> Result<Backup<RdmaBackupLink>, ChannelError> {
     config.validate()?;
-    let (stream, _) = listener
-        .accept()
-        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    let stream = control::accept(listener)?;
     backup_on(stream, config, rdma)
 }
 
