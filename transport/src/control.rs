@@ -6,6 +6,9 @@
 //! end-of-file tells each side at once that the other process died. This module is what they
 //! share:
 //!
+//! - [`accept`]: the listening side's accept of the control stream (TCP or Unix listener);
+//! - [`dial`]: the TCP control stream's connect (the first of the address's resolutions that
+//!   answers within the handshake timeout);
 //! - [`prepare`]: no Nagle delay (TCP) and every read and write bounded by the handshake
 //!   timeout, so a peer that sends nothing cannot hold a side forever;
 //! - [`read_exact`] / [`write_all`]: one fixed-length message, with a timeout reported as
@@ -21,8 +24,8 @@
 //! handshake's roles (the primary speaks first) do not depend on who connected.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use crate::error::ChannelError;
@@ -67,6 +70,56 @@ impl ControlStream for UnixStream {
     fn set_nonblocking(&self, nonblocking: bool) -> std::io::Result<()> {
         UnixStream::set_nonblocking(self, nonblocking)
     }
+}
+
+/// A listener control streams are accepted on: [`TcpListener`] or [`UnixListener`].
+pub trait ControlListener {
+    /// The stream it accepts.
+    type Stream: ControlStream;
+    /// As the std listeners' `accept`, without the peer's address.
+    fn accept_stream(&self) -> std::io::Result<Self::Stream>;
+}
+
+impl ControlListener for TcpListener {
+    type Stream = TcpStream;
+    fn accept_stream(&self) -> std::io::Result<TcpStream> {
+        self.accept().map(|(s, _)| s)
+    }
+}
+
+impl ControlListener for UnixListener {
+    type Stream = UnixStream;
+    fn accept_stream(&self) -> std::io::Result<UnixStream> {
+        self.accept().map(|(s, _)| s)
+    }
+}
+
+/// Accepts one control stream on `listener`: the backup's accept of the primary, before the
+/// medium's `backup_on` prepares it and runs the handshake.
+pub fn accept<L: ControlListener>(listener: &L) -> Result<L::Stream, ChannelError> {
+    listener
+        .accept_stream()
+        .map_err(|e| ChannelError::io("accepting the primary", e))
+}
+
+/// Dials a TCP control stream to `addr`: the first of its resolutions that answers within
+/// `timeout` (the channel's handshake timeout). The stream then wants [`prepare`].
+pub fn dial(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| ChannelError::io("resolving the peer's address", e))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => ChannelError::io("connecting to the peer", e),
+        None => ChannelError::Config("peer address resolved to nothing".into()),
+    })
 }
 
 /// Readies a freshly connected (or accepted) stream for set-up: blocking, no Nagle delay (TCP),
@@ -339,6 +392,44 @@ mod tests {
         peer_check(a, b);
         let (a, b) = unix_pair();
         peer_check(a, b);
+    }
+
+    #[test]
+    fn dial_connects_to_a_listener_and_reports_a_refusal_as_io() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dialed = dial(addr, T).expect("dial a listener");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert_eq!(dialed.peer_addr().expect("peer"), addr);
+        assert_eq!(
+            accepted.peer_addr().expect("peer"),
+            dialed.local_addr().expect("local")
+        );
+        drop(listener);
+        // Nobody listens there any more.
+        match dial(addr, T) {
+            Err(ChannelError::Io { context, .. }) => assert_eq!(context, "connecting to the peer"),
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accept_takes_a_stream_off_tcp_and_unix_listeners() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let dialed = dial(listener.local_addr().expect("addr"), T).expect("dial");
+        let accepted = accept(&listener).expect("accept over TCP");
+        assert_eq!(
+            accepted.peer_addr().expect("peer"),
+            dialed.local_addr().expect("local")
+        );
+        messages_cross(dialed, accepted);
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&path).expect("bind a Unix socket");
+        let dialed = UnixStream::connect(&path).expect("connect");
+        let accepted = accept(&listener).expect("accept over a Unix socket");
+        messages_cross(dialed, accepted);
     }
 
     #[test]

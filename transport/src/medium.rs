@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::error::ChannelError;
-use crate::{shm, tcp};
+use crate::{control, shm, tcp};
 
 /// This side's RDMA device, as perftest names it (`-d`, `-x`, `-i`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -594,7 +594,7 @@ fn dial(medium: &Medium, timeout: Duration) -> Result<Stream, ChannelError> {
             .map(Stream::Unix)
             .map_err(|e| ChannelError::io("connecting to the peer's control socket", e)),
         Medium::Tcp { addr } | Medium::Rdma { addr, .. } | Medium::Dpdk { addr, .. } => {
-            tcp::dial(addr.as_str(), timeout).map(Stream::Tcp)
+            control::dial(addr.as_str(), timeout).map(Stream::Tcp)
         }
     }
 }

@@ -13,7 +13,6 @@
 //! padded to 4 KiB, then a 4 KiB control page: offset 0 the backup's cumulative ACK (u64),
 //! offset 8 the backup's heartbeat counter (u64), offset 16 the backup's replay position (u64).
 
-use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -22,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 use crate::region::{RingMemory, SharedRegion};
@@ -52,16 +52,7 @@ impl Control {
     }
 
     fn word(&self, index: usize) -> &AtomicU64 {
-        // SAFETY: `new` checked the control page lies inside the mapping; the mapping is
-        // page-aligned, so `offset + 8 * index` (index < 3) is 8-aligned; the `Arc` keeps the
-        // mapping alive as long as `self`; both processes only touch these words atomically.
-        unsafe {
-            &*self
-                .region
-                .as_ptr()
-                .add(self.offset + 8 * index)
-                .cast::<AtomicU64>()
-        }
+        self.region.word(self.offset + 8 * index)
     }
 
     fn acked(&self) -> &AtomicU64 {
@@ -74,26 +65,6 @@ impl Control {
 
     fn replayed(&self) -> &AtomicU64 {
         self.word(2)
-    }
-}
-
-fn with_timeouts(stream: &UnixStream, t: Duration) -> Result<(), ChannelError> {
-    let io = |e| ChannelError::io("setting control socket timeouts", e);
-    stream.set_read_timeout(Some(t)).map_err(io)?;
-    stream.set_write_timeout(Some(t)).map_err(io)?;
-    Ok(())
-}
-
-/// Checks the control socket without blocking: end-of-file means the peer process is gone.
-fn check_socket(stream: &mut UnixStream) -> Result<(), ChannelError> {
-    let mut byte = [0u8; 1];
-    match stream.read(&mut byte) {
-        Ok(0) => Err(ChannelError::PeerClosed),
-        Ok(_) => Err(ChannelError::CorruptMessage(
-            "unexpected data on the shared-memory control socket".into(),
-        )),
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Ok(()),
-        Err(e) => Err(ChannelError::io("checking the control socket", e)),
     }
 }
 
@@ -113,9 +84,7 @@ pub fn accept(
     config: ChannelConfig,
 ) -> Result<Backup<ShmBackupLink>, ChannelError> {
     config.validate()?;
-    let (stream, _) = listener
-        .accept()
-        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    let stream = control::accept(listener)?;
     backup_on(stream, config)
 }
 
@@ -126,7 +95,7 @@ pub fn backup_on(
     config: ChannelConfig,
 ) -> Result<Backup<ShmBackupLink>, ChannelError> {
     config.validate()?;
-    with_timeouts(&stream, config.handshake_timeout)?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Shm))?;
 
@@ -167,14 +136,7 @@ pub fn backup_on(
     let path_bytes = path.as_os_str().as_encoded_bytes().to_vec();
     handshake::backup_welcome(&mut stream, 1, &path_bytes)?;
     let mut attached = [0u8; 1];
-    stream
-        .read_exact(&mut attached)
-        .map_err(|e| match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => ChannelError::HandshakeTimeout {
-                waiting_for: "the primary to map the ring",
-            },
-            _ => ChannelError::io("waiting for the primary to map the ring", e),
-        })?;
+    control::read_exact(&mut stream, &mut attached, "the primary to map the ring")?;
     if attached != *b"A" {
         return Err(ChannelError::BadHandshake(
             "primary did not confirm the mapping".into(),
@@ -182,9 +144,7 @@ pub fn backup_on(
     }
     // Nobody else may attach from now on.
     let _ = std::fs::remove_file(&path);
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("control socket", e))?;
+    control::go_nonblocking(&stream)?;
     let link = ShmBackupLink {
         consumer,
         control,
@@ -212,7 +172,7 @@ pub fn primary_on(
     config: ChannelConfig,
 ) -> Result<Primary<ShmPrimaryLink>, ChannelError> {
     config.validate()?;
-    with_timeouts(&stream, config.handshake_timeout)?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let accepted =
         handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Shm))?;
     let ring_path = PathBuf::from(
@@ -233,12 +193,8 @@ pub fn primary_on(
     );
     let producer = Producer::attach(region.clone())?;
     let control = Control::new(region, control_offset(producer.capacity()))?;
-    stream
-        .write_all(b"A")
-        .map_err(|e| ChannelError::io("confirming the mapping", e))?;
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("control socket", e))?;
+    control::write_all(&mut stream, b"A", "confirming the mapping")?;
+    control::go_nonblocking(&stream)?;
     let link = ShmPrimaryLink {
         producer,
         control,
@@ -286,7 +242,7 @@ impl PrimaryLink for ShmPrimaryLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
-        check_socket(&mut self.stream)
+        control::check_peer(&mut self.stream, "shared-memory")
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
@@ -324,6 +280,6 @@ impl BackupLink for ShmBackupLink {
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
-        check_socket(&mut self.stream)
+        control::check_peer(&mut self.stream, "shared-memory")
     }
 }

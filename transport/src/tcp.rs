@@ -10,38 +10,17 @@
 //! u64 replayed sequence (see [`Ack`](crate::channel::Ack)).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
+use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 
 const ACK_MAGIC: [u8; 4] = *b"FTAK";
 const ACK_LEN: usize = 32;
-
-/// Readies a TCP connection for a handshake: no Nagle delay, and reads and writes bounded by
-/// the handshake timeout. Shared by the media that shake hands over TCP.
-pub(crate) fn prepare(stream: &TcpStream, config: &ChannelConfig) -> Result<(), ChannelError> {
-    let io = |context| move |e| ChannelError::io(context, e);
-    stream
-        .set_nodelay(true)
-        .map_err(io("setting TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(config.handshake_timeout))
-        .map_err(io("setting handshake timeout"))?;
-    stream
-        .set_write_timeout(Some(config.handshake_timeout))
-        .map_err(io("setting handshake timeout"))?;
-    Ok(())
-}
-
-fn go_nonblocking(stream: &TcpStream) -> Result<(), ChannelError> {
-    stream
-        .set_nonblocking(true)
-        .map_err(|e| ChannelError::io("making the socket non-blocking", e))
-}
 
 /// Waits in `poll(2)` until `fd` is readable (or writable, if asked) or `timeout` passes.
 pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool, ChannelError> {
@@ -63,32 +42,13 @@ pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool
     Ok(rc > 0)
 }
 
-/// Dials `addr` (the first of its resolutions that answers within the handshake timeout).
-pub(crate) fn dial(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ChannelError::io("resolving the peer's address", e))?
-        .collect();
-    let mut last = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(match last {
-        Some(e) => ChannelError::io("connecting to the peer", e),
-        None => ChannelError::Config("peer address resolved to nothing".into()),
-    })
-}
-
 /// Connects to a backup at `addr` and runs the handshake; returns the primary's channel end.
 pub fn connect(
     addr: impl ToSocketAddrs,
     config: ChannelConfig,
 ) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
     config.validate()?;
-    let stream = dial(addr, config.handshake_timeout)?;
+    let stream = control::dial(addr, config.handshake_timeout)?;
     primary_on(stream, config)
 }
 
@@ -99,10 +59,10 @@ pub fn primary_on(
     config: ChannelConfig,
 ) -> Result<Primary<TcpPrimaryLink>, ChannelError> {
     config.validate()?;
-    prepare(&stream, &config)?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let accepted =
         handshake::primary_handshake(&mut stream, &config.session_params(MediumKind::Tcp))?;
-    go_nonblocking(&stream)?;
+    control::go_nonblocking(&stream)?;
     let link = TcpPrimaryLink {
         stream,
         pending: Vec::new(),
@@ -122,9 +82,7 @@ pub fn accept(
     config: ChannelConfig,
 ) -> Result<Backup<TcpBackupLink>, ChannelError> {
     config.validate()?;
-    let (stream, _) = listener
-        .accept()
-        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    let stream = control::accept(listener)?;
     backup_on(stream, config)
 }
 
@@ -135,12 +93,12 @@ pub fn backup_on(
     config: ChannelConfig,
 ) -> Result<Backup<TcpBackupLink>, ChannelError> {
     config.validate()?;
-    prepare(&stream, &config)?;
+    control::prepare(&stream, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Tcp))?;
     let resume = 1;
     handshake::backup_welcome(&mut stream, resume, &[])?;
-    go_nonblocking(&stream)?;
+    control::go_nonblocking(&stream)?;
     let max_frame = config.max_frame_bytes;
     let link = TcpBackupLink {
         stream,

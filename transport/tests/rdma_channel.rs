@@ -16,7 +16,12 @@
 //!   in the doorbell block claiming more than the ring holds, gets a typed error from the
 //!   backup, not a frame;
 //! - `bad_setup_is_refused`: an authenticated peer announcing an out-of-bounds ACK block, or a
-//!   backup announcing a ring of a bad size or address, is refused with `RdmaSetup`.
+//!   backup announcing a ring of a bad size or address, is refused with `RdmaSetup`;
+//! - `listener_survives_strays`: the medium layer's listener (`transport::Listener` on
+//!   `Medium::Rdma`) refuses stray connections to its TCP set-up address — a port probe, an
+//!   HTTP request, another protocol version, a peer with the wrong key, a silent connection —
+//!   one after another and goes on accepting; then the real primary dials and its entries are
+//!   verified and acknowledged.
 //!
 //! Needs `FTVM_RDMA_DEV_A/B`, `FTVM_RDMA_GID_A/B`, `FTVM_RDMA_IP_A/B` (the soft-RoCE guest of
 //! `scripts/softroce-ci.sh` sets them); without them it FAILS, since it is only ever run there.
@@ -36,6 +41,7 @@ use common::stream::{
 use std::sync::Arc;
 use transport::handshake::{self, MediumKind, SessionParams};
 
+use transport::medium::{self, Listener, Medium, RdmaDevice};
 use transport::rdma::setup::{
     seal_sum, HeadSeal, PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, FLAG_SEALED, SETUP_LEN,
 };
@@ -515,6 +521,100 @@ fn bad_setup_is_refused(s: &Sides) -> Result<(), String> {
     Ok(())
 }
 
+/// The medium layer's view of a side's device.
+fn rdma_medium(addr: String, c: &RdmaConfig) -> Medium {
+    Medium::Rdma {
+        addr,
+        device: RdmaDevice {
+            device: c.device.clone(),
+            gid_index: c.gid_index,
+            ib_port: c.ib_port,
+        },
+    }
+}
+
+/// Throws every kind of stray at the set-up address of the backup's listener (`b`, on device
+/// B), in order, from device A's side (`a`); returns how many, and the silent connection, which
+/// the caller keeps open while the real primary dials behind it.
+fn rdma_strays(a: &Medium, addr: SocketAddr) -> Result<(u64, TcpStream), String> {
+    let open = || TcpStream::connect(addr).map_err(|e| format!("connecting a stray: {e}"));
+    // A port probe: connect and close.
+    drop(open()?);
+    // An HTTP request. The listener may already have hung up on a stray: that is fine.
+    let mut http = open()?;
+    let _ = http.write_all(b"GET / HTTP/1.1\r\nHost: ftvm\r\n\r\n");
+    drop(http);
+    // Another protocol version.
+    let mut foreign = open()?;
+    let mut hello = raw_hello();
+    hello[6..8].copy_from_slice(&99u16.to_le_bytes());
+    let _ = foreign.write_all(&hello);
+    drop(foreign);
+    // A peer with the wrong key, speaking the real protocol over the medium layer.
+    let mut wrong = config();
+    wrong.key = PreSharedKey::new(b"not-the-rdma-test-key".to_vec()).map_err(|e| e.to_string())?;
+    let refused = medium::dial_primary(a, wrong).map(|_| ());
+    if !matches!(
+        refused,
+        Err(ChannelError::PeerNotAuthenticated | ChannelError::AuthRejected)
+    ) {
+        return Err(format!("a wrong key must be refused: {refused:?}"));
+    }
+    // A connection that sends nothing: the listener must give up on it after its handshake
+    // timeout, which the real primary's success behind it proves.
+    Ok((5, open()?))
+}
+
+fn listener_survives_strays(s: &Sides) -> Result<(), String> {
+    const COUNT: u64 = 2_000;
+    let mut listener = Listener::bind(&rdma_medium(SocketAddr::new(s.ip_b, 0).to_string(), &s.b))
+        .map_err(|e| format!("binding the listener: {e}"))?;
+    let bound = listener.local_addr();
+    let addr: SocketAddr = bound
+        .parse()
+        .map_err(|e| format!("the listener's address {bound}: {e}"))?;
+    let a = rdma_medium(bound, &s.a);
+    // The listener refuses strays within a short handshake timeout; the real primary allows
+    // itself a longer one, since it queues behind the silent stray.
+    let mut listener_cfg = config();
+    listener_cfg.handshake_timeout = Duration::from_secs(3);
+    let mut primary_cfg = config();
+    primary_cfg.handshake_timeout = Duration::from_secs(20);
+    let server = std::thread::spawn(move || {
+        listener
+            .backup(listener_cfg)
+            .map(|b| (b, listener.refused()))
+    });
+    let (strays, _silent) = rdma_strays(&a, addr)?;
+    let mut p =
+        medium::dial_primary(&a, primary_cfg).map_err(|e| format!("the real primary: {e}"))?;
+    let (b, refused) = server
+        .join()
+        .map_err(|_| "listener thread panicked")?
+        .map_err(|e| format!("the listener gave up: {e}"))?;
+    if refused != strays {
+        return Err(format!(
+            "the listener refused {refused} connections, expected the {strays} strays"
+        ));
+    }
+    let verifier = std::thread::spawn(move || verify_stream(b));
+    send_stream(&mut p, COUNT, 0x57A4, |_| String::new())?;
+    commit(&mut p, COUNT + 1)?;
+    let end_seq = end_stream(&mut p, COUNT + 2)?;
+    drop(p);
+    let verified = verifier.join().map_err(|_| "verifier panicked")??;
+    if verified != end_seq {
+        return Err(format!(
+            "the backup verified {verified} entries, the primary's stream ended at {end_seq}"
+        ));
+    }
+    println!(
+        "  rdma: the listener refused {refused} strays, then {verified} entries were verified and \
+         acknowledged"
+    );
+    Ok(())
+}
+
 /// libtest-mimic's arguments (`--list`, filters, `--ignored`, ...), one test at a time unless
 /// `--test-threads` says otherwise: each test runs two processes that pin or spin on the
 /// machine's cores.
@@ -560,6 +660,7 @@ fn trial_list(sides: Option<std::sync::Arc<Sides>>) -> Vec<libtest_mimic::Trial>
     let tests: Vec<(&str, Test)> = vec![
         ("wrong_key_gets_no_rkey", wrong_key_gets_no_rkey),
         ("bad_setup_is_refused", bad_setup_is_refused),
+        ("listener_survives_strays", listener_survives_strays),
         ("garbage_ring_is_refused", garbage_ring_is_refused),
         ("sealed_garbage_is_refused", sealed_garbage_is_refused),
         ("million_entries", |s| stream_entries(s, entries())),

@@ -79,9 +79,7 @@ pub fn accept(
 ) -> Result<Backup<DpdkBackupLink>, ChannelError> {
     config.validate()?;
     dpdk.validate(&config)?;
-    let (stream, _) = listener
-        .accept()
-        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    let stream = control::accept(listener)?;
     backup_on(stream, &mut Some(port), config, dpdk)
 }
 

@@ -1,8 +1,6 @@
 //! Setting up the RDMA medium over the channel's TCP handshake socket.
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 
 use super::setup::{
     PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, DOORBELL_LEN, FLAG_SEALED, SEAL_LEN,
@@ -16,24 +14,6 @@ use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 use crate::ring::{self, Consumer, Producer, RING_HEADER_LEN};
 
-fn connect_tcp(addr: impl ToSocketAddrs, timeout: Duration) -> Result<TcpStream, ChannelError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ChannelError::io("resolving the backup's address", e))?
-        .collect();
-    let mut last = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(match last {
-        Some(e) => ChannelError::io("connecting to the backup", e),
-        None => ChannelError::Config("backup address resolved to nothing".into()),
-    })
-}
-
 /// Connects to a backup listening at `addr` (its TCP handshake socket) and sets up the
 /// primary's channel end with [`primary_on`]. Kept for existing callers.
 pub fn connect(
@@ -42,7 +22,7 @@ pub fn connect(
     rdma: &RdmaConfig,
 ) -> Result<Primary<RdmaPrimaryLink>, ChannelError> {
     config.validate()?;
-    let stream = connect_tcp(addr, config.handshake_timeout)?;
+    let stream = control::dial(addr, config.handshake_timeout)?;
     primary_on(stream, config, rdma)
 }
 
@@ -141,9 +121,7 @@ pub fn accept(
     rdma: &RdmaConfig,
 ) -> Result<Backup<RdmaBackupLink>, ChannelError> {
     config.validate()?;
-    let (stream, _) = listener
-        .accept()
-        .map_err(|e| ChannelError::io("accepting the primary", e))?;
+    let stream = control::accept(listener)?;
     backup_on(stream, config, rdma)
 }
 
@@ -218,7 +196,7 @@ pub fn backup_on(
     }) {
         Ok(p) => p,
         Err(e) => {
-            let _ = stream.write_all(b"X");
+            let _ = control::write_all(&mut stream, b"X", "refusing the primary's RDMA set-up");
             return Err(e);
         }
     };
@@ -253,6 +231,8 @@ pub fn backup_on(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::PreSharedKey;
 
