@@ -49,6 +49,7 @@
 mod codec;
 mod link;
 mod reassembly;
+mod retransmit;
 mod setup;
 mod wire;
 
