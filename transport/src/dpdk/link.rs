@@ -19,7 +19,7 @@ use crate::control;
 use crate::error::ChannelError;
 use crate::poll::PollPolicy;
 
-/// The primary's DPDK link: the packet I/O around its [`Retransmit`] state.
+/// The primary's DPDK link: the packet I/O around its retransmission state (`Retransmit`).
 #[derive(Debug)]
 pub struct DpdkPrimaryLink {
     pub(super) wire: Wire,
