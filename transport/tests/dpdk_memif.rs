@@ -23,13 +23,21 @@
 //!   sockets of its own on the veth ends: the stream arrives intact and in order, and each
 //!   side's `garbage` counter equals what was injected towards it (on a loaded machine the
 //!   kernel may drop some frames on the way: then at least half, never more).
+//! - `listener_strays`: the backup waits through the medium layer's `Listener` on its DPDK
+//!   port (`Medium::Dpdk` with the port it opened); the primary first fires strays at the
+//!   backup's TCP control address — a port probe, an HTTP request, a Hello of another protocol
+//!   version, a primary with the wrong key (over its own port, which the failed handshake leaves
+//!   in place), a connection that sends nothing and stays open — then dials for real with
+//!   `medium::dial_primary`. The backup reports how many connections it refused (`REFUSED n`):
+//!   exactly the five strays, none fatal; then entries flow, are acknowledged and verified.
 //!
 //! The af_packet tests need root (CAP_NET_RAW + CAP_NET_ADMIN, `ip` from iproute2); without
 //! root they say so and are skipped.
 //!
 //! Custom harness (`harness = false`). Needs `--features dpdk`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -42,12 +50,18 @@ use common::stream::{
     verify_stream, Loss,
 };
 use transport::dpdk::{self, DpdkConfig, DpdkStats};
-use transport::{ChannelConfig, PreSharedKey};
+use transport::medium::{self, DpdkDevice, DpdkPortSlot, Listener, Medium};
+use transport::{ChannelConfig, ChannelError, PreSharedKey};
 
 const ENTRIES: u64 = 1_000_000;
 const COMMITS: usize = 10_000;
 /// Child protocol lines on stdout start with this (DPDK may print to stdout too).
 const TAG: &str = "FTVM ";
+/// Entries `listener_strays` streams once the real primary is through.
+const STRAY_ENTRIES: u64 = 20_000;
+/// The listening backup's handshake timeout in `listener_strays`: how long it gives the silent
+/// stray (the real primary, queued behind it, allows itself the default 5 s).
+const STRAY_HANDSHAKE: Duration = Duration::from_millis(400);
 
 fn config(scenario: &str) -> ChannelConfig {
     let key = PreSharedKey::new(b"dpdk-memif-test-key!".to_vec()).expect("key");
@@ -139,6 +153,11 @@ fn backup(
 ) -> Result<(), String> {
     let (port, runtime_dir) = eal_port(medium, true, endpoint, prefix, lcore)?;
     println!("{TAG}RUNTIME_DIR {}", runtime_dir.display());
+    if scenario == "strays" {
+        let verified = backup_behind_listener(medium, port);
+        let _ = std::fs::remove_dir_all(&runtime_dir);
+        return verified;
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     println!(
         "{TAG}LISTENING {}",
@@ -153,6 +172,35 @@ fn backup(
     println!("{TAG}VERIFIED {n}");
     // The EAL was cleaned up with the last handle (the port, inside the channel).
     let _ = std::fs::remove_dir_all(&runtime_dir);
+    Ok(())
+}
+
+/// The backup of `listener_strays`: waits for the primary through the medium layer's
+/// [`Listener`] on `port`, says how many connections it refused before the real one, then
+/// checks the stream.
+fn backup_behind_listener(medium: &str, port: Port) -> Result<(), String> {
+    let tuning = dpdk_config(medium, "strays");
+    let stats = tuning.stats.clone();
+    let m = Medium::Dpdk {
+        addr: "127.0.0.1:0".into(),
+        device: DpdkDevice {
+            tuning,
+            opened: Some(DpdkPortSlot::new(port)),
+            ..DpdkDevice::default()
+        },
+    };
+    let mut listener = Listener::bind(&m).map_err(|e| format!("binding the listener: {e}"))?;
+    println!("{TAG}LISTENING {}", listener.local_addr());
+    let mut cfg = config("strays");
+    cfg.handshake_timeout = STRAY_HANDSHAKE;
+    let b = listener
+        .backup(cfg)
+        .map_err(|e| format!("the listener gave up: {e}"))?;
+    println!("{TAG}REFUSED {}", listener.refused());
+    let verified = verify_stream(b);
+    println!("{TAG}STATS {}", stats_line(&stats));
+    let n = verified?;
+    println!("{TAG}VERIFIED {n}");
     Ok(())
 }
 
@@ -321,6 +369,9 @@ fn run_primary(
     backup: &mut BackupProcess,
     injector: Option<garbage::Injector>,
 ) -> Result<(), String> {
+    if scenario == "strays" {
+        return run_primary_after_strays(medium, port, addr, backup);
+    }
     let dcfg = dpdk_config(medium, scenario);
     let stats = dcfg.stats.clone();
     let connected = Instant::now();
@@ -421,6 +472,102 @@ fn run_primary(
     Ok(())
 }
 
+/// A Hello of protocol version 99 for our session (layout in `transport::handshake`).
+fn foreign_hello() -> [u8; 64] {
+    let mut h = [0u8; 64];
+    h[..4].copy_from_slice(b"FTHS");
+    h[4] = 1;
+    h[5] = 1;
+    h[6..8].copy_from_slice(&99u16.to_le_bytes());
+    h[8..16].copy_from_slice(&0xD9D4u64.to_le_bytes());
+    h
+}
+
+/// Fires every kind of stray at the backup's control address `addr`, one after another: a port
+/// probe, an HTTP request, a Hello of another protocol version, a primary with the wrong key
+/// (set up over `port`, which its failed handshake must leave in place), and last a connection
+/// that sends nothing. Returns how many, the port, and the silent connection (kept open by the
+/// caller while the real primary connects behind it).
+fn strays(medium: &str, addr: &str, port: Port) -> Result<(u64, Port, TcpStream), String> {
+    let open =
+        || TcpStream::connect(addr).map_err(|e| format!("a stray connecting to {addr}: {e}"));
+    // A port probe: connect and close.
+    drop(open()?);
+    // The backup may hang up on the next two before they finish writing: that is fine.
+    let mut http = open()?;
+    let _ = http.write_all(b"GET / HTTP/1.1\r\nHost: ftvm\r\n\r\n");
+    drop(http);
+    let mut foreign = open()?;
+    let _ = foreign.write_all(&foreign_hello());
+    drop(foreign);
+    // The real protocol with the wrong key: the handshake with the backup fails both ways.
+    let key = PreSharedKey::new(b"some-other-key-entirely".to_vec()).map_err(|e| e.to_string())?;
+    let mut slot = Some(port);
+    let wrong = ChannelConfig::new(0xD9D4, 1, key);
+    match dpdk::primary_on(open()?, &mut slot, wrong, dpdk_config(medium, "strays")) {
+        Err(ChannelError::PeerNotAuthenticated | ChannelError::AuthRejected) => {}
+        Err(e) => return Err(format!("the wrong key gave an unexpected error: {e}")),
+        Ok(_) => return Err("a primary with the wrong key was let in".into()),
+    }
+    let port = slot.ok_or("the failed handshake used up the primary's port")?;
+    // A connection that sends nothing: the backup gives up on it after its handshake timeout,
+    // which the real primary's success behind it shows.
+    Ok((5, port, open()?))
+}
+
+/// The primary of `listener_strays`: strays first, then the real set-up through the medium
+/// layer, the backup's count of refusals, and a stream that must be acknowledged and verified.
+fn run_primary_after_strays(
+    medium: &str,
+    port: Port,
+    addr: &str,
+    backup: &mut BackupProcess,
+) -> Result<(), String> {
+    let (fired, port, silent) = strays(medium, addr, port)?;
+    let tuning = dpdk_config(medium, "strays");
+    let stats = tuning.stats.clone();
+    let m = Medium::Dpdk {
+        addr: addr.into(),
+        device: DpdkDevice {
+            tuning,
+            opened: Some(DpdkPortSlot::new(port)),
+            ..DpdkDevice::default()
+        },
+    };
+    let connected = Instant::now();
+    let mut p = medium::dial_primary(&m, config("strays"))
+        .map_err(|e| format!("the real primary, after {fired} strays: {e}"))?;
+    eprintln!(
+        "  connected behind {fired} strays in {:.1?}",
+        connected.elapsed()
+    );
+    drop(silent);
+    let refused = backup.expect("REFUSED ")?;
+    if refused != fired.to_string() {
+        return Err(format!(
+            "the backup refused {refused} connections; {fired} strays were fired at it"
+        ));
+    }
+    let mut last_acked = send_stream(&mut p, STRAY_ENTRIES, 0x57A7, |p| {
+        format!(" (link: {}; channel: {:?})", stats_line(&stats), p.stats())
+    })?;
+    let seq = commit(&mut p, STRAY_ENTRIES + 1)?;
+    last_acked = check_acked(&p, last_acked)?;
+    if last_acked < seq {
+        return Err(format!("commit {seq} returned with ACK {last_acked}"));
+    }
+    let end_seq = end_stream(&mut p, STRAY_ENTRIES + 2)?;
+    drop(p);
+    let bstats = backup.expect("STATS ")?;
+    let verdict = backup.next();
+    let status = backup.child.wait().map_err(|e| e.to_string())?;
+    check_verdict(verdict, status, end_seq)?;
+    eprintln!("  {STRAY_ENTRIES} entries acknowledged and verified after the strays");
+    eprintln!("  primary link: {}", stats_line(&stats));
+    eprintln!("  backup link:  {bstats}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------- test runner (parent)
 
 /// Two CPUs this process may run on (from `Cpus_allowed_list`), for the two busy-polling EALs.
@@ -511,6 +658,7 @@ fn main() -> ExitCode {
         ("backup_frozen", "memif", "frozen"),
         ("af_packet_million_entries", "afpacket", "plain"),
         ("af_packet_garbage", "afpacket", "garbage"),
+        ("listener_strays", "memif", "strays"),
     ];
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;

@@ -1,7 +1,7 @@
-//! The two ends of the DPDK link: [`DpdkPrimaryLink`] (sending, retransmission) and
+//! The two ends of the DPDK link: [`DpdkPrimaryLink`] (sending; the retransmission state it
+//! drives is `retransmit`'s, which does no I/O) and
 //! [`DpdkBackupLink`] (receiving, ACKs).
 
-use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use dpdk_sys::{Mbuf, ETHER_HDR_LEN};
 
 use super::codec::{classify, u64_at, DataHead, ACK_HDR, DATA_HDR, T_ACK, T_DATA, T_NACK};
 use super::reassembly::{Piece, Reassembly};
+use super::retransmit::{Retransmit, Went};
 use super::wire::{Sent, Wire};
 use super::{DpdkConfig, DpdkStats};
 use crate::channel::{Ack, BackupLink, BackupNews, PrimaryLink};
@@ -18,61 +19,14 @@ use crate::control;
 use crate::error::ChannelError;
 use crate::poll::PollPolicy;
 
-/// Empty primary polls between two reads of the clock for the retransmission timer (a poll
-/// takes tens of nanoseconds, so the timer is late by a few microseconds at most).
-const TIMER_POLLS: u32 = 64;
-/// One DATA packet in this many (by sequence number) is timed for the RTT estimate.
-const RTT_SAMPLE_EVERY: u64 = 8;
-
-/// A DATA packet kept until acknowledged.
-#[derive(Debug)]
-pub(super) struct Outstanding {
-    pub(super) seq: u64,
-    /// The whole Ethernet frame.
-    pub(super) bytes: Vec<u8>,
-    /// Whether it was handed to the port.
-    pub(super) sent: bool,
-    /// When it was first handed to the port, for packets that give an RTT sample (one in
-    /// [`RTT_SAMPLE_EVERY`]: the clock is read only for those).
-    pub(super) sent_at: Option<Instant>,
-    /// Whether it was sent more than once (no RTT sample then: Karn's rule).
-    pub(super) resent: bool,
-}
-
-/// The primary's DPDK link.
+/// The primary's DPDK link: the packet I/O around its retransmission state (`Retransmit`).
 #[derive(Debug)]
 pub struct DpdkPrimaryLink {
     pub(super) wire: Wire,
     pub(super) control: TcpStream,
     pub(super) cfg: DpdkConfig,
-    /// Sent (or to be sent) and not yet acknowledged, oldest first.
-    pub(super) unacked: VecDeque<Outstanding>,
-    /// Index in `unacked` of the next packet to (re)send.
-    pub(super) next_send: usize,
-    /// Sequence number of the next new DATA packet.
-    pub(super) next_seq: u64,
-    /// Spare packet buffers.
-    pub(super) free: Vec<Vec<u8>>,
-    /// Current retransmission timeout, and the estimate it falls back to on progress.
-    pub(super) rto: Duration,
-    pub(super) rto_base: Duration,
-    /// Smoothed round-trip time and its mean deviation, in nanoseconds (0: no sample yet).
-    pub(super) srtt_ns: u64,
-    pub(super) rttvar_ns: u64,
-    /// When the retransmission timer was last started (progress, or a resend).
-    pub(super) timer: Instant,
-    /// Progress (an ACK, or a new packet after an idle spell) since the timer was last
-    /// checked: the timer restarts at the next check instead of reading the clock now.
-    pub(super) progress: bool,
-    /// The cumulative ACK of the last NACK acted on (a repeat for the same gap is ignored).
-    pub(super) last_nack: u64,
-    /// The oldest unacknowledged packet is to be sent again before anything new.
-    pub(super) resend_front: bool,
-    /// Polls since the retransmission timer was last checked (the clock is read only every
-    /// [`TIMER_POLLS`] empty polls: a busy loop stays cheap).
-    pub(super) polls: u32,
-    /// An offer was refused for lack of window since the last progress.
-    pub(super) blocked: bool,
+    /// The packets sent and not yet acknowledged, and what to send again when.
+    pub(super) rt: Retransmit,
     pub(super) epoch: u64,
 }
 
@@ -82,34 +36,16 @@ impl DpdkPrimaryLink {
         &self.cfg.stats
     }
 
-    /// Sends queued packets from `next_send`; returns whether all went.
+    /// Hands the pending packets (a resend first, then those queued) to the port; returns
+    /// whether all went.
     fn transmit(&mut self) -> Result<bool, ChannelError> {
         let mut now = None;
-        if self.resend_front {
-            if let Some(p) = self.unacked.front_mut() {
-                if p.sent {
-                    match self.wire.send(&p.bytes)? {
-                        Sent::Yes => {
-                            p.resent = true;
-                            DpdkStats::inc(&self.cfg.stats.retransmits);
-                        }
-                        Sent::Full => return Ok(false),
-                    }
-                }
-            }
-            self.resend_front = false;
-        }
-        while let Some(p) = self.unacked.get_mut(self.next_send) {
-            match self.wire.send(&p.bytes)? {
+        while let Some(bytes) = self.rt.pending() {
+            match self.wire.send(bytes)? {
                 Sent::Yes => {
-                    self.next_send += 1;
-                    if p.sent {
-                        p.resent = true;
-                    } else {
-                        p.sent = true;
-                        if p.seq.is_multiple_of(RTT_SAMPLE_EVERY) {
-                            p.sent_at = Some(*now.get_or_insert_with(Instant::now));
-                        }
+                    if self.rt.sent(|| *now.get_or_insert_with(Instant::now)) == Some(Went::Resend)
+                    {
+                        DpdkStats::inc(&self.cfg.stats.retransmits);
                     }
                 }
                 Sent::Full => return Ok(false),
@@ -117,80 +53,28 @@ impl DpdkPrimaryLink {
         }
         Ok(true)
     }
-
-    /// Sends the oldest unacknowledged packet again (the one the backup is missing).
-    fn resend_oldest(&mut self) {
-        self.resend_front = true;
-        self.timer = Instant::now();
-    }
-
-    /// Drops every packet up to `ack` from the window; returns whether any was dropped.
-    fn acknowledge(&mut self, ack: u64) -> bool {
-        let mut any = false;
-        let mut sample_from = None;
-        while self.unacked.front().is_some_and(|p| p.seq <= ack) {
-            if let Some(p) = self.unacked.pop_front() {
-                if !p.resent {
-                    sample_from = p.sent_at.or(sample_from);
-                }
-                self.free.push(p.bytes);
-            }
-            self.next_send = self.next_send.saturating_sub(1);
-            any = true;
-        }
-        if any {
-            if let Some(sent) = sample_from {
-                let now = Instant::now();
-                self.rtt_sample(now.duration_since(sent));
-            }
-            self.rto = self.rto_base;
-            self.progress = true;
-            self.blocked = false;
-        }
-        any
-    }
-
-    /// Updates the RTT estimate (Jacobson/Karels) and the base timeout derived from it.
-    fn rtt_sample(&mut self, rtt: Duration) {
-        let r = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX / 8);
-        if self.srtt_ns == 0 {
-            self.srtt_ns = r.max(1);
-            self.rttvar_ns = r / 2;
-        } else {
-            self.rttvar_ns = (3 * self.rttvar_ns + self.srtt_ns.abs_diff(r)) / 4;
-            self.srtt_ns = (7 * self.srtt_ns + r) / 8;
-        }
-        let rto = Duration::from_nanos(self.srtt_ns.saturating_add(4 * self.rttvar_ns));
-        self.rto_base = rto.clamp(self.cfg.rto_initial, self.cfg.rto_max);
-    }
 }
 
 impl PrimaryLink for DpdkPrimaryLink {
     fn offer(&mut self, frame: &[u8]) -> Result<bool, ChannelError> {
         let piece = self.cfg.piece_len();
         let pieces = frame.len().div_ceil(piece).max(1);
-        if self.unacked.len() + pieces > self.cfg.window {
-            // Blocked on the window: from now on the timer is checked on every poll (a caller
-            // that waits between polls may take long for TIMER_POLLS of them).
-            self.blocked = true;
+        if !self.rt.admit(pieces) {
+            // Blocked on the window (the channel's backpressure).
             return Ok(false);
         }
         let total = u32::try_from(frame.len()).map_err(|_| ChannelError::FrameTooLarge {
             len: frame.len(),
             max: u32::MAX as usize,
         })?;
-        if self.unacked.is_empty() {
-            self.progress = true;
-        }
         // Nothing queued before this frame: its packets go straight from `frame` into mbufs,
         // and the copies kept for retransmission are made after they left (off the latency
         // path).
-        let mut direct = !self.resend_front && self.next_send == self.unacked.len();
+        let mut direct = self.rt.start_frame();
         let mut offset = 0usize;
         loop {
             let chunk = &frame[offset..(offset + piece).min(frame.len())];
-            let seq = self.next_seq;
-            self.next_seq += 1;
+            let seq = self.rt.next_seq();
             let head = DataHead {
                 seq,
                 total,
@@ -211,7 +95,7 @@ impl PrimaryLink for DpdkPrimaryLink {
                     Sent::Full => direct = false,
                 }
             }
-            let mut buf = self.free.pop().unwrap_or_default();
+            let mut buf = self.rt.buffer();
             buf.clear();
             buf.resize(len, 0);
             head.write(
@@ -221,17 +105,7 @@ impl PrimaryLink for DpdkPrimaryLink {
                 self.wire.tag,
                 chunk,
             );
-            let sent_at = (sent && seq.is_multiple_of(RTT_SAMPLE_EVERY)).then(Instant::now);
-            self.unacked.push_back(Outstanding {
-                seq,
-                bytes: buf,
-                sent,
-                sent_at,
-                resent: false,
-            });
-            if sent {
-                self.next_send += 1;
-            }
+            self.rt.push(buf, sent, Instant::now);
             offset += chunk.len();
             if offset >= frame.len() {
                 break;
@@ -245,7 +119,7 @@ impl PrimaryLink for DpdkPrimaryLink {
     }
 
     fn flush(&mut self) -> Result<bool, ChannelError> {
-        if !self.resend_front && self.next_send == self.unacked.len() {
+        if !self.rt.has_pending() {
             return Ok(true);
         }
         self.transmit()
@@ -266,7 +140,10 @@ impl PrimaryLink for DpdkPrimaryLink {
             ) else {
                 continue;
             };
-            if (kind != T_ACK && kind != T_NACK) || body.len() < ACK_HDR || ack >= self.next_seq {
+            if (kind != T_ACK && kind != T_NACK)
+                || body.len() < ACK_HDR
+                || ack >= self.rt.next_seq()
+            {
                 DpdkStats::inc(&self.cfg.stats.garbage);
                 continue;
             }
@@ -283,7 +160,7 @@ impl PrimaryLink for DpdkPrimaryLink {
             news.heard = true;
             news.acked = Some(news.acked.map_or(log_acked, |a| a.max(log_acked)));
             news.replayed = Some(news.replayed.map_or(replayed, |r| r.max(replayed)));
-            self.acknowledge(ack);
+            self.rt.acknowledge(ack, Instant::now);
             if kind == T_NACK {
                 nack = Some(ack);
             }
@@ -294,29 +171,16 @@ impl PrimaryLink for DpdkPrimaryLink {
         // A NACK: the backup holds later packets but misses the one after `ack`; resend it at
         // once (once per gap).
         if let Some(ack) = nack {
-            if self.unacked.front().is_some_and(|p| p.seq == ack + 1) && self.last_nack != ack {
-                self.last_nack = ack;
+            if self.rt.nack(ack, Instant::now) {
                 DpdkStats::inc(&self.cfg.stats.nacks);
-                self.resend_oldest();
             }
         }
-        // Timeout: resend the oldest unacknowledged packet (the backup keeps later ones).
-        // The clock is read every TIMER_POLLS polls only; progress since the last check
-        // restarts the timer then.
-        self.polls = self.polls.wrapping_add(1);
-        if self.blocked || self.polls.is_multiple_of(TIMER_POLLS) {
-            let now = Instant::now();
-            if std::mem::take(&mut self.progress) || self.unacked.is_empty() {
-                self.timer = now;
-            } else if self.next_send > 0 && now.duration_since(self.timer) >= self.rto {
-                DpdkStats::inc(&self.cfg.stats.timeouts);
-                self.resend_oldest();
-                self.rto = (self.rto * 2).min(self.cfg.rto_max);
-                // A timeout may be a lost NACK for the same gap: allow a new one.
-                self.last_nack = u64::MAX;
-            }
+        // Timeout: resend the oldest unacknowledged packet (the backup keeps later ones). The
+        // clock is read every few polls only.
+        if self.rt.tick(Instant::now) {
+            DpdkStats::inc(&self.cfg.stats.timeouts);
         }
-        if self.resend_front || self.next_send < self.unacked.len() {
+        if self.rt.has_pending() {
             self.transmit()?;
         }
         Ok(news)

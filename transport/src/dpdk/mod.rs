@@ -50,6 +50,7 @@
 mod codec;
 mod link;
 mod reassembly;
+mod retransmit;
 mod setup;
 mod wire;
 

@@ -1,6 +1,5 @@
 //! Setting up the DPDK medium over its TCP control connection.
 
-use std::collections::VecDeque;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -9,6 +8,7 @@ use dpdk_sys::{EtherAddr, Port};
 use super::codec::{u16_at, u32_at};
 use super::link::{DpdkBackupLink, DpdkPrimaryLink};
 use super::reassembly::Reassembly;
+use super::retransmit::Retransmit;
 use super::wire::Wire;
 use super::{dpdk_err, DpdkConfig};
 use crate::channel::{Ack, Backup, ChannelConfig, Primary};
@@ -203,21 +203,8 @@ pub fn primary_on(
     let link = DpdkPrimaryLink {
         wire: wire(port, mac, EtherAddr(peer), tag, &dpdk),
         control,
-        rto: dpdk.rto_initial,
-        rto_base: dpdk.rto_initial,
-        srtt_ns: 0,
-        rttvar_ns: 0,
+        rt: Retransmit::new(dpdk.window, dpdk.rto_initial, dpdk.rto_max, Instant::now()),
         cfg: dpdk,
-        unacked: VecDeque::new(),
-        next_send: 0,
-        next_seq: 1,
-        free: Vec::new(),
-        timer: Instant::now(),
-        progress: false,
-        last_nack: u64::MAX,
-        resend_front: false,
-        polls: 0,
-        blocked: false,
         epoch: accepted.epoch.max(config.epoch),
     };
     Primary::new(link, config, accepted.resume_seq)
