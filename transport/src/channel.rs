@@ -452,9 +452,12 @@ impl ReplayRate {
     }
 
     /// How long `backlog` entries take to replay at the measured rate (`None`: no rate yet).
+    /// A backup that stopped replaying decays the rate towards zero: its drain time then
+    /// saturates at [`Duration::MAX`] instead of overflowing.
     fn drain_time(&self, backlog: u64) -> Option<Duration> {
-        (self.per_sec > 0.0 && backlog > 0)
-            .then(|| Duration::from_secs_f64(backlog as f64 / self.per_sec))
+        (self.per_sec > 0.0 && backlog > 0).then(|| {
+            Duration::try_from_secs_f64(backlog as f64 / self.per_sec).unwrap_or(Duration::MAX)
+        })
     }
 }
 
@@ -1552,5 +1555,23 @@ impl<L: BackupLink> Backup<L> {
     /// Counters of this end.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_replay_rate_saturates_the_drain_time() {
+        // A backup that stopped replaying: its rate has decayed towards zero.
+        let rate = ReplayRate {
+            start: Instant::now(),
+            start_replayed: 0,
+            busy: true,
+            per_sec: 1e-300,
+        };
+        assert_eq!(rate.drain_time(1_000), Some(Duration::MAX));
+        assert_eq!(rate.drain_time(0), None);
     }
 }
