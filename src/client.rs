@@ -1,5 +1,6 @@
-//! The load generator: sends key-value requests to the service address, one at a time, and
-//! checks every response against its own model of the store.
+//! The load generator: sends key-value requests to the service address, one at a time or a
+//! window of them at once (never two on the same key), and checks every response against its
+//! own model of the store.
 //!
 //! **Retries and at-most-once.** A request without a response is sent again, byte for byte
 //! (same request id), every [`Workload::retry`] until [`Workload::timeout`]. The guest answers a
@@ -38,6 +39,8 @@ pub struct Workload {
     /// After the workload, read back every key and compare with the model (counts
     /// `acknowledged_lost`).
     pub verify: bool,
+    /// Requests in flight at once (1: one at a time).
+    pub window: usize,
 }
 
 impl Workload {
@@ -52,6 +55,7 @@ impl Workload {
             timeout: Duration::from_secs(5),
             retry: Duration::from_millis(50),
             verify: false,
+            window: 1,
         }
     }
 }
@@ -137,8 +141,57 @@ fn exchange(
     }
 }
 
+/// One generated request, sent or waiting for its key to be free.
+struct Request {
+    id: u32,
+    op: u8,
+    key: String,
+    value: Vec<u8>,
+    bytes: Vec<u8>,
+}
+
+/// A request sent and not yet answered.
+struct InFlight {
+    req: Request,
+    /// First sent.
+    started: Instant,
+    /// When to send it again.
+    resend: Instant,
+    /// The newest guest timestamp among the responses received before it was sent: the guest
+    /// executed it later, so its response cannot carry an older one.
+    ts_floor: u64,
+}
+
+/// Draws the next request of the mix (the same sequence for a seed, whatever the window).
+fn generate(rng: &mut SmallRng, w: &Workload, next_id: &mut u32) -> Request {
+    *next_id = next_id.wrapping_add(1).max(1);
+    let id = *next_id;
+    let key = format!("{}-{}", w.key_prefix, rng.gen_range(0..w.keys.max(1)));
+    let roll = rng.gen_range(0..100u8);
+    let (op, value) = if roll < w.get_percent {
+        (kv::OP_GET, Vec::new())
+    } else if roll % 2 == 0 {
+        let len = rng.gen_range(1..=kv::MAX_VALUE);
+        (kv::OP_PUT, (0..len).map(|_| rng.gen::<u8>()).collect())
+    } else {
+        (kv::OP_INCR, Vec::new())
+    };
+    let bytes = kv::encode_request(id, op, key.as_bytes(), &value);
+    Request {
+        id,
+        op,
+        key,
+        value,
+        bytes,
+    }
+}
+
 /// Runs the workload against `service`; `progress` is called with the number of requests done.
 /// A response that never comes ends the run early (`aborted`), with what was seen so far.
+///
+/// Up to [`Workload::window`] requests are in flight at once, never two on the same key: the
+/// guest then applies each key's requests in the order the client sent them, whatever order the
+/// responses come back in, so one model checks every response.
 pub fn run(
     service: SocketAddr,
     w: &Workload,
@@ -162,33 +215,78 @@ pub fn run(
     getrandom::getrandom(&mut base).map_err(|e| anyhow::anyhow!("random id base: {e}"))?;
     let mut next_id = u32::from_le_bytes(base);
     let mut touched = std::collections::BTreeSet::new();
+    let window = w.window.max(1);
+    let mut inflight: Vec<InFlight> = Vec::with_capacity(window);
+    // A request drawn whose key is still in flight: it waits, and the window with it.
+    let mut held: Option<Request> = None;
+    let mut done = 0u64;
     let start = Instant::now();
-    for i in 0..w.requests {
-        next_id = next_id.wrapping_add(1).max(1);
-        let id = next_id;
-        let key = format!("{}-{}", w.key_prefix, rng.gen_range(0..w.keys.max(1)));
-        let roll = rng.gen_range(0..100u8);
-        let (op, value) = if roll < w.get_percent {
-            (kv::OP_GET, Vec::new())
-        } else if roll % 2 == 0 {
-            let len = rng.gen_range(1..=kv::MAX_VALUE);
-            (kv::OP_PUT, (0..len).map(|_| rng.gen::<u8>()).collect())
-        } else {
-            (kv::OP_INCR, Vec::new())
+    'run: while report.requests < w.requests || !inflight.is_empty() {
+        while inflight.len() < window && report.requests < w.requests {
+            let req = match held.take() {
+                Some(r) => r,
+                None => generate(&mut rng, w, &mut next_id),
+            };
+            if inflight.iter().any(|f| f.req.key == req.key) {
+                held = Some(req);
+                break;
+            }
+            socket
+                .send_to(&req.bytes, service)
+                .context("sending a request")?;
+            report.requests += 1;
+            let now = Instant::now();
+            inflight.push(InFlight {
+                req,
+                started: now,
+                resend: now + w.retry,
+                ts_floor: last_ts,
+            });
+        }
+        let now = Instant::now();
+        for f in &mut inflight {
+            if now >= f.started + w.timeout {
+                report.first_error.get_or_insert(format!(
+                    "no response to request {} within {:?}; stopped after {} of {} answered",
+                    f.req.id, w.timeout, report.responses_ok, w.requests
+                ));
+                report.aborted = true;
+                break 'run;
+            }
+            if now >= f.resend {
+                socket
+                    .send_to(&f.req.bytes, service)
+                    .context("sending a request")?;
+                report.retries += 1;
+                f.resend = now + w.retry;
+            }
+        }
+        // The socket's read timeout is the retry interval (set once above): a wait ends at
+        // most one interval late, without a system call per wait to adjust it.
+        let n = match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == service && n >= 4 => n,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e).context("receiving a response"),
         };
-        let request = kv::encode_request(id, op, key.as_bytes(), &value);
-        report.requests += 1;
-        let Some(n) = exchange(&socket, service, &request, id, w, &mut buf, &mut report)? else {
-            report.first_error.get_or_insert(format!(
-                "no response to request {id} within {:?}; stopped after {} of {} answered",
-                w.timeout, report.responses_ok, w.requests
-            ));
-            report.aborted = true;
-            break;
+        let id = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        // Responses to ids no longer in flight (duplicates of retried requests) are skipped.
+        let Some(at) = inflight.iter().position(|f| f.req.id == id) else {
+            continue;
         };
+        let f = inflight.swap_remove(at);
+        let ms = f.started.elapsed().as_secs_f64() * 1e3;
+        report.max_response_ms = report.max_response_ms.max(ms);
+        let Request { op, key, value, .. } = f.req;
         // Only an answered request counts for the model: it was applied (exactly once).
         let expected = model.apply(op, key.as_bytes(), &value);
-        touched.insert(key.clone());
         let verdict = match kv::decode_response(&buf[..n]) {
             None => Err(format!("request {id}: malformed response of {n} bytes")),
             Some(r) if r.id != id => Err(format!("request {id}: response for {}", r.id)),
@@ -196,16 +294,17 @@ pub fn run(
                 "request {id} (op {op}, {key}): got status {} value {:02x?}, expected {:?}",
                 r.status, r.value, expected
             )),
-            Some(r) if r.timestamp_ns < last_ts => Err(format!(
-                "request {id}: guest clock went backwards ({} < {last_ts})",
-                r.timestamp_ns
+            Some(r) if r.timestamp_ns < f.ts_floor => Err(format!(
+                "request {id}: guest clock went backwards ({} < {})",
+                r.timestamp_ns, f.ts_floor
             )),
             Some(r) => {
-                last_ts = r.timestamp_ns;
+                last_ts = last_ts.max(r.timestamp_ns);
                 report.ticks_seen = report.ticks_seen.max(r.ticks);
                 Ok(())
             }
         };
+        touched.insert(key);
         match verdict {
             Ok(()) => report.responses_ok += 1,
             Err(e) => {
@@ -213,7 +312,8 @@ pub fn run(
                 report.first_error.get_or_insert(e);
             }
         }
-        progress(i + 1);
+        done += 1;
+        progress(done);
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.throughput = report.requests as f64 / report.seconds.max(f64::MIN_POSITIVE);

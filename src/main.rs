@@ -83,6 +83,12 @@ struct ClientArgs {
     /// Give up on a request after this long without a response (retrying meanwhile), ms.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Send a request again when no response came for this long, ms.
+    #[arg(long, default_value_t = 50)]
+    retry_ms: u64,
+    /// Requests in flight at once, never two on the same key (1: one at a time).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    window: u16,
 }
 
 /// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`); stdout keeps
@@ -182,6 +188,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             w.verify = args.verify;
             w.key_prefix = args.key_prefix.clone();
             w.timeout = Duration::from_millis(args.timeout_ms);
+            w.retry = Duration::from_millis(args.retry_ms.max(1));
+            w.window = usize::from(args.window);
             let r = client::run(args.service, &w, |_| {})?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             if r.responses_ok != r.requests || r.acknowledged_lost > 0 {

@@ -62,10 +62,11 @@ pub struct ChannelConfig {
     /// hold more bytes than this (the backup's ring holds them, so keep it below
     /// [`ChannelConfig::ring_capacity`] for the ACKs to keep flowing while it catches up).
     pub max_lag_bytes: u64,
-    /// Lag bound in time: appends wait while the backup would need longer than this to replay
-    /// what it has received and not replayed, at its replay rate as measured from its reports
-    /// (before a rate is known: while the oldest unreplayed frame is older than this) — what a
-    /// failover has to drain. `None`: no time bound.
+    /// Lag bound in time: what a failover may have to drain. Appends wait while the backup
+    /// would need longer than [`LAG_TARGET`] of this to replay what it has received and not
+    /// replayed, at its replay rate as measured from its reports (before a rate is known: while
+    /// the oldest unreplayed frame is older than that); the headroom absorbs the rate
+    /// estimate's error and the frames sealed between two checks. `None`: no time bound.
     pub max_lag_time: Option<Duration>,
     /// If set, a batch is flushed once its first entry is this old (checked at each append), so
     /// the backup follows the primary closely instead of a batch behind. Output markers always
@@ -157,6 +158,11 @@ impl ChannelConfig {
         Ok(())
     }
 }
+
+/// The fraction of [`ChannelConfig::max_lag_time`] that lag control holds the backup's replay
+/// lag to (numerator, denominator): the rest is headroom, so the lag a failover drains stays
+/// under the bound itself.
+pub const LAG_TARGET: (u32, u32) = (3, 4);
 
 /// The default bound on the backup's replay lag ([`ChannelConfig::max_lag_time`]).
 pub const DEFAULT_MAX_LAG: Duration = Duration::from_millis(100);
@@ -402,6 +408,7 @@ impl PrimaryShared {
 struct LagControl {
     max_entries: u64,
     max_bytes: u64,
+    /// The time target: [`LAG_TARGET`] of the bound.
     max_time: Option<Duration>,
     /// Sealed frames not yet known to be replayed, oldest first: (last sequence number, bytes
     /// sealed up to and including it, when it was sealed).
@@ -428,7 +435,7 @@ struct ReplayRate {
 }
 
 impl ReplayRate {
-    const WINDOW: Duration = Duration::from_millis(2);
+    const WINDOW: Duration = Duration::from_millis(20);
 
     fn observe(&mut self, now: Instant, replayed: u64, backlog: u64) {
         if backlog == 0 {
@@ -466,7 +473,7 @@ impl LagControl {
         LagControl {
             max_entries: config.max_lag_entries,
             max_bytes: config.max_lag_bytes,
-            max_time: config.max_lag_time,
+            max_time: config.max_lag_time.map(|t| t * LAG_TARGET.0 / LAG_TARGET.1),
             unreplayed: VecDeque::new(),
             sealed_bytes: 0,
             replayed_bytes: 0,

@@ -122,15 +122,19 @@ fn receive(mut backup: transport::AnyBackup) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while seen < ENTRIES {
         assert!(Instant::now() < deadline, "only {seen} entries arrived");
-        backup
-            .poll_timeout(Duration::from_millis(50), |frame| {
-                for e in frame.entries() {
-                    seen += 1;
-                    assert_eq!(e.position.exit, seen);
-                    assert_eq!(e.event, Event::Clock { ns: seen * 1000 });
-                }
-            })
-            .expect("poll");
+        let polled = backup.poll_timeout(Duration::from_millis(50), |frame| {
+            for e in frame.entries() {
+                seen += 1;
+                assert_eq!(e.position.exit, seen);
+                assert_eq!(e.event, Event::Clock { ns: seen * 1000 });
+            }
+        });
+        // The primary hangs up as soon as it has the last ACK, which may be while the same
+        // poll is still looking for more: that poll hands over the last frames first and then
+        // reports the hang-up. Only a hang-up before every entry arrived is a failure.
+        if let Err(e) = polled {
+            assert_eq!(seen, ENTRIES, "poll failed after {seen} entries: {e}");
+        }
     }
 }
 

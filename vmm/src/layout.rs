@@ -197,11 +197,16 @@ pub const KV_MAX_KEY: usize = 32;
 pub const KV_MAX_VAL: usize = 64;
 /// Slots in the guest's hash table.
 pub const KV_SLOTS: usize = 256;
-/// Entries in the guest's cache of recent responses (direct-mapped by `req_id % KV_REPLY_CACHE`).
-/// A request whose header word (`req_id`, op, key and value lengths) equals the cached one in its
-/// slot is a client's retry: it is answered with the cached response, byte for byte, and not
-/// executed again, so a request is applied at most once even when it is retried after a failover.
-pub const KV_REPLY_CACHE: usize = 16;
+/// Entries in the guest's cache of recent responses: `KV_REPLY_CACHE / KV_REPLY_WAYS` sets of
+/// [`KV_REPLY_WAYS`] entries, the set chosen by `req_id % (KV_REPLY_CACHE / KV_REPLY_WAYS)`, each
+/// set replacing its oldest entry. A request whose header word (`req_id`, op, key and value
+/// lengths) equals a cached one in its set is a client's retry: it is answered with the cached
+/// response, byte for byte, and not executed again, so a request is applied at most once even
+/// when it is retried after a failover — as long as its response is still cached (a set keeps
+/// its last four: with many clients, hundreds of other requests may run before a retry).
+pub const KV_REPLY_CACHE: usize = 1024;
+/// Entries per set of the reply cache.
+pub const KV_REPLY_WAYS: usize = 4;
 /// Request op: GET.
 pub const KV_GET: u8 = 1;
 /// Request op: PUT.

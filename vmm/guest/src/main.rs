@@ -64,6 +64,7 @@ struct Reply {
 }
 
 const REPLY_WORDS: usize = (KV_RESP_HEADER_LEN + KV_MAX_VAL) / 8;
+const REPLY_SETS: usize = KV_REPLY_CACHE / KV_REPLY_WAYS;
 
 impl Reply {
     const EMPTY: Reply = Reply {
@@ -75,8 +76,11 @@ impl Reply {
 
 struct State {
     table: [Slot; KV_SLOTS],
-    /// Recent responses by `req_id % KV_REPLY_CACHE`, for answering retries.
+    /// Recent responses for answering retries: `KV_REPLY_CACHE / KV_REPLY_WAYS` sets of
+    /// `KV_REPLY_WAYS` entries, the set chosen by `req_id`, each set replaced oldest first.
     replies: [Reply; KV_REPLY_CACHE],
+    /// Per set, the way the next response replaces.
+    reply_next: [u8; REPLY_SETS],
     /// Timer ticks (vector 32) seen so far.
     ticks: u32,
     /// Interrupts on vectors without a handler (counted, otherwise ignored).
@@ -93,6 +97,7 @@ unsafe impl Sync for Global {}
 static STATE: Global = Global(UnsafeCell::new(State {
     table: [Slot::EMPTY; KV_SLOTS],
     replies: [Reply::EMPTY; KV_REPLY_CACHE],
+    reply_next: [0; REPLY_SETS],
     ticks: 0,
     spurious: 0,
 }));
@@ -216,9 +221,20 @@ fn serve(st: &mut State, rx_len: usize) {
     } else {
         0
     };
-    let slot = first as usize % KV_REPLY_CACHE;
-    if first != 0 && st.replies[slot].request == first {
-        let r = &st.replies[slot];
+    let set = (first as u32) as usize % REPLY_SETS;
+    let base = set * KV_REPLY_WAYS;
+    let mut hit = KV_REPLY_CACHE;
+    if first != 0 {
+        let mut w = 0;
+        while w < KV_REPLY_WAYS {
+            if st.replies[base + w].request == first {
+                hit = base + w;
+            }
+            w += 1;
+        }
+    }
+    if hit < KV_REPLY_CACHE {
+        let r = &st.replies[hit];
         let n = (r.len as usize).div_ceil(8);
         let mut i = 0;
         while i < n && i < REPLY_WORDS {
@@ -278,7 +294,9 @@ fn serve(st: &mut State, rx_len: usize) {
         write_volatile(addr_of_mut!((*MAILBOX).tx_len), tx_len as u32);
     }
     if first != 0 {
-        let r = &mut st.replies[slot];
+        let way = st.reply_next[set] as usize % KV_REPLY_WAYS;
+        st.reply_next[set] = ((way + 1) % KV_REPLY_WAYS) as u8;
+        let r = &mut st.replies[base + way];
         r.request = first;
         r.len = tx_len as u64;
         let n = tx_len.div_ceil(8);
