@@ -212,6 +212,12 @@ impl<'a> FrameView<'a> {
     /// landed frame entry by entry in place ([`FrameView::entry_at`]), where re-walking every
     /// entry at each step would cost the frame's length per entry.
     pub fn parse_landed(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        Ok(Self::split(bytes)?.0)
+    }
+
+    /// The header parsed and the frame cut to its declared length; also returns the header
+    /// bytes the CRC covers and the CRC stored. Nothing past the header is checked.
+    fn split(bytes: &'a [u8]) -> Result<(Self, &'a [u8; FRAME_HEADER_LEN - 4], u32), DecodeError> {
         let header = FrameHeader::parse(bytes)?;
         let frame_len = header.frame_len();
         let truncated = DecodeError::Truncated {
@@ -220,12 +226,19 @@ impl<'a> FrameView<'a> {
             available: bytes.len(),
         };
         let frame = bytes.get(..frame_len).ok_or(truncated)?;
-        let body = frame.get(FRAME_HEADER_LEN..).ok_or(truncated)?;
-        Ok(Self {
+        let (head, body) = frame
+            .split_first_chunk::<FRAME_HEADER_LEN>()
+            .ok_or(truncated)?;
+        let (covered, stored) = head
+            .split_last_chunk::<4>()
+            .and_then(|(covered, stored)| Some((covered.first_chunk()?, stored)))
+            .ok_or(truncated)?;
+        let view = Self {
             header,
             bytes: frame,
             body,
-        })
+        };
+        Ok((view, covered, u32::from_le_bytes(*stored)))
     }
 
     /// The entry with index `index` that starts at body offset `offset`, and the body offset
@@ -243,23 +256,9 @@ impl<'a> FrameView<'a> {
     }
 
     fn parse_checked(bytes: &'a [u8], check_crc: bool) -> Result<(Self, usize), DecodeError> {
-        let header = FrameHeader::parse(bytes)?;
-        let frame_len = header.frame_len();
-        let truncated = DecodeError::Truncated {
-            what: "frame",
-            needed: frame_len,
-            available: bytes.len(),
-        };
-        let frame = bytes.get(..frame_len).ok_or(truncated)?;
-        let (head, body) = frame
-            .split_first_chunk::<FRAME_HEADER_LEN>()
-            .ok_or(truncated)?;
-        let (covered, stored) = head
-            .split_last_chunk::<4>()
-            .and_then(|(covered, stored)| Some((covered.first_chunk()?, stored)))
-            .ok_or(truncated)?;
+        let (view, covered, stored) = Self::split(bytes)?;
+        let (header, body) = (view.header, view.body);
         if check_crc {
-            let stored = u32::from_le_bytes(*stored);
             let computed = frame_crc(covered, body);
             if stored != computed {
                 return Err(DecodeError::CrcMismatch { stored, computed });
@@ -282,15 +281,8 @@ impl<'a> FrameView<'a> {
                 count: body.len().saturating_sub(offset),
             });
         }
-
-        Ok((
-            Self {
-                header,
-                bytes: frame,
-                body,
-            },
-            frame_len,
-        ))
+        let len = view.bytes.len();
+        Ok((view, len))
     }
 
     /// The frame's header fields.

@@ -1273,18 +1273,7 @@ impl<L: BackupLink> Receiver<L> {
                     bytes.len()
                 )));
             }
-            if frame.epoch() < self.epoch {
-                return Err(ChannelError::StaleEpoch {
-                    frame: frame.epoch(),
-                    current: self.epoch,
-                });
-            }
-            if frame.first_seq() != self.expected {
-                return Err(ChannelError::SequenceGap {
-                    expected: self.expected,
-                    found: frame.first_seq(),
-                });
-            }
+            follows(&frame, self.expected, self.epoch)?;
             let count = u64::from(frame.entry_count());
             if count > 0 {
                 trace::backup_frame(since);
@@ -1324,6 +1313,26 @@ impl<L: BackupLink> Receiver<L> {
     pub fn link(&self) -> &L {
         &self.link
     }
+}
+
+/// Whether `frame` may come next in a log whose next sequence number is `expected` and whose
+/// newest epoch is `epoch`: the rule every reader of a log applies (the live receiver, a
+/// journal): a frame of an older epoch is a deposed primary's ([`ChannelError::StaleEpoch`]),
+/// and sequence numbers continue without a gap or a repeat ([`ChannelError::SequenceGap`]).
+pub fn follows(frame: &FrameView<'_>, expected: u64, epoch: u64) -> Result<(), ChannelError> {
+    if frame.epoch() < epoch {
+        return Err(ChannelError::StaleEpoch {
+            frame: frame.epoch(),
+            current: epoch,
+        });
+    }
+    if frame.first_seq() != expected {
+        return Err(ChannelError::SequenceGap {
+            expected,
+            found: frame.first_seq(),
+        });
+    }
+    Ok(())
 }
 
 /// One entry read in place from the backup's ring ([`Backup::next_entry`]).

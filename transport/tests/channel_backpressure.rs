@@ -4,24 +4,41 @@
 use std::time::Duration;
 
 use logfmt::{ControlOp, Entry, Event, Position};
-use transport::{tcp, ChannelConfig, PreSharedKey};
+use transport::tcp::{self, TcpBackupLink};
+use transport::{Backup, ChannelConfig, PreSharedKey};
+
+/// A pair's configuration for session `session` (balanced polling), changed by `tune`.
+fn config(session: u64, key: &[u8], tune: impl FnOnce(&mut ChannelConfig)) -> ChannelConfig {
+    let mut cfg = ChannelConfig::new(session, 1, PreSharedKey::new(key.to_vec()).expect("key"));
+    cfg.poll = transport::PollPolicy::BALANCED;
+    tune(&mut cfg);
+    cfg
+}
+
+/// A backup over TCP loopback running `body` on its own thread, and the primary connected to it.
+fn pair<T: Send + 'static>(
+    cfg: ChannelConfig,
+    body: impl FnOnce(Backup<TcpBackupLink>) -> T + Send + 'static,
+) -> (
+    transport::Primary<tcp::TcpPrimaryLink>,
+    std::thread::JoinHandle<T>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let backup_cfg = cfg.clone();
+    let backup =
+        std::thread::spawn(move || body(tcp::accept(&listener, backup_cfg).expect("accept")));
+    (tcp::connect(addr, cfg).expect("connect"), backup)
+}
 
 #[test]
 fn a_slow_backup_throttles_the_primary_within_the_bound() {
     const MAX_LAG: u64 = 64;
     const ENTRIES: u64 = 3_000;
-    let mut cfg = ChannelConfig::new(
-        1,
-        1,
-        PreSharedKey::new(b"backpressure-test-key".to_vec()).expect("key"),
-    );
-    cfg.max_lag_entries = MAX_LAG;
-    cfg.poll = transport::PollPolicy::BALANCED;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let backup_cfg = cfg.clone();
-    let backup = std::thread::spawn(move || {
-        let mut b = tcp::accept(&listener, backup_cfg).expect("accept");
+    let cfg = config(1, b"backpressure-test-key", |c| {
+        c.max_lag_entries = MAX_LAG;
+    });
+    let (mut p, backup) = pair(cfg, move |mut b| {
         let mut seen = 0u64;
         let mut done = false;
         while !done {
@@ -38,7 +55,6 @@ fn a_slow_backup_throttles_the_primary_within_the_bound() {
         }
         seen
     });
-    let mut p = tcp::connect(addr, cfg).expect("connect");
     for i in 1..=ENTRIES {
         // Flush every entry so the lag is visible entry by entry.
         let seq = p
@@ -75,18 +91,10 @@ fn a_slow_backup_throttles_the_primary_within_the_bound() {
 
 #[test]
 fn a_batch_delay_of_zero_flushes_every_entry() {
-    let mut cfg = ChannelConfig::new(
-        3,
-        1,
-        PreSharedKey::new(b"batch-delay-test-key".to_vec()).expect("key"),
-    );
-    cfg.max_batch_delay = Some(Duration::ZERO);
-    cfg.poll = transport::PollPolicy::BALANCED;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let backup_cfg = cfg.clone();
-    let backup = std::thread::spawn(move || {
-        let mut b = tcp::accept(&listener, backup_cfg).expect("accept");
+    let cfg = config(3, b"batch-delay-test-key", |c| {
+        c.max_batch_delay = Some(Duration::ZERO);
+    });
+    let (mut p, backup) = pair(cfg, move |mut b| {
         let mut frames = 0u64;
         let mut done = false;
         while !done {
@@ -101,7 +109,6 @@ fn a_batch_delay_of_zero_flushes_every_entry() {
         }
         frames
     });
-    let mut p = tcp::connect(addr, cfg).expect("connect");
     for i in 1..=100u64 {
         p.append(&Entry::new(Position::at_exit(i), Event::Clock { ns: i }))
             .expect("append");
@@ -124,18 +131,10 @@ fn a_batch_delay_of_zero_flushes_every_entry() {
 fn a_slowly_replaying_backup_is_kept_within_the_time_bound() {
     const ENTRIES: u64 = 40_000;
     const BOUND: Duration = Duration::from_millis(20);
-    let mut cfg = ChannelConfig::new(
-        4,
-        1,
-        PreSharedKey::new(b"replay-lag-test-key".to_vec()).expect("key"),
-    );
-    cfg.max_lag_time = Some(BOUND);
-    cfg.poll = transport::PollPolicy::BALANCED;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let backup_cfg = cfg.clone();
-    let backup = std::thread::spawn(move || {
-        let mut b = tcp::accept(&listener, backup_cfg).expect("accept");
+    let cfg = config(4, b"replay-lag-test-key", |c| {
+        c.max_lag_time = Some(BOUND);
+    });
+    let (mut p, backup) = pair(cfg, move |mut b| {
         let mut seen = 0u64;
         let mut most_unreplayed = 0u64;
         loop {
@@ -165,7 +164,6 @@ fn a_slowly_replaying_backup_is_kept_within_the_time_bound() {
         }
         (seen, most_unreplayed, finished)
     });
-    let mut p = tcp::connect(addr, cfg).expect("connect");
     for i in 1..=ENTRIES {
         p.append(&Entry::new(Position::at_exit(i), Event::Clock { ns: i }))
             .expect("append");

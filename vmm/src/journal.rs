@@ -175,18 +175,7 @@ impl JournalSource {
             ))
         })?;
         let (frame, _) = FrameView::parse(bytes)?;
-        if frame.epoch() < self.epoch {
-            return Err(ChannelError::StaleEpoch {
-                frame: frame.epoch(),
-                current: self.epoch,
-            });
-        }
-        if frame.first_seq() != self.expected {
-            return Err(ChannelError::SequenceGap {
-                expected: self.expected,
-                found: frame.first_seq(),
-            });
-        }
+        transport::channel::follows(&frame, self.expected, self.epoch)?;
         self.epoch = frame.epoch();
         let count = frame.entry_count();
         self.expected += u64::from(count);

@@ -156,8 +156,7 @@ pub fn connect(
     dpdk: DpdkConfig,
 ) -> Result<Primary<DpdkPrimaryLink>, ChannelError> {
     config.validate()?;
-    let control = TcpStream::connect(control_addr)
-        .map_err(|e| ChannelError::io("connecting to the backup's control socket", e))?;
+    let control = crate::control::dial(control_addr, config.handshake_timeout)?;
     primary_on(control, &mut Some(port), config, dpdk)
 }
 
