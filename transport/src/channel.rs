@@ -53,6 +53,10 @@ pub struct ChannelConfig {
     pub heartbeat_timeout: Duration,
     /// Limit for each handshake step.
     pub handshake_timeout: Duration,
+    /// The backup's side: the sequence number of the first entry it expects, which it names in
+    /// its welcome and the primary's log starts at: 1 for a new log; for a backup that joined
+    /// a running primary by state transfer, the first entry after the transferred state.
+    pub resume_seq: u64,
     /// Largest frame (header included); entries are batched up to this size.
     pub max_frame_bytes: usize,
     /// Lag bound in entries: appends wait while more entries than this are not yet replayed by
@@ -95,6 +99,7 @@ impl ChannelConfig {
             heartbeat_interval: Duration::from_millis(5),
             heartbeat_timeout: Duration::from_millis(200),
             handshake_timeout: Duration::from_secs(5),
+            resume_seq: 1,
             max_frame_bytes: 64 * 1024,
             max_lag_entries: 1 << 20,
             max_lag_bytes: 2 << 20,

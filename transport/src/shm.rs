@@ -134,7 +134,7 @@ pub fn backup_on(
     };
 
     let path_bytes = path.as_os_str().as_encoded_bytes().to_vec();
-    handshake::backup_welcome(&mut stream, 1, &path_bytes)?;
+    handshake::backup_welcome(&mut stream, config.resume_seq.max(1), &path_bytes)?;
     let mut attached = [0u8; 1];
     control::read_exact(&mut stream, &mut attached, "the primary to map the ring")?;
     if attached != *b"A" {
@@ -150,7 +150,8 @@ pub fn backup_on(
         control,
         stream,
     };
-    Backup::new(link, config, 1, hello.epoch)
+    let resume = config.resume_seq;
+    Backup::new(link, config, resume, hello.epoch)
 }
 
 /// Connects to a backup's control socket, authenticates, maps the backup's ring and returns the

@@ -96,7 +96,7 @@ pub fn backup_on(
     control::prepare(&stream, config.handshake_timeout)?;
     let hello =
         handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Tcp))?;
-    let resume = 1;
+    let resume = config.resume_seq.max(1);
     handshake::backup_welcome(&mut stream, resume, &[])?;
     control::go_nonblocking(&stream)?;
     let max_frame = config.max_frame_bytes;

@@ -201,3 +201,53 @@ fn shm_primary_listens_and_a_backup_dials() {
         socket: sock("primary"),
     });
 }
+
+/// A backup that joins a running primary names where the log resumes (the first entry after
+/// the state it was given): the primary's log continues from there, and the backup expects
+/// exactly that sequence number.
+fn joiner_resumes(m: Medium) {
+    const RESUME: u64 = 5_001;
+    let mut l = Listener::bind(&m).expect("bind");
+    let m = l.medium();
+    let server = std::thread::spawn(move || l.primary(listener_config()).expect("the joiner"));
+    let mut cfg = peer_config();
+    cfg.resume_seq = RESUME;
+    let mut b = medium::dial_backup(&m, cfg).expect("join");
+    let mut p = server.join().expect("primary thread");
+    let rx = std::thread::spawn(move || {
+        let mut seqs = Vec::new();
+        while seqs.is_empty() {
+            b.poll_timeout(Duration::from_secs(5), |f| {
+                seqs.extend(f.entries_with_seq().map(|(s, _)| s));
+            })
+            .expect("poll");
+        }
+        seqs
+    });
+    let first = p
+        .append(&Entry::new(
+            Position::at_exit(RESUME),
+            Event::Clock { ns: 1 },
+        ))
+        .expect("append");
+    assert_eq!(
+        first, RESUME,
+        "the primary's log resumes where the joiner said"
+    );
+    p.flush().expect("flush");
+    p.wait_acked(first).expect("acknowledged");
+    let seqs = rx.join().expect("backup");
+    assert_eq!(seqs, [RESUME]);
+}
+
+#[test]
+fn tcp_joiner_resumes_the_log_where_its_state_ends() {
+    joiner_resumes("tcp:127.0.0.1:0".parse().expect("medium"));
+}
+
+#[test]
+fn shm_joiner_resumes_the_log_where_its_state_ends() {
+    joiner_resumes(Medium::Shm {
+        socket: sock("joiner"),
+    });
+}

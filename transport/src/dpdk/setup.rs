@@ -114,7 +114,7 @@ pub fn backup_on(
     info.extend_from_slice(&tag.to_le_bytes());
     // validate() bounds the MTU to u16.
     info.extend_from_slice(&(dpdk.mtu as u16).to_le_bytes());
-    handshake::backup_welcome(&mut control, 1, &info)?;
+    handshake::backup_welcome(&mut control, config.resume_seq.max(1), &info)?;
     let mut msg = [0u8; MAC_MSG_LEN];
     control::read_exact(&mut control, &mut msg, "the primary's MAC address")?;
     if msg[0] != b'M' {
@@ -144,7 +144,8 @@ pub fn backup_on(
         nacked: 0,
         ack_owed: false,
     };
-    Backup::new(link, config, 1, hello.epoch)
+    let resume = config.resume_seq;
+    Backup::new(link, config, resume, hello.epoch)
 }
 
 /// Connects to a backup's control address and sets up the primary's channel end over `port`

@@ -182,7 +182,7 @@ pub fn backup_on(
         addr: ring_mr.addr,
         len: capacity as u64,
     };
-    handshake::backup_welcome(&mut stream, 1, &ours.encode())?;
+    handshake::backup_welcome(&mut stream, config.resume_seq.max(1), &ours.encode())?;
     let mut msg = [0u8; SETUP_LEN];
     control::read_exact(&mut stream, &mut msg, "the primary's RDMA set-up")?;
     let primary = match PeerInfo::decode(&msg, Role::Primary, 0).and_then(|p| {
@@ -226,7 +226,8 @@ pub fn backup_on(
         wcs: [NO_COMPLETION; 16],
         ep,
     };
-    Backup::new(link, config, 1, hello.epoch)
+    let resume = config.resume_seq;
+    Backup::new(link, config, resume, hello.epoch)
 }
 
 #[cfg(test)]
