@@ -99,6 +99,9 @@ pub enum EngineError {
         /// Who or what holds the newer epoch.
         by: String,
     },
+    /// A backup could not join (or be joined).
+    #[error("join: {0}")]
+    Join(String),
     /// Asked to stop while waiting for the arbiter (no decision, nothing went live).
     #[error("stopped while waiting for the arbiter: {0}")]
     NoDecision(String),

@@ -27,7 +27,7 @@ use transport::{PreSharedKey, Primary, PrimaryLink, StatsSnapshot};
 
 use crate::engine::{EngineError, EventSource};
 use crate::journal::AloneLog;
-use crate::record::{LogSink, NoLog, RecordConfig, Recorder};
+use crate::record::{LogSink, RecordConfig, Recorder};
 use crate::replay::{EntrySource, Replayer};
 use crate::service::ServicePort;
 
@@ -113,13 +113,16 @@ impl ArbiterClient {
 
 enum SinkState<L: PrimaryLink> {
     Replicated(Box<Primary<L>>),
-    Alone(NoLog),
+    Alone(AloneLog),
 }
 
 /// The primary's log sink: the channel to the backup while it works; after it fails, the
 /// arbiter's verdict — unreplicated in the next epoch, or deposed.
 pub struct FailoverSink<L: PrimaryLink> {
     state: SinkState<L>,
+    /// While replicated after running alone with a journal: that log, still journaling every
+    /// entry, so the journal covers the whole run whatever the state.
+    shadow: Option<AloneLog>,
     arbiter: Option<ArbiterClient>,
     log_bytes: u64,
     /// The channel's counters when it was lost.
@@ -146,12 +149,66 @@ impl<L: PrimaryLink> FailoverSink<L> {
     pub fn new(primary: Primary<L>, arbiter: Option<ArbiterClient>) -> Self {
         FailoverSink {
             state: SinkState::Replicated(Box::new(primary)),
+            shadow: None,
             arbiter,
             log_bytes: 0,
             last_stats: None,
             arbitration: None,
             lost_backup: None,
         }
+    }
+
+    /// Unprotected from the start: `log` (in its epoch, its sequence numbers going on) until a
+    /// backup joins ([`Self::protect`]); `arbiter` is asked if that backup is lost later.
+    pub fn alone(log: AloneLog, arbiter: Option<ArbiterClient>) -> Self {
+        FailoverSink {
+            state: SinkState::Alone(log),
+            shadow: None,
+            arbiter,
+            log_bytes: 0,
+            last_stats: None,
+            arbitration: None,
+            lost_backup: None,
+        }
+    }
+
+    /// Whether a backup has the log now.
+    pub fn is_protected(&self) -> bool {
+        matches!(self.state, SinkState::Replicated(_))
+    }
+
+    /// The sequence number the next entry gets.
+    pub fn next_seq(&self) -> u64 {
+        match &self.state {
+            SinkState::Replicated(p) => p.last_seq() + 1,
+            SinkState::Alone(a) => a.next_seq(),
+        }
+    }
+
+    /// A backup joined (it has the guest's state up to this point, and expects the log from
+    /// [`Self::next_seq`] on, in this epoch): replicate through `primary` from now on, so
+    /// outputs wait for its ACKs again. Refused while another backup has the log, or if
+    /// `primary`'s log does not continue this one.
+    pub fn protect(&mut self, primary: Primary<L>) -> Result<(), EngineError> {
+        let SinkState::Alone(alone) = &self.state else {
+            return Err(EngineError::Join("a backup already has the log".into()));
+        };
+        let (next, epoch) = (alone.next_seq(), alone.epoch());
+        let (theirs, their_epoch) = (primary.last_seq() + 1, primary.config().epoch);
+        if theirs != next || their_epoch != epoch {
+            return Err(EngineError::Join(format!(
+                "the new channel starts at entry {theirs} in epoch {their_epoch}, the log is at \
+                 entry {next} in epoch {epoch}"
+            )));
+        }
+        self.log_bytes = 0;
+        self.lost_backup = None;
+        if let SinkState::Alone(alone) =
+            std::mem::replace(&mut self.state, SinkState::Replicated(Box::new(primary)))
+        {
+            self.shadow = alone.has_journal().then_some(alone);
+        }
+        Ok(())
     }
 
     /// The arbitration, if the backup was lost.
@@ -203,8 +260,14 @@ impl<L: PrimaryLink> FailoverSink<L> {
             a.decide_ms
         );
         // Alone, everything counts as acknowledged: the outputs held for the lost backup go
-        // out now, stamped with the epoch just won.
-        self.state = SinkState::Alone(NoLog::at_epoch(a.epoch));
+        // out now, stamped with the epoch just won. Sequence numbers go on, so a backup that
+        // joins later continues this log.
+        let next = p.last_seq() + 1;
+        let alone = match self.shadow.take() {
+            Some(journaling) => journaling.in_epoch(a.epoch),
+            None => AloneLog::new(a.epoch, next, None),
+        };
+        self.state = SinkState::Alone(alone);
         Ok(())
     }
 }
@@ -213,7 +276,12 @@ impl<L: PrimaryLink> LogSink for FailoverSink<L> {
     fn append(&mut self, entry: &Entry<'_>) -> Result<u64, EngineError> {
         if let SinkState::Replicated(p) = &mut self.state {
             match p.append(entry) {
-                Ok(seq) => return Ok(seq),
+                Ok(seq) => {
+                    if let Some(shadow) = &mut self.shadow {
+                        shadow.append(entry)?;
+                    }
+                    return Ok(seq);
+                }
                 Err(e) => self.failed(e.into())?,
             }
         }
@@ -240,10 +308,16 @@ impl<L: PrimaryLink> LogSink for FailoverSink<L> {
     }
 
     fn wait_acked(&mut self, seq: u64) -> Result<(), EngineError> {
-        if let SinkState::Replicated(p) = &mut self.state {
-            if let Err(e) = p.wait_acked(seq) {
-                self.failed(e.into())?;
+        match &mut self.state {
+            SinkState::Replicated(p) => {
+                if let Err(e) = p.wait_acked(seq) {
+                    self.failed(e.into())?;
+                }
             }
+            SinkState::Alone(alone) => alone.wait_acked(seq)?,
+        }
+        if let Some(shadow) = &mut self.shadow {
+            shadow.wait_acked(seq)?;
         }
         Ok(())
     }
@@ -262,6 +336,10 @@ impl<L: PrimaryLink> LogSink for FailoverSink<L> {
         }
     }
 }
+
+/// The log of a replica serving live: replicated to a backup over any medium, or alone (and
+/// joinable).
+pub type LiveLog = FailoverSink<transport::medium::AnyPrimaryLink>;
 
 /// What the backup needs to take over.
 #[derive(Debug)]
@@ -309,7 +387,7 @@ pub fn unix_ns() -> u64 {
 
 enum Mode<S: EntrySource> {
     Replay(Box<Replayer<S>>),
-    Live(Box<Recorder<AloneLog>>),
+    Live(Box<Recorder<LiveLog>>),
     Switching,
 }
 
@@ -354,7 +432,7 @@ impl<S: EntrySource> Failover<S> {
     }
 
     /// The live recorder, after a takeover.
-    pub fn recorder(&self) -> Option<&Recorder<AloneLog>> {
+    pub fn recorder(&self) -> Option<&Recorder<LiveLog>> {
         match &self.mode {
             Mode::Live(r) => Some(r),
             _ => None,
@@ -438,13 +516,16 @@ impl<S: EntrySource> Failover<S> {
             );
             None
         });
+        let candidate = t.arbiter.candidate.clone();
+        // Alone, journaling, and ready for a new backup to join: one that is lost later is
+        // handled as the original primary handles losing its backup (the arbiter again).
         let log = AloneLog::new(epoch, replayer.last_seq() + 1, journal);
+        let sink = FailoverSink::alone(log, Some(t.arbiter));
         let recorder =
-            Recorder::new(log, t.port, record, t.stop)?.reregister_with(t.key, t.session);
+            Recorder::new(sink, t.port, record, t.stop)?.reregister_with(t.key, t.session);
         report.takeover_ms = ended_at.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
-            "{}: won epoch {epoch}; live at exit {exit} ({:.1} ms after the log ended)",
-            t.arbiter.candidate,
+            "{candidate}: won epoch {epoch}; live at exit {exit} ({:.1} ms after the log ended)",
             report.takeover_ms
         );
         self.report = Some(report);

@@ -85,6 +85,22 @@ impl AloneLog {
             frame: FrameBuf::new(JOURNAL_FRAME_BYTES),
         }
     }
+
+    /// The sequence number the next entry gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Whether entries also go to a journal.
+    pub fn has_journal(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    /// The same log (journal, sequence numbers) going on in `epoch`.
+    pub fn in_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
+    }
 }
 
 impl LogSink for AloneLog {
