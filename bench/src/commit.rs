@@ -94,9 +94,14 @@ pub struct CommitArgs {
     /// ping-pong).
     #[arg(long, default_value_t = 64)]
     payload: usize,
-    /// Measured commits per medium.
-    #[arg(long, default_value_t = 100_000)]
+    /// Measured commits per medium and round (and as many raw round trips).
+    #[arg(long, default_value_t = 20_000)]
     count: u64,
+    /// Rounds per medium, each measuring the raw medium and the commit back to back, so that
+    /// both see the machine in the same state; each row reports the median of the rounds'
+    /// ratios (and of their per-commit overheads) besides the percentiles of all rounds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Commits before measuring, excluded.
     #[arg(long, default_value_t = 10_000)]
     warmup: u64,
@@ -288,6 +293,30 @@ pub struct CommitRow {
     raw_request_bytes: usize,
     raw_reply_bytes: usize,
     overhead_ratio_p50: f64,
+    /// Median over the rounds of (commit p50 / raw p50 of the same round).
+    ratio_median: f64,
+    /// Median over the rounds of (commit p50 − raw p50 of the same round), ns: what one commit
+    /// costs beyond the medium's own round trip.
+    overhead_ns_median: f64,
+    rounds: Vec<Round>,
+}
+
+/// One round: the raw medium and the commit, measured back to back.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Round {
+    raw_p50_us: f64,
+    commit_p50_us: f64,
+    ratio: f64,
+    overhead_ns: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn us(h: &Histogram<u64>, q: f64) -> f64 {
@@ -332,8 +361,22 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         logfmt::crc::implementation().name()
     );
     println!(
-        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} | raw bytes out/back",
-        "transport", "p50 µs", "p90", "p99", "p99.9", "max", "raw p50", "raw p99", "ratio"
+        "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>9} {:>9} | {:>7} {:>9} | raw bytes out/back",
+        "transport",
+        "p50 µs",
+        "p90",
+        "p99",
+        "p99.9",
+        "max",
+        "raw p50",
+        "raw p99",
+        "ratio",
+        "extra ns"
+    );
+    println!(
+        "({} rounds per medium, raw medium then commit in each; ratio and extra ns: medians of the rounds' \
+         p50 ratio and p50 difference; percentiles over all rounds)",
+        args.rounds
     );
     let kinds: Vec<Kind> = args
         .transports
@@ -341,6 +384,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         .filter_map(|m| m.dpdk_kind())
         .collect();
     raw::memif::want(&kinds)?;
+    raw::memif::want_memif_channels(args.rounds as usize);
     if args.trace && !cfg!(feature = "trace") {
         bail!("--trace needs the bench built with the trace feature (cargo build --release -p bench --features trace)");
     }
@@ -398,15 +442,50 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             };
             Ok((commit, steps))
         };
-        let ((commit, steps), raw) = if medium.is_dpdk() {
-            // The channel closes its DPDK ports when it is done, and the raw ping-pong gives its
-            // pair back: measuring the raw medium first runs both over the same two ports.
-            let raw = raw_ping_pong()?;
-            (measure()?, raw)
-        } else {
-            let measured = measure()?;
-            (measured, raw_ping_pong()?)
+        let mut commit = Histogram::<u64>::new(3)?;
+        let mut raw = Histogram::<u64>::new(3)?;
+        let mut steps = Vec::new();
+        let mut rounds = Vec::new();
+        // A channel over DPDK closes its ports: a veth end gives one channel per process.
+        let n_rounds = match medium.dpdk_kind() {
+            Some(kind) if kind.channels() < args.rounds as usize => {
+                println!(
+                    "  {}: {} round(s) only (one channel per veth end and process)",
+                    medium.name(),
+                    kind.channels()
+                );
+                kind.channels() as u32
+            }
+            _ => args.rounds,
         };
+        for round in 0..n_rounds {
+            // The channel closes its DPDK ports when it is done, and the raw ping-pong gives
+            // its pair back: the raw medium goes first, so both run over the same two ports.
+            let r = raw_ping_pong()?;
+            let (c, s) = measure()?;
+            let (raw_p50, commit_p50) = (us(&r, 0.5), us(&c, 0.5));
+            let this = Round {
+                raw_p50_us: raw_p50,
+                commit_p50_us: commit_p50,
+                ratio: commit_p50 / raw_p50.max(f64::MIN_POSITIVE),
+                overhead_ns: (commit_p50 - raw_p50) * 1e3,
+            };
+            if n_rounds > 1 {
+                println!(
+                    "  {} round {}/{}: raw p50 {:.2} µs, commit p50 {:.2} µs, ratio {:.2}",
+                    medium.name(),
+                    round + 1,
+                    n_rounds,
+                    this.raw_p50_us,
+                    this.commit_p50_us,
+                    this.ratio
+                );
+            }
+            rounds.push(this);
+            commit.add(&c)?;
+            raw.add(&r)?;
+            steps = s;
+        }
         let row = CommitRow {
             transport: medium.name().into(),
             payload_bytes: args.payload,
@@ -421,9 +500,12 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             raw_request_bytes: payload,
             raw_reply_bytes: reply.unwrap_or(payload),
             overhead_ratio_p50: us(&commit, 0.5) / us(&raw, 0.5).max(f64::MIN_POSITIVE),
+            ratio_median: median(rounds.iter().map(|r| r.ratio).collect()),
+            overhead_ns_median: median(rounds.iter().map(|r| r.overhead_ns).collect()),
+            rounds,
         };
         println!(
-            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2} | {}/{}",
+            "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2} {:>9.0} | {}/{}",
             row.transport,
             row.commit_p50_us,
             row.commit_p90_us,
@@ -432,7 +514,8 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             row.commit_max_us,
             row.raw_p50_us,
             row.raw_p99_us,
-            row.overhead_ratio_p50,
+            row.ratio_median,
+            row.overhead_ns_median,
             row.raw_request_bytes,
             row.raw_reply_bytes
         );

@@ -22,19 +22,27 @@ fn create_parent(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `rows` (serialisable structs with the same fields) as CSV with a header line.
+/// Writes `rows` (serialisable structs with the same fields) as CSV with a header line; fields
+/// that are lists or records (e.g. per-round details) stay in the JSON only.
 pub fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> anyhow::Result<()> {
     create_parent(path)?;
     let mut out = String::new();
+    let scalar = |v: &serde_json::Value| !(v.is_array() || v.is_object());
     for (i, row) in rows.iter().enumerate() {
         let value = serde_json::to_value(row)?;
         let fields = value.as_object().context("CSV rows must be structs")?;
         if i == 0 {
-            out.push_str(&fields.keys().cloned().collect::<Vec<_>>().join(","));
+            let names: Vec<_> = fields
+                .iter()
+                .filter(|(_, v)| scalar(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            out.push_str(&names.join(","));
             out.push('\n');
         }
         let cells: Vec<String> = fields
             .values()
+            .filter(|v| scalar(v))
             .map(|v| match v {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),

@@ -160,7 +160,7 @@ while [ "$round" -le "$ROUNDS" ]; do
     say "round $round/$ROUNDS: bench commit --transport $BENCH_TRANSPORTS --count $BENCH_COUNT --warmup $BENCH_WARMUP: start"
     t0=$(up)
     run_limited "$BENCH_TIMEOUT" "/tmp/bench-$round.log" /ftvm/bench commit --transport "$BENCH_TRANSPORTS" \
-      --count "$BENCH_COUNT" --warmup "$BENCH_WARMUP" --json "/tmp/bench-$round.json"
+      --count "$BENCH_COUNT" --warmup "$BENCH_WARMUP" --rounds 1 --json "/tmp/bench-$round.json"
     rc=$?
     secs=$(since "$t0")
     show bench "/tmp/bench-$round.log"
@@ -181,7 +181,7 @@ if [ -x /ftvm/bench ]; then
   say "bench commit --transport rdma --trace (for the record)"
   t0=$(up)
   run_limited "$BENCH_TIMEOUT" /tmp/bench-trace.log /ftvm/bench commit --transport rdma \
-    --count 5000 --warmup 1000 --trace
+    --count 5000 --warmup 1000 --rounds 1 --trace
   rc=$?
   secs=$(since "$t0")
   show bench-trace /tmp/bench-trace.log

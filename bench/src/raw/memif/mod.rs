@@ -2,8 +2,8 @@
 //! the rest of the process, with port pairs for the DPDK media [`want`]ed before (net_memif
 //! only, if nothing was asked for):
 //!
-//! - [`Kind::Memif`]: four pairs of `net_memif` ports joined over Unix sockets in
-//!   a private temporary directory (no root needed).
+//! - [`Kind::Memif`]: pairs of `net_memif` ports (four, or as many as [`want_memif_channels`]
+//!   asks) joined over Unix sockets in a private temporary directory (no root needed).
 //! - [`Kind::AfPacket`]: one `net_af_packet` port on each end of the veth pair
 //!   `ftvm-ap0`/`ftvm-ap1` (root).
 //! - [`Kind::AfXdp`]: one `net_af_xdp` port on each end of the veth pair `ftvm-xd0`/`ftvm-xd1`
@@ -52,6 +52,31 @@ impl Kind {
 
 /// The DPDK media [`want`]ed so far.
 static WANTED: Mutex<Vec<Kind>> = Mutex::new(Vec::new());
+
+/// memif port pairs to create at EAL init: each channel over DPDK uses one up.
+static MEMIF_PAIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4);
+
+/// Asks for at least `n` channels over memif in this process (call before the first [`take`]).
+pub fn want_memif_channels(n: usize) {
+    MEMIF_PAIRS.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// memif port pairs this process creates.
+pub(crate) fn memif_pairs() -> usize {
+    MEMIF_PAIRS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Kind {
+    /// How many channels this process can run over this medium: memif creates as many port
+    /// pairs as asked for; a veth end takes one socket only (a second port on the same
+    /// interface would see the first one's frames too), and a channel closes its ports.
+    pub fn channels(self) -> usize {
+        match self {
+            Kind::Memif => memif_pairs(),
+            Kind::AfPacket | Kind::AfXdp => 1,
+        }
+    }
+}
 
 /// Declares which DPDK media this process will measure; call before the first
 /// [`take`] (the EAL and its ports are set up once). In a bench built without the `dpdk`

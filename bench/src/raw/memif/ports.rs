@@ -17,12 +17,7 @@ impl Kind {
 
     /// Port pairs made for this medium.
     fn pairs(self) -> usize {
-        match self {
-            Kind::Memif => PAIRS,
-            // One socket per veth end: a second port on the same interface would see the
-            // first one's frames too.
-            Kind::AfPacket | Kind::AfXdp => 1,
-        }
+        self.channels()
     }
 
     /// The veth pair: (the backup / echo side's end, the primary / timing side's end).
@@ -35,8 +30,6 @@ impl Kind {
     }
 }
 
-/// memif port pairs created at EAL init (each channel over DPDK uses one up).
-const PAIRS: usize = 4;
 /// Largest raw ping-pong payload: one standard Ethernet frame's worth.
 pub const MAX_RAW_PAYLOAD: usize = 1500;
 /// Descriptors per rx/tx queue.
@@ -189,7 +182,7 @@ fn init_in(dir: &std::path::Path, pid: u32) -> anyhow::Result<State> {
     for &kind in &kinds {
         match kind {
             Kind::Memif => {
-                for k in 0..PAIRS {
+                for k in 0..super::memif_pairs() {
                     let socket = dir.join(format!("memif{k}.sock"));
                     let (s, c) = (2 * k as u32, 2 * k as u32 + 1);
                     args = args
