@@ -10,13 +10,15 @@
 //! - [`service`]: the service address (direct, or behind the fencing [`service::Front`]);
 //! - [`failover`]: what each side does when the channel falls silent — ask the arbiter, then go
 //!   live (the backup after draining its log) or halt; [`journal`]: the log a replica keeps of
-//!   what it replayed and recorded, replayable on a fresh VM.
+//!   what it replayed and recorded, replayable on a fresh VM;
+//! - [`migrate`]: live state transfer (pre-copy over KVM's dirty log) for a joining backup.
 
 pub mod engine;
 pub mod failover;
 pub mod journal;
 pub mod kv;
 pub mod layout;
+pub mod migrate;
 pub mod output_gate;
 pub mod record;
 pub mod replay;

@@ -20,10 +20,11 @@
 use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_API_VERSION,
-    KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs,
+    KVM_API_VERSION, KVM_EXIT_INTERNAL_ERROR, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{
@@ -37,6 +38,7 @@ use crate::layout::{
     HYPERCALL_PORT, INITIAL_RSP, MAX_MEM_SIZE, MEM_SIZE_ALIGN, MIN_MEM_SIZE, PDPT_ADDR, PD_ADDR,
     PML4_ADDR, TSS_ADDR, TSS_SELECTOR,
 };
+use crate::migrate::state::{VcpuState, SAVED_MSRS};
 
 /// The deterministic key-value guest program (static ELF), built from `vmm/guest` by build.rs.
 pub const GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
@@ -142,7 +144,8 @@ pub enum VmExit {
 pub struct Vm {
     // Field order is drop order: the vCPU and VM file descriptors go before the memory they map.
     vcpu: VcpuFd,
-    _vm: VmFd,
+    /// Shared with a [`DirtyLog`], which may outlive nothing it needs: it holds the memory too.
+    vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap,
     mem_size: usize,
@@ -226,7 +229,7 @@ impl Vm {
 
         Ok(Vm {
             vcpu,
-            _vm: vm,
+            vm_fd: Arc::new(vm),
             _kvm: kvm,
             mem,
             mem_size,
@@ -361,6 +364,110 @@ impl Vm {
         self.mem_size
     }
 
+    /// The vCPU's state, taken at an exit boundary (after the exit was handled): KVM first
+    /// completes the exit's pending I/O (a `KVM_RUN` with `immediate_exit` set finishes the
+    /// `out` and returns before the guest runs another instruction), so RIP is past the
+    /// hypercall and the state is what a fresh vCPU needs to go on from here.
+    pub fn vcpu_state(&mut self) -> Result<VcpuState, VmError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let completed = self.vcpu.run().map(|_| ());
+        self.vcpu.set_kvm_immediate_exit(0);
+        match completed {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                return Err(VmError::Kvm {
+                    op: "KVM_RUN (completing the exit)",
+                    err: e,
+                })
+            }
+            Ok(()) => {
+                return Err(VmError::Image(
+                    "the vCPU ran while its exit was being completed".into(),
+                ))
+            }
+        }
+        let v = &self.vcpu;
+        let mut msrs = Msrs::from_entries(&SAVED_MSRS.map(|index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        }))
+        .map_err(|e| VmError::MemAlloc(format!("MSR list: {e:?}")))?;
+        let read = v.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        Ok(VcpuState {
+            exits: self.exits,
+            regs: v.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: v.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            xsave: v.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
+            xcrs: v.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?,
+            debugregs: v.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            events: v
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: v.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+            msrs: msrs.as_slice()[..read.min(SAVED_MSRS.len())].to_vec(),
+        })
+    }
+
+    /// Sets the vCPU to `state` (from [`Vm::vcpu_state`] on a VM of the same image and memory
+    /// size): the next [`Vm::run`] goes on where that vCPU stopped, and the exit counter too.
+    pub fn set_vcpu_state(&mut self, state: &VcpuState) -> Result<(), VmError> {
+        let v = &self.vcpu;
+        // Special registers first (mode, paging), then the rest, as KVM's own save/restore.
+        v.set_sregs(&state.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        v.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        // SAFETY: `state.xsave` is a whole `kvm_xsave` (4 KiB region) as KVM_GET_XSAVE gave it;
+        // KVM reads only that structure.
+        unsafe { v.set_xsave(&state.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        v.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        v.set_debug_regs(&state.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        let msrs = Msrs::from_entries(&state.msrs)
+            .map_err(|e| VmError::MemAlloc(format!("MSR list: {e:?}")))?;
+        let written = v.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if written != state.msrs.len() {
+            return Err(VmError::Image(format!(
+                "KVM set {written} of the {} MSRs of the transferred state",
+                state.msrs.len()
+            )));
+        }
+        v.set_vcpu_events(&state.events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        v.set_mp_state(state.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        self.exits = state.exits;
+        Ok(())
+    }
+
+    /// Turns on KVM's dirty-page log for guest memory and returns the handle a copier thread
+    /// reads memory and dirty pages through while the vCPU runs; dropping it turns the log off.
+    pub fn dirty_log(&self) -> Result<DirtyLog, VmError> {
+        let log = DirtyLog {
+            vm: self.vm_fd.clone(),
+            mem: self.mem.clone(),
+            mem_size: self.mem_size,
+        };
+        log.register(KVM_MEM_LOG_DIRTY_PAGES)?;
+        // Pages dirtied before now are not in the log: every page is copied in round 0 anyway.
+        log.take_dirty()?;
+        Ok(log)
+    }
+
+    /// xxh3-64 over the xxh3-64 of every 4 KiB page, in order: the digest a join compares
+    /// (the primary keeps its pages' hashes as it sends them, so it need not hash all of its
+    /// memory while the guest is stopped).
+    pub fn pages_digest(&self) -> u64 {
+        let mut h = Xxh3::new();
+        let mut page = [0u8; PAGE_SIZE];
+        for p in 0..self.mem_size / PAGE_SIZE {
+            // In range by construction: `p < mem_size / PAGE_SIZE`.
+            if self.read_bytes((p * PAGE_SIZE) as u64, &mut page).is_ok() {
+                h.update(&xxhash_rust::xxh3::xxh3_64(&page).to_le_bytes());
+            }
+        }
+        h.digest()
+    }
+
     /// Describes a `KVM_EXIT_INTERNAL_ERROR`: suberror, the kernel's extra data words, RIP.
     fn internal_error_details(&mut self) -> String {
         let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
@@ -382,6 +489,79 @@ impl Vm {
         match gpa.checked_add(len as u64) {
             Some(end) if end <= self.mem_size as u64 => Ok(()),
             _ => Err(VmError::OutOfRange { gpa, len }),
+        }
+    }
+}
+
+/// Guest page size for dirty logging and state transfer.
+pub const PAGE_SIZE: usize = 4096;
+
+/// A guest's memory and KVM dirty-page log, usable from another thread while the vCPU runs
+/// (from [`Vm::dirty_log`]).
+pub struct DirtyLog {
+    // Field order is drop order: the VM fd (whose slot maps the memory) before the memory.
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    mem_size: usize,
+}
+
+impl fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyLog")
+            .field("mem_size", &self.mem_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirtyLog {
+    fn register(&self, flags: u32) -> Result<(), VmError> {
+        let host_addr = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| VmError::MemAlloc(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags,
+            guest_phys_addr: 0,
+            memory_size: self.mem_size as u64,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the same slot, address and size as `Vm::new` registered, only the flags
+        // differ; the mapping is owned by `self.mem` (a clone sharing the VM's regions), which
+        // lives as long as this handle, and the VM fd is dropped before it (field order).
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty log)"))
+    }
+
+    /// Pages of guest memory.
+    pub fn pages(&self) -> usize {
+        self.mem_size / PAGE_SIZE
+    }
+
+    /// The pages written since the last call (one bit per page, 64 per word), and clears them.
+    pub fn take_dirty(&self) -> Result<Vec<u64>, VmError> {
+        self.vm
+            .get_dirty_log(0, self.mem_size)
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+    }
+
+    /// Copies page `page` into `buf` (the guest may be writing it meanwhile: then it is dirty
+    /// again and copied again later).
+    pub fn read_page(&self, page: usize, buf: &mut [u8; PAGE_SIZE]) -> Result<(), VmError> {
+        let gpa = (page * PAGE_SIZE) as u64;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| VmError::OutOfRange {
+                gpa,
+                len: PAGE_SIZE,
+            })
+    }
+}
+
+impl Drop for DirtyLog {
+    fn drop(&mut self) {
+        if let Err(e) = self.register(0) {
+            tracing::warn!("turning the dirty-page log off: {e}");
         }
     }
 }

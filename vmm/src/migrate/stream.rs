@@ -1,0 +1,508 @@
+//! The state stream's chunks. Every chunk is a 16-byte header — magic `FTJN`, `u8 kind`,
+//! `u8 flags` (0), `u16 reserved` (0), `u32 payload length`, `u32 CRC32C` over the header's
+//! first 12 bytes and the payload — followed by the payload. All integers little-endian. The
+//! payloads (see `vmm/MIGRATION.md`) are built and parsed only here.
+
+use std::io::{Read, Write};
+
+use super::MigrateError;
+use crate::vm::PAGE_SIZE;
+
+/// First bytes of every chunk.
+pub const MAGIC: [u8; 4] = *b"FTJN";
+/// Chunk header length.
+pub const CHUNK_HEADER_LEN: usize = 16;
+/// Version of the stream format (in the [`Header`] chunk).
+pub const STREAM_VERSION: u32 = 1;
+/// Most pages in one `PAGES` chunk (1 MiB of page data).
+pub const MAX_PAGES_PER_CHUNK: u32 = 256;
+/// Largest payload of any chunk.
+pub const MAX_PAYLOAD: usize = 16 + MAX_PAGES_PER_CHUNK as usize * PAGE_SIZE;
+/// Largest `DEVICE` payload.
+pub const MAX_DEVICE_STATE: usize = 64 * 1024;
+/// Length of the [`Header`] payload.
+pub const HEADER_LEN: usize = 64;
+
+/// Chunk kinds, in the order a stream carries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Format version, memory size, image digest, pair id, epoch.
+    Header = 1,
+    /// A run of pages: `u64 first page`, `u32 count`, `u32 0`, then `count` × 4096 bytes.
+    Pages = 2,
+    /// A run of all-zero pages: `u64 first page`, `u32 count`, `u32 0`.
+    Zeros = 3,
+    /// End of a pre-copy round: `u32 round`, `u32 0`, `u64 pages sent in it`.
+    RoundEnd = 4,
+    /// The vCPU state ([`super::state::VcpuState::encode`]), once, with the guest stopped.
+    Vcpu = 5,
+    /// The VMM's device state (opaque to the stream), once, after `Vcpu`.
+    Device = 6,
+    /// `u64 pages digest`, `u64 registers digest`: the primary's at the switch-over.
+    Hashes = 7,
+    /// End of the stream (empty).
+    End = 8,
+    /// The sender refuses: a UTF-8 reason. Ends the stream.
+    Refused = 9,
+    /// The joiner's answer after loading: `u8 ok`, 7 × `u8 0`, `u64 pages digest`, `u64
+    /// registers digest` (its own).
+    Verdict = 10,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Header,
+            2 => Kind::Pages,
+            3 => Kind::Zeros,
+            4 => Kind::RoundEnd,
+            5 => Kind::Vcpu,
+            6 => Kind::Device,
+            7 => Kind::Hashes,
+            8 => Kind::End,
+            9 => Kind::Refused,
+            10 => Kind::Verdict,
+            _ => return None,
+        })
+    }
+
+    /// The kind's name in messages and in `MIGRATION.md`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Header => "HEADER",
+            Kind::Pages => "PAGES",
+            Kind::Zeros => "ZEROS",
+            Kind::RoundEnd => "ROUND_END",
+            Kind::Vcpu => "VCPU",
+            Kind::Device => "DEVICE",
+            Kind::Hashes => "HASHES",
+            Kind::End => "END",
+            Kind::Refused => "REFUSED",
+            Kind::Verdict => "VERDICT",
+        }
+    }
+
+    /// Every kind.
+    pub const ALL: [Kind; 10] = [
+        Kind::Header,
+        Kind::Pages,
+        Kind::Zeros,
+        Kind::RoundEnd,
+        Kind::Vcpu,
+        Kind::Device,
+        Kind::Hashes,
+        Kind::End,
+        Kind::Refused,
+        Kind::Verdict,
+    ];
+}
+
+/// What the stream is for: the primary's guest and pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// SHA-256 of the guest image ([`super::image_digest`]).
+    pub image_digest: [u8; 32],
+    /// The FT pair's id (the channel's session id).
+    pub session: u64,
+    /// The primary's fencing epoch.
+    pub epoch: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..4].copy_from_slice(&STREAM_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.mem_size.to_le_bytes());
+        b[16..48].copy_from_slice(&self.image_digest);
+        b[48..56].copy_from_slice(&self.session.to_le_bytes());
+        b[56..64].copy_from_slice(&self.epoch.to_le_bytes());
+        b
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// A parsed chunk, borrowing its payload from the reader's buffer.
+#[derive(Debug)]
+pub enum Chunk<'a> {
+    /// [`Kind::Header`].
+    Header(Header),
+    /// [`Kind::Pages`]: the first page and the pages' bytes (a multiple of 4096).
+    Pages {
+        /// First page index.
+        first: u64,
+        /// `count` × 4096 bytes.
+        data: &'a [u8],
+    },
+    /// [`Kind::Zeros`].
+    Zeros {
+        /// First page index.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
+    /// [`Kind::RoundEnd`].
+    RoundEnd {
+        /// Round number, from 0.
+        round: u32,
+        /// Pages sent in the round.
+        pages: u64,
+    },
+    /// [`Kind::Vcpu`].
+    Vcpu(&'a [u8]),
+    /// [`Kind::Device`].
+    Device(&'a [u8]),
+    /// [`Kind::Hashes`].
+    Hashes {
+        /// Pages digest ([`crate::vm::Vm::pages_digest`]).
+        pages: u64,
+        /// Registers digest ([`crate::vm::Vm::registers_digest`]).
+        registers: u64,
+    },
+    /// [`Kind::End`].
+    End,
+    /// [`Kind::Refused`].
+    Refused(String),
+    /// [`Kind::Verdict`].
+    Verdict {
+        /// The joiner loaded the state and its digests match.
+        ok: bool,
+        /// Its pages digest.
+        pages: u64,
+        /// Its registers digest.
+        registers: u64,
+    },
+}
+
+impl Chunk<'_> {
+    /// The chunk's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Chunk::Header(_) => Kind::Header,
+            Chunk::Pages { .. } => Kind::Pages,
+            Chunk::Zeros { .. } => Kind::Zeros,
+            Chunk::RoundEnd { .. } => Kind::RoundEnd,
+            Chunk::Vcpu(_) => Kind::Vcpu,
+            Chunk::Device(_) => Kind::Device,
+            Chunk::Hashes { .. } => Kind::Hashes,
+            Chunk::End => Kind::End,
+            Chunk::Refused(_) => Kind::Refused,
+            Chunk::Verdict { .. } => Kind::Verdict,
+        }
+    }
+}
+
+/// Writes chunks to `W`, counting bytes.
+#[derive(Debug)]
+pub struct ChunkWriter<W: Write> {
+    out: W,
+    bytes: u64,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> ChunkWriter<W> {
+    /// Chunks go to `out` (buffer it: chunks are written in a few pieces each).
+    pub fn new(out: W) -> Self {
+        ChunkWriter {
+            out,
+            bytes: 0,
+            scratch: Vec::with_capacity(64),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> Result<(), MigrateError> {
+        self.out
+            .flush()
+            .map_err(MigrateError::io("sending the state"))
+    }
+
+    /// The writer underneath.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// Writes one chunk whose payload is `head` followed by `body`.
+    fn chunk(&mut self, kind: Kind, head: &[u8], body: &[u8]) -> Result<(), MigrateError> {
+        let len = head.len() + body.len();
+        debug_assert!(len <= MAX_PAYLOAD);
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        h[..4].copy_from_slice(&MAGIC);
+        h[4] = kind as u8;
+        h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        let crc =
+            crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&h[..12]), head), body);
+        h[12..16].copy_from_slice(&crc.to_le_bytes());
+        let io = MigrateError::io("sending the state");
+        self.out
+            .write_all(&h)
+            .and_then(|()| self.out.write_all(head))
+            .and_then(|()| self.out.write_all(body))
+            .map_err(io)?;
+        self.bytes += (CHUNK_HEADER_LEN + len) as u64;
+        Ok(())
+    }
+
+    /// A [`Kind::Header`] chunk.
+    pub fn header(&mut self, h: &Header) -> Result<(), MigrateError> {
+        self.chunk(Kind::Header, &h.encode(), &[])
+    }
+
+    /// A [`Kind::Pages`] chunk: `data` holds whole pages, at most [`MAX_PAGES_PER_CHUNK`].
+    pub fn pages(&mut self, first: u64, data: &[u8]) -> Result<(), MigrateError> {
+        let count = (data.len() / PAGE_SIZE) as u32;
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&first.to_le_bytes());
+        self.scratch.extend_from_slice(&count.to_le_bytes());
+        self.scratch.extend_from_slice(&[0; 4]);
+        let head = std::mem::take(&mut self.scratch);
+        let r = self.chunk(Kind::Pages, &head, data);
+        self.scratch = head;
+        r
+    }
+
+    /// A [`Kind::Zeros`] chunk.
+    pub fn zeros(&mut self, first: u64, count: u32) -> Result<(), MigrateError> {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&first.to_le_bytes());
+        b[8..12].copy_from_slice(&count.to_le_bytes());
+        self.chunk(Kind::Zeros, &b, &[])
+    }
+
+    /// A [`Kind::RoundEnd`] chunk.
+    pub fn round_end(&mut self, round: u32, pages: u64) -> Result<(), MigrateError> {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&round.to_le_bytes());
+        b[8..16].copy_from_slice(&pages.to_le_bytes());
+        self.chunk(Kind::RoundEnd, &b, &[])
+    }
+
+    /// A [`Kind::Vcpu`] chunk.
+    pub fn vcpu(&mut self, state: &[u8]) -> Result<(), MigrateError> {
+        self.chunk(Kind::Vcpu, state, &[])
+    }
+
+    /// A [`Kind::Device`] chunk (at most [`MAX_DEVICE_STATE`] bytes).
+    pub fn device(&mut self, state: &[u8]) -> Result<(), MigrateError> {
+        if state.len() > MAX_DEVICE_STATE {
+            return Err(MigrateError::Malformed {
+                index: 0,
+                kind: Kind::Device.name(),
+                what: format!(
+                    "{} bytes of device state (at most {MAX_DEVICE_STATE})",
+                    state.len()
+                ),
+            });
+        }
+        self.chunk(Kind::Device, state, &[])
+    }
+
+    /// A [`Kind::Hashes`] chunk.
+    pub fn hashes(&mut self, pages: u64, registers: u64) -> Result<(), MigrateError> {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&pages.to_le_bytes());
+        b[8..].copy_from_slice(&registers.to_le_bytes());
+        self.chunk(Kind::Hashes, &b, &[])
+    }
+
+    /// A [`Kind::End`] chunk.
+    pub fn end(&mut self) -> Result<(), MigrateError> {
+        self.chunk(Kind::End, &[], &[])
+    }
+
+    /// A [`Kind::Refused`] chunk.
+    pub fn refused(&mut self, reason: &str) -> Result<(), MigrateError> {
+        let r = reason.as_bytes();
+        self.chunk(Kind::Refused, &r[..r.len().min(4096)], &[])
+    }
+
+    /// A [`Kind::Verdict`] chunk.
+    pub fn verdict(&mut self, ok: bool, pages: u64, registers: u64) -> Result<(), MigrateError> {
+        let mut b = [0u8; 24];
+        b[0] = u8::from(ok);
+        b[8..16].copy_from_slice(&pages.to_le_bytes());
+        b[16..].copy_from_slice(&registers.to_le_bytes());
+        self.chunk(Kind::Verdict, &b, &[])
+    }
+}
+
+/// Reads and checks chunks from `R`.
+#[derive(Debug)]
+pub struct ChunkReader<R: Read> {
+    input: R,
+    buf: Vec<u8>,
+    index: u64,
+    bytes: u64,
+}
+
+impl<R: Read> ChunkReader<R> {
+    /// Chunks come from `input`.
+    pub fn new(input: R) -> Self {
+        ChunkReader {
+            input,
+            buf: Vec::new(),
+            index: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The reader underneath.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.input
+    }
+
+    /// The next chunk, checked: magic, kind, length bound, checksum, and its payload's shape.
+    pub fn next_chunk(&mut self) -> Result<Chunk<'_>, MigrateError> {
+        let index = self.index;
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        self.input
+            .read_exact(&mut h)
+            .map_err(MigrateError::io("a chunk header"))?;
+        if h[..4] != MAGIC {
+            return Err(MigrateError::BadMagic {
+                index,
+                found: [h[0], h[1], h[2], h[3]],
+            });
+        }
+        let kind = Kind::from_u8(h[4]).ok_or(MigrateError::UnknownKind { index, kind: h[4] })?;
+        let malformed = |what: String| MigrateError::Malformed {
+            index,
+            kind: kind.name(),
+            what,
+        };
+        if h[5] != 0 || h[6..8] != [0, 0] {
+            return Err(malformed(format!("flags/reserved bytes {:02x?}", &h[5..8])));
+        }
+        let len = u32_at(&h, 8) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(malformed(format!(
+                "{len}-byte payload (at most {MAX_PAYLOAD})"
+            )));
+        }
+        self.buf.resize(len, 0);
+        self.input
+            .read_exact(&mut self.buf)
+            .map_err(MigrateError::io("a chunk's payload"))?;
+        let stored = u32_at(&h, 12);
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &self.buf);
+        if stored != computed {
+            return Err(MigrateError::Checksum {
+                index,
+                kind: kind.name(),
+                stored,
+                computed,
+            });
+        }
+        self.index += 1;
+        self.bytes += (CHUNK_HEADER_LEN + len) as u64;
+        let p = &self.buf[..];
+        let want = |n: usize| {
+            if p.len() == n {
+                Ok(())
+            } else {
+                Err(malformed(format!("{} bytes, expected {n}", p.len())))
+            }
+        };
+        Ok(match kind {
+            Kind::Header => {
+                want(HEADER_LEN)?;
+                let version = u32_at(p, 0);
+                if version != STREAM_VERSION {
+                    return Err(MigrateError::Mismatch {
+                        what: "state stream version",
+                        theirs: version.to_string(),
+                        ours: STREAM_VERSION.to_string(),
+                    });
+                }
+                let mut image_digest = [0u8; 32];
+                image_digest.copy_from_slice(&p[16..48]);
+                Chunk::Header(Header {
+                    mem_size: u64_at(p, 8),
+                    image_digest,
+                    session: u64_at(p, 48),
+                    epoch: u64_at(p, 56),
+                })
+            }
+            Kind::Pages => {
+                if p.len() < 16 {
+                    return Err(malformed(format!("{} bytes", p.len())));
+                }
+                let count = u32_at(p, 8);
+                if count == 0
+                    || count > MAX_PAGES_PER_CHUNK
+                    || p.len() != 16 + count as usize * PAGE_SIZE
+                {
+                    return Err(malformed(format!("{count} pages in {} bytes", p.len())));
+                }
+                Chunk::Pages {
+                    first: u64_at(p, 0),
+                    data: &p[16..],
+                }
+            }
+            Kind::Zeros => {
+                want(16)?;
+                Chunk::Zeros {
+                    first: u64_at(p, 0),
+                    count: u32_at(p, 8),
+                }
+            }
+            Kind::RoundEnd => {
+                want(16)?;
+                Chunk::RoundEnd {
+                    round: u32_at(p, 0),
+                    pages: u64_at(p, 8),
+                }
+            }
+            Kind::Vcpu => Chunk::Vcpu(p),
+            Kind::Device => {
+                if p.len() > MAX_DEVICE_STATE {
+                    return Err(malformed(format!("{} bytes of device state", p.len())));
+                }
+                Chunk::Device(p)
+            }
+            Kind::Hashes => {
+                want(16)?;
+                Chunk::Hashes {
+                    pages: u64_at(p, 0),
+                    registers: u64_at(p, 8),
+                }
+            }
+            Kind::End => {
+                want(0)?;
+                Chunk::End
+            }
+            Kind::Refused => Chunk::Refused(String::from_utf8_lossy(p).into_owned()),
+            Kind::Verdict => {
+                want(24)?;
+                Chunk::Verdict {
+                    ok: p[0] == 1,
+                    pages: u64_at(p, 8),
+                    registers: u64_at(p, 16),
+                }
+            }
+        })
+    }
+}
