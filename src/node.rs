@@ -675,6 +675,7 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
         Err(EngineError::LogEnded { exit, .. }) => Ok(RunSummary {
             exits: exit - 1,
             guest_halted: false,
+            paused: false,
         }),
         other => other,
     };

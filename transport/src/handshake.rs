@@ -129,6 +129,8 @@ pub enum MediumKind {
     Dpdk = 4,
     /// RDMA writes over a reliable-connected queue pair (set up over the TCP handshake socket).
     Rdma = 5,
+    /// A backup joining a running primary: the state transfer's connection, not a log channel.
+    Join = 6,
 }
 
 impl MediumKind {
@@ -139,6 +141,7 @@ impl MediumKind {
             3 => Some(MediumKind::Arbiter),
             4 => Some(MediumKind::Dpdk),
             5 => Some(MediumKind::Rdma),
+            6 => Some(MediumKind::Join),
             _ => None,
         }
     }

@@ -35,6 +35,12 @@ pub trait EventSource {
     fn random(&mut self, exit: u64) -> Result<[u8; 16], EngineError>;
     /// An output the guest produced on `device`.
     fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError>;
+    /// Called after exit `exit` was handled completely: `true` returns from the run loop here
+    /// (a pause at an exit boundary, e.g. for a join's switch-over), before the guest runs
+    /// again; [`run`] with `first_exit = exit + 1` goes on.
+    fn pause_after(&mut self, _exit: u64) -> bool {
+        false
+    }
 }
 
 /// Why the run loop stopped with an error.
@@ -123,6 +129,8 @@ pub struct RunSummary {
     pub exits: u64,
     /// Whether the guest asked to halt (otherwise the source stopped it).
     pub guest_halted: bool,
+    /// The source paused the run after exit `exits` ([`EventSource::pause_after`]).
+    pub paused: bool,
 }
 
 /// Runs `vm` until the source says stop, the guest halts, or something fails. `first_exit` is
@@ -143,6 +151,7 @@ pub fn run(
                     return Ok(RunSummary {
                         exits: exit - 1,
                         guest_halted: false,
+                        paused: false,
                     });
                 }
                 irqs.clear();
@@ -197,6 +206,7 @@ pub fn run(
                         return Ok(RunSummary {
                             exits: exit,
                             guest_halted: true,
+                            paused: false,
                         })
                     }
                     other => {
@@ -206,11 +216,19 @@ pub fn run(
                         })
                     }
                 }
+                if source.pause_after(exit) {
+                    return Ok(RunSummary {
+                        exits: exit,
+                        guest_halted: false,
+                        paused: true,
+                    });
+                }
             }
             VmExit::Halt => {
                 return Ok(RunSummary {
                     exits: exit,
                     guest_halted: true,
+                    paused: false,
                 })
             }
             VmExit::Shutdown => return Err(EngineError::GuestCrashed { exit: exit + 1 }),

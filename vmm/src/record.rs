@@ -141,6 +141,10 @@ pub struct Recorder<S: LogSink> {
     stop: Arc<AtomicBool>,
     requests: u64,
     first_output_exit: Option<u64>,
+    /// The last clock value the guest was given.
+    last_clock_ns: u64,
+    /// Set (by a join) to pause the run at the next exit boundary.
+    pause: Option<Arc<AtomicBool>>,
 }
 
 impl<S: LogSink> Recorder<S> {
@@ -168,6 +172,8 @@ impl<S: LogSink> Recorder<S> {
             stop,
             requests: 0,
             first_output_exit: None,
+            last_clock_ns: 0,
+            pause: None,
         })
     }
 
@@ -179,6 +185,23 @@ impl<S: LogSink> Recorder<S> {
     /// The log sink.
     pub fn log(&self) -> &S {
         &self.log
+    }
+
+    /// The log sink, to change it between runs (e.g. a backup joined).
+    pub fn log_mut(&mut self) -> &mut S {
+        &mut self.log
+    }
+
+    /// The last clock value the guest was given (a joining backup continues from it).
+    pub fn last_clock_ns(&self) -> u64 {
+        self.last_clock_ns
+    }
+
+    /// Setting `flag` pauses the run at the next exit boundary (see
+    /// [`EventSource::pause_after`]); the flag stays set until the pauser clears it.
+    pub fn with_pause(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.pause = Some(flag);
+        self
     }
 
     /// Client requests handed to the guest.
@@ -287,7 +310,10 @@ impl<S: LogSink> EventSource for Recorder<S> {
     }
 
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError> {
-        let ns = self.config.clock_base_ns + self.started.elapsed().as_nanos() as u64;
+        // Never backwards, also across a change of base (a takeover continues the clock).
+        let ns = (self.config.clock_base_ns + self.started.elapsed().as_nanos() as u64)
+            .max(self.last_clock_ns);
+        self.last_clock_ns = ns;
         self.log
             .append(&Entry::new(Position::at_exit(exit), Event::Clock { ns }))?;
         Ok(ns)
@@ -304,6 +330,12 @@ impl<S: LogSink> EventSource for Recorder<S> {
             Event::Random { data: &bytes },
         ))?;
         Ok(bytes)
+    }
+
+    fn pause_after(&mut self, _exit: u64) -> bool {
+        self.pause
+            .as_ref()
+            .is_some_and(|p| p.load(Ordering::Acquire))
     }
 
     fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError> {

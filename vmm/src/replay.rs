@@ -142,7 +142,14 @@ impl<S: EntrySource> Replayer<S> {
         &self.source
     }
 
-    /// The newest guest clock value replayed so far.
+    /// Starts from a guest clock of `last_clock_ns` (a backup that joined a running guest: the
+    /// clock it continues from, should it take over before the log gives it another).
+    pub fn with_clock(mut self, last_clock_ns: u64) -> Self {
+        self.last_clock_ns = last_clock_ns;
+        self
+    }
+
+    /// The last clock value replayed (or given by [`Self::with_clock`]).
     pub fn last_clock_ns(&self) -> u64 {
         self.last_clock_ns
     }

@@ -442,30 +442,38 @@ impl Vm {
     /// Turns on KVM's dirty-page log for guest memory and returns the handle a copier thread
     /// reads memory and dirty pages through while the vCPU runs; dropping it turns the log off.
     pub fn dirty_log(&self) -> Result<DirtyLog, VmError> {
-        let log = DirtyLog {
+        self.memory_handle().start_dirty_log()
+    }
+
+    /// A handle on guest memory for another thread (a join's copier), from which it can turn
+    /// the dirty-page log on while the vCPU runs.
+    pub fn memory_handle(&self) -> MemoryHandle {
+        MemoryHandle {
             vm: self.vm_fd.clone(),
             mem: self.mem.clone(),
             mem_size: self.mem_size,
-        };
-        log.register(KVM_MEM_LOG_DIRTY_PAGES)?;
-        // Pages dirtied before now are not in the log: every page is copied in round 0 anyway.
-        log.take_dirty()?;
-        Ok(log)
+        }
     }
 
     /// xxh3-64 over the xxh3-64 of every 4 KiB page, in order: the digest a join compares
     /// (the primary keeps its pages' hashes as it sends them, so it need not hash all of its
     /// memory while the guest is stopped).
     pub fn pages_digest(&self) -> u64 {
-        let mut h = Xxh3::new();
+        pages_digest(&self.page_hashes())
+    }
+
+    /// The xxh3-64 of every 4 KiB page of guest memory, in order.
+    pub fn page_hashes(&self) -> Vec<u64> {
         let mut page = [0u8; PAGE_SIZE];
-        for p in 0..self.mem_size / PAGE_SIZE {
-            // In range by construction: `p < mem_size / PAGE_SIZE`.
-            if self.read_bytes((p * PAGE_SIZE) as u64, &mut page).is_ok() {
-                h.update(&xxhash_rust::xxh3::xxh3_64(&page).to_le_bytes());
-            }
-        }
-        h.digest()
+        (0..self.mem_size / PAGE_SIZE)
+            .map(|p| {
+                // In range by construction: `p < mem_size / PAGE_SIZE`.
+                match self.read_bytes((p * PAGE_SIZE) as u64, &mut page) {
+                    Ok(()) => xxhash_rust::xxh3::xxh3_64(&page),
+                    Err(_) => 0,
+                }
+            })
+            .collect()
     }
 
     /// Describes a `KVM_EXIT_INTERNAL_ERROR`: suberror, the kernel's extra data words, RIP.
@@ -496,24 +504,44 @@ impl Vm {
 /// Guest page size for dirty logging and state transfer.
 pub const PAGE_SIZE: usize = 4096;
 
-/// A guest's memory and KVM dirty-page log, usable from another thread while the vCPU runs
-/// (from [`Vm::dirty_log`]).
-pub struct DirtyLog {
+/// The pages digest of a table of page hashes ([`Vm::pages_digest`]): xxh3-64 over the hashes'
+/// little-endian bytes.
+pub fn pages_digest(hashes: &[u64]) -> u64 {
+    let mut h = Xxh3::new();
+    for v in hashes {
+        h.update(&v.to_le_bytes());
+    }
+    h.digest()
+}
+
+/// A guest's memory and VM, shared with another thread (from [`Vm::memory_handle`]).
+#[derive(Clone)]
+pub struct MemoryHandle {
     // Field order is drop order: the VM fd (whose slot maps the memory) before the memory.
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     mem_size: usize,
 }
 
-impl fmt::Debug for DirtyLog {
+impl fmt::Debug for MemoryHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DirtyLog")
+        f.debug_struct("MemoryHandle")
             .field("mem_size", &self.mem_size)
             .finish_non_exhaustive()
     }
 }
 
-impl DirtyLog {
+impl MemoryHandle {
+    /// Turns on KVM's dirty-page log (while the vCPU may run: KVM updates memory slots
+    /// safely against running vCPUs); dropping the returned log turns it off.
+    pub fn start_dirty_log(&self) -> Result<DirtyLog, VmError> {
+        let log = DirtyLog { m: self.clone() };
+        log.m.register(KVM_MEM_LOG_DIRTY_PAGES)?;
+        // Pages dirtied before now are not in the log: every page is copied in round 0 anyway.
+        log.take_dirty()?;
+        Ok(log)
+    }
+
     fn register(&self, flags: u32) -> Result<(), VmError> {
         let host_addr = self
             .mem
@@ -532,16 +560,26 @@ impl DirtyLog {
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (dirty log)"))
     }
+}
 
+/// A guest's memory with KVM's dirty-page log on, usable from another thread while the vCPU
+/// runs (from [`Vm::dirty_log`] or [`MemoryHandle::start_dirty_log`]).
+#[derive(Debug)]
+pub struct DirtyLog {
+    m: MemoryHandle,
+}
+
+impl DirtyLog {
     /// Pages of guest memory.
     pub fn pages(&self) -> usize {
-        self.mem_size / PAGE_SIZE
+        self.m.mem_size / PAGE_SIZE
     }
 
     /// The pages written since the last call (one bit per page, 64 per word), and clears them.
     pub fn take_dirty(&self) -> Result<Vec<u64>, VmError> {
-        self.vm
-            .get_dirty_log(0, self.mem_size)
+        self.m
+            .vm
+            .get_dirty_log(0, self.m.mem_size)
             .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
     }
 
@@ -549,7 +587,8 @@ impl DirtyLog {
     /// again and copied again later).
     pub fn read_page(&self, page: usize, buf: &mut [u8; PAGE_SIZE]) -> Result<(), VmError> {
         let gpa = (page * PAGE_SIZE) as u64;
-        self.mem
+        self.m
+            .mem
             .read_slice(buf, GuestAddress(gpa))
             .map_err(|_| VmError::OutOfRange {
                 gpa,
@@ -560,7 +599,7 @@ impl DirtyLog {
 
 impl Drop for DirtyLog {
     fn drop(&mut self) {
-        if let Err(e) = self.register(0) {
+        if let Err(e) = self.m.register(0) {
             tracing::warn!("turning the dirty-page log off: {e}");
         }
     }

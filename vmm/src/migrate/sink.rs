@@ -67,6 +67,11 @@ pub fn restore<R: Read>(
         }),
     };
     let zero = vec![0u8; PAGE_SIZE];
+    let zero_hash = xxhash_rust::xxh3::xxh3_64(&zero);
+    // The hash of every page as it now is: of the fresh VM first, then of each page as it is
+    // written, so the digest at the end needs no second pass over memory (the primary's guest
+    // is stopped while we check).
+    let mut hashes = vm.page_hashes();
     let mut index = 1u64;
     let mut pages = 0u64;
     let mut rounds = 0u32;
@@ -76,12 +81,16 @@ pub fn restore<R: Read>(
                 let n = (data.len() / PAGE_SIZE) as u64;
                 in_range(index, Kind::Pages, first, n)?;
                 vm.write_bytes(first * PAGE_SIZE as u64, data)?;
+                for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                    hashes[first as usize + i] = xxhash_rust::xxh3::xxh3_64(page);
+                }
                 pages += n;
             }
             Chunk::Zeros { first, count } => {
                 in_range(index, Kind::Zeros, first, u64::from(count))?;
                 for p in first..first + u64::from(count) {
                     vm.write_bytes(p * PAGE_SIZE as u64, &zero)?;
+                    hashes[p as usize] = zero_hash;
                 }
                 pages += u64::from(count);
             }
@@ -116,7 +125,7 @@ pub fn restore<R: Read>(
             theirs: theirs_regs,
         });
     }
-    let ours_pages = vm.pages_digest();
+    let ours_pages = crate::vm::pages_digest(&hashes);
     if ours_pages != theirs_pages {
         return Err(MigrateError::HashMismatch {
             what: "memory digest",

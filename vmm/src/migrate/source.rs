@@ -213,11 +213,7 @@ impl Precopy {
 
     /// The pages digest of memory as sent ([`crate::vm::Vm::pages_digest`]'s definition).
     fn digest(&self) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for v in &self.hashes {
-            h.update(&v.to_le_bytes());
-        }
-        h.digest()
+        crate::vm::pages_digest(&self.hashes)
     }
 
     /// Sends the pages of `set`: runs of consecutive non-zero pages as PAGES chunks, runs of
