@@ -156,8 +156,14 @@ pub struct PrimaryArgs {
     #[command(flatten)]
     pub common: Common,
     /// The backup: a Unix socket path (shm) or host:port (tcp; dpdk: its control address).
-    #[arg(long, required_unless_present = "unreplicated")]
+    /// Without it (and with `--accept-joins`) the primary starts unprotected and waits for a
+    /// backup to join.
+    #[arg(long, required_unless_present_any = ["unreplicated", "accept_joins"])]
     pub backup: Option<String>,
+    /// Accept joining backups here (`host:port` or a Unix socket path): a new backup gets the
+    /// running guest's state and the pair is protected again.
+    #[arg(long)]
+    pub accept_joins: Option<vmm::join::JoinAddr>,
     /// UDP address clients send requests to (port 0 picks one; printed in the readiness line).
     /// With `--front`, the replica's own address the front forwards to.
     #[arg(long, default_value = "127.0.0.1:7400")]
@@ -182,6 +188,10 @@ pub struct BackupArgs {
     /// (`ftvm replay --journal` replays it on a fresh VM).
     #[arg(long)]
     pub journal: Option<PathBuf>,
+    /// Join a running primary at this address (its `--accept-joins`): take its guest's state
+    /// while it serves, then replay its log from there. `--listen` is where its log arrives.
+    #[arg(long)]
+    pub join: Option<vmm::join::JoinAddr>,
 }
 
 /// `ftvm replay`.
@@ -234,6 +244,31 @@ pub struct NodeSummary {
     pub entries_received: u64,
     /// Primary: the lag control's record (`None` unreplicated).
     pub lag: Option<LagSummary>,
+    /// Joins this replica served (as the primary), in order.
+    pub joins: Vec<vmm::join::JoinReport>,
+    /// Backup: how it joined, if it did.
+    pub joined: Option<JoinedSummary>,
+}
+
+/// How a backup joined a running primary.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct JoinedSummary {
+    /// The exit it started replaying after.
+    pub exit: u64,
+    /// The first log entry it received.
+    pub first_seq: u64,
+    /// The epoch it joined in.
+    pub epoch: u64,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Pages and stream bytes received.
+    pub pages: u64,
+    pub bytes: u64,
+    /// From dialing to the state loaded and checked, ms.
+    pub transfer_ms: f64,
+    /// The digests both sides agreed on.
+    pub pages_digest: String,
+    pub registers_digest: String,
 }
 
 /// What lag control did on a primary: the largest replay lag seen when a frame was sealed
@@ -359,12 +394,78 @@ fn channel_config(c: &Common, epoch: u64) -> anyhow::Result<ChannelConfig> {
     Ok(cfg)
 }
 
-fn new_vm(c: &Common) -> anyhow::Result<Vm> {
-    let image = match c.guest {
+fn guest_image(c: &Common) -> &'static [u8] {
+    match c.guest {
         Guest::Kvstore => vmm::vm::GUEST_IMAGE,
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
+    }
+}
+
+fn new_vm(c: &Common) -> anyhow::Result<Vm> {
+    Vm::new(c.mem_mib << 20, guest_image(c)).context("creating the VM")
+}
+
+/// How long a switch-over may wait for the vCPU, and for the joiner's verdict.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the join service at `addr` for this replica's guest.
+fn join_service(
+    c: &Common,
+    vm: &Vm,
+    addr: &vmm::join::JoinAddr,
+    epoch: u64,
+    live: bool,
+) -> anyhow::Result<vmm::join::JoinService> {
+    let settings = vmm::join::JoinSettings {
+        // The joiner says where its medium listens; kind and devices are ours.
+        medium: medium(c, "")?,
+        channel: channel_config(c, epoch)?,
+        mem_size: (c.mem_mib << 20) as u64,
+        image_digest: vmm::migrate::image_digest(guest_image(c)),
+        precopy: vmm::migrate::source::PrecopyConfig::default(),
+        switch_timeout: SWITCH_TIMEOUT,
     };
-    Vm::new(c.mem_mib << 20, image).context("creating the VM")
+    let j = vmm::join::JoinService::spawn(addr, vm.memory_handle(), settings, live)
+        .with_context(|| format!("accepting joins at {addr}"))?;
+    tracing::info!("accepting joining backups at {}", j.local_addr());
+    Ok(j)
+}
+
+/// Runs the guest live through `rec`; when a join pauses it, switches the log over to the
+/// new backup (or, if that fails, goes on as before) and runs on.
+fn serve_live(
+    vm: &mut Vm,
+    rec: &mut Recorder<vmm::failover::LiveLog>,
+    join: Option<&vmm::join::JoinService>,
+    first_exit: u64,
+) -> Result<RunSummary, EngineError> {
+    let mut first = first_exit;
+    loop {
+        let run = engine::run(vm, rec, first)?;
+        if !run.paused {
+            return Ok(run);
+        }
+        first = run.exits + 1;
+        let Some(j) = join else { continue };
+        let log = rec.log();
+        let device = vmm::join::DeviceState {
+            exit: run.exits,
+            next_seq: log.next_seq(),
+            epoch: log.epoch(),
+            last_clock_ns: rec.last_clock_ns(),
+        };
+        match j.switch_over(vm, device, SWITCH_TIMEOUT) {
+            Ok(p) => match rec.log_mut().protect(p) {
+                Ok(()) => tracing::info!(
+                    "protected again: the log goes to the new backup from entry {} (exit {})",
+                    device.next_seq,
+                    device.exit + 1
+                ),
+                Err(e) => tracing::warn!("the joined backup's channel: {e}; serving on alone"),
+            },
+            Err(e) => tracing::warn!("the join did not complete: {e}; serving on alone"),
+        }
+    }
 }
 
 /// The replica's service port: the service address itself, or its own address behind the front.
@@ -527,17 +628,25 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
             |_, _| {},
         );
     }
-    let Some(backup) = &args.backup else {
-        bail!("--backup is required unless --unreplicated");
-    };
     let cfg = channel_config(c, epoch)?;
     let arbiter = arbiter_client(c, "primary", stop.clone())?;
+    let join = match &args.accept_joins {
+        Some(addr) => Some(join_service(c, &vm, addr, epoch, true)?),
+        None => None,
+    };
     let live = Replicating {
         vm,
         port,
         epoch,
         arbiter,
         stop,
+        join,
+    };
+    let Some(backup) = &args.backup else {
+        if args.accept_joins.is_none() {
+            bail!("--backup is required unless --unreplicated or --accept-joins");
+        }
+        return live.alone(c);
     };
     let medium = medium(c, backup)?;
     let p = transport::medium::dial_primary(&medium, cfg)
@@ -554,13 +663,14 @@ struct Replicating {
     epoch: u64,
     arbiter: Option<ArbiterClient>,
     stop: Arc<AtomicBool>,
+    join: Option<vmm::join::JoinService>,
 }
 
 impl Replicating {
     /// Claims the service address, says so, and runs the guest replicating through `p`.
-    fn run<L: transport::PrimaryLink>(
+    fn run(
         mut self,
-        p: transport::Primary<L>,
+        p: transport::AnyPrimary,
         c: &Common,
         how: &str,
     ) -> anyhow::Result<NodeSummary> {
@@ -572,17 +682,55 @@ impl Replicating {
         };
         let detail = format!("{how}, epoch {}{failover}", self.epoch);
         Ready::new("primary", serving_addr(&self.port)?, detail).announce()?;
-        let sink = FailoverSink::new(p, self.arbiter);
-        record(
-            self.vm,
-            sink,
-            self.port,
-            c,
-            "primary",
-            self.stop,
-            sink_findings,
-        )
+        let sink = FailoverSink::new(p, self.arbiter.take());
+        self.serve(sink, c)
     }
+
+    /// Claims the service address and serves unprotected until a backup joins.
+    fn alone(mut self, c: &Common) -> anyhow::Result<NodeSummary> {
+        register(&mut self.port, c, self.epoch)?;
+        let join_at = self
+            .join
+            .as_ref()
+            .map_or(String::new(), |j| format!(", joins at {}", j.local_addr()));
+        let detail = format!("unprotected, epoch {}{join_at}", self.epoch);
+        Ready::new("primary", serving_addr(&self.port)?, detail).announce()?;
+        let sink = FailoverSink::alone(
+            vmm::journal::AloneLog::new(self.epoch, 1, None),
+            self.arbiter.take(),
+        );
+        self.serve(sink, c)
+    }
+
+    fn serve(self, mut sink: vmm::failover::LiveLog, c: &Common) -> anyhow::Result<NodeSummary> {
+        if let Some(j) = &self.join {
+            sink = sink.with_protection(j.protection());
+        }
+        let mut vm = self.vm;
+        let mut rec = Recorder::new(sink, self.port, RecordConfig::default(), self.stop)?;
+        if c.front.is_some() {
+            rec = rec.reregister_with(read_key(c)?, c.session);
+        }
+        if let Some(j) = &self.join {
+            rec = rec.with_pause(j.pause_flag());
+        }
+        let started = Instant::now();
+        let result = serve_live(&mut vm, &mut rec, self.join.as_ref(), 1);
+        let mut summary = summarize(&vm, "primary", &result, started)?;
+        fill_gate(&mut summary, &rec);
+        sink_findings(&mut summary, rec.log());
+        if let Some(j) = &self.join {
+            summary.joins = j.reports();
+        }
+        conclude(&c.json, summary, result)
+    }
+}
+
+/// Where a backup's replay starts: exit 1 of a fresh guest, or after a join.
+struct Start {
+    first_exit: u64,
+    last_clock_ns: u64,
+    joined: Option<JoinedSummary>,
 }
 
 fn replay<L: transport::BackupLink>(
@@ -590,6 +738,7 @@ fn replay<L: transport::BackupLink>(
     b: transport::Backup<L>,
     args: &BackupArgs,
     epoch: u64,
+    start: Start,
 ) -> anyhow::Result<NodeSummary> {
     let c = &args.common;
     let stop = stop_flag()?;
@@ -610,7 +759,7 @@ fn replay<L: transport::BackupLink>(
         }
         None => None,
     };
-    let mut replayer = Replayer::new(b, Duration::from_millis(100));
+    let mut replayer = Replayer::new(b, Duration::from_millis(100)).with_clock(start.last_clock_ns);
     if let Some(path) = &args.journal {
         replayer = replayer.with_journal(
             Journal::create(path).with_context(|| format!("journal {}", path.display()))?,
@@ -618,7 +767,7 @@ fn replay<L: transport::BackupLink>(
     }
     let mut source = Failover::new(replayer, takeover);
     let started = Instant::now();
-    let result = engine::run(&mut vm, &mut source, 1);
+    let result = engine::run(&mut vm, &mut source, start.first_exit);
     let mut summary = summarize(&vm, "backup", &result, started)?;
     if let Err(e @ EngineError::Divergence { exit, .. }) = &result {
         summary.divergence = Some(e.to_string());
@@ -634,6 +783,7 @@ fn replay<L: transport::BackupLink>(
         fill_gate(&mut summary, rec);
     }
     summary.takeover = source.report().cloned();
+    summary.joined = start.joined;
     conclude(&c.json, summary, result)
 }
 
@@ -649,10 +799,66 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
     let mut listener = transport::Listener::bind(&medium)
         .with_context(|| format!("listening for the primary at {medium}"))?;
     pin(c.core);
-    Ready::new("backup", listener.local_addr(), medium.name()).announce()?;
+    let mut vm = vm;
+    let mut cfg = cfg;
+    let mut epoch = epoch;
+    let start = match &args.join {
+        None => Start {
+            first_exit: 1,
+            last_clock_ns: 0,
+            joined: None,
+        },
+        Some(addr) => {
+            let request = vmm::join::JoinRequest {
+                mem_size: (c.mem_mib << 20) as u64,
+                image_digest: vmm::migrate::image_digest(guest_image(c)),
+                medium: medium.name().into(),
+                address: listener.local_addr(),
+            };
+            tracing::info!(
+                "joining the primary at {addr}: taking its guest's state while it serves"
+            );
+            let t0 = Instant::now();
+            let (dev, restored) = vmm::join::join(addr, &cfg, &request, &mut vm)
+                .with_context(|| format!("joining the primary at {addr}"))?;
+            let transfer_ms = t0.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(
+                "joined at exit {}: {} rounds, {:.1} MiB in {transfer_ms:.0} ms, digests equal; \
+                 replaying the log from entry {}",
+                dev.exit,
+                restored.rounds,
+                restored.bytes as f64 / (1 << 20) as f64,
+                dev.next_seq
+            );
+            cfg.resume_seq = dev.next_seq;
+            epoch = epoch.max(dev.epoch);
+            cfg.epoch = epoch;
+            Start {
+                first_exit: dev.exit + 1,
+                last_clock_ns: dev.last_clock_ns,
+                joined: Some(JoinedSummary {
+                    exit: dev.exit,
+                    first_seq: dev.next_seq,
+                    epoch: dev.epoch,
+                    rounds: restored.rounds,
+                    pages: restored.pages,
+                    bytes: restored.bytes,
+                    transfer_ms,
+                    pages_digest: format!("{:016x}", restored.pages_digest),
+                    registers_digest: format!("{:016x}", restored.registers_digest),
+                }),
+            }
+        }
+    };
+    let detail = if start.joined.is_some() {
+        format!("{}, joined", medium.name())
+    } else {
+        medium.name().to_string()
+    };
+    Ready::new("backup", listener.local_addr(), detail).announce()?;
     let b = listener.backup(cfg).context("accepting the primary")?;
     drop(listener);
-    replay(vm, b, args, epoch)
+    replay(vm, b, args, epoch, start)
 }
 
 /// Replays a journal on a fresh VM, to its end (a logged shutdown, or the last entry).

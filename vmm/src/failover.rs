@@ -129,6 +129,7 @@ pub struct FailoverSink<L: PrimaryLink> {
     last_stats: Option<StatsSnapshot>,
     arbitration: Option<Arbitration>,
     lost_backup: Option<String>,
+    protection: Option<Arc<crate::join::Protection>>,
 }
 
 impl<L: PrimaryLink> std::fmt::Debug for FailoverSink<L> {
@@ -155,6 +156,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
             last_stats: None,
             arbitration: None,
             lost_backup: None,
+            protection: None,
         }
     }
 
@@ -169,6 +171,20 @@ impl<L: PrimaryLink> FailoverSink<L> {
             last_stats: None,
             arbitration: None,
             lost_backup: None,
+            protection: None,
+        }
+    }
+
+    /// Keeps `p` up to date with this log's state (live, protected, epoch) as it changes.
+    pub fn with_protection(mut self, p: Arc<crate::join::Protection>) -> Self {
+        p.set(true, self.is_protected(), self.epoch());
+        self.protection = Some(p);
+        self
+    }
+
+    fn note_state(&self) {
+        if let Some(p) = &self.protection {
+            p.set(true, self.is_protected(), self.epoch());
         }
     }
 
@@ -208,6 +224,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
         {
             self.shadow = alone.has_journal().then_some(alone);
         }
+        self.note_state();
         Ok(())
     }
 
@@ -268,6 +285,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
             None => AloneLog::new(a.epoch, next, None),
         };
         self.state = SinkState::Alone(alone);
+        self.note_state();
         Ok(())
     }
 }

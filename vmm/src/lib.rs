@@ -11,10 +11,12 @@
 //! - [`failover`]: what each side does when the channel falls silent — ask the arbiter, then go
 //!   live (the backup after draining its log) or halt; [`journal`]: the log a replica keeps of
 //!   what it replayed and recorded, replayable on a fresh VM;
+//! - [`join`]: a backup joins a running primary (over [`migrate`]);
 //! - [`migrate`]: live state transfer (pre-copy over KVM's dirty log) for a joining backup.
 
 pub mod engine;
 pub mod failover;
+pub mod join;
 pub mod journal;
 pub mod kv;
 pub mod layout;

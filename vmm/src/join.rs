@@ -1,0 +1,755 @@
+//! A backup joins a running primary: authentication, the checks, the live state transfer
+//! ([`crate::migrate`]) and the switch-over, after which the primary's log goes to the new
+//! backup and outputs wait for its ACKs again.
+//!
+//! ```text
+//! joiner                                   primary (serving; its join service listens)
+//!   binds its medium listener (as any backup)
+//!   dials the join address ───────────────► handshake (PSK, pair, epoch; medium "join"),
+//!   Welcome{memory size, image digest,          the joiner's request in the Welcome
+//!           medium and its address}         refuses (REFUSED chunk) if protected, busy, or
+//!                                           another image / memory size / medium
+//!          ◄───────────────── HEADER, rounds of PAGES/ZEROS while the guest runs
+//!                                           pauses the vCPU at an exit boundary
+//!          ◄───────────────── last pages, VCPU, DEVICE, HASHES, END
+//!   loads, checks digests; VERDICT ───────►
+//!   accepts the channel ◄──────────────────── dials the joiner's medium (log resumes at the
+//!                                           DEVICE's next sequence number), resumes the guest
+//! ```
+//! Until the channel is up the guest stays stopped (the pause), so no entry is ever produced
+//! that the new backup would miss. Any failure before that leaves the primary serving
+//! unprotected as before, and the joiner exiting without ever going live.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use transport::handshake::{self, MediumKind};
+use transport::{AnyPrimary, ChannelConfig, Medium};
+
+use crate::migrate::sink::{restore, Expect, Restored};
+use crate::migrate::source::{Precopy, PrecopyConfig, RoundStats};
+use crate::migrate::state::VcpuState;
+use crate::migrate::stream::{Chunk, ChunkReader, ChunkWriter, Header};
+use crate::migrate::{hex, MigrateError};
+use crate::vm::{MemoryHandle, Vm};
+
+/// Where a primary accepts joins: `host:port`, or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinAddr {
+    /// TCP.
+    Tcp(String),
+    /// A Unix socket.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for JoinAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Err("an empty join address".into());
+        }
+        if s.contains('/') {
+            Ok(JoinAddr::Unix(PathBuf::from(s)))
+        } else if s.contains(':') {
+            Ok(JoinAddr::Tcp(s.to_owned()))
+        } else {
+            Err(format!(
+                "join address {s:?}: expected host:port or a Unix socket path (with a '/')"
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for JoinAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinAddr::Tcp(a) => f.write_str(a),
+            JoinAddr::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// What the primary's VMM hands the joiner besides memory and vCPU: where its log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceState {
+    /// The exit the guest stopped after (the joiner's next exit is `exit + 1`).
+    pub exit: u64,
+    /// The sequence number of the first log entry after the switch-over.
+    pub next_seq: u64,
+    /// The primary's fencing epoch.
+    pub epoch: u64,
+    /// The last clock value the guest was given (the joiner continues from it on a takeover).
+    pub last_clock_ns: u64,
+}
+
+impl DeviceState {
+    /// 32 bytes: the four fields, little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        [self.exit, self.next_seq, self.epoch, self.last_clock_ns]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    /// Reads [`DeviceState::encode`]'s bytes.
+    pub fn decode(b: &[u8]) -> Result<Self, MigrateError> {
+        if b.len() != 32 {
+            return Err(MigrateError::Malformed {
+                index: 0,
+                kind: "DEVICE",
+                what: format!("{} bytes of device state, expected 32", b.len()),
+            });
+        }
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(a)
+        };
+        Ok(DeviceState {
+            exit: w(0),
+            next_seq: w(1),
+            epoch: w(2),
+            last_clock_ns: w(3),
+        })
+    }
+}
+
+/// What a joiner asks for (in its handshake Welcome).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    /// Its guest memory size.
+    pub mem_size: u64,
+    /// Its guest image's SHA-256.
+    pub image_digest: [u8; 32],
+    /// Its log medium's name (`shm`, `tcp`, …).
+    pub medium: String,
+    /// Where its medium listener waits for the primary.
+    pub address: String,
+}
+
+impl JoinRequest {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&self.mem_size.to_le_bytes());
+        b.extend_from_slice(&self.image_digest);
+        b.extend_from_slice(format!("{}\n{}", self.medium, self.address).as_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() < 40 {
+            return Err(format!("a join request of {} bytes", b.len()));
+        }
+        let mut m = [0u8; 8];
+        m.copy_from_slice(&b[..8]);
+        let mut image_digest = [0u8; 32];
+        image_digest.copy_from_slice(&b[8..40]);
+        let text = std::str::from_utf8(&b[40..]).map_err(|_| "a join request not in UTF-8")?;
+        let (medium, address) = text
+            .split_once('\n')
+            .ok_or("a join request without a medium address")?;
+        Ok(JoinRequest {
+            mem_size: u64::from_le_bytes(m),
+            image_digest,
+            medium: medium.to_owned(),
+            address: address.to_owned(),
+        })
+    }
+}
+
+/// Why a join failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The connection or its handshake failed.
+    #[error("{0}")]
+    Channel(#[from] transport::ChannelError),
+    /// The state transfer failed.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    /// I/O outside the channel.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else, said plainly.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> JoinError {
+    move |source| JoinError::Io { context, source }
+}
+
+/// A connected join stream, TCP or Unix.
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// One completed or failed join, as the primary saw it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct JoinReport {
+    /// Whether the backup joined (the pair is protected again).
+    pub joined: bool,
+    /// Why not, if not.
+    pub error: Option<String>,
+    /// The guest was stopped this long (switch-over), ms.
+    pub pause_ms: f64,
+    /// From the joiner's connection to protected, ms.
+    pub total_ms: f64,
+    /// Stream bytes sent.
+    pub bytes: u64,
+    /// Pre-copy rounds (the final one, with the guest stopped, not counted).
+    pub rounds: Vec<RoundStats>,
+    /// Pages sent with the guest stopped.
+    pub final_pages: u64,
+    /// The exit at which the log went on to the new backup.
+    pub exit: u64,
+}
+
+/// What the primary's join service needs to know.
+#[derive(Debug, Clone)]
+pub struct JoinSettings {
+    /// The log medium (its kind and devices; the address is the joiner's).
+    pub medium: Medium,
+    /// The channel's settings (key, pair, timeouts); the epoch is the service's current one.
+    pub channel: ChannelConfig,
+    /// Guest memory size.
+    pub mem_size: u64,
+    /// Guest image SHA-256.
+    pub image_digest: [u8; 32],
+    /// When the pre-copy rounds stop.
+    pub precopy: PrecopyConfig,
+    /// Longest wait for the vCPU to reach the switch-over, and for the joiner's verdict.
+    pub switch_timeout: Duration,
+}
+
+/// The vCPU thread's hand-over at the switch-over.
+struct Handover {
+    state: VcpuState,
+    registers: u64,
+    device: DeviceState,
+}
+
+/// Whether a replica's log has a backup, and its epoch: kept up to date by its log sink
+/// ([`crate::failover::FailoverSink::with_protection`]), read by the join service.
+#[derive(Debug, Default)]
+pub struct Protection {
+    /// A backup has the log (joins are refused).
+    pub protected: AtomicBool,
+    /// The epoch the replica serves in.
+    pub epoch: AtomicU64,
+    /// This replica serves live (a backup that has not taken over refuses joins).
+    pub live: AtomicBool,
+}
+
+impl Protection {
+    /// Records a change.
+    pub fn set(&self, live: bool, protected: bool, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+        self.protected.store(protected, Ordering::Release);
+        self.live.store(live, Ordering::Release);
+    }
+}
+
+/// State shared between the vCPU thread and the join threads.
+struct Shared {
+    /// Set by the join thread when the rounds are done: the vCPU pauses at its next exit.
+    pause: Arc<AtomicBool>,
+    state: Arc<Protection>,
+    /// A join is under way.
+    busy: AtomicBool,
+    reports: Mutex<Vec<JoinReport>>,
+}
+
+/// The primary's side: a listener thread that accepts joiners one at a time while the guest
+/// runs, and the switch-over the vCPU thread performs when the run pauses.
+pub struct JoinService {
+    shared: Arc<Shared>,
+    handover: SyncSender<Handover>,
+    result: Mutex<Receiver<Result<AnyPrimary, String>>>,
+    local: String,
+}
+
+impl std::fmt::Debug for JoinService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinService")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Listening {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        if let Listening::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl JoinService {
+    /// Listens for joiners at `addr`; `memory` is the guest's (for the copier), `live` whether
+    /// this replica serves now (a backup that may take over later says `false` and calls
+    /// [`JoinService::set_live`] then).
+    pub fn spawn(
+        addr: &JoinAddr,
+        memory: MemoryHandle,
+        settings: JoinSettings,
+        live: bool,
+    ) -> Result<Self, JoinError> {
+        let listening = match addr {
+            JoinAddr::Tcp(a) => {
+                Listening::Tcp(TcpListener::bind(a).map_err(io("binding the join address"))?)
+            }
+            JoinAddr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Listening::Unix(
+                    UnixListener::bind(p).map_err(io("binding the join socket"))?,
+                    p.clone(),
+                )
+            }
+        };
+        let local = match &listening {
+            Listening::Tcp(l) => l.local_addr().map_err(io("the join address"))?.to_string(),
+            Listening::Unix(_, p) => p.display().to_string(),
+        };
+        let state = Arc::new(Protection::default());
+        state.set(live, false, settings.channel.epoch);
+        let shared = Arc::new(Shared {
+            pause: Arc::new(AtomicBool::new(false)),
+            state,
+            busy: AtomicBool::new(false),
+            reports: Mutex::new(Vec::new()),
+        });
+        let (handover_tx, handover_rx) = mpsc::sync_channel(1);
+        let (result_tx, result_rx) = mpsc::channel();
+        let worker = Worker {
+            shared: shared.clone(),
+            memory,
+            settings,
+            handover: handover_rx,
+            result: result_tx,
+        };
+        std::thread::Builder::new()
+            .name("ftvm-join".into())
+            .spawn(move || accept_loop(listening, worker))
+            .map_err(io("starting the join thread"))?;
+        Ok(JoinService {
+            shared,
+            handover: handover_tx,
+            result: Mutex::new(result_rx),
+            local,
+        })
+    }
+
+    /// Where joiners dial.
+    pub fn local_addr(&self) -> &str {
+        &self.local
+    }
+
+    /// The flag the recorder pauses on ([`crate::record::Recorder::with_pause`]).
+    pub fn pause_flag(&self) -> Arc<AtomicBool> {
+        self.shared.pause.clone()
+    }
+
+    /// The replica's protection state, for its log sink to keep up to date.
+    pub fn protection(&self) -> Arc<Protection> {
+        self.shared.state.clone()
+    }
+
+    /// Every join so far.
+    pub fn reports(&self) -> Vec<JoinReport> {
+        self.shared
+            .reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the run paused for a switch-over.
+    pub fn pause_requested(&self) -> bool {
+        self.shared.pause.load(Ordering::Acquire)
+    }
+
+    /// The switch-over, on the vCPU thread after the run paused at exit `device.exit`: hands
+    /// the vCPU state over and waits for the new backup's channel. Always clears the pause.
+    pub fn switch_over(
+        &self,
+        vm: &mut Vm,
+        device: DeviceState,
+        timeout: Duration,
+    ) -> Result<AnyPrimary, String> {
+        let r = self.hand_over(vm, device, timeout);
+        self.shared.pause.store(false, Ordering::Release);
+        r
+    }
+
+    fn hand_over(
+        &self,
+        vm: &mut Vm,
+        device: DeviceState,
+        timeout: Duration,
+    ) -> Result<AnyPrimary, String> {
+        let result = self
+            .result
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // An answer to an earlier switch-over that timed out is stale.
+        while result.try_recv().is_ok() {}
+        let state = vm.vcpu_state().map_err(|e| e.to_string())?;
+        let registers = vm.registers_digest().map_err(|e| e.to_string())?;
+        self.handover
+            .try_send(Handover {
+                state,
+                registers,
+                device,
+            })
+            .map_err(|_| "the join thread is not waiting for the switch-over".to_string())?;
+        match result.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) => Err(format!("no new channel within {timeout:?}")),
+        }
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    memory: MemoryHandle,
+    settings: JoinSettings,
+    handover: Receiver<Handover>,
+    result: Sender<Result<AnyPrimary, String>>,
+}
+
+fn accept_loop(listening: Listening, mut worker: Worker) {
+    loop {
+        let conn = match &listening {
+            Listening::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
+            Listening::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("join listener: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if worker.shared.busy.load(Ordering::Acquire) {
+            // Refused at once, not after the join under way.
+            let settings = worker.settings.clone();
+            let epoch = worker.shared.state.epoch.load(Ordering::Acquire);
+            std::thread::spawn(move || {
+                refuse(
+                    conn,
+                    &settings,
+                    epoch,
+                    "another backup is joining right now",
+                );
+            });
+            continue;
+        }
+        worker.shared.busy.store(true, Ordering::Release);
+        let report = worker.serve(conn);
+        worker.shared.busy.store(false, Ordering::Release);
+        if let Some(r) = report {
+            match &r.error {
+                None => tracing::info!(
+                    "a backup joined at exit {}: pause {:.2} ms, {:.0} ms in all, {} rounds, {:.1} MiB",
+                    r.exit,
+                    r.pause_ms,
+                    r.total_ms,
+                    r.rounds.len(),
+                    r.bytes as f64 / (1 << 20) as f64
+                ),
+                Some(e) => tracing::warn!("a join failed: {e}; serving on unprotected"),
+            }
+            worker
+                .shared
+                .reports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(r);
+        }
+    }
+}
+
+/// Authenticates the joiner and refuses it with `why` (a joiner that fails authentication
+/// learns nothing).
+fn refuse(mut conn: Conn, settings: &JoinSettings, epoch: u64, why: &str) {
+    let _ = conn.set_timeouts(Some(settings.channel.handshake_timeout));
+    let mut params = settings.channel.session_params(MediumKind::Join);
+    params.epoch = epoch;
+    if handshake::primary_handshake(&mut conn, &params).is_ok() {
+        let mut w = ChunkWriter::new(&mut conn);
+        let _ = w.refused(why);
+        let _ = w.flush();
+        tracing::warn!("refused a joiner: {why}");
+    }
+}
+
+impl Worker {
+    /// Serves one joiner; `None` if it never got past authentication (nothing to report).
+    fn serve(&mut self, mut conn: Conn) -> Option<JoinReport> {
+        let started = Instant::now();
+        let s = &self.settings;
+        let epoch = self.shared.state.epoch.load(Ordering::Acquire);
+        if conn
+            .set_timeouts(Some(s.channel.handshake_timeout))
+            .is_err()
+        {
+            return None;
+        }
+        let mut params = s.channel.session_params(MediumKind::Join);
+        params.epoch = epoch;
+        let accepted = match handshake::primary_handshake(&mut conn, &params) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("refused a joiner: {e}");
+                return None;
+            }
+        };
+        let refusal = match JoinRequest::decode(&accepted.medium_info) {
+            Err(e) => Some(e),
+            Ok(_) if !self.shared.state.live.load(Ordering::Acquire) => {
+                Some("this replica is a backup, not serving: join the primary".to_string())
+            }
+            Ok(_) if self.shared.state.protected.load(Ordering::Acquire) => {
+                Some("the pair is protected: a backup already has the log".to_string())
+            }
+            Ok(r) if r.mem_size != s.mem_size => Some(format!(
+                "guest memory size: the primary has {} bytes, the joiner {}",
+                s.mem_size, r.mem_size
+            )),
+            Ok(r) if r.image_digest != s.image_digest => Some(format!(
+                "guest image: the primary runs {}, the joiner {}",
+                hex(&s.image_digest),
+                hex(&r.image_digest)
+            )),
+            Ok(r) if r.medium != s.medium.name() => Some(format!(
+                "log medium: the primary uses {}, the joiner {}",
+                s.medium.name(),
+                r.medium
+            )),
+            Ok(_) => None,
+        };
+        if let Some(why) = refusal {
+            let mut w = ChunkWriter::new(&mut conn);
+            let _ = w.refused(&why);
+            let _ = w.flush();
+            tracing::warn!("refused a joiner: {why}");
+            return Some(JoinReport {
+                error: Some(format!("refused: {why}")),
+                ..Default::default()
+            });
+        }
+        let request = JoinRequest::decode(&accepted.medium_info).ok()?;
+        let mut report = JoinReport::default();
+        let r = self.transfer(&mut conn, &request, epoch, &mut report);
+        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        // The vCPU thread waits for an answer only once it handed its state over.
+        let vcpu_waiting = report.exit > 0;
+        match r {
+            Ok(p) => {
+                report.joined = true;
+                self.shared.state.protected.store(true, Ordering::Release);
+                let _ = self.result.send(Ok(p));
+            }
+            Err(e) => {
+                report.error = Some(e.to_string());
+                self.shared.pause.store(false, Ordering::Release);
+                if vcpu_waiting {
+                    let _ = self.result.send(Err(e.to_string()));
+                }
+            }
+        }
+        Some(report)
+    }
+
+    fn transfer(
+        &mut self,
+        conn: &mut Conn,
+        request: &JoinRequest,
+        epoch: u64,
+        report: &mut JoinReport,
+    ) -> Result<AnyPrimary, JoinError> {
+        let s = &self.settings;
+        // Stale hand-overs (a switch-over that timed out before) are dropped.
+        while self.handover.try_recv().is_ok() {}
+        let log = self.memory.start_dirty_log().map_err(MigrateError::from)?;
+        let reader = conn.try_clone().map_err(io("the join connection"))?;
+        let mut w = ChunkWriter::new(BufWriter::with_capacity(1 << 20, &mut *conn));
+        let mut pre = Precopy::new(log, s.precopy.clone());
+        let header = Header {
+            mem_size: s.mem_size,
+            image_digest: s.image_digest,
+            session: s.channel.session_id,
+            epoch,
+        };
+        pre.run(&mut w, &header, || true)?;
+        report.rounds = pre.rounds().to_vec();
+        // Stop the guest at its next exit boundary and take its state.
+        self.shared.pause.store(true, Ordering::Release);
+        let h = self
+            .handover
+            .recv_timeout(s.switch_timeout)
+            .map_err(|_| JoinError::Other("the vCPU did not reach the switch-over".into()))?;
+        let paused = Instant::now();
+        report.exit = h.device.exit;
+        let fin = pre.finish(&mut w, &h.state, &h.device.encode(), h.registers)?;
+        drop(pre);
+        report.final_pages = fin.pages;
+        report.bytes = w.bytes();
+        drop(w);
+        let mut r = ChunkReader::new(BufReader::new(reader));
+        match r.next_chunk()? {
+            Chunk::Verdict { ok: true, pages, registers }
+                if pages == fin.pages_digest && registers == h.registers => {}
+            Chunk::Verdict { pages, registers, .. } => {
+                return Err(JoinError::Other(format!(
+                    "the joiner's state differs: memory {pages:#018x} / registers {registers:#018x} there, \
+                     {:#018x} / {:#018x} here",
+                    fin.pages_digest, h.registers
+                )))
+            }
+            Chunk::Refused(why) => return Err(JoinError::Other(format!("the joiner refused: {why}"))),
+            other => {
+                return Err(JoinError::Other(format!(
+                    "expected the joiner's verdict, got {}",
+                    other.kind().name()
+                )))
+            }
+        }
+        // The log goes on over the joiner's medium from the switch-over on.
+        let mut cfg = s.channel.clone();
+        cfg.epoch = epoch;
+        let medium = s.medium.clone().with_address(request.address.clone());
+        let p = transport::medium::dial_primary(&medium, cfg)?;
+        if p.last_seq() + 1 != h.device.next_seq {
+            return Err(JoinError::Other(format!(
+                "the joiner expects entry {}, the log is at {}",
+                p.last_seq() + 1,
+                h.device.next_seq
+            )));
+        }
+        report.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
+        Ok(p)
+    }
+}
+
+/// The joiner's side: dials `addr`, asks to join with `request` (its image, memory size and
+/// medium address), loads the primary's state into `vm` (fresh, of that image and size) and
+/// answers with its verdict. On success the caller accepts the primary's channel on its
+/// medium listener, expecting the log from the returned state's `next_seq`, and replays from
+/// exit `exit + 1`.
+pub fn join(
+    addr: &JoinAddr,
+    channel: &ChannelConfig,
+    request: &JoinRequest,
+    vm: &mut Vm,
+) -> Result<(DeviceState, Restored), JoinError> {
+    let conn = match addr {
+        JoinAddr::Tcp(a) => Conn::Tcp(transport::control::dial(
+            a.as_str(),
+            channel.handshake_timeout,
+        )?),
+        JoinAddr::Unix(p) => {
+            Conn::Unix(UnixStream::connect(p).map_err(io("dialing the join socket"))?)
+        }
+    };
+    let mut conn = conn;
+    conn.set_timeouts(Some(channel.handshake_timeout))
+        .map_err(io("the join connection"))?;
+    let params = channel.session_params(MediumKind::Join);
+    handshake::backup_authenticate(&mut conn, &params)?;
+    handshake::backup_welcome(&mut conn, 1, &request.encode())?;
+    // The rounds may pause between chunks for as long as the primary's guest keeps it busy.
+    conn.set_timeouts(Some(channel.handshake_timeout.max(Duration::from_secs(30))))
+        .map_err(io("the join connection"))?;
+    let writer = conn.try_clone().map_err(io("the join connection"))?;
+    let expect = Expect {
+        mem_size: request.mem_size,
+        image_digest: request.image_digest,
+        session: channel.session_id,
+        min_epoch: channel.epoch,
+    };
+    let mut r = ChunkReader::new(BufReader::with_capacity(1 << 20, conn));
+    let mut w = ChunkWriter::new(writer);
+    let restored = match restore(&mut r, vm, &expect) {
+        Ok(restored) => restored,
+        Err(e) => {
+            // Tell the primary why (it then serves on unprotected); we never start.
+            if !matches!(e, MigrateError::Refused(_)) {
+                let _ = w.refused(&e.to_string());
+                let _ = w.flush();
+            }
+            return Err(e.into());
+        }
+    };
+    let device = DeviceState::decode(&restored.device)?;
+    w.verdict(true, restored.pages_digest, restored.registers_digest)?;
+    w.flush()?;
+    Ok((device, restored))
+}
