@@ -30,3 +30,108 @@ pub fn scratch(prefix: &str) -> tempfile::TempDir {
         .tempdir()
         .unwrap_or_else(|e| panic!("scratch directory {prefix}: {e}"))
 }
+
+/// An `ftvm` child process, killed on drop.
+pub struct Proc {
+    pub child: std::process::Child,
+    /// Its stderr, collected by a thread (the log lines).
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    log_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Starts `ftvm ARGS` and waits for its readiness line (`None` if it exited first, with
+    /// the process kept for its exit status and log).
+    pub fn start(bin: &str, args: &[String]) -> (Proc, Option<ready::Ready>) {
+        use std::io::{BufRead, BufReader, Read};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ftvm");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        let log_thread = std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut l = sink
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        let ready = ready::find(&mut reader).expect("stdout");
+        std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
+        });
+        let p = Proc {
+            child,
+            log,
+            log_thread: Some(log_thread),
+        };
+        (p, ready)
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Its exit code within `within` (-1: killed by a signal), or `None`.
+    pub fn wait(&mut self, within: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                // Its whole log, up to its last line.
+                if let Some(t) = self.log_thread.take() {
+                    let _ = t.join();
+                }
+                return Some(st.code().unwrap_or(-1));
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until its log contains `what` (`false` after `within`, or if it exited first).
+    pub fn wait_for_log(&mut self, what: &str, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.log().contains(what) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline
+                || self.child.try_wait().ok().flatten().is_some()
+            {
+                return self.log().contains(what);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -20,6 +20,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -148,6 +149,8 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryMmap,
+    /// Pages the VMM itself wrote while a dirty log is on (KVM logs only the guest's writes).
+    host_dirty: Arc<HostDirty>,
     mem_size: usize,
     entry: u64,
     exits: u64,
@@ -231,6 +234,7 @@ impl Vm {
             vcpu,
             vm_fd: Arc::new(vm),
             _kvm: kvm,
+            host_dirty: Arc::new(HostDirty::new(mem_size)),
             mem,
             mem_size,
             entry,
@@ -292,7 +296,9 @@ impl Vm {
             .map_err(|_| VmError::OutOfRange {
                 gpa,
                 len: data.len(),
-            })
+            })?;
+        self.host_dirty.mark(gpa, data.len());
+        Ok(())
     }
 
     /// Reads a little-endian `u32` at `gpa`.
@@ -451,6 +457,7 @@ impl Vm {
         MemoryHandle {
             vm: self.vm_fd.clone(),
             mem: self.mem.clone(),
+            host_dirty: self.host_dirty.clone(),
             mem_size: self.mem_size,
         }
     }
@@ -520,7 +527,51 @@ pub struct MemoryHandle {
     // Field order is drop order: the VM fd (whose slot maps the memory) before the memory.
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
+    host_dirty: Arc<HostDirty>,
     mem_size: usize,
+}
+
+/// The pages the VMM writes into guest memory itself (requests into the RX buffer, values into
+/// the mailbox): KVM's dirty log sees only the guest's writes, so while a log is on the VMM's
+/// writes are marked here and merged into it.
+#[derive(Debug)]
+struct HostDirty {
+    active: AtomicBool,
+    bits: Vec<AtomicU64>,
+}
+
+impl HostDirty {
+    fn new(mem_size: usize) -> Self {
+        HostDirty {
+            active: AtomicBool::new(false),
+            bits: (0..(mem_size / PAGE_SIZE).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn mark(&self, gpa: u64, len: usize) {
+        if len == 0 || !self.active.load(Ordering::Acquire) {
+            return;
+        }
+        let first = gpa as usize / PAGE_SIZE;
+        let last = (gpa as usize + len - 1) / PAGE_SIZE;
+        for page in first..=last {
+            if let Some(w) = self.bits.get(page / 64) {
+                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// ORs the marked pages into `bitmap` and clears them.
+    fn take_into(&self, bitmap: &mut Vec<u64>) {
+        if bitmap.len() < self.bits.len() {
+            bitmap.resize(self.bits.len(), 0);
+        }
+        for (b, w) in bitmap.iter_mut().zip(&self.bits) {
+            *b |= w.swap(0, Ordering::AcqRel);
+        }
+    }
 }
 
 impl fmt::Debug for MemoryHandle {
@@ -536,6 +587,7 @@ impl MemoryHandle {
     /// safely against running vCPUs); dropping the returned log turns it off.
     pub fn start_dirty_log(&self) -> Result<DirtyLog, VmError> {
         let log = DirtyLog { m: self.clone() };
+        log.m.host_dirty.active.store(true, Ordering::Release);
         log.m.register(KVM_MEM_LOG_DIRTY_PAGES)?;
         // Pages dirtied before now are not in the log: every page is copied in round 0 anyway.
         log.take_dirty()?;
@@ -575,12 +627,16 @@ impl DirtyLog {
         self.m.mem_size / PAGE_SIZE
     }
 
-    /// The pages written since the last call (one bit per page, 64 per word), and clears them.
+    /// The pages written since the last call, by the guest (KVM's log) or by the VMM (one bit
+    /// per page, 64 per word), and clears them.
     pub fn take_dirty(&self) -> Result<Vec<u64>, VmError> {
-        self.m
+        let mut bits = self
+            .m
             .vm
             .get_dirty_log(0, self.m.mem_size)
-            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        self.m.host_dirty.take_into(&mut bits);
+        Ok(bits)
     }
 
     /// Copies page `page` into `buf` (the guest may be writing it meanwhile: then it is dirty
@@ -599,6 +655,7 @@ impl DirtyLog {
 
 impl Drop for DirtyLog {
     fn drop(&mut self) {
+        self.m.host_dirty.active.store(false, Ordering::Release);
         if let Err(e) = self.m.register(0) {
             tracing::warn!("turning the dirty-page log off: {e}");
         }
