@@ -192,6 +192,10 @@ pub struct BackupArgs {
     /// while it serves, then replay its log from there. `--listen` is where its log arrives.
     #[arg(long)]
     pub join: Option<vmm::join::JoinAddr>,
+    /// Once this backup has taken over, accept joining backups here (`host:port` or a Unix
+    /// socket path), so the pair is protected again; refused while it is a backup.
+    #[arg(long)]
+    pub accept_joins: Option<vmm::join::JoinAddr>,
 }
 
 /// `ftvm replay`.
@@ -433,20 +437,39 @@ fn join_service(
 
 /// Runs the guest live through `rec`; when a join pauses it, switches the log over to the
 /// new backup (or, if that fails, goes on as before) and runs on.
+/// An event source that may be serving live through a joinable log.
+trait Live: engine::EventSource {
+    fn live(&mut self) -> Option<&mut Recorder<vmm::failover::LiveLog>>;
+}
+
+impl Live for Recorder<vmm::failover::LiveLog> {
+    fn live(&mut self) -> Option<&mut Recorder<vmm::failover::LiveLog>> {
+        Some(self)
+    }
+}
+
+impl<S: vmm::replay::EntrySource> Live for Failover<S> {
+    fn live(&mut self) -> Option<&mut Recorder<vmm::failover::LiveLog>> {
+        self.recorder_mut()
+    }
+}
+
 fn serve_live(
     vm: &mut Vm,
-    rec: &mut Recorder<vmm::failover::LiveLog>,
+    source: &mut impl Live,
     join: Option<&vmm::join::JoinService>,
     first_exit: u64,
 ) -> Result<RunSummary, EngineError> {
     let mut first = first_exit;
     loop {
-        let run = engine::run(vm, rec, first)?;
+        let run = engine::run(vm, source, first)?;
         if !run.paused {
             return Ok(run);
         }
         first = run.exits + 1;
-        let Some(j) = join else { continue };
+        let (Some(j), Some(rec)) = (join, source.live()) else {
+            continue;
+        };
         let log = rec.log();
         let device = vmm::join::DeviceState {
             exit: run.exits,
@@ -742,6 +765,10 @@ fn replay<L: transport::BackupLink>(
 ) -> anyhow::Result<NodeSummary> {
     let c = &args.common;
     let stop = stop_flag()?;
+    let join = match &args.accept_joins {
+        Some(addr) => Some(join_service(c, &vm, addr, epoch, false)?),
+        None => None,
+    };
     let takeover = match arbiter_client(c, "backup", stop.clone())? {
         Some(arbiter) => {
             if c.front.is_none() {
@@ -755,6 +782,7 @@ fn replay<L: transport::BackupLink>(
                 session: c.session,
                 record: RecordConfig::default(),
                 stop,
+                joins: join.as_ref().map(|j| (j.pause_flag(), j.protection())),
             })
         }
         None => None,
@@ -767,7 +795,7 @@ fn replay<L: transport::BackupLink>(
     }
     let mut source = Failover::new(replayer, takeover);
     let started = Instant::now();
-    let result = engine::run(&mut vm, &mut source, start.first_exit);
+    let result = serve_live(&mut vm, &mut source, join.as_ref(), start.first_exit);
     let mut summary = summarize(&vm, "backup", &result, started)?;
     if let Err(e @ EngineError::Divergence { exit, .. }) = &result {
         summary.divergence = Some(e.to_string());
@@ -784,6 +812,9 @@ fn replay<L: transport::BackupLink>(
     }
     summary.takeover = source.report().cloned();
     summary.joined = start.joined;
+    if let Some(j) = &join {
+        summary.joins = j.reports();
+    }
     conclude(&c.json, summary, result)
 }
 

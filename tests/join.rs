@@ -314,3 +314,123 @@ fn a_corrupted_state_stream_is_refused_and_a_later_join_succeeds() {
     assert!(pair.primary.wait_for_log("protected again", LONG));
     client_ok(client.wait_with_output().expect("client"));
 }
+
+/// Re-protection after a failure: a pair (primary, backup accepting joins once live) loses its
+/// primary; the survivor takes over and a new backup joins it; then the survivor is killed
+/// too and the joined backup takes over. The client runs through all of it and loses nothing.
+#[test]
+fn the_survivor_of_a_takeover_is_joined_and_a_second_failure_is_survived() {
+    let dir = common::scratch("ftvm-join-survivor-");
+    let key = common::write_key(
+        dir.path(),
+        "psk",
+        &format!("join-test-key-{:032x}", rand::random::<u128>()),
+    );
+    let store = dir.path().join("store");
+    let spec = ft_arbiter::ArbiterSpec::File(store);
+    spec.init().expect("arbiter store");
+    let psk = PreSharedKey::from_file(&key).expect("key");
+    let front =
+        Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("front"), psk, 1).expect("front");
+    let base = |role: &str| {
+        vec![
+            s(role),
+            s("--key-file"),
+            key.display().to_string(),
+            s("--arbiter"),
+            spec.to_string(),
+            s("--front"),
+            front.local_addr().to_string(),
+            s("--heartbeat-timeout-ms"),
+            s(300),
+            s("--name"),
+            format!("{role}-{}", rand::random::<u32>()),
+        ]
+    };
+    let join_sock = dir.path().join("b1-joins.sock");
+    let mut b1_args = base("backup");
+    b1_args.extend([
+        s("--listen"),
+        dir.path().join("b1.sock").display().to_string(),
+        s("--accept-joins"),
+        join_sock.display().to_string(),
+        s("--json"),
+        dir.path().join("b1.json").display().to_string(),
+    ]);
+    let (mut b1, ready) = Proc::start(FTVM, &b1_args);
+    let b1_addr = ready.expect("backup ready").addr;
+    let mut p_args = base("primary");
+    p_args.extend([s("--backup"), b1_addr, s("--service"), s("127.0.0.1:0")]);
+    let (p, ready) = Proc::start(FTVM, &p_args);
+    assert!(ready.is_some(), "{}", p.log());
+    let client = Command::new(FTVM)
+        .args([
+            "client",
+            "--service",
+            &front.local_addr().to_string(),
+            "--requests",
+            "5000",
+            "--keys",
+            "40",
+            "--window",
+            "4",
+            "--verify",
+            "--timeout-ms",
+            "30000",
+            "--retry-ms",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("client");
+    // A backup cannot be joined before it serves.
+    let mut early_args = base("backup");
+    early_args.extend([
+        s("--join"),
+        join_sock.display().to_string(),
+        s("--listen"),
+        dir.path().join("early.sock").display().to_string(),
+    ]);
+    let (mut early, ready) = Proc::start(FTVM, &early_args);
+    assert!(ready.is_none());
+    assert_ne!(early.wait(LONG), Some(0));
+    assert!(early.log().contains("not serving"), "{}", early.log());
+
+    std::thread::sleep(Duration::from_millis(300));
+    p.signal(libc::SIGKILL);
+    assert!(b1.wait_for_log("won epoch", LONG), "{}", b1.log());
+    // A new backup joins the survivor.
+    let mut b2_args = base("backup");
+    b2_args.extend([
+        s("--join"),
+        join_sock.display().to_string(),
+        s("--listen"),
+        dir.path().join("b2.sock").display().to_string(),
+        s("--json"),
+        dir.path().join("b2.json").display().to_string(),
+    ]);
+    let (mut b2, ready) = Proc::start(FTVM, &b2_args);
+    assert!(
+        ready.is_some_and(|r| r.detail.contains("joined")),
+        "{}\n{}",
+        b2.log(),
+        b1.log()
+    );
+    assert!(b1.wait_for_log("protected again", LONG), "{}", b1.log());
+    std::thread::sleep(Duration::from_millis(300));
+    b1.signal(libc::SIGKILL);
+    assert!(b2.wait_for_log("won epoch", LONG), "{}", b2.log());
+    let c = client_ok(client.wait_with_output().expect("client"));
+    println!("client across two failures and a re-protection: {c}");
+    b2.signal(libc::SIGTERM);
+    assert_eq!(b2.wait(LONG), Some(0), "{}", b2.log());
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("b2.json")).expect("b2.json"))
+            .expect("json");
+    assert_eq!(j["takeover"]["arbitration"]["won"], true, "{j}");
+    assert!(
+        j["takeover"]["arbitration"]["epoch"].as_u64() >= Some(3),
+        "{j}"
+    );
+}

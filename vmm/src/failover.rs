@@ -376,6 +376,9 @@ pub struct Takeover {
     pub record: RecordConfig,
     /// Stops the live run (SIGTERM).
     pub stop: Arc<AtomicBool>,
+    /// Once live: pause at an exit boundary when this is set (a backup joining the survivor),
+    /// and keep this protection state up to date ([`crate::join::JoinService`]).
+    pub joins: Option<(Arc<AtomicBool>, Arc<crate::join::Protection>)>,
 }
 
 /// What happened when the backup's log ended.
@@ -452,6 +455,14 @@ impl<S: EntrySource> Failover<S> {
     /// The live recorder, after a takeover.
     pub fn recorder(&self) -> Option<&Recorder<LiveLog>> {
         match &self.mode {
+            Mode::Live(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The live recorder, after a takeover, to change its log (a backup joined).
+    pub fn recorder_mut(&mut self) -> Option<&mut Recorder<LiveLog>> {
+        match &mut self.mode {
             Mode::Live(r) => Some(r),
             _ => None,
         }
@@ -538,9 +549,15 @@ impl<S: EntrySource> Failover<S> {
         // Alone, journaling, and ready for a new backup to join: one that is lost later is
         // handled as the original primary handles losing its backup (the arbiter again).
         let log = AloneLog::new(epoch, replayer.last_seq() + 1, journal);
-        let sink = FailoverSink::alone(log, Some(t.arbiter));
-        let recorder =
+        let mut sink = FailoverSink::alone(log, Some(t.arbiter));
+        if let Some((_, protection)) = &t.joins {
+            sink = sink.with_protection(protection.clone());
+        }
+        let mut recorder =
             Recorder::new(sink, t.port, record, t.stop)?.reregister_with(t.key, t.session);
+        if let Some((pause, _)) = t.joins {
+            recorder = recorder.with_pause(pause);
+        }
         report.takeover_ms = ended_at.elapsed().as_secs_f64() * 1e3;
         tracing::info!(
             "{candidate}: won epoch {epoch}; live at exit {exit} ({:.1} ms after the log ended)",
@@ -591,5 +608,12 @@ impl<S: EntrySource> EventSource for Failover<S> {
 
     fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError> {
         step!(self, s => s.output(exit, device, bytes))
+    }
+
+    fn pause_after(&mut self, exit: u64) -> bool {
+        match &mut self.mode {
+            Mode::Live(r) => r.pause_after(exit),
+            _ => false,
+        }
     }
 }
