@@ -61,6 +61,10 @@ pub struct DemoArgs {
     /// Heartbeat timeout of the pair, ms (how long a silent peer is given).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
+    /// With `--kill-primary-after`: once the backup has taken over, start a new backup that
+    /// joins it by live state transfer, so the run ends protected again.
+    #[arg(long, requires = "kill_primary_after")]
+    pub reprotect: bool,
 }
 
 /// The JSON summary of a demo with `--kill-primary-after`.
@@ -104,6 +108,21 @@ pub struct FailoverSummary {
     pub journal_replay_memory_hash: String,
     /// The two agree: the takeover continued exactly the guest the log described.
     pub journal_replay_matches: bool,
+    /// With `--reprotect`: a new backup joined the survivor and followed it to the end.
+    pub reprotected: bool,
+    /// The survivor's guest was stopped this long for the switch-over, ms.
+    pub join_pause_ms: Option<f64>,
+    /// From the joiner's connection to protected, ms.
+    pub join_total_ms: Option<f64>,
+    /// Bytes of the state stream.
+    pub join_bytes: Option<u64>,
+    /// Pre-copy rounds (with the guest running).
+    pub join_rounds: Option<usize>,
+    /// The joined backup's guest memory and registers when the run stopped (equal to the
+    /// survivor's when the join worked).
+    pub joined_memory_hash: Option<String>,
+    pub survivor_registers_digest: String,
+    pub joined_registers_digest: Option<String>,
 }
 
 /// The demo's JSON summary.
@@ -321,12 +340,32 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     println!("  starting backup (core 1) …");
     let mut bargs = common("backup", 1);
     let journal = dir.join("backup.journal");
+    let joins = dir.join("joins.sock");
     bargs.extend([
         "--listen".into(),
         sock.display().to_string(),
         "--journal".into(),
         journal.display().to_string(),
     ]);
+    if args.reprotect {
+        bargs.extend(["--accept-joins".into(), joins.display().to_string()]);
+    }
+    // The joiner, started once the backup serves: on the dead primary's core, with its own
+    // name and summary.
+    let mut jargs = common("backup", 0);
+    if let Some(j) = jargs.iter_mut().find(|a| a.ends_with("backup.json")) {
+        *j = dir.join("joiner.json").display().to_string();
+    }
+    if let Some(n) = jargs.iter_mut().find(|a| a.starts_with("backup-")) {
+        *n = format!("joiner-{}", std::process::id());
+    }
+    jargs.extend([
+        "--join".into(),
+        joins.display().to_string(),
+        "--listen".into(),
+        dir.join("joiner.sock").display().to_string(),
+    ]);
+    let mut joiner: Option<std::thread::JoinHandle<anyhow::Result<(Node, Ready)>>> = None;
     let (backup, _) = Node::spawn("backup", &bargs)?;
     println!("  starting primary (core 0) …");
     let mut pargs = common("primary", 0);
@@ -366,6 +405,14 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
             }));
             print!("\n  killing the primary after {done} requests (+{jitter} µs); the client keeps going\n");
         }
+        if args.reprotect && joiner.is_none() && front.stats().epoch > first_epoch {
+            print!(
+                "\n  the backup serves in epoch {}: a new backup joins it …\n",
+                front.stats().epoch
+            );
+            let jargs = jargs.clone();
+            joiner = Some(std::thread::spawn(move || Node::spawn("joiner", &jargs)));
+        }
         if done % step == 0 || done == args.requests {
             print!(
                 "\r  requests: {done}/{} ({:.0}%)",
@@ -384,9 +431,33 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         None => (None, 0),
     };
     let _ = primary.child.wait();
+    let joined = match joiner.map(|j| j.join()) {
+        Some(Ok(Ok((node, ready)))) => {
+            println!(
+                "  the new backup joined ({}); the pair is protected again",
+                ready.detail
+            );
+            Some(node)
+        }
+        Some(Ok(Err(e))) => {
+            eprintln!("  the new backup did not join: {e:#}");
+            None
+        }
+        Some(Err(_)) => None,
+        None => None,
+    };
     println!("  stopping the survivor …");
     let backup_result = backup.stop();
+    // The survivor's stop point is logged: the joined backup replays up to it and stops.
+    let joiner_result = joined.map(Node::wait);
     let b = read_summary(&dir.join("backup.json"));
+    let jsum = joiner_result
+        .as_ref()
+        .map(|_| read_summary(&dir.join("joiner.json")));
+    let join_report = b
+        .as_ref()
+        .ok()
+        .and_then(|b| b.joins.iter().find(|j| j.joined).cloned());
     let since_kill = |t: Option<std::time::Instant>| match (killed_at, t) {
         (Some(k), Some(t)) => Some(t.saturating_duration_since(k).as_secs_f64() * 1e3),
         _ => None,
@@ -441,6 +512,30 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         arbiter: arbiter.to_string(),
         journal_replay_matches: !survivor_memory_hash.is_empty()
             && survivor_memory_hash == journal_replay_memory_hash,
+        reprotected: match (&jsum, &b) {
+            (Some(Ok(j)), Ok(b)) => {
+                j.error.is_none()
+                    && j.memory_hash == b.memory_hash
+                    && j.registers_digest == b.registers_digest
+            }
+            _ => false,
+        },
+        join_pause_ms: join_report.as_ref().map(|r| r.pause_ms),
+        join_total_ms: join_report.as_ref().map(|r| r.total_ms),
+        join_bytes: join_report.as_ref().map(|r| r.bytes),
+        join_rounds: join_report.as_ref().map(|r| r.rounds.len()),
+        joined_memory_hash: jsum
+            .as_ref()
+            .and_then(|j| j.as_ref().ok())
+            .map(|j| j.memory_hash.clone()),
+        joined_registers_digest: jsum
+            .as_ref()
+            .and_then(|j| j.as_ref().ok())
+            .map(|j| j.registers_digest.clone()),
+        survivor_registers_digest: b
+            .as_ref()
+            .map(|b| b.registers_digest.clone())
+            .unwrap_or_default(),
         survivor_memory_hash,
         journal_replay_memory_hash,
     };
@@ -490,6 +585,23 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
             "DIFFERENT"
         }
     );
+    if args.reprotect {
+        println!(
+            "  re-protection       {} (pause {}, join {} in all, {} rounds, {:.1} MiB); joined \
+             backup {} / survivor {}",
+            if summary.reprotected {
+                "protected again, replicas equal"
+            } else {
+                "FAILED"
+            },
+            ms(summary.join_pause_ms),
+            ms(summary.join_total_ms),
+            summary.join_rounds.unwrap_or(0),
+            summary.join_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
+            summary.joined_memory_hash.as_deref().unwrap_or("-"),
+            summary.survivor_memory_hash
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -499,11 +611,15 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     if let Err(e) = &backup_result {
         eprintln!("  backup: {e}");
     }
+    if let Some(Err(e)) = &joiner_result {
+        eprintln!("  joined backup: {e}");
+    }
     if summary.responses_ok != summary.requests
         || summary.acknowledged_lost > 0
         || summary.winner.is_none()
         || !summary.journal_replay_matches
         || backup_result.is_err()
+        || (args.reprotect && !summary.reprotected)
     {
         bail!("the failover lost or corrupted something (see above)");
     }
