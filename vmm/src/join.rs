@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use transport::handshake::{self, MediumKind};
 use transport::{AnyPrimary, ChannelConfig, Medium};
 
-use crate::migrate::sink::{restore, Expect, Restored};
+use crate::migrate::sink::{restore_with, Expect, Restored};
 use crate::migrate::source::{Precopy, PrecopyConfig, RoundStats};
 use crate::migrate::state::VcpuState;
 use crate::migrate::stream::{Chunk, ChunkReader, ChunkWriter, Header};
@@ -263,6 +263,11 @@ pub struct JoinReport {
     pub final_pages: u64,
     /// The exit at which the log went on to the new backup.
     pub exit: u64,
+    /// The pause's parts, ms: sending the last pages and the state; the joiner loading and
+    /// checking them (until its verdict); setting up the log channel to it.
+    pub finish_ms: f64,
+    pub verdict_ms: f64,
+    pub channel_ms: f64,
 }
 
 /// What the primary's join service needs to know.
@@ -517,9 +522,13 @@ fn accept_loop(listening: Listening, mut worker: Worker) {
         if let Some(r) = report {
             match &r.error {
                 None => tracing::info!(
-                    "a backup joined at exit {}: pause {:.2} ms, {:.0} ms in all, {} rounds, {:.1} MiB",
+                    "a backup joined at exit {}: pause {:.2} ms (state {:.2}, joiner's check {:.2}, \
+                     channel {:.2}), {:.0} ms in all, {} rounds, {:.1} MiB",
                     r.exit,
                     r.pause_ms,
+                    r.finish_ms,
+                    r.verdict_ms,
+                    r.channel_ms,
                     r.total_ms,
                     r.rounds.len(),
                     r.bytes as f64 / (1 << 20) as f64
@@ -650,6 +659,25 @@ impl Worker {
         };
         pre.run(&mut w, &header, || true)?;
         report.rounds = pre.rounds().to_vec();
+        // Wait until the joiner has loaded every round (it echoes each ROUND_END), so that
+        // the pause holds only the last pages, not the joiner's backlog.
+        let last = report.rounds.len() as u32 - 1;
+        let mut r = ChunkReader::new(BufReader::new(reader));
+        loop {
+            match r.next_chunk()? {
+                Chunk::RoundEnd { round, .. } if round >= last => break,
+                Chunk::RoundEnd { .. } => {}
+                Chunk::Refused(why) => {
+                    return Err(JoinError::Other(format!("the joiner refused: {why}")))
+                }
+                other => {
+                    return Err(JoinError::Other(format!(
+                        "expected the joiner's round echo, got {}",
+                        other.kind().name()
+                    )))
+                }
+            }
+        }
         // Stop the guest at its next exit boundary and take its state.
         self.shared.pause.store(true, Ordering::Release);
         let h = self
@@ -660,10 +688,10 @@ impl Worker {
         report.exit = h.device.exit;
         let fin = pre.finish(&mut w, &h.state, &h.device.encode(), h.registers)?;
         drop(pre);
+        report.finish_ms = paused.elapsed().as_secs_f64() * 1e3;
         report.final_pages = fin.pages;
         report.bytes = w.bytes();
         drop(w);
-        let mut r = ChunkReader::new(BufReader::new(reader));
         match r.next_chunk()? {
             Chunk::Verdict { ok: true, pages, registers }
                 if pages == fin.pages_digest && registers == h.registers => {}
@@ -682,6 +710,7 @@ impl Worker {
                 )))
             }
         }
+        report.verdict_ms = paused.elapsed().as_secs_f64() * 1e3 - report.finish_ms;
         // The log goes on over the joiner's medium from the switch-over on.
         let mut cfg = s.channel.clone();
         cfg.epoch = epoch;
@@ -695,6 +724,7 @@ impl Worker {
             )));
         }
         report.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
+        report.channel_ms = report.pause_ms - report.finish_ms - report.verdict_ms;
         Ok(p)
     }
 }
@@ -737,7 +767,11 @@ pub fn join(
     };
     let mut r = ChunkReader::new(BufReader::with_capacity(1 << 20, conn));
     let mut w = ChunkWriter::new(writer);
-    let restored = match restore(&mut r, vm, &expect) {
+    let restored = match restore_with(&mut r, vm, &expect, &mut |round, pages| {
+        // Each round loaded: the primary waits for the last one before it stops its guest.
+        w.round_end(round, pages)?;
+        w.flush()
+    }) {
         Ok(restored) => restored,
         Err(e) => {
             // Tell the primary why (it then serves on unprotected); we never start.

@@ -51,6 +51,18 @@ pub fn restore<R: Read>(
     vm: &mut Vm,
     expect: &Expect,
 ) -> Result<Restored, MigrateError> {
+    restore_with(r, vm, expect, &mut |_, _| Ok(()))
+}
+
+/// As [`restore`], calling `round_done(round, pages)` once each pre-copy round is loaded (a
+/// joiner tells the primary, which then knows the joiner has caught up before it stops its
+/// guest: the pause then holds only the last pages, not the joiner's backlog).
+pub fn restore_with<R: Read>(
+    r: &mut ChunkReader<R>,
+    vm: &mut Vm,
+    expect: &Expect,
+    round_done: &mut dyn FnMut(u32, u64) -> Result<(), MigrateError>,
+) -> Result<Restored, MigrateError> {
     let header = match r.next_chunk()? {
         Chunk::Header(h) => h,
         Chunk::Refused(why) => return Err(MigrateError::Refused(why)),
@@ -94,7 +106,10 @@ pub fn restore<R: Read>(
                 }
                 pages += u64::from(count);
             }
-            Chunk::RoundEnd { .. } => rounds += 1,
+            Chunk::RoundEnd { round, pages } => {
+                rounds += 1;
+                round_done(round, pages)?;
+            }
             Chunk::Vcpu(bytes) => break VcpuState::decode(bytes)?,
             Chunk::Refused(why) => return Err(MigrateError::Refused(why)),
             other => return Err(out_of_place(index, other.kind(), "pages or the vCPU state")),
