@@ -13,13 +13,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::Proc;
-use transport::PreSharedKey;
 use vmm::service::Front;
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
@@ -57,18 +56,12 @@ fn common_args(p: &Pair, role: &str, key: &Path) -> Vec<String> {
 
 /// A primary serving alone through the front, accepting joins on loopback.
 fn primary(name: &str) -> Pair {
-    let dir = common::scratch(&format!("ftvm-join-{name}-"));
-    let key = common::write_key(
-        dir.path(),
-        "psk",
-        &format!("join-test-key-{:032x}", rand::random::<u128>()),
-    );
-    let store = dir.path().join("store");
-    let arbiter = ft_arbiter::ArbiterSpec::File(store);
-    arbiter.init().expect("arbiter store");
-    let psk = PreSharedKey::from_file(&key).expect("key");
-    let front =
-        Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("front"), psk, 1).expect("front");
+    let common::Site {
+        dir,
+        key,
+        arbiter,
+        front,
+    } = common::Site::new(&format!("ftvm-join-{name}-"));
     let primary_json = dir.path().join("primary.json");
     let mut pair = Pair {
         arbiter: arbiter.to_string(),
@@ -320,18 +313,12 @@ fn a_corrupted_state_stream_is_refused_and_a_later_join_succeeds() {
 /// too and the joined backup takes over. The client runs through all of it and loses nothing.
 #[test]
 fn the_survivor_of_a_takeover_is_joined_and_a_second_failure_is_survived() {
-    let dir = common::scratch("ftvm-join-survivor-");
-    let key = common::write_key(
-        dir.path(),
-        "psk",
-        &format!("join-test-key-{:032x}", rand::random::<u128>()),
-    );
-    let store = dir.path().join("store");
-    let spec = ft_arbiter::ArbiterSpec::File(store);
-    spec.init().expect("arbiter store");
-    let psk = PreSharedKey::from_file(&key).expect("key");
-    let front =
-        Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("front"), psk, 1).expect("front");
+    let common::Site {
+        dir,
+        key,
+        arbiter: spec,
+        front,
+    } = common::Site::new("ftvm-join-survivor-");
     let base = |role: &str| {
         vec![
             s(role),

@@ -135,3 +135,38 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// What a pair runs in: a private directory, the pair's key file (0600), a file arbiter store
+/// and an in-process service front.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub arbiter: ft_arbiter::ArbiterSpec,
+    pub front: vmm::service::Front,
+}
+
+impl Site {
+    pub fn new(prefix: &str) -> Site {
+        let dir = scratch(prefix);
+        let key = write_key(
+            dir.path(),
+            "psk",
+            &format!("test-key-{:032x}", rand::random::<u128>()),
+        );
+        let arbiter = ft_arbiter::ArbiterSpec::File(dir.path().join("store"));
+        arbiter.init().expect("arbiter store");
+        let psk = transport::PreSharedKey::from_file(&key).expect("key");
+        let front = vmm::service::Front::spawn(
+            std::net::UdpSocket::bind("127.0.0.1:0").expect("front socket"),
+            psk,
+            1,
+        )
+        .expect("front");
+        Site {
+            dir,
+            key,
+            arbiter,
+            front,
+        }
+    }
+}
