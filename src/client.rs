@@ -118,26 +118,38 @@ fn exchange(
             report.retries += 1;
             resend = now + w.retry;
         }
-        // The socket's read timeout is the retry interval (set once in `run`): a wait ends at
-        // most one interval late, without a system call per wait to adjust it.
-        match socket.recv_from(buf) {
-            // Responses to earlier ids (duplicates of retried requests) are skipped.
-            Ok((n, from)) if from == service && n >= 4 && buf[..4] == id.to_le_bytes() => {
+        // Responses to earlier ids (duplicates of retried requests) are skipped.
+        if let Some(n) = receive(socket, service, buf)? {
+            if buf[..4] == id.to_le_bytes() {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 report.max_response_ms = report.max_response_ms.max(ms);
                 return Ok(Some(n));
             }
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(e) => return Err(e).context("receiving a response"),
         }
+    }
+}
+
+/// Waits for one datagram from `service` of at least 4 bytes (a response id); `None` when the
+/// socket's read timeout passes first or something else arrived. The read timeout is the retry
+/// interval (set once in [`run`]): a wait ends at most one interval late, without a system call
+/// per wait to adjust it.
+fn receive(
+    socket: &UdpSocket,
+    service: SocketAddr,
+    buf: &mut [u8],
+) -> anyhow::Result<Option<usize>> {
+    match socket.recv_from(buf) {
+        Ok((n, from)) if from == service && n >= 4 => Ok(Some(n)),
+        Ok(_) => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e).context("receiving a response"),
     }
 }
 
@@ -261,20 +273,8 @@ pub fn run(
                 f.resend = now + w.retry;
             }
         }
-        // The socket's read timeout is the retry interval (set once above): a wait ends at
-        // most one interval late, without a system call per wait to adjust it.
-        let n = match socket.recv_from(&mut buf) {
-            Ok((n, from)) if from == service && n >= 4 => n,
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue
-            }
-            Err(e) => return Err(e).context("receiving a response"),
+        let Some(n) = receive(&socket, service, &mut buf)? else {
+            continue;
         };
         let id = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
         // Responses to ids no longer in flight (duplicates of retried requests) are skipped.

@@ -130,29 +130,7 @@ impl Pair {
     }
 
     fn client(&self, requests: u64, prefix: &str) -> std::process::Child {
-        Command::new(FTVM)
-            .args([
-                "client",
-                "--service",
-                &self.front.local_addr().to_string(),
-                "--requests",
-                &s(requests),
-                "--keys",
-                "40",
-                "--key-prefix",
-                prefix,
-                "--window",
-                "4",
-                "--verify",
-                "--timeout-ms",
-                "30000",
-                "--retry-ms",
-                "1000",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("client")
+        client(&self.front, requests, prefix)
     }
 
     fn json(&self, name: &str) -> serde_json::Value {
@@ -160,6 +138,33 @@ impl Pair {
         let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         serde_json::from_slice(&bytes).expect("json")
     }
+}
+
+/// A pipelined client with read-back through `front`, on keys `PREFIX-N`.
+fn client(front: &Front, requests: u64, prefix: &str) -> std::process::Child {
+    Command::new(FTVM)
+        .args([
+            "client",
+            "--service",
+            &front.local_addr().to_string(),
+            "--requests",
+            &s(requests),
+            "--keys",
+            "40",
+            "--key-prefix",
+            prefix,
+            "--window",
+            "4",
+            "--verify",
+            "--timeout-ms",
+            "30000",
+            "--retry-ms",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("client")
 }
 
 fn client_ok(out: Output) -> serde_json::Value {
@@ -350,27 +355,7 @@ fn the_survivor_of_a_takeover_is_joined_and_a_second_failure_is_survived() {
     p_args.extend([s("--backup"), b1_addr, s("--service"), s("127.0.0.1:0")]);
     let (p, ready) = Proc::start(FTVM, &p_args);
     assert!(ready.is_some(), "{}", p.log());
-    let client = Command::new(FTVM)
-        .args([
-            "client",
-            "--service",
-            &front.local_addr().to_string(),
-            "--requests",
-            "5000",
-            "--keys",
-            "40",
-            "--window",
-            "4",
-            "--verify",
-            "--timeout-ms",
-            "30000",
-            "--retry-ms",
-            "1000",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("client");
+    let client = client(&front, 5_000, "key");
     // A backup cannot be joined before it serves.
     let mut early_args = base("backup");
     early_args.extend([

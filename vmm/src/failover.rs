@@ -148,8 +148,12 @@ impl<L: PrimaryLink> FailoverSink<L> {
     /// Replicates through `primary`; on a channel failure asks `arbiter` (without one, the
     /// failure ends the run, as before).
     pub fn new(primary: Primary<L>, arbiter: Option<ArbiterClient>) -> Self {
+        Self::in_state(SinkState::Replicated(Box::new(primary)), arbiter)
+    }
+
+    fn in_state(state: SinkState<L>, arbiter: Option<ArbiterClient>) -> Self {
         FailoverSink {
-            state: SinkState::Replicated(Box::new(primary)),
+            state,
             shadow: None,
             arbiter,
             log_bytes: 0,
@@ -163,16 +167,7 @@ impl<L: PrimaryLink> FailoverSink<L> {
     /// Unprotected from the start: `log` (in its epoch, its sequence numbers going on) until a
     /// backup joins ([`Self::protect`]); `arbiter` is asked if that backup is lost later.
     pub fn alone(log: AloneLog, arbiter: Option<ArbiterClient>) -> Self {
-        FailoverSink {
-            state: SinkState::Alone(log),
-            shadow: None,
-            arbiter,
-            log_bytes: 0,
-            last_stats: None,
-            arbitration: None,
-            lost_backup: None,
-            protection: None,
-        }
+        Self::in_state(SinkState::Alone(log), arbiter)
     }
 
     /// Keeps `p` up to date with this log's state (live, protected, epoch) as it changes.

@@ -434,11 +434,6 @@ impl JoinService {
             .clone()
     }
 
-    /// Whether the run paused for a switch-over.
-    pub fn pause_requested(&self) -> bool {
-        self.shared.pause.load(Ordering::Acquire)
-    }
-
     /// The switch-over, on the vCPU thread after the run paused at exit `device.exit`: hands
     /// the vCPU state over and waits for the new backup's channel. Always clears the pause.
     pub fn switch_over(
@@ -545,17 +540,32 @@ fn accept_loop(listening: Listening, mut worker: Worker) {
     }
 }
 
+/// Runs the handshake with a joiner as the primary, in `epoch`, within the handshake timeout.
+fn authenticate(
+    conn: &mut Conn,
+    settings: &JoinSettings,
+    epoch: u64,
+) -> Result<handshake::Accepted, JoinError> {
+    conn.set_timeouts(Some(settings.channel.handshake_timeout))
+        .map_err(io("the join connection"))?;
+    let mut params = settings.channel.session_params(MediumKind::Join);
+    params.epoch = epoch;
+    Ok(handshake::primary_handshake(conn, &params)?)
+}
+
+/// Tells an authenticated joiner why it is refused (best effort: it may be gone).
+fn send_refusal(conn: &mut Conn, why: &str) {
+    let mut w = ChunkWriter::new(conn);
+    let _ = w.refused(why);
+    let _ = w.flush();
+    tracing::warn!("refused a joiner: {why}");
+}
+
 /// Authenticates the joiner and refuses it with `why` (a joiner that fails authentication
 /// learns nothing).
 fn refuse(mut conn: Conn, settings: &JoinSettings, epoch: u64, why: &str) {
-    let _ = conn.set_timeouts(Some(settings.channel.handshake_timeout));
-    let mut params = settings.channel.session_params(MediumKind::Join);
-    params.epoch = epoch;
-    if handshake::primary_handshake(&mut conn, &params).is_ok() {
-        let mut w = ChunkWriter::new(&mut conn);
-        let _ = w.refused(why);
-        let _ = w.flush();
-        tracing::warn!("refused a joiner: {why}");
+    if authenticate(&mut conn, settings, epoch).is_ok() {
+        send_refusal(&mut conn, why);
     }
 }
 
@@ -565,56 +575,23 @@ impl Worker {
         let started = Instant::now();
         let s = &self.settings;
         let epoch = self.shared.state.epoch.load(Ordering::Acquire);
-        if conn
-            .set_timeouts(Some(s.channel.handshake_timeout))
-            .is_err()
-        {
-            return None;
-        }
-        let mut params = s.channel.session_params(MediumKind::Join);
-        params.epoch = epoch;
-        let accepted = match handshake::primary_handshake(&mut conn, &params) {
+        let accepted = match authenticate(&mut conn, s, epoch) {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!("refused a joiner: {e}");
                 return None;
             }
         };
-        let refusal = match JoinRequest::decode(&accepted.medium_info) {
-            Err(e) => Some(e),
-            Ok(_) if !self.shared.state.live.load(Ordering::Acquire) => {
-                Some("this replica is a backup, not serving: join the primary".to_string())
+        let request = match self.check(&accepted.medium_info) {
+            Ok(r) => r,
+            Err(why) => {
+                send_refusal(&mut conn, &why);
+                return Some(JoinReport {
+                    error: Some(format!("refused: {why}")),
+                    ..Default::default()
+                });
             }
-            Ok(_) if self.shared.state.protected.load(Ordering::Acquire) => {
-                Some("the pair is protected: a backup already has the log".to_string())
-            }
-            Ok(r) if r.mem_size != s.mem_size => Some(format!(
-                "guest memory size: the primary has {} bytes, the joiner {}",
-                s.mem_size, r.mem_size
-            )),
-            Ok(r) if r.image_digest != s.image_digest => Some(format!(
-                "guest image: the primary runs {}, the joiner {}",
-                hex(&s.image_digest),
-                hex(&r.image_digest)
-            )),
-            Ok(r) if r.medium != s.medium.name() => Some(format!(
-                "log medium: the primary uses {}, the joiner {}",
-                s.medium.name(),
-                r.medium
-            )),
-            Ok(_) => None,
         };
-        if let Some(why) = refusal {
-            let mut w = ChunkWriter::new(&mut conn);
-            let _ = w.refused(&why);
-            let _ = w.flush();
-            tracing::warn!("refused a joiner: {why}");
-            return Some(JoinReport {
-                error: Some(format!("refused: {why}")),
-                ..Default::default()
-            });
-        }
-        let request = JoinRequest::decode(&accepted.medium_info).ok()?;
         let mut report = JoinReport::default();
         let r = self.transfer(&mut conn, &request, epoch, &mut report);
         report.total_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -635,6 +612,39 @@ impl Worker {
             }
         }
         Some(report)
+    }
+
+    /// The joiner's request, if this replica can serve it now; else why not.
+    fn check(&self, info: &[u8]) -> Result<JoinRequest, String> {
+        let s = &self.settings;
+        let r = JoinRequest::decode(info)?;
+        if !self.shared.state.live.load(Ordering::Acquire) {
+            return Err("this replica is a backup, not serving: join the primary".into());
+        }
+        if self.shared.state.protected.load(Ordering::Acquire) {
+            return Err("the pair is protected: a backup already has the log".into());
+        }
+        if r.mem_size != s.mem_size {
+            return Err(format!(
+                "guest memory size: the primary has {} bytes, the joiner {}",
+                s.mem_size, r.mem_size
+            ));
+        }
+        if r.image_digest != s.image_digest {
+            return Err(format!(
+                "guest image: the primary runs {}, the joiner {}",
+                hex(&s.image_digest),
+                hex(&r.image_digest)
+            ));
+        }
+        if r.medium != s.medium.name() {
+            return Err(format!(
+                "log medium: the primary uses {}, the joiner {}",
+                s.medium.name(),
+                r.medium
+            ));
+        }
+        Ok(r)
     }
 
     fn transfer(

@@ -2,7 +2,7 @@
 //! guest runs, then the switch-over with the guest stopped.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::state::VcpuState;
 use super::stream::{ChunkWriter, Header, MAX_PAGES_PER_CHUNK};
@@ -130,21 +130,19 @@ impl Precopy {
         w.header(header)?;
         let mut stalled = 0u32;
         let mut last_dirty = u64::MAX;
-        let mut set_is_all = true;
         loop {
             let round = self.rounds.len() as u32;
             let started = Instant::now();
             let before = w.bytes();
-            let (pages, zeros) = if set_is_all {
+            // Round 0 sends all of memory, later rounds what the guest dirtied meanwhile.
+            let (pages, zeros) = if round == 0 {
                 self.send(w, Set::All)?
             } else {
                 let bits = std::mem::take(&mut self.pending);
-                let sent = self.send(w, Set::Bits(&bits))?;
-                sent
+                self.send(w, Set::Bits(&bits))?
             };
             w.round_end(round, pages)?;
             w.flush()?;
-            set_is_all = false;
             // What the guest wrote meanwhile: the next round's pages.
             self.pending = self.log.take_dirty()?;
             let dirty = count(&self.pending);
@@ -287,9 +285,4 @@ impl Precopy {
             None => Ok(()),
         }
     }
-}
-
-/// Milliseconds of a duration, for reports.
-pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
