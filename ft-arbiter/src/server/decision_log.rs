@@ -344,6 +344,9 @@ mod tests {
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
+            // Another test thread may have cached "nobody listens" for these call sites while
+            // this scoped subscriber was being registered: recompute with it in place.
+            tracing::callsite::rebuild_interest_cache();
             let mut log = DecisionLog::open(&dir).expect("new log");
             log.file = File::open(dir.join(LOG_FILE)).expect("read-only handle");
             assert!(matches!(
