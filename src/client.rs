@@ -41,6 +41,11 @@ pub struct Workload {
     pub verify: bool,
     /// Requests in flight at once (1: one at a time).
     pub window: usize,
+    /// Percent of requests that are FILLs of `fill_pages` pages at a random place in guest
+    /// memory of `mem_size` bytes (they make the guest dirty memory: load for a join).
+    pub fill_percent: u8,
+    pub fill_pages: u32,
+    pub mem_size: u64,
 }
 
 impl Workload {
@@ -56,6 +61,9 @@ impl Workload {
             retry: Duration::from_millis(50),
             verify: false,
             window: 1,
+            fill_percent: 0,
+            fill_pages: 256,
+            mem_size: 16 << 20,
         }
     }
 }
@@ -178,6 +186,24 @@ struct InFlight {
 fn generate(rng: &mut SmallRng, w: &Workload, next_id: &mut u32) -> Request {
     *next_id = next_id.wrapping_add(1).max(1);
     let id = *next_id;
+    if w.fill_percent > 0 && rng.gen_range(0..100u8) < w.fill_percent {
+        let first = vmm::layout::KV_FILL_FIRST_PAGE as u32;
+        let pages = (w.mem_size / 4096) as u32;
+        let count = w.fill_pages.min(pages.saturating_sub(first)).max(1);
+        let start = rng.gen_range(first..=pages.saturating_sub(count).max(first));
+        let mut value = Vec::with_capacity(16);
+        value.extend_from_slice(&start.to_le_bytes());
+        value.extend_from_slice(&count.to_le_bytes());
+        value.extend_from_slice(&rng.gen::<u64>().to_le_bytes());
+        let bytes = kv::encode_request(id, kv::OP_FILL, &[], &value);
+        return Request {
+            id,
+            op: kv::OP_FILL,
+            key: String::new(),
+            value,
+            bytes,
+        };
+    }
     let key = format!("{}-{}", w.key_prefix, rng.gen_range(0..w.keys.max(1)));
     let roll = rng.gen_range(0..100u8);
     let (op, value) = if roll < w.get_percent {
@@ -304,7 +330,9 @@ pub fn run(
                 Ok(())
             }
         };
-        touched.insert(key);
+        if !key.is_empty() {
+            touched.insert(key);
+        }
         match verdict {
             Ok(()) => report.responses_ok += 1,
             Err(e) => {

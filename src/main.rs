@@ -89,6 +89,14 @@ struct ClientArgs {
     /// Requests in flight at once, never two on the same key (1: one at a time).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     window: u16,
+    /// Percent of FILL requests: the guest dirties `--fill-pages` pages at a random place in
+    /// its memory (`--mem-mib`, as the replicas run with) — load for a join.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    fill_percent: u8,
+    #[arg(long, default_value_t = 256)]
+    fill_pages: u32,
+    #[arg(long, default_value_t = 16)]
+    mem_mib: u64,
 }
 
 /// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`); stdout keeps
@@ -190,6 +198,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             w.timeout = Duration::from_millis(args.timeout_ms);
             w.retry = Duration::from_millis(args.retry_ms.max(1));
             w.window = usize::from(args.window);
+            w.fill_percent = args.fill_percent;
+            w.fill_pages = args.fill_pages;
+            w.mem_size = args.mem_mib << 20;
             let r = client::run(args.service, &w, |_| {})?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             if r.responses_ok != r.requests || r.acknowledged_lost > 0 {

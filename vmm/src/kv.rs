@@ -10,6 +10,8 @@ pub const OP_GET: u8 = 1;
 pub const OP_PUT: u8 = 2;
 /// INCR: add one to the u64 stored at the key and return it.
 pub const OP_INCR: u8 = 3;
+/// FILL: the guest dirties a range of pages (state-transfer load; see `layout::KV_FILL`).
+pub const OP_FILL: u8 = crate::layout::KV_FILL;
 /// Longest key.
 pub const MAX_KEY: usize = 32;
 /// Longest value.
@@ -94,6 +96,16 @@ pub struct KvModel {
 impl KvModel {
     /// Applies a request to the model and returns the (status, value) the service must answer.
     pub fn apply(&mut self, op: u8, key: &[u8], value: &[u8]) -> (u8, Vec<u8>) {
+        if op == OP_FILL {
+            // Touches no key; answers with the page count (the caller keeps the range valid).
+            return match value.get(4..8) {
+                Some(c) if key.is_empty() && value.len() == 16 => {
+                    let count = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    (status::OK, u64::from(count).to_le_bytes().to_vec())
+                }
+                _ => (status::BAD_REQUEST, Vec::new()),
+            };
+        }
         if key.is_empty() || key.len() > MAX_KEY || value.len() > MAX_VALUE {
             return (status::BAD_REQUEST, Vec::new());
         }

@@ -119,7 +119,8 @@ pub const TIMER_IRQ_BIT: u64 = 1 << (TIMER_VECTOR - IRQ_VECTOR_BASE);
 /// | 32 | `rx_len: u32` | VMM (NET_RX) |
 /// | 36 | `tx_len: u32` | guest (before NET_TX) |
 /// | 40 | `pending_irqs: u64` | VMM sets bits at any hypercall exit; guest clears them |
-/// | 48 | `reserved: [u8; 16]` | nobody (zero) |
+/// | 48 | `mem_size: u64` | VMM, once, before the guest starts (guest RAM in bytes) |
+/// | 56 | `reserved: [u8; 8]` | nobody (zero) |
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Mailbox {
@@ -135,8 +136,10 @@ pub struct Mailbox {
     pub tx_len: u32,
     /// Bit `i` set = vector `32 + i` pending.
     pub pending_irqs: u64,
+    /// Guest RAM in bytes (set once at creation).
+    pub mem_size: u64,
     /// Zero.
-    pub reserved: [u8; 16],
+    pub reserved: [u8; 8],
 }
 
 /// Size of [`Mailbox`].
@@ -153,6 +156,8 @@ pub const MB_RX_LEN: u64 = 32;
 pub const MB_TX_LEN: u64 = 36;
 /// Offset of `pending_irqs` in the mailbox.
 pub const MB_PENDING_IRQS: u64 = 40;
+/// Offset of `mem_size` in the mailbox.
+pub const MB_MEM_SIZE: u64 = 48;
 
 /// Guest physical address of `op_result`.
 pub const OP_RESULT_ADDR: u64 = MAILBOX_ADDR + MB_OP_RESULT;
@@ -175,6 +180,7 @@ const _: () = {
     assert!(core::mem::offset_of!(Mailbox, rx_len) == MB_RX_LEN as usize);
     assert!(core::mem::offset_of!(Mailbox, tx_len) == MB_TX_LEN as usize);
     assert!(core::mem::offset_of!(Mailbox, pending_irqs) == MB_PENDING_IRQS as usize);
+    assert!(core::mem::offset_of!(Mailbox, mem_size) == MB_MEM_SIZE as usize);
     assert!(GDT_ADDR + (GDT_ENTRIES as u64) * 8 <= TSS_ADDR);
     assert!(TSS_ADDR + 0x68 <= PML4_ADDR);
     assert!(PD_ADDR + 0x1000 <= MAILBOX_ADDR);
@@ -213,6 +219,17 @@ pub const KV_GET: u8 = 1;
 pub const KV_PUT: u8 = 2;
 /// Request op: INCR.
 pub const KV_INCR: u8 = 3;
+/// Request op: FILL — the guest dirties memory (for state-transfer load). `key_len` 0,
+/// `val_len` 16, value = `start_page: u32 | count: u32 | seed: u64`: the guest writes the word
+/// `seed ^ page` at the start of each page of `start_page..start_page + count` (one store per
+/// page: ring-0 code is emulated on some hosts) and answers with `count` as a u64 value. Status 2
+/// unless `KV_FILL_FIRST_PAGE <= start_page` and the range ends inside guest RAM (`mem_size`)
+/// and holds at most [`KV_FILL_MAX_PAGES`] pages.
+pub const KV_FILL: u8 = 4;
+/// First page FILL may write: the free memory above the stack.
+pub const KV_FILL_FIRST_PAGE: u64 = STACK_TOP / 4096;
+/// Most pages one FILL writes.
+pub const KV_FILL_MAX_PAGES: u64 = 65_536;
 /// Response status: ok.
 pub const KV_OK: u8 = 0;
 /// Response status: key not found (GET).

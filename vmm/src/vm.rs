@@ -184,6 +184,12 @@ impl Vm {
         let entry = load_elf(&mem, mem_size, image)?;
         write_page_tables(&mem)?;
         write_gdt(&mem)?;
+        // The guest's RAM size, in the mailbox (the same on every replica of this size).
+        write_mem(
+            &mem,
+            crate::layout::MAILBOX_ADDR + crate::layout::MB_MEM_SIZE,
+            &(mem_size as u64).to_le_bytes(),
+        )?;
 
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let api = kvm.get_api_version();

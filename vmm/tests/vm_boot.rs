@@ -402,3 +402,67 @@ fn measure_exit_and_request_cost() -> Result<(), VmError> {
     println!("at exit #{}: rip {:#x}", vm.exit_count(), r.rip);
     Ok(())
 }
+
+fn fill_request(req_id: u32, start: u32, count: u32, seed: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&start.to_le_bytes());
+    v.extend_from_slice(&count.to_le_bytes());
+    v.extend_from_slice(&seed.to_le_bytes());
+    request(req_id, vmm::layout::KV_FILL, b"", &v)
+}
+
+#[test]
+fn fill_dirties_pages_inside_ram_and_refuses_ranges_outside() -> Result<(), VmError> {
+    use vmm::layout::{KV_FILL_FIRST_PAGE, KV_FILL_MAX_PAGES};
+    let mem = 8 << 20;
+    let pages = (mem / 4096) as u32;
+    let first = KV_FILL_FIRST_PAGE as u32;
+    let mut vm = new_vm(mem, GUEST_IMAGE);
+    let mut dev = Device {
+        requests: VecDeque::from([
+            fill_request(1, first, 16, 0xABCD),
+            // The last page of RAM: fine; one past it: refused, as below the stack.
+            fill_request(2, pages - 1, 1, 7),
+            fill_request(3, pages - 1, 2, 7),
+            fill_request(4, first - 1, 1, 7),
+            fill_request(5, first, KV_FILL_MAX_PAGES as u32 + 1, 7),
+            // A start far beyond RAM, and one that wraps u32.
+            fill_request(6, u32::MAX, 2, 7),
+        ]),
+        clock_base: 1,
+        clock_step: 1,
+        random: RANDOM,
+        ..Default::default()
+    };
+    assert_eq!(dev.drive(&mut vm, 60)?, Stop::Budget);
+    let status: Vec<(u32, u8)> = dev
+        .responses
+        .iter()
+        .map(|r| (u32::from_le_bytes([r[0], r[1], r[2], r[3]]), r[4]))
+        .collect();
+    assert_eq!(
+        status,
+        vec![
+            (1, KV_OK),
+            (2, KV_OK),
+            (3, KV_BAD_REQUEST),
+            (4, KV_BAD_REQUEST),
+            (5, KV_BAD_REQUEST),
+            (6, KV_BAD_REQUEST)
+        ]
+    );
+    assert_eq!(&dev.responses[0][32..40], &16u64.to_le_bytes());
+    for page in u64::from(first)..u64::from(first) + 16 {
+        assert_eq!(vm.read_u64(page * 4096)?, 0xABCD ^ page, "page {page}");
+    }
+    assert_eq!(
+        vm.read_u64(u64::from(first + 16) * 4096)?,
+        0,
+        "one page past the range"
+    );
+    assert_eq!(
+        vm.read_u64(u64::from(pages - 1) * 4096)?,
+        7 ^ u64::from(pages - 1)
+    );
+    Ok(())
+}

@@ -265,7 +265,10 @@ fn serve(st: &mut State, rx_len: usize) {
         let op = (h >> 32) as u8;
         let kl = (h >> 40) as u8 as usize;
         let vl = (h >> 48) as usize;
-        if kl == 0
+        if op == KV_FILL {
+            let (status, len) = fill(kl, vl, rx_len);
+            (req_id, status, len)
+        } else if kl == 0
             || kl > KV_MAX_KEY
             || vl > KV_MAX_VAL
             || rx_len < KV_REQ_HEADER_LEN + kl + vl
@@ -308,6 +311,33 @@ fn serve(st: &mut State, rx_len: usize) {
         }
     }
     call(st, OP_NET_TX);
+}
+
+/// FILL (`layout::KV_FILL`): one store per page of `start_page..start_page + count`, inside
+/// RAM above the stack; the response value is the page count. Returns (status, value length).
+#[inline(always)]
+fn fill(kl: usize, vl: usize, rx_len: usize) -> (u8, usize) {
+    if kl != 0 || vl != 16 || rx_len < KV_REQ_HEADER_LEN + 16 {
+        return (KV_BAD_REQUEST, 0);
+    }
+    let range = rx_word(KV_REQ_HEADER_LEN);
+    let seed = rx_word(KV_REQ_HEADER_LEN + 8);
+    let start = range as u32 as u64;
+    let count = range >> 32;
+    // SAFETY: mailbox is identity-mapped guest RAM; the VMM set `mem_size` before we started.
+    let pages = unsafe { read_volatile(addr_of!((*MAILBOX).mem_size)) } / 4096;
+    if start < KV_FILL_FIRST_PAGE || count > KV_FILL_MAX_PAGES || start + count > pages {
+        return (KV_BAD_REQUEST, 0);
+    }
+    let mut page = start;
+    while page < start + count {
+        // SAFETY: the page is inside guest RAM (checked against `mem_size` above, which the
+        // identity map covers) and above everything this program uses.
+        unsafe { write_volatile((page * 4096) as *mut u64, seed ^ page) };
+        page += 1;
+    }
+    tx_value(&[count], 8);
+    (KV_OK, 8)
 }
 
 /// Writes value words to the TX buffer after the response header.
