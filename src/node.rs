@@ -789,6 +789,10 @@ fn replay<L: transport::BackupLink>(
     };
     let mut replayer = Replayer::new(b, Duration::from_millis(100)).with_clock(start.last_clock_ns);
     if let Some(path) = &args.journal {
+        if start.joined.is_none() {
+            // A journal from exit 1 has no base; an old one would be taken for its start.
+            let _ = std::fs::remove_file(vmm::join::base_path(path));
+        }
         replayer = replayer.with_journal(
             Journal::create(path).with_context(|| format!("journal {}", path.display()))?,
         );
@@ -833,6 +837,11 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
     let mut vm = vm;
     let mut cfg = cfg;
     let mut epoch = epoch;
+    // The channel's ring is made now, not while a joined-with primary waits with its guest
+    // stopped.
+    listener
+        .prepare(&cfg)
+        .with_context(|| format!("preparing the log channel at {medium}"))?;
     let start = match &args.join {
         None => Start {
             first_exit: 1,
@@ -850,7 +859,8 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
                 "joining the primary at {addr}: taking its guest's state while it serves"
             );
             let t0 = Instant::now();
-            let (dev, restored) = vmm::join::join(addr, &cfg, &request, &mut vm)
+            let base = args.journal.as_deref().map(vmm::join::base_path);
+            let (dev, restored) = vmm::join::join(addr, &cfg, &request, &mut vm, base.as_deref())
                 .with_context(|| format!("joining the primary at {addr}"))?;
             let transfer_ms = t0.elapsed().as_secs_f64() * 1e3;
             tracing::info!(
@@ -887,26 +897,42 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
         medium.name().to_string()
     };
     Ready::new("backup", listener.local_addr(), detail).announce()?;
+    tracing::debug!("accepting the primary's channel");
     let b = listener.backup(cfg).context("accepting the primary")?;
+    tracing::debug!("the primary's channel is up");
     drop(listener);
     replay(vm, b, args, epoch, start)
 }
 
-/// Replays a journal on a fresh VM, to its end (a logged shutdown, or the last entry).
+/// Replays a journal on a fresh VM, to its end (a logged shutdown, or the last entry). A
+/// joined backup's journal starts from the state it joined with ([`vmm::join::base_path`]):
+/// that is loaded first (checked as at the join), then the journal replays from there.
 pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
-    let mut vm = Vm::new(
-        args.mem_mib << 20,
-        match args.guest {
-            Guest::Kvstore => vmm::vm::GUEST_IMAGE,
-            Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
-        },
-    )
-    .context("creating the VM")?;
+    let image = match args.guest {
+        Guest::Kvstore => vmm::vm::GUEST_IMAGE,
+        Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
+    };
+    let mut vm = Vm::new(args.mem_mib << 20, image).context("creating the VM")?;
+    let base = vmm::join::base_path(&args.journal);
+    let (first_exit, first_seq, clock) = if base.exists() {
+        let dev = load_base(&base, &mut vm, args.mem_mib, image)
+            .with_context(|| format!("the journal's base {}", base.display()))?;
+        tracing::info!(
+            "loaded the joined state from {} (exit {}); replaying the journal from entry {}",
+            base.display(),
+            dev.exit,
+            dev.next_seq
+        );
+        (dev.exit + 1, dev.next_seq, dev.last_clock_ns)
+    } else {
+        (1, 1, 0)
+    };
     let journal = JournalSource::open(&args.journal)
-        .with_context(|| format!("journal {}", args.journal.display()))?;
-    let mut replayer = Replayer::new(journal, Duration::from_millis(1));
+        .with_context(|| format!("journal {}", args.journal.display()))?
+        .starting_at(first_seq);
+    let mut replayer = Replayer::new(journal, Duration::from_millis(1)).with_clock(clock);
     let started = Instant::now();
-    let result = engine::run(&mut vm, &mut replayer, 1);
+    let result = engine::run(&mut vm, &mut replayer, first_exit);
     // A journal that ends without a logged shutdown replays to its last entry.
     let result = match result {
         Err(EngineError::LogEnded { exit, .. }) => Ok(RunSummary {
@@ -924,4 +950,33 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
     summary.outputs_checked = replayer.outputs_checked();
     summary.entries_received = replayer.entries();
     conclude(&args.json, summary, result)
+}
+
+/// Loads a joined backup's base (its state stream, as received) into the fresh `vm`.
+fn load_base(
+    path: &std::path::Path,
+    vm: &mut Vm,
+    mem_mib: usize,
+    image: &[u8],
+) -> anyhow::Result<vmm::join::DeviceState> {
+    use vmm::migrate::stream::{Chunk, ChunkReader};
+    let open = || -> anyhow::Result<_> {
+        Ok(ChunkReader::new(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(path)?,
+        )))
+    };
+    // The pair and epoch are the base's own; the image and memory size must be ours.
+    let session = match open()?.next_chunk()? {
+        Chunk::Header(h) => h.session,
+        other => bail!("starts with {}, not a header", other.kind().name()),
+    };
+    let expect = vmm::migrate::sink::Expect {
+        mem_size: (mem_mib << 20) as u64,
+        image_digest: vmm::migrate::image_digest(image),
+        session,
+        min_epoch: 0,
+    };
+    let restored = vmm::migrate::sink::restore(&mut open()?, vm, &expect)?;
+    Ok(vmm::join::DeviceState::decode(&restored.device)?)
 }

@@ -185,7 +185,8 @@ fn client_ok(out: Output) -> serde_json::Value {
 fn a_joined_backup_follows_and_takes_over_after_sigkill_of_the_primary() {
     let mut pair = primary("takeover");
     let client = pair.client(4_000, "a");
-    let (mut backup, joined) = pair.joiner("b1", &[]);
+    let journal = pair.dir.path().join("b1.journal");
+    let (mut backup, joined) = pair.joiner("b1", &[s("--journal"), journal.display().to_string()]);
     assert!(
         joined,
         "the backup joined:\n{}\n{}",
@@ -217,6 +218,27 @@ fn a_joined_backup_follows_and_takes_over_after_sigkill_of_the_primary() {
         "{b}"
     );
     assert_eq!(b["divergence"], serde_json::Value::Null, "{b}");
+    // Its journal starts from the state it joined with and replays to the same guest.
+    let replay_json = pair.dir.path().join("replay.json");
+    let out = Command::new(FTVM)
+        .args([
+            "replay",
+            "--journal",
+            &journal.display().to_string(),
+            "--json",
+            &replay_json.display().to_string(),
+        ])
+        .output()
+        .expect("ftvm replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&replay_json).expect("replay.json")).expect("json");
+    assert_eq!(r["memory_hash"], b["memory_hash"], "replay {r}\nbackup {b}");
+    assert_eq!(r["divergence"], serde_json::Value::Null, "{r}");
 }
 
 #[test]

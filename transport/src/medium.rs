@@ -443,6 +443,8 @@ enum End {
 struct Devices {
     #[cfg(feature = "dpdk")]
     dpdk_port: Option<dpdk_sys::Port>,
+    /// A shared ring made ahead ([`Listener::prepare`]) for the next primary.
+    shm_ring: Option<shm::PreparedRing>,
 }
 
 impl Devices {
@@ -479,15 +481,15 @@ fn set_up(
     role: Role,
     config: ChannelConfig,
 ) -> Result<End, ChannelError> {
-    let _ = &devices;
     Ok(match (medium, stream, role) {
         (Medium::Shm { .. }, Stream::Unix(s), Role::Primary) => End::Primary(map_primary(
             shm::primary_on(s, config)?,
             AnyPrimaryLink::Shm,
         )),
-        (Medium::Shm { .. }, Stream::Unix(s), Role::Backup) => {
-            End::Backup(map_backup(shm::backup_on(s, config)?, AnyBackupLink::Shm))
-        }
+        (Medium::Shm { .. }, Stream::Unix(s), Role::Backup) => End::Backup(map_backup(
+            shm::backup_on_prepared(s, config, devices.shm_ring.take())?,
+            AnyBackupLink::Shm,
+        )),
         (Medium::Tcp { .. }, Stream::Tcp(s), Role::Primary) => End::Primary(map_primary(
             tcp::primary_on(s, config)?,
             AnyPrimaryLink::Tcp,
@@ -678,6 +680,17 @@ impl Listener {
     /// The medium, with the bound address (what a peer dials).
     pub fn medium(&self) -> Medium {
         self.medium.clone().with_address(self.local_addr())
+    }
+
+    /// Makes ahead what this side's end of a channel with `config` needs, so that the set-up
+    /// after a peer dials is only the handshake: for shared memory (as the backup), the ring
+    /// and its mapping. Other media have nothing to make ahead (their devices open in
+    /// [`Listener::bind`]).
+    pub fn prepare(&mut self, config: &ChannelConfig) -> Result<(), ChannelError> {
+        if let Medium::Shm { .. } = self.medium {
+            self.devices.shm_ring = Some(shm::PreparedRing::create(config)?);
+        }
+        Ok(())
     }
 
     /// How many connections were refused so far (failed handshakes or set-ups).

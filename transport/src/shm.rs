@@ -4,8 +4,9 @@
 //! baseline for the other media (a cache-line round trip between two cores).
 //!
 //! Set-up runs over a Unix stream socket the backup listens on: the handshake first, and only
-//! then does the backup create the mapping (`/dev/shm/ftvm-…`, mode 0600) and tell the
-//! authenticated primary its path. Once the primary has mapped it, the backup unlinks the file,
+//! then does the backup tell the authenticated primary the path of the mapping
+//! (`/dev/shm/ftvm-…`, mode 0600, under a random name), which it creates then or made ahead
+//! ([`PreparedRing`]). Once the primary has mapped it, the backup unlinks the file,
 //! so no third process can attach later. The socket stays open: its end-of-file is how each side
 //! learns at once that the other process died; heartbeats cover a hung peer.
 //!
@@ -88,21 +89,25 @@ pub fn accept(
     backup_on(stream, config)
 }
 
-/// The backup's channel end over a connected control socket, whichever side dialed:
-/// authenticates the primary, creates the shared ring for it.
-pub fn backup_on(
-    mut stream: UnixStream,
-    config: ChannelConfig,
-) -> Result<Backup<ShmBackupLink>, ChannelError> {
-    config.validate()?;
-    control::prepare(&stream, config.handshake_timeout)?;
-    let hello =
-        handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Shm))?;
+/// A backup's shared ring made ahead of a primary's connection: creating and faulting in the
+/// mapping (a 4 MiB ring: 3-7 ms on our hosts, most of a channel's set-up) is then off the
+/// path between the primary's dial and the first frame (a join's pause). The file is mode
+/// 0600 under a random name, told only to an authenticated primary, and unlinked once that
+/// primary has mapped it (or when this value is dropped unused).
+#[derive(Debug)]
+pub struct PreparedRing {
+    path: PathBuf,
+    capacity: usize,
+    control: Control,
+    consumer: Consumer<Arc<SharedRegion>>,
+}
 
-    let capacity = config.ring_capacity;
-    let ctrl = control_offset(capacity);
-    // The primary is authenticated: if the shared ring cannot be made, it is told why.
-    let set_up = || -> Result<_, ChannelError> {
+impl PreparedRing {
+    /// Creates, formats and maps a ring of `config.ring_capacity`.
+    pub fn create(config: &ChannelConfig) -> Result<Self, ChannelError> {
+        config.validate()?;
+        let capacity = config.ring_capacity;
+        let ctrl = control_offset(capacity);
         let mut suffix = [0u8; 8];
         getrandom::getrandom(&mut suffix).map_err(|e| {
             ChannelError::io("naming the ring", std::io::Error::other(e.to_string()))
@@ -122,10 +127,48 @@ pub fn backup_on(
         ring::format(&region, capacity)?;
         let region = Arc::new(region);
         let control = Control::new(region.clone(), ctrl)?;
-        let consumer = Consumer::attach(region.clone())?;
-        Ok((path, control, consumer))
+        let consumer = Consumer::attach(region)?;
+        Ok(PreparedRing {
+            path,
+            capacity,
+            control,
+            consumer,
+        })
+    }
+}
+
+/// The backup's channel end over a connected control socket, whichever side dialed:
+/// authenticates the primary, creates the shared ring for it.
+pub fn backup_on(
+    stream: UnixStream,
+    config: ChannelConfig,
+) -> Result<Backup<ShmBackupLink>, ChannelError> {
+    backup_on_prepared(stream, config, None)
+}
+
+/// [`backup_on`] with a ring made ahead ([`PreparedRing`]); one of another capacity than
+/// `config`'s is dropped and a new one made.
+pub fn backup_on_prepared(
+    mut stream: UnixStream,
+    config: ChannelConfig,
+    prepared: Option<PreparedRing>,
+) -> Result<Backup<ShmBackupLink>, ChannelError> {
+    config.validate()?;
+    control::prepare(&stream, config.handshake_timeout)?;
+    let hello =
+        handshake::backup_authenticate(&mut stream, &config.session_params(MediumKind::Shm))?;
+
+    // The primary is authenticated: if the shared ring cannot be made, it is told why.
+    let ring = match prepared.filter(|r| r.capacity == config.ring_capacity) {
+        Some(ring) => Ok(ring),
+        None => PreparedRing::create(&config),
     };
-    let (path, control, consumer) = match set_up() {
+    let PreparedRing {
+        path,
+        control,
+        consumer,
+        ..
+    } = match ring {
         Ok(parts) => parts,
         Err(e) => {
             let _ = handshake::backup_refuse_medium(&mut stream, &e.to_string());

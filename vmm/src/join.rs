@@ -721,11 +721,13 @@ impl Worker {
             }
         }
         report.verdict_ms = paused.elapsed().as_secs_f64() * 1e3 - report.finish_ms;
+        tracing::debug!("join: verdict received, dialing the joiner's medium");
         // The log goes on over the joiner's medium from the switch-over on.
         let mut cfg = s.channel.clone();
         cfg.epoch = epoch;
         let medium = s.medium.clone().with_address(request.address.clone());
         let p = transport::medium::dial_primary(&medium, cfg)?;
+        tracing::debug!("join: channel up");
         if p.last_seq() + 1 != h.device.next_seq {
             return Err(JoinError::Other(format!(
                 "the joiner expects entry {}, the log is at {}",
@@ -739,9 +741,47 @@ impl Worker {
     }
 }
 
+/// Copies everything read through it to a file: the joiner keeps the state stream as its
+/// journal's base ([`base_path`]).
+struct Tee<R> {
+    inner: R,
+    copy: Option<BufWriter<std::fs::File>>,
+}
+
+impl<R> Tee<R> {
+    /// Writes the copy out to its file (no fsync: like the journal, a record to check
+    /// against, not a durable store).
+    fn finish(&mut self) -> std::io::Result<()> {
+        match self.copy.take() {
+            Some(mut c) => c.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(c) = &mut self.copy {
+            c.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+}
+
+/// Where a joined backup keeps the state it joined with, next to its journal `journal`: the
+/// state stream as received (MIGRATION.md), from which `ftvm replay` starts before it
+/// replays the journal.
+pub fn base_path(journal: &std::path::Path) -> PathBuf {
+    let mut p = journal.as_os_str().to_owned();
+    p.push(".base");
+    PathBuf::from(p)
+}
+
 /// The joiner's side: dials `addr`, asks to join with `request` (its image, memory size and
 /// medium address), loads the primary's state into `vm` (fresh, of that image and size) and
-/// answers with its verdict. On success the caller accepts the primary's channel on its
+/// answers with its verdict; with `keep`, the state stream is also written there (removed
+/// again if the join fails). On success the caller accepts the primary's channel on its
 /// medium listener, expecting the log from the returned state's `next_seq`, and replays from
 /// exit `exit + 1`.
 pub fn join(
@@ -749,6 +789,21 @@ pub fn join(
     channel: &ChannelConfig,
     request: &JoinRequest,
     vm: &mut Vm,
+    keep: Option<&std::path::Path>,
+) -> Result<(DeviceState, Restored), JoinError> {
+    let r = join_keeping(addr, channel, request, vm, keep);
+    if let (Err(_), Some(path)) = (&r, keep) {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+fn join_keeping(
+    addr: &JoinAddr,
+    channel: &ChannelConfig,
+    request: &JoinRequest,
+    vm: &mut Vm,
+    keep: Option<&std::path::Path>,
 ) -> Result<(DeviceState, Restored), JoinError> {
     let conn = match addr {
         JoinAddr::Tcp(a) => Conn::Tcp(transport::control::dial(
@@ -775,7 +830,17 @@ pub fn join(
         session: channel.session_id,
         min_epoch: channel.epoch,
     };
-    let mut r = ChunkReader::new(BufReader::with_capacity(1 << 20, conn));
+    let source = Tee {
+        inner: conn,
+        copy: match keep {
+            None => None,
+            Some(path) => Some(BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(path).map_err(io("creating the journal's base"))?,
+            )),
+        },
+    };
+    let mut r = ChunkReader::new(BufReader::with_capacity(1 << 20, source));
     let mut w = ChunkWriter::new(writer);
     let restored = match restore_with(&mut r, vm, &expect, &mut |round, pages| {
         // Each round loaded: the primary waits for the last one before it stops its guest.
@@ -793,7 +858,13 @@ pub fn join(
         }
     };
     let device = DeviceState::decode(&restored.device)?;
+    // The base is complete (its END was read): on disk before the joiner may go live.
+    r.get_mut()
+        .get_mut()
+        .finish()
+        .map_err(io("writing the journal's base"))?;
     w.verdict(true, restored.pages_digest, restored.registers_digest)?;
     w.flush()?;
+    tracing::debug!("join: verdict sent");
     Ok((device, restored))
 }

@@ -177,6 +177,13 @@ impl JournalSource {
         })
     }
 
+    /// A journal whose first entry is `seq` (a backup that joined a running primary journals
+    /// from the first entry after the state it joined with).
+    pub fn starting_at(mut self, seq: u64) -> Self {
+        self.expected = seq.max(1);
+        self
+    }
+
     /// Checks the frame at `at`.
     fn check(&mut self) -> Result<(), ChannelError> {
         let rest = &self.bytes[self.at..];
