@@ -861,7 +861,12 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<NodeSummary> {
             let t0 = Instant::now();
             let base = args.journal.as_deref().map(vmm::join::base_path);
             let (dev, restored) = vmm::join::join(addr, &cfg, &request, &mut vm, base.as_deref())
-                .with_context(|| format!("joining the primary at {addr}"))?;
+                .with_context(|| {
+                format!(
+                    "joining the primary at {addr} (no complete state: this backup does not \
+                         start)"
+                )
+            })?;
             let transfer_ms = t0.elapsed().as_secs_f64() * 1e3;
             tracing::info!(
                 "joined at exit {}: {} rounds, {:.1} MiB in {transfer_ms:.0} ms, digests equal; \

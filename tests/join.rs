@@ -7,6 +7,9 @@
 //!   (the reason names both), a second joiner while the pair is protected.
 //! - A corrupted chunk (a relay that flips a byte): the joiner refuses to start, the primary
 //!   serves on unprotected, and a later join succeeds.
+//! - The joiner SIGKILLed mid-transfer: the primary never stopped its guest for it, and a later
+//!   join succeeds; the primary SIGKILLed mid-transfer: the joiner fails clearly and never goes
+//!   live.
 //!
 //! Needs /dev/kvm.
 
@@ -36,6 +39,8 @@ struct Pair {
     primary: Proc,
     join_addr: String,
     primary_json: PathBuf,
+    /// The primary's epoch, from its readiness line.
+    epoch: u64,
 }
 
 fn common_args(p: &Pair, role: &str, key: &Path) -> Vec<String> {
@@ -56,6 +61,11 @@ fn common_args(p: &Pair, role: &str, key: &Path) -> Vec<String> {
 
 /// A primary serving alone through the front, accepting joins on loopback.
 fn primary(name: &str) -> Pair {
+    primary_with(name, &[])
+}
+
+/// [`primary`] with extra arguments.
+fn primary_with(name: &str, extra: &[String]) -> Pair {
     let common::Site {
         dir,
         key,
@@ -69,6 +79,7 @@ fn primary(name: &str) -> Pair {
         front,
         primary_json,
         join_addr: String::new(),
+        epoch: 0,
         // Replaced below.
         primary: Proc::start("true", &[]).0,
         dir,
@@ -84,6 +95,7 @@ fn primary(name: &str) -> Pair {
         s("--json"),
         pair.primary_json.display().to_string(),
     ]);
+    args.extend(extra.iter().cloned());
     let (p, ready) = Proc::start(FTVM, &args);
     let ready = ready.unwrap_or_else(|| panic!("primary did not start:\n{}", p.log()));
     pair.join_addr = ready
@@ -93,7 +105,47 @@ fn primary(name: &str) -> Pair {
         .expect("join address in the readiness line")
         .trim()
         .to_string();
+    pair.epoch = ready
+        .detail
+        .split("epoch ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("epoch in the readiness line {:?}", ready.detail));
     pair.primary = p;
+    pair
+}
+
+/// A primary with `mem_mib` MiB of guest memory, most of it written (FILL requests) before
+/// anyone joins, so that a state transfer takes long enough to be cut in the middle.
+fn filled_primary(name: &str, mem_mib: u64) -> Pair {
+    let pair = primary_with(name, &[s("--mem-mib"), s(mem_mib)]);
+    let out = Command::new(FTVM)
+        .args([
+            "client",
+            "--service",
+            &pair.front.local_addr().to_string(),
+            "--requests",
+            "48",
+            "--fill-percent",
+            "100",
+            "--fill-pages",
+            "1024",
+            "--mem-mib",
+            &s(mem_mib),
+            "--timeout-ms",
+            "30000",
+            "--retry-ms",
+            "1000",
+        ])
+        .output()
+        .expect("fill client");
+    assert!(
+        out.status.success(),
+        "fill client: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     pair
 }
 
@@ -104,6 +156,28 @@ impl Pair {
     }
 
     fn joiner_at(&self, name: &str, addr: &str, key: &Path, extra: &[String]) -> (Proc, bool) {
+        let (p, ready) = Proc::start(FTVM, &self.joiner_args(name, addr, key, extra));
+        let joined = ready.is_some_and(|r| r.detail.contains("joined"));
+        (p, joined)
+    }
+
+    /// Starts a joiner without waiting for it: its readiness (or `None`) arrives on the
+    /// receiver.
+    fn spawn_joiner(
+        &self,
+        name: &str,
+        extra: &[String],
+    ) -> (
+        Proc,
+        std::sync::mpsc::Receiver<Option<common::ready::Ready>>,
+    ) {
+        Proc::spawn(
+            FTVM,
+            &self.joiner_args(name, &self.join_addr, &self.key, extra),
+        )
+    }
+
+    fn joiner_args(&self, name: &str, addr: &str, key: &Path, extra: &[String]) -> Vec<String> {
         let mut args = common_args(self, "backup", key);
         args.extend([
             s("--join"),
@@ -124,9 +198,7 @@ impl Pair {
                 .to_string(),
         ]);
         args.extend(extra.iter().cloned());
-        let (p, ready) = Proc::start(FTVM, &args);
-        let joined = ready.is_some_and(|r| r.detail.contains("joined"));
-        (p, joined)
+        args
     }
 
     fn client(&self, requests: u64, prefix: &str) -> std::process::Child {
@@ -333,6 +405,112 @@ fn a_corrupted_state_stream_is_refused_and_a_later_join_succeeds() {
     assert!(joined, "{}", good.log());
     assert!(pair.primary.wait_for_log("protected again", LONG));
     client_ok(client.wait_with_output().expect("client"));
+}
+
+/// The joiner dies in the middle of the transfer (stopped while the primary copies memory,
+/// then SIGKILLed): the primary drops the transfer without ever stopping its guest, serves on
+/// unprotected, and a later joiner gets the pair protected.
+#[test]
+fn a_joiner_killed_mid_transfer_costs_the_primary_no_pause_and_a_later_join_succeeds() {
+    const MIB: u64 = 64;
+    let mut pair = filled_primary("killjoiner", MIB);
+    let client = pair.client(3_000, "k");
+    let mem = [s("--mem-mib"), s(MIB)];
+    let (mut victim, ready) = pair.spawn_joiner("victim", &mem);
+    assert!(
+        pair.primary.wait_for_log("a backup is joining", LONG),
+        "{}\n{}",
+        pair.primary.log(),
+        victim.log()
+    );
+    victim.signal(libc::SIGSTOP);
+    // Stopped, it takes no more of the stream: the transfer cannot end.
+    assert!(
+        !pair.primary.log().contains("protected again"),
+        "the transfer ended before the joiner was stopped (make the guest's memory larger):\n{}",
+        pair.primary.log()
+    );
+    victim.signal(libc::SIGKILL);
+    assert!(
+        pair.primary.wait_for_log("a join failed", LONG),
+        "{}",
+        pair.primary.log()
+    );
+    assert_eq!(victim.wait(LONG), Some(-1));
+    assert!(
+        !matches!(ready.try_recv(), Ok(Some(_))),
+        "a killed joiner announced itself"
+    );
+    assert!(!pair.primary.log().contains("protected again"));
+    // A later joiner gets the pair protected.
+    let (good, joined) = pair.joiner("good", &mem);
+    assert!(joined, "{}\n{}", good.log(), pair.primary.log());
+    assert!(pair.primary.wait_for_log("protected again", LONG));
+    let c = client_ok(client.wait_with_output().expect("client"));
+    println!("client across a killed and a good join: {c}");
+    pair.primary.signal(libc::SIGTERM);
+    assert_eq!(pair.primary.wait(LONG), Some(0), "{}", pair.primary.log());
+    let p = pair.json("primary");
+    let joins = p["joins"]
+        .as_array()
+        .expect("joins in the primary's summary");
+    assert_eq!(joins.len(), 2, "{p}");
+    assert_eq!(joins[0]["joined"], false, "{p}");
+    assert!(joins[0]["error"].is_string(), "{p}");
+    // The killed join never stopped the guest.
+    assert_eq!(joins[0]["pause_ms"].as_f64(), Some(0.0), "{p}");
+    assert!(
+        joins[0]["bytes"].as_u64().unwrap_or(0) < MIB << 20,
+        "the first join was cut short: {p}"
+    );
+    assert_eq!(joins[1]["joined"], true, "{p}");
+    drop(good);
+}
+
+/// The primary dies in the middle of the transfer (stopped while it copies memory, then
+/// SIGKILLed): the joiner has no complete state, so it exits with an error naming the join,
+/// never announces itself, never takes over and never registers at the front.
+#[test]
+fn a_joiner_whose_primary_dies_mid_transfer_fails_clearly_and_never_goes_live() {
+    const MIB: u64 = 64;
+    let mut pair = filled_primary("killprimary", MIB);
+    let mem = [s("--mem-mib"), s(MIB)];
+    let (mut orphan, ready) = pair.spawn_joiner("orphan", &mem);
+    assert!(
+        pair.primary.wait_for_log("a backup is joining", LONG),
+        "{}\n{}",
+        pair.primary.log(),
+        orphan.log()
+    );
+    pair.primary.signal(libc::SIGSTOP);
+    assert!(
+        !pair.primary.log().contains("protected again"),
+        "the transfer ended before the primary was stopped:\n{}",
+        pair.primary.log()
+    );
+    pair.primary.signal(libc::SIGKILL);
+    assert_eq!(pair.primary.wait(LONG), Some(-1));
+    let code = orphan.wait(LONG);
+    let log = orphan.log();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the joiner exits with an error: {code:?}\n{log}"
+    );
+    assert!(
+        matches!(ready.recv_timeout(LONG), Ok(None) | Err(_)),
+        "a joiner without complete state announced itself:\n{log}"
+    );
+    assert!(
+        log.contains("error: joining the primary") && log.contains("does not start"),
+        "{log}"
+    );
+    assert!(!log.contains("won epoch"), "{log}");
+    assert!(
+        pair.front.registered_at_or_after(pair.epoch + 1).is_none(),
+        "nobody registered at the front after the primary's epoch {}:\n{log}",
+        pair.epoch
+    );
+    println!("the orphaned joiner said:\n{log}");
 }
 
 /// Re-protection after a failure: a pair (primary, backup accepting joins once live) loses its

@@ -43,6 +43,17 @@ impl Proc {
     /// Starts `ftvm ARGS` and waits for its readiness line (`None` if it exited first, with
     /// the process kept for its exit status and log).
     pub fn start(bin: &str, args: &[String]) -> (Proc, Option<ready::Ready>) {
+        let (p, ready) = Proc::spawn(bin, args);
+        let ready = ready.recv().ok().flatten();
+        (p, ready)
+    }
+
+    /// Starts `ftvm ARGS` without waiting: its readiness line (or `None` when its stdout
+    /// closes without one) arrives on the receiver.
+    pub fn spawn(
+        bin: &str,
+        args: &[String],
+    ) -> (Proc, std::sync::mpsc::Receiver<Option<ready::Ready>>) {
         use std::io::{BufRead, BufReader, Read};
         use std::process::{Command, Stdio};
         let mut child = Command::new(bin)
@@ -64,8 +75,9 @@ impl Proc {
             }
         });
         let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
-        let ready = ready::find(&mut reader).expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let _ = tx.send(ready::find(&mut reader).ok().flatten());
             let mut rest = Vec::new();
             let _ = reader.read_to_end(&mut rest);
         });
@@ -74,7 +86,7 @@ impl Proc {
             log,
             log_thread: Some(log_thread),
         };
-        (p, ready)
+        (p, rx)
     }
 
     pub fn pid(&self) -> i32 {

@@ -592,6 +592,10 @@ impl Worker {
                 });
             }
         };
+        tracing::info!(
+            "a backup is joining: copying {} MiB of guest memory while the guest runs",
+            s.mem_size >> 20
+        );
         let mut report = JoinReport::default();
         let r = self.transfer(&mut conn, &request, epoch, &mut report);
         report.total_ms = started.elapsed().as_secs_f64() * 1e3;
