@@ -307,6 +307,79 @@ impl Vm {
         Ok(())
     }
 
+    /// Makes the `count` pages from page `first` zero without touching them: their host
+    /// pages are dropped (`MADV_DONTNEED` on a private anonymous mapping reads back as zeros),
+    /// so a page that was never written costs nothing and a written one is freed. Fails
+    /// (changing nothing) if any page is outside RAM. Only between runs (`&mut self`: the vCPU
+    /// is not in `KVM_RUN`; KVM drops its own mappings of the range through its MMU notifier).
+    pub fn zero_pages(&mut self, first: u64, count: u64) -> Result<(), VmError> {
+        let (gpa, len) = match (
+            first.checked_mul(PAGE_SIZE as u64),
+            count.checked_mul(PAGE_SIZE as u64),
+        ) {
+            (Some(g), Some(l)) => (g, l),
+            _ => {
+                return Err(VmError::OutOfRange {
+                    gpa: u64::MAX,
+                    len: usize::MAX,
+                })
+            }
+        };
+        let len_usize = usize::try_from(len).map_err(|_| VmError::OutOfRange {
+            gpa,
+            len: usize::MAX,
+        })?;
+        self.check_range(gpa, len_usize)?;
+        if len_usize == 0 {
+            return Ok(());
+        }
+        let host =
+            self.mem
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|_| VmError::OutOfRange {
+                    gpa,
+                    len: len_usize,
+                })?;
+        // SAFETY: `host..host + len` lies inside the VM's one private anonymous mapping
+        // (checked against `mem_size` above; RAM is a single region from guest physical 0), and
+        // page-aligned (`gpa` is a multiple of the page size, the mapping starts on a page).
+        // Dropping those pages is the point: they read back as zeros. Nothing holds a Rust
+        // reference into guest memory (vm-memory accesses it through volatile slices), and the
+        // vCPU is not running (`&mut self`).
+        let rc = unsafe { libc::madvise(host.cast(), len_usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            // Not expected on an anonymous mapping; write the zeros instead.
+            let zero = [0u8; PAGE_SIZE];
+            for p in 0..count {
+                self.write_bytes(gpa + p * PAGE_SIZE as u64, &zero)?;
+            }
+            return Ok(());
+        }
+        self.host_dirty.mark(gpa, len_usize);
+        Ok(())
+    }
+
+    /// Faults in all of guest RAM, writable, keeping its contents (`MADV_POPULATE_WRITE`):
+    /// a backup that is about to take a running guest's state does it before it connects, so
+    /// the transfer copies into memory that is there rather than allocating it page by page
+    /// while the primary waits (on nested hosts first-touching memory dominates a transfer).
+    /// Best effort: an error (an older kernel) leaves memory as it was.
+    pub fn prefault(&self) -> std::io::Result<()> {
+        for region in self.mem.iter() {
+            let ptr = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // SAFETY: `ptr..ptr + len` is the region's own live mapping; populating it only
+            // allocates its pages, contents unchanged.
+            let rc =
+                unsafe { libc::madvise(ptr.cast(), region.len() as usize, MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Reads a little-endian `u32` at `gpa`.
     pub fn read_u32(&self, gpa: u64) -> Result<u32, VmError> {
         let mut b = [0; 4];
@@ -693,6 +766,9 @@ fn classify(exit: VcpuExit<'_>) -> VmExit {
         other => VmExit::Other(format!("{other:?}")),
     }
 }
+
+/// `madvise` advice: populate (prefault) page tables writable (Linux 5.14).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 fn write_mem(mem: &GuestMemoryMmap, gpa: u64, data: &[u8]) -> Result<(), VmError> {
     mem.write_slice(data, GuestAddress(gpa))

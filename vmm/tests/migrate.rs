@@ -283,3 +283,39 @@ fn a_corrupted_truncated_or_foreign_stream_is_refused() {
     let msg = load(&stream, &other).expect_err("other pair").to_string();
     assert!(msg.contains("77") && msg.contains('5'), "{msg}");
 }
+
+/// `Vm::zero_pages` (how a ZEROS chunk is loaded) leaves zeros where data was, touches nothing
+/// else, and refuses a range past the end.
+#[test]
+fn zeroed_pages_read_back_as_zeros_and_out_of_range_is_refused() -> Result<(), vmm::vm::VmError> {
+    const MEM: usize = 16 << 20;
+    const PAGE: u64 = 4096;
+    let fresh = Vm::new(MEM, GUEST_IMAGE)?;
+    let mut vm = Vm::new(MEM, GUEST_IMAGE)?;
+    vm.prefault().expect("prefault");
+    assert_eq!(
+        vm.memory_hash(),
+        fresh.memory_hash(),
+        "prefault changes nothing"
+    );
+    let first = 1000u64;
+    vm.write_bytes(first * PAGE, &vec![0xa5; 3 * PAGE as usize])?;
+    vm.write_bytes((first + 3) * PAGE, &[0x5a; 16])?;
+    vm.zero_pages(first, 3)?;
+    let mut buf = vec![0xffu8; 3 * PAGE as usize];
+    vm.read_bytes(first * PAGE, &mut buf)?;
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "zeroed pages read back as zeros"
+    );
+    let mut next = [0u8; 16];
+    vm.read_bytes((first + 3) * PAGE, &mut next)?;
+    assert_eq!(next, [0x5a; 16], "the page after the range is untouched");
+    vm.zero_pages(first + 3, 1)?;
+    assert_eq!(vm.memory_hash(), fresh.memory_hash());
+    let pages = (MEM as u64) / PAGE;
+    assert!(vm.zero_pages(pages - 1, 2).is_err());
+    assert!(vm.zero_pages(u64::MAX / 2, 1).is_err());
+    vm.zero_pages(pages - 1, 1)?;
+    Ok(())
+}

@@ -78,12 +78,12 @@ pub fn restore_with<R: Read>(
             what: format!("pages {first}+{count} outside the guest's {pages_total}"),
         }),
     };
-    let zero = vec![0u8; PAGE_SIZE];
-    let zero_hash = xxhash_rust::xxh3::xxh3_64(&zero);
-    // The hash of every page as it now is: of the fresh VM first, then of each page as it is
-    // written, so the digest at the end needs no second pass over memory (the primary's guest
-    // is stopped while we check).
-    let mut hashes = vm.page_hashes();
+    let zero_hash = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]);
+    // The hash of every page as the stream wrote it, so the digest at the end needs no pass
+    // over memory (the primary's guest is stopped while we check). Round 0 covers every page;
+    // one the stream left alone is hashed from memory at the end.
+    let mut hashes = vec![0u64; pages_total as usize];
+    let mut covered = vec![false; pages_total as usize];
     let mut index = 1u64;
     let mut pages = 0u64;
     let mut rounds = 0u32;
@@ -95,14 +95,17 @@ pub fn restore_with<R: Read>(
                 vm.write_bytes(first * PAGE_SIZE as u64, data)?;
                 for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
                     hashes[first as usize + i] = xxhash_rust::xxh3::xxh3_64(page);
+                    covered[first as usize + i] = true;
                 }
                 pages += n;
             }
             Chunk::Zeros { first, count } => {
                 in_range(index, Kind::Zeros, first, u64::from(count))?;
+                // Dropped, not written: a fresh VM's untouched page is never faulted in.
+                vm.zero_pages(first, u64::from(count))?;
                 for p in first..first + u64::from(count) {
-                    vm.write_bytes(p * PAGE_SIZE as u64, &zero)?;
                     hashes[p as usize] = zero_hash;
+                    covered[p as usize] = true;
                 }
                 pages += u64::from(count);
             }
@@ -139,6 +142,11 @@ pub fn restore_with<R: Read>(
             ours: ours_regs,
             theirs: theirs_regs,
         });
+    }
+    let mut page = vec![0u8; PAGE_SIZE];
+    for (p, _) in covered.iter().enumerate().filter(|(_, c)| !**c) {
+        vm.read_bytes((p * PAGE_SIZE) as u64, &mut page)?;
+        hashes[p] = xxhash_rust::xxh3::xxh3_64(&page);
     }
     let ours_pages = crate::vm::pages_digest(&hashes);
     if ours_pages != theirs_pages {
