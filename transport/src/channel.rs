@@ -916,12 +916,35 @@ pub struct Primary<L: PrimaryLink> {
     config: ChannelConfig,
 }
 
+/// A primary end's local log ring made ahead of time ([`prepare_primary_ring`]).
+static SPARE_RING: Mutex<Option<(usize, ring::HeapRing)>> = Mutex::new(None);
+
+/// Makes the local log ring the next [`Primary::new`] with this `capacity` takes, so that
+/// its allocation (every page touched: about 3 ms for 4 MiB on a nested host) is not spent
+/// while a caller waits for the channel — a primary whose guest is stopped for a joining
+/// backup makes it while the backup is still copying memory. One spare per process; a newer
+/// one replaces it.
+pub fn prepare_primary_ring(capacity: usize) -> Result<(), ChannelError> {
+    let ring = ring::heap(capacity)?;
+    *SPARE_RING.lock().unwrap_or_else(|e| e.into_inner()) = Some((capacity, ring));
+    Ok(())
+}
+
+/// The spare ring if it has `capacity`, else a new one.
+fn primary_ring(capacity: usize) -> Result<ring::HeapRing, ChannelError> {
+    let spare = SPARE_RING.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match spare {
+        Some((c, ring)) if c == capacity => Ok(ring),
+        _ => Ok(ring::heap(capacity)?),
+    }
+}
+
 impl<L: PrimaryLink> Primary<L> {
     /// Builds the primary's end over a connected, authenticated link. `resume_seq` is the
     /// sequence number the backup expects next (1 for a new log).
     pub fn new(link: L, config: ChannelConfig, resume_seq: u64) -> Result<Self, ChannelError> {
         config.validate()?;
-        let (producer, consumer) = ring::heap(config.ring_capacity)?;
+        let (producer, consumer) = primary_ring(config.ring_capacity)?;
         let shared = Arc::new(PrimaryShared::default());
         let resume_seq = resume_seq.max(1);
         shared.acked.store(resume_seq - 1, Ordering::Relaxed);

@@ -692,6 +692,10 @@ impl Worker {
                 }
             }
         }
+        // The log channel's local ring is made now, not with the guest stopped.
+        let mut cfg = s.channel.clone();
+        cfg.epoch = epoch;
+        transport::channel::prepare_primary_ring(cfg.ring_capacity)?;
         // Stop the guest at its next exit boundary and take its state.
         self.shared.pause.store(true, Ordering::Release);
         let h = self
@@ -727,8 +731,6 @@ impl Worker {
         report.verdict_ms = paused.elapsed().as_secs_f64() * 1e3 - report.finish_ms;
         tracing::debug!("join: verdict received, dialing the joiner's medium");
         // The log goes on over the joiner's medium from the switch-over on.
-        let mut cfg = s.channel.clone();
-        cfg.epoch = epoch;
         let medium = s.medium.clone().with_address(request.address.clone());
         let p = transport::medium::dial_primary(&medium, cfg)?;
         tracing::debug!("join: channel up");
