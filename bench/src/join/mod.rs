@@ -525,8 +525,13 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     );
     let rate = cal.throughput.max(100.0);
     eprintln!(
-        "bench join: {mem_mib} MiB guest, primary up (joins at {}), latency client {rate:.0} req/s",
-        run.join_addr
+        "bench join: {mem_mib} MiB guest, primary up (joins at {}), latency client {rate:.0} req/s{}",
+        run.join_addr,
+        if args.keep {
+            format!("; logs kept in {}", run.site.dir.display())
+        } else {
+            String::new()
+        }
     );
     let link = match args.join_addr {
         JoinLink::Unix => bulk::Link::Unix(run.site.path("bulk.sock")),
@@ -661,8 +666,9 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
             }
         };
         // Lose the joined backup; the primary must see it and serve on in a new epoch.
-        joiner.kill()?;
         let killed = Instant::now();
+        joiner.kill()?;
+        let _ = std::fs::write(run.site.path(&format!("{name}.log")), joiner.log());
         let lost = run
             .primary
             .wait_for_count(&["continuing unreplicated"], i as usize + 1, step);
@@ -698,6 +704,9 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     let code = run.primary.wait(step)?;
     run.front.signal(libc::SIGTERM)?;
     let _ = run.front.wait(Duration::from_secs(5));
+    for (name, p) in [("primary", &run.primary), ("front", &run.front)] {
+        let _ = std::fs::write(run.site.path(&format!("{name}.log")), p.log());
+    }
     let json_path = run.site.path("primary.json");
     let bytes = std::fs::read(&json_path).with_context(|| {
         format!(
