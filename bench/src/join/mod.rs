@@ -196,6 +196,7 @@ struct ClientReport {
     first_error: Option<String>,
     aborted: bool,
     throughput: f64,
+    seconds: f64,
     acknowledged_lost: u64,
     max_response_ms: f64,
 }
@@ -364,7 +365,7 @@ impl Run<'_> {
             s("--requests"),
             s(requests),
             s("--keys"),
-            s(40),
+            s(if fill { FILL_KEYS } else { LATENCY_KEYS }),
             s("--key-prefix"),
             s(prefix),
             s("--timeout-ms"),
@@ -413,6 +414,11 @@ impl Run<'_> {
                 );
             }
         }
+        ensure!(
+            self.fill_runs < MAX_FILL_RUNS,
+            "the fill client failed {} times; stopping",
+            self.fill_failures
+        );
         self.fill_runs += 1;
         let args = self.client_args(100_000_000, &format!("fill{}", self.fill_runs), true);
         self.fill = Some(Proc::spawn("fill client", &self.ftvm, &args)?);
@@ -504,6 +510,16 @@ fn start_run<'a>(args: &'a JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Resul
     Ok(run)
 }
 
+/// Keys per latency client, each client its own (`latN-K`): the guest's key-value table has
+/// 256 slots and no deletions, so every client's keys stay for the primary's whole run.
+const LATENCY_KEYS: u32 = 3;
+/// Keys of a fill client run (only its non-FILL requests use them).
+const FILL_KEYS: u32 = 4;
+/// Fill client runs per primary (one, restarted if it fails).
+const MAX_FILL_RUNS: u64 = 3;
+/// Keys the bench may use in one primary's run, below the guest's 256 slots.
+const KEY_BUDGET: u32 = 240;
+
 /// The log lines that say a join ended without protection.
 const JOIN_FAILED: [&str; 3] = [
     "a join failed",
@@ -513,6 +529,14 @@ const JOIN_FAILED: [&str; 3] = [
 
 /// One size: every join, then the primary stopped and its summary read.
 fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRow> {
+    let n = args.warmup + args.joins;
+    // The calibration client and one per join; fill client runs are checked as they start.
+    let keys = (n + 1) * LATENCY_KEYS + MAX_FILL_RUNS as u32 * FILL_KEYS;
+    ensure!(
+        keys <= KEY_BUDGET,
+        "{n} joins need {keys} distinct keys in the guest's 256-slot table (no deletions) for          their latency clients; at most {} joins per size",
+        (KEY_BUDGET - MAX_FILL_RUNS as u32 * FILL_KEYS) / LATENCY_KEYS - 1
+    );
     let mut run = start_run(args, ftvm, mem_mib)?;
     let step = args.step();
     run.keep_filling()?;
@@ -523,7 +547,7 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         "the calibration client saw errors: {:?}",
         cal.first_error
     );
-    let rate = cal.throughput.max(100.0);
+    let mut rate = cal.throughput.max(50.0);
     eprintln!(
         "bench join: {mem_mib} MiB guest, primary up (joins at {}), latency client {rate:.0} req/s{}",
         run.join_addr,
@@ -539,7 +563,6 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     };
     let mut expected_s = (stats::total_target_ms(mem_mib) / 1e3).max(0.5);
     let mut seen = Vec::new();
-    let n = args.warmup + args.joins;
     for i in 0..n {
         run.keep_filling()?;
         let raw = bulk::copy(
@@ -551,12 +574,6 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         )
         .context("raw bulk copy")?;
         let raw_mib_s = raw.bytes_per_sec() / f64::from(1 << 20);
-        let requests = ((rate * (2.0 * expected_s + 1.0)) as u64).clamp(500, 5_000_000);
-        let mut client = Proc::spawn(
-            "latency client",
-            ftvm,
-            &run.client_args(requests, &format!("lat{i}"), false),
-        )?;
         let failed_before: usize = JOIN_FAILED
             .iter()
             .map(|w| run.primary.count_in_log(w))
@@ -579,6 +596,15 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         ]);
         let t0 = Instant::now();
         let mut joiner = Proc::spawn(&name, ftvm, &jargs)?;
+        // The latency client starts once the joiner has its VM and dials the primary (its
+        // process start-up is not part of the join), and runs on past the expected join.
+        let _ = joiner.wait_for_count(&["joining the primary"], 1, step);
+        let requests = ((rate * (1.5 * expected_s + 0.5)) as u64).clamp(200, 5_000_000);
+        let mut client = Proc::spawn(
+            "latency client",
+            ftvm,
+            &run.client_args(requests, &format!("lat{i}"), false),
+        )?;
         // Protected again, and the join service's own line with its numbers (either order).
         let deadline = Instant::now() + step;
         let outcome = loop {
@@ -665,6 +691,20 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
                 }
             }
         };
+        if c.errors() > 0 {
+            let _ = std::fs::write(
+                run.site.path(&format!("lat{i}.out")),
+                format!("{}\n--- log ---\n{}", client.stdout(), client.log()),
+            );
+            eprintln!(
+                "  latency client {i}: {} errors, first: {}",
+                c.errors(),
+                c.first_error.as_deref().unwrap_or("-")
+            );
+        }
+        if c.seconds > 0.0 && c.requests > 0 {
+            rate = (c.requests as f64 / c.seconds).max(50.0);
+        }
         // Lose the joined backup; the primary must see it and serve on in a new epoch.
         let killed = Instant::now();
         joiner.kill()?;
