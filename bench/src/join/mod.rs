@@ -88,6 +88,10 @@ pub struct JoinArgs {
     /// Longest wait for any one step (a process ready, a join, a loss seen), seconds.
     #[arg(long, default_value_t = 120)]
     step_timeout_s: u64,
+    /// The replicas' heartbeat timeout, ms. The tests' 300 ms made a joined 1 GiB backup under
+    /// the fill load take over from a live primary (300 ms without a heartbeat).
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_timeout_ms: u64,
     /// Keep each size's scratch directory (logs, JSON summaries) instead of removing it.
     #[arg(long)]
     keep: bool,
@@ -347,7 +351,7 @@ impl Run<'_> {
             s("--front"),
             self.front_addr.clone(),
             s("--heartbeat-timeout-ms"),
-            s(300),
+            s(self.args.heartbeat_timeout_ms),
             s("--name"),
             s(name),
             s("--mem-mib"),
@@ -709,6 +713,16 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
             rate = (c.requests as f64 / c.seconds).max(50.0);
         }
         // Lose the joined backup; the primary must see it and serve on in a new epoch.
+        if joiner.count_in_log("won epoch") > 0 {
+            run.site.keep = true;
+            let _ = std::fs::write(run.site.path(&format!("{name}.log")), joiner.log());
+            bail!(
+                "joined backup {name} took over from the live primary before the bench killed it \
+                 (a false failover; the primary is deposed); logs in {}\n--- {name} log (last 10 lines) ---\n{}",
+                run.site.dir.display(),
+                tail(&joiner.log(), 10)
+            );
+        }
         let killed = Instant::now();
         joiner.kill()?;
         let _ = std::fs::write(run.site.path(&format!("{name}.log")), joiner.log());
