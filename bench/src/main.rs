@@ -1,10 +1,13 @@
 //! ftvm's benchmark harness.
 //!
 //! `bench ring` measures the log ring between two pinned threads (records/s, GB/s);
-//! `bench commit` measures output-commit latency per medium next to the raw medium's ping-pong.
+//! `bench commit` measures output-commit latency per medium next to the raw medium's ping-pong;
+//! `bench join` drives real `ftvm` processes: backups joining a primary under load, per guest
+//! memory size, next to the raw bandwidth of the join stream's medium.
 //! Results print as a table; `--json PATH` writes them for plots and reports.
 
 mod commit;
+mod join;
 mod pin;
 mod raw;
 mod report;
@@ -28,6 +31,9 @@ enum Command {
     Commit(commit::CommitArgs),
     /// Entries per second through the channel with batching.
     Throughput(throughput::ThroughputArgs),
+    /// Backups joining a running primary under load (real `ftvm` processes): pause and time to
+    /// protected per guest memory size, next to the join stream medium's raw bandwidth.
+    Join(join::JoinArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ring(args) => ring::run(&args),
         Command::Commit(args) => commit::run(&args),
         Command::Throughput(args) => throughput::run(&args),
+        Command::Join(args) => join::run(&args),
     };
     // DPDK media leave memif sockets and the EAL's runtime directory behind otherwise.
     #[cfg(feature = "dpdk")]

@@ -136,3 +136,152 @@ pub fn write_svg(path: &Path, title: &str, groups: &[Bars]) -> anyhow::Result<()
     svg.push_str("</svg>\n");
     std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
 }
+
+/// One line of [`write_lines_svg`]: points (x, y) joined in x order.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub color: String,
+    pub points: Vec<(f64, f64)>,
+    pub dashed: bool,
+}
+
+impl Series {
+    pub fn new(name: &str, color: &str, points: Vec<(f64, f64)>) -> Series {
+        Series {
+            name: name.into(),
+            color: color.into(),
+            points,
+            dashed: false,
+        }
+    }
+
+    /// Drawn dashed, without point marks (a target, say).
+    pub fn dashed(mut self) -> Series {
+        self.dashed = true;
+        self
+    }
+}
+
+/// Writes a line chart with both axes logarithmic (x: base 2, y in ms: base 10): one line per
+/// series, its values printed at the points. Non-finite or non-positive points are left out.
+pub fn write_lines_svg(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    create_parent(path)?;
+    let (w, h, left, right, bottom, top) = (760.0, 460.0, 80.0, 170.0, 60.0, 50.0);
+    let ok = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && x > 0.0 && y > 0.0;
+    let pts = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().filter(|p| ok(p)))
+    };
+    let (mut x_lo, mut x_hi, mut y_lo, mut y_hi) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts() {
+        x_lo = x_lo.min(x.log2());
+        x_hi = x_hi.max(x.log2());
+        y_lo = y_lo.min(y.log10());
+        y_hi = y_hi.max(y.log10());
+    }
+    if x_lo > x_hi {
+        (x_lo, x_hi, y_lo, y_hi) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let (x_lo, x_hi) = (x_lo.floor() - 0.5, x_hi.ceil() + 0.5);
+    let (y_lo, y_hi) = (y_lo.floor(), y_hi.ceil().max(y_lo.floor() + 1.0));
+    let (plot_w, plot_h) = (w - left - right, h - top - bottom);
+    let px = |x: f64| left + plot_w * (x.log2() - x_lo) / (x_hi - x_lo);
+    let py = |y: f64| top + plot_h * (1.0 - (y.log10() - y_lo) / (y_hi - y_lo));
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="24" text-anchor="middle" font-size="15">{title}</text>
+"#,
+        w / 2.0
+    );
+    let mut d = y_lo;
+    while d <= y_hi {
+        let v = 10f64.powf(d);
+        let y = py(v);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{v} ms</text>"##,
+            w - right,
+            left - 6.0,
+            y + 4.0
+        );
+        d += 1.0;
+    }
+    let mut xs: Vec<f64> = pts().map(|p| p.0).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    for x in xs {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{0:.1}" x2="{0:.1}" y1="{top}" y2="{1}" stroke="#eee"/><text x="{0:.1}" y="{2}" text-anchor="middle">{x}</text>"##,
+            px(x),
+            h - bottom,
+            h - bottom + 18.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{x_label}</text>"#,
+        left + plot_w / 2.0,
+        h - bottom + 40.0
+    );
+    for (i, s) in series.iter().enumerate() {
+        let mut points: Vec<(f64, f64)> = s.points.iter().copied().filter(ok).collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let line: Vec<String> = points
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let dash = if s.dashed {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            svg,
+            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{dash}/>"#,
+            line.join(" "),
+            s.color
+        );
+        if !s.dashed {
+            for &(x, y) in &points {
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{}"/><text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                    px(x),
+                    py(y),
+                    s.color,
+                    px(x) + 6.0,
+                    py(y) - 6.0,
+                    if y < 100.0 {
+                        format!("{y:.1}")
+                    } else {
+                        format!("{y:.0}")
+                    }
+                );
+            }
+        }
+        let ly = top + 20.0 * i as f64;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{0}" x2="{1}" y1="{ly}" y2="{ly}" stroke="{2}" stroke-width="2"{dash}/><text x="{3}" y="{4}">{5}</text>"#,
+            w - right + 15.0,
+            w - right + 40.0,
+            s.color,
+            w - right + 46.0,
+            ly + 4.0,
+            s.name
+        );
+    }
+    svg.push_str("</svg>\n");
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
+}

@@ -30,6 +30,7 @@ use anyhow::{bail, ensure, Context};
 use hdrhistogram::Histogram;
 use transport::{PollPolicy, Poller};
 
+pub mod bulk;
 #[cfg(feature = "dpdk")]
 mod dpdk;
 pub mod memif;
