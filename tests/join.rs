@@ -3,8 +3,9 @@
 //!
 //! - The joined backup follows the primary (equal memory at the end), and when the primary is
 //!   SIGKILLed it wins the arbiter and serves on: no acknowledged update lost.
-//! - Joiners that must be refused are: the wrong key (no state at all), another memory size
-//!   (the reason names both), a second joiner while the pair is protected.
+//! - Joiners that must be refused are: the wrong key (no state at all), another pair, another
+//!   guest image, another memory size (the reason names both), a second joiner while one is
+//!   joining and while the pair is protected.
 //! - A corrupted chunk (a relay that flips a byte): the joiner refuses to start, the primary
 //!   serves on unprotected, and a later join succeeds.
 //! - The joiner SIGKILLed mid-transfer: the primary never stopped its guest for it, and a later
@@ -340,6 +341,20 @@ fn joiners_that_must_be_refused_are_and_the_primary_serves_on() {
         log.contains(&(16u64 << 20).to_string()) && log.contains(&(32u64 << 20).to_string()),
         "memory size refusal names both:\n{log}"
     );
+    // Another pair (its session id): refused in the handshake, before any state.
+    let (mut o, joined) = pair.joiner("o", &[s("--session"), s(7)]);
+    assert!(!joined);
+    assert_ne!(o.wait(LONG), Some(0));
+    assert!(o.log().contains("session"), "another pair:\n{}", o.log());
+    // Another guest image: refused, naming the image.
+    let (mut g, joined) = pair.joiner("g", &[s("--guest"), s("nondet")]);
+    assert!(!joined);
+    assert_ne!(g.wait(LONG), Some(0));
+    assert!(
+        g.log().contains("guest image"),
+        "another image:\n{}",
+        g.log()
+    );
     // A good joiner, then a second one while the pair is protected.
     let (b, joined) = pair.joiner("b", &[]);
     assert!(joined, "{}", b.log());
@@ -465,6 +480,40 @@ fn a_joiner_killed_mid_transfer_costs_the_primary_no_pause_and_a_later_join_succ
     );
     assert_eq!(joins[1]["joined"], true, "{p}");
     drop(good);
+}
+
+/// A second joiner while one is joining (the first stopped in the middle of its transfer) is
+/// refused at once; the first then completes its join.
+#[test]
+fn a_second_joiner_during_a_join_is_refused_and_the_first_completes() {
+    const MIB: u64 = 64;
+    let mut pair = filled_primary("second", MIB);
+    let mem = [s("--mem-mib"), s(MIB)];
+    let (first, ready) = pair.spawn_joiner("first", &mem);
+    assert!(
+        pair.primary.wait_for_log("a backup is joining", LONG),
+        "{}\n{}",
+        pair.primary.log(),
+        first.log()
+    );
+    first.signal(libc::SIGSTOP);
+    let (mut second, joined) = pair.joiner("second", &mem);
+    assert!(!joined);
+    assert_ne!(second.wait(LONG), Some(0));
+    assert!(
+        second.log().contains("another backup is joining"),
+        "{}",
+        second.log()
+    );
+    first.signal(libc::SIGCONT);
+    let r = ready.recv_timeout(LONG).ok().flatten();
+    assert!(
+        r.is_some_and(|r| r.detail.contains("joined")),
+        "the first joiner completes:\n{}\n{}",
+        first.log(),
+        pair.primary.log()
+    );
+    assert!(pair.primary.wait_for_log("protected again", LONG));
 }
 
 /// The primary dies in the middle of the transfer (stopped while it copies memory, then

@@ -400,7 +400,10 @@ impl JoinService {
         };
         std::thread::Builder::new()
             .name("ftvm-join".into())
-            .spawn(move || accept_loop(listening, worker))
+            .spawn(move || {
+                unpin();
+                accept_loop(listening, worker)
+            })
             .map_err(io("starting the join thread"))?;
         Ok(JoinService {
             shared,
@@ -481,6 +484,27 @@ struct Worker {
     settings: JoinSettings,
     handover: Receiver<Handover>,
     result: Sender<Result<AnyPrimary, String>>,
+}
+
+/// Lets the calling thread run on every CPU: the join thread is spawned by the vCPU thread,
+/// whose pinning (`--core`) it would inherit and then take from the guest — under load the
+/// guest's responses waited behind the pre-copy.
+fn unpin() {
+    // SAFETY: `cpu_set_t` is plain data for which all-zero is the empty set; CPU_SET and
+    // sched_setaffinity get a valid pointer to it and its size, for this thread (pid 0).
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "the join thread keeps its CPU affinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn accept_loop(listening: Listening, mut worker: Worker) {
