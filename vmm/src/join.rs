@@ -507,7 +507,19 @@ fn unpin() {
     }
 }
 
-fn accept_loop(listening: Listening, mut worker: Worker) {
+fn accept_loop(listening: Listening, worker: Worker) {
+    // One thread serves joiners one at a time; this one keeps accepting, so that a joiner
+    // arriving during a join is refused at once rather than left waiting.
+    let shared = worker.shared.clone();
+    let settings = worker.settings.clone();
+    let (conns, serve) = std::sync::mpsc::channel::<Conn>();
+    let spawned = std::thread::Builder::new()
+        .name("ftvm-join-serve".into())
+        .spawn(move || serve_loop(serve, worker));
+    if let Err(e) = spawned {
+        tracing::warn!("join service: starting its worker thread: {e}; not accepting joins");
+        return;
+    }
     loop {
         let conn = match &listening {
             Listening::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
@@ -521,10 +533,10 @@ fn accept_loop(listening: Listening, mut worker: Worker) {
                 continue;
             }
         };
-        if worker.shared.busy.load(Ordering::Acquire) {
+        if shared.busy.swap(true, Ordering::AcqRel) {
             // Refused at once, not after the join under way.
-            let settings = worker.settings.clone();
-            let epoch = worker.shared.state.epoch.load(Ordering::Acquire);
+            let settings = settings.clone();
+            let epoch = shared.state.epoch.load(Ordering::Acquire);
             std::thread::spawn(move || {
                 refuse(
                     conn,
@@ -535,7 +547,16 @@ fn accept_loop(listening: Listening, mut worker: Worker) {
             });
             continue;
         }
-        worker.shared.busy.store(true, Ordering::Release);
+        if conns.send(conn).is_err() {
+            tracing::warn!("join service: its worker thread is gone; not accepting joins");
+            return;
+        }
+    }
+}
+
+/// Serves the joiners the accept loop hands over, one at a time (`busy` is set for each).
+fn serve_loop(conns: std::sync::mpsc::Receiver<Conn>, mut worker: Worker) {
+    for conn in conns {
         let report = worker.serve(conn);
         worker.shared.busy.store(false, Ordering::Release);
         if let Some(r) = report {
