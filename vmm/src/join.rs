@@ -397,11 +397,14 @@ impl JoinService {
             settings,
             handover: handover_rx,
             result: result_tx,
+            vcpu_cpus: None,
         };
         std::thread::Builder::new()
             .name("ftvm-join".into())
             .spawn(move || {
-                unpin();
+                let mut worker = worker;
+                worker.vcpu_cpus = Affinity::current();
+                Affinity::all().apply();
                 accept_loop(listening, worker)
             })
             .map_err(io("starting the join thread"))?;
@@ -484,26 +487,71 @@ struct Worker {
     settings: JoinSettings,
     handover: Receiver<Handover>,
     result: Sender<Result<AnyPrimary, String>>,
+    /// The CPUs of the vCPU thread that started the service (its `--core`): the switch-over
+    /// runs there, the guest being stopped; the pre-copy runs anywhere.
+    vcpu_cpus: Option<Affinity>,
 }
 
-/// Lets the calling thread run on every CPU: the join thread is spawned by the vCPU thread,
-/// whose pinning (`--core`) it would inherit and then take from the guest — under load the
-/// guest's responses waited behind the pre-copy.
-fn unpin() {
-    // SAFETY: `cpu_set_t` is plain data for which all-zero is the empty set; CPU_SET and
-    // sched_setaffinity get a valid pointer to it and its size, for this thread (pid 0).
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..libc::CPU_SETSIZE as usize {
-            libc::CPU_SET(cpu, &mut set);
+/// A thread's CPU affinity mask. The join thread is spawned by the vCPU thread and would
+/// inherit its pinning (`--core`): the pre-copy would then take the guest's core (under load
+/// the guest's responses waited behind it), so it runs on every CPU; the switch-over, with the
+/// guest stopped, runs on the vCPU's now idle core rather than beside the joiner.
+#[derive(Clone, Copy)]
+struct Affinity(libc::cpu_set_t);
+
+impl Affinity {
+    /// The calling thread's mask, if the kernel tells it.
+    fn current() -> Option<Affinity> {
+        // SAFETY: all-zero is a valid (empty) `cpu_set_t`; sched_getaffinity fills it, given
+        // its size, for this thread (pid 0).
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+                .then_some(Affinity(set))
         }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        tracing::debug!(
-            "the join thread keeps its CPU affinity: {}",
-            std::io::Error::last_os_error()
-        );
+    }
+
+    /// Every CPU.
+    fn all() -> Affinity {
+        // SAFETY: all-zero is a valid (empty) `cpu_set_t`; CPU_SET writes bits inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for cpu in 0..libc::CPU_SETSIZE as usize {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            Affinity(set)
+        }
+    }
+
+    /// Moves the calling thread onto these CPUs (best effort).
+    fn apply(&self) {
+        // SAFETY: a valid `cpu_set_t` and its size, for this thread (pid 0).
+        let rc =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+        if rc != 0 {
+            tracing::debug!(
+                "the join thread keeps its CPU affinity: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Runs the calling thread on the vCPU's CPUs until dropped, then on every CPU again.
+struct OnVcpuCpus;
+
+impl OnVcpuCpus {
+    fn enter(vcpu: Option<Affinity>) -> OnVcpuCpus {
+        if let Some(a) = vcpu {
+            a.apply();
+        }
+        OnVcpuCpus
+    }
+}
+
+impl Drop for OnVcpuCpus {
+    fn drop(&mut self) {
+        Affinity::all().apply();
     }
 }
 
@@ -741,7 +789,8 @@ impl Worker {
         let mut cfg = s.channel.clone();
         cfg.epoch = epoch;
         transport::channel::prepare_primary_ring(cfg.ring_capacity)?;
-        // Stop the guest at its next exit boundary and take its state.
+        // Stop the guest at its next exit boundary and take its state, on its core.
+        let _on_vcpu = OnVcpuCpus::enter(self.vcpu_cpus);
         self.shared.pause.store(true, Ordering::Release);
         let h = self
             .handover
