@@ -695,10 +695,17 @@ impl Worker {
         // The vCPU thread waits for an answer only once it handed its state over.
         let vcpu_waiting = report.exit > 0;
         match r {
-            Ok(p) => {
+            Ok((p, pre)) => {
                 report.joined = true;
                 self.shared.state.protected.store(true, Ordering::Release);
                 let _ = self.result.send(Ok(p));
+                // The guest resumes; dirty logging goes off beside it.
+                let t = Instant::now();
+                drop(pre);
+                tracing::debug!(
+                    "join: dirty logging off in {:.2} ms",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
             }
             Err(e) => {
                 report.error = Some(e.to_string());
@@ -750,7 +757,7 @@ impl Worker {
         request: &JoinRequest,
         epoch: u64,
         report: &mut JoinReport,
-    ) -> Result<AnyPrimary, JoinError> {
+    ) -> Result<(AnyPrimary, Precopy), JoinError> {
         let s = &self.settings;
         // Stale hand-overs (a switch-over that timed out before) are dropped.
         while self.handover.try_recv().is_ok() {}
@@ -799,7 +806,6 @@ impl Worker {
         let paused = Instant::now();
         report.exit = h.device.exit;
         let fin = pre.finish(&mut w, &h.state, &h.device.encode(), h.registers)?;
-        drop(pre);
         report.finish_ms = paused.elapsed().as_secs_f64() * 1e3;
         report.final_pages = fin.pages;
         report.bytes = w.bytes();
@@ -837,7 +843,10 @@ impl Worker {
         }
         report.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
         report.channel_ms = report.pause_ms - report.finish_ms - report.verdict_ms;
-        Ok(p)
+        // The pre-copy (and with it the dirty log) goes back to the caller: turning KVM's
+        // dirty logging off rewrites the memory slot (milliseconds for a large guest), so
+        // it is done once the guest runs again, not inside the pause.
+        Ok((p, pre))
     }
 }
 

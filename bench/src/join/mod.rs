@@ -125,6 +125,9 @@ pub struct JoinSample {
     bw_ratio: f64,
     /// The latency client that ran across this join.
     client_max_response_ms: f64,
+    /// The same client (requests, keys) just before the join, no join running: what the load
+    /// alone costs.
+    client_base_max_ms: f64,
     client_errors: u64,
     client_requests: u64,
     /// The latency client was still running when the primary was protected again (so it
@@ -155,6 +158,8 @@ pub struct JoinRow {
     /// Median over the joins of (join bytes/total) / (raw bulk bandwidth just before it).
     bw_ratio_median: f64,
     client_max_response_ms: f64,
+    /// The largest response of the same clients run just before each join, with no join.
+    client_base_max_ms: f64,
     client_errors: u64,
     /// Measured joins whose latency client ended before the pair was protected (it missed the
     /// pause, so the client target cannot pass).
@@ -538,11 +543,13 @@ const JOIN_FAILED: [&str; 3] = [
 fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRow> {
     let n = args.warmup + args.joins;
     // The calibration client and one per join; fill client runs are checked as they start.
-    let keys = (n + 1) * LATENCY_KEYS + MAX_FILL_RUNS as u32 * FILL_KEYS;
+    // Each join has two latency clients (the control without a join, then the one across it),
+    // each on keys of its own: a client's model starts from absent keys.
+    let keys = (2 * n + 1) * LATENCY_KEYS + MAX_FILL_RUNS as u32 * FILL_KEYS;
     ensure!(
         keys <= KEY_BUDGET,
         "{n} joins need {keys} distinct keys in the guest's 256-slot table (no deletions) for          their latency clients; at most {} joins per size",
-        (KEY_BUDGET - MAX_FILL_RUNS as u32 * FILL_KEYS) / LATENCY_KEYS - 1
+        ((KEY_BUDGET - MAX_FILL_RUNS as u32 * FILL_KEYS) / LATENCY_KEYS - 1) / 2
     );
     let mut run = start_run(args, ftvm, mem_mib)?;
     let step = args.step();
@@ -581,6 +588,9 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         )
         .context("raw bulk copy")?;
         let raw_mib_s = raw.bytes_per_sec() / f64::from(1 << 20);
+        // The control: the join's latency client, run first with no join.
+        let requests = ((rate * (2.0 * expected_s + 1.0)) as u64).clamp(200, 5_000_000);
+        let base = run.client_to_end(requests, &format!("base{i}"))?;
         let failed_before: usize = JOIN_FAILED
             .iter()
             .map(|w| run.primary.count_in_log(w))
@@ -606,7 +616,6 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         // The latency client starts once the joiner has its VM and dials the primary (its
         // process start-up is not part of the join), and runs on past the longest join so far.
         let _ = joiner.wait_for_count(&["joining the primary"], 1, step);
-        let requests = ((rate * (2.0 * expected_s + 1.0)) as u64).clamp(200, 5_000_000);
         let mut client = Proc::spawn(
             "latency client",
             ftvm,
@@ -741,17 +750,18 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         let loss_seen_ms = lost_at.duration_since(killed).as_secs_f64() * 1e3;
         eprintln!(
             "  {mem_mib} MiB join {}/{n}{}: pause {pause:.2} ms, total {total:.0} ms (seen {seen_protected_ms:.0} ms), \
-             raw {raw_mib_s:.0} MiB/s, client max {:.1} ms, {} errors{}; loss seen in {loss_seen_ms:.0} ms",
+             raw {raw_mib_s:.0} MiB/s, client max {:.1} ms (without a join {:.1} ms), {} errors{}; loss seen in {loss_seen_ms:.0} ms",
             i + 1,
             if i < args.warmup { " (warm-up)" } else { "" },
             c.max_response_ms,
+            base.max_response_ms,
             c.errors(),
             if covered { "" } else { " (client ended before protection)" }
         );
         if !covered {
             expected_s *= 2.0;
         }
-        seen.push((i, raw_mib_s, c, covered, seen_protected_ms, loss_seen_ms));
+        seen.push((i, raw_mib_s, c, base.max_response_ms, covered, seen_protected_ms, loss_seen_ms));
     }
     // Stop everything; the primary writes its summary as it stops.
     if let Some(mut f) = run.fill.take() {
@@ -790,7 +800,7 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     let samples: Vec<JoinSample> = seen
         .into_iter()
         .zip(reports)
-        .map(|((i, raw_mib_s, c, covered, seen_ms, loss_ms), r)| {
+        .map(|((i, raw_mib_s, c, base_ms, covered, seen_ms, loss_ms), r)| {
             let join_mib_s =
                 r.bytes as f64 / f64::from(1 << 20) / (r.total_ms / 1e3).max(f64::MIN_POSITIVE);
             JoinSample {
@@ -808,6 +818,7 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
                 join_mib_s,
                 bw_ratio: join_mib_s / raw_mib_s.max(f64::MIN_POSITIVE),
                 client_max_response_ms: c.max_response_ms,
+                client_base_max_ms: base_ms,
                 client_errors: c.errors(),
                 client_requests: c.requests,
                 client_covered: covered,
@@ -853,6 +864,7 @@ fn row(args: &JoinArgs, mem_mib: u64, samples: Vec<JoinSample>, fill_failures: u
         raw_mib_s_median: stats::median(&pick(|s| s.raw_mib_s)),
         bw_ratio_median: stats::median(&pick(|s| s.bw_ratio)),
         client_max_response_ms: client_max,
+        client_base_max_ms: stats::max(&pick(|s| s.client_base_max_ms)),
         client_errors,
         client_uncovered: measured.iter().filter(|s| !s.client_covered).count(),
         fill_client_failures: fill_failures,
@@ -902,14 +914,14 @@ fn print_table(rows: &[JoinRow]) {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:>6} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>6} | {:>8} {:>6} | {:>9} {:>4} | pause total client",
+        "{:>6} {:>5} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>8} {:>6} | {:>8} {:>6} | {:>9} {:>7} {:>4} | pause total client",
         "MiB", "joins", "pause50", "p99", "max", "total50", "p99", "max", "MiB/join", "rounds",
-        "raw MiB/s", "bw/raw", "client ms", "errs"
+        "raw MiB/s", "bw/raw", "client ms", "no join", "errs"
     );
     for r in rows {
         let _ = writeln!(
             t,
-            "{:>6} {:>5} | {:>8.2} {:>8.2} {:>8.2} | {:>8.0} {:>8.0} {:>8.0} | {:>8.1} {:>6.1} | {:>8.0} {:>6.3} | {:>9.1} {:>4} | {} (p99 ≤ {}) {} (≤ {:.0} ms) {} (≤ pause max + {} ms, 0 errors{})",
+            "{:>6} {:>5} | {:>8.2} {:>8.2} {:>8.2} | {:>8.0} {:>8.0} {:>8.0} | {:>8.1} {:>6.1} | {:>8.0} {:>6.3} | {:>9.1} {:>7.1} {:>4} | {} (p99 ≤ {}) {} (≤ {:.0} ms) {} (≤ pause max + {} ms, 0 errors{})",
             r.mem_mib,
             r.joins,
             r.pause_p50_ms,
@@ -923,6 +935,7 @@ fn print_table(rows: &[JoinRow]) {
             r.raw_mib_s_median,
             r.bw_ratio_median,
             r.client_max_response_ms,
+            r.client_base_max_ms,
             r.client_errors,
             stats::verdict(r.pause_pass),
             r.pause_target_ms
@@ -941,7 +954,7 @@ fn print_table(rows: &[JoinRow]) {
     let _ = writeln!(
         t,
         "(pause/total: the primary's clock, ms; bw/raw: median over joins of (bytes/total) / raw bulk copy just before; \
-         client ms: the largest response time of the latency clients across the joins)"
+         client ms: the largest response time of the latency clients across the joins; no join: of the same clients run just before each join)"
     );
     print!("{t}");
 }
