@@ -268,6 +268,10 @@ pub struct JoinReport {
     pub finish_ms: f64,
     pub verdict_ms: f64,
     pub channel_ms: f64,
+    /// Parts of `finish_ms`: reading the last dirty bitmap, sending the last pages (until the
+    /// joiner's socket took them).
+    pub finish_dirty_log_ms: f64,
+    pub finish_pages_ms: f64,
 }
 
 /// What the primary's join service needs to know.
@@ -397,13 +401,10 @@ impl JoinService {
             settings,
             handover: handover_rx,
             result: result_tx,
-            vcpu_cpus: None,
         };
         std::thread::Builder::new()
             .name("ftvm-join".into())
             .spawn(move || {
-                let mut worker = worker;
-                worker.vcpu_cpus = Affinity::current();
                 Affinity::all().apply();
                 accept_loop(listening, worker)
             })
@@ -487,30 +488,15 @@ struct Worker {
     settings: JoinSettings,
     handover: Receiver<Handover>,
     result: Sender<Result<AnyPrimary, String>>,
-    /// The CPUs of the vCPU thread that started the service (its `--core`): the switch-over
-    /// runs there, the guest being stopped; the pre-copy runs anywhere.
-    vcpu_cpus: Option<Affinity>,
 }
 
 /// A thread's CPU affinity mask. The join thread is spawned by the vCPU thread and would
 /// inherit its pinning (`--core`): the pre-copy would then take the guest's core (under load
-/// the guest's responses waited behind it), so it runs on every CPU; the switch-over, with the
-/// guest stopped, runs on the vCPU's now idle core rather than beside the joiner.
-#[derive(Clone, Copy)]
+/// the guest's responses waited behind it), so it runs on every CPU. (Moving it onto the
+/// vCPU's idle core for the switch-over was tried: the last pages went out slower.)
 struct Affinity(libc::cpu_set_t);
 
 impl Affinity {
-    /// The calling thread's mask, if the kernel tells it.
-    fn current() -> Option<Affinity> {
-        // SAFETY: all-zero is a valid (empty) `cpu_set_t`; sched_getaffinity fills it, given
-        // its size, for this thread (pid 0).
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
-                .then_some(Affinity(set))
-        }
-    }
-
     /// Every CPU.
     fn all() -> Affinity {
         // SAFETY: all-zero is a valid (empty) `cpu_set_t`; CPU_SET writes bits inside it.
@@ -534,24 +520,6 @@ impl Affinity {
                 std::io::Error::last_os_error()
             );
         }
-    }
-}
-
-/// Runs the calling thread on the vCPU's CPUs until dropped, then on every CPU again.
-struct OnVcpuCpus;
-
-impl OnVcpuCpus {
-    fn enter(vcpu: Option<Affinity>) -> OnVcpuCpus {
-        if let Some(a) = vcpu {
-            a.apply();
-        }
-        OnVcpuCpus
-    }
-}
-
-impl Drop for OnVcpuCpus {
-    fn drop(&mut self) {
-        Affinity::all().apply();
     }
 }
 
@@ -796,8 +764,7 @@ impl Worker {
         let mut cfg = s.channel.clone();
         cfg.epoch = epoch;
         transport::channel::prepare_primary_ring(cfg.ring_capacity)?;
-        // Stop the guest at its next exit boundary and take its state, on its core.
-        let _on_vcpu = OnVcpuCpus::enter(self.vcpu_cpus);
+        // Stop the guest at its next exit boundary and take its state.
         self.shared.pause.store(true, Ordering::Release);
         let h = self
             .handover
@@ -808,6 +775,8 @@ impl Worker {
         let fin = pre.finish(&mut w, &h.state, &h.device.encode(), h.registers)?;
         report.finish_ms = paused.elapsed().as_secs_f64() * 1e3;
         report.final_pages = fin.pages;
+        report.finish_dirty_log_ms = fin.dirty_log_ms;
+        report.finish_pages_ms = fin.pages_ms;
         report.bytes = w.bytes();
         drop(w);
         match r.next_chunk()? {

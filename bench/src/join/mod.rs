@@ -117,6 +117,9 @@ pub struct JoinSample {
     finish_ms: f64,
     verdict_ms: f64,
     channel_ms: f64,
+    /// Parts of finish_ms: the last dirty bitmap, the last pages.
+    finish_dirty_log_ms: f64,
+    finish_pages_ms: f64,
     /// The raw bulk copy just before the join, MiB/s.
     raw_mib_s: f64,
     /// bytes / total_ms, MiB/s.
@@ -189,6 +192,8 @@ struct PrimaryJoin {
     finish_ms: f64,
     verdict_ms: f64,
     channel_ms: f64,
+    finish_dirty_log_ms: f64,
+    finish_pages_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -761,7 +766,15 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
         if !covered {
             expected_s *= 2.0;
         }
-        seen.push((i, raw_mib_s, c, base.max_response_ms, covered, seen_protected_ms, loss_seen_ms));
+        seen.push((
+            i,
+            raw_mib_s,
+            c,
+            base.max_response_ms,
+            covered,
+            seen_protected_ms,
+            loss_seen_ms,
+        ));
     }
     // Stop everything; the primary writes its summary as it stops.
     if let Some(mut f) = run.fill.take() {
@@ -800,32 +813,36 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     let samples: Vec<JoinSample> = seen
         .into_iter()
         .zip(reports)
-        .map(|((i, raw_mib_s, c, base_ms, covered, seen_ms, loss_ms), r)| {
-            let join_mib_s =
-                r.bytes as f64 / f64::from(1 << 20) / (r.total_ms / 1e3).max(f64::MIN_POSITIVE);
-            JoinSample {
-                index: i,
-                warmup: i < args.warmup,
-                pause_ms: r.pause_ms,
-                total_ms: r.total_ms,
-                bytes: r.bytes,
-                rounds: r.rounds.len(),
-                final_pages: r.final_pages,
-                finish_ms: r.finish_ms,
-                verdict_ms: r.verdict_ms,
-                channel_ms: r.channel_ms,
-                raw_mib_s,
-                join_mib_s,
-                bw_ratio: join_mib_s / raw_mib_s.max(f64::MIN_POSITIVE),
-                client_max_response_ms: c.max_response_ms,
-                client_base_max_ms: base_ms,
-                client_errors: c.errors(),
-                client_requests: c.requests,
-                client_covered: covered,
-                seen_protected_ms: seen_ms,
-                loss_seen_ms: loss_ms,
-            }
-        })
+        .map(
+            |((i, raw_mib_s, c, base_ms, covered, seen_ms, loss_ms), r)| {
+                let join_mib_s =
+                    r.bytes as f64 / f64::from(1 << 20) / (r.total_ms / 1e3).max(f64::MIN_POSITIVE);
+                JoinSample {
+                    index: i,
+                    warmup: i < args.warmup,
+                    pause_ms: r.pause_ms,
+                    total_ms: r.total_ms,
+                    bytes: r.bytes,
+                    rounds: r.rounds.len(),
+                    final_pages: r.final_pages,
+                    finish_ms: r.finish_ms,
+                    verdict_ms: r.verdict_ms,
+                    channel_ms: r.channel_ms,
+                    finish_dirty_log_ms: r.finish_dirty_log_ms,
+                    finish_pages_ms: r.finish_pages_ms,
+                    raw_mib_s,
+                    join_mib_s,
+                    bw_ratio: join_mib_s / raw_mib_s.max(f64::MIN_POSITIVE),
+                    client_max_response_ms: c.max_response_ms,
+                    client_base_max_ms: base_ms,
+                    client_errors: c.errors(),
+                    client_requests: c.requests,
+                    client_covered: covered,
+                    seen_protected_ms: seen_ms,
+                    loss_seen_ms: loss_ms,
+                }
+            },
+        )
         .collect();
     Ok(row(args, mem_mib, samples, run.fill_failures))
 }

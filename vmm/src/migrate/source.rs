@@ -60,6 +60,9 @@ pub struct FinishStats {
     pub bytes: u64,
     /// Time to send it, ms.
     pub ms: f64,
+    /// Of which reading the last dirty bitmap (KVM_GET_DIRTY_LOG), and sending the pages.
+    pub dirty_log_ms: f64,
+    pub pages_ms: f64,
     /// The pages digest sent (the primary's memory at the switch-over).
     pub pages_digest: u64,
 }
@@ -188,6 +191,7 @@ impl Precopy {
         let before = w.bytes();
         let mut bits = std::mem::take(&mut self.pending);
         let now = self.log.take_dirty()?;
+        let dirty_log_ms = started.elapsed().as_secs_f64() * 1e3;
         if bits.len() < now.len() {
             bits.resize(now.len(), 0);
         }
@@ -195,6 +199,8 @@ impl Precopy {
             *b |= n;
         }
         let (pages, _) = self.send(w, Set::Bits(&bits))?;
+        w.flush()?;
+        let pages_ms = started.elapsed().as_secs_f64() * 1e3 - dirty_log_ms;
         w.vcpu(&vcpu.encode())?;
         w.device(device)?;
         let pages_digest = self.digest();
@@ -205,6 +211,8 @@ impl Precopy {
             pages,
             bytes: w.bytes() - before,
             ms: started.elapsed().as_secs_f64() * 1e3,
+            dirty_log_ms,
+            pages_ms,
             pages_digest,
         })
     }
