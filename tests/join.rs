@@ -655,3 +655,46 @@ fn the_survivor_of_a_takeover_is_joined_and_a_second_failure_is_survived() {
         "{j}"
     );
 }
+
+/// The issue's own acceptance run: `ftvm demo --kill-primary-after 500 --reprotect` ends
+/// protected again, both replicas equal, nothing acknowledged lost.
+#[test]
+fn the_demo_reprotects_after_killing_its_primary() {
+    let dir = common::scratch("ftvm-join-demo-");
+    let json = dir.path().join("reprotect.json");
+    let out = Command::new(FTVM)
+        .args([
+            "demo",
+            "--requests",
+            "1500",
+            "--kill-primary-after",
+            "500",
+            "--reprotect",
+            "--json",
+            &json.display().to_string(),
+        ])
+        .output()
+        .expect("ftvm demo");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("demo json")).expect("json");
+    assert_eq!(v["acknowledged_lost"], 0, "{v}");
+    assert_eq!(v["responses_ok"], 1500, "{v}");
+    let f = &v;
+    assert_eq!(f["reprotected"], true, "{v}\n{log}");
+    assert!(f["join_pause_ms"].as_f64().is_some_and(|p| p > 0.0), "{v}");
+    assert!(f["join_total_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    assert!(f["join_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    assert!(f["join_rounds"].as_u64().is_some_and(|r| r >= 1), "{v}");
+    assert!(f["joined_memory_hash"].is_string(), "{v}");
+    assert_eq!(f["joined_memory_hash"], f["survivor_memory_hash"], "{v}");
+    assert_eq!(
+        f["joined_registers_digest"], f["survivor_registers_digest"],
+        "{v}"
+    );
+}
