@@ -202,6 +202,17 @@ impl Pair {
         args
     }
 
+    /// Waits until the primary says it is copying memory to a joiner (`joiner`, for the
+    /// failure message).
+    fn wait_until_copying(&mut self, joiner: &Proc) {
+        assert!(
+            self.primary.wait_for_log("a backup is joining", LONG),
+            "{}\n{}",
+            self.primary.log(),
+            joiner.log()
+        );
+    }
+
     fn client(&self, requests: u64, prefix: &str) -> std::process::Child {
         client(&self.front, requests, prefix)
     }
@@ -432,12 +443,7 @@ fn a_joiner_killed_mid_transfer_costs_the_primary_no_pause_and_a_later_join_succ
     let client = pair.client(3_000, "k");
     let mem = [s("--mem-mib"), s(MIB)];
     let (mut victim, ready) = pair.spawn_joiner("victim", &mem);
-    assert!(
-        pair.primary.wait_for_log("a backup is joining", LONG),
-        "{}\n{}",
-        pair.primary.log(),
-        victim.log()
-    );
+    pair.wait_until_copying(&victim);
     victim.signal(libc::SIGSTOP);
     // Stopped, it takes no more of the stream: the transfer cannot end.
     assert!(
@@ -490,12 +496,7 @@ fn a_second_joiner_during_a_join_is_refused_and_the_first_completes() {
     let mut pair = filled_primary("second", MIB);
     let mem = [s("--mem-mib"), s(MIB)];
     let (first, ready) = pair.spawn_joiner("first", &mem);
-    assert!(
-        pair.primary.wait_for_log("a backup is joining", LONG),
-        "{}\n{}",
-        pair.primary.log(),
-        first.log()
-    );
+    pair.wait_until_copying(&first);
     first.signal(libc::SIGSTOP);
     let (mut second, joined) = pair.joiner("second", &mem);
     assert!(!joined);
@@ -525,12 +526,7 @@ fn a_joiner_whose_primary_dies_mid_transfer_fails_clearly_and_never_goes_live() 
     let mut pair = filled_primary("killprimary", MIB);
     let mem = [s("--mem-mib"), s(MIB)];
     let (mut orphan, ready) = pair.spawn_joiner("orphan", &mem);
-    assert!(
-        pair.primary.wait_for_log("a backup is joining", LONG),
-        "{}\n{}",
-        pair.primary.log(),
-        orphan.log()
-    );
+    pair.wait_until_copying(&orphan);
     pair.primary.signal(libc::SIGSTOP);
     assert!(
         !pair.primary.log().contains("protected again"),
@@ -685,16 +681,15 @@ fn the_demo_reprotects_after_killing_its_primary() {
         serde_json::from_slice(&std::fs::read(&json).expect("demo json")).expect("json");
     assert_eq!(v["acknowledged_lost"], 0, "{v}");
     assert_eq!(v["responses_ok"], 1500, "{v}");
-    let f = &v;
-    assert_eq!(f["reprotected"], true, "{v}\n{log}");
-    assert!(f["join_pause_ms"].as_f64().is_some_and(|p| p > 0.0), "{v}");
-    assert!(f["join_total_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
-    assert!(f["join_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
-    assert!(f["join_rounds"].as_u64().is_some_and(|r| r >= 1), "{v}");
-    assert!(f["joined_memory_hash"].is_string(), "{v}");
-    assert_eq!(f["joined_memory_hash"], f["survivor_memory_hash"], "{v}");
+    assert_eq!(v["reprotected"], true, "{v}\n{log}");
+    assert!(v["join_pause_ms"].as_f64().is_some_and(|p| p > 0.0), "{v}");
+    assert!(v["join_total_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    assert!(v["join_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    assert!(v["join_rounds"].as_u64().is_some_and(|r| r >= 1), "{v}");
+    assert!(v["joined_memory_hash"].is_string(), "{v}");
+    assert_eq!(v["joined_memory_hash"], v["survivor_memory_hash"], "{v}");
     assert_eq!(
-        f["joined_registers_digest"], f["survivor_registers_digest"],
+        v["joined_registers_digest"], v["survivor_registers_digest"],
         "{v}"
     );
 }

@@ -71,15 +71,7 @@ pub fn write_svg(path: &Path, title: &str, groups: &[Bars]) -> anyhow::Result<()
         .fold(1.0f64, f64::max);
     let (lo, hi) = (0.1f64.log10(), (max * 2.0).log10().ceil());
     let y = |v: f64| top + plot_h * (1.0 - (v.max(0.1).log10() - lo) / (hi - lo));
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="24" text-anchor="middle" font-size="15">{title}</text>
-"#,
-        w / 2.0
-    );
+    let mut svg = svg_start(w, h, title);
     let mut decade = lo;
     while decade <= hi {
         let v = 10f64.powf(decade);
@@ -194,15 +186,7 @@ pub fn write_lines_svg(
     let (plot_w, plot_h) = (w - left - right, h - top - bottom);
     let px = |x: f64| left + plot_w * (x.log2() - x_lo) / (x_hi - x_lo);
     let py = |y: f64| top + plot_h * (1.0 - (y.log10() - y_lo) / (y_hi - y_lo));
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{}" y="24" text-anchor="middle" font-size="15">{title}</text>
-"#,
-        w / 2.0
-    );
+    let mut svg = svg_start(w, h, title);
     let mut d = y_lo;
     while d <= y_hi {
         let v = 10f64.powf(d);
@@ -284,4 +268,18 @@ pub fn write_lines_svg(
     }
     svg.push_str("</svg>\n");
     std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
+}
+
+/// An SVG document's opening: size, white background, the title centred on top.
+fn svg_start(w: f64, h: f64, title: &str) -> String {
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="24" text-anchor="middle" font-size="15">{title}</text>
+"#,
+        w / 2.0
+    );
+    svg
 }

@@ -405,7 +405,7 @@ impl JoinService {
         std::thread::Builder::new()
             .name("ftvm-join".into())
             .spawn(move || {
-                Affinity::all().apply();
+                run_on_every_cpu();
                 accept_loop(listening, worker)
             })
             .map_err(io("starting the join thread"))?;
@@ -490,36 +490,25 @@ struct Worker {
     result: Sender<Result<AnyPrimary, String>>,
 }
 
-/// A thread's CPU affinity mask. The join thread is spawned by the vCPU thread and would
-/// inherit its pinning (`--core`): the pre-copy would then take the guest's core (under load
-/// the guest's responses waited behind it), so it runs on every CPU. (Moving it onto the
-/// vCPU's idle core for the switch-over was tried: the last pages went out slower.)
-struct Affinity(libc::cpu_set_t);
-
-impl Affinity {
-    /// Every CPU.
-    fn all() -> Affinity {
-        // SAFETY: all-zero is a valid (empty) `cpu_set_t`; CPU_SET writes bits inside it.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for cpu in 0..libc::CPU_SETSIZE as usize {
-                libc::CPU_SET(cpu, &mut set);
-            }
-            Affinity(set)
+/// Lets the calling thread run on every CPU. The join thread is spawned by the vCPU thread and
+/// would inherit its pinning (`--core`): the pre-copy would then take the guest's core (under
+/// load the guest's responses waited behind it). (Moving it onto the vCPU's idle core for the
+/// switch-over was tried: the last pages went out slower.)
+fn run_on_every_cpu() {
+    // SAFETY: all-zero is a valid (empty) `cpu_set_t`; CPU_SET writes bits inside it;
+    // sched_setaffinity gets a valid pointer to it and its size, for this thread (pid 0).
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
         }
-    }
-
-    /// Moves the calling thread onto these CPUs (best effort).
-    fn apply(&self) {
-        // SAFETY: a valid `cpu_set_t` and its size, for this thread (pid 0).
-        let rc =
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
-        if rc != 0 {
-            tracing::debug!(
-                "the join thread keeps its CPU affinity: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "the join thread keeps its CPU affinity: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
