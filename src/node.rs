@@ -358,10 +358,13 @@ fn start_epoch(c: &Common) -> anyhow::Result<u64> {
     Ok(current.map_or(1, |(_, epoch)| epoch.max(1)))
 }
 
+/// The replica's arbiter client; `joins_at` is where it accepts joins once live (recorded with
+/// each epoch it wins).
 fn arbiter_client(
     c: &Common,
     role: &str,
     stop: Arc<AtomicBool>,
+    joins_at: Option<&str>,
 ) -> anyhow::Result<Option<ArbiterClient>> {
     let Some(spec) = &c.arbiter else {
         return Ok(None);
@@ -374,6 +377,7 @@ fn arbiter_client(
         arbiter,
         pair_id: pair_id(c),
         candidate: replica_name(c, role),
+        joins_at: joins_at.map(str::to_owned),
         retry: Duration::from_millis(50),
         stop,
     }))
@@ -652,11 +656,12 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
         );
     }
     let cfg = channel_config(c, epoch)?;
-    let arbiter = arbiter_client(c, "primary", stop.clone())?;
     let join = match &args.accept_joins {
         Some(addr) => Some(join_service(c, &vm, addr, epoch, true)?),
         None => None,
     };
+    let joins_at = join.as_ref().map(|j| j.local_addr());
+    let arbiter = arbiter_client(c, "primary", stop.clone(), joins_at)?;
     let live = Replicating {
         vm,
         port,
@@ -769,7 +774,8 @@ fn replay<L: transport::BackupLink>(
         Some(addr) => Some(join_service(c, &vm, addr, epoch, false)?),
         None => None,
     };
-    let takeover = match arbiter_client(c, "backup", stop.clone())? {
+    let joins_at = join.as_ref().map(|j| j.local_addr());
+    let takeover = match arbiter_client(c, "backup", stop.clone(), joins_at)? {
         Some(arbiter) => {
             if c.front.is_none() {
                 bail!("--arbiter on the backup needs --front: the service address it takes over");

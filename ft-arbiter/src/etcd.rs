@@ -3,7 +3,9 @@
 //! # Keys
 //!
 //! A decision of pair `P` at epoch `E` is the key `PREFIX/P/EEEEEEEEEEEEEEEEEEEE` (the epoch in
-//! 20 zero-padded decimal digits, so keys sort like epochs) whose value is the winner. The
+//! 20 zero-padded decimal digits, so keys sort like epochs) whose value is the winner, followed,
+//! if the winner gave one, by a space and the address where it accepts joining backups (neither
+//! contains a space). The
 //! default prefix is `/ftvm/arbiter`. Pair ids cannot contain `/`, so the range
 //! `[PREFIX/P/, PREFIX/P0)` holds exactly the pair's decisions.
 //!
@@ -51,8 +53,8 @@ use etcd_client::{
 };
 
 use crate::{
-    decide_against, validate_candidate, validate_pair_id, validate_request, Arbiter, ArbiterError,
-    Decision,
+    decide_against, validate_candidate, validate_joins_at, validate_pair_id, validate_request,
+    Arbiter, ArbiterError, Decision, Record,
 };
 
 /// The default key prefix.
@@ -187,7 +189,7 @@ impl EtcdArbiter {
     }
 
     /// The pair's newest decision, by a linearizable read.
-    fn latest(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
+    fn read_latest(&mut self, pair_id: &str) -> Result<Option<Record>, ArbiterError> {
         let prefix = self.pair_prefix(pair_id);
         let options = GetOptions::new()
             .with_range(self.pair_range_end(pair_id))
@@ -211,11 +213,23 @@ impl EtcdArbiter {
             .filter(|digits| digits.len() == 20)
             .and_then(|digits| std::str::from_utf8(digits).ok())
             .and_then(|digits| digits.parse::<u64>().ok());
-        let winner = String::from_utf8(value)
-            .ok()
-            .filter(|w| validate_candidate(w).is_ok());
-        match (epoch, winner) {
-            (Some(epoch), Some(winner)) => Ok(Some((winner, epoch))),
+        let decision = String::from_utf8(value).ok().and_then(|v| {
+            let (winner, joins_at) = match v.split_once(' ') {
+                Some((w, a)) => (w.to_owned(), Some(a.to_owned())),
+                None => (v, None),
+            };
+            let valid = validate_candidate(&winner).is_ok()
+                && joins_at
+                    .as_deref()
+                    .is_none_or(|a| validate_joins_at(a).is_ok());
+            valid.then_some((winner, joins_at))
+        });
+        match (epoch, decision) {
+            (Some(epoch), Some((winner, joins_at))) => Ok(Some(Record {
+                winner,
+                epoch,
+                joins_at,
+            })),
             _ => Err(ArbiterError::Corrupt(format!(
                 "etcd key {:?} is not an arbiter decision",
                 String::from_utf8_lossy(&key)
@@ -225,18 +239,23 @@ impl EtcdArbiter {
 }
 
 impl Arbiter for EtcdArbiter {
-    fn test_and_set(
+    fn claim(
         &mut self,
         pair_id: &str,
         candidate: &str,
         epoch: u64,
+        joins_at: Option<&str>,
     ) -> Result<Decision, ArbiterError> {
-        let new_epoch = validate_request(pair_id, candidate, epoch)?;
+        let new_epoch = validate_request(pair_id, candidate, epoch, joins_at)?;
         let key = self.key(pair_id, new_epoch);
+        let value = match joins_at {
+            Some(addr) => format!("{candidate} {addr}"),
+            None => candidate.to_owned(),
+        };
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)
                 .with_range(self.pair_range_end(pair_id))])
-            .and_then([TxnOp::put(key, candidate, None)]);
+            .and_then([TxnOp::put(key, value, None)]);
         let succeeded = self.call("transaction", |mut c| {
             let txn = txn.clone();
             async move { Ok(c.txn(txn).await?.succeeded()) }
@@ -244,9 +263,9 @@ impl Arbiter for EtcdArbiter {
         if succeeded {
             return Ok(Decision::Won { epoch: new_epoch });
         }
-        let latest = self.latest(pair_id)?;
+        let latest = self.read_latest(pair_id)?;
         decide_against(
-            latest.as_ref().map(|(w, e)| (w.as_str(), *e)),
+            latest.as_ref().map(|r| (r.winner.as_str(), r.epoch)),
             candidate,
             epoch,
         )
@@ -258,9 +277,9 @@ impl Arbiter for EtcdArbiter {
         })
     }
 
-    fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
+    fn latest(&mut self, pair_id: &str) -> Result<Option<Record>, ArbiterError> {
         validate_pair_id(pair_id)?;
-        self.latest(pair_id)
+        self.read_latest(pair_id)
     }
 }
 

@@ -8,8 +8,9 @@
 //! DIR/ftvm-arbiter/pairs/PAIR/.tmp-…             a claim being written (or left by a crash)
 //! ```
 //!
-//! A decision file holds the pair, its slot number `N`, the epoch and the winner, as lines of
-//! text ending in `end`. Slots are numbered without gaps and never change or disappear, so the
+//! A decision file holds the pair, its slot number `N`, the epoch, the winner and, if the winner
+//! gave one, the address where it accepts joining backups (`joins ADDR`), as lines of text ending
+//! in `end`. Slots are numbered without gaps and never change or disappear, so the
 //! decisions of a pair form an append-only log whose last slot is the current decision.
 //!
 //! # The test-and-set
@@ -69,7 +70,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{decide_against, validate_pair_id, validate_request, Arbiter, ArbiterError, Decision};
+use crate::{
+    decide_against, validate_pair_id, validate_request, Arbiter, ArbiterError, Decision, Record,
+};
 
 const STORE_DIR: &str = "ftvm-arbiter";
 const STORE_FILE: &str = "STORE";
@@ -90,6 +93,7 @@ const STALE_PAUSE: Duration = Duration::from_millis(50);
 struct Slot {
     epoch: u64,
     winner: String,
+    joins_at: Option<String>,
 }
 
 /// An [`Arbiter`] over a directory on shared storage; see the [module docs](self) for what it
@@ -210,7 +214,11 @@ impl FileArbiter {
     }
 
     /// The last slot number and its decision (0 and `None` for a pair without decisions).
-    fn latest(&mut self, pair_id: &str, dir: &Path) -> Result<(u64, Option<Slot>), ArbiterError> {
+    fn last_slot(
+        &mut self,
+        pair_id: &str,
+        dir: &Path,
+    ) -> Result<(u64, Option<Slot>), ArbiterError> {
         let known = self.known.get(pair_id).copied().unwrap_or(0);
         let mut n = known.max(listed_max_slot(dir)?);
         let mut last = None;
@@ -237,17 +245,19 @@ impl FileArbiter {
     }
 
     /// Tries to take `slot` for `candidate` at `epoch`; `Ok(false)` if another claim has it.
-    fn claim(
+    fn claim_slot(
         &self,
         dir: &Path,
         pair_id: &str,
         slot: u64,
         candidate: &str,
         epoch: u64,
+        joins_at: Option<&str>,
     ) -> Result<bool, ArbiterError> {
         let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), random_hex()?));
+        let joins = joins_at.map_or(String::new(), |a| format!("joins {a}\n"));
         let content = format!(
-            "{DECISION_MAGIC}\npair {pair_id}\nslot {slot}\nepoch {epoch}\nwinner {candidate}\nend\n"
+            "{DECISION_MAGIC}\npair {pair_id}\nslot {slot}\nepoch {epoch}\nwinner {candidate}\n{joins}end\n"
         );
         if let Err(e) = write_synced(&tmp, content.as_bytes()) {
             let _ = fs::remove_file(&tmp);
@@ -270,13 +280,14 @@ impl FileArbiter {
 }
 
 impl Arbiter for FileArbiter {
-    fn test_and_set(
+    fn claim(
         &mut self,
         pair_id: &str,
         candidate: &str,
         epoch: u64,
+        joins_at: Option<&str>,
     ) -> Result<Decision, ArbiterError> {
-        let new_epoch = validate_request(pair_id, candidate, epoch)?;
+        let new_epoch = validate_request(pair_id, candidate, epoch, joins_at)?;
         self.check_store()?;
         let dir = self.pair_dir(pair_id);
         match fs::create_dir(&dir) {
@@ -287,12 +298,12 @@ impl Arbiter for FileArbiter {
             Err(e) => return Err(ArbiterError::unavailable("creating the pair directory", e)),
         }
         for attempt in 0..CLAIM_ATTEMPTS {
-            let (n, last) = self.latest(pair_id, &dir)?;
+            let (n, last) = self.last_slot(pair_id, &dir)?;
             let latest = last.as_ref().map(|s| (s.winner.as_str(), s.epoch));
             if let Some(decision) = decide_against(latest, candidate, epoch) {
                 return Ok(decision);
             }
-            if self.claim(&dir, pair_id, n + 1, candidate, new_epoch)? {
+            if self.claim_slot(&dir, pair_id, n + 1, candidate, new_epoch, joins_at)? {
                 self.known.insert(pair_id.to_owned(), n + 1);
                 return Ok(Decision::Won { epoch: new_epoch });
             }
@@ -309,7 +320,7 @@ impl Arbiter for FileArbiter {
         )))
     }
 
-    fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
+    fn latest(&mut self, pair_id: &str) -> Result<Option<Record>, ArbiterError> {
         validate_pair_id(pair_id)?;
         self.check_store()?;
         let dir = self.pair_dir(pair_id);
@@ -318,8 +329,12 @@ impl Arbiter for FileArbiter {
             self.check_store()?;
             return Ok(None);
         }
-        let (_, last) = self.latest(pair_id, &dir)?;
-        Ok(last.map(|s| (s.winner, s.epoch)))
+        let (_, last) = self.last_slot(pair_id, &dir)?;
+        Ok(last.map(|s| Record {
+            winner: s.winner,
+            epoch: s.epoch,
+            joins_at: s.joins_at,
+        }))
     }
 }
 
@@ -406,7 +421,18 @@ fn parse_slot(text: &str, pair_id: &str, slot: u64) -> Option<Slot> {
     let epoch = field(&mut lines, "epoch")?.parse::<u64>().ok()?;
     let winner = field(&mut lines, "winner")?.to_owned();
     crate::validate_candidate(&winner).ok()?;
-    (lines.next()? == "end" && lines.next().is_none()).then_some(Slot { epoch, winner })
+    let mut next = lines.next()?;
+    let mut joins_at = None;
+    if let Some(addr) = next.strip_prefix("joins ") {
+        crate::validate_joins_at(addr).ok()?;
+        joins_at = Some(addr.to_owned());
+        next = lines.next()?;
+    }
+    (next == "end" && lines.next().is_none()).then_some(Slot {
+        epoch,
+        winner,
+        joins_at,
+    })
 }
 
 fn read_store_id(root: &Path) -> Result<String, ArbiterError> {
@@ -461,8 +487,24 @@ mod tests {
             parse_slot(&text, "p1", 3),
             Some(Slot {
                 epoch: 9,
-                winner: "host-a".into()
+                winner: "host-a".into(),
+                joins_at: None,
             })
+        );
+        let with_joins = text.replace("end\n", "joins 10.0.0.1:7420\nend\n");
+        assert_eq!(
+            parse_slot(&with_joins, "p1", 3).and_then(|s| s.joins_at),
+            Some("10.0.0.1:7420".into())
+        );
+        assert_eq!(
+            parse_slot(&text.replace("end\n", "joins \nend\n"), "p1", 3),
+            None,
+            "empty join address"
+        );
+        assert_eq!(
+            parse_slot(&text.replace("end\n", "joins a\njoins b\nend\n"), "p1", 3),
+            None,
+            "two join addresses"
         );
         assert_eq!(parse_slot(&text, "p2", 3), None, "other pair");
         assert_eq!(parse_slot(&text, "p1", 4), None, "other slot");

@@ -96,6 +96,8 @@ pub use transport::PreSharedKey;
 pub const MAX_PAIR_ID: usize = 128;
 /// Longest candidate name, in bytes.
 pub const MAX_CANDIDATE: usize = 255;
+/// Longest join address, in bytes.
+pub const MAX_JOINS_AT: usize = 255;
 
 /// The arbiter's answer to [`Arbiter::test_and_set`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,24 +130,55 @@ impl Decision {
     }
 }
 
+/// A pair's latest decision as the arbiter keeps it: the winner, its epoch, and where the winner
+/// said it accepts joining backups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The winner (a candidate name).
+    pub winner: String,
+    /// The winner's epoch.
+    pub epoch: u64,
+    /// Where the winner accepts joining backups (`host:port` or a Unix socket path), if it
+    /// said when it claimed the epoch: a new backup of the pair joins there.
+    pub joins_at: Option<String>,
+}
+
 /// An atomic test-and-set on fencing epochs; see the [crate docs](crate) for the semantics.
 pub trait Arbiter: Send {
     /// Atomically: if the pair has no decision at an epoch greater than `epoch`, records
-    /// `candidate` as the winner at `epoch + 1` (greater than every epoch recorded for the pair)
-    /// and returns `Won { epoch: epoch + 1 }`; otherwise returns `Lost` with the latest decision.
-    /// The recorded winner of exactly `epoch + 1` retrying gets `Won` again. Answers only once the
-    /// decision is durable. Unreachable backends give [`ArbiterError::Unavailable`]: callers must
-    /// never go live without a `Won`.
+    /// `candidate` as the winner at `epoch + 1` (greater than every epoch recorded for the pair),
+    /// together with `joins_at`, where the winner accepts joining backups, and returns
+    /// `Won { epoch: epoch + 1 }`; otherwise returns `Lost` with the latest decision. The
+    /// recorded winner of exactly `epoch + 1` retrying gets `Won` again (and its decision keeps
+    /// the `joins_at` it was recorded with). Answers only once the decision is durable.
+    /// Unreachable backends give [`ArbiterError::Unavailable`]: callers must never go live
+    /// without a `Won`.
+    fn claim(
+        &mut self,
+        pair_id: &str,
+        candidate: &str,
+        epoch: u64,
+        joins_at: Option<&str>,
+    ) -> Result<Decision, ArbiterError>;
+
+    /// [`Arbiter::claim`] without a join address.
     fn test_and_set(
         &mut self,
         pair_id: &str,
         candidate: &str,
         epoch: u64,
-    ) -> Result<Decision, ArbiterError>;
+    ) -> Result<Decision, ArbiterError> {
+        self.claim(pair_id, candidate, epoch, None)
+    }
+
+    /// The pair's latest decision, with its join address, if any.
+    fn latest(&mut self, pair_id: &str) -> Result<Option<Record>, ArbiterError>;
 
     /// The latest decision for the pair, `(winner, epoch)`, if any (for fencing checks and
     /// diagnostics).
-    fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError>;
+    fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
+        Ok(self.latest(pair_id)?.map(|r| (r.winner, r.epoch)))
+    }
 
     /// True if a replica running in `epoch` has been deposed: the pair has a decision at a
     /// greater epoch. A replica that gets `true`, or an error, must not release output.
@@ -155,6 +188,16 @@ pub trait Arbiter: Send {
 }
 
 impl<A: Arbiter + ?Sized> Arbiter for Box<A> {
+    fn claim(
+        &mut self,
+        pair_id: &str,
+        candidate: &str,
+        epoch: u64,
+        joins_at: Option<&str>,
+    ) -> Result<Decision, ArbiterError> {
+        (**self).claim(pair_id, candidate, epoch, joins_at)
+    }
+
     fn test_and_set(
         &mut self,
         pair_id: &str,
@@ -162,6 +205,10 @@ impl<A: Arbiter + ?Sized> Arbiter for Box<A> {
         epoch: u64,
     ) -> Result<Decision, ArbiterError> {
         (**self).test_and_set(pair_id, candidate, epoch)
+    }
+
+    fn latest(&mut self, pair_id: &str) -> Result<Option<Record>, ArbiterError> {
+        (**self).latest(pair_id)
     }
 
     fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
@@ -205,14 +252,32 @@ pub fn validate_candidate(candidate: &str) -> Result<(), ArbiterError> {
     }
 }
 
-/// Checks all three arguments of a test-and-set and returns the epoch a win would get.
+/// Checks a join address: 1 to [`MAX_JOINS_AT`] printable ASCII bytes without spaces.
+pub fn validate_joins_at(addr: &str) -> Result<(), ArbiterError> {
+    let ok = !addr.is_empty()
+        && addr.len() <= MAX_JOINS_AT
+        && addr.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(ArbiterError::InvalidArgument(format!(
+            "join address {addr:?}: need 1-{MAX_JOINS_AT} printable ASCII bytes without spaces"
+        )))
+    }
+}
+
+/// Checks the arguments of a claim and returns the epoch a win would get.
 pub(crate) fn validate_request(
     pair_id: &str,
     candidate: &str,
     epoch: u64,
+    joins_at: Option<&str>,
 ) -> Result<u64, ArbiterError> {
     validate_pair_id(pair_id)?;
     validate_candidate(candidate)?;
+    if let Some(addr) = joins_at {
+        validate_joins_at(addr)?;
+    }
     epoch
         .checked_add(1)
         .ok_or_else(|| ArbiterError::InvalidArgument(format!("epoch {epoch} has no successor")))
@@ -437,8 +502,19 @@ mod tests {
         for bad in ["", "a b", "a\nb", &"x".repeat(MAX_CANDIDATE + 1)] {
             assert!(validate_candidate(bad).is_err(), "{bad:?}");
         }
-        assert!(validate_request("p", "c", u64::MAX).is_err());
-        assert_eq!(validate_request("p", "c", 7).ok(), Some(8));
+        assert!(validate_request("p", "c", u64::MAX, None).is_err());
+        assert_eq!(validate_request("p", "c", 7, None).ok(), Some(8));
+        assert_eq!(
+            validate_request("p", "c", 7, Some("/run/ftvm/joins.sock")).ok(),
+            Some(8)
+        );
+        assert_eq!(
+            validate_request("p", "c", 7, Some("10.0.0.1:7420")).ok(),
+            Some(8)
+        );
+        for bad in ["", "a b", "x\n", &"x".repeat(MAX_JOINS_AT + 1)] {
+            assert!(validate_request("p", "c", 7, Some(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

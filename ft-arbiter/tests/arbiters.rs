@@ -48,6 +48,10 @@ macro_rules! backend_suite {
                 suite::current_reports_the_decision::<$fixture>();
             }
             #[test]
+            fn join_address_is_kept_with_the_winner() {
+                suite::join_address_is_kept_with_the_winner::<$fixture>();
+            }
+            #[test]
             fn invalid_arguments_are_refused() {
                 suite::invalid_arguments_are_refused::<$fixture>();
             }

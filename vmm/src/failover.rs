@@ -39,6 +39,9 @@ pub struct ArbiterClient {
     pub pair_id: String,
     /// This replica's unique name.
     pub candidate: String,
+    /// Where this replica accepts joining backups once live (recorded with a win, so a new
+    /// backup finds it).
+    pub joins_at: Option<String>,
     /// Pause between attempts while the arbiter is unreachable.
     pub retry: Duration,
     /// Set to give up waiting (SIGTERM).
@@ -50,6 +53,7 @@ impl std::fmt::Debug for ArbiterClient {
         f.debug_struct("ArbiterClient")
             .field("pair_id", &self.pair_id)
             .field("candidate", &self.candidate)
+            .field("joins_at", &self.joins_at)
             .finish_non_exhaustive()
     }
 }
@@ -76,10 +80,12 @@ impl ArbiterClient {
         let started = Instant::now();
         let mut unavailable = 0u32;
         loop {
-            match self
-                .arbiter
-                .test_and_set(&self.pair_id, &self.candidate, epoch)
-            {
+            match self.arbiter.claim(
+                &self.pair_id,
+                &self.candidate,
+                epoch,
+                self.joins_at.as_deref(),
+            ) {
                 Ok(d) => {
                     let (won, winner) = match &d {
                         Decision::Won { .. } => (true, self.candidate.clone()),

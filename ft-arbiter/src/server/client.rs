@@ -12,7 +12,8 @@ use transport::{ChannelError, PreSharedKey};
 use super::protocol::{Request, Response};
 use super::session::{self, Sealed};
 use crate::{
-    validate_candidate, validate_pair_id, validate_request, Arbiter, ArbiterError, Decision,
+    validate_candidate, validate_joins_at, validate_pair_id, validate_request, Arbiter,
+    ArbiterError, Decision, Record,
 };
 
 /// A client of an [`ArbiterServer`](super::ArbiterServer): an [`Arbiter`] over TCP.
@@ -125,34 +126,48 @@ fn server_error(resp: Response, what: &str) -> ArbiterError {
 }
 
 impl Arbiter for ServerArbiter {
-    fn test_and_set(
+    fn claim(
         &mut self,
         pair_id: &str,
         candidate: &str,
         epoch: u64,
+        joins_at: Option<&str>,
     ) -> Result<Decision, ArbiterError> {
-        let new_epoch = validate_request(pair_id, candidate, epoch)?;
-        let resp = self.request(&Request::TestAndSet {
+        let new_epoch = validate_request(pair_id, candidate, epoch, joins_at)?;
+        let resp = self.request(&Request::Claim {
             pair: pair_id.to_owned(),
             candidate: candidate.to_owned(),
             epoch,
+            joins_at: joins_at.map(str::to_owned),
         })?;
         match resp {
             Response::Won(e) if e == new_epoch => Ok(Decision::Won { epoch: e }),
             Response::Lost(winner, e) if e > epoch && validate_candidate(&winner).is_ok() => {
                 Ok(Decision::Lost { winner, epoch: e })
             }
-            other => Err(server_error(other, "test-and-set")),
+            other => Err(server_error(other, "claim")),
         }
     }
 
-    fn current(&mut self, pair_id: &str) -> Result<Option<(String, u64)>, ArbiterError> {
+    fn latest(&mut self, pair_id: &str) -> Result<Option<Record>, ArbiterError> {
         validate_pair_id(pair_id)?;
-        match self.request(&Request::Current {
+        match self.request(&Request::Latest {
             pair: pair_id.to_owned(),
         })? {
-            Response::Current(c) => Ok(c),
-            other => Err(server_error(other, "current")),
+            Response::Current(None) | Response::Latest(None) => Ok(None),
+            Response::Latest(Some((winner, epoch, joins_at)))
+                if validate_candidate(&winner).is_ok()
+                    && joins_at
+                        .as_deref()
+                        .is_none_or(|a| validate_joins_at(a).is_ok()) =>
+            {
+                Ok(Some(Record {
+                    winner,
+                    epoch,
+                    joins_at,
+                }))
+            }
+            other => Err(server_error(other, "latest")),
         }
     }
 }

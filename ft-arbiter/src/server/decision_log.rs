@@ -2,7 +2,8 @@
 //!
 //! The server keeps its decisions in `STATE_DIR/decisions.log`: an 8-byte header `FTARBLG1`,
 //! then records `body_len: u32, crc32c(body): u32, body` with body `epoch: u64, pair_len: u16,
-//! pair, winner_len: u16, winner`. A test-and-set that wins appends its record and `fdatasync`s
+//! pair, winner_len: u16, winner` and, if the winner gave one, `joins_len: u16, joins` (where it
+//! accepts joining backups; records without it, as older servers wrote them, read as none). A test-and-set that wins appends its record and `fdatasync`s
 //! it before answering; on start the server replays the log, so a decision survives a crash. A
 //! torn last record (a crash mid-append, never acknowledged) is cut off; damage before the last
 //! record stops the server with [`ArbiterError::Corrupt`]. If an append or sync fails, the log
@@ -17,7 +18,8 @@ use std::path::{Path, PathBuf};
 
 use super::protocol::{put_str, Cursor, Response};
 use crate::{
-    decide_against, validate_candidate, validate_pair_id, validate_request, ArbiterError, Decision,
+    decide_against, validate_candidate, validate_joins_at, validate_pair_id, validate_request,
+    ArbiterError, Decision, Record,
 };
 
 /// The name of the decision log inside the state directory.
@@ -25,23 +27,27 @@ pub const LOG_FILE: &str = "decisions.log";
 
 const LOG_MAGIC: [u8; 8] = *b"FTARBLG1";
 const RECORD_HEADER: usize = 8;
-const MAX_RECORD_BODY: usize = 8 + 2 + crate::MAX_PAIR_ID + 2 + crate::MAX_CANDIDATE;
+const MAX_RECORD_BODY: usize =
+    8 + 2 + crate::MAX_PAIR_ID + 2 + crate::MAX_CANDIDATE + 2 + crate::MAX_JOINS_AT;
 
 /// The decisions and the append-only log that makes them durable.
 #[derive(Debug)]
 pub(super) struct DecisionLog {
     file: File,
     pub(super) path: PathBuf,
-    pub(super) latest: HashMap<String, (String, u64)>,
+    pub(super) latest: HashMap<String, Record>,
     /// Set when an append failed: the log's tail is unknown, so nothing more is decided.
     failed: Option<String>,
 }
 
-fn encode_record(pair: &str, winner: &str, epoch: u64) -> Vec<u8> {
+fn encode_record(pair: &str, winner: &str, epoch: u64, joins_at: Option<&str>) -> Vec<u8> {
     let mut body = Vec::with_capacity(MAX_RECORD_BODY);
     body.extend_from_slice(&epoch.to_le_bytes());
     put_str(&mut body, pair);
     put_str(&mut body, winner);
+    if let Some(addr) = joins_at {
+        put_str(&mut body, addr);
+    }
     let mut rec = Vec::with_capacity(RECORD_HEADER + body.len());
     rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
     rec.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -49,9 +55,9 @@ fn encode_record(pair: &str, winner: &str, epoch: u64) -> Vec<u8> {
     rec
 }
 
-/// One record at the start of `buf`: `(pair, winner, epoch, record length)`, or `None` if the
+/// One record at the start of `buf`: `(pair, its decision, record length)`, or `None` if the
 /// bytes there are not a whole valid record.
-fn decode_record(buf: &[u8]) -> Option<(String, String, u64, usize)> {
+fn decode_record(buf: &[u8]) -> Option<(String, Record, usize)> {
     let mut c = Cursor(buf);
     let mut b = [0u8; 4];
     b.copy_from_slice(c.bytes(4)?);
@@ -69,10 +75,22 @@ fn decode_record(buf: &[u8]) -> Option<(String, String, u64, usize)> {
     let epoch = body.u64()?;
     let pair = body.string()?;
     let winner = body.string()?;
+    let joins_at = match body.end() {
+        Some(()) => None,
+        None => Some(body.string()?),
+    };
     body.end()?;
     validate_pair_id(&pair).ok()?;
     validate_candidate(&winner).ok()?;
-    Some((pair, winner, epoch, RECORD_HEADER + len))
+    if let Some(addr) = &joins_at {
+        validate_joins_at(addr).ok()?;
+    }
+    let record = Record {
+        winner,
+        epoch,
+        joins_at,
+    };
+    Some((pair, record, RECORD_HEADER + len))
 }
 
 impl DecisionLog {
@@ -113,19 +131,20 @@ impl DecisionLog {
             return Err(corrupt("not an arbiter decision log".into()));
         }
 
-        let mut latest: HashMap<String, (String, u64)> = HashMap::new();
+        let mut latest: HashMap<String, Record> = HashMap::new();
         let mut pos = LOG_MAGIC.len();
         while pos < buf.len() {
             match decode_record(&buf[pos..]) {
-                Some((pair, winner, epoch, len)) => {
-                    if let Some((_, prev)) = latest.get(&pair) {
-                        if epoch <= *prev {
+                Some((pair, record, len)) => {
+                    if let Some(prev) = latest.get(&pair) {
+                        if record.epoch <= prev.epoch {
                             return Err(corrupt(format!(
-                                "pair {pair}: epoch {epoch} recorded after {prev}"
+                                "pair {pair}: epoch {} recorded after {}",
+                                record.epoch, prev.epoch
                             )));
                         }
                     }
-                    latest.insert(pair, (winner, epoch));
+                    latest.insert(pair, record);
                     pos += len;
                 }
                 None if buf.len() - pos < RECORD_HEADER + MAX_RECORD_BODY => {
@@ -156,12 +175,23 @@ impl DecisionLog {
         })
     }
 
+    #[cfg(test)]
     pub(super) fn test_and_set(&mut self, pair: &str, candidate: &str, epoch: u64) -> Response {
-        let new_epoch = match validate_request(pair, candidate, epoch) {
+        self.claim(pair, candidate, epoch, None)
+    }
+
+    pub(super) fn claim(
+        &mut self,
+        pair: &str,
+        candidate: &str,
+        epoch: u64,
+        joins_at: Option<&str>,
+    ) -> Response {
+        let new_epoch = match validate_request(pair, candidate, epoch, joins_at) {
             Ok(e) => e,
             Err(e) => return Response::Refused(e.to_string()),
         };
-        let latest = self.latest.get(pair).map(|(w, e)| (w.as_str(), *e));
+        let latest = self.latest.get(pair).map(|r| (r.winner.as_str(), r.epoch));
         match decide_against(latest, candidate, epoch) {
             Some(Decision::Won { epoch }) => return Response::Won(epoch),
             Some(Decision::Lost { winner, epoch }) => return Response::Lost(winner, epoch),
@@ -170,7 +200,7 @@ impl DecisionLog {
         if let Some(why) = &self.failed {
             return Response::Unavailable(why.clone());
         }
-        let record = encode_record(pair, candidate, new_epoch);
+        let record = encode_record(pair, candidate, new_epoch, joins_at);
         if let Err(e) = self
             .file
             .write_all(&record)
@@ -181,16 +211,38 @@ impl DecisionLog {
             self.failed = Some(why.clone());
             return Response::Unavailable(why);
         }
-        self.latest
-            .insert(pair.to_owned(), (candidate.to_owned(), new_epoch));
+        self.latest.insert(
+            pair.to_owned(),
+            Record {
+                winner: candidate.to_owned(),
+                epoch: new_epoch,
+                joins_at: joins_at.map(str::to_owned),
+            },
+        );
         Response::Won(new_epoch)
     }
 
     pub(super) fn current(&self, pair: &str) -> Response {
         match validate_pair_id(pair) {
-            Ok(()) => Response::Current(self.latest.get(pair).cloned()),
+            Ok(()) => Response::Current(self.latest.get(pair).map(|r| (r.winner.clone(), r.epoch))),
             Err(e) => Response::Refused(e.to_string()),
         }
+    }
+
+    pub(super) fn latest(&self, pair: &str) -> Response {
+        match validate_pair_id(pair) {
+            Ok(()) => Response::Latest(
+                self.latest
+                    .get(pair)
+                    .map(|r| (r.winner.clone(), r.epoch, r.joins_at.clone())),
+            ),
+            Err(e) => Response::Refused(e.to_string()),
+        }
+    }
+
+    /// The epoch of the pair's latest decision.
+    pub(super) fn latest_epoch(&self, pair: &str) -> Option<u64> {
+        self.latest.get(pair).map(|r| r.epoch)
     }
 }
 
@@ -220,13 +272,14 @@ mod tests {
         let path = dir.join(LOG_FILE);
         let good_len = fs::metadata(&path).expect("meta").len();
         // A crash halfway through a third append.
-        let rec = encode_record("p", "c", 3);
+        let rec = encode_record("p", "c", 3, None);
         let mut f = OpenOptions::new().append(true).open(&path).expect("append");
         f.write_all(&rec[..rec.len() - 3]).expect("torn write");
         drop(f);
         let log = DecisionLog::open(&dir).expect("replay");
-        assert_eq!(log.latest.get("p"), Some(&("a".to_owned(), 2)));
-        assert_eq!(log.latest.get("q"), Some(&("b".to_owned(), 6)));
+        assert_eq!(log.latest_epoch("p"), Some(2));
+        assert_eq!(log.latest.get("p").map(|r| r.winner.as_str()), Some("a"));
+        assert_eq!(log.latest_epoch("q"), Some(6));
         assert_eq!(fs::metadata(&path).expect("meta").len(), good_len);
         drop(log);
         fs::remove_dir_all(&dir).ok();
@@ -270,17 +323,33 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_refuse_what_no_server_writes() {
-        let rec = encode_record("pair-1", "host-a", 9);
+        let rec = encode_record("pair-1", "host-a", 9, None);
+        let record = |joins_at: Option<&str>| Record {
+            winner: "host-a".into(),
+            epoch: 9,
+            joins_at: joins_at.map(str::to_owned),
+        };
         assert_eq!(
             decode_record(&rec),
-            Some(("pair-1".into(), "host-a".into(), 9, rec.len()))
+            Some(("pair-1".into(), record(None), rec.len()))
+        );
+        let with_joins = encode_record("pair-1", "host-a", 9, Some("10.0.0.1:7420"));
+        assert_eq!(
+            decode_record(&with_joins),
+            Some((
+                "pair-1".into(),
+                record(Some("10.0.0.1:7420")),
+                with_joins.len()
+            ))
         );
         // Followed by more bytes: the record still ends where it says.
         let mut two = rec.clone();
-        two.extend_from_slice(&encode_record("q", "b", 1));
-        assert_eq!(decode_record(&two).map(|r| r.3), Some(rec.len()));
+        two.extend_from_slice(&encode_record("q", "b", 1, None));
+        assert_eq!(decode_record(&two).map(|r| r.2), Some(rec.len()));
         // A checksummed record with a name a server never records.
-        let bad = encode_record("../etc", "host-a", 9);
+        let bad = encode_record("../etc", "host-a", 9, None);
+        assert_eq!(decode_record(&bad), None);
+        let bad = encode_record("p", "host-a", 9, Some("a b"));
         assert_eq!(decode_record(&bad), None);
         for n in 0..rec.len() {
             assert_eq!(decode_record(&rec[..n]), None, "{n} bytes");

@@ -6,25 +6,35 @@
 //! ```text
 //! request  1 TestAndSet: op=1 u8, epoch u64, pair_len u16, pair, candidate_len u16, candidate
 //! request  2 Current:    op=2 u8, pair_len u16, pair
+//! request  3 Claim:      op=3 u8, epoch u64, pair_len u16, pair, candidate_len u16, candidate,
+//!                        joins_len u16, joins              (joins_len 0: no join address)
+//! request  4 Latest:     op=4 u8, pair_len u16, pair
 //! response 0 Won:        0 u8, epoch u64
 //! response 1 Lost:       1 u8, epoch u64, winner_len u16, winner
 //! response 2 None:       2 u8                               (Current: no decision yet)
 //! response 3 Decision:   3 u8, epoch u64, winner_len u16, winner   (Current)
 //! response 4 Unavailable: 4 u8, msg_len u16, msg            (the server cannot decide durably)
 //! response 5 Refused:    5 u8, msg_len u16, msg             (a malformed or invalid request)
+//! response 6 Record:     6 u8, epoch u64, winner_len u16, winner, joins_len u16, joins  (Latest)
 //! ```
+//!
+//! A test-and-set (1) is a claim without a join address, and Current (2) answers with None or
+//! Decision; Latest (4) answers with None or Record. Clients of this version send 3 and 4 only.
 
 /// Longest request or response body.
 pub const MAX_MESSAGE: usize = 1024;
 
 const OP_TEST_AND_SET: u8 = 1;
 const OP_CURRENT: u8 = 2;
+const OP_CLAIM: u8 = 3;
+const OP_LATEST: u8 = 4;
 const RE_WON: u8 = 0;
 const RE_LOST: u8 = 1;
 const RE_NONE: u8 = 2;
 const RE_DECISION: u8 = 3;
 const RE_UNAVAILABLE: u8 = 4;
 const RE_REFUSED: u8 = 5;
+const RE_RECORD: u8 = 6;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Request {
@@ -36,6 +46,15 @@ pub(super) enum Request {
     Current {
         pair: String,
     },
+    Claim {
+        pair: String,
+        candidate: String,
+        epoch: u64,
+        joins_at: Option<String>,
+    },
+    Latest {
+        pair: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +62,8 @@ pub(super) enum Response {
     Won(u64),
     Lost(String, u64),
     Current(Option<(String, u64)>),
+    /// The answer to Latest: `(winner, epoch, joins_at)`.
+    Latest(Option<(String, u64, Option<String>)>),
     Unavailable(String),
     Refused(String),
 }
@@ -106,6 +127,22 @@ impl Request {
                 out.push(OP_CURRENT);
                 put_str(&mut out, pair);
             }
+            Request::Claim {
+                pair,
+                candidate,
+                epoch,
+                joins_at,
+            } => {
+                out.push(OP_CLAIM);
+                out.extend_from_slice(&epoch.to_le_bytes());
+                put_str(&mut out, pair);
+                put_str(&mut out, candidate);
+                put_str(&mut out, joins_at.as_deref().unwrap_or(""));
+            }
+            Request::Latest { pair } => {
+                out.push(OP_LATEST);
+                put_str(&mut out, pair);
+            }
         }
         out
     }
@@ -122,6 +159,16 @@ impl Request {
                 }
             }
             OP_CURRENT => Request::Current { pair: c.string()? },
+            OP_CLAIM => {
+                let epoch = c.u64()?;
+                Request::Claim {
+                    epoch,
+                    pair: c.string()?,
+                    candidate: c.string()?,
+                    joins_at: Some(c.string()?).filter(|a| !a.is_empty()),
+                }
+            }
+            OP_LATEST => Request::Latest { pair: c.string()? },
             _ => return None,
         };
         c.end()?;
@@ -148,6 +195,13 @@ impl Response {
                 out.extend_from_slice(&epoch.to_le_bytes());
                 put_str(&mut out, winner);
             }
+            Response::Latest(None) => out.push(RE_NONE),
+            Response::Latest(Some((winner, epoch, joins_at))) => {
+                out.push(RE_RECORD);
+                out.extend_from_slice(&epoch.to_le_bytes());
+                put_str(&mut out, winner);
+                put_str(&mut out, joins_at.as_deref().unwrap_or(""));
+            }
             Response::Unavailable(msg) => {
                 out.push(RE_UNAVAILABLE);
                 put_str(&mut out, msg);
@@ -173,6 +227,12 @@ impl Response {
                 let epoch = c.u64()?;
                 Response::Current(Some((c.string()?, epoch)))
             }
+            RE_RECORD => {
+                let epoch = c.u64()?;
+                let winner = c.string()?;
+                let joins_at = Some(c.string()?).filter(|a| !a.is_empty());
+                Response::Latest(Some((winner, epoch, joins_at)))
+            }
             RE_UNAVAILABLE => Response::Unavailable(c.string()?),
             RE_REFUSED => Response::Refused(c.string()?),
             _ => return None,
@@ -195,6 +255,19 @@ mod tests {
                 epoch: 7,
             },
             Request::Current { pair: "p".into() },
+            Request::Claim {
+                pair: "p".into(),
+                candidate: "host-a".into(),
+                epoch: 7,
+                joins_at: Some("/run/j.sock".into()),
+            },
+            Request::Claim {
+                pair: "p".into(),
+                candidate: "host-a".into(),
+                epoch: 7,
+                joins_at: None,
+            },
+            Request::Latest { pair: "p".into() },
         ] {
             assert_eq!(Request::decode(&req.encode()), Some(req));
         }
@@ -203,6 +276,8 @@ mod tests {
             Response::Lost("b".into(), 9),
             Response::Current(None),
             Response::Current(Some(("c".into(), 2))),
+            Response::Latest(Some(("c".into(), 2, Some("10.0.0.1:7420".into())))),
+            Response::Latest(Some(("c".into(), 2, None))),
             Response::Unavailable("disk".into()),
             Response::Refused("bad".into()),
         ] {

@@ -304,16 +304,22 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
                         pair,
                         candidate,
                         epoch,
-                    } => {
-                        let before = state.latest.get(pair).map(|(_, e)| *e);
-                        let response = state.test_and_set(pair, candidate, *epoch);
-                        if state.latest.get(pair).map(|(_, e)| *e) != before {
-                            shared.counters.decisions.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(pair, candidate, epoch = epoch + 1, "arbiter decided");
-                        }
-                        response
-                    }
+                    } => decide(&mut state, &shared.counters, pair, candidate, *epoch, None),
+                    Request::Claim {
+                        pair,
+                        candidate,
+                        epoch,
+                        joins_at,
+                    } => decide(
+                        &mut state,
+                        &shared.counters,
+                        pair,
+                        candidate,
+                        *epoch,
+                        joins_at.as_deref(),
+                    ),
                     Request::Current { pair } => state.current(pair),
+                    Request::Latest { pair } => state.latest(pair),
                 };
                 drop(state);
                 response
@@ -325,4 +331,28 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
             return;
         }
     }
+}
+
+/// One claim on the decision log, counted and logged if it decided something new.
+fn decide(
+    state: &mut DecisionLog,
+    counters: &Counters,
+    pair: &str,
+    candidate: &str,
+    epoch: u64,
+    joins_at: Option<&str>,
+) -> Response {
+    let before = state.latest_epoch(pair);
+    let response = state.claim(pair, candidate, epoch, joins_at);
+    if state.latest_epoch(pair) != before {
+        counters.decisions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            pair,
+            candidate,
+            epoch = epoch + 1,
+            joins_at,
+            "arbiter decided"
+        );
+    }
+    response
 }

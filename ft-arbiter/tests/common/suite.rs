@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use ft_arbiter::{Arbiter, ArbiterError, Decision};
+use ft_arbiter::{Arbiter, ArbiterError, Decision, Record};
 
 use super::Fixture;
 
@@ -300,6 +300,79 @@ pub fn current_reports_the_decision<F: Fixture>() {
     assert_eq!(current(&mut a, "pair-p"), Some(("a".into(), 11)));
     // A pair whose id is a prefix of another's does not see the other's decisions.
     assert_eq!(current(&mut a, "pair"), None);
+}
+
+fn record(winner: &str, epoch: u64, joins_at: Option<&str>) -> Option<Record> {
+    Some(Record {
+        winner: winner.into(),
+        epoch,
+        joins_at: joins_at.map(str::to_owned),
+    })
+}
+
+fn latest(a: &mut impl Arbiter, pair: &str) -> Option<Record> {
+    a.latest(pair)
+        .unwrap_or_else(|e| panic!("latest({pair}): {e}"))
+}
+
+/// Each epoch's winner is kept with where it accepts joins; a loser's claim changes nothing.
+pub fn join_address_is_kept_with_the_winner<F: Fixture>() {
+    let mut fixture = F::start();
+    let (mut a, mut b) = (fixture.client(), fixture.client());
+    let (p, addr_a, addr_b) = ("pair-j", "127.0.0.1:7420", "/run/ftvm/node-b/joins.sock");
+    assert_eq!(latest(&mut a, p), None);
+    // A new pair: both nodes claim epoch 1 with their join addresses; one wins.
+    assert_eq!(
+        a.claim(p, "node-a.1", 0, Some(addr_a)).expect("claim"),
+        won(1)
+    );
+    assert_eq!(
+        b.claim(p, "node-b.1", 0, Some(addr_b)).expect("claim"),
+        lost("node-a.1", 1)
+    );
+    assert_eq!(latest(&mut b, p), record("node-a.1", 1, Some(addr_a)));
+    assert_eq!(current(&mut b, p), Some(("node-a.1".into(), 1)));
+    // The winner's retry wins again and keeps its address (even if it sends another).
+    assert_eq!(
+        a.claim(p, "node-a.1", 0, Some(addr_b)).expect("retry"),
+        won(1)
+    );
+    assert_eq!(latest(&mut a, p), record("node-a.1", 1, Some(addr_a)));
+    // A takeover records the new winner's address; one without an address records none.
+    assert_eq!(
+        b.claim(p, "node-b.2", 1, Some(addr_b)).expect("claim"),
+        won(2)
+    );
+    assert_eq!(latest(&mut a, p), record("node-b.2", 2, Some(addr_b)));
+    assert_eq!(tas(&mut a, p, "node-a.2", 2), won(3));
+    assert_eq!(latest(&mut b, p), record("node-a.2", 3, None));
+    // Kept across a restart of the backend.
+    assert_eq!(
+        a.claim("pair-k", "node-a.3", 4, Some(addr_a))
+            .expect("claim"),
+        won(5)
+    );
+    fixture.take_down();
+    fixture.bring_up();
+    let mut c = fixture.client();
+    assert_eq!(
+        latest(&mut c, "pair-k"),
+        record("node-a.3", 5, Some(addr_a))
+    );
+    assert_eq!(latest(&mut c, p), record("node-a.2", 3, None));
+    // Addresses no backend could keep are refused before anything is decided.
+    for bad in [
+        "",
+        "two words",
+        "line\nbreak",
+        &"x".repeat(ft_arbiter::MAX_JOINS_AT + 1),
+    ] {
+        match c.claim(p, "node-c", 3, Some(bad)) {
+            Err(ArbiterError::InvalidArgument(_)) => {}
+            other => panic!("join address {bad:?} gave {other:?}"),
+        }
+    }
+    assert_eq!(latest(&mut c, p), record("node-a.2", 3, None));
 }
 
 pub fn invalid_arguments_are_refused<F: Fixture>() {
