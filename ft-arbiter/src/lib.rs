@@ -79,6 +79,8 @@
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "etcd")]
+pub mod etcd_cluster;
 pub mod file;
 pub mod server;
 
