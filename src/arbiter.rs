@@ -64,7 +64,7 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
                 std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
             let server = ArbiterServer::serve(listener, state_dir, key)
                 .context("starting the arbiter server")?;
-            let stop = crate::node::stop_signals()?;
+            let stop = crate::replica::stop_signals()?;
             let detail = format!("decisions in {}", state_dir.display());
             crate::ready::Ready::new("arbiter", server.local_addr(), detail).announce()?;
             let handle = server.stop_handle();

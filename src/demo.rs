@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::client::{self, ClientReport, Workload};
-use crate::node::NodeSummary;
 use crate::ready::Ready;
+use crate::replica::NodeSummary;
 
 /// `ftvm demo`.
 #[derive(clap::Args, Debug, Clone)]
@@ -35,7 +35,7 @@ pub struct DemoArgs {
     pub no_baseline: bool,
     /// Guest program (`nondet` demonstrates divergence detection).
     #[arg(long, value_enum, default_value = "kvstore")]
-    pub guest: crate::node::Guest,
+    pub guest: crate::replica::Guest,
     /// Write the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -233,11 +233,11 @@ fn node_args(
     dir: &Path,
     key: &Path,
     core: usize,
-    guest: crate::node::Guest,
+    guest: crate::replica::Guest,
 ) -> Vec<String> {
     let guest = match guest {
-        crate::node::Guest::Kvstore => "kvstore",
-        crate::node::Guest::Nondet => "nondet",
+        crate::replica::Guest::Kvstore => "kvstore",
+        crate::replica::Guest::Nondet => "nondet",
     };
     vec![
         role.into(),
@@ -313,7 +313,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     };
     // The client (and the front's thread, spawned from here) share the primary's core: on the
     // backup's they would preempt it and delay its ACKs (or, for long, its heartbeat checks).
-    crate::node::pin(Some(args.client_core));
+    crate::replica::pin(Some(args.client_core));
     let psk = transport::PreSharedKey::from_file(&key)?;
     let front = vmm::service::Front::spawn(std::net::UdpSocket::bind("127.0.0.1:0")?, psk, 1)?;
     let service = front.local_addr();
@@ -464,7 +464,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     };
     let takeover = b.as_ref().ok().and_then(|b| b.takeover.clone());
     println!("  replaying the survivor's journal on a fresh VM …");
-    let replayed = crate::node::replay_journal(&crate::node::ReplayArgs {
+    let replayed = crate::replica::replay_journal(&crate::replica::ReplayArgs {
         journal: journal.clone(),
         mem_mib: 16,
         guest: args.guest,
@@ -632,7 +632,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     let dir = scratch.path().to_path_buf();
     let key = write_key(&dir)?;
     let sock = dir.join("backup.sock");
-    crate::node::pin(Some(args.client_core));
+    crate::replica::pin(Some(args.client_core));
 
     println!(
         "ftvm demo: FT pair over shared memory, {} requests",

@@ -6,6 +6,7 @@ mod client;
 mod demo;
 mod node;
 mod ready;
+mod replica;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,12 +28,15 @@ struct Cli {
 enum Command {
     /// Run an FT pair with a guest on one machine, drive client requests, compare the replicas.
     Demo(demo::DemoArgs),
+    /// Run one host's node of a self-healing pair (under a supervisor): join the live primary
+    /// as its backup, or claim a new pair's first epoch; take over when the primary fails.
+    Node(node::NodeArgs),
     /// Run the primary VMM: the guest live, its log replicated to a backup.
-    Primary(node::PrimaryArgs),
+    Primary(replica::PrimaryArgs),
     /// Run the backup VMM: replay the primary's log, check every output.
-    Backup(node::BackupArgs),
+    Backup(replica::BackupArgs),
     /// Replay a backup's journal on a fresh VM and print the guest's final state.
-    Replay(node::ReplayArgs),
+    Replay(replica::ReplayArgs),
     /// Send key-value requests to a running primary and verify every response.
     Client(ClientArgs),
     /// The failover arbiter (`ftvm arbiter serve`, `ftvm arbiter init`).
@@ -117,8 +121,10 @@ fn main() {
     init_logging();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        let code = if e.is::<node::Deposed>() {
-            node::DEPOSED_EXIT_CODE
+        let code = if e.is::<replica::Deposed>() {
+            replica::DEPOSED_EXIT_CODE
+        } else if e.is::<node::Refused>() {
+            node::REFUSED_EXIT_CODE
         } else {
             1
         };
@@ -138,7 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Arbiter(args) => arbiter::run(&args)?,
         Command::Replay(args) => {
-            let s = node::replay_journal(&args)?;
+            let s = replica::replay_journal(&args)?;
             println!(
                 "replayed {} exits ({} entries), {} outputs checked, memory {}",
                 s.exits, s.entries_received, s.outputs_checked, s.memory_hash
@@ -148,7 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = transport::PreSharedKey::from_file(&args.key_file)?;
             let socket = std::net::UdpSocket::bind(args.listen)?;
             let front = vmm::service::Front::spawn(socket, key, args.session)?;
-            let stop = node::stop_signals()?;
+            let stop = replica::stop_signals()?;
             ready::Ready::new(
                 "front",
                 front.local_addr(),
@@ -162,15 +168,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(&args)?;
         }
         Command::Primary(args) => {
-            let s = node::primary(&args)?;
+            let s = replica::primary(&args)?;
             tracing::info!(
                 "primary: {} exits, {} outputs committed, stopped cleanly",
                 s.exits,
                 s.outputs_committed
             );
         }
+        Command::Node(args) => {
+            let s = node::node(&args)?;
+            tracing::info!(
+                "node: stopped as {} in epoch {} after {} exits, memory {}",
+                s.role,
+                s.epoch,
+                s.exits,
+                s.memory_hash
+            );
+        }
         Command::Backup(args) => {
-            let s = node::backup(&args)?;
+            let s = replica::backup(&args)?;
             match &s.takeover {
                 Some(t) => tracing::info!(
                     "backup: took over at exit {} in epoch {} ({} outputs checked before, {} \

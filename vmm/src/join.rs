@@ -187,6 +187,42 @@ pub enum JoinError {
     Other(String),
 }
 
+/// A refusal for now: another joiner is being served.
+const REFUSED_BUSY: &str = "another backup is joining right now";
+/// A refusal for now: the pair has its backup (it may be this joiner's dead predecessor, not
+/// yet noticed).
+const REFUSED_PROTECTED: &str = "the pair is protected: a backup already has the log";
+/// A refusal for now: the replica asked is a backup (it may be about to take over).
+const REFUSED_NOT_LIVE: &str = "this replica is a backup, not serving: join the primary";
+
+impl JoinError {
+    /// True if this joiner can never join this primary as configured: another key, pair,
+    /// protocol version, guest image, memory size or medium. Every other failure (nobody
+    /// listening yet, a primary that is busy, protected, not yet live, or died mid-transfer, a
+    /// stream corrupted in transit) may pass: a retry with a fresh VM can succeed.
+    pub fn is_permanent(&self) -> bool {
+        use transport::ChannelError as C;
+        match self {
+            JoinError::Channel(
+                C::AuthRejected
+                | C::PeerNotAuthenticated
+                | C::SessionMismatch { .. }
+                | C::VersionMismatch { .. }
+                | C::MediumMismatch
+                | C::KeyFile { .. }
+                | C::KeyFilePermissions { .. }
+                | C::Config(_),
+            ) => true,
+            JoinError::Migrate(MigrateError::Refused(why)) => {
+                ![REFUSED_BUSY, REFUSED_PROTECTED, REFUSED_NOT_LIVE]
+                    .iter()
+                    .any(|transient| why.contains(transient))
+            }
+            _ => false,
+        }
+    }
+}
+
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> JoinError {
     move |source| JoinError::Io { context, source }
 }
@@ -543,12 +579,7 @@ fn accept_loop(listening: Listening, worker: Worker) {
             let settings = settings.clone();
             let epoch = shared.state.epoch.load(Ordering::Acquire);
             std::thread::spawn(move || {
-                refuse(
-                    conn,
-                    &settings,
-                    epoch,
-                    "another backup is joining right now",
-                );
+                refuse(conn, &settings, epoch, REFUSED_BUSY);
             });
             continue;
         }
@@ -578,6 +609,9 @@ fn serve_loop(conns: std::sync::mpsc::Receiver<Conn>, mut worker: Worker) {
                     r.rounds.len(),
                     r.bytes as f64 / (1 << 20) as f64
                 ),
+                Some(e) if worker.shared.state.protected.load(Ordering::Acquire) => {
+                    tracing::info!("turned a joiner away: {e}; the pair stays protected")
+                }
                 Some(e) => tracing::warn!("a join failed: {e}; serving on unprotected"),
             }
             worker
@@ -679,12 +713,6 @@ impl Worker {
     fn check(&self, info: &[u8]) -> Result<JoinRequest, String> {
         let s = &self.settings;
         let r = JoinRequest::decode(info)?;
-        if !self.shared.state.live.load(Ordering::Acquire) {
-            return Err("this replica is a backup, not serving: join the primary".into());
-        }
-        if self.shared.state.protected.load(Ordering::Acquire) {
-            return Err("the pair is protected: a backup already has the log".into());
-        }
         if r.mem_size != s.mem_size {
             return Err(format!(
                 "guest memory size: the primary has {} bytes, the joiner {}",
@@ -704,6 +732,13 @@ impl Worker {
                 s.medium.name(),
                 r.medium
             ));
+        }
+        // A joiner that could never join hears so first; one that may later, after.
+        if !self.shared.state.live.load(Ordering::Acquire) {
+            return Err(REFUSED_NOT_LIVE.into());
+        }
+        if self.shared.state.protected.load(Ordering::Acquire) {
+            return Err(REFUSED_PROTECTED.into());
         }
         Ok(r)
     }

@@ -1,0 +1,335 @@
+//! `ftvm node`, with real processes: two nodes behind the front, a file arbiter, clients that
+//! verify every answer.
+//!
+//! - Two nodes started at once on a new pair: exactly one becomes primary, the other joins it.
+//! - SIGKILL of the primary: the backup takes over, the killed node restarted (as a supervisor
+//!   would) joins the survivor, and the pair is protected again — twice, in both directions.
+//! - SIGSTOP of the primary beyond the heartbeat timeout: the backup takes over; after SIGCONT
+//!   the deposed node halts (exit 3) and never serves; restarted, it rejoins.
+//! - A node with another key, guest image or memory size is refused with the reason and exits
+//!   4 without touching the pair; a node whose arbiter is unreachable never serves.
+//!
+//! Needs /dev/kvm.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use common::ready::Ready;
+use common::Proc;
+use ft_arbiter::Arbiter;
+
+const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+const LONG: Duration = Duration::from_secs(60);
+
+fn s(v: impl ToString) -> String {
+    v.to_string()
+}
+
+/// A pair's site and its two nodes, `a` and `b`.
+struct Pair {
+    site: common::Site,
+    nodes: [Option<Proc>; 2],
+}
+
+const NAMES: [&str; 2] = ["a", "b"];
+
+impl Pair {
+    fn new(name: &str) -> Pair {
+        Pair {
+            site: common::Site::new(&format!("ftvm-node-{name}-")),
+            nodes: [None, None],
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.site.dir.path().join(name)
+    }
+
+    fn args(&self, name: &str, key: &std::path::Path, extra: &[String]) -> Vec<String> {
+        let mut args = vec![
+            s("node"),
+            s("--key-file"),
+            key.display().to_string(),
+            s("--arbiter"),
+            self.site.arbiter.to_string(),
+            s("--front"),
+            self.site.front.local_addr().to_string(),
+            s("--heartbeat-timeout-ms"),
+            s(300),
+            s("--name"),
+            s(name),
+            s("--accept-joins"),
+            self.path(&format!("{name}-joins.sock"))
+                .display()
+                .to_string(),
+            s("--listen"),
+            self.path(&format!("{name}-log.sock")).display().to_string(),
+            s("--json"),
+            self.path(&format!("{name}.json")).display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        args
+    }
+
+    /// Starts node `i` (as a supervisor would, with the same options every time).
+    fn spawn(&mut self, i: usize) -> Receiver<Option<Ready>> {
+        let key = self.site.key.clone();
+        let (p, ready) = Proc::spawn(FTVM, &self.args(NAMES[i], &key, &[]));
+        self.nodes[i] = Some(p);
+        ready
+    }
+
+    fn node(&mut self, i: usize) -> &mut Proc {
+        self.nodes[i].as_mut().expect("node running")
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(p) = n {
+                out.push_str(&format!("--- node {}\n{}", NAMES[i], p.log()));
+            }
+        }
+        out
+    }
+
+    /// Starts both nodes at once; returns (primary, backup) indices once the backup joined.
+    fn start_both(&mut self) -> (usize, usize) {
+        let ready = [self.spawn(0), self.spawn(1)];
+        let roles: Vec<Ready> = ready
+            .iter()
+            .map(|r| {
+                r.recv_timeout(LONG)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| panic!("a node did not start:\n{}", self.logs()))
+            })
+            .collect();
+        let primaries: Vec<usize> = (0..2).filter(|&i| roles[i].role == "primary").collect();
+        assert_eq!(primaries.len(), 1, "exactly one primary: {roles:?}");
+        let p = primaries[0];
+        let b = 1 - p;
+        assert!(roles[p].detail.contains("epoch 1"), "{roles:?}");
+        assert_eq!(roles[b].role, "backup", "{roles:?}");
+        assert!(roles[b].detail.contains("joined"), "{roles:?}");
+        assert!(
+            self.node(p).wait_for_log("protected again", LONG),
+            "{}",
+            self.logs()
+        );
+        (p, b)
+    }
+
+    /// Restarts node `i` and waits until it joined and the primary `p` is protected again
+    /// (`protected` times so far).
+    fn rejoin(&mut self, i: usize, p: usize, protected: usize) {
+        let ready = self.spawn(i);
+        let r = ready.recv_timeout(LONG).ok().flatten();
+        assert!(
+            r.as_ref()
+                .is_some_and(|r| r.role == "backup" && r.detail.contains("joined")),
+            "node {} rejoined: {r:?}\n{}",
+            NAMES[i],
+            self.logs()
+        );
+        let deadline = std::time::Instant::now() + LONG;
+        while self.node(p).log().matches("protected again").count() < protected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "protected again ({protected}):\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn latest(&self) -> ft_arbiter::Record {
+        let mut a = self.site.arbiter.open(None).expect("arbiter");
+        a.latest("ftvm-pair-1")
+            .expect("latest")
+            .expect("a decision")
+    }
+
+    fn client(&self, requests: u64, prefix: &str) -> std::process::Child {
+        Command::new(FTVM)
+            .args([
+                "client",
+                "--service",
+                &self.site.front.local_addr().to_string(),
+                "--requests",
+                &s(requests),
+                "--keys",
+                "40",
+                "--key-prefix",
+                prefix,
+                "--window",
+                "4",
+                "--verify",
+                "--timeout-ms",
+                "30000",
+                "--retry-ms",
+                "1000",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("client")
+    }
+}
+
+fn client_ok(out: Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "client: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json_start = text.find('{').expect("client JSON");
+    let v: serde_json::Value = serde_json::from_str(&text[json_start..]).expect("client JSON");
+    assert_eq!(v["acknowledged_lost"], 0, "{v}");
+    assert_eq!(v["responses_bad"], 0, "{v}");
+    v
+}
+
+#[test]
+fn two_nodes_at_once_make_one_pair_that_heals_after_each_sigkill() {
+    let mut pair = Pair::new("heal");
+    let (mut p, mut b) = pair.start_both();
+    let first = pair.latest();
+    assert_eq!(first.epoch, 1);
+    assert!(
+        first.winner.starts_with(&format!("{}.", NAMES[p])),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.joins_at.as_deref(),
+        Some(
+            pair.path(&format!("{}-joins.sock", NAMES[p]))
+                .to_str()
+                .expect("utf-8")
+        )
+    );
+    let client = pair.client(6_000, "heal");
+    for round in 0..2u64 {
+        // Kill the primary under load: the backup takes over in the next epoch.
+        assert!(pair.node(b).wait_for_log("peer connected", LONG));
+        std::thread::sleep(Duration::from_millis(200));
+        pair.node(p).signal(libc::SIGKILL);
+        let won = format!("won epoch {}", round + 2);
+        assert!(pair.node(b).wait_for_log(&won, LONG), "{}", pair.logs());
+        let r = pair.latest();
+        assert_eq!(r.epoch, round + 2, "{r:?}");
+        assert!(r.winner.starts_with(&format!("{}.", NAMES[b])), "{r:?}");
+        // The killed node, restarted, joins the survivor.
+        pair.rejoin(p, b, 1);
+        (p, b) = (b, p);
+    }
+    let c = client_ok(client.wait_with_output().expect("client"));
+    println!("client across two heals: {c}");
+    // The primary stops first; its backup replays to the stop point and ends too.
+    for i in [p, b] {
+        pair.node(i).signal(libc::SIGTERM);
+        assert_eq!(pair.node(i).wait(LONG), Some(0), "{}", pair.logs());
+    }
+    let backup: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pair.path(&format!("{}.json", NAMES[b]))).expect("backup json"),
+    )
+    .expect("json");
+    assert_eq!(backup["divergence"], serde_json::Value::Null, "{backup}");
+    assert!(backup["outputs_checked"].as_u64() > Some(0), "{backup}");
+}
+
+#[test]
+fn a_stopped_primary_is_deposed_halts_and_its_restart_rejoins() {
+    let mut pair = Pair::new("stop");
+    let (p, b) = pair.start_both();
+    let client = pair.client(3_000, "stop");
+    assert!(pair.node(b).wait_for_log("peer connected", LONG));
+    pair.node(p).signal(libc::SIGSTOP);
+    assert!(
+        pair.node(b).wait_for_log("won epoch 2", LONG),
+        "{}",
+        pair.logs()
+    );
+    pair.node(p).signal(libc::SIGCONT);
+    // The deposed primary halts (exit 3) and never serves in the new epoch.
+    assert_eq!(pair.node(p).wait(LONG), Some(3), "{}", pair.logs());
+    pair.rejoin(p, b, 1);
+    let c = client_ok(client.wait_with_output().expect("client"));
+    println!("client across a deposition: {c}");
+}
+
+#[test]
+fn misconfigured_nodes_are_refused_with_the_reason_and_the_pair_serves_on() {
+    let mut pair = Pair::new("refuse");
+    let (p, _b) = pair.start_both();
+    let before = pair.latest();
+    let other_key = common::write_key(
+        pair.site.dir.path(),
+        "other-key",
+        "another-key-0123456789abcdef0123",
+    );
+    let key = pair.site.key.clone();
+    let cases: [(&str, PathBuf, Vec<String>, &str); 3] = [
+        ("c", other_key, vec![], "authenticat"),
+        ("d", key.clone(), vec![s("--mem-mib"), s(32)], "memory size"),
+        ("e", key, vec![s("--guest"), s("nondet")], "guest image"),
+    ];
+    for (name, key, extra, reason) in cases {
+        let (mut n, ready) = Proc::start(FTVM, &pair.args(name, &key, &extra));
+        assert!(ready.is_none(), "{name} must not serve: {ready:?}");
+        assert_eq!(n.wait(LONG), Some(4), "{name}:\n{}", n.log());
+        let log = n.log();
+        assert!(
+            log.contains("refuses this node") && log.contains(reason),
+            "{name}: {reason}:\n{log}"
+        );
+    }
+    // Untouched: same decision, the primary still protected and serving.
+    assert_eq!(pair.latest(), before);
+    assert!(
+        !pair.node(p).log().contains("unprotected"),
+        "{}",
+        pair.logs()
+    );
+    client_ok(
+        pair.client(300, "after")
+            .wait_with_output()
+            .expect("client"),
+    );
+}
+
+#[test]
+fn a_node_whose_arbiter_is_unreachable_does_not_serve() {
+    let pair = Pair::new("noarb");
+    // A server arbiter on a port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut args = pair.args("a", &pair.site.key, &[]);
+    let i = args
+        .iter()
+        .position(|a| a == "--arbiter")
+        .expect("--arbiter")
+        + 1;
+    args[i] = format!("server:127.0.0.1:{port}");
+    let (mut n, ready) = Proc::spawn(FTVM, &args);
+    assert!(
+        n.wait_for_log("not serving", LONG),
+        "says why it waits:\n{}",
+        n.log()
+    );
+    n.signal(libc::SIGTERM);
+    let code = n.wait(LONG);
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}\n{}", n.log());
+    assert!(
+        ready.recv().ok().flatten().is_none(),
+        "it never announced itself"
+    );
+    assert_eq!(pair.site.front.stats().epoch, 0, "never registered");
+}
