@@ -13,6 +13,8 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use anyhow::Context;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -46,6 +48,9 @@ pub struct Workload {
     pub fill_percent: u8,
     pub fill_pages: u32,
     pub mem_size: u64,
+    /// Set to end the run early: no new requests, the ones in flight are answered, then the
+    /// read-back (with `verify`).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Workload {
@@ -64,6 +69,7 @@ impl Workload {
             fill_percent: 0,
             fill_pages: 256,
             mem_size: 16 << 20,
+            stop: None,
         }
     }
 }
@@ -259,8 +265,11 @@ pub fn run(
     let mut held: Option<Request> = None;
     let mut done = 0u64;
     let start = Instant::now();
-    'run: while report.requests < w.requests || !inflight.is_empty() {
-        while inflight.len() < window && report.requests < w.requests {
+    let more = |sent: u64| {
+        sent < w.requests && !w.stop.as_ref().is_some_and(|s| s.load(Ordering::Acquire))
+    };
+    'run: while more(report.requests) || !inflight.is_empty() {
+        while inflight.len() < window && more(report.requests) {
             let req = match held.take() {
                 Some(r) => r,
                 None => generate(&mut rng, w, &mut next_id),

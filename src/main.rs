@@ -2,6 +2,7 @@
 //! configuration and calls into the library crates.
 
 mod arbiter;
+mod campaign;
 mod client;
 mod demo;
 mod node;

@@ -29,6 +29,10 @@ pub struct NodeArgs {
     /// or host:port (tcp; dpdk, rdma: the set-up address). The primary learns it in the join.
     #[arg(long)]
     pub listen: String,
+    /// The log channel address the primary is told to dial (default: the `--listen`
+    /// address), for a relay or address translation in between.
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// The replica's own UDP address (the front forwards to it).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub service: String,
@@ -74,6 +78,7 @@ pub fn node(args: &NodeArgs) -> anyhow::Result<NodeSummary> {
     let backup_args = |join: vmm::join::JoinAddr| BackupArgs {
         common: common.clone(),
         listen: args.listen.clone(),
+        advertise: args.advertise.clone(),
         service: args.service.clone(),
         journal: args.journal.clone(),
         join: Some(join),

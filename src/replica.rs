@@ -192,6 +192,10 @@ pub struct BackupArgs {
     /// while it serves, then replay its log from there. `--listen` is where its log arrives.
     #[arg(long)]
     pub join: Option<vmm::join::JoinAddr>,
+    /// With `--join`: the log channel address the primary is told to dial (default: the
+    /// `--listen` address), for a relay or address translation in between.
+    #[arg(long, requires = "join")]
+    pub advertise: Option<String>,
     /// Once this backup has taken over, accept joining backups here (`host:port` or a Unix
     /// socket path), so the pair is protected again; refused while it is a backup.
     #[arg(long)]
@@ -900,7 +904,10 @@ pub(crate) fn backup_on(args: &BackupArgs, vm: Vm, epoch: u64) -> anyhow::Result
                 mem_size: (c.mem_mib << 20) as u64,
                 image_digest: vmm::migrate::image_digest(guest_image(c)),
                 medium: medium.name().into(),
-                address: listener.local_addr(),
+                address: args
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| listener.local_addr()),
             };
             tracing::info!(
                 "joining the primary at {addr}: taking its guest's state while it serves"
