@@ -28,6 +28,9 @@ step "cargo test --workspace"
 cargo test --workspace
 cargo test -p transport --features trace --lib trace
 
+step "a fault campaign: 100 faults on a self-healing pair, spread over the file, server and etcd arbiters"
+scripts/campaign.sh --faults 100 --arbiter all
+
 step "the DPDK medium: two processes over net_memif (no root) and net_af_packet on a veth pair (root); an FT pair over DPDK"
 cargo test -p transport --features dpdk
 cargo test -p bench --features dpdk

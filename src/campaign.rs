@@ -161,6 +161,27 @@ pub struct CampaignSummary {
     pub seconds: f64,
 }
 
+/// The etcd cluster a campaign with `--arbiter-kind etcd` starts.
+#[cfg(feature = "etcd")]
+type Cluster = ft_arbiter::etcd_cluster::EtcdCluster;
+
+/// Without the `etcd` feature there is no cluster (asking for one is an error at start).
+#[cfg(not(feature = "etcd"))]
+struct Cluster;
+
+#[cfg(not(feature = "etcd"))]
+impl Cluster {
+    fn members(&self) -> usize {
+        0
+    }
+    fn kill(&mut self, _: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn restart(&mut self, _: usize) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
 // ------------------------------------------------------------------------------ relay
 
 /// A TCP relay in front of a node's log channel listener: passes bytes, or swallows them (a
@@ -480,7 +501,7 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
 
     // The arbiter.
     let mut arbiter_proc: Option<Slot> = None;
-    let mut etcd: Option<ft_arbiter::etcd_cluster::EtcdCluster> = None;
+    let mut etcd: Option<Cluster> = None;
     let spec: ft_arbiter::ArbiterSpec = match (&args.arbiter, args.arbiter_kind) {
         (Some(spec), _) => spec.clone(),
         (None, ArbiterKind::File) => {
@@ -513,13 +534,19 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
             arbiter_proc = Some(slot);
             ft_arbiter::ArbiterSpec::Server(ready.addr)
         }
+        #[cfg(feature = "etcd")]
         (None, ArbiterKind::Etcd) => {
             let bin = ft_arbiter::etcd_cluster::etcd_binary()?;
             println!("  starting a three-member etcd cluster on loopback …");
-            let cluster = ft_arbiter::etcd_cluster::EtcdCluster::start(&bin, 3, &dir.join("etcd"))?;
+            let cluster = Cluster::start(&bin, 3, &dir.join("etcd"))?;
             let spec = cluster.spec().parse()?;
             etcd = Some(cluster);
             spec
+        }
+        #[cfg(not(feature = "etcd"))]
+        (None, ArbiterKind::Etcd) => {
+            let _ = &mut etcd;
+            bail!("--arbiter-kind etcd needs a build with the cargo feature `etcd` (the default)")
         }
     };
     let front = vmm::service::Front::spawn(std::net::UdpSocket::bind("127.0.0.1:0")?, psk, 1)?;
@@ -622,7 +649,7 @@ fn campaign(
     front: &vmm::service::Front,
     slots: &mut [Slot],
     relays: &[Relay],
-    mut etcd: Option<&mut ft_arbiter::etcd_cluster::EtcdCluster>,
+    mut etcd: Option<&mut Cluster>,
     arbiter_proc: Option<&Slot>,
     dir: &Path,
     summary: &mut CampaignSummary,

@@ -333,3 +333,49 @@ fn a_node_whose_arbiter_is_unreachable_does_not_serve() {
     );
     assert_eq!(pair.site.front.stats().epoch, 0, "never registered");
 }
+
+/// With the etcd arbiter on a real three-member cluster: one member down, a failover still
+/// happens; two members down, the survivor of a SIGKILL waits and does not go live until a
+/// member returns.
+#[cfg(feature = "etcd")]
+#[test]
+fn with_two_of_three_etcd_members_down_nobody_goes_live_until_one_returns() {
+    use ft_arbiter::etcd_cluster::{etcd_binary, EtcdCluster};
+    let bin = etcd_binary().expect("the etcd binary (Debian's etcd-server)");
+    let mut pair = Pair::new("etcd");
+    let mut cluster = EtcdCluster::start(&bin, 3, &pair.path("etcd")).expect("etcd cluster");
+    pair.site.arbiter = cluster.spec().parse().expect("etcd spec");
+    let (mut p, mut b) = pair.start_both();
+    let client = pair.client(4_000, "etcd");
+    // One member down: decisions are still made.
+    cluster.kill(0).expect("kill member 0");
+    assert!(pair.node(b).wait_for_log("peer connected", LONG));
+    pair.node(p).signal(libc::SIGKILL);
+    assert!(
+        pair.node(b).wait_for_log("won epoch 2", LONG),
+        "{}",
+        pair.logs()
+    );
+    pair.rejoin(p, b, 1);
+    (p, b) = (b, p);
+    // Two members down: the survivor asks, gets no decision, and waits.
+    cluster.kill(1).expect("kill member 1");
+    assert!(pair.node(b).wait_for_log("peer connected", LONG));
+    pair.node(p).signal(libc::SIGKILL);
+    assert!(
+        pair.node(b).wait_for_log("arbiter gave no decision", LONG),
+        "{}",
+        pair.logs()
+    );
+    assert_eq!(pair.site.front.stats().epoch, 2, "nobody went live");
+    assert!(!pair.node(b).log().contains("won epoch 3"));
+    // A member returns: the survivor wins and serves; the pair heals.
+    cluster.restart(1).expect("restart member 1");
+    assert!(
+        pair.node(b).wait_for_log("won epoch 3", LONG),
+        "{}",
+        pair.logs()
+    );
+    pair.rejoin(p, b, 1);
+    client_ok(client.wait_with_output().expect("client"));
+}
