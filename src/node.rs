@@ -52,6 +52,9 @@ pub struct NodeArgs {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// How long a node waits for the front's answer to its probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Exit status of a node the live primary refused for good.
 pub const REFUSED_EXIT_CODE: i32 = 4;
 
@@ -62,9 +65,9 @@ pub fn node(args: &NodeArgs) -> anyhow::Result<NodeSummary> {
     let Some(spec) = common.arbiter.clone() else {
         anyhow::bail!("ftvm node needs --arbiter: it is how the two nodes find each other");
     };
-    if common.front.is_none() {
+    let Some(front) = common.front else {
         anyhow::bail!("ftvm node needs --front: the service address both nodes serve behind");
-    }
+    };
     // Unique per process: a restarted node must never inherit its predecessor's wins.
     let base = common.name.clone().unwrap_or_else(|| "node".into());
     common.name = Some(format!("{base}.{}", std::process::id()));
@@ -91,7 +94,20 @@ pub fn node(args: &NodeArgs) -> anyhow::Result<NodeSummary> {
             anyhow::bail!("stopped before serving");
         }
         let Some(latest) = ask(&mut *arbiter, &pair, &stop, &mut retry)? else {
-            // A new pair: claim its first epoch, saying where we accept joins.
+            // A new pair — unless the front already serves one: then this node's pair id (or
+            // arbiter) is not the live pair's, and a second pair must not start behind it.
+            let newest = vmm::service::probe_front(front, &key, common.session, PROBE_TIMEOUT)
+                .context("asking the service front whether it serves a pair already")?;
+            if newest > 0 {
+                return Err(Refused(format!(
+                    "the arbiter has no decision for pair {pair}, but the service front {front} \
+                     already serves pair session {} in epoch {newest}: this node's --pair-id or \
+                     --arbiter is not the live pair's; not starting a second pair",
+                    common.session
+                ))
+                .into());
+            }
+            // Claim the new pair's first epoch, saying where we accept joins.
             let vm = replica::new_vm(&common)?;
             let join = replica::join_service(&common, &vm, &args.accept_joins, 1, true)?;
             match claim(

@@ -289,6 +289,20 @@ fn misconfigured_nodes_are_refused_with_the_reason_and_the_pair_serves_on() {
             "{name}: {reason}:\n{log}"
         );
     }
+    // Another pair id: its arbiter has no decision, but the front serves a pair already.
+    let (mut n, ready) = Proc::start(
+        FTVM,
+        &pair.args("f", &pair.site.key, &[s("--pair-id"), s("another-pair")]),
+    );
+    assert!(ready.is_none(), "another pair id must not serve: {ready:?}");
+    assert_eq!(n.wait(LONG), Some(4), "{}", n.log());
+    assert!(n.log().contains("not the live pair's"), "{}", n.log());
+    let mut a = pair.site.arbiter.open(None).expect("arbiter");
+    assert_eq!(
+        a.latest("another-pair").expect("latest"),
+        None,
+        "nothing claimed"
+    );
     // Untouched: same decision, the primary still protected and serving.
     assert_eq!(pair.latest(), before);
     assert!(

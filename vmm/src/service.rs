@@ -29,6 +29,12 @@
 //! | 2 REGISTERED | front → replica | epoch u64 (the front's newest), accepted u8 |
 //! | 3 REQUEST | front → replica | client address (18 B: IPv6 or v4-mapped, port u16), the client's bytes |
 //! | 4 RESPONSE | replica → front | epoch u64, client address (18 B), the guest's bytes |
+//! | 5 PROBE | node → front | session u64, nonce u64, tag 16 B (as REGISTER's) |
+//! | 6 STATUS | front → node | nonce u64 (the probe's), epoch u64 (the front's newest) |
+//!
+//! A PROBE claims nothing: a node about to start a new pair asks whether the front already
+//! serves one (newest epoch above 0), so that a node with another pair id never starts a second
+//! pair behind a live one. The front answers only authentic probes for its own session.
 //!
 //! Clients speak the guest's own protocol to the front, unchanged.
 //!
@@ -61,6 +67,9 @@ const KIND_REGISTER: u8 = 1;
 const KIND_REGISTERED: u8 = 2;
 const KIND_REQUEST: u8 = 3;
 const KIND_RESPONSE: u8 = 4;
+const KIND_PROBE: u8 = 5;
+const KIND_STATUS: u8 = 6;
+const PROBE_LEN: usize = HEADER + 16 + TAG_LEN;
 const TAG_LABEL: &[u8] = b"ftvm-front-register-v1";
 /// Largest datagram handled.
 const MAX_DATAGRAM: usize = 65536;
@@ -111,6 +120,69 @@ fn register_message(key: &PreSharedKey, session: u64, epoch: u64, nonce: u64) ->
     let tag = key.tag(TAG_LABEL, &[&m]);
     m.extend_from_slice(&tag[..TAG_LEN]);
     m
+}
+
+fn probe_message(key: &PreSharedKey, session: u64, nonce: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(PROBE_LEN);
+    m.extend_from_slice(&header(KIND_PROBE));
+    m.extend_from_slice(&session.to_le_bytes());
+    m.extend_from_slice(&nonce.to_le_bytes());
+    let tag = key.tag(TAG_LABEL, &[&m]);
+    m.extend_from_slice(&tag[..TAG_LEN]);
+    m
+}
+
+/// Asks the front at `front` for the newest epoch it has registered for pair `session`
+/// (0: none yet), without claiming anything. A front that does not answer within `timeout`
+/// (down, or it has another key or session: it ignores such probes) is an error.
+pub fn probe_front(
+    front: SocketAddr,
+    key: &PreSharedKey,
+    session: u64,
+    timeout: Duration,
+) -> Result<u64, EngineError> {
+    let bind = if front.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(bind).map_err(io("probing the service front"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(io("probing the service front"))?;
+    let mut nonce = [0u8; 8];
+    getrandom::getrandom(&mut nonce).map_err(|e| EngineError::Io {
+        context: "drawing a probe nonce",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let nonce = u64::from_le_bytes(nonce);
+    let msg = probe_message(key, session, nonce);
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        socket
+            .send_to(&msg, front)
+            .map_err(io("probing the service front"))?;
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let b = &buf[..n];
+            if from == front && kind_of(b) == Some(KIND_STATUS) && u64_at(b, HEADER) == Some(nonce)
+            {
+                if let Some(epoch) = u64_at(b, HEADER + 8) {
+                    return Ok(epoch);
+                }
+            }
+        }
+    }
+    Err(EngineError::Io {
+        context: "probing the service front",
+        source: std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer from {front} within {timeout:?} (down, or its key or pair session \
+                 is not this node's)"
+            ),
+        ),
+    })
 }
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -467,6 +539,19 @@ fn front_loop(
                     st.first_response.entry(epoch).or_insert_with(Instant::now);
                 }
             }
+            Some(KIND_PROBE) => {
+                let authentic = n == PROBE_LEN
+                    && key.verify_tag(TAG_LABEL, &[&b[..HEADER + 16]], &b[HEADER + 16..]);
+                match (u64_at(b, HEADER), u64_at(b, HEADER + 8)) {
+                    (Some(s), Some(nonce)) if authentic && s == session => {
+                        let mut reply = header(KIND_STATUS).to_vec();
+                        reply.extend_from_slice(&nonce.to_le_bytes());
+                        reply.extend_from_slice(&newest.to_le_bytes());
+                        let _ = socket.send_to(&reply, from);
+                    }
+                    _ => st.stats.refused += 1,
+                }
+            }
             Some(_) => st.stats.ignored += 1,
             None => {
                 // A client request (the guest's protocol).
@@ -523,6 +608,25 @@ mod tests {
         c.set_read_timeout(Some(Duration::from_millis(300)))
             .expect("timeout");
         c
+    }
+
+    #[test]
+    fn a_probe_reads_the_newest_epoch_and_claims_nothing() {
+        let front =
+            Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("bind"), key(1), 7).expect("front");
+        let at = front.local_addr();
+        let t = Duration::from_secs(2);
+        assert_eq!(probe_front(at, &key(1), 7, t).expect("probe"), 0);
+        let mut r = replica(at);
+        assert_eq!(r.register(&key(1), 7, 3, t).expect("register"), 3);
+        assert_eq!(probe_front(at, &key(1), 7, t).expect("probe"), 3);
+        // Still the one registered replica: a probe took nothing.
+        assert_eq!(front.stats().epoch, 3);
+        assert_eq!(r.register(&key(1), 7, 3, t).expect("again"), 3);
+        // Another key or another session: no answer.
+        let short = Duration::from_millis(200);
+        assert!(probe_front(at, &key(2), 7, short).is_err());
+        assert!(probe_front(at, &key(1), 8, short).is_err());
     }
 
     #[test]
