@@ -458,6 +458,32 @@ fn rss_kib(pid: u64) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Each thread of `pid`: name, state, kernel wait channel and kernel stack (when readable),
+/// for a process that does not end when it should.
+fn threads(pid: u64) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("  /proc/{pid}/task unreadable (gone?)");
+    };
+    let mut out = String::new();
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or("")
+            .to_owned();
+        out.push_str(&format!(
+            "  {} {} {state} wchan {}\n{}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -808,9 +834,10 @@ fn campaign(
             // The loser halts (deposed) or is dead; the winner serves on.
             let loser_exit = wait_for(phase, || slots[loser].exited()).with_context(|| {
                 format!(
-                    "fault {i} ({}): node {} neither halted nor died",
+                    "fault {i} ({}): node {} neither halted nor died; its threads:\n{}",
                     kind.name(),
-                    slots[loser].name
+                    slots[loser].name,
+                    threads(slots[loser].pid.load(Ordering::Acquire))
                 )
             })?;
             if slots[winner].exited().is_some() {

@@ -33,8 +33,9 @@ pub struct NodeArgs {
     /// address), for a relay or address translation in between.
     #[arg(long)]
     pub advertise: Option<String>,
-    /// The replica's own UDP address (the front forwards to it).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// The replica's own UDP address (the front forwards to it); the default reaches a front
+    /// on another host as well as one on loopback.
+    #[arg(long, default_value = "0.0.0.0:0")]
     pub service: String,
     /// Keep a journal here while this node is the backup (as `ftvm backup --journal`).
     #[arg(long)]

@@ -815,13 +815,15 @@ fn replay<L: transport::BackupLink>(
                 key: read_key(c)?,
                 session: c.session,
                 record: RecordConfig::default(),
-                stop,
+                stop: stop.clone(),
                 joins: join.as_ref().map(|j| (j.pause_flag(), j.protection())),
             })
         }
         None => None,
     };
-    let mut replayer = Replayer::new(b, Duration::from_millis(100)).with_clock(start.last_clock_ns);
+    let mut replayer = Replayer::new(b, Duration::from_millis(100))
+        .with_clock(start.last_clock_ns)
+        .with_stop(stop.clone());
     if let Some(path) = &args.journal {
         if start.joined.is_none() {
             // A journal from exit 1 has no base; an old one would be taken for its start.
@@ -834,6 +836,20 @@ fn replay<L: transport::BackupLink>(
     let mut source = Failover::new(replayer, takeover);
     let started = Instant::now();
     let result = serve_live(&mut vm, &mut source, join.as_ref(), start.first_exit);
+    // Told to stop as a backup: a clean end (the primary goes on without it).
+    let result = match result {
+        Err(EngineError::Stopped { exit }) => {
+            tracing::info!(
+                "stopped at exit {exit} as the backup (SIGTERM): the primary goes on without it"
+            );
+            Ok(RunSummary {
+                exits: exit - 1,
+                guest_halted: false,
+                paused: false,
+            })
+        }
+        other => other,
+    };
     let mut summary = summarize(&vm, "backup", &result, started)?;
     if let Err(e @ EngineError::Divergence { exit, .. }) = &result {
         summary.divergence = Some(e.to_string());

@@ -33,6 +33,8 @@ fn s(v: impl ToString) -> String {
 struct Pair {
     site: common::Site,
     nodes: [Option<Proc>; 2],
+    /// TCP join and log addresses per node (else Unix sockets and shm).
+    tcp: Option<[(String, String); 2]>,
 }
 
 const NAMES: [&str; 2] = ["a", "b"];
@@ -42,7 +44,21 @@ impl Pair {
         Pair {
             site: common::Site::new(&format!("ftvm-node-{name}-")),
             nodes: [None, None],
+            tcp: None,
         }
+    }
+
+    /// A pair whose nodes accept joins and log channels on TCP ports of their own.
+    fn tcp(name: &str) -> Pair {
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .to_string()
+        };
+        let mut p = Pair::new(name);
+        p.tcp = Some([(port(), port()), (port(), port())]);
+        p
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -50,8 +66,20 @@ impl Pair {
     }
 
     fn args(&self, name: &str, key: &std::path::Path, extra: &[String]) -> Vec<String> {
+        let (joins, listen, transport) = match (&self.tcp, NAMES.iter().position(|n| *n == name)) {
+            (Some(t), Some(i)) => (t[i].0.clone(), t[i].1.clone(), "tcp"),
+            _ => (
+                self.path(&format!("{name}-joins.sock"))
+                    .display()
+                    .to_string(),
+                self.path(&format!("{name}-log.sock")).display().to_string(),
+                "shm",
+            ),
+        };
         let mut args = vec![
             s("node"),
+            s("--transport"),
+            s(transport),
             s("--key-file"),
             key.display().to_string(),
             s("--arbiter"),
@@ -63,11 +91,9 @@ impl Pair {
             s("--name"),
             s(name),
             s("--accept-joins"),
-            self.path(&format!("{name}-joins.sock"))
-                .display()
-                .to_string(),
+            joins,
             s("--listen"),
-            self.path(&format!("{name}-log.sock")).display().to_string(),
+            listen,
             s("--json"),
             self.path(&format!("{name}.json")).display().to_string(),
         ];
@@ -392,4 +418,53 @@ fn with_two_of_three_etcd_members_down_nobody_goes_live_until_one_returns() {
     );
     pair.rejoin(p, b, 1);
     client_ok(client.wait_with_output().expect("client"));
+}
+
+/// SIGTERM of the backup node (`systemctl stop`): it leaves at once with exit 0, the primary
+/// goes on alone in a new epoch, and the node started again rejoins.
+#[test]
+fn a_backup_node_stopped_by_sigterm_leaves_cleanly_and_rejoins() {
+    let mut pair = Pair::new("term");
+    let (p, b) = pair.start_both();
+    let client = pair.client(2_000, "term");
+    assert!(pair.node(b).wait_for_log("peer connected", LONG));
+    pair.node(b).signal(libc::SIGTERM);
+    assert_eq!(pair.node(b).wait(LONG), Some(0), "{}", pair.logs());
+    assert!(
+        pair.node(b)
+            .log()
+            .contains("the primary goes on without it"),
+        "{}",
+        pair.logs()
+    );
+    assert!(
+        pair.node(p).wait_for_log("continuing unreplicated", LONG),
+        "{}",
+        pair.logs()
+    );
+    pair.rejoin(b, p, 2);
+    client_ok(client.wait_with_output().expect("client"));
+}
+
+/// Over TCP join addresses: the node that loses a new pair's claim frees its join port (it
+/// binds it again once joined), so the pair settles and heals like one on Unix sockets.
+#[test]
+fn two_nodes_at_once_over_tcp_settle_and_heal() {
+    let mut pair = Pair::tcp("tcp");
+    let (p, b) = pair.start_both();
+    let client = pair.client(2_000, "tcp");
+    assert!(pair.node(b).wait_for_log("peer connected", LONG));
+    pair.node(p).signal(libc::SIGKILL);
+    assert!(
+        pair.node(b).wait_for_log("won epoch 2", LONG),
+        "{}",
+        pair.logs()
+    );
+    pair.rejoin(p, b, 1);
+    client_ok(client.wait_with_output().expect("client"));
+    assert_eq!(
+        pair.latest().epoch,
+        2,
+        "no decisions beyond the one failover"
+    );
 }

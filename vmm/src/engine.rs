@@ -96,6 +96,13 @@ pub enum EngineError {
         /// Why the channel ended.
         cause: String,
     },
+    /// A backup was told to stop (SIGTERM) before its primary's stop point: it leaves at this
+    /// exit, and its primary goes on without it.
+    #[error("stopped at exit {exit} before the primary's stop point: the pair loses this backup")]
+    Stopped {
+        /// The first exit not replayed.
+        exit: u64,
+    },
     /// This replica was deposed: another one holds a newer fencing epoch. It must halt and
     /// release nothing.
     #[error("deposed in epoch {epoch}: {by}")]

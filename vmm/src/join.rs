@@ -363,6 +363,8 @@ struct Shared {
     /// A join is under way.
     busy: AtomicBool,
     reports: Mutex<Vec<JoinReport>>,
+    /// The service was dropped: the accept loop ends (and frees the address) at its next wake.
+    closed: AtomicBool,
 }
 
 /// The primary's side: a listener thread that accepts joiners one at a time while the guest
@@ -385,6 +387,26 @@ impl std::fmt::Debug for JoinService {
 enum Listening {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
+}
+
+impl Drop for JoinService {
+    /// Stops accepting and frees the address: the accept loop is woken by a connection of our
+    /// own and ends, dropping its listener (a node that lost a claim binds the address again).
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let woken = match self.local.parse::<std::net::SocketAddr>() {
+            Ok(mut a) => {
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop)
+            }
+            Err(_) => UnixStream::connect(&self.local).map(drop),
+        };
+        if let Err(e) = woken {
+            tracing::debug!("join service: waking its accept loop to close: {e}");
+        }
+    }
 }
 
 impl Drop for Listening {
@@ -428,6 +450,7 @@ impl JoinService {
             state,
             busy: AtomicBool::new(false),
             reports: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
         });
         let (handover_tx, handover_rx) = mpsc::sync_channel(1);
         let (result_tx, result_rx) = mpsc::channel();
@@ -566,6 +589,9 @@ fn accept_loop(listening: Listening, worker: Worker) {
             Listening::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
             Listening::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
         };
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {

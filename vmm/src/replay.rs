@@ -75,6 +75,8 @@ pub struct Replayer<S: EntrySource> {
     last_clock_ns: u64,
     /// When the channel's failure was noticed (ns since the Unix epoch).
     ended_unix_ns: u64,
+    /// Set to leave before the primary's stop point ([`EngineError::Stopped`]).
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A copy of what an entry says, for error messages.
@@ -104,7 +106,15 @@ impl<S: EntrySource> Replayer<S> {
             drained: false,
             last_clock_ns: 0,
             ended_unix_ns: 0,
+            stop: None,
         }
+    }
+
+    /// Leaves (with [`EngineError::Stopped`] at the next exit) once `stop` is set, instead of
+    /// replaying on to the primary's stop point.
+    pub fn with_stop(mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// Outputs whose digest matched the primary's.
@@ -181,6 +191,13 @@ impl<S: EntrySource> Replayer<S> {
     /// (a failed medium may still hand over frames it validated: it is pumped once more when
     /// nothing is left); only when none is left does this return [`EngineError::LogEnded`].
     fn fill(&mut self, exit: u64) -> Result<(), EngineError> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(EngineError::Stopped { exit });
+        }
         if self.ended.is_none() {
             if let Err(e) = self.source.pump() {
                 self.end(e);
