@@ -783,9 +783,9 @@ fn campaign(
                     etcd_down = Some(m);
                 }
             }
-            let e0 = arbiter
-                .latest(pair)
-                .context("asking the arbiter for the epoch")?
+            // Retried while unavailable (an etcd member just killed may be the one asked).
+            let e0 = wait_for(phase, || arbiter.latest(pair).ok())
+                .context("asking the arbiter for the epoch: no answer")?
                 .map_or(0, |r| r.epoch);
             let kind = kinds[rng.gen_range(0..kinds.len())];
             let victim = match kind {
@@ -906,6 +906,12 @@ fn campaign(
             );
             let _ = std::io::stdout().flush();
             summary.faults.push(rec);
+            // Only this fault's lines are looked at again: memory stays bounded.
+            for s in slots.iter() {
+                if let Ok(mut l) = s.lines.lock() {
+                    l.retain(|l| l.at >= t0);
+                }
+            }
             summary.faults_done = i;
             (p, b) = (winner, loser);
         }
