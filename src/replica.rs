@@ -374,14 +374,9 @@ fn arbiter_client(
         return Ok(None);
     };
     let key = read_key(c)?;
-    let mut arbiter = spec
+    let arbiter = spec
         .open(Some(&key))
         .with_context(|| format!("opening the arbiter {spec}"))?;
-    // Connects now (server, etcd), so that the decision after a failure does not also pay for
-    // the connection; an arbiter unreachable now is asked again then.
-    if let Err(e) = arbiter.current(&pair_id(c)) {
-        tracing::warn!("the arbiter {spec} does not answer yet ({e}); asking again on failover");
-    }
     Ok(Some(ArbiterClient {
         arbiter,
         pair_id: pair_id(c),
