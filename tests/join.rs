@@ -19,10 +19,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::Proc;
+use common::{client, client_ok, Proc};
 use vmm::service::Front;
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
@@ -214,7 +214,7 @@ impl Pair {
     }
 
     fn client(&self, requests: u64, prefix: &str) -> std::process::Child {
-        client(&self.front, requests, prefix)
+        client(self.front.local_addr(), requests, prefix)
     }
 
     fn json(&self, name: &str) -> serde_json::Value {
@@ -222,47 +222,6 @@ impl Pair {
         let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         serde_json::from_slice(&bytes).expect("json")
     }
-}
-
-/// A pipelined client with read-back through `front`, on keys `PREFIX-N`.
-fn client(front: &Front, requests: u64, prefix: &str) -> std::process::Child {
-    Command::new(FTVM)
-        .args([
-            "client",
-            "--service",
-            &front.local_addr().to_string(),
-            "--requests",
-            &s(requests),
-            "--keys",
-            "40",
-            "--key-prefix",
-            prefix,
-            "--window",
-            "4",
-            "--verify",
-            "--timeout-ms",
-            "30000",
-            "--retry-ms",
-            "1000",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("client")
-}
-
-fn client_ok(out: Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "client: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json_start = text.find('{').expect("client JSON");
-    let v: serde_json::Value = serde_json::from_str(&text[json_start..]).expect("client JSON");
-    assert_eq!(v["acknowledged_lost"], 0, "{v}");
-    assert_eq!(v["responses_bad"], 0, "{v}");
-    v
 }
 
 #[test]
@@ -600,7 +559,7 @@ fn the_survivor_of_a_takeover_is_joined_and_a_second_failure_is_survived() {
     p_args.extend([s("--backup"), b1_addr, s("--service"), s("127.0.0.1:0")]);
     let (p, ready) = Proc::start(FTVM, &p_args);
     assert!(ready.is_some(), "{}", p.log());
-    let client = client(&front, 5_000, "key");
+    let client = client(front.local_addr(), 5_000, "key");
     // A backup cannot be joined before it serves.
     let mut early_args = base("backup");
     early_args.extend([

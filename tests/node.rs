@@ -14,12 +14,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use common::ready::Ready;
-use common::Proc;
+use common::{client, client_ok, Proc};
 use ft_arbiter::Arbiter;
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
@@ -181,44 +180,8 @@ impl Pair {
     }
 
     fn client(&self, requests: u64, prefix: &str) -> std::process::Child {
-        Command::new(FTVM)
-            .args([
-                "client",
-                "--service",
-                &self.site.front.local_addr().to_string(),
-                "--requests",
-                &s(requests),
-                "--keys",
-                "40",
-                "--key-prefix",
-                prefix,
-                "--window",
-                "4",
-                "--verify",
-                "--timeout-ms",
-                "30000",
-                "--retry-ms",
-                "1000",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("client")
+        client(self.site.front.local_addr(), requests, prefix)
     }
-}
-
-fn client_ok(out: Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "client: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json_start = text.find('{').expect("client JSON");
-    let v: serde_json::Value = serde_json::from_str(&text[json_start..]).expect("client JSON");
-    assert_eq!(v["acknowledged_lost"], 0, "{v}");
-    assert_eq!(v["responses_bad"], 0, "{v}");
-    v
 }
 
 #[test]

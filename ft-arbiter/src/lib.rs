@@ -242,28 +242,21 @@ pub fn validate_pair_id(pair_id: &str) -> Result<(), ArbiterError> {
 
 /// Checks a candidate name: 1 to [`MAX_CANDIDATE`] printable ASCII bytes without spaces.
 pub fn validate_candidate(candidate: &str) -> Result<(), ArbiterError> {
-    let ok = !candidate.is_empty()
-        && candidate.len() <= MAX_CANDIDATE
-        && candidate.bytes().all(|b| b.is_ascii_graphic());
-    if ok {
-        Ok(())
-    } else {
-        Err(ArbiterError::InvalidArgument(format!(
-            "candidate {candidate:?}: need 1-{MAX_CANDIDATE} printable ASCII bytes without spaces"
-        )))
-    }
+    validate_token("candidate", candidate, MAX_CANDIDATE)
 }
 
 /// Checks a join address: 1 to [`MAX_JOINS_AT`] printable ASCII bytes without spaces.
 pub fn validate_joins_at(addr: &str) -> Result<(), ArbiterError> {
-    let ok = !addr.is_empty()
-        && addr.len() <= MAX_JOINS_AT
-        && addr.bytes().all(|b| b.is_ascii_graphic());
-    if ok {
+    validate_token("join address", addr, MAX_JOINS_AT)
+}
+
+/// `what` must be 1 to `max` printable ASCII bytes without spaces (backends store it as text).
+fn validate_token(what: &str, s: &str, max: usize) -> Result<(), ArbiterError> {
+    if !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
         Err(ArbiterError::InvalidArgument(format!(
-            "join address {addr:?}: need 1-{MAX_JOINS_AT} printable ASCII bytes without spaces"
+            "{what} {s:?}: need 1-{max} printable ASCII bytes without spaces"
         )))
     }
 }

@@ -182,3 +182,46 @@ impl Site {
         }
     }
 }
+
+/// A pipelined `ftvm client` with read-back through the front at `front`, on keys `PREFIX-N`
+/// (40 keys, 4 in flight, long timeouts: it rides through failovers and joins).
+pub fn client(front: std::net::SocketAddr, requests: u64, prefix: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ftvm"))
+        .args([
+            "client",
+            "--service",
+            &front.to_string(),
+            "--requests",
+            &requests.to_string(),
+            "--keys",
+            "40",
+            "--key-prefix",
+            prefix,
+            "--window",
+            "4",
+            "--verify",
+            "--timeout-ms",
+            "30000",
+            "--retry-ms",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("client")
+}
+
+/// The client's JSON report, asserting it succeeded with nothing lost and nothing wrong.
+pub fn client_ok(out: std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "client: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json_start = text.find('{').expect("client JSON");
+    let v: serde_json::Value = serde_json::from_str(&text[json_start..]).expect("client JSON");
+    assert_eq!(v["acknowledged_lost"], 0, "{v}");
+    assert_eq!(v["responses_bad"], 0, "{v}");
+    v
+}
