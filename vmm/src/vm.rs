@@ -272,6 +272,34 @@ impl Vm {
         }
     }
 
+    /// Whether the guest can take an injected interrupt at this exit: its RFLAGS.IF is set and
+    /// KVM reports it ready for injection (no interrupt shadow, nothing queued). Both follow from
+    /// the guest's own state, so a primary and a backup at the same exit agree.
+    pub fn interrupt_ready(&mut self) -> bool {
+        let run = self.vcpu.get_kvm_run();
+        run.if_flag != 0 && run.ready_for_interrupt_injection != 0
+    }
+
+    /// Queues external interrupt `vector` (`KVM_INTERRUPT`; the VM has no in-kernel interrupt
+    /// controller): the guest takes it through its IDT before its next instruction, when
+    /// [`Vm::run`] resumes it. Only when [`Vm::interrupt_ready`] holds.
+    pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), VmError> {
+        use std::os::fd::AsRawFd;
+        let irq = kvm_bindings::kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one `struct kvm_interrupt` (4 bytes) from the pointer,
+        // which points at a live, initialised local; the fd is this VM's vCPU, owned by `self`.
+        let ret = unsafe { libc::ioctl(self.vcpu.as_raw_fd(), KVM_INTERRUPT, &irq) };
+        if ret < 0 {
+            return Err(VmError::Kvm {
+                op: "KVM_INTERRUPT",
+                err: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
     /// Number of exits [`Vm::run`] has returned so far (the position at which the record/replay
     /// layer keys its events): the first exit is number 1.
     pub fn exit_count(&self) -> u64 {
@@ -766,6 +794,9 @@ fn classify(exit: VcpuExit<'_>) -> VmExit {
         other => VmExit::Other(format!("{other:?}")),
     }
 }
+
+/// `_IOW(KVMIO, 0x86, struct kvm_interrupt)`: kvm-ioctls has no wrapper for it.
+const KVM_INTERRUPT: libc::c_ulong = (1 << 30) | (4 << 16) | (0xAE << 8) | 0x86;
 
 /// `madvise` advice: populate (prefault) page tables writable (Linux 5.14).
 const MADV_POPULATE_WRITE: libc::c_int = 23;
