@@ -1536,8 +1536,18 @@ impl<L: BackupLink> Backup<L> {
     /// mode). A failed channel still hands over what landed before: the error comes once the
     /// ring holds no entry.
     pub fn wait(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        self.wait_with(timeout, self.config.poll)
+    }
+
+    /// [`Backup::wait`] under `policy` instead of the configured one (e.g. a relaxed policy
+    /// while the replica's guest is idle).
+    pub fn wait_with(
+        &mut self,
+        timeout: Duration,
+        policy: PollPolicy,
+    ) -> Result<bool, ChannelError> {
         let deadline = Instant::now() + timeout;
-        let mut poller = self.config.poll.poller();
+        let mut poller = policy.poller();
         loop {
             let pumped = self.receiver.pump();
             if self.frames.has_records()? {

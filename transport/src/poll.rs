@@ -45,6 +45,25 @@ impl PollPolicy {
         max_park: Duration::from_millis(10),
     };
 
+    /// A short spin, then yields and never a sleep: for a bounded wait that must notice its
+    /// deadline soon (as [`Self::BUSY`] only does after its long spin).
+    pub const SPIN_THEN_YIELD: PollPolicy = PollPolicy {
+        spins: 1024,
+        yields: u32::MAX,
+        min_park: Duration::from_micros(50),
+        max_park: Duration::from_micros(50),
+    };
+
+    /// For a replica whose guest is idle: a short spin and a few yields, then sleeps of 20 µs
+    /// growing to 100 µs — an idle pair does not burn its cores, and the first entry after the
+    /// idle spell is seen within a sleep.
+    pub const IDLE: PollPolicy = PollPolicy {
+        spins: 256,
+        yields: 64,
+        min_park: Duration::from_micros(20),
+        max_park: Duration::from_micros(100),
+    };
+
     /// A fresh poller that starts at the spinning stage.
     pub fn poller(&self) -> Poller {
         Poller {

@@ -10,6 +10,7 @@
 //! Position of an event = the number of the hypercall exit at which the guest observes it
 //! (counting from 1). Our hosts have no PMU, so nothing can be injected between exits.
 
+pub use crate::layout::NET_RX_VECTOR;
 use crate::layout::{
     HYPERCALL_PORT, MAILBOX_ADDR, MB_CLOCK_NS, MB_PENDING_IRQS, MB_RANDOM, MB_RX_LEN, MB_TX_LEN,
     NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX, OP_RANDOM, RX_BUF_ADDR, TX_BUF_ADDR,
@@ -33,6 +34,18 @@ pub trait EventSource {
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError>;
     /// Sixteen random bytes.
     fn random(&mut self, exit: u64) -> Result<[u8; 16], EngineError>;
+    /// The guest waits for an interrupt (`hlt` with interrupts enabled) at exit `exit`: block
+    /// until something is due, then return the one vector to deliver — [`TIMER_VECTOR`], or
+    /// [`NET_RX_VECTOR`] with the request in `rx` (the engine writes it into the receive buffer
+    /// as a NET_RX does). `None`: the source wants to stop here; the engine then asks
+    /// [`Self::should_stop`], which a wait exit does not call first. The default refuses: a
+    /// source that cannot wake a guest.
+    fn wake(&mut self, exit: u64, _rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
+        Err(EngineError::AbiViolation {
+            exit,
+            what: "the guest waits for an interrupt, which this event source cannot deliver".into(),
+        })
+    }
     /// An output the guest produced on `device`.
     fn output(&mut self, exit: u64, device: u16, bytes: &[u8]) -> Result<(), EngineError>;
     /// Called after exit `exit` was handled completely: `true` returns from the run loop here
@@ -163,19 +176,7 @@ pub fn run(
                 }
                 irqs.clear();
                 source.interrupts(exit, &mut irqs)?;
-                if !irqs.is_empty() {
-                    let mut pending = vm.read_u64(MAILBOX_ADDR + MB_PENDING_IRQS)?;
-                    for &v in &irqs {
-                        if !(32..96).contains(&v) {
-                            return Err(EngineError::MalformedLog {
-                                exit,
-                                what: format!("interrupt vector {v} outside 32..96"),
-                            });
-                        }
-                        pending |= 1 << (v - 32);
-                    }
-                    vm.write_u64(MAILBOX_ADDR + MB_PENDING_IRQS, pending)?;
-                }
+                deliver(vm, exit, &irqs)?;
                 match op {
                     OP_NET_RX => {
                         buf.clear();
@@ -231,6 +232,54 @@ pub fn run(
                     });
                 }
             }
+            VmExit::Halt if vm.interrupt_ready() => {
+                // A wait: the guest sleeps until an interrupt, and only the source can send one.
+                // `wake` answers a stop too (`None`), so a backup's wait for the entry that
+                // ends its guest's sleep happens in one place (where it may let the core rest).
+                exit += 1;
+                buf.clear();
+                let Some(vector) = source.wake(exit, &mut buf)? else {
+                    if source.should_stop(exit)? {
+                        return Ok(RunSummary {
+                            exits: exit - 1,
+                            guest_halted: false,
+                            paused: false,
+                        });
+                    }
+                    return Err(EngineError::MalformedLog {
+                        exit,
+                        what: "the source neither woke the waiting guest nor stopped it".into(),
+                    });
+                };
+                match vector {
+                    NET_RX_VECTOR => {
+                        if buf.is_empty() || buf.len() > NET_BUF_LEN {
+                            return Err(EngineError::MalformedLog {
+                                exit,
+                                what: format!("network wake-up with {} bytes", buf.len()),
+                            });
+                        }
+                        vm.write_bytes(RX_BUF_ADDR, &buf)?;
+                        vm.write_u32(MAILBOX_ADDR + MB_RX_LEN, buf.len() as u32)?;
+                    }
+                    TIMER_VECTOR => vm.write_u32(MAILBOX_ADDR + MB_RX_LEN, 0)?,
+                    other => {
+                        return Err(EngineError::MalformedLog {
+                            exit,
+                            what: format!("wake-up with interrupt vector {other}"),
+                        })
+                    }
+                }
+                vm.inject_interrupt(vector)?;
+                if source.pause_after(exit) {
+                    return Ok(RunSummary {
+                        exits: exit,
+                        guest_halted: false,
+                        paused: true,
+                    });
+                }
+            }
+            // `hlt` with interrupts disabled: nothing can ever wake the guest.
             VmExit::Halt => {
                 return Ok(RunSummary {
                     exits: exit,
@@ -247,4 +296,40 @@ pub fn run(
             }
         }
     }
+}
+
+/// Delivers the vectors logged at hypercall exit `exit`: injected through KVM when the guest can
+/// take an interrupt there (then at most one per exit: the primary never logs more), otherwise
+/// set in the mailbox's `pending_irqs` for a guest that polls it.
+fn deliver(vm: &mut Vm, exit: u64, irqs: &[u8]) -> Result<(), EngineError> {
+    if irqs.is_empty() {
+        return Ok(());
+    }
+    for &v in irqs {
+        if !(32..96).contains(&v) {
+            return Err(EngineError::MalformedLog {
+                exit,
+                what: format!("interrupt vector {v} outside 32..96"),
+            });
+        }
+    }
+    if vm.interrupt_ready() {
+        let [vector] = irqs else {
+            return Err(EngineError::MalformedLog {
+                exit,
+                what: format!(
+                    "{} interrupts for one exit of a guest that takes them one at a time",
+                    irqs.len()
+                ),
+            });
+        };
+        vm.inject_interrupt(*vector)?;
+        return Ok(());
+    }
+    let mut pending = vm.read_u64(MAILBOX_ADDR + MB_PENDING_IRQS)?;
+    for &v in irqs {
+        pending |= 1 << (v - 32);
+    }
+    vm.write_u64(MAILBOX_ADDR + MB_PENDING_IRQS, pending)?;
+    Ok(())
 }

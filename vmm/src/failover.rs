@@ -319,6 +319,15 @@ impl<L: PrimaryLink> LogSink for FailoverSink<L> {
         Ok(())
     }
 
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if let SinkState::Replicated(p) = &mut self.state {
+            if let Err(e) = p.flush() {
+                self.failed(e.into())?;
+            }
+        }
+        Ok(())
+    }
+
     fn acked(&self) -> u64 {
         match &self.state {
             SinkState::Replicated(p) => p.acked(),
@@ -597,6 +606,10 @@ impl<S: EntrySource> EventSource for Failover<S> {
 
     fn net_rx(&mut self, exit: u64, buf: &mut Vec<u8>) -> Result<(), EngineError> {
         step!(self, s => s.net_rx(exit, buf))
+    }
+
+    fn wake(&mut self, exit: u64, rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
+        step!(self, s => s.wake(exit, rx))
     }
 
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError> {

@@ -108,6 +108,10 @@ pub const IRQ_VECTOR_BASE: u8 = 32;
 pub const TIMER_VECTOR: u8 = 32;
 /// `pending_irqs` bit of the timer tick.
 pub const TIMER_IRQ_BIT: u64 = 1 << (TIMER_VECTOR - IRQ_VECTOR_BASE);
+/// Network-receive vector: injected (never set in `pending_irqs`) when the guest waits in `hlt`
+/// with interrupts enabled and a request arrives; the request is already in the receive buffer
+/// and its length in `rx_len`, as after a NET_RX.
+pub const NET_RX_VECTOR: u8 = 33;
 
 /// The mailbox at [`MAILBOX_ADDR`]; all fields little-endian.
 ///

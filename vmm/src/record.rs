@@ -12,9 +12,13 @@ use std::time::{Duration, Instant};
 use logfmt::{ControlOp, Entry, Event, Position};
 use transport::{PreSharedKey, PrimaryLink};
 
-use crate::engine::{EngineError, EventSource, NET_DEVICE, TIMER_VECTOR};
+use crate::engine::{EngineError, EventSource, NET_DEVICE, NET_RX_VECTOR, TIMER_VECTOR};
 use crate::output_gate::OutputGate;
 use crate::service::ServicePort;
+
+/// Longest sleep of a primary whose guest waits for an interrupt: the channel (heartbeats, ACKs)
+/// and the stop flag are serviced at least this often.
+const WAIT_SLICE: Duration = Duration::from_millis(1);
 
 /// Where the recorder's log entries go.
 pub trait LogSink {
@@ -22,6 +26,11 @@ pub trait LogSink {
     fn append(&mut self, entry: &Entry<'_>) -> Result<u64, EngineError>;
     /// Does the medium's work without blocking (send, read ACKs).
     fn pump(&mut self) -> Result<(), EngineError>;
+    /// Sends the entries batched so far now (before the vCPU goes idle, so the backup is not
+    /// left waiting for them).
+    fn flush(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
     /// The cumulative ACK.
     fn acked(&self) -> u64;
     /// Waits until entry `seq` is acknowledged.
@@ -39,6 +48,9 @@ impl<L: PrimaryLink> LogSink for transport::Primary<L> {
     fn pump(&mut self) -> Result<(), EngineError> {
         transport::Primary::pump(self)?;
         Ok(())
+    }
+    fn flush(&mut self) -> Result<(), EngineError> {
+        Ok(transport::Primary::flush(self)?)
     }
     fn acked(&self) -> u64 {
         transport::Primary::acked(self)
@@ -307,6 +319,60 @@ impl<S: LogSink> EventSource for Recorder<S> {
             },
         ))?;
         Ok(())
+    }
+
+    fn wake(&mut self, exit: u64, rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
+        loop {
+            self.service()?;
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            rx.clear();
+            if let Some(from) = self.port.try_recv(rx, crate::layout::NET_BUF_LEN)? {
+                if rx.is_empty() {
+                    continue; // an empty datagram is no request
+                }
+                if let Some(id) = rx.get(..4) {
+                    self.gate
+                        .note_client(u32::from_le_bytes([id[0], id[1], id[2], id[3]]), from);
+                }
+                self.requests += 1;
+                self.log.append(&Entry::new(
+                    Position::at_exit(exit),
+                    Event::DeviceInput {
+                        device: NET_DEVICE,
+                        data: rx,
+                    },
+                ))?;
+                return Ok(Some(NET_RX_VECTOR));
+            }
+            let now = Instant::now();
+            // A pause (a join's switch-over) waits for this exit to end: a tick ends it now.
+            if now >= self.next_tick || self.pause_after(exit) {
+                self.log.append(&Entry::new(
+                    Position::at_exit(exit),
+                    Event::Interrupt {
+                        vector: TIMER_VECTOR,
+                    },
+                ))?;
+                self.next_tick = now + self.config.tick;
+                return Ok(Some(TIMER_VECTOR));
+            }
+            if self.gate.pending() > 0 {
+                // Outputs wait for ACKs: keep polling the channel.
+                std::thread::yield_now();
+                continue;
+            }
+            // Idle: send what the guest did so far (the backup catches up and can rest too),
+            // then sleep until a request comes, the tick is due, or a slice has passed (the
+            // channel's heartbeats and the stop flag are looked at every slice).
+            self.log.flush()?;
+            let slice = self
+                .next_tick
+                .saturating_duration_since(now)
+                .min(WAIT_SLICE);
+            self.port.wait_readable(slice)?;
+        }
     }
 
     fn clock(&mut self, exit: u64) -> Result<u64, EngineError> {

@@ -28,6 +28,15 @@ pub trait EntrySource {
     fn wait(&mut self, timeout: Duration) -> Result<bool, ChannelError>;
     /// Entries received so far.
     fn received(&self) -> u64;
+    /// Like [`Self::wait`], while the replica's guest is idle: may sleep between polls.
+    fn wait_idle(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        self.wait(timeout)
+    }
+    /// Like [`Self::wait`], but gives up at `timeout` after a short spin (the configured policy
+    /// may spin far longer than that first).
+    fn wait_idle_spin(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        self.wait(timeout)
+    }
     /// Counters of the channel underneath, if there is one.
     fn stats(&self) -> Option<StatsSnapshot> {
         None
@@ -49,6 +58,12 @@ impl<L: BackupLink> EntrySource for Backup<L> {
     }
     fn received(&self) -> u64 {
         Backup::stats(self).entries
+    }
+    fn wait_idle(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        Backup::wait_with(self, timeout, transport::PollPolicy::IDLE)
+    }
+    fn wait_idle_spin(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
+        Backup::wait_with(self, timeout, transport::PollPolicy::SPIN_THEN_YIELD)
     }
     fn stats(&self) -> Option<StatsSnapshot> {
         Some(Backup::stats(self))
@@ -77,7 +92,12 @@ pub struct Replayer<S: EntrySource> {
     ended_unix_ns: u64,
     /// Set to leave before the primary's stop point ([`EngineError::Stopped`]).
     stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The guest is in a wait (`hlt`): the next entry may be far off.
+    guest_waits: bool,
 }
+
+/// How long a backup whose guest waits spins for the next entry before it sleeps between polls.
+const IDLE_SPIN: Duration = Duration::from_micros(300);
 
 /// A copy of what an entry says, for error messages.
 fn describe(event: &Event<'_>) -> String {
@@ -107,6 +127,7 @@ impl<S: EntrySource> Replayer<S> {
             last_clock_ns: 0,
             ended_unix_ns: 0,
             stop: None,
+            guest_waits: false,
         }
     }
 
@@ -218,7 +239,17 @@ impl<S: EntrySource> Replayer<S> {
                 let _ = self.source.pump();
                 continue;
             }
-            if let Err(e) = self.source.wait(self.stall_timeout) {
+            let waited = if self.guest_waits {
+                // The guest sleeps until the primary's guest wakes: spin a little (a request
+                // often follows soon), then let the core rest.
+                match self.source.wait_idle_spin(IDLE_SPIN) {
+                    Ok(false) => self.source.wait_idle(self.stall_timeout),
+                    other => other,
+                }
+            } else {
+                self.source.wait(self.stall_timeout)
+            };
+            if let Err(e) = waited {
                 self.end(e);
             }
         }
@@ -352,6 +383,37 @@ impl<S: EntrySource> EventSource for Replayer<S> {
                     buf.extend_from_slice(data);
                     Some(Ok(()))
                 }
+                _ => None,
+            },
+        )
+    }
+
+    fn wake(&mut self, exit: u64, rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
+        self.guest_waits = true;
+        let front = self.front(exit).map(|e| e.entry.event.kind());
+        self.guest_waits = false;
+        if front? == logfmt::Kind::Control
+            && matches!(
+                self.front(exit)?.entry.event,
+                Event::Control(ControlOp::Shutdown)
+            )
+        {
+            return Ok(None);
+        }
+        self.take(
+            exit,
+            "a wake-up",
+            "a wait for an interrupt",
+            |event| match event {
+                // A request woke the guest: one entry, so a takeover never finds half a wake-up.
+                Event::DeviceInput {
+                    device: NET_DEVICE,
+                    data,
+                } => {
+                    rx.extend_from_slice(data);
+                    Some(Ok(Some(crate::engine::NET_RX_VECTOR)))
+                }
+                Event::Interrupt { vector } => Some(Ok(Some(*vector))),
                 _ => None,
             },
         )

@@ -327,6 +327,32 @@ impl ServicePort {
         }
     }
 
+    /// Waits until a datagram can be read or `timeout` has passed (`ppoll`); returns whether one
+    /// can. A signal ends the wait early (`false`).
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, EngineError> {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fd` is one valid pollfd (count 1) and `ts` a valid timespec, both live locals
+        // for the call; a null signal mask leaves the thread's mask unchanged.
+        let n = unsafe { libc::ppoll(&mut fd, 1, &ts, std::ptr::null()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(io("waiting for a request")(e));
+        }
+        Ok(n > 0)
+    }
+
     /// Sends a released output to `to`, stamped with `epoch` when it goes through the front.
     /// A datagram the kernel cannot take now is dropped (the client retries).
     pub fn send(&self, to: ReplyTo, bytes: &[u8], epoch: u64) -> Result<(), EngineError> {

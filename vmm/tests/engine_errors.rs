@@ -37,6 +37,9 @@ impl EventSource for Quiet {
     fn output(&mut self, _exit: u64, _device: u16, _bytes: &[u8]) -> Result<(), EngineError> {
         Ok(())
     }
+    fn wake(&mut self, _exit: u64, _rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
+        Ok(Some(vmm::layout::TIMER_VECTOR))
+    }
 }
 
 #[test]
