@@ -7,6 +7,7 @@
 //! Results print as a table; `--json PATH` writes them for plots and reports.
 
 mod commit;
+mod idle;
 mod join;
 mod pin;
 mod raw;
@@ -34,6 +35,9 @@ enum Command {
     /// Backups joining a running primary under load (real `ftvm` processes): pause and time to
     /// protected per guest memory size, next to the join stream medium's raw bandwidth.
     Join(join::JoinArgs),
+    /// What an idle pair costs (CPU, VM exits) and the latency of requests that find it idle,
+    /// per guest (interrupt-driven vs polling), in alternating rounds.
+    Idle(idle::IdleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Commit(args) => commit::run(&args),
         Command::Throughput(args) => throughput::run(&args),
         Command::Join(args) => join::run(&args),
+        Command::Idle(args) => idle::run(&args),
     };
     // DPDK media leave memif sockets and the EAL's runtime directory behind otherwise.
     #[cfg(feature = "dpdk")]

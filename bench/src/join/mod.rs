@@ -11,8 +11,8 @@
 //! backup accepts a new one. The numbers come from the primary's JSON summary (`joins`,
 //! written when it stops), cross-checked with its per-join log lines.
 
-mod procs;
-mod stats;
+pub(crate) mod procs;
+pub(crate) mod stats;
 
 use std::fmt::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -258,10 +258,10 @@ fn parse_joined_line(line: &str) -> Option<(f64, f64)> {
 }
 
 /// The `ftvm` binary: `--ftvm`, else `ftvm` next to this one.
-fn ftvm_binary(args: &JoinArgs) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &args.ftvm {
+pub(crate) fn ftvm_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
         ensure!(p.exists(), "--ftvm {}: no such file", p.display());
-        return Ok(p.clone());
+        return Ok(p.to_path_buf());
     }
     let exe = std::env::current_exe().context("this binary's path")?;
     let next = exe
@@ -275,6 +275,24 @@ fn ftvm_binary(args: &JoinArgs) -> anyhow::Result<PathBuf> {
             )
         })?;
     Ok(next)
+}
+
+/// Writes a new pre-shared key file at `path` (0600, 32 random bytes as hex).
+pub(crate) fn write_key(path: &Path) -> anyhow::Result<()> {
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("reading /dev/urandom")?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, hex.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn s(v: impl ToString) -> String {
@@ -302,18 +320,7 @@ impl Site {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let key = dir.join("psk");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&key)
-            .and_then(|mut f| {
-                std::io::Write::write_all(
-                    &mut f,
-                    format!("bench-join-key-{}-{nanos:032x}", std::process::id()).as_bytes(),
-                )
-            })
-            .with_context(|| format!("writing {}", key.display()))?;
+        write_key(&key)?;
         Ok(Site {
             arbiter: format!("file:{}", dir.join("store").display()),
             dir,
@@ -897,7 +904,7 @@ fn row(args: &JoinArgs, mem_mib: u64, samples: Vec<JoinSample>, fill_failures: u
 }
 
 pub fn run(args: &JoinArgs) -> anyhow::Result<()> {
-    let ftvm = ftvm_binary(args)?;
+    let ftvm = ftvm_binary(args.ftvm.as_deref())?;
     ensure!(!args.mem_mib.is_empty(), "--mem-mib: no sizes");
     println!(
         "join to a running primary under load: {} measured joins per size after {} warm-up, join stream over {}, log over {}, \
