@@ -193,7 +193,7 @@ fn generate(rng: &mut SmallRng, w: &Workload, next_id: &mut u32) -> Request {
     *next_id = next_id.wrapping_add(1).max(1);
     let id = *next_id;
     if w.fill_percent > 0 && rng.gen_range(0..100u8) < w.fill_percent {
-        let first = vmm::layout::KV_FILL_FIRST_PAGE as u32;
+        let first = kv::KV_FILL_FIRST_PAGE as u32;
         let pages = (w.mem_size / 4096) as u32;
         let count = w.fill_pages.min(pages.saturating_sub(first)).max(1);
         let start = rng.gen_range(first..=pages.saturating_sub(count).max(first));

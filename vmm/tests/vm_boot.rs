@@ -6,11 +6,11 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use vmm::kv::{KV_BAD_REQUEST, KV_GET, KV_INCR, KV_NOT_FOUND, KV_OK, KV_PUT, KV_SLOTS};
 use vmm::layout::{
-    CLOCK_NS_ADDR, DEFAULT_MEM_SIZE, HALT_OK, KV_BAD_REQUEST, KV_GET, KV_INCR, KV_NOT_FOUND, KV_OK,
-    KV_PUT, KV_SLOTS, MIN_MEM_SIZE, NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX,
-    OP_RANDOM, OP_RESULT_ADDR, PENDING_IRQS_ADDR, RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR,
-    RX_SHUTDOWN, TIMER_IRQ_BIT, TX_BUF_ADDR, TX_LEN_ADDR,
+    CLOCK_NS_ADDR, DEFAULT_MEM_SIZE, HALT_OK, MIN_MEM_SIZE, NET_BUF_LEN, OP_CLOCK, OP_HALT,
+    OP_NET_RX, OP_NET_TX, OP_RANDOM, OP_RESULT_ADDR, PENDING_IRQS_ADDR, RANDOM_ADDR, RX_BUF_ADDR,
+    RX_LEN_ADDR, RX_SHUTDOWN, TIMER_IRQ_BIT, TX_BUF_ADDR, TX_LEN_ADDR,
 };
 use vmm::vm::{Vm, VmError, VmExit, GUEST_IMAGE, GUEST_NONDET_IMAGE};
 
@@ -408,12 +408,12 @@ fn fill_request(req_id: u32, start: u32, count: u32, seed: u64) -> Vec<u8> {
     v.extend_from_slice(&start.to_le_bytes());
     v.extend_from_slice(&count.to_le_bytes());
     v.extend_from_slice(&seed.to_le_bytes());
-    request(req_id, vmm::layout::KV_FILL, b"", &v)
+    request(req_id, vmm::kv::KV_FILL, b"", &v)
 }
 
 #[test]
 fn fill_dirties_pages_inside_ram_and_refuses_ranges_outside() -> Result<(), VmError> {
-    use vmm::layout::{KV_FILL_FIRST_PAGE, KV_FILL_MAX_PAGES};
+    use vmm::kv::{KV_FILL_FIRST_PAGE, KV_FILL_MAX_PAGES};
     let mem = 8 << 20;
     let pages = (mem / 4096) as u32;
     let first = KV_FILL_FIRST_PAGE as u32;
