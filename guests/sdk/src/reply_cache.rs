@@ -46,10 +46,15 @@ impl<const WORDS: usize> Reply<WORDS> {
         words: [0; WORDS],
     };
 
-    /// Response length in bytes.
+    /// Response length in bytes (what was cached: at most `8 * WORDS`).
     #[inline(always)]
     pub fn len(&self) -> usize {
-        self.len as usize
+        let len = self.len as usize;
+        if len > 8 * WORDS {
+            8 * WORDS
+        } else {
+            len
+        }
     }
 
     /// Whether the cached response is empty.
@@ -61,14 +66,15 @@ impl<const WORDS: usize> Reply<WORDS> {
     /// Sends the cached response again as the answer to `req` (NET_TX).
     #[inline(always)]
     pub fn resend(&self, req: &mut Request<'_>) {
-        let n = self.len().div_ceil(8);
+        let len = self.len();
+        let n = len.div_ceil(8);
         let tx = req.tx();
         let mut i = 0;
         while i < n && i < WORDS {
             tx.set_word(i, self.words[i]);
             i += 1;
         }
-        req.send(self.len());
+        req.send(len);
     }
 }
 
@@ -109,7 +115,7 @@ impl<const SETS: usize, const WAYS: usize, const WORDS: usize> ReplyCache<SETS, 
     }
 
     /// Caches the response to the request whose first word is `key`: the first `len` bytes of
-    /// `tx` (cut to `8 * WORDS`), replacing the oldest entry of its set. Key 0 is not cached.
+    /// `tx` (at most `8 * WORDS` are kept), replacing the oldest entry of its set. Key 0 is not cached.
     #[inline(always)]
     pub fn insert(&mut self, key: u64, tx: &Tx, len: usize) {
         if key == 0 {
@@ -120,7 +126,7 @@ impl<const SETS: usize, const WAYS: usize, const WORDS: usize> ReplyCache<SETS, 
         self.next[s] = ((way + 1) % WAYS) as u8;
         let r = &mut self.sets[s][way];
         r.key = key;
-        r.len = if len > 8 * WORDS { 8 * WORDS } else { len } as u64;
+        r.len = len as u64;
         let n = len.div_ceil(8);
         let mut i = 0;
         while i < n && i < WORDS {
