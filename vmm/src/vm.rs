@@ -272,6 +272,20 @@ impl Vm {
         }
     }
 
+    /// The message a guest that panicked left at [`crate::layout::PANIC_MSG_ADDR`], when it
+    /// halted with [`crate::layout::HALT_PANIC`] in `op_result` (the guest SDK's panic handler
+    /// does both); `None` otherwise.
+    pub fn panic_message(&self) -> Result<Option<String>, VmError> {
+        use crate::layout::{HALT_PANIC, OP_RESULT_ADDR, PANIC_MSG_ADDR, PANIC_MSG_MAX};
+        if self.read_u64(OP_RESULT_ADDR)? != HALT_PANIC {
+            return Ok(None);
+        }
+        let len = (self.read_u32(PANIC_MSG_ADDR)? as usize).min(PANIC_MSG_MAX);
+        let mut msg = vec![0; len];
+        self.read_bytes(PANIC_MSG_ADDR + 4, &mut msg)?;
+        Ok(Some(String::from_utf8_lossy(&msg).into_owned()))
+    }
+
     /// Whether the guest can take an injected interrupt at this exit: its RFLAGS.IF is set and
     /// KVM reports it ready for injection (no interrupt shadow, nothing queued). Both follow from
     /// the guest's own state, so a primary and a backup at the same exit agree.
