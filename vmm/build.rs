@@ -1,7 +1,7 @@
 //! Builds the guest programs of `guests/` (their own workspace, on the guest SDK) — the
-//! deterministic key-value service and its deliberately non-deterministic `nondet` variant — and
-//! leaves the static ELF executables in `$OUT_DIR/guest.elf` and `$OUT_DIR/guest-nondet.elf` for
-//! `include_bytes!`.
+//! deterministic key-value service, its deliberately non-deterministic `nondet` variant and the
+//! ledger — and leaves the static ELF executables in `$OUT_DIR/guest.elf`,
+//! `$OUT_DIR/guest-nondet.elf` and `$OUT_DIR/guest-ledger.elf` for `include_bytes!`.
 //!
 //! The inner cargo runs with `guests/` as its working directory so that the guests' own
 //! `.cargo/config.toml` (target, static relocation model, no SSE, the SDK's linker script)
@@ -38,6 +38,11 @@ const GUESTS: &[Guest] = &[
         features: Some("nondet"),
         elf: "guest-nondet.elf",
     },
+    Guest {
+        package: "ftvm-ledger",
+        features: None,
+        elf: "guest-ledger.elf",
+    },
 ];
 
 fn main() {
@@ -62,6 +67,8 @@ fn main() {
         "sdk/src",
         "kvstore/Cargo.toml",
         "kvstore/src",
+        "ledger/Cargo.toml",
+        "ledger/src",
     ] {
         println!("cargo:rerun-if-changed={}", guests_dir.join(path).display());
     }

@@ -4,8 +4,8 @@
 //! - [`vm`]: the KVM VM (one vCPU, long mode, memory via vm-memory) and the guest image;
 //! - [`layout`]: the guest ABI — memory map, hypercall port and ops (see `GUEST-ABI.md`); the
 //!   same file is the guest SDK's `ftvm_guest::abi` (`guests/sdk/src/abi.rs`, its one source);
-//! - [`kv`]: the wire format of the built-in key-value guest (`guests/kvstore`) and the model
-//!   its clients check responses against;
+//! - [`kv`], [`ledger`]: the wire formats of the built-in guests (`guests/kvstore`,
+//!   `guests/ledger`) and the models their clients check responses against;
 //! - [`engine`]: the run loop that numbers exits and drives the paravirtual devices from an
 //!   [`engine::EventSource`];
 //! - [`record`]: the primary's source (live inputs, logged), [`replay`]: the backup's (the log);
@@ -24,6 +24,7 @@ pub mod journal;
 pub mod kv;
 #[path = "../../guests/sdk/src/abi.rs"]
 pub mod layout;
+pub mod ledger;
 pub mod migrate;
 pub mod output_gate;
 pub mod record;

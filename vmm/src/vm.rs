@@ -48,6 +48,10 @@ pub const GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.e
 /// so a primary and a backup running it diverge. For divergence-detection tests only.
 pub const GUEST_NONDET_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-nondet.elf"));
 
+/// The ledger (static ELF), the second example guest on the guest SDK, built from `guests/ledger`
+/// by build.rs. Its wire format: [`crate::ledger`].
+pub const GUEST_LEDGER_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-ledger.elf"));
+
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
 const CR0_ET: u64 = 1 << 4;
