@@ -389,3 +389,30 @@ fn fill_dirties_pages_inside_ram_and_refuses_ranges_outside() -> Result<(), VmEr
     );
     Ok(())
 }
+
+/// Single-stepping counts the guest's instructions without changing what it does: the idle
+/// loop runs the same number of instructions between two NET_RX exits every time, and a VM
+/// stepped through requests ends in the state of one that ran them.
+#[test]
+fn counting_instructions_leaves_the_guest_as_running_does() -> Result<(), VmError> {
+    let mut ran = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut stepped = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    put_get_device().drive(&mut ran, 12)?;
+    // Exits 1..=8 serve the PUT and the GET (4 exits each), then the guest idles on NET_RX.
+    let mut dev = put_get_device();
+    let mut counts = Vec::new();
+    for _ in 0..12 {
+        let (exit, n) = stepped.run_counting_instructions()?;
+        assert!(matches!(exit, VmExit::Hypercall { .. }), "{exit:?}");
+        counts.push(n);
+        dev.respond(&mut stepped, exit)?;
+    }
+    assert_eq!(dev.responses.len(), 2);
+    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+    let idle = &counts[9..];
+    assert!(idle.iter().all(|&n| n == idle[0]), "idle loop: {counts:?}");
+    assert_eq!(stepped.exit_count(), ran.exit_count());
+    assert_eq!(stepped.memory_hash(), ran.memory_hash());
+    assert_eq!(stepped.registers_digest()?, ran.registers_digest()?);
+    Ok(())
+}

@@ -56,52 +56,60 @@ impl Device {
     pub fn drive(&mut self, vm: &mut Vm, max_exits: u64) -> Result<Stop, VmError> {
         for _ in 0..max_exits {
             let exit = vm.run()?;
-            if self.timer_at.contains(&vm.exit_count()) {
-                let pending = vm.read_u64(PENDING_IRQS_ADDR)?;
-                vm.write_u64(PENDING_IRQS_ADDR, pending | TIMER_IRQ_BIT)?;
-            }
-            match exit {
-                VmExit::Hypercall { op: OP_NET_RX } => match self.requests.pop_front() {
-                    Some(req) => {
-                        vm.write_bytes(RX_BUF_ADDR, &req)?;
-                        vm.write_u32(RX_LEN_ADDR, req.len() as u32)?;
-                    }
-                    None => {
-                        vm.write_u32(RX_LEN_ADDR, 0)?;
-                        if self.stop_when_idle {
-                            return Ok(Stop::Idle);
-                        }
-                        if self.shutdown_when_idle {
-                            vm.write_u64(OP_RESULT_ADDR, RX_SHUTDOWN)?;
-                        }
-                    }
-                },
-                VmExit::Hypercall { op: OP_CLOCK } => {
-                    let t = self.clock_base + self.clock_step * self.clocks;
-                    self.clocks += 1;
-                    vm.write_u64(CLOCK_NS_ADDR, t)?;
-                }
-                VmExit::Hypercall { op: OP_RANDOM } => {
-                    let mut r = self.random;
-                    if self.random_counts {
-                        r[..8].copy_from_slice(&(self.randoms + 1).to_le_bytes());
-                    }
-                    self.randoms += 1;
-                    vm.write_bytes(RANDOM_ADDR, &r)?;
-                }
-                VmExit::Hypercall { op: OP_NET_TX } => {
-                    let len = vm.read_u32(TX_LEN_ADDR)? as usize;
-                    assert!(len <= NET_BUF_LEN, "tx_len {len} too large");
-                    let mut out = vec![0; len];
-                    vm.read_bytes(TX_BUF_ADDR, &mut out)?;
-                    self.responses.push(out);
-                }
-                VmExit::Hypercall { op: OP_HALT } => {
-                    return Ok(Stop::Halted(vm.read_u64(OP_RESULT_ADDR)?));
-                }
-                other => panic!("unexpected exit #{}: {other:?}", vm.exit_count()),
+            if let Some(stop) = self.respond(vm, exit)? {
+                return Ok(stop);
             }
         }
         Ok(Stop::Budget)
+    }
+
+    /// Handles `exit`, the one `vm` just made; `Some` when the drive ends there.
+    pub fn respond(&mut self, vm: &mut Vm, exit: VmExit) -> Result<Option<Stop>, VmError> {
+        if self.timer_at.contains(&vm.exit_count()) {
+            let pending = vm.read_u64(PENDING_IRQS_ADDR)?;
+            vm.write_u64(PENDING_IRQS_ADDR, pending | TIMER_IRQ_BIT)?;
+        }
+        match exit {
+            VmExit::Hypercall { op: OP_NET_RX } => match self.requests.pop_front() {
+                Some(req) => {
+                    vm.write_bytes(RX_BUF_ADDR, &req)?;
+                    vm.write_u32(RX_LEN_ADDR, req.len() as u32)?;
+                }
+                None => {
+                    vm.write_u32(RX_LEN_ADDR, 0)?;
+                    if self.stop_when_idle {
+                        return Ok(Some(Stop::Idle));
+                    }
+                    if self.shutdown_when_idle {
+                        vm.write_u64(OP_RESULT_ADDR, RX_SHUTDOWN)?;
+                    }
+                }
+            },
+            VmExit::Hypercall { op: OP_CLOCK } => {
+                let t = self.clock_base + self.clock_step * self.clocks;
+                self.clocks += 1;
+                vm.write_u64(CLOCK_NS_ADDR, t)?;
+            }
+            VmExit::Hypercall { op: OP_RANDOM } => {
+                let mut r = self.random;
+                if self.random_counts {
+                    r[..8].copy_from_slice(&(self.randoms + 1).to_le_bytes());
+                }
+                self.randoms += 1;
+                vm.write_bytes(RANDOM_ADDR, &r)?;
+            }
+            VmExit::Hypercall { op: OP_NET_TX } => {
+                let len = vm.read_u32(TX_LEN_ADDR)? as usize;
+                assert!(len <= NET_BUF_LEN, "tx_len {len} too large");
+                let mut out = vec![0; len];
+                vm.read_bytes(TX_BUF_ADDR, &mut out)?;
+                self.responses.push(out);
+            }
+            VmExit::Hypercall { op: OP_HALT } => {
+                return Ok(Some(Stop::Halted(vm.read_u64(OP_RESULT_ADDR)?)));
+            }
+            other => panic!("unexpected exit #{}: {other:?}", vm.exit_count()),
+        }
+        Ok(None)
     }
 }
