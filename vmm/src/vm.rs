@@ -41,7 +41,7 @@ use crate::layout::{
 };
 use crate::migrate::state::{VcpuState, SAVED_MSRS};
 
-/// The deterministic key-value guest program (static ELF), built from `vmm/guest` by build.rs.
+/// The deterministic key-value guest program (static ELF), built from `guests/kvstore` by build.rs.
 pub const GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
 
 /// The same program built with the `nondet` feature: it mixes `rdtsc` into every response token,
