@@ -18,10 +18,13 @@
 //!     let mut net = Net::take();
 //!     // `None` once the VMM asks the guest to stop; returning from `main` halts it.
 //!     while let Some(mut req) = net.next_request() {
-//!         let n = req.len().min(64);
+//!         // Echo the request's first 8 bytes (read in place), then the time (one CLOCK exit).
+//!         let head = req.word(0);
 //!         let now = ftvm_guest::clock::now_ns();
-//!         req.tx().bytes_mut()[..8].copy_from_slice(&now.to_le_bytes());
-//!         req.send(8.max(n));
+//!         let tx = req.tx();
+//!         tx.set_word(0, head);
+//!         tx.set_word(1, now);
+//!         req.send(16); // NET_TX: the first 16 bytes of the transmit buffer
 //!     }
 //! }
 //! ```
