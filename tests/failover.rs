@@ -176,6 +176,52 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Runs `ftvm demo ARGS --json JSON` (one pair at a time) with `--kill-primary-after`, and
+/// checks that the backup took over with nothing lost: all `requests` answered correctly, at least
+/// `min_read_back` keys read back with every acknowledged update there, the survivor equal to its
+/// journal's replay. Returns the summary and the demo's output.
+fn failed_over_demo(
+    args: &[&str],
+    json: &Path,
+    label: &str,
+    requests: u64,
+    min_read_back: u64,
+) -> (serde_json::Value, String) {
+    let _turn = turn();
+    let out = Command::new(FTVM)
+        .arg("demo")
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("run ftvm demo");
+    drop(_turn);
+    let log = format!(
+        "{label}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = std::fs::read(json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    assert!(out.status.success(), "{log}");
+    assert_eq!(v["responses_ok"], requests, "every response checked\n{log}");
+    assert_eq!(v["acknowledged_lost"], 0, "{log}");
+    assert!(
+        v["keys_verified"].as_u64().unwrap_or(0) >= min_read_back,
+        "{log}"
+    );
+    assert!(
+        v["winner"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("backup-")),
+        "the backup took over\n{log}"
+    );
+    assert_eq!(v["journal_replay_matches"], true, "{log}");
+    (v, log)
+}
+
 /// Kills the primary of a pair running `guest` `kills` times at random points with `arbiter`
 /// deciding, checking each run.
 fn random_kills(backend: &str, arbiter: &str, key: &Path, guest: &str, kills: usize) {
@@ -188,52 +234,26 @@ fn random_kills(backend: &str, arbiter: &str, key: &Path, guest: &str, kills: us
         let kill_after = rng.gen_range(1..=120u64);
         let requests = kill_after + 30;
         let json = scratch.path().join(format!("kill-{i}.json"));
-        let _turn = turn();
-        let out = Command::new(FTVM)
-            .args([
-                "demo",
-                "--guest",
-                guest,
-                "--requests",
-                &s(requests),
-                "--seed",
-                &s(rng.gen::<u32>()),
-                "--keys",
-                "20",
-                "--kill-primary-after",
-                &s(kill_after),
-                "--kill-jitter-us",
-                "3000",
-                "--arbiter",
-                arbiter,
-                "--key-file",
-                &key.display().to_string(),
-                "--json",
-                &json.display().to_string(),
-            ])
-            .output()
-            .expect("run ftvm demo");
-        drop(_turn);
-        let log = format!(
-            "{backend} kill {i} (after {kill_after} of {requests}):\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = std::fs::read(&json)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null);
-        assert!(out.status.success(), "{log}");
-        assert_eq!(v["responses_ok"], requests, "every response checked\n{log}");
-        assert_eq!(v["acknowledged_lost"], 0, "{log}");
-        assert!(v["keys_verified"].as_u64().unwrap_or(0) > 0, "{log}");
-        assert!(
-            v["winner"]
-                .as_str()
-                .is_some_and(|w| w.starts_with("backup-")),
-            "the backup took over\n{log}"
-        );
-        assert_eq!(v["journal_replay_matches"], true, "{log}");
+        let args = [
+            "--guest",
+            guest,
+            "--requests",
+            &s(requests),
+            "--seed",
+            &s(rng.gen::<u32>()),
+            "--keys",
+            "20",
+            "--kill-primary-after",
+            &s(kill_after),
+            "--kill-jitter-us",
+            "3000",
+            "--arbiter",
+            arbiter,
+            "--key-file",
+            &key.display().to_string(),
+        ];
+        let label = format!("{backend} kill {i} (after {kill_after} of {requests})");
+        let (v, log) = failed_over_demo(&args, &json, &label, requests, 1);
         // Live well within the heartbeat timeout: a killed process closes its channel.
         let live = v["live_ms"].as_f64().expect("live_ms");
         assert!(live < 1000.0, "backup live {live} ms after the kill\n{log}");
@@ -312,35 +332,14 @@ fn sigkill_the_primary_of_a_ledger_at_random_points() {
 fn the_ledger_demo_loses_nothing_when_the_primary_is_killed() {
     let scratch = Scratch::new("ledger-demo");
     let json = scratch.path().join("demo.json");
-    let _turn = turn();
-    let out = Command::new(FTVM)
-        .args(["demo", "--guest", "ledger", "--kill-primary-after", "500"])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("run ftvm demo");
-    drop(_turn);
-    let log = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    // The 100 accounts used and the final audit are read back.
+    failed_over_demo(
+        &["--guest", "ledger", "--kill-primary-after", "500"],
+        &json,
+        "ftvm demo --guest ledger --kill-primary-after 500",
+        10_000,
+        101,
     );
-    let v: serde_json::Value = std::fs::read(&json)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    assert!(out.status.success(), "{log}");
-    assert_eq!(v["responses_ok"], 10_000, "{log}");
-    assert_eq!(v["acknowledged_lost"], 0, "{log}");
-    // The accounts used (100) and the final audit were read back.
-    assert!(v["keys_verified"].as_u64().unwrap_or(0) > 100, "{log}");
-    assert!(
-        v["winner"]
-            .as_str()
-            .is_some_and(|w| w.starts_with("backup-")),
-        "the backup took over\n{log}"
-    );
-    assert_eq!(v["journal_replay_matches"], true, "{log}");
 }
 
 fn start_arbiter_server(scratch: &Scratch, key: &Path, listen: &str) -> Proc {

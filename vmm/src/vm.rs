@@ -256,24 +256,7 @@ impl Vm {
     /// Runs the vCPU until the next guest-visible exit. `EINTR`/`EAGAIN` from `KVM_RUN` (a
     /// signal, an immediate exit) are retried transparently and are not exits.
     pub fn run(&mut self) -> Result<VmExit, VmError> {
-        loop {
-            match self.vcpu.run() {
-                Ok(exit) => {
-                    self.exits += 1;
-                    if matches!(exit, VcpuExit::InternalError) {
-                        return Ok(VmExit::Other(self.internal_error_details()));
-                    }
-                    return Ok(classify(exit));
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => {
-                    return Err(VmError::Kvm {
-                        op: "KVM_RUN",
-                        err: e,
-                    })
-                }
-            }
-        }
+        self.run_to_exit(false).map(|(exit, _)| exit)
     }
 
     /// Like [`Vm::run`], one guest instruction at a time (KVM single-step): returns the exit and
@@ -290,31 +273,37 @@ impl Vm {
                 kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
             ))
             .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        let result = self.run_to_exit(true);
+        self.vcpu
+            .set_guest_debug(&debug(0))
+            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        result
+    }
+
+    /// The run loop of [`Vm::run`]; with `stepping`, KVM's single-step exits are counted (the
+    /// count is returned with the exit) instead of returned.
+    #[inline(always)]
+    fn run_to_exit(&mut self, stepping: bool) -> Result<(VmExit, u64), VmError> {
         let mut steps = 0;
-        let exit = loop {
+        loop {
             match self.vcpu.run() {
-                Ok(VcpuExit::Debug(_)) => steps += 1,
-                Ok(VcpuExit::InternalError) => {
-                    self.exits += 1;
-                    break Ok(VmExit::Other(self.internal_error_details()));
-                }
+                Ok(VcpuExit::Debug(_)) if stepping => steps += 1,
                 Ok(exit) => {
                     self.exits += 1;
-                    break Ok(classify(exit));
+                    if matches!(exit, VcpuExit::InternalError) {
+                        return Ok((VmExit::Other(self.internal_error_details()), steps));
+                    }
+                    return Ok((classify(exit), steps));
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => {
-                    break Err(VmError::Kvm {
+                    return Err(VmError::Kvm {
                         op: "KVM_RUN",
                         err: e,
                     })
                 }
             }
-        };
-        self.vcpu
-            .set_guest_debug(&debug(0))
-            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
-        Ok((exit?, steps))
+        }
     }
 
     /// The message a guest that panicked left at [`crate::layout::PANIC_MSG_ADDR`], when it
