@@ -14,6 +14,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "the guest programs (guests/, a workspace of its own): cargo fmt --check, cargo clippy"
+(cd guests && cargo fmt --all -- --check && cargo clippy --release -- -D warnings)
+
 step "cargo clippy --workspace --all-targets -- -D warnings (and with the DPDK and RDMA media)"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p transport --features dpdk --all-targets -- -D warnings

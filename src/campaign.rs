@@ -501,6 +501,7 @@ fn start_load(service: SocketAddr, args: &DemoArgs) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut w = Workload::new(u64::MAX, args.seed, args.keys, args.get_percent);
+    w.protocol = client::Protocol::of(args.guest);
     w.key_prefix = "campaign".into();
     w.verify = true;
     w.window = 4;
@@ -610,6 +611,7 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
             match args.guest {
                 crate::replica::Guest::Kvstore => "kvstore".into(),
                 crate::replica::Guest::Nondet => "nondet".into(),
+                crate::replica::Guest::Ledger => "ledger".into(),
             },
             "--listen".into(),
             listen.to_string(),

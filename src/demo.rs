@@ -33,7 +33,8 @@ pub struct DemoArgs {
     /// Skip the unreplicated baseline run.
     #[arg(long)]
     pub no_baseline: bool,
-    /// Guest program (`nondet` demonstrates divergence detection).
+    /// Guest program (`nondet` demonstrates divergence detection; `ledger` is the second example
+    /// guest, driven by the ledger workload).
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: crate::replica::Guest,
     /// Write the summary as JSON here.
@@ -231,6 +232,7 @@ fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<Client
         .parse()
         .with_context(|| format!("service address {:?}", service.addr))?;
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
+    w.protocol = client::Protocol::of(args.guest);
     w.timeout = Duration::from_secs(2);
     let step = (args.requests / 50).max(1);
     let report = client::run(addr, &w, |done| {
@@ -257,6 +259,7 @@ fn node_args(
     let guest = match guest {
         crate::replica::Guest::Kvstore => "kvstore",
         crate::replica::Guest::Nondet => "nondet",
+        crate::replica::Guest::Ledger => "ledger",
     };
     vec![
         role.into(),
@@ -426,6 +429,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     let first_epoch = front.stats().epoch;
 
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
+    w.protocol = client::Protocol::of(args.guest);
     w.verify = true;
     let step = (args.requests / 50).max(1);
     let killed: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>> =

@@ -38,7 +38,7 @@ enum Command {
     Backup(replica::BackupArgs),
     /// Replay a backup's journal on a fresh VM and print the guest's final state.
     Replay(replica::ReplayArgs),
-    /// Send key-value requests to a running primary and verify every response.
+    /// Send requests (key-value or ledger) to a running primary and verify every response.
     Client(ClientArgs),
     /// The failover arbiter (`ftvm arbiter serve`, `ftvm arbiter init`).
     Arbiter(arbiter::ArbiterArgs),
@@ -67,6 +67,9 @@ struct ClientArgs {
     /// The service address (the `addr` of the primary's or the front's readiness line).
     #[arg(long)]
     service: SocketAddr,
+    /// The service the guest runs: the key-value store or the ledger (`--guest ledger`).
+    #[arg(long, value_enum, default_value = "kvstore")]
+    workload: client::Protocol,
     /// Requests to send.
     #[arg(long, default_value_t = 1000)]
     requests: u64,
@@ -210,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Client(args) => {
             let mut w =
                 client::Workload::new(args.requests, args.seed, args.keys, args.get_percent);
+            w.protocol = args.workload;
             w.verify = args.verify;
             w.key_prefix = args.key_prefix.clone();
             w.timeout = Duration::from_millis(args.timeout_ms);

@@ -70,8 +70,8 @@ pub struct Common {
     /// Write a JSON summary here when the run ends.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// The guest program: the key-value service, or a deliberately non-deterministic variant
-    /// (it reads the TSC) that divergence detection must catch.
+    /// The guest program: the key-value service, a deliberately non-deterministic variant of it
+    /// (it reads the TSC) that divergence detection must catch, or the ledger.
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: Guest,
     /// The failover arbiter: `file:DIR`, `server:HOST:PORT` or `etcd:URL[,URL…]`. With one, a
@@ -148,6 +148,8 @@ pub enum Guest {
     Kvstore,
     /// The key-value service mixing `rdtsc` into its responses: replay cannot reproduce it.
     Nondet,
+    /// The ledger (`guests/ledger`): accounts, transfers, an audited invariant.
+    Ledger,
 }
 
 /// `ftvm primary`.
@@ -410,6 +412,7 @@ fn guest_image(c: &Common) -> &'static [u8] {
     match c.guest {
         Guest::Kvstore => vmm::vm::GUEST_IMAGE,
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
+        Guest::Ledger => vmm::vm::GUEST_LEDGER_IMAGE,
     }
 }
 
@@ -986,6 +989,7 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
     let image = match args.guest {
         Guest::Kvstore => vmm::vm::GUEST_IMAGE,
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
+        Guest::Ledger => vmm::vm::GUEST_LEDGER_IMAGE,
     };
     let mut vm = Vm::new(args.mem_mib << 20, image).context("creating the VM")?;
     let base = vmm::join::base_path(&args.journal);

@@ -214,3 +214,43 @@ fn a_key_file_readable_by_others_is_refused_naming_file_and_mode() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     assert!(child.wait().expect("wait").success());
 }
+
+/// `ftvm client --workload ledger` against a primary running the ledger (unreplicated: the
+/// client's side is what this tests): 8 requests in flight, never two on one account and an
+/// audit alone, every answer and the read-back checked against the ledger model.
+#[test]
+fn the_ledger_client_keeps_a_window_of_requests_and_checks_them_all() {
+    let dir = common::scratch("ftvm-cli-ledger-");
+    let key = common::write_key(dir.path(), "psk", "cli-test-ledger-key-0123456789");
+    let args: Vec<String> = ["primary", "--guest", "ledger", "--unreplicated"]
+        .into_iter()
+        .map(String::from)
+        .chain(["--service".into(), "127.0.0.1:0".into()])
+        .chain(["--key-file".into(), key.display().to_string()])
+        .collect();
+    let (mut primary, ready) = common::Proc::start(env!("CARGO_BIN_EXE_ftvm"), &args);
+    let ready = ready.unwrap_or_else(|| panic!("the primary did not start: {}", primary.log()));
+    let out = ftvm()
+        .args(["client", "--workload", "ledger", "--service", &ready.addr])
+        .args([
+            "--requests",
+            "3000",
+            "--keys",
+            "16",
+            "--window",
+            "8",
+            "--verify",
+        ])
+        .output()
+        .expect("run ftvm client");
+    let v = common::client_ok(out);
+    assert_eq!(v["responses_ok"], 3000, "{v}");
+    assert_eq!(v["keys_verified"], 17, "16 accounts and the audit: {v}");
+    primary.signal(libc::SIGTERM);
+    assert_eq!(
+        primary.wait(std::time::Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        primary.log()
+    );
+}

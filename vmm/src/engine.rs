@@ -211,11 +211,14 @@ pub fn run(
                         vm.write_bytes(MAILBOX_ADDR + MB_RANDOM, &bytes)?;
                     }
                     OP_HALT => {
+                        if let Some(msg) = vm.panic_message()? {
+                            tracing::error!("the guest panicked (HALT at exit {exit}): {msg}");
+                        }
                         return Ok(RunSummary {
                             exits: exit,
                             guest_halted: true,
                             paused: false,
-                        })
+                        });
                     }
                     other => {
                         return Err(EngineError::AbiViolation {

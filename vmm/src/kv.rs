@@ -4,29 +4,35 @@
 
 use std::collections::HashMap;
 
+// The constants the guest and its clients share (`KV_*`), compiled from the guest's own file.
+use crate::layout as abi;
+#[path = "../../guests/kvstore/src/proto.rs"]
+mod proto;
+pub use proto::*;
+
 /// GET: return the stored value.
-pub const OP_GET: u8 = 1;
+pub const OP_GET: u8 = KV_GET;
 /// PUT: store a value.
-pub const OP_PUT: u8 = 2;
+pub const OP_PUT: u8 = KV_PUT;
 /// INCR: add one to the u64 stored at the key and return it.
-pub const OP_INCR: u8 = 3;
-/// FILL: the guest dirties a range of pages (state-transfer load; see `layout::KV_FILL`).
-pub const OP_FILL: u8 = crate::layout::KV_FILL;
+pub const OP_INCR: u8 = KV_INCR;
+/// FILL: the guest dirties a range of pages (state-transfer load; see [`KV_FILL`]).
+pub const OP_FILL: u8 = KV_FILL;
 /// Longest key.
-pub const MAX_KEY: usize = 32;
+pub const MAX_KEY: usize = KV_MAX_KEY;
 /// Longest value.
-pub const MAX_VALUE: usize = 64;
+pub const MAX_VALUE: usize = KV_MAX_VAL;
 /// Bytes before the value in a response.
-pub const RESPONSE_HEADER: usize = 32;
+pub const RESPONSE_HEADER: usize = KV_RESP_HEADER_LEN;
 
 /// Response status codes.
 pub mod status {
     /// Done.
-    pub const OK: u8 = 0;
+    pub const OK: u8 = super::KV_OK;
     /// GET of a missing key.
-    pub const NOT_FOUND: u8 = 1;
+    pub const NOT_FOUND: u8 = super::KV_NOT_FOUND;
     /// Malformed request or full table.
-    pub const BAD_REQUEST: u8 = 2;
+    pub const BAD_REQUEST: u8 = super::KV_BAD_REQUEST;
 }
 
 /// Encodes a request. Keys of 1..=32 bytes and values of at most 64 bytes; longer ones are the

@@ -2,7 +2,10 @@
 //! replayed on the backup, with the output gate enforcing the output rule.
 //!
 //! - [`vm`]: the KVM VM (one vCPU, long mode, memory via vm-memory) and the guest image;
-//! - [`layout`]: the guest ABI — memory map, hypercall port and ops (see `GUEST-ABI.md`);
+//! - [`layout`]: the guest ABI — memory map, hypercall port and ops (see `GUEST-ABI.md`); the
+//!   same file is the guest SDK's `ftvm_guest::abi` (`guests/sdk/src/abi.rs`, its one source);
+//! - [`kv`], [`ledger`]: the wire formats of the built-in guests (`guests/kvstore`,
+//!   `guests/ledger`) and the models their clients check responses against;
 //! - [`engine`]: the run loop that numbers exits and drives the paravirtual devices from an
 //!   [`engine::EventSource`];
 //! - [`record`]: the primary's source (live inputs, logged), [`replay`]: the backup's (the log);
@@ -19,7 +22,9 @@ pub mod failover;
 pub mod join;
 pub mod journal;
 pub mod kv;
+#[path = "../../guests/sdk/src/abi.rs"]
 pub mod layout;
+pub mod ledger;
 pub mod migrate;
 pub mod output_gate;
 pub mod record;

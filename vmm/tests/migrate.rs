@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use vmm::kv::{KV_INCR, KV_PUT};
 use vmm::layout::{
-    CLOCK_NS_ADDR, KV_INCR, KV_PUT, NET_BUF_LEN, OP_CLOCK, OP_NET_RX, OP_NET_TX, OP_RANDOM,
-    RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR, TX_BUF_ADDR, TX_LEN_ADDR,
+    CLOCK_NS_ADDR, NET_BUF_LEN, OP_CLOCK, OP_NET_RX, OP_NET_TX, OP_RANDOM, RANDOM_ADDR,
+    RX_BUF_ADDR, RX_LEN_ADDR, TX_BUF_ADDR, TX_LEN_ADDR,
 };
 use vmm::migrate::sink::{restore, Expect};
 use vmm::migrate::source::{Precopy, PrecopyConfig};

@@ -3,93 +3,16 @@
 //! These tests need /dev/kvm; without it they fail with "cannot open /dev/kvm: … (is KVM
 //! available?)".
 
+mod common;
+
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use vmm::layout::{
-    CLOCK_NS_ADDR, DEFAULT_MEM_SIZE, HALT_OK, KV_BAD_REQUEST, KV_GET, KV_INCR, KV_NOT_FOUND, KV_OK,
-    KV_PUT, KV_SLOTS, MIN_MEM_SIZE, NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX,
-    OP_RANDOM, OP_RESULT_ADDR, PENDING_IRQS_ADDR, RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR,
-    RX_SHUTDOWN, TIMER_IRQ_BIT, TX_BUF_ADDR, TX_LEN_ADDR,
-};
-use vmm::vm::{Vm, VmError, VmExit, GUEST_IMAGE, GUEST_NONDET_IMAGE};
+use common::{new_vm, Device, Stop};
 
-fn new_vm(mem_size: usize, image: &[u8]) -> Vm {
-    match Vm::new(mem_size, image) {
-        Ok(vm) => vm,
-        Err(e @ VmError::KvmOpen(_)) => panic!("these tests boot a real guest and need KVM: {e}"),
-        Err(e) => panic!("cannot create the VM: {e}"),
-    }
-}
-
-/// A scripted device: answers each hypercall from fixed inputs and collects the outputs.
-#[derive(Default)]
-struct Device {
-    requests: VecDeque<Vec<u8>>,
-    /// CLOCK returns `clock_base + clock_step * n` for the n-th CLOCK (from 0).
-    clock_base: u64,
-    clock_step: u64,
-    clocks: u64,
-    random: [u8; 16],
-    /// Raise the timer interrupt at these exit numbers (1-based).
-    timer_at: Vec<u64>,
-    /// Ask the guest to halt at the first NET_RX after the requests run out.
-    shutdown_when_idle: bool,
-    responses: Vec<Vec<u8>>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Stop {
-    /// The exit budget ran out.
-    Budget,
-    /// The guest issued HALT with this op_result.
-    Halted(u64),
-}
-
-impl Device {
-    /// Runs `vm` until `max_exits` exits have been handled or the guest halts.
-    fn drive(&mut self, vm: &mut Vm, max_exits: u64) -> Result<Stop, VmError> {
-        for _ in 0..max_exits {
-            let exit = vm.run()?;
-            if self.timer_at.contains(&vm.exit_count()) {
-                let pending = vm.read_u64(PENDING_IRQS_ADDR)?;
-                vm.write_u64(PENDING_IRQS_ADDR, pending | TIMER_IRQ_BIT)?;
-            }
-            match exit {
-                VmExit::Hypercall { op: OP_NET_RX } => match self.requests.pop_front() {
-                    Some(req) => {
-                        vm.write_bytes(RX_BUF_ADDR, &req)?;
-                        vm.write_u32(RX_LEN_ADDR, req.len() as u32)?;
-                    }
-                    None => {
-                        vm.write_u32(RX_LEN_ADDR, 0)?;
-                        if self.shutdown_when_idle {
-                            vm.write_u64(OP_RESULT_ADDR, RX_SHUTDOWN)?;
-                        }
-                    }
-                },
-                VmExit::Hypercall { op: OP_CLOCK } => {
-                    let t = self.clock_base + self.clock_step * self.clocks;
-                    self.clocks += 1;
-                    vm.write_u64(CLOCK_NS_ADDR, t)?;
-                }
-                VmExit::Hypercall { op: OP_RANDOM } => vm.write_bytes(RANDOM_ADDR, &self.random)?,
-                VmExit::Hypercall { op: OP_NET_TX } => {
-                    let len = vm.read_u32(TX_LEN_ADDR)? as usize;
-                    assert!(len <= NET_BUF_LEN, "tx_len {len} too large");
-                    let mut out = vec![0; len];
-                    vm.read_bytes(TX_BUF_ADDR, &mut out)?;
-                    self.responses.push(out);
-                }
-                VmExit::Hypercall { op: OP_HALT } => {
-                    return Ok(Stop::Halted(vm.read_u64(OP_RESULT_ADDR)?));
-                }
-                other => panic!("unexpected exit #{}: {other:?}", vm.exit_count()),
-            }
-        }
-        Ok(Stop::Budget)
-    }
-}
+use vmm::kv::{KV_BAD_REQUEST, KV_GET, KV_INCR, KV_NOT_FOUND, KV_OK, KV_PUT, KV_SLOTS};
+use vmm::layout::{DEFAULT_MEM_SIZE, HALT_OK, MIN_MEM_SIZE};
+use vmm::vm::{VmError, VmExit, GUEST_IMAGE, GUEST_NONDET_IMAGE};
 
 fn request(req_id: u32, op: u8, key: &[u8], val: &[u8]) -> Vec<u8> {
     let mut r = Vec::new();
@@ -408,12 +331,12 @@ fn fill_request(req_id: u32, start: u32, count: u32, seed: u64) -> Vec<u8> {
     v.extend_from_slice(&start.to_le_bytes());
     v.extend_from_slice(&count.to_le_bytes());
     v.extend_from_slice(&seed.to_le_bytes());
-    request(req_id, vmm::layout::KV_FILL, b"", &v)
+    request(req_id, vmm::kv::KV_FILL, b"", &v)
 }
 
 #[test]
 fn fill_dirties_pages_inside_ram_and_refuses_ranges_outside() -> Result<(), VmError> {
-    use vmm::layout::{KV_FILL_FIRST_PAGE, KV_FILL_MAX_PAGES};
+    use vmm::kv::{KV_FILL_FIRST_PAGE, KV_FILL_MAX_PAGES};
     let mem = 8 << 20;
     let pages = (mem / 4096) as u32;
     let first = KV_FILL_FIRST_PAGE as u32;
@@ -464,5 +387,32 @@ fn fill_dirties_pages_inside_ram_and_refuses_ranges_outside() -> Result<(), VmEr
         vm.read_u64(u64::from(pages - 1) * 4096)?,
         7 ^ u64::from(pages - 1)
     );
+    Ok(())
+}
+
+/// Single-stepping counts the guest's instructions without changing what it does: the idle
+/// loop runs the same number of instructions between two NET_RX exits every time, and a VM
+/// stepped through requests ends in the state of one that ran them.
+#[test]
+fn counting_instructions_leaves_the_guest_as_running_does() -> Result<(), VmError> {
+    let mut ran = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    let mut stepped = new_vm(MIN_MEM_SIZE, GUEST_IMAGE);
+    put_get_device().drive(&mut ran, 12)?;
+    // Exits 1..=8 serve the PUT and the GET (4 exits each), then the guest idles on NET_RX.
+    let mut dev = put_get_device();
+    let mut counts = Vec::new();
+    for _ in 0..12 {
+        let (exit, n) = stepped.run_counting_instructions()?;
+        assert!(matches!(exit, VmExit::Hypercall { .. }), "{exit:?}");
+        counts.push(n);
+        dev.respond(&mut stepped, exit)?;
+    }
+    assert_eq!(dev.responses.len(), 2);
+    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+    let idle = &counts[9..];
+    assert!(idle.iter().all(|&n| n == idle[0]), "idle loop: {counts:?}");
+    assert_eq!(stepped.exit_count(), ran.exit_count());
+    assert_eq!(stepped.memory_hash(), ran.memory_hash());
+    assert_eq!(stepped.registers_digest()?, ran.registers_digest()?);
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! The guest ABI: memory map, hypercall port and operations, mailbox layout.
 //!
-//! This file is shared verbatim with the guest program (`vmm/guest` includes it with
-//! `#[path = "../../src/layout.rs"]`), so it must stay `core`-only: constants and `#[repr(C)]`
-//! types, no `std`, no dependencies. `vmm/GUEST-ABI.md` is the prose version.
+//! **This file is the single source of the ABI's numbers.** It is the guest SDK's `abi` module
+//! (`ftvm_guest::abi`, crate `guests/sdk`), and the VMM compiles the very same file as
+//! `vmm::layout` (`#[path = "../../guests/sdk/src/abi.rs"]` in `vmm/src/lib.rs`), so the two sides
+//! cannot drift apart. It must therefore stay `core`-only: constants and `#[repr(C)]` types, no
+//! `std`, no dependencies, nothing that names either crate. `vmm/GUEST-ABI.md` is the prose
+//! version.
 //!
 //! All of guest memory is identity-mapped (guest physical = guest virtual) by the page tables the
 //! VMM writes at [`PML4_ADDR`], [`PDPT_ADDR`] and [`PD_ADDR`].
@@ -13,7 +16,7 @@
 //! | `0x0500..0x0528` | GDT: null, code `0x08`, data `0x10`, 64-bit TSS `0x18` (16 bytes) |
 //! | `0x0600..0x0668` | TSS (all zero, never used: the guest never changes privilege) |
 //! | `0x1000` / `0x2000` / `0x3000` | PML4 / PDPT / PD (2 MiB pages identity-mapping the first 1 GiB) |
-//! | `0x8000..0x9000` | mailbox ([`Mailbox`]) |
+//! | `0x8000..0x9000` | mailbox page: [`Mailbox`] (64 bytes), the panic message at [`PANIC_MSG_ADDR`] |
 //! | `0x10000..0x11000` | network receive buffer (VMM writes, guest reads) |
 //! | `0x11000..0x12000` | network transmit buffer (guest writes, VMM reads) |
 //! | `0x100000..0x300000` | guest image: code, rodata, data, bss |
@@ -102,6 +105,14 @@ pub const HALT_OK: u64 = 0;
 /// `op_result` written by the guest before HALT: the guest panicked.
 pub const HALT_PANIC: u64 = 0xDEAD_0001;
 
+/// Where a guest that panics leaves a message before HALT with [`HALT_PANIC`], in the mailbox
+/// page after [`Mailbox`]: a `u32` length, then that many bytes of UTF-8 (at most
+/// [`PANIC_MSG_MAX`]). The VMM reads it when the guest halts with `HALT_PANIC`; nobody reads it
+/// otherwise. A guest that panics without writing it leaves length 0 (the page starts zeroed).
+pub const PANIC_MSG_ADDR: u64 = MAILBOX_ADDR + 0x100;
+/// Longest panic message (bytes after the length word).
+pub const PANIC_MSG_MAX: usize = 252;
+
 /// First paravirtual interrupt vector; bit `i` of `pending_irqs` is vector `IRQ_VECTOR_BASE + i`.
 pub const IRQ_VECTOR_BASE: u8 = 32;
 /// Timer tick vector: the guest increments its tick counter.
@@ -188,55 +199,10 @@ const _: () = {
     assert!(GDT_ADDR + (GDT_ENTRIES as u64) * 8 <= TSS_ADDR);
     assert!(TSS_ADDR + 0x68 <= PML4_ADDR);
     assert!(PD_ADDR + 0x1000 <= MAILBOX_ADDR);
+    assert!(PANIC_MSG_ADDR >= MAILBOX_ADDR + MAILBOX_LEN as u64);
+    assert!(PANIC_MSG_ADDR + 4 + PANIC_MSG_MAX as u64 <= MAILBOX_ADDR + MAILBOX_PAGE_LEN as u64);
     assert!(TX_BUF_ADDR + NET_BUF_LEN as u64 <= GUEST_LOAD_ADDR);
     assert!(GUEST_IMAGE_END <= STACK_BOTTOM);
     assert!(STACK_TOP <= MIN_MEM_SIZE as u64);
     assert!(STACK_TOP & 15 == 0);
 };
-
-// ---- The key-value service's wire format (the guest program in `vmm/guest`). ----
-
-/// Request header length: `u32 req_id | u8 op | u8 key_len | u16 val_len`.
-pub const KV_REQ_HEADER_LEN: usize = 8;
-/// Response header length: `u32 req_id | u8 status | u8 0 | u16 val_len | u64 timestamp_ns |
-/// u64 token | u32 ticks | u32 0`.
-pub const KV_RESP_HEADER_LEN: usize = 32;
-/// Longest key.
-pub const KV_MAX_KEY: usize = 32;
-/// Longest value.
-pub const KV_MAX_VAL: usize = 64;
-/// Slots in the guest's hash table.
-pub const KV_SLOTS: usize = 256;
-/// Entries in the guest's cache of recent responses: `KV_REPLY_CACHE / KV_REPLY_WAYS` sets of
-/// [`KV_REPLY_WAYS`] entries, the set chosen by `req_id % (KV_REPLY_CACHE / KV_REPLY_WAYS)`, each
-/// set replacing its oldest entry. A request whose header word (`req_id`, op, key and value
-/// lengths) equals a cached one in its set is a client's retry: it is answered with the cached
-/// response, byte for byte, and not executed again, so a request is applied at most once even
-/// when it is retried after a failover — as long as its response is still cached (a set keeps
-/// its last four: with many clients, hundreds of other requests may run before a retry).
-pub const KV_REPLY_CACHE: usize = 1024;
-/// Entries per set of the reply cache.
-pub const KV_REPLY_WAYS: usize = 4;
-/// Request op: GET.
-pub const KV_GET: u8 = 1;
-/// Request op: PUT.
-pub const KV_PUT: u8 = 2;
-/// Request op: INCR.
-pub const KV_INCR: u8 = 3;
-/// Request op: FILL — the guest dirties memory (for state-transfer load). `key_len` 0,
-/// `val_len` 16, value = `start_page: u32 | count: u32 | seed: u64`: the guest writes the word
-/// `seed ^ page` at the start of each page of `start_page..start_page + count` (one store per
-/// page: ring-0 code is emulated on some hosts) and answers with `count` as a u64 value. Status 2
-/// unless `KV_FILL_FIRST_PAGE <= start_page` and the range ends inside guest RAM (`mem_size`)
-/// and holds at most [`KV_FILL_MAX_PAGES`] pages.
-pub const KV_FILL: u8 = 4;
-/// First page FILL may write: the free memory above the stack.
-pub const KV_FILL_FIRST_PAGE: u64 = STACK_TOP / 4096;
-/// Most pages one FILL writes.
-pub const KV_FILL_MAX_PAGES: u64 = 65_536;
-/// Response status: ok.
-pub const KV_OK: u8 = 0;
-/// Response status: key not found (GET).
-pub const KV_NOT_FOUND: u8 = 1;
-/// Response status: malformed request or table full.
-pub const KV_BAD_REQUEST: u8 = 2;
