@@ -612,6 +612,7 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
                 crate::replica::Guest::Kvstore => "kvstore".into(),
                 crate::replica::Guest::Nondet => "nondet".into(),
                 crate::replica::Guest::Ledger => "ledger".into(),
+                crate::replica::Guest::KvstorePolling => "kvstore-polling".into(),
             },
             "--listen".into(),
             listen.to_string(),

@@ -40,7 +40,9 @@ impl Protocol {
     pub fn of(guest: crate::replica::Guest) -> Protocol {
         match guest {
             crate::replica::Guest::Ledger => Protocol::Ledger,
-            crate::replica::Guest::Kvstore | crate::replica::Guest::Nondet => Protocol::Kvstore,
+            crate::replica::Guest::Kvstore
+            | crate::replica::Guest::Nondet
+            | crate::replica::Guest::KvstorePolling => Protocol::Kvstore,
         }
     }
 }

@@ -260,6 +260,7 @@ fn node_args(
         crate::replica::Guest::Kvstore => "kvstore",
         crate::replica::Guest::Nondet => "nondet",
         crate::replica::Guest::Ledger => "ledger",
+        crate::replica::Guest::KvstorePolling => "kvstore-polling",
     };
     vec![
         role.into(),

@@ -150,6 +150,9 @@ pub enum Guest {
     Nondet,
     /// The ledger (`guests/ledger`): accounts, transfers, an audited invariant.
     Ledger,
+    /// The key-value service on the older paravirtual interrupt scheme: no IDT, polls NET_RX
+    /// while idle (for comparison: `bench idle`).
+    KvstorePolling,
 }
 
 /// `ftvm primary`.
@@ -413,6 +416,7 @@ fn guest_image(c: &Common) -> &'static [u8] {
         Guest::Kvstore => vmm::vm::GUEST_IMAGE,
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
         Guest::Ledger => vmm::vm::GUEST_LEDGER_IMAGE,
+        Guest::KvstorePolling => vmm::vm::GUEST_POLLING_IMAGE,
     }
 }
 
@@ -990,6 +994,7 @@ pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
         Guest::Kvstore => vmm::vm::GUEST_IMAGE,
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
         Guest::Ledger => vmm::vm::GUEST_LEDGER_IMAGE,
+        Guest::KvstorePolling => vmm::vm::GUEST_POLLING_IMAGE,
     };
     let mut vm = Vm::new(args.mem_mib << 20, image).context("creating the VM")?;
     let base = vmm::join::base_path(&args.journal);

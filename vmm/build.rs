@@ -43,6 +43,11 @@ const GUESTS: &[Guest] = &[
         features: None,
         elf: "guest-ledger.elf",
     },
+    Guest {
+        package: "ftvm-kvstore",
+        features: Some("polling"),
+        elf: "guest-polling.elf",
+    },
 ];
 
 fn main() {

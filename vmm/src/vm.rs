@@ -52,6 +52,12 @@ pub const GUEST_NONDET_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/
 /// by build.rs. Its wire format: [`crate::ledger`].
 pub const GUEST_LEDGER_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest-ledger.elf"));
 
+/// The key-value program on the SDK's paravirtual interrupt scheme (the `polling` feature: no
+/// IDT, NET_RX polled while idle), as every guest ran before interrupts were injected. For
+/// comparison (`bench idle`).
+pub const GUEST_POLLING_IMAGE: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/guest-polling.elf"));
+
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
 const CR0_ET: u64 = 1 << 4;

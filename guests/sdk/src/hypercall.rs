@@ -70,12 +70,14 @@ pub(crate) fn set_tx_len(v: u32) {
     unsafe { write_volatile(addr_of_mut!((*MAILBOX).tx_len), v) }
 }
 
+#[cfg(feature = "polling")]
 #[inline(always)]
 pub(crate) fn pending_irqs() -> u64 {
     // SAFETY: see above.
     unsafe { read_volatile(addr_of!((*MAILBOX).pending_irqs)) }
 }
 
+#[cfg(feature = "polling")]
 #[inline(always)]
 pub(crate) fn clear_pending_irqs() {
     // SAFETY: see above.

@@ -73,6 +73,7 @@ macro_rules! entry {
         #[no_mangle]
         #[link_section = ".text._start"]
         pub extern "C" fn _start() -> ! {
+            $crate::irq::init();
             let main: fn() = $main;
             main();
             $crate::halt($crate::abi::HALT_OK)

@@ -68,7 +68,7 @@ impl Net {
     }
 
     /// Waits for the next request: NET_RX until the VMM hands one over, [`irq::wait`] between
-    /// empty polls. `None` once the VMM asks the guest to stop (`RX_SHUTDOWN`); the guest should
+    /// empty polls (a request that arrives during the wait comes with its interrupt). `None` once the VMM asks the guest to stop (`RX_SHUTDOWN`); the guest should
     /// then halt (returning from `main` does).
     #[inline(always)]
     pub fn next_request(&mut self) -> Option<Request<'_>> {
@@ -85,6 +85,15 @@ impl Net {
                 });
             }
             irq::wait();
+            // A request that arrived while the guest waited is already in the receive buffer
+            // (network-receive interrupt); a timer tick leaves `rx_len` 0.
+            let len = hypercall::rx_len() as usize;
+            if len != 0 {
+                return Some(Request {
+                    len,
+                    _net: PhantomData,
+                });
+            }
         }
     }
 

@@ -4,15 +4,19 @@
 use core::cell::UnsafeCell;
 
 /// The tick counter: a plain word, so that reading it costs one load, which the compiler may
-/// narrow (a response field of 32 bits loads 32 bits).
-struct Counter(UnsafeCell<u64>);
+/// narrow (a response field of 32 bits loads 32 bits). `repr(transparent)`: the timer's
+/// interrupt handler increments it as a u64 in memory (`crate::irq`).
+#[repr(transparent)]
+pub(crate) struct Counter(UnsafeCell<u64>);
 
-// SAFETY: a guest has one thread of execution, and interrupts are taken only where the guest lets
-// them (after a hypercall, in `irq::poll`; with a real IDT, inside `irq::wait`): the handler that
-// writes the counter never runs while guest code reads it.
+// SAFETY: a guest has one thread of execution, and interrupts are taken only at VM exits — after
+// a hypercall's `out`, or in `irq::wait`'s `hlt` (with the `polling` feature: in `irq::poll`,
+// after a hypercall) — never in the middle of guest code that reads the counter; reads are
+// single loads after such a point, which the compiler cannot hoist above the `out`/`hlt` (their
+// asm is not `nomem`).
 unsafe impl Sync for Counter {}
 
-static TICKS: Counter = Counter(UnsafeCell::new(0));
+pub(crate) static TICKS: Counter = Counter(UnsafeCell::new(0));
 
 /// Timer ticks seen so far.
 #[inline(always)]
@@ -21,7 +25,9 @@ pub fn ticks() -> u64 {
     unsafe { *TICKS.0.get() }
 }
 
-/// The timer vector's handler.
+/// The timer vector's handler under the paravirtual scheme (with the IDT, the interrupt handler
+/// increments the counter itself).
+#[cfg(feature = "polling")]
 #[inline(always)]
 pub(crate) fn tick() {
     // SAFETY: see `Counter`: this is the only writer, and no reference to the counter is held

@@ -5,9 +5,9 @@
 use std::collections::VecDeque;
 
 use vmm::layout::{
-    CLOCK_NS_ADDR, NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX, OP_RANDOM, OP_RESULT_ADDR,
-    PENDING_IRQS_ADDR, RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR, RX_SHUTDOWN, TIMER_IRQ_BIT,
-    TX_BUF_ADDR, TX_LEN_ADDR,
+    CLOCK_NS_ADDR, NET_BUF_LEN, NET_RX_VECTOR, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX, OP_RANDOM,
+    OP_RESULT_ADDR, PENDING_IRQS_ADDR, RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR, RX_SHUTDOWN,
+    TIMER_IRQ_BIT, TIMER_VECTOR, TX_BUF_ADDR, TX_LEN_ADDR,
 };
 use vmm::vm::{Vm, VmError, VmExit};
 
@@ -39,6 +39,10 @@ pub struct Device {
     /// Return [`Stop::Idle`] at the first NET_RX after the requests run out.
     pub stop_when_idle: bool,
     pub responses: Vec<Vec<u8>>,
+    /// Waits (`hlt` with interrupts enabled) the guest made, and how many of them a request
+    /// ended (network-receive interrupt) rather than a timer tick.
+    pub waits: u64,
+    pub woken_by_request: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -65,11 +69,37 @@ impl Device {
 
     /// Handles `exit`, the one `vm` just made; `Some` when the drive ends there.
     pub fn respond(&mut self, vm: &mut Vm, exit: VmExit) -> Result<Option<Stop>, VmError> {
-        if self.timer_at.contains(&vm.exit_count()) {
-            let pending = vm.read_u64(PENDING_IRQS_ADDR)?;
-            vm.write_u64(PENDING_IRQS_ADDR, pending | TIMER_IRQ_BIT)?;
+        if self.timer_at.contains(&vm.exit_count()) && !matches!(exit, VmExit::Halt) {
+            if vm.interrupt_ready() {
+                // A guest with an IDT and interrupts on: a real injected interrupt.
+                vm.inject_interrupt(TIMER_VECTOR)?;
+            } else {
+                let pending = vm.read_u64(PENDING_IRQS_ADDR)?;
+                vm.write_u64(PENDING_IRQS_ADDR, pending | TIMER_IRQ_BIT)?;
+            }
         }
         match exit {
+            // The guest waits for an interrupt: the next request wakes it (as the engine does,
+            // the request goes into the receive buffer and vector 33 is injected); with none
+            // left, a timer tick, so that it polls NET_RX again (and meets a shutdown there).
+            VmExit::Halt if vm.interrupt_ready() => {
+                self.waits += 1;
+                match self.requests.pop_front() {
+                    Some(req) => {
+                        vm.write_bytes(RX_BUF_ADDR, &req)?;
+                        vm.write_u32(RX_LEN_ADDR, req.len() as u32)?;
+                        vm.inject_interrupt(NET_RX_VECTOR)?;
+                        self.woken_by_request += 1;
+                    }
+                    None => {
+                        if self.stop_when_idle {
+                            return Ok(Some(Stop::Idle));
+                        }
+                        vm.write_u32(RX_LEN_ADDR, 0)?;
+                        vm.inject_interrupt(TIMER_VECTOR)?;
+                    }
+                }
+            }
             VmExit::Hypercall { op: OP_NET_RX } => match self.requests.pop_front() {
                 Some(req) => {
                     vm.write_bytes(RX_BUF_ADDR, &req)?;

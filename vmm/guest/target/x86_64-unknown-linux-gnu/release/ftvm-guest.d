@@ -1,0 +1,1 @@
+/work/main/vmm/guest/target/x86_64-unknown-linux-gnu/release/ftvm-guest: /work/main/vmm/guest/build.rs /work/main/vmm/guest/link.ld /work/main/vmm/guest/src/../../src/layout.rs /work/main/vmm/guest/src/main.rs
