@@ -584,6 +584,7 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
          heartbeat timeout {} ms",
         args.fault_every, args.heartbeat_timeout_ms
     );
+    crate::demo::say_skip(args);
 
     // The two nodes, each with a relay in front of its log channel.
     let mut slots = Vec::new();
@@ -591,7 +592,7 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
     for (i, name) in ["a", "b"].into_iter().enumerate() {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let relay = Relay::start(listen)?;
-        let node_args = vec![
+        let mut node_args = vec![
             "node".to_string(),
             "--transport".into(),
             "tcp".into(),
@@ -607,13 +608,6 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
             args.heartbeat_timeout_ms.to_string(),
             "--core".into(),
             i.to_string(),
-            "--guest".into(),
-            match args.guest {
-                crate::replica::Guest::Kvstore => "kvstore".into(),
-                crate::replica::Guest::Nondet => "nondet".into(),
-                crate::replica::Guest::Ledger => "ledger".into(),
-                crate::replica::Guest::KvstorePolling => "kvstore-polling".into(),
-            },
             "--listen".into(),
             listen.to_string(),
             "--advertise".into(),
@@ -625,6 +619,13 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
             "--json".into(),
             dir.join(format!("{name}.json")).display().to_string(),
         ];
+        node_args.extend(crate::replica::guest_flags(
+            args.guest,
+            args.guest_image.as_deref(),
+        ));
+        if crate::demo::skips_guest_check(args) {
+            node_args.push("--skip-guest-check".into());
+        }
         slots.push(Slot::new(name, node_args, &dir)?);
         relays.push(relay);
     }
@@ -996,6 +997,7 @@ fn campaign(
                 journal,
                 mem_mib: 16,
                 guest: args.guest,
+                guest_image: args.guest_image.clone(),
                 json: None,
             })?;
             summary.journal_replay_matches = Some(r.memory_hash == ps.memory_hash);

@@ -37,6 +37,9 @@ pub struct DemoArgs {
     /// guest, driven by the ledger workload).
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: crate::replica::Guest,
+    /// Run this guest image file instead (see `ftvm primary --guest-image`).
+    #[arg(long, conflicts_with = "guest")]
+    pub guest_image: Option<PathBuf>,
     /// Write the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -249,30 +252,41 @@ fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<Client
     Ok(report)
 }
 
-fn node_args(
-    role: &str,
-    dir: &Path,
-    key: &Path,
-    core: usize,
-    guest: crate::replica::Guest,
-) -> Vec<String> {
-    let guest = match guest {
-        crate::replica::Guest::Kvstore => "kvstore",
-        crate::replica::Guest::Nondet => "nondet",
-        crate::replica::Guest::Ledger => "ledger",
-        crate::replica::Guest::KvstorePolling => "kvstore-polling",
-    };
-    vec![
-        role.into(),
-        "--guest".into(),
-        guest.into(),
+/// Whether the demo starts its primaries with `--skip-guest-check`: for the `nondet` guest only,
+/// which reads the TSC on purpose to show that divergence detection catches it.
+pub(crate) fn skips_guest_check(args: &DemoArgs) -> bool {
+    args.guest_image.is_none() && args.guest == crate::replica::Guest::Nondet
+}
+
+/// Says that the demo starts the `nondet` guest despite the determinism checker.
+pub(crate) fn say_skip(args: &DemoArgs) {
+    if skips_guest_check(args) {
+        println!(
+            "  the nondet guest reads the TSC on purpose (the checker `ftvm check-guest` refuses \
+             it): its primary runs with --skip-guest-check, so that divergence detection can \
+             catch it"
+        );
+    }
+}
+
+fn node_args(role: &str, dir: &Path, key: &Path, core: usize, args: &DemoArgs) -> Vec<String> {
+    let mut a = vec![role.to_string()];
+    a.extend(crate::replica::guest_flags(
+        args.guest,
+        args.guest_image.as_deref(),
+    ));
+    if role == "primary" && skips_guest_check(args) {
+        a.push("--skip-guest-check".into());
+    }
+    a.extend([
         "--key-file".into(),
         key.display().to_string(),
         "--core".into(),
         core.to_string(),
         "--json".into(),
         dir.join(format!("{role}.json")).display().to_string(),
-    ]
+    ]);
+    a
 }
 
 /// Runs the demo and prints a summary.
@@ -372,8 +386,9 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
          {} requests, the primary is killed (SIGKILL) after {kill_after}",
         args.requests
     );
+    say_skip(args);
     let common = |role: &str, core: usize| {
-        let mut a = node_args(role, &dir, &key, core, args.guest);
+        let mut a = node_args(role, &dir, &key, core, args);
         a.extend([
             "--arbiter".into(),
             arbiter.to_string(),
@@ -518,6 +533,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
         journal: journal.clone(),
         mem_mib: 16,
         guest: args.guest,
+        guest_image: args.guest_image.clone(),
         json: None,
     });
     let survivor_memory_hash = b
@@ -688,12 +704,13 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         "ftvm demo: FT pair over shared memory, {} requests",
         args.requests
     );
+    say_skip(args);
     println!("  starting backup (core 1) …");
-    let mut bargs = node_args("backup", &dir, &key, 1, args.guest);
+    let mut bargs = node_args("backup", &dir, &key, 1, args);
     bargs.extend(["--listen".into(), sock.display().to_string()]);
     let (backup, _) = Node::spawn("backup", &bargs)?;
     println!("  starting primary (core 0) …");
-    let mut pargs = node_args("primary", &dir, &key, 0, args.guest);
+    let mut pargs = node_args("primary", &dir, &key, 0, args);
     pargs.extend([
         "--backup".into(),
         sock.display().to_string(),
@@ -720,7 +737,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     let mut solo_rate = None;
     if !args.no_baseline {
         println!("  baseline: the same workload unreplicated …");
-        let mut sargs = node_args("primary", &dir, &key, 0, args.guest);
+        let mut sargs = node_args("primary", &dir, &key, 0, args);
         if let Some(j) = sargs.iter_mut().find(|a| a.ends_with("primary.json")) {
             *j = dir.join("solo.json").display().to_string();
         }

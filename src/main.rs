@@ -3,6 +3,7 @@
 
 mod arbiter;
 mod campaign;
+mod check_guest;
 mod client;
 mod demo;
 mod node;
@@ -47,6 +48,9 @@ enum Command {
     Front(FrontArgs),
     /// Print the versions of the wire and memory formats this build speaks.
     Formats,
+    /// Check a guest image for instructions the primary and the backup cannot agree on
+    /// (`rdtsc`, `cpuid`, ...). Exit status 0: none; 1: listed; 2: not a loadable image.
+    CheckGuest(check_guest::CheckGuestArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,6 +142,13 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::CheckGuest(args) => {
+            // Its own exit statuses (1: findings, 2: not a loadable image), its own output.
+            let status = check_guest::run(&args);
+            if status != check_guest::PASS {
+                std::process::exit(status);
+            }
+        }
         Command::Formats => {
             println!("log frame format version {}", logfmt::FORMAT_VERSION);
             println!(

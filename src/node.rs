@@ -44,11 +44,16 @@ pub struct NodeArgs {
     /// pause doubles up to this).
     #[arg(long, default_value_t = 500)]
     pub retry_max_ms: u64,
+    /// Start the guest even if the determinism checker (`ftvm check-guest`) finds instructions
+    /// the backup cannot replay; the findings are logged as a warning.
+    #[arg(long)]
+    pub skip_guest_check: bool,
 }
 
 /// A node's error that retrying cannot cure: its key, pair, guest image, memory size or medium
-/// is not the live primary's. The binary exits with [`REFUSED_EXIT_CODE`] (a supervisor should
-/// not restart it: systemd's `RestartPreventExitStatus=4`).
+/// is not the live primary's, or its guest image is malformed or fails the determinism check.
+/// The binary exits with [`REFUSED_EXIT_CODE`] (a supervisor should not restart it: systemd's
+/// `RestartPreventExitStatus=4`).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
@@ -73,6 +78,10 @@ pub fn node(args: &NodeArgs) -> anyhow::Result<NodeSummary> {
     let base = common.name.clone().unwrap_or_else(|| "node".into());
     common.name = Some(format!("{base}.{}", std::process::id()));
     let me = common.name.clone().unwrap_or_default();
+    // Before anything else: a guest that cannot run deterministically (or cannot be read) is a
+    // configuration no retry cures. `common` keeps the image read here for the whole run.
+    replica::check_guest(&common, args.skip_guest_check)
+        .map_err(|e| Refused(format!("node {me}: {e:#}")))?;
     let pair = replica::pair_id(&common);
     let key = replica::read_key(&common)?;
     let stop = replica::stop_flag()?;

@@ -74,6 +74,14 @@ pub struct Common {
     /// (it reads the TSC) that divergence detection must catch, or the ledger.
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: Guest,
+    /// Run this guest image instead of a built-in program: a static x86-64 ELF executable
+    /// built against the guest ABI (vmm/GUEST-ABI.md), at most 8 MiB. Both replicas must run
+    /// the same file: the channel's handshake compares its SHA-256.
+    #[arg(long, conflicts_with = "guest")]
+    pub guest_image: Option<PathBuf>,
+    /// The guest, once read ([`guest`]).
+    #[arg(skip)]
+    pub loaded_guest: std::sync::OnceLock<Arc<GuestImage>>,
     /// The failover arbiter: `file:DIR`, `server:HOST:PORT` or `etcd:URL[,URL…]`. With one, a
     /// replica that loses its peer asks it before going on (and halts if it loses); without
     /// one, losing the peer ends the run.
@@ -155,11 +163,127 @@ pub enum Guest {
     KvstorePolling,
 }
 
+/// The guest a replica runs: a built-in program or an image file, read once.
+pub struct GuestImage {
+    /// The built-in program's name, or the file's path.
+    pub name: String,
+    /// The ELF image.
+    pub bytes: std::borrow::Cow<'static, [u8]>,
+    /// Its SHA-256 (what the handshake and a join compare).
+    pub digest: [u8; 32],
+}
+
+impl std::fmt::Debug for GuestImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GuestImage({}, {} bytes, sha256 {})",
+            self.name,
+            self.bytes.len(),
+            vmm::migrate::hex(&self.digest)
+        )
+    }
+}
+
+/// The guest image `--guest` or `--guest-image` names, read on first use and kept: every later
+/// use (the VM, the handshake's identity, a join's digest) sees the same bytes.
+pub(crate) fn guest(c: &Common) -> anyhow::Result<Arc<GuestImage>> {
+    if let Some(g) = c.loaded_guest.get() {
+        return Ok(g.clone());
+    }
+    let g = Arc::new(read_guest(c.guest, c.guest_image.as_deref())?);
+    Ok(c.loaded_guest.get_or_init(|| g).clone())
+}
+
+/// A built-in guest, or the image file at `path` (bounded read, typed errors).
+pub(crate) fn read_guest(
+    builtin: Guest,
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<GuestImage> {
+    let (name, bytes) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            std::borrow::Cow::Owned(vmm::image::read_file(p)?),
+        ),
+        None => (
+            builtin_name(builtin),
+            std::borrow::Cow::Borrowed(builtin_image(builtin)),
+        ),
+    };
+    let digest = vmm::migrate::image_digest(&bytes);
+    Ok(GuestImage {
+        name,
+        bytes,
+        digest,
+    })
+}
+
+/// The command-line flags that name `guest` (a built-in) or `image` to another ftvm process.
+pub(crate) fn guest_flags(builtin: Guest, image: Option<&std::path::Path>) -> [String; 2] {
+    match image {
+        Some(p) => ["--guest-image".into(), p.display().to_string()],
+        None => ["--guest".into(), builtin_name(builtin)],
+    }
+}
+
+/// A built-in guest's name on the command line (`kvstore`, `nondet`).
+fn builtin_name(guest: Guest) -> String {
+    clap::ValueEnum::to_possible_value(&guest)
+        .map_or_else(|| format!("{guest:?}"), |v| v.get_name().to_owned())
+}
+
+/// A guest the determinism checker refuses (`ftvm check-guest`), or whose image is malformed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GuestRefused(pub String);
+
+/// Runs the determinism checker on the replica's guest before it starts: a finding refuses it
+/// ([`GuestRefused`]) unless `skip` (`--skip-guest-check`), which only logs a warning naming
+/// the findings.
+pub(crate) fn check_guest(c: &Common, skip: bool) -> anyhow::Result<()> {
+    let g = guest(c)?;
+    let report = vmm::image::check::check_image(&g.bytes)
+        .map_err(|e| GuestRefused(format!("the guest image {}: {e}", g.name)))?;
+    if report.passes() {
+        tracing::debug!(
+            "guest {}: the determinism check found nothing in {} instructions",
+            g.name,
+            report.instructions
+        );
+        return Ok(());
+    }
+    let lines = report.lines();
+    if skip {
+        tracing::warn!(
+            "guest {}: the determinism check found {} instruction(s) the primary and the backup \
+             cannot agree on ({}); starting it anyway (--skip-guest-check): the backup may \
+             diverge",
+            g.name,
+            lines.len(),
+            lines.join("; ")
+        );
+        return Ok(());
+    }
+    Err(GuestRefused(format!(
+        "the guest {} fails the determinism check: {} instruction(s) the primary and the backup \
+         cannot agree on:\n  {}\n(`ftvm check-guest` lists them; --skip-guest-check starts it \
+         anyway)",
+        g.name,
+        lines.len(),
+        lines.join("\n  ")
+    ))
+    .into())
+}
+
 /// `ftvm primary`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrimaryArgs {
     #[command(flatten)]
     pub common: Common,
+    /// Start the guest even if the determinism checker (`ftvm check-guest`) finds instructions
+    /// the backup cannot replay; the findings are logged as a warning.
+    #[arg(long)]
+    pub skip_guest_check: bool,
     /// The backup: a Unix socket path (shm) or host:port (tcp; dpdk: its control address).
     /// Without it (and with `--accept-joins`) the primary starts unprotected and waits for a
     /// backup to join.
@@ -219,6 +343,9 @@ pub struct ReplayArgs {
     /// The guest program the replica ran.
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: Guest,
+    /// The guest image file the replica ran (its `--guest-image`).
+    #[arg(long, conflicts_with = "guest")]
+    pub guest_image: Option<PathBuf>,
     /// Write the JSON summary here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -404,6 +531,11 @@ fn channel_config(c: &Common, epoch: u64) -> anyhow::Result<ChannelConfig> {
     cfg.max_lag_time = (c.max_lag_ms > 0).then(|| Duration::from_millis(c.max_lag_ms));
     cfg.max_lag_bytes = c.max_lag_bytes;
     cfg.max_lag_entries = c.max_lag_entries;
+    // The handshake refuses a peer that runs another guest image or memory size.
+    cfg.guest = transport::GuestIdentity {
+        image_digest: guest(c)?.digest,
+        mem_size: (c.mem_mib << 20) as u64,
+    };
     cfg.validate().context("the channel options")?;
     // Each VMM owns its core: spin, then yield (so a client sharing the core still runs), but
     // never sleep — a sleeping backup would delay its ACKs, and with them every output.
@@ -411,8 +543,8 @@ fn channel_config(c: &Common, epoch: u64) -> anyhow::Result<ChannelConfig> {
     Ok(cfg)
 }
 
-fn guest_image(c: &Common) -> &'static [u8] {
-    match c.guest {
+fn builtin_image(guest: Guest) -> &'static [u8] {
+    match guest {
         Guest::Kvstore => vmm::vm::GUEST_IMAGE,
         Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
         Guest::Ledger => vmm::vm::GUEST_LEDGER_IMAGE,
@@ -421,7 +553,8 @@ fn guest_image(c: &Common) -> &'static [u8] {
 }
 
 pub(crate) fn new_vm(c: &Common) -> anyhow::Result<Vm> {
-    Vm::new(c.mem_mib << 20, guest_image(c)).context("creating the VM")
+    let g = guest(c)?;
+    Vm::new(c.mem_mib << 20, &g.bytes).with_context(|| format!("creating the VM for {}", g.name))
 }
 
 /// How long a switch-over may wait for the vCPU, and for the joiner's verdict.
@@ -440,7 +573,7 @@ pub(crate) fn join_service(
         medium: medium(c, "")?,
         channel: channel_config(c, epoch)?,
         mem_size: (c.mem_mib << 20) as u64,
-        image_digest: vmm::migrate::image_digest(guest_image(c)),
+        image_digest: guest(c)?.digest,
         precopy: vmm::migrate::source::PrecopyConfig::default(),
         switch_timeout: SWITCH_TIMEOUT,
     };
@@ -672,6 +805,7 @@ pub(crate) fn primary_won(
 /// Runs the primary until SIGTERM/SIGINT, then logs the stop point and exits.
 pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
     let c = &args.common;
+    check_guest(c, args.skip_guest_check)?;
     let vm = new_vm(c)?;
     pin(c.core);
     let stop = stop_flag()?;
@@ -925,7 +1059,7 @@ pub(crate) fn backup_on(args: &BackupArgs, vm: Vm, epoch: u64) -> anyhow::Result
         Some(addr) => {
             let request = vmm::join::JoinRequest {
                 mem_size: (c.mem_mib << 20) as u64,
-                image_digest: vmm::migrate::image_digest(guest_image(c)),
+                image_digest: guest(c)?.digest,
                 medium: medium.name().into(),
                 address: args
                     .advertise
@@ -990,13 +1124,10 @@ pub(crate) fn backup_on(args: &BackupArgs, vm: Vm, epoch: u64) -> anyhow::Result
 /// joined backup's journal starts from the state it joined with ([`vmm::join::base_path`]):
 /// that is loaded first (checked as at the join), then the journal replays from there.
 pub fn replay_journal(args: &ReplayArgs) -> anyhow::Result<NodeSummary> {
-    let image = match args.guest {
-        Guest::Kvstore => vmm::vm::GUEST_IMAGE,
-        Guest::Nondet => vmm::vm::GUEST_NONDET_IMAGE,
-        Guest::Ledger => vmm::vm::GUEST_LEDGER_IMAGE,
-        Guest::KvstorePolling => vmm::vm::GUEST_POLLING_IMAGE,
-    };
-    let mut vm = Vm::new(args.mem_mib << 20, image).context("creating the VM")?;
+    let guest = read_guest(args.guest, args.guest_image.as_deref())?;
+    let image = &guest.bytes[..];
+    let mut vm = Vm::new(args.mem_mib << 20, image)
+        .with_context(|| format!("creating the VM for {}", guest.name))?;
     let base = vmm::join::base_path(&args.journal);
     let (first_exit, first_seq, clock) = if base.exists() {
         let dev = load_base(&base, &mut vm, args.mem_mib, image)

@@ -254,3 +254,162 @@ fn the_ledger_client_keeps_a_window_of_requests_and_checks_them_all() {
         primary.log()
     );
 }
+
+/// The built-in guests written to files, for the commands that take an image file.
+fn guest_files(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let kv = dir.join("kvstore.elf");
+    let nd = dir.join("nondet.elf");
+    std::fs::write(&kv, vmm::vm::GUEST_IMAGE).expect("write kvstore.elf");
+    std::fs::write(&nd, vmm::vm::GUEST_NONDET_IMAGE).expect("write nondet.elf");
+    (kv, nd)
+}
+
+#[test]
+fn check_guest_passes_kvstore_and_lists_the_rdtsc_of_nondet() {
+    let dir = common::scratch("ftvm-cli-check-");
+    let (kv, nd) = guest_files(dir.path());
+
+    let out = ftvm().arg("check-guest").arg(&kv).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("no findings"), "{text}");
+    assert_eq!(text.lines().count(), 1, "one summary line: {text}");
+
+    // The rdtsc of the nondet guest, at the address of its bytes.
+    let elf = vmm::image::parse(vmm::vm::GUEST_NONDET_IMAGE).expect("nondet parses");
+    let code = elf.segments.iter().find(|s| s.executable).expect("code");
+    let at = code.addr
+        + code
+            .data
+            .windows(2)
+            .position(|w| w == [0x0f, 0x31])
+            .expect("rdtsc bytes") as u64;
+    let out = ftvm().arg("check-guest").arg(&nd).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().next().is_some_and(|l| l
+            == format!(
+                "{at:#x}  rdtsc  reads the host's time-stamp counter, which differs between \
+                 primary and backup"
+            )),
+        "{text}"
+    );
+    assert!(text.contains("1 finding(s)"), "{text}");
+
+    let out = ftvm()
+        .args(["check-guest", "--json"])
+        .arg(&nd)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["passes"], false, "{v}");
+    assert_eq!(v["findings"][0]["mnemonic"], "rdtsc", "{v}");
+    assert_eq!(v["findings"][0]["addr"], at, "{v}");
+    assert_eq!(
+        v["sha256"],
+        vmm::migrate::hex(&vmm::migrate::image_digest(vmm::vm::GUEST_NONDET_IMAGE))
+    );
+
+    // Not an image: exit 2, naming the file and the fault.
+    let bad = dir.path().join("notes.txt");
+    std::fs::write(&bad, "not an ELF file").expect("write");
+    let out = ftvm().arg("check-guest").arg(&bad).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&bad.display().to_string()) && err.contains("not an ELF file"),
+        "{err}"
+    );
+    let out = ftvm()
+        .args(["check-guest", "--json"])
+        .arg(dir.path().join("missing.elf"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot read")),
+        "{v}"
+    );
+}
+
+#[test]
+fn primary_refuses_a_guest_that_fails_the_check_unless_told_to_skip_it() {
+    let dir = common::scratch("ftvm-cli-refuse-");
+    let key = common::write_key(dir.path(), "psk", "cli-test-guest-check-key-0123");
+    let (kv, nd) = guest_files(dir.path());
+    let base = |extra: &[&std::ffi::OsStr]| {
+        let mut c = ftvm();
+        c.args(["primary", "--unreplicated", "--service", "127.0.0.1:0"])
+            .arg("--key-file")
+            .arg(&key)
+            .args(extra);
+        c
+    };
+    for guest in [
+        vec!["--guest".as_ref(), "nondet".as_ref()],
+        vec!["--guest-image".as_ref(), nd.as_os_str()],
+    ] {
+        let out = base(&guest).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{guest:?} must be refused: {err}");
+        assert!(
+            err.contains("fails the determinism check") && err.contains("rdtsc"),
+            "{guest:?}: {err}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("FTVM-READY"),
+            "a refused primary never says it is ready"
+        );
+    }
+    // A malformed image file is refused, naming the file and the fault.
+    let bad = dir.path().join("bad.elf");
+    std::fs::write(&bad, &vmm::vm::GUEST_IMAGE[..100]).expect("write");
+    let out = base(&["--guest-image".as_ref(), bad.as_os_str()])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.elf") && err.contains("truncated"),
+        "{err}"
+    );
+
+    // With --skip-guest-check it starts, warning with the findings; the kvstore file starts
+    // without a word about them.
+    for (guest, warns) in [
+        (
+            vec![
+                "--guest".as_ref(),
+                "nondet".as_ref(),
+                "--skip-guest-check".as_ref(),
+            ],
+            true,
+        ),
+        (vec!["--guest-image".as_ref(), kv.as_os_str()], false),
+    ] {
+        let args: Vec<String> = base(&guest)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let (mut p, ready) = common::Proc::start(env!("CARGO_BIN_EXE_ftvm"), &args);
+        assert!(ready.is_some(), "{guest:?}:\n{}", p.log());
+        p.signal(libc::SIGTERM);
+        assert_eq!(
+            p.wait(std::time::Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            p.log()
+        );
+        let log = p.log();
+        assert_eq!(
+            log.contains("--skip-guest-check") && log.contains("rdtsc"),
+            warns,
+            "{guest:?}:\n{log}"
+        );
+    }
+}

@@ -6,8 +6,9 @@
 //!   would) joins the survivor, and the pair is protected again — twice, in both directions.
 //! - SIGSTOP of the primary beyond the heartbeat timeout: the backup takes over; after SIGCONT
 //!   the deposed node halts (exit 3) and never serves; restarted, it rejoins.
-//! - A node with another key, guest image or memory size is refused with the reason and exits
-//!   4 without touching the pair; a node whose arbiter is unreachable never serves.
+//! - A node with another key, guest image or memory size, or with a guest the determinism
+//!   checker refuses, is refused with the reason and exits 4 without touching the pair; a node
+//!   whose arbiter is unreachable never serves.
 //!
 //! Needs /dev/kvm.
 
@@ -266,7 +267,13 @@ fn misconfigured_nodes_are_refused_with_the_reason_and_the_pair_serves_on() {
     let cases: [(&str, PathBuf, Vec<String>, &str); 3] = [
         ("c", other_key, vec![], "authenticat"),
         ("d", key.clone(), vec![s("--mem-mib"), s(32)], "memory size"),
-        ("e", key, vec![s("--guest"), s("nondet")], "guest image"),
+        // Past its own determinism check, the live primary's handshake refuses the image.
+        (
+            "e",
+            key,
+            vec![s("--guest"), s("nondet"), s("--skip-guest-check")],
+            "guest image",
+        ),
     ];
     for (name, key, extra, reason) in cases {
         let (mut n, ready) = Proc::start(FTVM, &pair.args(name, &key, &extra));
@@ -278,6 +285,18 @@ fn misconfigured_nodes_are_refused_with_the_reason_and_the_pair_serves_on() {
             "{name}: {reason}:\n{log}"
         );
     }
+    // A guest the determinism checker refuses: refused before the node asks anyone.
+    let (mut n, ready) = Proc::start(
+        FTVM,
+        &pair.args("g", &pair.site.key, &[s("--guest"), s("nondet")]),
+    );
+    assert!(ready.is_none(), "a nondet node must not serve: {ready:?}");
+    assert_eq!(n.wait(LONG), Some(4), "{}", n.log());
+    assert!(
+        n.log().contains("fails the determinism check") && n.log().contains("rdtsc"),
+        "{}",
+        n.log()
+    );
     // Another pair id: its arbiter has no decision, but the front serves a pair already.
     let (mut n, ready) = Proc::start(
         FTVM,

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use logfmt::{Entry, Event, FrameBuf, FrameHeader, FrameView};
 
 use crate::error::ChannelError;
-use crate::handshake::{MediumKind, PreSharedKey, SessionParams};
+use crate::handshake::{GuestIdentity, MediumKind, PreSharedKey, SessionParams};
 use crate::poll::PollPolicy;
 use crate::region::HeapRegion;
 use crate::ring::{self, Consumer, Producer, RingError};
@@ -47,6 +47,9 @@ pub struct ChannelConfig {
     pub epoch: u64,
     /// The pre-shared key for the handshake.
     pub key: PreSharedKey,
+    /// What this side runs, compared in the handshake: the peer must run the same (opaque
+    /// here; all zero by default).
+    pub guest: GuestIdentity,
     /// How often a side that has nothing else to send tells the other it is alive.
     pub heartbeat_interval: Duration,
     /// Silence after which the peer is declared gone.
@@ -96,6 +99,7 @@ impl ChannelConfig {
             session_id,
             epoch,
             key,
+            guest: GuestIdentity::default(),
             heartbeat_interval: Duration::from_millis(5),
             heartbeat_timeout: Duration::from_millis(200),
             handshake_timeout: Duration::from_secs(5),
@@ -111,13 +115,15 @@ impl ChannelConfig {
         }
     }
 
-    /// What the handshake over `medium` must agree on: this pair, this epoch, this key.
+    /// What the handshake over `medium` must agree on: this pair, this epoch, this key, this
+    /// guest.
     pub fn session_params(&self, medium: MediumKind) -> SessionParams {
         SessionParams {
             session_id: self.session_id,
             epoch: self.epoch,
             medium,
             key: self.key.clone(),
+            guest: self.guest,
         }
     }
 

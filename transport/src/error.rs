@@ -56,6 +56,18 @@ pub enum ChannelError {
         /// The peer's session id.
         theirs: u64,
     },
+    /// The peer runs another guest (image or memory size), as the authenticated handshake
+    /// showed; both sides refuse.
+    #[error(
+        "the peer runs another guest: {}",
+        crate::handshake::describe_mismatch(ours, theirs)
+    )]
+    GuestMismatch {
+        /// What this side runs.
+        ours: crate::handshake::GuestIdentity,
+        /// What the peer runs.
+        theirs: crate::handshake::GuestIdentity,
+    },
     /// The peer was set up for another medium.
     #[error("medium mismatch: the peer expects another transport")]
     MediumMismatch,

@@ -1,20 +1,43 @@
-//! The channel's opening handshake: protocol version, session, fencing epoch, medium, and mutual
-//! pre-shared-key authentication by HMAC-SHA256 challenge/response. The key never crosses the
-//! wire; each side proves it holds the key by a MAC over both sides' fresh nonces.
+//! The channel's opening handshake: protocol version, session, fencing epoch, medium, the guest
+//! both replicas run, and mutual pre-shared-key authentication by HMAC-SHA256
+//! challenge/response. The key never crosses the wire; each side proves it holds the key by a
+//! MAC over both sides' fresh nonces.
 //!
 //! It runs over any byte stream (the TCP connection itself, or the Unix control socket of the
 //! shared-memory medium) before anything else does, so a peer that speaks another version or
-//! holds another key learns nothing — in particular no shared-memory path, and (later) no RDMA key.
+//! holds another key learns nothing — in particular no shared-memory path, and no RDMA key.
 //!
 //! ```text
 //! primary (connects)                         backup (listens)
-//!   Hello     {version, session, epoch, medium, nonce_p}  ──►
-//!          ◄──  Challenge {status, version, session, epoch, nonce_b, mac_b}
-//!   Response  {mac_p}                                     ──►
+//!   Hello     {version, session, epoch, medium, nonce_p, guest_p}   ──►
+//!          ◄──  Challenge {status, version, session, epoch, nonce_b, mac_b, guest_b}
+//!   Response  {status, mac_p}                                       ──►
 //!          ◄──  Welcome   {status, resume_seq, medium info}
-//! mac_b = HMAC(key, "ftvm-backup-v1"  ‖ Hello ‖ nonce_b)
-//! mac_p = HMAC(key, "ftvm-primary-v1" ‖ Hello ‖ Challenge)
+//! mac_b = HMAC(key, "ftvm-backup-v3"  ‖ Hello ‖ Challenge[0..56] ‖ guest_b)
+//! mac_p = HMAC(key, "ftvm-primary-v3" ‖ Hello ‖ Challenge)
 //! ```
+//!
+//! | message | bytes | layout |
+//! |---|---|---|
+//! | Hello | 104 | magic, type 1, role, version u16 @6, session u64 @8, epoch u64 @16, nonce_p @24..56, medium u32 @56, 0 @60..64, guest_p @64..104 |
+//! | Challenge | 136 | magic, type 2, status @5, version u16 @6, session u64 @8, epoch u64 @16, nonce_b @24..56, mac_b @56..88, 0 @88..96, guest_b @96..136 |
+//! | Response | 40 | magic, type 3, status @5, 0 @6..8, mac_p @8..40 |
+//! | Welcome | 24 + info | magic, type 4, status @5, 0 @6..8, resume_seq u64 @8, info length u32 @16, 0 @20..24, then the medium info |
+//!
+//! A guest identity ([`GuestIdentity`], 40 bytes) is 32 opaque bytes and a u64 — for ftvm's
+//! replicas the SHA-256 of the guest image and the guest memory size. The transport does not
+//! interpret them: both sides must send equal ones. Each side compares them only once the
+//! other has proved the key (both identities are covered by the MACs), and refuses a mismatch
+//! with [`ChannelError::GuestMismatch`] naming both: the primary before its Response (status
+//! 7, still with its MAC, so the backup reports it too), the backup after checking that
+//! Response (Welcome status 7).
+//!
+//! The first 64 bytes of the Hello and the first 96 of the Challenge are laid out as in
+//! protocol version 2, and each side reads the guest identity that follows only once the
+//! version matches, so a peer of another version is refused by name
+//! ([`ChannelError::VersionMismatch`]) rather than timed out. A refusal before authentication
+//! (version, session, medium, epoch) is a 96-byte Challenge with no nonce, MAC or identity.
+//!
 //! All integers little-endian; every message starts with `b"FTHS"` and a type byte.
 
 use std::io::{Read, Write};
@@ -25,17 +48,24 @@ use sha2::Sha256;
 use crate::control;
 use crate::error::ChannelError;
 
-/// The channel protocol version this build speaks (handshake and data phase).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The channel protocol version this build speaks (handshake and data phase). Version 3 added
+/// the guest identity to the Hello and the Challenge.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 const MAGIC: [u8; 4] = *b"FTHS";
 const HELLO: u8 = 1;
 const CHALLENGE: u8 = 2;
 const RESPONSE: u8 = 3;
 const WELCOME: u8 = 4;
-const HELLO_LEN: usize = 64;
-const CHALLENGE_LEN: usize = 96;
+/// The Hello's first part, laid out as in every version: what a peer of another version sends.
+const HELLO_HEAD: usize = 64;
+const HELLO_LEN: usize = HELLO_HEAD + GUEST_LEN;
+/// The Challenge's first part, laid out as in every version: a refusal is only this.
+const CHALLENGE_HEAD: usize = 96;
+const CHALLENGE_LEN: usize = CHALLENGE_HEAD + GUEST_LEN;
 const RESPONSE_LEN: usize = 40;
+/// An encoded [`GuestIdentity`].
+const GUEST_LEN: usize = 40;
 const WELCOME_LEN: usize = 24;
 /// Longest medium description a Welcome may carry.
 pub const MAX_MEDIUM_INFO: usize = 4096;
@@ -147,6 +177,73 @@ impl MediumKind {
     }
 }
 
+/// What a replica runs, as the handshake compares it. Opaque to the transport, which only checks
+/// that both sides send the same; ftvm's VMM puts the SHA-256 of its guest image and its guest
+/// memory size here. All zero on connections that carry no guest (the arbiter's).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestIdentity {
+    /// 32 opaque bytes: the guest image's SHA-256.
+    pub image_digest: [u8; 32],
+    /// An opaque number: the guest memory size in bytes.
+    pub mem_size: u64,
+}
+
+impl GuestIdentity {
+    fn encode(&self) -> [u8; GUEST_LEN] {
+        let mut b = [0u8; GUEST_LEN];
+        b[..32].copy_from_slice(&self.image_digest);
+        b[32..].copy_from_slice(&self.mem_size.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Self {
+        let mut image_digest = [0u8; 32];
+        image_digest.copy_from_slice(&b[..32]);
+        GuestIdentity {
+            image_digest,
+            mem_size: u64_at(b, 32),
+        }
+    }
+
+    /// The image digest in hex.
+    pub fn digest_hex(&self) -> String {
+        self.image_digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for GuestIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GuestIdentity({}, {} bytes)",
+            self.digest_hex(),
+            self.mem_size
+        )
+    }
+}
+
+/// What a [`ChannelError::GuestMismatch`] says: each part that differs, with both values.
+pub(crate) fn describe_mismatch(ours: &GuestIdentity, theirs: &GuestIdentity) -> String {
+    let mut parts = Vec::new();
+    if ours.image_digest != theirs.image_digest {
+        parts.push(format!(
+            "guest image sha256 {} here, {} at the peer",
+            ours.digest_hex(),
+            theirs.digest_hex()
+        ));
+    }
+    if ours.mem_size != theirs.mem_size {
+        parts.push(format!(
+            "guest memory size {} bytes here, {} at the peer",
+            ours.mem_size, theirs.mem_size
+        ));
+    }
+    parts.join("; ")
+}
+
 /// What the two sides must agree on.
 #[derive(Debug, Clone)]
 pub struct SessionParams {
@@ -158,6 +255,8 @@ pub struct SessionParams {
     pub medium: MediumKind,
     /// The shared key.
     pub key: PreSharedKey,
+    /// What this side runs; the peer must run the same.
+    pub guest: GuestIdentity,
 }
 
 /// Reasons a backup refuses a primary, as carried in Challenge and Welcome.
@@ -173,6 +272,8 @@ enum Status {
     /// After authentication: the backup could not set up its side of the medium (e.g. its RDMA
     /// device); the Welcome's medium info carries the reason as text.
     MediumUnavailable = 6,
+    /// After authentication: the two sides run different guests (Response or Welcome).
+    GuestMismatch = 7,
 }
 
 /// Longest reason text a [`backup_refuse_medium`] sends.
@@ -231,6 +332,16 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// Domain labels of the two MACs (`v3`: the layout with guest identities).
+const BACKUP_LABEL: &[u8] = b"ftvm-backup-v3";
+const PRIMARY_LABEL: &[u8] = b"ftvm-primary-v3";
+
+/// What `mac_b` covers: the whole Hello, the Challenge up to its MAC (status, version,
+/// session, epoch, nonce), and the backup's guest identity.
+fn backup_mac_input<'a>(hello: &'a [u8], challenge: &'a [u8]) -> [&'a [u8]; 3] {
+    [hello, &challenge[..56], &challenge[CHALLENGE_HEAD..]]
+}
+
 fn nonce() -> Result<[u8; 32], ChannelError> {
     let mut n = [0u8; 32];
     getrandom::getrandom(&mut n).map_err(|e| ChannelError::Io {
@@ -256,6 +367,11 @@ fn refusal(status: u8, theirs: u16, params_session: u64, their_session: u64) -> 
             current: 0,
         },
         s if s == Status::AuthFailed as u8 => ChannelError::AuthRejected,
+        // The primary compares the guests before its Response: an honest backup never finds
+        // a mismatch the primary did not.
+        s if s == Status::GuestMismatch as u8 => ChannelError::BadHandshake(
+            "the backup reports another guest, although the identities agreed here".into(),
+        ),
         other => ChannelError::BadHandshake(format!("unknown refusal status {other}")),
     }
 }
@@ -276,10 +392,16 @@ pub fn primary_handshake<S: Read + Write>(
     hello[16..24].copy_from_slice(&params.epoch.to_le_bytes());
     hello[24..56].copy_from_slice(&nonce()?);
     hello[56..60].copy_from_slice(&(params.medium as u32).to_le_bytes());
+    hello[HELLO_HEAD..].copy_from_slice(&params.guest.encode());
     write_msg(stream, &hello, "sending hello")?;
 
+    // The version-independent part first: a refusal, or a backup of another version, ends here.
     let mut challenge = [0u8; CHALLENGE_LEN];
-    read_msg(stream, &mut challenge, "backup's challenge")?;
+    read_msg(
+        stream,
+        &mut challenge[..CHALLENGE_HEAD],
+        "backup's challenge",
+    )?;
     check_magic(&challenge, CHALLENGE, "backup's challenge")?;
     let status = challenge[5];
     let their_version = u16_at(&challenge, 6);
@@ -298,10 +420,14 @@ pub fn primary_handshake<S: Read + Write>(
             theirs: their_version,
         });
     }
-    let nonce_b = &challenge[24..56];
+    read_msg(
+        stream,
+        &mut challenge[CHALLENGE_HEAD..],
+        "backup's guest identity",
+    )?;
     if params
         .key
-        .mac(b"ftvm-backup-v1", &[&hello, nonce_b])
+        .mac(BACKUP_LABEL, &backup_mac_input(&hello, &challenge))
         .verify_slice(&challenge[56..88])
         .is_err()
     {
@@ -314,15 +440,28 @@ pub fn primary_handshake<S: Read + Write>(
         return Err(ChannelError::PeerNotAuthenticated);
     }
 
+    let theirs = GuestIdentity::decode(&challenge[CHALLENGE_HEAD..]);
+    let mismatch = theirs != params.guest;
     let mut response = [0u8; RESPONSE_LEN];
     response[..4].copy_from_slice(&MAGIC);
     response[4] = RESPONSE;
+    if mismatch {
+        response[5] = Status::GuestMismatch as u8;
+    }
     let mac_p = params
         .key
-        .mac(b"ftvm-primary-v1", &[&hello, &challenge])
+        .mac(PRIMARY_LABEL, &[&hello, &challenge])
         .finalize()
         .into_bytes();
     response[8..40].copy_from_slice(&mac_p);
+    if mismatch {
+        // Authenticated, so the backup checks the identities and refuses too (best effort).
+        let _ = write_msg(stream, &response, "sending refusal");
+        return Err(ChannelError::GuestMismatch {
+            ours: params.guest,
+            theirs,
+        });
+    }
     write_msg(stream, &response, "sending response")?;
 
     let mut welcome = [0u8; WELCOME_LEN];
@@ -374,13 +513,19 @@ pub fn backup_authenticate<S: Read + Write>(
     stream: &mut S,
     params: &SessionParams,
 ) -> Result<PrimaryHello, ChannelError> {
+    // The version-independent part first: a primary of another version is refused by name.
     let mut hello = [0u8; HELLO_LEN];
-    read_msg(stream, &mut hello, "primary's hello")?;
+    read_msg(stream, &mut hello[..HELLO_HEAD], "primary's hello")?;
     check_magic(&hello, HELLO, "primary's hello")?;
     let their_version = u16_at(&hello, 6);
     let their_session = u64_at(&hello, 8);
     let their_epoch = u64_at(&hello, 16);
     let their_medium = MediumKind::from_u32(u32_at(&hello, 56));
+    if their_version == PROTOCOL_VERSION {
+        // The rest of our version's Hello, read before any refusal: a socket closed with
+        // bytes unread may reset the connection before the primary has read why.
+        read_msg(stream, &mut hello[HELLO_HEAD..], "primary's guest identity")?;
+    }
 
     let mut challenge = [0u8; CHALLENGE_LEN];
     challenge[..4].copy_from_slice(&MAGIC);
@@ -419,15 +564,16 @@ pub fn backup_authenticate<S: Read + Write>(
     };
     challenge[5] = status as u8;
     if let Some(err) = err {
-        // Tell the primary why (best effort), then fail; no nonce or MAC is sent.
-        let _ = write_msg(stream, &challenge, "sending refusal");
+        // Tell the primary why (best effort), then fail; no nonce, MAC or identity is sent.
+        let _ = write_msg(stream, &challenge[..CHALLENGE_HEAD], "sending refusal");
         return Err(err);
     }
     let nonce_b = nonce()?;
     challenge[24..56].copy_from_slice(&nonce_b);
+    challenge[CHALLENGE_HEAD..].copy_from_slice(&params.guest.encode());
     let mac_b = params
         .key
-        .mac(b"ftvm-backup-v1", &[&hello, &nonce_b])
+        .mac(BACKUP_LABEL, &backup_mac_input(&hello, &challenge))
         .finalize()
         .into_bytes();
     challenge[56..88].copy_from_slice(&mac_b);
@@ -441,15 +587,33 @@ pub fn backup_authenticate<S: Read + Write>(
     }
     let verified = params
         .key
-        .mac(b"ftvm-primary-v1", &[&hello, &challenge])
+        .mac(PRIMARY_LABEL, &[&hello, &challenge])
         .verify_slice(&response[8..40]);
-    if verified.is_err() {
+    let refuse = |stream: &mut S, status: Status| {
         let mut welcome = [0u8; WELCOME_LEN];
         welcome[..4].copy_from_slice(&MAGIC);
         welcome[4] = WELCOME;
-        welcome[5] = Status::AuthFailed as u8;
+        welcome[5] = status as u8;
         let _ = write_msg(stream, &welcome, "sending refusal");
+    };
+    if verified.is_err() {
+        refuse(stream, Status::AuthFailed);
         return Err(ChannelError::PeerNotAuthenticated);
+    }
+    // The primary proved the key over its Hello: its identity is its own.
+    let theirs = GuestIdentity::decode(&hello[HELLO_HEAD..]);
+    if theirs != params.guest {
+        refuse(stream, Status::GuestMismatch);
+        return Err(ChannelError::GuestMismatch {
+            ours: params.guest,
+            theirs,
+        });
+    }
+    if response[5] != Status::Ok as u8 {
+        return Err(ChannelError::BadHandshake(format!(
+            "the primary refuses with status {} although the identities agree",
+            response[5]
+        )));
     }
     Ok(PrimaryHello { epoch: their_epoch })
 }
@@ -501,6 +665,7 @@ pub fn backup_welcome<S: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
 
@@ -510,6 +675,10 @@ mod tests {
             epoch,
             medium: MediumKind::Tcp,
             key: PreSharedKey::new(key.to_vec()).expect("key"),
+            guest: GuestIdentity {
+                image_digest: [0x11; 32],
+                mem_size: 16 << 20,
+            },
         }
     }
 
@@ -572,6 +741,203 @@ mod tests {
                 "bytes left after the refusal"
             );
         }
+    }
+
+    #[test]
+    fn another_guest_image_is_refused_on_both_sides_naming_both_digests() {
+        let mut other = params(KEY, 3);
+        other.guest.image_digest = [0xab; 32];
+        let (p, b) = run(other, params(KEY, 3));
+        let ours = "ab".repeat(32);
+        let theirs = "11".repeat(32);
+        match &p {
+            Err(e @ ChannelError::GuestMismatch { ours: o, theirs: t }) => {
+                assert_eq!((o.image_digest, t.image_digest), ([0xab; 32], [0x11; 32]));
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!(
+                        "guest image sha256 {ours} here, {theirs} at the peer"
+                    )),
+                    "{msg}"
+                );
+                assert!(!msg.contains("memory size"), "{msg}");
+            }
+            other => panic!("primary: {other:?}"),
+        }
+        match &b {
+            Err(e @ ChannelError::GuestMismatch { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!(
+                        "guest image sha256 {theirs} here, {ours} at the peer"
+                    )),
+                    "{msg}"
+                );
+            }
+            other => panic!("backup: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn another_memory_size_is_refused_on_both_sides_naming_both_sizes() {
+        let mut other = params(KEY, 3);
+        other.guest.mem_size = 32 << 20;
+        let (p, b) = run(params(KEY, 3), other);
+        for (side, r, here, there) in [
+            ("primary", p.map(|_| ()), 16u64 << 20, 32u64 << 20),
+            ("backup", b.map(|_| ()), 32 << 20, 16 << 20),
+        ] {
+            match r {
+                Err(e @ ChannelError::GuestMismatch { .. }) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(&format!(
+                            "guest memory size {here} bytes here, {there} at the peer"
+                        )) && !msg.contains("sha256"),
+                        "{side}: {msg}"
+                    );
+                }
+                other => panic!("{side}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_mismatch_is_reported_before_a_guest_mismatch() {
+        let mut other = params(b"another-key-of-16+", 3);
+        other.guest.mem_size = 1;
+        let (p, b) = run(other, params(KEY, 3));
+        assert!(
+            matches!(p, Err(ChannelError::PeerNotAuthenticated)),
+            "{p:?}"
+        );
+        assert!(matches!(b, Err(ChannelError::AuthRejected)), "{b:?}");
+    }
+
+    /// Runs the handshake through a relay that flips one byte, at offset `at` of what the
+    /// primary sends (`to_backup`) or of what the backup sends.
+    fn run_tampered(
+        to_backup: bool,
+        at: usize,
+    ) -> (
+        Result<Accepted, ChannelError>,
+        Result<PrimaryHello, ChannelError>,
+    ) {
+        let (mut a, relay_a) = UnixStream::pair().expect("pair");
+        let (relay_b, mut b) = UnixStream::pair().expect("pair");
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+        }
+        let pump = |mut from: UnixStream, mut to: UnixStream, flip: Option<usize>| {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                let mut seen = 0;
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Some(at) = flip.filter(|at| (seen..seen + n).contains(at)) {
+                        buf[at - seen] ^= 0x01;
+                    }
+                    seen += n;
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            })
+        };
+        let (flip_p, flip_b) = if to_backup {
+            (Some(at), None)
+        } else {
+            (None, Some(at))
+        };
+        pump(
+            relay_a.try_clone().expect("clone"),
+            relay_b.try_clone().expect("clone"),
+            flip_p,
+        );
+        pump(relay_b, relay_a, flip_b);
+        let backup_side = std::thread::spawn(move || {
+            let hello = backup_authenticate(&mut b, &params(KEY, 3))?;
+            backup_welcome(&mut b, 1, b"info")?;
+            Ok(hello)
+        });
+        let p = primary_handshake(&mut a, &params(KEY, 3));
+        drop(a);
+        (p, backup_side.join().expect("backup thread"))
+    }
+
+    #[test]
+    fn the_guest_identities_are_covered_by_the_macs() {
+        // A relay that changes the primary's identity (in the Hello) or the backup's (in the
+        // Challenge) breaks a proof: the change is reported as an authentication failure, never
+        // taken for the other side's guest.
+        for (to_backup, at) in [(true, 64), (true, 100), (false, 96), (false, 135)] {
+            let (p, b) = run_tampered(to_backup, at);
+            assert!(
+                matches!(p, Err(ChannelError::PeerNotAuthenticated)),
+                "byte {at} towards the {}: primary {p:?}",
+                if to_backup { "backup" } else { "primary" }
+            );
+            assert!(b.is_err(), "byte {at}: backup {b:?}");
+        }
+        // The same relay, flipping nothing the handshake reads, changes nothing.
+        let (p, b) = run_tampered(true, 10_000);
+        assert!(p.is_ok() && b.is_ok(), "{p:?} {b:?}");
+    }
+
+    #[test]
+    fn a_version_2_peer_is_refused_by_name_not_timed_out() {
+        // A version-2 Hello is 64 bytes; the backup must not wait for a guest identity.
+        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        b.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut hello = [0u8; HELLO_HEAD];
+        hello[..4].copy_from_slice(&MAGIC);
+        hello[4] = HELLO;
+        hello[5] = 1;
+        hello[6..8].copy_from_slice(&2u16.to_le_bytes());
+        hello[8..16].copy_from_slice(&7u64.to_le_bytes());
+        a.write_all(&hello).expect("hello");
+        let started = std::time::Instant::now();
+        let err = backup_authenticate(&mut b, &params(KEY, 3)).expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                ChannelError::VersionMismatch {
+                    ours: PROTOCOL_VERSION,
+                    theirs: 2
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let mut refusal = [0u8; CHALLENGE_HEAD];
+        a.read_exact(&mut refusal).expect("the refusal");
+        assert_eq!(refusal[5], Status::VersionMismatch as u8);
+
+        // A version-2 backup's Challenge is 96 bytes; the primary must not wait for more.
+        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        a.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let old_backup = std::thread::spawn(move || {
+            let mut hello = [0u8; HELLO_LEN];
+            b.read_exact(&mut hello).expect("hello");
+            let mut challenge = [0u8; CHALLENGE_HEAD];
+            challenge[..4].copy_from_slice(&MAGIC);
+            challenge[4] = CHALLENGE;
+            challenge[6..8].copy_from_slice(&2u16.to_le_bytes());
+            b.write_all(&challenge).expect("challenge");
+            b
+        });
+        let err = primary_handshake(&mut a, &params(KEY, 3)).expect_err("refused");
+        assert!(
+            matches!(err, ChannelError::VersionMismatch { theirs: 2, .. }),
+            "{err:?}"
+        );
+        let _b = old_backup.join().expect("old backup");
     }
 
     #[test]

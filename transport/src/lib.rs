@@ -47,7 +47,7 @@ pub use channel::{
     Primary, PrimaryLink, Receiver, Sender, StatsSnapshot, ThreadedWriter,
 };
 pub use error::ChannelError;
-pub use handshake::{MediumKind, PreSharedKey, PROTOCOL_VERSION};
+pub use handshake::{GuestIdentity, MediumKind, PreSharedKey, PROTOCOL_VERSION};
 pub use medium::{AnyBackup, AnyPrimary, Listener, Medium};
 pub use poll::{PollPolicy, Poller};
 pub use region::{HeapRegion, RegionError, RingMemory, SharedRegion};

@@ -192,6 +192,7 @@ fn raw_primary(addr: std::net::SocketAddr) -> TcpStream {
         epoch: 5,
         medium: MediumKind::Tcp,
         key: PreSharedKey::new(KEY.to_vec()).expect("key"),
+        guest: transport::GuestIdentity::default(),
     };
     handshake::primary_handshake(&mut s, &params).expect("handshake");
     s

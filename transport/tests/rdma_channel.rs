@@ -140,9 +140,10 @@ fn backup_lost(s: &Sides, loss: Loss) -> Result<(), String> {
     check_backup_loss(loss, &err, took, timeout)
 }
 
-fn raw_hello() -> [u8; 64] {
-    // The Hello layout of `transport::handshake`.
-    let mut h = [0u8; 64];
+fn raw_hello() -> [u8; 104] {
+    // The Hello layout of `transport::handshake` (the guest identity, bytes 64..104, is the
+    // default all-zero one of `config()`).
+    let mut h = [0u8; 104];
     h[..4].copy_from_slice(b"FTHS");
     h[4] = 1;
     h[6..8].copy_from_slice(&transport::PROTOCOL_VERSION.to_le_bytes());
@@ -176,7 +177,7 @@ fn wrong_key_gets_no_rkey(s: &Sides) -> Result<(), String> {
     sock.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     sock.write_all(&raw_hello()).map_err(|e| e.to_string())?;
-    let mut challenge = [0u8; 96];
+    let mut challenge = [0u8; 136];
     sock.read_exact(&mut challenge)
         .map_err(|e| format!("reading the challenge: {e}"))?;
     if challenge[5] != 0 {
@@ -230,6 +231,7 @@ fn session() -> SessionParams {
         epoch: 1,
         medium: MediumKind::Rdma,
         key: PreSharedKey::new(KEY.to_vec()).expect("key"),
+        guest: transport::GuestIdentity::default(),
     }
 }
 

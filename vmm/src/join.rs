@@ -209,6 +209,7 @@ impl JoinError {
                 | C::SessionMismatch { .. }
                 | C::VersionMismatch { .. }
                 | C::MediumMismatch
+                | C::GuestMismatch { .. }
                 | C::KeyFile { .. }
                 | C::KeyFilePermissions { .. }
                 | C::Config(_),

@@ -1,7 +1,9 @@
 //! The ftvm VMM: a KVM guest whose every non-deterministic input is recorded on the primary and
 //! replayed on the backup, with the output gate enforcing the output rule.
 //!
-//! - [`vm`]: the KVM VM (one vCPU, long mode, memory via vm-memory) and the guest image;
+//! - [`vm`]: the KVM VM (one vCPU, long mode, memory via vm-memory) and the built-in guests;
+//! - [`image`]: guest images — checked against the ABI and loaded into guest memory without
+//!   KVM, and the determinism checker ([`image::check`]);
 //! - [`layout`]: the guest ABI — memory map, hypercall port and ops (see `GUEST-ABI.md`); the
 //!   same file is the guest SDK's `ftvm_guest::abi` (`guests/sdk/src/abi.rs`, its one source);
 //! - [`kv`], [`ledger`]: the wire formats of the built-in guests (`guests/kvstore`,
@@ -19,6 +21,7 @@
 
 pub mod engine;
 pub mod failover;
+pub mod image;
 pub mod join;
 pub mod journal;
 pub mod kv;

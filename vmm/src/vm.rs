@@ -13,9 +13,8 @@
 //! [`VmExit::Other`] ("KVM internal error (suberror 1 …)"). The guest is therefore built without
 //! SSE; SSE is still enabled in CR0/CR4 so that guests built with it work on VMX/SVM hosts.
 //!
-//! The guest image is a static ELF executable. The loader here copies its `PT_LOAD` segments
-//! (bounds-checked) instead of relying on `objcopy -O binary`: no build-time binutils needed,
-//! the entry point comes from the header, and bss (`p_memsz > p_filesz`) is explicit.
+//! The guest image is a static ELF executable, checked and loaded by [`crate::image`] before any
+//! KVM object exists.
 
 use std::cell::Cell;
 use std::fmt;
@@ -35,9 +34,8 @@ use vm_memory::{
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::layout::{
-    CODE_SELECTOR, DATA_SELECTOR, GDT_ADDR, GDT_ENTRIES, GUEST_IMAGE_END, GUEST_LOAD_ADDR,
-    HYPERCALL_PORT, INITIAL_RSP, MAX_MEM_SIZE, MEM_SIZE_ALIGN, MIN_MEM_SIZE, PDPT_ADDR, PD_ADDR,
-    PML4_ADDR, TSS_ADDR, TSS_SELECTOR,
+    CODE_SELECTOR, DATA_SELECTOR, GDT_ADDR, GDT_ENTRIES, HYPERCALL_PORT, INITIAL_RSP, MAX_MEM_SIZE,
+    MEM_SIZE_ALIGN, MIN_MEM_SIZE, PDPT_ADDR, PD_ADDR, PML4_ADDR, TSS_ADDR, TSS_SELECTOR,
 };
 use crate::migrate::state::{VcpuState, SAVED_MSRS};
 
@@ -112,9 +110,12 @@ pub enum VmError {
     /// Guest memory could not be mapped.
     #[error("cannot allocate guest memory: {0}")]
     MemAlloc(String),
-    /// The guest image is not a loadable ELF for this ABI.
+    /// The guest image is not a loadable ELF for this ABI: what is wrong, and where.
     #[error("bad guest image: {0}")]
-    Image(String),
+    Image(crate::image::ImageFault),
+    /// The vCPU's state could not be taken or restored as a whole.
+    #[error("vCPU state: {0}")]
+    VcpuState(String),
     /// A guest memory access fell outside guest RAM.
     #[error("guest memory access out of range: {len} bytes at {gpa:#x}")]
     OutOfRange {
@@ -191,7 +192,7 @@ impl Vm {
         // before any KVM object exists, so a bad image is reported even without KVM.
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size)])
             .map_err(|e| VmError::MemAlloc(e.to_string()))?;
-        let entry = load_elf(&mem, mem_size, image)?;
+        let entry = crate::image::load(&mem, mem_size, image)?.addr;
         write_page_tables(&mem)?;
         write_gdt(&mem)?;
         // The guest's RAM size, in the mailbox (the same on every replica of this size).
@@ -548,7 +549,7 @@ impl Vm {
                 })
             }
             Ok(()) => {
-                return Err(VmError::Image(
+                return Err(VmError::VcpuState(
                     "the vCPU ran while its exit was being completed".into(),
                 ))
             }
@@ -593,7 +594,7 @@ impl Vm {
             .map_err(|e| VmError::MemAlloc(format!("MSR list: {e:?}")))?;
         let written = v.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if written != state.msrs.len() {
-            return Err(VmError::Image(format!(
+            return Err(VmError::VcpuState(format!(
                 "KVM set {written} of the {} MSRs of the transferred state",
                 state.msrs.len()
             )));
@@ -971,93 +972,6 @@ fn setup_sregs(vcpu: &VcpuFd) -> Result<(), VmError> {
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
 }
 
-const PT_LOAD: u32 = 1;
-
-fn rd_u16(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
-}
-
-fn rd_u32(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
-}
-
-fn rd_u64(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
-}
-
-fn bad(msg: impl Into<String>) -> VmError {
-    VmError::Image(msg.into())
-}
-
-/// Loads the `PT_LOAD` segments of a static x86-64 ELF executable at their physical addresses;
-/// returns the entry point. Every segment must lie in `[GUEST_LOAD_ADDR, GUEST_IMAGE_END)` and the
-/// entry point inside an executable segment. Bss needs no writes: RAM is fresh and zero.
-fn load_elf(mem: &GuestMemoryMmap, mem_size: usize, image: &[u8]) -> Result<u64, VmError> {
-    let short = || bad("truncated ELF header");
-    if image.get(0..4) != Some(b"\x7fELF".as_slice()) {
-        return Err(bad("not an ELF file"));
-    }
-    // ELFCLASS64, ELFDATA2LSB.
-    if image.get(4) != Some(&2) || image.get(5) != Some(&1) {
-        return Err(bad("not a 64-bit little-endian ELF"));
-    }
-    let e_type = rd_u16(image, 16).ok_or_else(short)?;
-    let e_machine = rd_u16(image, 18).ok_or_else(short)?;
-    if e_type != 2 || e_machine != 0x3e {
-        return Err(bad("not an x86-64 executable (ET_EXEC)"));
-    }
-    let entry = rd_u64(image, 24).ok_or_else(short)?;
-    let phoff = rd_u64(image, 32).ok_or_else(short)?;
-    let phentsize = rd_u16(image, 54).ok_or_else(short)? as usize;
-    let phnum = rd_u16(image, 56).ok_or_else(short)? as usize;
-    if phentsize < 56 {
-        return Err(bad("program header entries too small"));
-    }
-    let limit = GUEST_IMAGE_END.min(mem_size as u64);
-    let mut loaded = 0;
-    let mut entry_ok = false;
-    for i in 0..phnum {
-        let ph = usize::try_from(phoff)
-            .ok()
-            .and_then(|o| o.checked_add(i * phentsize))
-            .and_then(|o| image.get(o..o.checked_add(56)?))
-            .ok_or_else(|| bad("program header out of bounds"))?;
-        let field = |off| rd_u64(ph, off).ok_or_else(short);
-        if rd_u32(ph, 0).ok_or_else(short)? != PT_LOAD {
-            continue;
-        }
-        let flags = rd_u32(ph, 4).ok_or_else(short)?;
-        let (offset, paddr, filesz, memsz) = (field(8)?, field(24)?, field(32)?, field(40)?);
-        let end = paddr
-            .checked_add(memsz)
-            .ok_or_else(|| bad("segment address overflows"))?;
-        if filesz > memsz || paddr < GUEST_LOAD_ADDR || end > limit {
-            return Err(bad(format!(
-                "segment {paddr:#x}+{memsz:#x} outside {GUEST_LOAD_ADDR:#x}..{limit:#x}"
-            )));
-        }
-        let data = usize::try_from(offset)
-            .ok()
-            .zip(usize::try_from(filesz).ok())
-            .and_then(|(o, n)| image.get(o..o.checked_add(n)?))
-            .ok_or_else(|| bad("segment data out of bounds"))?;
-        write_mem(mem, paddr, data)?;
-        if flags & 1 != 0 && (paddr..paddr + filesz).contains(&entry) {
-            entry_ok = true;
-        }
-        loaded += 1;
-    }
-    if loaded == 0 {
-        return Err(bad("no PT_LOAD segment"));
-    }
-    if !entry_ok {
-        return Err(bad(format!(
-            "entry point {entry:#x} not in an executable segment"
-        )));
-    }
-    Ok(entry)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1067,21 +981,6 @@ mod tests {
         assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
         assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
         assert_eq!(gdt_entry(0x008b, 0x600, 0x67), 0x0000_8b00_0600_0067);
-    }
-
-    #[test]
-    fn loader_rejects_garbage_and_accepts_the_guest() -> Result<(), VmError> {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MIN_MEM_SIZE)])
-            .map_err(|e| VmError::MemAlloc(e.to_string()))?;
-        assert!(load_elf(&mem, MIN_MEM_SIZE, b"").is_err());
-        assert!(load_elf(&mem, MIN_MEM_SIZE, b"\x7fELF\x02\x01").is_err());
-        let mut truncated = GUEST_IMAGE.to_vec();
-        truncated.truncate(200);
-        assert!(load_elf(&mem, MIN_MEM_SIZE, &truncated).is_err());
-        let entry = load_elf(&mem, MIN_MEM_SIZE, GUEST_IMAGE)?;
-        assert!((GUEST_LOAD_ADDR..GUEST_IMAGE_END).contains(&entry));
-        assert!(load_elf(&mem, MIN_MEM_SIZE, GUEST_NONDET_IMAGE).is_ok());
-        Ok(())
     }
 
     #[test]
@@ -1097,5 +996,9 @@ mod tests {
                 Err(VmError::MemSize(_))
             ));
         }
+        assert!(matches!(
+            Vm::new(MIN_MEM_SIZE, b"MZ not an ELF"),
+            Err(VmError::Image(crate::image::ImageFault::NotElf))
+        ));
     }
 }

@@ -31,6 +31,8 @@ pub(super) fn params(key: PreSharedKey) -> SessionParams {
         epoch: 0,
         medium: MediumKind::Arbiter,
         key,
+        // Arbiter connections carry no guest.
+        guest: transport::GuestIdentity::default(),
     }
 }
 
