@@ -31,6 +31,9 @@ step "cargo test --workspace"
 cargo test --workspace
 cargo test -p transport --features trace --lib trace
 
+step "a guest author's path: build the ledger example, check it, run it under FT and kill its primary; the interrupt-driven kvstore for 100,000 requests"
+scripts/guest-author.sh target/debug/ftvm
+
 step "a fault campaign: 100 faults on a self-healing pair, spread over the file, server and etcd arbiters"
 scripts/campaign.sh --faults 100 --arbiter all
 

@@ -501,7 +501,7 @@ fn start_load(service: SocketAddr, args: &DemoArgs) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut w = Workload::new(u64::MAX, args.seed, args.keys, args.get_percent);
-    w.protocol = client::Protocol::of(args.guest);
+    w.protocol = crate::demo::workload(args);
     w.key_prefix = "campaign".into();
     w.verify = true;
     w.window = 4;

@@ -40,6 +40,9 @@ pub struct DemoArgs {
     /// Run this guest image file instead (see `ftvm primary --guest-image`).
     #[arg(long, conflicts_with = "guest")]
     pub guest_image: Option<PathBuf>,
+    /// The service the client speaks (default: the built-in guest's; `kvstore` for an image).
+    #[arg(long, value_enum)]
+    pub workload: Option<crate::client::Protocol>,
     /// Write the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -235,7 +238,7 @@ fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<Client
         .parse()
         .with_context(|| format!("service address {:?}", service.addr))?;
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
-    w.protocol = client::Protocol::of(args.guest);
+    w.protocol = workload(args);
     w.timeout = Duration::from_secs(2);
     let step = (args.requests / 50).max(1);
     let report = client::run(addr, &w, |done| {
@@ -250,6 +253,14 @@ fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<Client
     })?;
     println!();
     Ok(report)
+}
+
+/// The service the demo's client speaks: `--workload`, else that of the built-in guest.
+pub(crate) fn workload(args: &DemoArgs) -> client::Protocol {
+    args.workload.unwrap_or(match args.guest_image {
+        Some(_) => client::Protocol::Kvstore,
+        None => client::Protocol::of(args.guest),
+    })
 }
 
 /// Whether the demo starts its primaries with `--skip-guest-check`: for the `nondet` guest only,
@@ -445,7 +456,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     let first_epoch = front.stats().epoch;
 
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
-    w.protocol = client::Protocol::of(args.guest);
+    w.protocol = workload(args);
     w.verify = true;
     let step = (args.requests / 50).max(1);
     let killed: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>> =
