@@ -57,6 +57,12 @@ pub struct Common {
     /// Heartbeat timeout in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
+    /// How long a replica whose guest has nothing to do keeps polling before it sleeps, µs:
+    /// the primary's NET_RX waits this long for a request, a backup whose guest waits in `hlt`
+    /// spins this long for the next entry. A request that arrives within it is served at
+    /// polling latency; one after it pays the wake-up (`bench idle` measures both sides).
+    #[arg(long, default_value_t = 500)]
+    pub idle_spin_us: u64,
     /// Lag control: the primary waits while its backup's replay trails by more than this much
     /// time (ms; 0: no time bound) — about what a failover then has to drain.
     #[arg(long, default_value_t = 100)]
@@ -519,6 +525,14 @@ fn arbiter_client(
     }))
 }
 
+/// The recorder's settings from the options.
+fn record_config(c: &Common) -> RecordConfig {
+    RecordConfig {
+        idle_wait: Duration::from_micros(c.idle_spin_us),
+        ..RecordConfig::default()
+    }
+}
+
 pub(crate) fn read_key(c: &Common) -> anyhow::Result<PreSharedKey> {
     PreSharedKey::from_file(&c.key_file)
         .with_context(|| format!("pre-shared key {}", c.key_file.display()))
@@ -732,7 +746,7 @@ fn record<S: LogSink>(
     stop: Arc<AtomicBool>,
     extra: impl FnOnce(&mut NodeSummary, &S),
 ) -> anyhow::Result<NodeSummary> {
-    let mut rec = Recorder::new(sink, port, RecordConfig::default(), stop)?;
+    let mut rec = Recorder::new(sink, port, record_config(c), stop)?;
     if c.front.is_some() {
         rec = rec.reregister_with(read_key(c)?, c.session);
     }
@@ -904,7 +918,7 @@ impl Replicating {
             sink = sink.with_protection(j.protection());
         }
         let mut vm = self.vm;
-        let mut rec = Recorder::new(sink, self.port, RecordConfig::default(), self.stop)?;
+        let mut rec = Recorder::new(sink, self.port, record_config(c), self.stop)?;
         if c.front.is_some() {
             rec = rec.reregister_with(read_key(c)?, c.session);
         }
@@ -955,7 +969,7 @@ fn replay<L: transport::BackupLink>(
                 port: service_port(c, &args.service)?,
                 key: read_key(c)?,
                 session: c.session,
-                record: RecordConfig::default(),
+                record: record_config(c),
                 stop: stop.clone(),
                 joins: join.as_ref().map(|j| (j.pause_flag(), j.protection())),
             })
@@ -963,6 +977,7 @@ fn replay<L: transport::BackupLink>(
         None => None,
     };
     let mut replayer = Replayer::new(b, Duration::from_millis(100))
+        .with_idle_spin(Duration::from_micros(c.idle_spin_us))
         .with_clock(start.last_clock_ns)
         .with_stop(stop.clone());
     if let Some(path) = &args.journal {

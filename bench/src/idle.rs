@@ -22,7 +22,8 @@ use crate::join::procs::Proc;
 /// `bench idle` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct IdleArgs {
-    /// Guests to compare (`ftvm --guest` names); ratios are against the first.
+    /// Guests to compare (`ftvm --guest` names), each optionally with `:US`, the replicas'
+    /// `--idle-spin-us`; ratios are against the first.
     #[arg(long, value_delimiter = ',', default_value = "kvstore,kvstore-polling")]
     pub guests: Vec<String>,
     /// Rounds; each measures every guest, in alternating order.
@@ -182,14 +183,22 @@ fn start_pair(ftvm: &Path, guest: &str) -> anyhow::Result<Pair> {
     let key = dir.path().join("key");
     crate::join::write_key(&key)?;
     let sock = dir.path().join("backup.sock");
+    let (name, spin) = match guest.split_once(':') {
+        Some((n, us)) => (n, Some(us)),
+        None => (guest, None),
+    };
     let common = |role: &str| -> Vec<String> {
-        vec![
+        let mut a = vec![
             role.into(),
             "--key-file".into(),
             key.display().to_string(),
             "--guest".into(),
-            guest.into(),
-        ]
+            name.into(),
+        ];
+        if let Some(us) = spin {
+            a.extend(["--idle-spin-us".into(), us.into()]);
+        }
+        a
     };
     let mut b = common("backup");
     b.extend(["--listen".into(), sock.display().to_string()]);

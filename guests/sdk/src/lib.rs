@@ -1,7 +1,7 @@
 //! The ftvm guest SDK: what a program needs to run as an ftvm guest, wrapped safely.
 //!
-//! An ftvm guest is a freestanding x86-64 program that runs in ring 0 on one vCPU with interrupts
-//! disabled, under a primary/backup pair that must keep it bit-identical on both replicas. It
+//! An ftvm guest is a freestanding x86-64 program that runs in ring 0 on one vCPU (interrupts
+//! arrive only at VM exits: [`irq`]), under a primary/backup pair that must keep it bit-identical on both replicas. It
 //! talks to the VMM only through hypercalls (`out` on one port, one VM exit each) and a few pages
 //! of shared memory ([`abi`]). Every input — requests, time, random bytes, timer ticks — arrives
 //! at a numbered exit, so the backup can replay it at the same place; that is the whole
@@ -34,7 +34,7 @@
 //! - [`net`]: the request loop ([`net::Net::next_request`]) with zero-copy access to the
 //!   receive buffer and direct writes into the transmit buffer.
 //! - [`clock`], [`random`]: the guest's only sources of time and randomness.
-//! - [`timer`]: timer ticks; [`irq`]: where paravirtual interrupts are delivered and waited for.
+//! - [`timer`]: timer ticks; [`irq`]: the IDT, and where the guest waits for an interrupt.
 //! - [`reply_cache`]: answering a client's retry from a cache instead of executing it again.
 //! - [`Global`]: a guest's state in a `static`, handed out once as `&'static mut`.
 //!
@@ -85,11 +85,13 @@ macro_rules! entry {
 /// handler uses [`abi::HALT_PANIC`]). The VM stops at this HALT exit and never resumes the guest;
 /// if it did, the guest would stop again in `hlt`.
 pub fn halt(code: u64) -> ! {
+    // SAFETY: `cli` only masks interrupts: nothing may wake the final `hlt`.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
     hypercall::set_op_result(code);
     hypercall::out(abi::OP_HALT);
     loop {
-        // SAFETY: interrupts are disabled (the ABI's entry state; nothing here enables them), so
-        // `hlt` only stops the vCPU: KVM exits to the VMM with a HLT exit.
+        // SAFETY: interrupts are disabled (just above), so `hlt` only stops the vCPU: KVM exits
+        // to the VMM with a HLT exit that ends the run.
         unsafe { core::arch::asm!("hlt", options(nomem, nostack)) };
     }
 }
