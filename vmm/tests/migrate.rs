@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use vmm::kv::{KV_INCR, KV_PUT};
 use vmm::layout::{
-    CLOCK_NS_ADDR, NET_BUF_LEN, OP_CLOCK, OP_NET_RX, OP_NET_TX, OP_RANDOM, RANDOM_ADDR,
-    RX_BUF_ADDR, RX_LEN_ADDR, TX_BUF_ADDR, TX_LEN_ADDR,
+    CLOCK_NS_ADDR, NET_BUF_LEN, NET_RX_VECTOR, OP_CLOCK, OP_NET_RX, OP_NET_TX, OP_RANDOM,
+    RANDOM_ADDR, RX_BUF_ADDR, RX_LEN_ADDR, TX_BUF_ADDR, TX_LEN_ADDR,
 };
 use vmm::migrate::sink::{restore, Expect};
 use vmm::migrate::source::{Precopy, PrecopyConfig};
@@ -27,14 +27,21 @@ use vmm::vm::{Vm, VmExit, GUEST_IMAGE};
 const SESSION: u64 = 77;
 
 /// Test double of the devices: request `n` is a PUT or INCR on one of 40 keys, the clock
-/// counts, random bytes are fixed. Its whole state is two counters.
+/// counts, random bytes are fixed; every 7th request is not there at the guest's NET_RX, so it
+/// waits in `hlt` and the request wakes it (network-receive interrupt, as the engine does). Its
+/// state is two counters and whether the guest was left waiting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Script {
     next_request: u64,
     clocks: u64,
+    /// The last NET_RX found nothing: the guest is about to wait (or waits).
+    idled: bool,
     /// The last exit handled was a NET_RX that handed the guest a request (written into the
     /// RX buffer by the VMM, not the guest: KVM's dirty log does not see it).
     just_received: bool,
+    /// The last exit handled was a wait that a request ended: its interrupt is injected but not
+    /// yet taken (it is in the vCPU's pending events).
+    just_woken: bool,
 }
 
 impl Script {
@@ -57,7 +64,12 @@ impl Script {
     }
 
     fn encode(&self) -> Vec<u8> {
-        [self.next_request.to_le_bytes(), self.clocks.to_le_bytes()].concat()
+        [
+            self.next_request.to_le_bytes(),
+            self.clocks.to_le_bytes(),
+            u64::from(self.idled).to_le_bytes(),
+        ]
+        .concat()
     }
 
     fn decode(b: &[u8]) -> Script {
@@ -65,7 +77,9 @@ impl Script {
         Script {
             next_request: w(0),
             clocks: w(8),
+            idled: w(16) != 0,
             just_received: false,
+            just_woken: false,
         }
     }
 
@@ -78,13 +92,34 @@ impl Script {
                 break;
             }
             self.just_received = false;
+            self.just_woken = false;
             match vm.run().expect("run") {
+                VmExit::Hypercall { op: OP_NET_RX }
+                    if self.next_request % 7 == 3 && !self.idled =>
+                {
+                    self.idled = true;
+                    vm.write_u32(RX_LEN_ADDR, 0).expect("rx len");
+                }
                 VmExit::Hypercall { op: OP_NET_RX } => {
                     self.just_received = true;
+                    self.idled = false;
                     let req = self.request();
                     self.next_request += 1;
                     vm.write_bytes(RX_BUF_ADDR, &req).expect("rx");
                     vm.write_u32(RX_LEN_ADDR, req.len() as u32).expect("rx len");
+                }
+                VmExit::Halt => {
+                    assert!(
+                        self.idled && vm.interrupt_ready(),
+                        "a wait after an empty NET_RX"
+                    );
+                    self.just_woken = true;
+                    self.idled = false;
+                    let req = self.request();
+                    self.next_request += 1;
+                    vm.write_bytes(RX_BUF_ADDR, &req).expect("rx");
+                    vm.write_u32(RX_LEN_ADDR, req.len() as u32).expect("rx len");
+                    vm.inject_interrupt(NET_RX_VECTOR).expect("inject");
                 }
                 VmExit::Hypercall { op: OP_CLOCK } => {
                     self.clocks += 1;
@@ -126,8 +161,10 @@ fn expect(mem_size: usize) -> Expect {
     }
 }
 
-/// Moves a guest that keeps serving during the rounds; returns (rounds, pages, bytes, pause ms).
-fn live_transfer(mem_mib: usize) -> (usize, u64, u64, f64, f64) {
+/// Moves a guest that keeps serving during the rounds, stopped right after a NET_RX handed it a
+/// request or (`at_wake`) right after a request ended a wait, with its interrupt still pending;
+/// returns (rounds, pages, bytes, pause ms).
+fn live_transfer(mem_mib: usize, at_wake: bool) -> (usize, u64, u64, f64, f64) {
     let mem = mem_mib << 20;
     let mut src = Vm::new(mem, GUEST_IMAGE).expect("source VM (needs /dev/kvm)");
     let mut script = Script::default();
@@ -170,12 +207,27 @@ fn live_transfer(mem_mib: usize) -> (usize, u64, u64, f64, f64) {
     while !switch.load(Ordering::Acquire) {
         served += script.drive(&mut src, 200, Some(&switch)).len();
     }
-    // Stop right after the VMM handed the guest a request: the page it wrote must go too.
-    while !script.just_received {
+    // Stop right after the VMM handed the guest a request: the page it wrote must go too (and
+    // at a wake-up, the injected interrupt the guest has not taken yet).
+    while !(if at_wake {
+        script.just_woken
+    } else {
+        script.just_received
+    }) {
         served += script.drive(&mut src, 1, None).len();
     }
     let paused = Instant::now();
     let state = src.vcpu_state().expect("vCPU state");
+    if at_wake {
+        // The network-receive interrupt is injected but not taken: it must travel with the
+        // vCPU's events, or the joiner's guest would never run its handler.
+        let irq = state.events.interrupt;
+        assert_eq!(
+            (irq.injected, irq.nr),
+            (1, NET_RX_VECTOR),
+            "the pending interrupt is in the state sent"
+        );
+    }
     let regs = src.registers_digest().expect("registers");
     state_tx
         .send((state, script.encode(), regs))
@@ -189,6 +241,7 @@ fn live_transfer(mem_mib: usize) -> (usize, u64, u64, f64, f64) {
     assert_eq!(restored.exits, src.exit_count());
     let mut dst_script = Script::decode(&restored.device);
     script.just_received = false;
+    script.just_woken = false;
     assert_eq!(dst_script, script, "device state carried across");
 
     // Both go on with the same inputs: same answers, same memory, same registers.
@@ -207,10 +260,10 @@ fn live_transfer(mem_mib: usize) -> (usize, u64, u64, f64, f64) {
 
 #[test]
 fn a_serving_guest_moves_to_a_fresh_vm_and_both_go_on_alike() {
-    for mib in [16, 256] {
-        let (rounds, pages, bytes, pause_ms, total_ms) = live_transfer(mib);
+    for (mib, at_wake) in [(16, false), (16, true), (256, false)] {
+        let (rounds, pages, bytes, pause_ms, total_ms) = live_transfer(mib, at_wake);
         println!(
-            "{mib} MiB: {rounds} pre-copy rounds, {pages} pages sent, {:.1} MiB on the wire, \
+            "{mib} MiB (stopped at a wake-up: {at_wake}): {rounds} pre-copy rounds, {pages} pages sent, {:.1} MiB on the wire, \
              pause {pause_ms:.2} ms, total {total_ms:.1} ms",
             bytes as f64 / (1 << 20) as f64
         );
