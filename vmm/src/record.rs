@@ -256,6 +256,31 @@ impl<S: LogSink> Recorder<S> {
         Ok(())
     }
 
+    /// The next client request into `buf`, if one is waiting (its client noted for the reply).
+    fn take_request(&mut self, buf: &mut Vec<u8>) -> Result<bool, EngineError> {
+        let Some(from) = self.port.try_recv(buf, crate::layout::NET_BUF_LEN)? else {
+            return Ok(false);
+        };
+        if let Some(id) = buf.get(..4) {
+            self.gate
+                .note_client(u32::from_le_bytes([id[0], id[1], id[2], id[3]]), from);
+        }
+        self.requests += 1;
+        Ok(true)
+    }
+
+    /// Logs `data` as the network input the guest sees at `exit`.
+    fn log_input(&mut self, exit: u64, data: &[u8]) -> Result<(), EngineError> {
+        self.log.append(&Entry::new(
+            Position::at_exit(exit),
+            Event::DeviceInput {
+                device: NET_DEVICE,
+                data,
+            },
+        ))?;
+        Ok(())
+    }
+
     fn service(&mut self) -> Result<(), EngineError> {
         self.log.pump()?;
         self.release()
@@ -296,12 +321,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
     fn net_rx(&mut self, exit: u64, buf: &mut Vec<u8>) -> Result<(), EngineError> {
         let deadline = Instant::now() + self.config.idle_wait;
         loop {
-            if let Some(from) = self.port.try_recv(buf, crate::layout::NET_BUF_LEN)? {
-                if let Some(id) = buf.get(..4) {
-                    self.gate
-                        .note_client(u32::from_le_bytes([id[0], id[1], id[2], id[3]]), from);
-                }
-                self.requests += 1;
+            if self.take_request(buf)? {
                 break;
             }
             if Instant::now() >= deadline || self.stop.load(Ordering::Relaxed) {
@@ -311,14 +331,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
             self.service()?;
             std::thread::yield_now();
         }
-        self.log.append(&Entry::new(
-            Position::at_exit(exit),
-            Event::DeviceInput {
-                device: NET_DEVICE,
-                data: buf,
-            },
-        ))?;
-        Ok(())
+        self.log_input(exit, buf)
     }
 
     fn wake(&mut self, exit: u64, rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
@@ -328,22 +341,11 @@ impl<S: LogSink> EventSource for Recorder<S> {
                 return Ok(None);
             }
             rx.clear();
-            if let Some(from) = self.port.try_recv(rx, crate::layout::NET_BUF_LEN)? {
+            if self.take_request(rx)? {
                 if rx.is_empty() {
                     continue; // an empty datagram is no request
                 }
-                if let Some(id) = rx.get(..4) {
-                    self.gate
-                        .note_client(u32::from_le_bytes([id[0], id[1], id[2], id[3]]), from);
-                }
-                self.requests += 1;
-                self.log.append(&Entry::new(
-                    Position::at_exit(exit),
-                    Event::DeviceInput {
-                        device: NET_DEVICE,
-                        data: rx,
-                    },
-                ))?;
+                self.log_input(exit, rx)?;
                 return Ok(Some(NET_RX_VECTOR));
             }
             let now = Instant::now();

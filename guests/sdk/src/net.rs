@@ -77,17 +77,13 @@ impl Net {
             if hypercall::op_result() == RX_SHUTDOWN {
                 return None;
             }
-            let len = hypercall::rx_len() as usize;
-            if len != 0 {
-                return Some(Request {
-                    len,
-                    _net: PhantomData,
-                });
+            let mut len = hypercall::rx_len() as usize;
+            if len == 0 {
+                irq::wait();
+                // A request that arrived while the guest waited is already in the receive
+                // buffer (network-receive interrupt); a timer tick leaves `rx_len` 0.
+                len = hypercall::rx_len() as usize;
             }
-            irq::wait();
-            // A request that arrived while the guest waited is already in the receive buffer
-            // (network-receive interrupt); a timer tick leaves `rx_len` 0.
-            let len = hypercall::rx_len() as usize;
             if len != 0 {
                 return Some(Request {
                     len,
