@@ -269,6 +269,19 @@ impl<S: LogSink> Recorder<S> {
         Ok(true)
     }
 
+    /// Logs a timer tick at `exit`; the next one is due a period after `now` (ticks missed
+    /// while busy are not replayed one by one).
+    fn tick(&mut self, exit: u64, now: Instant) -> Result<(), EngineError> {
+        self.log.append(&Entry::new(
+            Position::at_exit(exit),
+            Event::Interrupt {
+                vector: TIMER_VECTOR,
+            },
+        ))?;
+        self.next_tick = now + self.config.tick;
+        Ok(())
+    }
+
     /// Logs `data` as the network input the guest sees at `exit`.
     fn log_input(&mut self, exit: u64, data: &[u8]) -> Result<(), EngineError> {
         self.log.append(&Entry::new(
@@ -306,14 +319,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
         let now = Instant::now();
         if now >= self.next_tick {
             out.push(TIMER_VECTOR);
-            self.log.append(&Entry::new(
-                Position::at_exit(exit),
-                Event::Interrupt {
-                    vector: TIMER_VECTOR,
-                },
-            ))?;
-            // Ticks missed while busy are not replayed one by one: one tick, next one a period on.
-            self.next_tick = now + self.config.tick;
+            self.tick(exit, now)?;
         }
         Ok(())
     }
@@ -351,13 +357,7 @@ impl<S: LogSink> EventSource for Recorder<S> {
             let now = Instant::now();
             // A pause (a join's switch-over) waits for this exit to end: a tick ends it now.
             if now >= self.next_tick || self.pause_after(exit) {
-                self.log.append(&Entry::new(
-                    Position::at_exit(exit),
-                    Event::Interrupt {
-                        vector: TIMER_VECTOR,
-                    },
-                ))?;
-                self.next_tick = now + self.config.tick;
+                self.tick(exit, now)?;
                 return Ok(Some(TIMER_VECTOR));
             }
             if self.gate.pending() > 0 {

@@ -415,14 +415,11 @@ impl<S: EntrySource> EventSource for Replayer<S> {
 
     fn wake(&mut self, exit: u64, rx: &mut Vec<u8>) -> Result<Option<u8>, EngineError> {
         self.guest_waits = true;
-        let front = self.front(exit).map(|e| e.entry.event.kind());
+        let stop = self
+            .front(exit)
+            .map(|e| matches!(e.entry.event, Event::Control(ControlOp::Shutdown)));
         self.guest_waits = false;
-        if front? == logfmt::Kind::Control
-            && matches!(
-                self.front(exit)?.entry.event,
-                Event::Control(ControlOp::Shutdown)
-            )
-        {
+        if stop? {
             return Ok(None);
         }
         self.take(
