@@ -434,6 +434,11 @@ struct LagControl {
     rate: ReplayRate,
 }
 
+/// The replay rate (entries per second) lag control assumes until it has measured one: faster
+/// than any backup replays here (ftvm's replays ~40,000 entries/s), so it only catches a backlog
+/// that is large for any rate.
+const PRIOR_REPLAY_RATE: f64 = 200_000.0;
+
 /// The backup's replay rate (entries per second), measured over windows of at least
 /// [`ReplayRate::WINDOW`] during which it had a backlog throughout (an idle backup replays
 /// slowly because it has nothing to replay, not because it is slow), smoothed.
@@ -510,15 +515,19 @@ impl LagControl {
     }
 
     /// The replay lag in time: how long the backup needs to replay what it has not, at its
-    /// measured rate — what a failover would have to drain. Until a rate is known, how long
-    /// ago the oldest unreplayed frame was sealed.
+    /// measured rate — what a failover would have to drain. Until a rate is known, the longer of
+    /// how long ago the oldest unreplayed frame was sealed and the backlog's drain time at
+    /// [`PRIOR_REPLAY_RATE`] (a primary that appends thousands of entries before the first rate
+    /// window ends would otherwise see only their few milliseconds of age).
     fn lag(&mut self, now: Instant, last_seq: u64, replayed: u64) -> Duration {
         let backlog = last_seq.saturating_sub(replayed);
         self.rate.observe(now, replayed, backlog);
         self.rate.drain_time(backlog).unwrap_or_else(|| {
-            self.unreplayed
+            let age = self
+                .unreplayed
                 .front()
-                .map_or(Duration::ZERO, |&(_, _, at)| now.duration_since(at))
+                .map_or(Duration::ZERO, |&(_, _, at)| now.duration_since(at));
+            age.max(Duration::from_secs_f64(backlog as f64 / PRIOR_REPLAY_RATE))
         })
     }
 
