@@ -93,6 +93,10 @@ pub struct FaultRecord {
     pub epoch: u64,
     /// Fault to the new epoch's replica registered at the front (serving), ms.
     pub failover_ms: f64,
+    /// The winner's own account, from its log: end of the log to live for a backup that took
+    /// over (the arbiter's decision and the front), the arbiter's decision for a primary that
+    /// lost its backup, ms. The rest of `failover_ms` is noticing the fault.
+    pub takeover_ms: Option<f64>,
     /// Fault to the pair protected again (the restarted node joined), ms.
     pub reprotect_ms: f64,
     /// The loser's exit status (3: deposed; -1: killed by the injector).
@@ -144,6 +148,10 @@ pub struct CampaignSummary {
     pub reprotect_ms_max: Option<f64>,
     /// p50 of failover after SIGKILL of the primary only (the target's case).
     pub kill_primary_failover_ms_p50: Option<f64>,
+    /// p50 and max of those failovers' takeover (the winner's own account; the rest is noticing
+    /// the closed channel).
+    pub kill_primary_takeover_ms_p50: Option<f64>,
+    pub kill_primary_takeover_ms_max: Option<f64>,
     pub etcd_member_restarts: u64,
     /// Bytes the relays flipped (one per corrupt-frame fault).
     pub bytes_corrupted: u64,
@@ -436,6 +444,18 @@ fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> 
     }
 }
 
+/// The milliseconds a winner's "won epoch" line reports: "… (X ms after the log ended)" (a
+/// backup that took over) or "… in X ms; continuing unreplicated" (a primary alone).
+fn takeover_ms(line: &str) -> Option<f64> {
+    let number = if let Some((before, _)) = line.split_once(" ms after the log ended") {
+        before.rsplit_once('(')?.1
+    } else {
+        let (before, _) = line.split_once(" ms; continuing")?;
+        before.rsplit_once(" in ")?.1
+    };
+    number.trim().parse().ok()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -667,6 +687,14 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
     drop(slots);
     drop(arbiter_proc);
     drop(etcd);
+    if result.is_err() {
+        // What the run wrote (the etcd members' logs, the arbiter's state) stays for a look.
+        let kept = scratch.keep();
+        println!(
+            "  the campaign stopped; its directory is kept at {} (etcd/member-*/etcd.log, arbiter state)",
+            kept.display()
+        );
+    }
     result.map(|()| summary)
 }
 
@@ -878,6 +906,10 @@ fn campaign(
                     .flatten()
             })
             .with_context(|| format!("fault {i}: the pair was not protected again"))?;
+            // The winner's line has long arrived (it went live before the loser's restart).
+            let takeover_ms = slots[winner]
+                .line_since(t0, &won)
+                .and_then(|l| takeover_ms(&l.text));
             let rec = FaultRecord {
                 index: i,
                 kind,
@@ -885,6 +917,7 @@ fn campaign(
                 winner: slots[winner].name.into(),
                 epoch: record.epoch,
                 failover_ms: ms(t_live.saturating_duration_since(t0)),
+                takeover_ms,
                 reprotect_ms: ms(t_protected.saturating_duration_since(t0)),
                 loser_exit,
                 etcd_member_down: etcd_down,
@@ -894,11 +927,13 @@ fn campaign(
                 summary.etcd_member_restarts += 1;
             }
             println!(
-                "  fault {i}/{faults} {:<13} victim {}: live in {:>7.1} ms, protected in {:>7.1} ms \
-                 (epoch {}, {} serves{})",
+                "  fault {i}/{faults} {:<13} victim {}: live in {:>7.1} ms (takeover {}), protected \
+                 in {:>7.1} ms (epoch {}, {} serves{})",
                 kind.name(),
                 rec.victim,
                 rec.failover_ms,
+                rec.takeover_ms
+                    .map_or_else(|| "-".to_owned(), |t| format!("{t:.1} ms")),
                 rec.reprotect_ms,
                 rec.epoch,
                 rec.winner,
@@ -962,6 +997,14 @@ fn campaign(
     summary.reprotect_ms_p99 = percentile(&reprotect, 0.99);
     summary.reprotect_ms_max = percentile(&reprotect, 1.0);
     summary.kill_primary_failover_ms_p50 = percentile(&kill, 0.5);
+    let kill_takeover: Vec<f64> = summary
+        .faults
+        .iter()
+        .filter(|f| f.kind == FaultKind::KillPrimary)
+        .filter_map(|f| f.takeover_ms)
+        .collect();
+    summary.kill_primary_takeover_ms_p50 = percentile(&kill_takeover, 0.5);
+    summary.kill_primary_takeover_ms_max = percentile(&kill_takeover, 1.0);
     summary.bytes_corrupted = relays.iter().map(Relay::corrupted).sum();
     outcome?;
 
@@ -1094,6 +1137,17 @@ fn xml(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn takeover_times_are_read_from_the_winners_line() {
+        let backup = "2026-12-04T22:28:36.1Z  INFO vmm::failover: b.1: won epoch 7; live at exit \
+                      8380 (3.8 ms after the log ended)";
+        assert_eq!(takeover_ms(backup), Some(3.8));
+        let primary = "INFO vmm::failover: a.2: won epoch 2 in 15.8 ms; continuing unreplicated";
+        assert_eq!(takeover_ms(primary), Some(15.8));
+        assert_eq!(takeover_ms("a.2: won epoch 2"), None);
+        assert_eq!(takeover_ms("won epoch 2 (x ms after the log ended)"), None);
+    }
 
     #[test]
     fn percentiles_pick_ranks() {

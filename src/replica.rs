@@ -3,7 +3,7 @@
 use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -430,14 +430,22 @@ pub struct LagSummary {
 }
 
 /// SIGTERM and SIGINT set the returned flag (the primary checks it at every exit). The
-/// handler (signal-hook's) only stores to the flag: no thread polls for it.
+/// handler (signal-hook's) only stores to the flag: no thread polls for it. Every call returns
+/// the process's one flag, installed by the first: a signal that arrives while one part of the
+/// process hands over to the next (a node's backup between accepting its primary's channel and
+/// replaying) sets the flag the next part reads, not one nobody reads any more.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(flag.clone());
+    }
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, flag.clone())
             .with_context(|| format!("installing the handler for signal {sig}"))?;
     }
-    Ok(flag)
+    // Two first calls at once each install a handler; both return the one flag kept.
+    Ok(FLAG.get_or_init(|| flag).clone())
 }
 
 /// Blocks the calling thread until SIGTERM or SIGINT arrives (for processes that only serve:
@@ -501,7 +509,9 @@ fn start_epoch(c: &Common) -> anyhow::Result<u64> {
 }
 
 /// The replica's arbiter client; `joins_at` is where it accepts joins once live (recorded with
-/// each epoch it wins).
+/// each epoch it wins). It connects now, on a thread of its own (`ft_arbiter::warm_up`), so that
+/// the decision after a failure does not also pay for the connection (server, etcd); an arbiter
+/// that does not answer now is logged and asked again then.
 fn arbiter_client(
     c: &Common,
     role: &str,
@@ -515,6 +525,7 @@ fn arbiter_client(
     let arbiter = spec
         .open(Some(&key))
         .with_context(|| format!("opening the arbiter {spec}"))?;
+    let arbiter = ft_arbiter::warm_up(arbiter, &pair_id(c), &spec.to_string());
     Ok(Some(ArbiterClient {
         arbiter,
         pair_id: pair_id(c),
@@ -1209,4 +1220,23 @@ fn load_base(
     };
     let restored = vmm::migrate::sink::restore(&mut open()?, vm, &expect)?;
     Ok(vmm::join::DeviceState::decode(&restored.device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// A signal sets the flag every part of the process reads, whenever that part asked for it.
+    #[test]
+    fn every_part_of_the_process_reads_the_one_stop_flag() {
+        let first = stop_flag().expect("handlers");
+        let later = stop_flag().expect("handlers");
+        assert!(Arc::ptr_eq(&first, &later));
+        assert!(!later.load(Ordering::Relaxed));
+        // SAFETY: raise(2) with a valid signal; signal-hook's handler, installed above, replaces
+        // the default action (it only stores to the flag).
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        assert!(stop_flag().expect("handlers").load(Ordering::Relaxed));
+    }
 }

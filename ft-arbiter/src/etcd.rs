@@ -44,9 +44,29 @@
 //! so the trait stays synchronous. Every call is bounded by the arbiter's timeout (default 3 s)
 //! and asks etcd to refuse it outright when the member has no leader; an unreachable cluster, or
 //! one without quorum, gives [`ArbiterError::Unavailable`].
+//!
+//! # Connections
+//!
+//! A client talks to one member at a time, over one connection it keeps between calls. A call
+//! that fails on a new connection goes on at once to the next member; one that fails outright
+//! on a kept connection is first tried again on a new connection to the same member (it may have
+//! restarted since). So within one call every member is tried once, the kept one twice, until
+//! one answers or the timeout runs out; each try may take an equal share of the time left, so a
+//! member that says nothing at all (stopped, cut off) holds a call for a share, not for the whole
+//! timeout, and the next call starts at the next member. Trying again is safe: a test-and-set is
+//! idempotent for the recorded winner, and reads change nothing.
+//!
+//! Measured on loopback, a connection to a member that was killed or restarted since fails in
+//! well under a millisecond (the kernel has closed it), so a kept connection costs a failover
+//! one quick extra try, not a timeout. (etcd-client's own balancing over several endpoints is
+//! not used: it keeps a dead member's endpoint in its random choice, and a call failed outright
+//! about one time in three with one member of three down.) HTTP/2 keepalive pings cannot find a
+//! silent connection while it is idle: etcd's gRPC server answers pings on a connection without
+//! a call in progress with GOAWAY `too_many_pings` (its enforcement policy does not permit
+//! them), so none are sent.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
@@ -60,12 +80,22 @@ use crate::{
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/ftvm/arbiter";
 
+/// A failed try: the error, and whether the member said nothing at all (no answer in time).
+struct Failure {
+    error: ArbiterError,
+    silent: bool,
+}
+
 /// An [`Arbiter`] backed by an etcd v3 cluster.
 pub struct EtcdArbiter {
     runtime: tokio::runtime::Runtime,
     endpoints: Vec<String>,
     prefix: String,
     timeout: Duration,
+    /// The member a new connection goes to: the last one that answered, or the one after a
+    /// member that did not.
+    member: usize,
+    /// The connection to `member` kept from the last call that it answered.
     client: Option<Client>,
 }
 
@@ -75,14 +105,15 @@ impl std::fmt::Debug for EtcdArbiter {
             .field("endpoints", &self.endpoints)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("member", &self.member)
             .field("connected", &self.client.is_some())
             .finish()
     }
 }
 
 impl EtcdArbiter {
-    /// A client of the etcd cluster at `endpoints` (`http://host:port` URLs). It connects on
-    /// first use.
+    /// A client of the etcd cluster at `endpoints` (`http://host:port` URLs, one per member). It
+    /// connects on first use, to the first endpoint.
     pub fn new(endpoints: Vec<String>) -> Result<Self, ArbiterError> {
         if endpoints.is_empty() {
             return Err(ArbiterError::InvalidArgument("no etcd endpoints".into()));
@@ -99,6 +130,7 @@ impl EtcdArbiter {
             endpoints,
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: Duration::from_secs(3),
+            member: 0,
             client: None,
         })
     }
@@ -111,7 +143,7 @@ impl EtcdArbiter {
         self
     }
 
-    /// Bounds every call (connecting included) by `timeout`.
+    /// Bounds every call (connecting and trying other members included) by `timeout`.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -131,31 +163,62 @@ impl EtcdArbiter {
         format!("{}/{pair_id}0", self.prefix)
     }
 
-    /// Runs one etcd call with a connected client, bounded by the timeout; any failure drops
-    /// the client and is `Unavailable`. A failure on a kept connection (etcd restarted since) is
-    /// retried once on a new one: safe, as test-and-set is idempotent for the recorded winner.
+    /// Runs one etcd call, bounded by the timeout as a whole: on the kept connection if there is
+    /// one, else on a new connection to the current member; a failure drops the connection and
+    /// the call goes on as the [module docs](self) say. All tries failing is `Unavailable` (the
+    /// last failure's).
     fn call<T, F, Fut>(&mut self, what: &str, f: F) -> Result<T, ArbiterError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let reused = self.client.is_some();
-        match self.attempt(what, &f) {
-            Err(_) if reused => self.attempt(what, &f),
-            result => result,
+        let deadline = Instant::now() + self.timeout;
+        let tries = self.endpoints.len() + usize::from(self.client.is_some());
+        let mut failure = None;
+        for i in 0..tries {
+            let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                break;
+            };
+            // An equal share of what is left, so that a silent member leaves time for the others.
+            let share = u32::try_from(tries - i).unwrap_or(u32::MAX);
+            let kept = self.client.is_some();
+            match self.attempt(what, &f, left / share) {
+                Ok(value) => return Ok(value),
+                Err(Failure { error, silent }) => {
+                    // A kept connection that failed outright is closed (its member restarted, or
+                    // died): its member gets a new connection first. Otherwise, the next member.
+                    if silent || !kept {
+                        self.member = (self.member + 1) % self.endpoints.len();
+                    }
+                    failure = Some(error);
+                }
+            }
         }
+        Err(failure.unwrap_or_else(|| {
+            ArbiterError::Unavailable(format!(
+                "etcd {what} at {}: no answer within {:?}",
+                self.endpoints.join(","),
+                self.timeout
+            ))
+        }))
     }
 
-    fn attempt<T, F, Fut>(&mut self, what: &str, f: &F) -> Result<T, ArbiterError>
+    /// One try of a call, bounded by `budget`; keeps the connection if it answered.
+    fn attempt<T, F, Fut>(&mut self, what: &str, f: &F, budget: Duration) -> Result<T, Failure>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let timeout = self.timeout;
-        let endpoints = &self.endpoints;
+        let endpoint = &self.endpoints[self.member];
         let cached = self.client.take();
+        let kept = cached.is_some();
+        let started = Instant::now();
         let result = self.runtime.block_on(async move {
-            tokio::time::timeout(timeout, async move {
+            tokio::time::timeout(budget, async move {
                 let client = match cached {
                     Some(c) => c,
                     None => {
@@ -164,7 +227,7 @@ impl EtcdArbiter {
                             .with_connect_timeout(timeout)
                             .with_timeout(timeout)
                             .with_require_leader(true);
-                        Client::connect(endpoints, Some(options)).await?
+                        Client::connect([endpoint.as_str()], Some(options)).await?
                     }
                 };
                 let value = f(client.clone()).await?;
@@ -172,19 +235,36 @@ impl EtcdArbiter {
             })
             .await
         });
+        let connection = if kept { "kept" } else { "new" };
+        let took = started.elapsed();
         match result {
             Ok(Ok((client, value))) => {
+                tracing::debug!(
+                    "etcd {what} at {endpoint}: answered in {took:?} on a {connection} connection"
+                );
                 self.client = Some(client);
                 Ok(value)
             }
-            Ok(Err(e)) => Err(ArbiterError::unavailable(
-                &format!("etcd {what} at {}", self.endpoints.join(",")),
-                e,
-            )),
-            Err(_) => Err(ArbiterError::Unavailable(format!(
-                "etcd {what} at {}: no answer within {timeout:?}",
-                self.endpoints.join(",")
-            ))),
+            Ok(Err(e)) => {
+                tracing::debug!(
+                    "etcd {what} at {endpoint}: failed in {took:?} on a {connection} connection: {e}"
+                );
+                Err(Failure {
+                    error: ArbiterError::unavailable(&format!("etcd {what} at {endpoint}"), e),
+                    silent: false,
+                })
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "etcd {what} at {endpoint}: no answer in {took:?} on a {connection} connection"
+                );
+                Err(Failure {
+                    error: ArbiterError::Unavailable(format!(
+                        "etcd {what} at {endpoint}: no answer within {budget:?}"
+                    )),
+                    silent: true,
+                })
+            }
         }
     }
 

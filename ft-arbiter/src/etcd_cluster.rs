@@ -61,6 +61,33 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// connection made before the member is ready to serve is answered once it is (etcd binds its
 /// client port early, then serves it only once it has joined the cluster).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Lets process `pid` (a member just started) run on every online CPU, whatever core the
+/// process that started it is pinned to: the demo and the tests pin themselves (to a core next
+/// to a replica's), the cluster is not what they measure, and a member sharing that one core
+/// stalls with it. Best effort.
+fn unpin(pid: u32) {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.clamp(1, 1024) as usize;
+    // SAFETY: cpu_set_t is plain data, and all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..cpus {
+        // SAFETY: `set` is a valid cpu_set_t; CPU_SET ignores CPUs beyond its size.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; the kernel only reads it.
+    let rc = unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        tracing::debug!(
+            "etcd member {pid} stays on its parent's CPUs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Lines of a member's log quoted in an error.
 const LOG_TAIL: usize = 15;
 
@@ -379,6 +406,7 @@ impl EtcdCluster {
                     self.bin.display()
                 ))
             })?;
+        unpin(child.id());
         tracing::debug!(
             member = %m.name,
             pid = child.id(),
@@ -438,6 +466,12 @@ impl EtcdCluster {
     /// Member `i`'s client URL.
     pub fn member_url(&self, i: usize) -> Result<String, ClusterError> {
         Ok(self.member(i)?.client_url())
+    }
+
+    /// Member `i`'s process id, while it runs (to signal it: a test freezes a member with
+    /// SIGSTOP).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members.get(i)?.child.as_ref().map(Child::id)
     }
 
     /// Member `i`'s etcd name (`ftvm-etcd-I`).

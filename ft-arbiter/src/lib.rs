@@ -13,6 +13,8 @@
 //! - `etcd`: an etcd v3 cluster (`EtcdArbiter`), decided by one transaction; behind the cargo
 //!   feature `etcd` (on by default; its build needs protoc).
 //!
+//! [`warm_up`] makes a client's connection before its first decision is needed.
+//!
 //! # Semantics
 //!
 //! Every FT pair has a **pair id**, and every replica runs in a **fencing epoch** (a `u64`): the
@@ -83,6 +85,7 @@ pub mod etcd;
 pub mod etcd_cluster;
 pub mod file;
 pub mod server;
+pub mod warm;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -93,6 +96,7 @@ pub use etcd::EtcdArbiter;
 pub use file::FileArbiter;
 pub use server::{ArbiterServer, ServerArbiter, ServerStats, StopHandle};
 pub use transport::PreSharedKey;
+pub use warm::warm_up;
 
 /// Longest pair id, in bytes.
 pub const MAX_PAIR_ID: usize = 128;

@@ -60,6 +60,10 @@ macro_rules! backend_suite {
                 suite::decision_survives_restart::<$fixture>();
             }
             #[test]
+            fn kept_clients_decide_after_a_restart() {
+                suite::kept_clients_decide_after_a_restart::<$fixture>();
+            }
+            #[test]
             fn down_is_unavailable_then_one_winner() {
                 suite::down_is_unavailable_then_one_winner::<$fixture>();
             }
@@ -364,4 +368,75 @@ fn etcd_decisions_carry_no_lease() {
     assert_eq!(kvs.len(), 1, "{key}");
     assert_eq!(kvs[0].value(), b"a");
     assert_eq!(kvs[0].lease(), 0, "a decision must not be able to expire");
+}
+
+// ------------------------------------------------------------------------------ warm-up
+
+#[test]
+fn warm_up_holds_nobody_up_and_an_arbiter_down_is_asked_again() {
+    // A silent server: the warm-up waits on its own thread; the first real call waits for it,
+    // then asks itself, and fails in bounded time.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let a = ServerArbiter::new(addr.to_string(), common::key())
+        .with_timeouts(Duration::from_millis(500), Duration::from_millis(500));
+    let t = std::time::Instant::now();
+    let mut a = ft_arbiter::warm_up(Box::new(a), "p", "server:silent");
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    match a.test_and_set("p", "a", 1) {
+        Err(ArbiterError::Unavailable(_)) => {}
+        other => panic!("a silent server gave {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    // Down when the client starts, up when the decision is needed.
+    let mut server = ServerFixture::start();
+    server.take_down();
+    let mut a = ft_arbiter::warm_up(Box::new(server.client()), "p", "server");
+    std::thread::sleep(Duration::from_millis(100));
+    server.bring_up();
+    assert_eq!(
+        a.test_and_set("p", "a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    assert_eq!(a.current("p").ok(), Some(Some(("a".into(), 2))));
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn warm_up_etcd_down_at_start_then_up_decides() {
+    let mut fixture = EtcdFixture::start();
+    let mut early = fixture.client();
+    assert_eq!(
+        early.test_and_set("p", "early", 0).ok(),
+        Some(Decision::Won { epoch: 1 })
+    );
+    fixture.take_down();
+    let mut a = ft_arbiter::warm_up(Box::new(fixture.client()), "p", "etcd");
+    std::thread::sleep(Duration::from_millis(100));
+    fixture.bring_up();
+    assert_eq!(
+        a.test_and_set("p", "a", 1).ok(),
+        Some(Decision::Won { epoch: 2 })
+    );
+    // And a warmed-up client whose etcd restarted since decides too.
+    let mut b = ft_arbiter::warm_up(Box::new(fixture.client()), "p", "etcd");
+    assert_eq!(b.current("p").ok(), Some(Some(("a".into(), 2))));
+    fixture.take_down();
+    fixture.bring_up();
+    assert_eq!(
+        b.test_and_set("p", "b", 1).ok(),
+        Some(Decision::Lost {
+            winner: "a".into(),
+            epoch: 2
+        })
+    );
+    assert_eq!(
+        b.test_and_set("p", "b", 2).ok(),
+        Some(Decision::Won { epoch: 3 })
+    );
 }

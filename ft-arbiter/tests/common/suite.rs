@@ -411,6 +411,42 @@ pub fn decision_survives_restart<F: Fixture>() {
     assert_eq!(current(&mut a, "pair-r"), Some(("a".into(), 3)));
 }
 
+/// Clients that kept their connection from before a restart of the backend decide correctly,
+/// each at its first call and well within its timeout (a connection the restart closed fails at
+/// once and is replaced; it does not wait out a timeout).
+pub fn kept_clients_decide_after_a_restart<F: Fixture>() {
+    let mut fixture = F::start();
+    let mut a = fixture.client();
+    let mut b = fixture.client();
+    assert_eq!(tas(&mut a, "kept-1", "a", 4), won(5));
+    assert_eq!(current(&mut b, "kept-1"), Some(("a".into(), 5)));
+    fixture.take_down();
+    fixture.bring_up();
+    let bound = Duration::from_secs(5);
+    let timed = |what: &str, call: &mut dyn FnMut() -> Decision| {
+        let t = Instant::now();
+        let d = call();
+        assert!(t.elapsed() < bound, "{what}: {:?}", t.elapsed());
+        d
+    };
+    assert_eq!(
+        timed("the loser's claim", &mut || tas(&mut b, "kept-1", "b", 4)),
+        lost("a", 5)
+    );
+    assert_eq!(
+        timed("the winner's retry", &mut || tas(&mut a, "kept-1", "a", 4)),
+        won(5)
+    );
+    assert_eq!(
+        timed("a new pair", &mut || tas(&mut b, "kept-2", "b", 0)),
+        won(1)
+    );
+    assert_eq!(
+        timed("the next epoch", &mut || tas(&mut a, "kept-1", "a", 5)),
+        won(6)
+    );
+}
+
 pub fn down_is_unavailable_then_one_winner<F: Fixture>() {
     let mut fixture = F::start();
     let mut clients: Vec<_> = (0..RACERS).map(|_| fixture.client()).collect();
