@@ -309,6 +309,17 @@ pub struct JoinReport {
     /// joiner's socket took them).
     pub finish_dirty_log_ms: f64,
     pub finish_pages_ms: f64,
+    /// Before the pause, ms: authenticating the joiner and checking its request; the
+    /// pre-copy rounds; waiting for the joiner to load the last round; waiting for the vCPU
+    /// to stop at its next exit.
+    #[serde(default)]
+    pub auth_ms: f64,
+    #[serde(default)]
+    pub rounds_ms: f64,
+    #[serde(default)]
+    pub catch_up_ms: f64,
+    #[serde(default)]
+    pub stop_ms: f64,
 }
 
 /// What the primary's join service needs to know.
@@ -707,9 +718,12 @@ impl Worker {
             "a backup is joining: copying {} MiB of guest memory while the guest runs",
             s.mem_size >> 20
         );
-        let mut report = JoinReport::default();
+        let mut report = JoinReport {
+            auth_ms: ms_since(started),
+            ..Default::default()
+        };
         let r = self.transfer(&mut conn, &request, epoch, &mut report);
-        report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+        report.total_ms = ms_since(started);
         // The vCPU thread waits for an answer only once it handed its state over.
         let vcpu_waiting = report.exit > 0;
         match r {
@@ -720,10 +734,7 @@ impl Worker {
                 // The guest resumes; dirty logging goes off beside it.
                 let t = Instant::now();
                 drop(pre);
-                tracing::debug!(
-                    "join: dirty logging off in {:.2} ms",
-                    t.elapsed().as_secs_f64() * 1e3
-                );
+                tracing::debug!("join: dirty logging off in {:.2} ms", ms_since(t));
             }
             Err(e) => {
                 report.error = Some(e.to_string());
@@ -790,8 +801,11 @@ impl Worker {
             session: s.channel.session_id,
             epoch,
         };
+        let t = Instant::now();
         pre.run(&mut w, &header, || true)?;
+        report.rounds_ms = ms_since(t);
         report.rounds = pre.rounds().to_vec();
+        let t = Instant::now();
         // Wait until the joiner has loaded every round (it echoes each ROUND_END), so that
         // the pause holds only the last pages, not the joiner's backlog.
         let last = report.rounds.len() as u32 - 1;
@@ -811,20 +825,23 @@ impl Worker {
                 }
             }
         }
+        report.catch_up_ms = ms_since(t);
         // The log channel's local ring is made now, not with the guest stopped.
         let mut cfg = s.channel.clone();
         cfg.epoch = epoch;
         transport::channel::prepare_primary_ring(cfg.ring_capacity)?;
         // Stop the guest at its next exit boundary and take its state.
+        let t = Instant::now();
         self.shared.pause.store(true, Ordering::Release);
         let h = self
             .handover
             .recv_timeout(s.switch_timeout)
             .map_err(|_| JoinError::Other("the vCPU did not reach the switch-over".into()))?;
+        report.stop_ms = ms_since(t);
         let paused = Instant::now();
         report.exit = h.device.exit;
         let fin = pre.finish(&mut w, &h.state, &h.device.encode(), h.registers)?;
-        report.finish_ms = paused.elapsed().as_secs_f64() * 1e3;
+        report.finish_ms = ms_since(paused);
         report.final_pages = fin.pages;
         report.finish_dirty_log_ms = fin.dirty_log_ms;
         report.finish_pages_ms = fin.pages_ms;
@@ -848,7 +865,7 @@ impl Worker {
                 )))
             }
         }
-        report.verdict_ms = paused.elapsed().as_secs_f64() * 1e3 - report.finish_ms;
+        report.verdict_ms = ms_since(paused) - report.finish_ms;
         tracing::debug!("join: verdict received, dialing the joiner's medium");
         // The log goes on over the joiner's medium from the switch-over on.
         let medium = s.medium.clone().with_address(request.address.clone());
@@ -861,13 +878,17 @@ impl Worker {
                 h.device.next_seq
             )));
         }
-        report.pause_ms = paused.elapsed().as_secs_f64() * 1e3;
+        report.pause_ms = ms_since(paused);
         report.channel_ms = report.pause_ms - report.finish_ms - report.verdict_ms;
         // The pre-copy (and with it the dirty log) goes back to the caller: turning KVM's
         // dirty logging off rewrites the memory slot (milliseconds for a large guest), so
         // it is done once the guest runs again, not inside the pause.
         Ok((p, pre))
     }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// Copies everything read through it to a file: the joiner keeps the state stream as its
@@ -969,7 +990,9 @@ fn join_keeping(
             )),
         },
     };
-    let mut r = ChunkReader::new(BufReader::with_capacity(1 << 20, source));
+    // A small buffer: a page run's bytes (up to 1 MiB) are read past it, straight into guest
+    // memory, once the little it holds is used up.
+    let mut r = ChunkReader::new(BufReader::with_capacity(32 << 10, source));
     let mut w = ChunkWriter::new(writer);
     let restored = match restore_with(&mut r, vm, &expect, &mut |round, pages| {
         // Each round loaded: the primary waits for the last one before it stops its guest.

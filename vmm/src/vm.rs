@@ -390,6 +390,35 @@ impl Vm {
         Ok(())
     }
 
+    /// Lends guest memory `gpa..gpa + len` to `f` as bytes, to be written in place (a joiner
+    /// receives a state stream's pages straight into guest memory, without a copy through a
+    /// buffer); fails, calling nothing, if any byte is outside RAM. Only between runs
+    /// (`&mut self`: the vCPU is not in `KVM_RUN`).
+    pub fn with_bytes_mut<T>(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> T,
+    ) -> Result<T, VmError> {
+        self.check_range(gpa, len)?;
+        if len == 0 {
+            return Ok(f(&mut []));
+        }
+        let host = self
+            .mem
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|_| VmError::OutOfRange { gpa, len })?;
+        // SAFETY: `host..host + len` lies inside the VM's one private anonymous mapping
+        // (checked against `mem_size` above; RAM is a single region from guest physical 0),
+        // which lives as long as `self`. No other reference to it exists while `f` runs: the
+        // vCPU is not running (`&mut self`), vm-memory and the dirty log's handles only copy
+        // through raw volatile accesses, and the slice does not outlive `f`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
+        let out = f(bytes);
+        self.host_dirty.mark(gpa, len);
+        Ok(out)
+    }
+
     /// Makes the `count` pages from page `first` zero without touching them: their host
     /// pages are dropped (`MADV_DONTNEED` on a private anonymous mapping reads back as zeros),
     /// so a page that was never written costs nothing and a written one is freed. Fails
@@ -638,7 +667,7 @@ impl Vm {
             .map(|p| {
                 // In range by construction: `p < mem_size / PAGE_SIZE`.
                 match self.read_bytes((p * PAGE_SIZE) as u64, &mut page) {
-                    Ok(()) => xxhash_rust::xxh3::xxh3_64(&page),
+                    Ok(()) => page_hash(&page),
                     Err(_) => 0,
                 }
             })
@@ -672,6 +701,12 @@ impl Vm {
 
 /// Guest page size for dirty logging and state transfer.
 pub const PAGE_SIZE: usize = 4096;
+
+/// A page's hash: xxh3-64 of its 4096 bytes (what [`pages_digest`] digests, and what a join
+/// stream's PAGES checksum covers).
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
 
 /// The pages digest of a table of page hashes ([`Vm::pages_digest`]): xxh3-64 over the hashes'
 /// little-endian bytes.

@@ -120,6 +120,12 @@ pub struct JoinSample {
     /// Parts of finish_ms: the last dirty bitmap, the last pages.
     finish_dirty_log_ms: f64,
     finish_pages_ms: f64,
+    /// Before the pause: authentication, pre-copy rounds, the joiner catching up, the vCPU
+    /// stopping.
+    auth_ms: f64,
+    rounds_ms: f64,
+    catch_up_ms: f64,
+    stop_ms: f64,
     /// The raw bulk copy just before the join, MiB/s.
     raw_mib_s: f64,
     /// bytes / total_ms, MiB/s.
@@ -194,6 +200,10 @@ struct PrimaryJoin {
     channel_ms: f64,
     finish_dirty_log_ms: f64,
     finish_pages_ms: f64,
+    auth_ms: f64,
+    rounds_ms: f64,
+    catch_up_ms: f64,
+    stop_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -837,6 +847,10 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
                     channel_ms: r.channel_ms,
                     finish_dirty_log_ms: r.finish_dirty_log_ms,
                     finish_pages_ms: r.finish_pages_ms,
+                    auth_ms: r.auth_ms,
+                    rounds_ms: r.rounds_ms,
+                    catch_up_ms: r.catch_up_ms,
+                    stop_ms: r.stop_ms,
                     raw_mib_s,
                     join_mib_s,
                     bw_ratio: join_mib_s / raw_mib_s.max(f64::MIN_POSITIVE),

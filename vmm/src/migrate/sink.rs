@@ -4,7 +4,7 @@
 use std::io::Read;
 
 use super::state::VcpuState;
-use super::stream::{Chunk, ChunkReader, Header, Kind};
+use super::stream::{page_hash, Chunk, ChunkReader, Header, Kind, Next};
 use super::{hex, MigrateError};
 use crate::vm::{Vm, PAGE_SIZE};
 
@@ -78,7 +78,7 @@ pub fn restore_with<R: Read>(
             what: format!("pages {first}+{count} outside the guest's {pages_total}"),
         }),
     };
-    let zero_hash = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]);
+    let zero_hash = page_hash(&[0u8; PAGE_SIZE]);
     // The hash of every page as the stream wrote it, so the digest at the end needs no pass
     // over memory (the primary's guest is stopped while we check). Round 0 covers every page;
     // one the stream left alone is hashed from memory at the end.
@@ -88,18 +88,21 @@ pub fn restore_with<R: Read>(
     let mut pages = 0u64;
     let mut rounds = 0u32;
     let state = loop {
-        match r.next_chunk()? {
-            Chunk::Pages { first, data } => {
-                let n = (data.len() / PAGE_SIZE) as u64;
+        match r.next_placing()? {
+            Next::Pages { first, count } => {
+                let n = u64::from(count);
                 in_range(index, Kind::Pages, first, n)?;
-                vm.write_bytes(first * PAGE_SIZE as u64, data)?;
-                for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-                    hashes[first as usize + i] = xxhash_rust::xxh3::xxh3_64(page);
-                    covered[first as usize + i] = true;
-                }
+                // Straight from the stream into guest memory; a corrupt chunk leaves its bytes
+                // there, and the error discards the VM.
+                let len = count as usize * PAGE_SIZE;
+                let at = first as usize..first as usize + count as usize;
+                vm.with_bytes_mut(first * PAGE_SIZE as u64, len, |dst| {
+                    r.read_pages(dst, &mut hashes[at.clone()])
+                })??;
+                covered[at].fill(true);
                 pages += n;
             }
-            Chunk::Zeros { first, count } => {
+            Next::Chunk(Chunk::Zeros { first, count }) => {
                 in_range(index, Kind::Zeros, first, u64::from(count))?;
                 // Dropped, not written: a fresh VM's untouched page is never faulted in.
                 vm.zero_pages(first, u64::from(count))?;
@@ -109,13 +112,15 @@ pub fn restore_with<R: Read>(
                 }
                 pages += u64::from(count);
             }
-            Chunk::RoundEnd { round, pages } => {
+            Next::Chunk(Chunk::RoundEnd { round, pages }) => {
                 rounds += 1;
                 round_done(round, pages)?;
             }
-            Chunk::Vcpu(bytes) => break VcpuState::decode(bytes)?,
-            Chunk::Refused(why) => return Err(MigrateError::Refused(why)),
-            other => return Err(out_of_place(index, other.kind(), "pages or the vCPU state")),
+            Next::Chunk(Chunk::Vcpu(bytes)) => break VcpuState::decode(bytes)?,
+            Next::Chunk(Chunk::Refused(why)) => return Err(MigrateError::Refused(why)),
+            Next::Chunk(other) => {
+                return Err(out_of_place(index, other.kind(), "pages or the vCPU state"))
+            }
         }
         index += 1;
     };
@@ -146,7 +151,7 @@ pub fn restore_with<R: Read>(
     let mut page = vec![0u8; PAGE_SIZE];
     for (p, _) in covered.iter().enumerate().filter(|(_, c)| !**c) {
         vm.read_bytes((p * PAGE_SIZE) as u64, &mut page)?;
-        hashes[p] = xxhash_rust::xxh3::xxh3_64(&page);
+        hashes[p] = page_hash(&page);
     }
     let ours_pages = crate::vm::pages_digest(&hashes);
     if ours_pages != theirs_pages {

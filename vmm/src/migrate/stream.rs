@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 
 use super::MigrateError;
+pub use crate::vm::page_hash;
 use crate::vm::PAGE_SIZE;
 
 /// First bytes of every chunk.
@@ -13,7 +14,7 @@ pub const MAGIC: [u8; 4] = *b"FTJN";
 /// Chunk header length.
 pub const CHUNK_HEADER_LEN: usize = 16;
 /// Version of the stream format (in the [`Header`] chunk).
-pub const STREAM_VERSION: u32 = 1;
+pub const STREAM_VERSION: u32 = 2;
 /// Most pages in one `PAGES` chunk (1 MiB of page data).
 pub const MAX_PAGES_PER_CHUNK: u32 = 256;
 /// Largest payload of any chunk.
@@ -129,6 +130,22 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(w)
 }
 
+/// Continues a PAGES chunk's CRC32C over one page hash, as 8 little-endian bytes.
+fn crc_of_hash(crc: u32, hash: u64) -> u32 {
+    crc32c::crc32c_append(crc, &hash.to_le_bytes())
+}
+
+/// Continues a PAGES chunk's CRC32C over page hashes.
+fn crc_of_hashes(crc: u32, hashes: &[u64]) -> u32 {
+    hashes.iter().fold(crc, |crc, &h| crc_of_hash(crc, h))
+}
+
+/// Whether a PAGES payload of `len` bytes holds its 16-byte head and then exactly `count`
+/// pages, 1 to [`MAX_PAGES_PER_CHUNK`].
+fn pages_fit(len: usize, count: u32) -> bool {
+    (1..=MAX_PAGES_PER_CHUNK).contains(&count) && len == 16 + count as usize * PAGE_SIZE
+}
+
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[at..at + 8]);
@@ -242,14 +259,25 @@ impl<W: Write> ChunkWriter<W> {
 
     /// Writes one chunk whose payload is `head` followed by `body`.
     fn chunk(&mut self, kind: Kind, head: &[u8], body: &[u8]) -> Result<(), MigrateError> {
+        self.chunk_checked(kind, head, body, |crc| crc32c::crc32c_append(crc, body))
+    }
+
+    /// Writes one chunk whose payload is `head` followed by `body`; `rest` continues the CRC
+    /// from the header's first 12 bytes and `head` over what stands for `body`.
+    fn chunk_checked(
+        &mut self,
+        kind: Kind,
+        head: &[u8],
+        body: &[u8],
+        rest: impl FnOnce(u32) -> u32,
+    ) -> Result<(), MigrateError> {
         let len = head.len() + body.len();
         debug_assert!(len <= MAX_PAYLOAD);
         let mut h = [0u8; CHUNK_HEADER_LEN];
         h[..4].copy_from_slice(&MAGIC);
         h[4] = kind as u8;
         h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-        let crc =
-            crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&h[..12]), head), body);
+        let crc = rest(crc32c::crc32c_append(crc32c::crc32c(&h[..12]), head));
         h[12..16].copy_from_slice(&crc.to_le_bytes());
         let io = MigrateError::io("sending the state");
         self.out
@@ -266,15 +294,17 @@ impl<W: Write> ChunkWriter<W> {
         self.chunk(Kind::Header, &h.encode(), &[])
     }
 
-    /// A [`Kind::Pages`] chunk: `data` holds whole pages, at most [`MAX_PAGES_PER_CHUNK`].
-    pub fn pages(&mut self, first: u64, data: &[u8]) -> Result<(), MigrateError> {
+    /// A [`Kind::Pages`] chunk: `data` holds whole pages, at most [`MAX_PAGES_PER_CHUNK`],
+    /// and `hashes` their xxh3-64 ([`page_hash`]), which the checksum covers in their place.
+    pub fn pages(&mut self, first: u64, data: &[u8], hashes: &[u64]) -> Result<(), MigrateError> {
         let count = (data.len() / PAGE_SIZE) as u32;
+        debug_assert_eq!(hashes.len(), count as usize);
         self.scratch.clear();
         self.scratch.extend_from_slice(&first.to_le_bytes());
         self.scratch.extend_from_slice(&count.to_le_bytes());
         self.scratch.extend_from_slice(&[0; 4]);
         let head = std::mem::take(&mut self.scratch);
-        let r = self.chunk(Kind::Pages, &head, data);
+        let r = self.chunk_checked(Kind::Pages, &head, data, |crc| crc_of_hashes(crc, hashes));
         self.scratch = head;
         r
     }
@@ -351,6 +381,32 @@ pub struct ChunkReader<R: Read> {
     buf: Vec<u8>,
     index: u64,
     bytes: u64,
+    /// A PAGES chunk whose page bytes are still in the stream ([`Self::next_placing`]).
+    unread: Option<UnreadPages>,
+}
+
+/// A PAGES chunk read up to its page bytes.
+#[derive(Debug)]
+struct UnreadPages {
+    /// The CRC32C so far (header and the payload's first 16 bytes).
+    crc: u32,
+    stored: u32,
+    len: usize,
+}
+
+/// What [`ChunkReader::next_placing`] read: a whole chunk, or a PAGES chunk whose page bytes
+/// the caller reads into place with [`ChunkReader::read_pages`].
+#[derive(Debug)]
+pub enum Next<'a> {
+    /// Any chunk but PAGES.
+    Chunk(Chunk<'a>),
+    /// A PAGES chunk: `count` pages from page `first` follow in the stream.
+    Pages {
+        /// First page index.
+        first: u64,
+        /// Pages.
+        count: u32,
+    },
 }
 
 impl<R: Read> ChunkReader<R> {
@@ -361,6 +417,7 @@ impl<R: Read> ChunkReader<R> {
             buf: Vec::new(),
             index: 0,
             bytes: 0,
+            unread: None,
         }
     }
 
@@ -376,7 +433,100 @@ impl<R: Read> ChunkReader<R> {
 
     /// The next chunk, checked: magic, kind, length bound, checksum, and its payload's shape.
     pub fn next_chunk(&mut self) -> Result<Chunk<'_>, MigrateError> {
+        let (h, kind) = self.chunk_header()?;
+        self.payload(h, kind)
+    }
+
+    /// As [`Self::next_chunk`], except that a PAGES chunk is returned as soon as its page
+    /// count is known and checked, as [`Next::Pages`]: its page bytes must then be read with
+    /// [`Self::read_pages`] (straight into their place: no copy through this reader's buffer)
+    /// before the next chunk. A chunk's checksum is checked once all its bytes are read.
+    pub fn next_placing(&mut self) -> Result<Next<'_>, MigrateError> {
+        let (h, kind) = self.chunk_header()?;
+        if kind != Kind::Pages {
+            return self.payload(h, kind).map(Next::Chunk);
+        }
         let index = self.index;
+        let len = u32_at(&h, 8) as usize;
+        let mut head = [0u8; 16];
+        if len >= 16 {
+            self.input
+                .read_exact(&mut head)
+                .map_err(MigrateError::io("a chunk's payload"))?;
+        }
+        let count = u32_at(&head, 8);
+        if len < 16 || !pages_fit(len, count) {
+            return Err(MigrateError::Malformed {
+                index,
+                kind: kind.name(),
+                what: format!("{count} pages in {len} bytes"),
+            });
+        }
+        self.unread = Some(UnreadPages {
+            crc: crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &head),
+            stored: u32_at(&h, 12),
+            len,
+        });
+        Ok(Next::Pages {
+            first: u64_at(&head, 0),
+            count,
+        })
+    }
+
+    /// Reads the page bytes of the PAGES chunk [`Self::next_placing`] returned into `dst`
+    /// (exactly `count` × 4096 bytes), their hashes ([`page_hash`]) into `hashes` (`count`
+    /// of them), and checks the chunk's checksum. On an error `dst` and `hashes` hold values
+    /// that must not be used.
+    pub fn read_pages(&mut self, dst: &mut [u8], hashes: &mut [u64]) -> Result<(), MigrateError> {
+        let index = self.index;
+        let Some(unread) = self.unread.take() else {
+            return Err(MigrateError::Malformed {
+                index,
+                kind: Kind::Pages.name(),
+                what: "no PAGES chunk is waiting to be read".into(),
+            });
+        };
+        if dst.len() + 16 != unread.len || hashes.len() * PAGE_SIZE != dst.len() {
+            return Err(MigrateError::Malformed {
+                index,
+                kind: Kind::Pages.name(),
+                what: format!(
+                    "{} bytes of pages, {} read into place",
+                    unread.len - 16,
+                    dst.len()
+                ),
+            });
+        }
+        self.input
+            .read_exact(dst)
+            .map_err(MigrateError::io("a chunk's payload"))?;
+        for (h, page) in hashes.iter_mut().zip(dst.chunks_exact(PAGE_SIZE)) {
+            *h = page_hash(page);
+        }
+        let computed = crc_of_hashes(unread.crc, hashes);
+        if computed != unread.stored {
+            return Err(MigrateError::Checksum {
+                index,
+                kind: Kind::Pages.name(),
+                stored: unread.stored,
+                computed,
+            });
+        }
+        self.index += 1;
+        self.bytes += (CHUNK_HEADER_LEN + unread.len) as u64;
+        Ok(())
+    }
+
+    /// Reads and checks a chunk's header: magic, kind, flags, length bound.
+    fn chunk_header(&mut self) -> Result<([u8; CHUNK_HEADER_LEN], Kind), MigrateError> {
+        let index = self.index;
+        if self.unread.is_some() {
+            return Err(MigrateError::Malformed {
+                index,
+                kind: Kind::Pages.name(),
+                what: "its page bytes were never read".into(),
+            });
+        }
         let mut h = [0u8; CHUNK_HEADER_LEN];
         self.input
             .read_exact(&mut h)
@@ -402,12 +552,39 @@ impl<R: Read> ChunkReader<R> {
                 "{len}-byte payload (at most {MAX_PAYLOAD})"
             )));
         }
+        Ok((h, kind))
+    }
+
+    /// Reads a chunk's payload after its header, checks the checksum and parses it.
+    fn payload(
+        &mut self,
+        h: [u8; CHUNK_HEADER_LEN],
+        kind: Kind,
+    ) -> Result<Chunk<'_>, MigrateError> {
+        let index = self.index;
+        let malformed = |what: String| MigrateError::Malformed {
+            index,
+            kind: kind.name(),
+            what,
+        };
+        let len = u32_at(&h, 8) as usize;
         self.buf.resize(len, 0);
         self.input
             .read_exact(&mut self.buf)
             .map_err(MigrateError::io("a chunk's payload"))?;
         let stored = u32_at(&h, 12);
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &self.buf);
+        let computed = if kind == Kind::Pages {
+            // The checksum covers the first 16 bytes and the pages' hashes.
+            if len < 16 || !(len - 16).is_multiple_of(PAGE_SIZE) {
+                return Err(malformed(format!("{len} bytes: not 16 + whole pages")));
+            }
+            let head = crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &self.buf[..16]);
+            self.buf[16..]
+                .chunks_exact(PAGE_SIZE)
+                .fold(head, |crc, page| crc_of_hash(crc, page_hash(page)))
+        } else {
+            crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &self.buf)
+        };
         if stored != computed {
             return Err(MigrateError::Checksum {
                 index,
@@ -451,10 +628,7 @@ impl<R: Read> ChunkReader<R> {
                     return Err(malformed(format!("{} bytes", p.len())));
                 }
                 let count = u32_at(p, 8);
-                if count == 0
-                    || count > MAX_PAGES_PER_CHUNK
-                    || p.len() != 16 + count as usize * PAGE_SIZE
-                {
+                if !pages_fit(p.len(), count) {
                     return Err(malformed(format!("{count} pages in {} bytes", p.len())));
                 }
                 Chunk::Pages {
@@ -504,5 +678,93 @@ impl<R: Read> ChunkReader<R> {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream of one PAGES chunk (pages filled with 1, 2, 3) and an END.
+    fn three_pages() -> Vec<u8> {
+        let mut data = vec![0u8; 3 * PAGE_SIZE];
+        for (i, page) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            page.fill(i as u8 + 1);
+        }
+        let hashes: Vec<u64> = data.chunks_exact(PAGE_SIZE).map(page_hash).collect();
+        let mut w = ChunkWriter::new(Vec::new());
+        w.pages(7, &data, &hashes).expect("written");
+        w.end().expect("written");
+        w.get_mut().clone()
+    }
+
+    #[test]
+    fn pages_read_whole_or_into_place_give_the_same_bytes_and_hashes() {
+        let stream = three_pages();
+        let mut r = ChunkReader::new(&stream[..]);
+        match r.next_chunk().expect("a chunk") {
+            Chunk::Pages { first, data } => {
+                assert_eq!(first, 7);
+                assert_eq!(data.len(), 3 * PAGE_SIZE);
+                assert_eq!(data[2 * PAGE_SIZE], 3);
+            }
+            other => panic!("{:?}", other.kind()),
+        }
+        let mut r = ChunkReader::new(&stream[..]);
+        let Next::Pages { first, count } = r.next_placing().expect("a chunk") else {
+            panic!("not pages");
+        };
+        assert_eq!((first, count), (7, 3));
+        let mut dst = vec![0u8; 3 * PAGE_SIZE];
+        let mut hashes = [0u64; 3];
+        r.read_pages(&mut dst, &mut hashes).expect("intact");
+        assert_eq!(hashes[1], page_hash(&[2u8; PAGE_SIZE]));
+        assert!(matches!(r.next_placing(), Ok(Next::Chunk(Chunk::End))));
+    }
+
+    #[test]
+    fn a_flipped_page_byte_fails_the_checksum_either_way() {
+        let mut stream = three_pages();
+        // The middle page's first byte (header 16, head 16, one page).
+        stream[CHUNK_HEADER_LEN + 16 + PAGE_SIZE] ^= 0x40;
+        let mut r = ChunkReader::new(&stream[..]);
+        assert!(matches!(
+            r.next_chunk(),
+            Err(MigrateError::Checksum { index: 0, .. })
+        ));
+        let mut r = ChunkReader::new(&stream[..]);
+        assert!(matches!(r.next_placing(), Ok(Next::Pages { count: 3, .. })));
+        let mut dst = vec![0u8; 3 * PAGE_SIZE];
+        let mut hashes = [0u64; 3];
+        assert!(matches!(
+            r.read_pages(&mut dst, &mut hashes),
+            Err(MigrateError::Checksum { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn unread_pages_or_a_wrong_size_are_refused() {
+        let stream = three_pages();
+        let mut r = ChunkReader::new(&stream[..]);
+        assert!(matches!(r.next_placing(), Ok(Next::Pages { .. })));
+        // The next chunk before the pages were read.
+        assert!(matches!(
+            r.next_placing(),
+            Err(MigrateError::Malformed { .. })
+        ));
+        let mut r = ChunkReader::new(&stream[..]);
+        assert!(matches!(r.next_placing(), Ok(Next::Pages { .. })));
+        let mut dst = vec![0u8; 2 * PAGE_SIZE];
+        let mut hashes = [0u64; 2];
+        assert!(matches!(
+            r.read_pages(&mut dst, &mut hashes),
+            Err(MigrateError::Malformed { .. })
+        ));
+        // Pages to read when there are none.
+        let mut r = ChunkReader::new(&stream[..]);
+        assert!(matches!(
+            r.read_pages(&mut dst, &mut hashes),
+            Err(MigrateError::Malformed { .. })
+        ));
     }
 }
