@@ -40,6 +40,9 @@ pub enum ArbiterCommand {
         /// File holding the pre-shared key the replicas use.
         #[arg(long)]
         key_file: PathBuf,
+        /// Serve Prometheus metrics (`/metrics`) and a status (`/status`) at this `host:port`.
+        #[arg(long)]
+        metrics: Option<String>,
     },
 }
 
@@ -57,6 +60,7 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
             listen,
             state_dir,
             key_file,
+            metrics,
         } => {
             let key = PreSharedKey::from_file(key_file)
                 .with_context(|| format!("pre-shared key {}", key_file.display()))?;
@@ -64,6 +68,43 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
                 std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
             let server = ArbiterServer::serve(listener, state_dir, key)
                 .context("starting the arbiter server")?;
+            let _metrics = crate::status::start_metrics(
+                metrics.as_deref(),
+                ftvm_metrics::Process::Arbiter,
+                "arbiter",
+            )?;
+            let reader = server.stats_reader();
+            ftvm_metrics::METRICS.set_source(Box::new(move || {
+                let s = reader();
+                let c = |name, help, value: u64| ftvm_metrics::Sample {
+                    name,
+                    help,
+                    counter: true,
+                    value: value as f64,
+                };
+                vec![
+                    c(
+                        "ftvm_arbiter_server_connections",
+                        "Connections accepted.",
+                        s.connections,
+                    ),
+                    c(
+                        "ftvm_arbiter_server_refused",
+                        "Connections refused (failed handshake, too many).",
+                        s.refused,
+                    ),
+                    c(
+                        "ftvm_arbiter_server_requests",
+                        "Requests answered.",
+                        s.requests,
+                    ),
+                    c(
+                        "ftvm_arbiter_server_decisions",
+                        "Test-and-sets that recorded a new decision.",
+                        s.decisions,
+                    ),
+                ]
+            }));
             let stop = crate::replica::stop_signals()?;
             let detail = format!("decisions in {}", state_dir.display());
             crate::ready::Ready::new("arbiter", server.local_addr(), detail).announce()?;

@@ -9,6 +9,7 @@ mod demo;
 mod node;
 mod ready;
 mod replica;
+mod status;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,6 +47,9 @@ enum Command {
     /// The service front: owns the service address, forwards to the replica holding the newest
     /// fencing epoch, and drops every response from an older one.
     Front(FrontArgs),
+    /// Show a running replica's state, peer, lag, commit latency and log rate (from its
+    /// `--metrics` endpoint).
+    Status(status::StatusArgs),
     /// Print the versions of the wire and memory formats this build speaks.
     Formats,
     /// Check a guest image for instructions the primary and the backup cannot agree on
@@ -64,6 +68,9 @@ struct FrontArgs {
     /// FT pair id (the replicas' `--session`).
     #[arg(long, default_value_t = 1)]
     session: u64,
+    /// Serve Prometheus metrics (`/metrics`) and a status (`/status`) at this `host:port`.
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +147,54 @@ fn main() {
     }
 }
 
+/// The front's counters as metrics.
+fn front_samples(f: &vmm::service::FrontStats) -> Vec<ftvm_metrics::Sample> {
+    let c = |name, help, value: u64| ftvm_metrics::Sample {
+        name,
+        help,
+        counter: true,
+        value: value as f64,
+    };
+    vec![
+        c(
+            "ftvm_front_requests",
+            "Client requests passed to the serving replica.",
+            f.requests,
+        ),
+        c(
+            "ftvm_front_responses",
+            "Responses passed back to clients.",
+            f.responses,
+        ),
+        c(
+            "ftvm_front_fenced_responses",
+            "Responses dropped because their epoch is older than the newest registered.",
+            f.fenced,
+        ),
+        c(
+            "ftvm_front_refused_registrations",
+            "Registrations refused (bad tag, wrong session, or an older epoch).",
+            f.refused,
+        ),
+        c(
+            "ftvm_front_parked_requests",
+            "Requests that arrived while no replica was registered.",
+            f.parked,
+        ),
+        c(
+            "ftvm_front_ignored",
+            "Malformed or unexpected datagrams ignored.",
+            f.ignored,
+        ),
+        ftvm_metrics::Sample {
+            name: "ftvm_front_epoch",
+            help: "The newest epoch registered.",
+            counter: false,
+            value: f.epoch as f64,
+        },
+    ]
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckGuest(args) => {
@@ -158,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("channel protocol version {}", transport::PROTOCOL_VERSION);
         }
         Command::Arbiter(args) => arbiter::run(&args)?,
+        Command::Status(args) => status::run(&args)?,
         Command::Replay(args) => {
             let s = replica::replay_journal(&args)?;
             println!(
@@ -169,6 +225,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = transport::PreSharedKey::from_file(&args.key_file)?;
             let socket = std::net::UdpSocket::bind(args.listen)?;
             let front = vmm::service::Front::spawn(socket, key, args.session)?;
+            let _metrics = status::start_metrics(
+                args.metrics.as_deref(),
+                ftvm_metrics::Process::Front,
+                &format!("front-{}", args.session),
+            )?;
+            let reader = front.stats_reader();
+            ftvm_metrics::METRICS.set_source(Box::new(move || front_samples(&reader())));
             let stop = replica::stop_signals()?;
             ready::Ready::new(
                 "front",
@@ -183,6 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             demo::run(&args)?;
         }
         Command::Primary(args) => {
+            let _metrics = replica::start_metrics(&args.common, "primary")?;
             let s = replica::primary(&args)?;
             tracing::info!(
                 "primary: {} exits, {} outputs committed, stopped cleanly",
@@ -191,6 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Node(args) => {
+            let _metrics = replica::start_metrics(&args.common, "node")?;
             let s = node::node(&args)?;
             tracing::info!(
                 "node: stopped as {} in epoch {} after {} exits, memory {}",
@@ -201,6 +266,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Backup(args) => {
+            let _metrics = replica::start_metrics(&args.common, "backup")?;
             let s = replica::backup(&args)?;
             match &s.takeover {
                 Some(t) => tracing::info!(

@@ -23,7 +23,13 @@ pub struct Ready {
     /// A human-readable note (medium, epoch, …).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// The process's metrics endpoint (`--metrics`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
+
+/// The process's metrics endpoint, once started: every readiness line names it.
+pub static METRICS_AT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 impl Ready {
     pub fn new(role: &str, addr: impl ToString, detail: impl Into<String>) -> Ready {
@@ -31,6 +37,7 @@ impl Ready {
             role: role.into(),
             addr: addr.to_string(),
             detail: detail.into(),
+            metrics: METRICS_AT.get().cloned(),
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ft_arbiter::ArbiterSpec;
+use ftvm_metrics::{ReplicaState, Role, METRICS};
 use transport::{ChannelConfig, PollPolicy, PreSharedKey};
 use vmm::engine::{self, EngineError, RunSummary};
 use vmm::failover::{ArbiterClient, Arbitration, Failover, FailoverSink, Takeover, TakeoverReport};
@@ -122,6 +123,22 @@ pub struct Common {
     /// `--transport dpdk`: the DPDK device to use (e.g. net_memif0); default: the only one.
     #[arg(long)]
     pub dpdk_port: Option<String>,
+    /// Serve Prometheus metrics (`/metrics`) and the replica's status (`/status`, read by
+    /// `ftvm status`) at this `host:port` (port 0: any; the readiness line names it).
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+/// Starts the replica's metrics endpoint if `--metrics` asks for one; keep the result alive.
+pub fn start_metrics(
+    c: &Common,
+    role: &str,
+) -> anyhow::Result<Option<ftvm_metrics::MetricsServer>> {
+    crate::status::start_metrics(
+        c.metrics.as_deref(),
+        ftvm_metrics::Process::Replica,
+        &replica_name(c, role),
+    )
 }
 
 /// The log channel's medium description, from the flags, with `addr` as the set-up address
@@ -739,6 +756,15 @@ fn conclude(
     summary: NodeSummary,
     result: Result<RunSummary, EngineError>,
 ) -> anyhow::Result<NodeSummary> {
+    let (state, cause) = match &result {
+        Ok(run) if run.guest_halted => (ReplicaState::Stopped, "the guest halted".to_string()),
+        Ok(_) => (ReplicaState::Stopped, "told to stop".to_string()),
+        Err(e @ EngineError::Deposed { .. }) => (ReplicaState::Deposed, e.to_string()),
+        Err(e) => (ReplicaState::Stopped, format!("error: {e}")),
+    };
+    METRICS
+        .state
+        .set(state, METRICS.state.role(), summary.epoch, &cause);
     write_summary(json, &summary)?;
     match result {
         Ok(_) => Ok(summary),
@@ -838,6 +864,12 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
     let epoch = start_epoch(c)?;
     if args.unreplicated {
         register(&mut port, c, epoch)?;
+        METRICS.state.set(
+            ReplicaState::Unprotected,
+            Role::Primary,
+            epoch,
+            "unreplicated (--unreplicated)",
+        );
         Ready::new("primary", serving_addr(&port)?, "unreplicated").announce()?;
         return record(
             vm,
@@ -873,6 +905,7 @@ pub fn primary(args: &PrimaryArgs) -> anyhow::Result<NodeSummary> {
     let medium = medium(c, backup)?;
     let p = transport::medium::dial_primary(&medium, cfg)
         .with_context(|| format!("connecting to the backup at {medium}"))?;
+    METRICS.state.set_peer(Some(medium.to_string()));
     // DPDK's EAL pins the calling thread to its main lcore: apply --core again.
     pin(c.core);
     live.run(p, c, &format!("replicating to {medium}"))
@@ -903,6 +936,12 @@ impl Replicating {
             ""
         };
         let detail = format!("{how}, epoch {}{failover}", self.epoch);
+        METRICS.state.set(
+            ReplicaState::Protected,
+            Role::Primary,
+            self.epoch,
+            &format!("{how}: outputs wait for the backup's ACKs"),
+        );
         Ready::new("primary", serving_addr(&self.port)?, detail).announce()?;
         let sink = FailoverSink::new(p, self.arbiter.take());
         self.serve(sink, c)
@@ -916,6 +955,12 @@ impl Replicating {
             .as_ref()
             .map_or(String::new(), |j| format!(", joins at {}", j.local_addr()));
         let detail = format!("unprotected, epoch {}{join_at}", self.epoch);
+        METRICS.state.set(
+            ReplicaState::Unprotected,
+            Role::Primary,
+            self.epoch,
+            &format!("serving without a backup{join_at}"),
+        );
         Ready::new("primary", serving_addr(&self.port)?, detail).announce()?;
         let sink = FailoverSink::alone(
             vmm::journal::AloneLog::new(self.epoch, 1, None),
@@ -1095,6 +1140,13 @@ pub(crate) fn backup_on(args: &BackupArgs, vm: Vm, epoch: u64) -> anyhow::Result
             tracing::info!(
                 "joining the primary at {addr}: taking its guest's state while it serves"
             );
+            METRICS.state.set_peer(Some(addr.to_string()));
+            METRICS.state.set(
+                ReplicaState::Joining,
+                Role::Backup,
+                epoch,
+                &format!("joining the primary at {addr}"),
+            );
             let t0 = Instant::now();
             let base = args.journal.as_deref().map(vmm::join::base_path);
             let (dev, restored) = vmm::join::join(addr, &cfg, &request, &mut vm, base.as_deref())
@@ -1142,6 +1194,19 @@ pub(crate) fn backup_on(args: &BackupArgs, vm: Vm, epoch: u64) -> anyhow::Result
     tracing::debug!("accepting the primary's channel");
     let b = listener.backup(cfg).context("accepting the primary")?;
     tracing::debug!("the primary's channel is up");
+    if start.joined.is_some() {
+        METRICS.joins_completed.inc();
+    }
+    METRICS.state.set(
+        ReplicaState::Protected,
+        Role::Backup,
+        epoch,
+        if start.joined.is_some() {
+            "joined: replaying the primary's log"
+        } else {
+            "the primary connected: replaying its log"
+        },
+    );
     drop(listener);
     replay(vm, b, args, epoch, start)
 }

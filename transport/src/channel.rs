@@ -208,6 +208,12 @@ pub struct ChannelStats {
     pub lag_max_bytes: AtomicU64,
     /// Largest replay lag seen when a frame was sealed, in entries.
     pub lag_max_entries: AtomicU64,
+    /// Primary: the last sequence number sealed into a frame. Backup: the last acknowledged
+    /// (as of the last ACK sent).
+    pub last_seq: AtomicU64,
+    /// Primary: the replay lag at the last sealed frame, ns (lag control's estimate). Backup:
+    /// the replay position as of the last ACK sent.
+    pub lag_now: AtomicU64,
 }
 
 impl ChannelStats {
@@ -219,6 +225,11 @@ impl ChannelStats {
             counter.load(Ordering::Relaxed).wrapping_add(n),
             Ordering::Relaxed,
         );
+    }
+
+    /// Sets a current value (one writing thread, as for [`ChannelStats::add`]).
+    fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
     }
 
     /// Raises a maximum (one writing thread, as for [`ChannelStats::add`]).
@@ -262,6 +273,47 @@ pub struct StatsSnapshot {
     pub lag_max_ns: u64,
     pub lag_max_bytes: u64,
     pub lag_max_entries: u64,
+}
+
+/// Reads a primary end's counters for the metrics endpoint.
+#[derive(Debug)]
+struct PrimaryProbe(Arc<PrimaryShared>);
+
+impl ftvm_metrics::LogProbe for PrimaryProbe {
+    fn read(&self) -> ftvm_metrics::LogReading {
+        let s = &self.0.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let sealed = g(&s.last_seq);
+        ftvm_metrics::LogReading {
+            entries: g(&s.entries),
+            bytes: g(&s.bytes),
+            frames: g(&s.frames),
+            heartbeats: g(&s.heartbeats),
+            ack_lag_entries: sealed.saturating_sub(self.0.acked.load(Ordering::Relaxed)),
+            replay_lag_entries: sealed.saturating_sub(self.0.replayed.load(Ordering::Relaxed)),
+            replay_lag_ns: g(&s.lag_now),
+        }
+    }
+}
+
+/// Reads a backup end's counters for the metrics endpoint.
+#[derive(Debug)]
+struct BackupProbe(Arc<ChannelStats>);
+
+impl ftvm_metrics::LogProbe for BackupProbe {
+    fn read(&self) -> ftvm_metrics::LogReading {
+        let s = &self.0;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ftvm_metrics::LogReading {
+            entries: g(&s.entries),
+            bytes: g(&s.bytes),
+            frames: g(&s.frames),
+            heartbeats: g(&s.heartbeats),
+            ack_lag_entries: 0,
+            replay_lag_entries: g(&s.last_seq).saturating_sub(g(&s.lag_now)),
+            replay_lag_ns: 0,
+        }
+    }
 }
 
 /// What a primary learns from one poll of its medium.
@@ -374,6 +426,7 @@ impl Liveness {
         }
         let silent = now.duration_since(self.last_heard);
         if silent >= self.timeout {
+            ftvm_metrics::METRICS.heartbeats_missed.inc();
             return Err(ChannelError::HeartbeatTimeout { silent_for: silent });
         }
         Ok(())
@@ -546,6 +599,8 @@ impl LagControl {
             self.sealed_bytes - self.replayed_bytes,
         );
         ChannelStats::max(&stats.lag_max_entries, last_seq.saturating_sub(replayed));
+        ChannelStats::set(&stats.last_seq, last_seq);
+        ChannelStats::set(&stats.lag_now, age.as_nanos() as u64);
     }
 
     /// Whether appending entry `next_seq` now would exceed a bound. Integer checks only; the
@@ -929,6 +984,8 @@ pub struct Primary<L: PrimaryLink> {
     writer: LogWriter,
     sender: Sender<L>,
     config: ChannelConfig,
+    /// Keeps this channel the process's in the metrics ([`ftvm_metrics::METRICS`]).
+    metrics: ftvm_metrics::LogHandle,
 }
 
 /// A primary end's local log ring made ahead of time ([`prepare_primary_ring`]).
@@ -964,6 +1021,13 @@ impl<L: PrimaryLink> Primary<L> {
         let resume_seq = resume_seq.max(1);
         shared.acked.store(resume_seq - 1, Ordering::Relaxed);
         shared.replayed.store(resume_seq - 1, Ordering::Relaxed);
+        shared
+            .stats
+            .last_seq
+            .store(resume_seq - 1, Ordering::Relaxed);
+        let metrics = ftvm_metrics::METRICS
+            .log
+            .attach(Arc::new(PrimaryProbe(shared.clone())));
         let now = Instant::now();
         Ok(Primary {
             writer: LogWriter {
@@ -992,6 +1056,7 @@ impl<L: PrimaryLink> Primary<L> {
                 sent_undated: false,
             },
             config,
+            metrics,
         })
     }
 
@@ -1016,6 +1081,7 @@ impl<L: PrimaryLink> Primary<L> {
                 sent_undated: s.sent_undated,
             },
             config: self.config,
+            metrics: self.metrics,
         }
     }
 
@@ -1296,6 +1362,8 @@ impl<L: BackupLink> Receiver<L> {
     /// Publishes the ACK and the replay position.
     fn send_ack(&mut self) -> Result<(), ChannelError> {
         self.replayed_sent = self.replayed;
+        ChannelStats::set(&self.stats.last_seq, self.acked);
+        ChannelStats::set(&self.stats.lag_now, self.replayed);
         self.link.ack(Ack {
             received: self.acked,
             replayed: self.replayed,
@@ -1304,8 +1372,19 @@ impl<L: BackupLink> Receiver<L> {
     }
 
     /// Validates and lands every frame already delivered by the link. Returns whether any was
-    /// accepted, and whether the backup ring still had room.
+    /// accepted, and whether the backup ring still had room. A refused frame is counted in the
+    /// metrics by cause.
     fn accept_buffered(&mut self) -> Result<(bool, bool), ChannelError> {
+        let result = self.accept_frames();
+        if let Err(e) = &result {
+            if let Some(cause) = e.reject_cause() {
+                ftvm_metrics::METRICS.rejected(cause);
+            }
+        }
+        result
+    }
+
+    fn accept_frames(&mut self) -> Result<(bool, bool), ChannelError> {
         let mut accepted = false;
         while let Some(bytes) = self.link.peek()? {
             let since = trace::stamp();
@@ -1413,6 +1492,8 @@ pub struct Backup<L: BackupLink> {
     cursor: Cursor,
     config: ChannelConfig,
     stats: Arc<ChannelStats>,
+    /// Keeps this channel the process's in the metrics ([`ftvm_metrics::METRICS`]).
+    metrics: ftvm_metrics::LogHandle,
 }
 
 impl<L: BackupLink> Backup<L> {
@@ -1429,6 +1510,11 @@ impl<L: BackupLink> Backup<L> {
         let stats = Arc::new(ChannelStats::default());
         let now = Instant::now();
         let expected = expected.max(1);
+        stats.last_seq.store(expected - 1, Ordering::Relaxed);
+        stats.lag_now.store(expected - 1, Ordering::Relaxed);
+        let metrics = ftvm_metrics::METRICS
+            .log
+            .attach(Arc::new(BackupProbe(stats.clone())));
         Ok(Backup {
             receiver: Receiver {
                 link,
@@ -1448,6 +1534,7 @@ impl<L: BackupLink> Backup<L> {
             cursor: Cursor::default(),
             config,
             stats,
+            metrics,
         })
     }
 
@@ -1474,6 +1561,7 @@ impl<L: BackupLink> Backup<L> {
             cursor: self.cursor,
             config: self.config,
             stats: self.stats,
+            metrics: self.metrics,
         }
     }
 

@@ -209,4 +209,17 @@ impl ChannelError {
             _ => ChannelError::Io { context, source },
         }
     }
+
+    /// Why a received frame was refused, for the metrics (`None`: not a refused frame).
+    pub fn reject_cause(&self) -> Option<ftvm_metrics::RejectCause> {
+        use ftvm_metrics::RejectCause;
+        match self {
+            ChannelError::CorruptFrame(_) | ChannelError::CorruptMessage(_) => {
+                Some(RejectCause::Corrupt)
+            }
+            ChannelError::StaleEpoch { .. } => Some(RejectCause::StaleEpoch),
+            ChannelError::SequenceGap { .. } => Some(RejectCause::SequenceGap),
+            _ => None,
+        }
+    }
 }

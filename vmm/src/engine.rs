@@ -16,6 +16,7 @@ use crate::layout::{
     NET_BUF_LEN, OP_CLOCK, OP_HALT, OP_NET_RX, OP_NET_TX, OP_RANDOM, RX_BUF_ADDR, TX_BUF_ADDR,
 };
 use crate::vm::{Vm, VmError, VmExit};
+use ftvm_metrics::{ExitKind, METRICS};
 
 /// The device id of the paravirtual network device in log entries.
 pub const NET_DEVICE: u16 = 1;
@@ -179,8 +180,12 @@ pub fn run(
                 deliver(vm, exit, &irqs)?;
                 match op {
                     OP_NET_RX => {
+                        METRICS.exit(ExitKind::NetRx);
                         buf.clear();
                         source.net_rx(exit, &mut buf)?;
+                        if !buf.is_empty() {
+                            METRICS.requests.add_single(1);
+                        }
                         if buf.len() > NET_BUF_LEN {
                             return Err(EngineError::MalformedLog {
                                 exit,
@@ -191,6 +196,7 @@ pub fn run(
                         vm.write_u32(MAILBOX_ADDR + MB_RX_LEN, buf.len() as u32)?;
                     }
                     OP_NET_TX => {
+                        METRICS.exit(ExitKind::NetTx);
                         let len = vm.read_u32(MAILBOX_ADDR + MB_TX_LEN)? as usize;
                         if len > NET_BUF_LEN {
                             return Err(EngineError::AbiViolation {
@@ -203,14 +209,17 @@ pub fn run(
                         source.output(exit, NET_DEVICE, &buf)?;
                     }
                     OP_CLOCK => {
+                        METRICS.exit(ExitKind::Clock);
                         let ns = source.clock(exit)?;
                         vm.write_u64(MAILBOX_ADDR + MB_CLOCK_NS, ns)?;
                     }
                     OP_RANDOM => {
+                        METRICS.exit(ExitKind::Random);
                         let bytes = source.random(exit)?;
                         vm.write_bytes(MAILBOX_ADDR + MB_RANDOM, &bytes)?;
                     }
                     OP_HALT => {
+                        METRICS.exit(ExitKind::Halt);
                         if let Some(msg) = vm.panic_message()? {
                             tracing::error!("the guest panicked (HALT at exit {exit}): {msg}");
                         }
@@ -240,6 +249,7 @@ pub fn run(
                 // `wake` answers a stop too (`None`), so a backup's wait for the entry that
                 // ends its guest's sleep happens in one place (where it may let the core rest).
                 exit += 1;
+                METRICS.exit(ExitKind::Wait);
                 buf.clear();
                 let Some(vector) = source.wake(exit, &mut buf)? else {
                     if source.should_stop(exit)? {
@@ -256,6 +266,7 @@ pub fn run(
                 };
                 match vector {
                     NET_RX_VECTOR => {
+                        METRICS.requests.add_single(1);
                         if buf.is_empty() || buf.len() > NET_BUF_LEN {
                             return Err(EngineError::MalformedLog {
                                 exit,

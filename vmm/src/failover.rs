@@ -17,6 +17,7 @@
 //! goes live without a win. A replica that is asked to stop while waiting stops with
 //! [`EngineError::NoDecision`].
 
+use ftvm_metrics::{Outcome, ReplicaState, Role, METRICS};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,6 +92,8 @@ impl ArbiterClient {
                         Decision::Won { .. } => (true, self.candidate.clone()),
                         Decision::Lost { winner, .. } => (false, winner.clone()),
                     };
+                    METRICS.arbitrated(if won { Outcome::Won } else { Outcome::Lost });
+                    METRICS.arbiter_latency.observe(started.elapsed());
                     return Ok(Arbitration {
                         won,
                         winner,
@@ -100,6 +103,7 @@ impl ArbiterClient {
                     });
                 }
                 Err(e) => {
+                    METRICS.arbitrated(Outcome::Unavailable);
                     if unavailable == 0 {
                         tracing::warn!(
                             "{}: arbiter gave no decision ({e}); waiting, not going live",
@@ -226,6 +230,12 @@ impl<L: PrimaryLink> FailoverSink<L> {
             self.shadow = alone.has_journal().then_some(alone);
         }
         self.note_state();
+        METRICS.state.set(
+            ReplicaState::Protected,
+            Role::Primary,
+            epoch,
+            "a backup joined: outputs wait for its ACKs again",
+        );
         Ok(())
     }
 
@@ -266,6 +276,12 @@ impl<L: PrimaryLink> FailoverSink<L> {
         let a = arbiter.decide(epoch)?;
         self.arbitration = Some(a.clone());
         if !a.won {
+            METRICS.state.set(
+                ReplicaState::Deposed,
+                Role::Primary,
+                epoch,
+                &format!("lost the backup ({e}); {} won epoch {}", a.winner, a.epoch),
+            );
             return Err(EngineError::Deposed {
                 epoch,
                 by: format!("{} won epoch {}", a.winner, a.epoch),
@@ -287,6 +303,14 @@ impl<L: PrimaryLink> FailoverSink<L> {
         };
         self.state = SinkState::Alone(alone);
         self.note_state();
+        METRICS.failovers.inc();
+        METRICS.state.set_peer(None);
+        METRICS.state.set(
+            ReplicaState::Unprotected,
+            Role::Primary,
+            a.epoch,
+            &format!("lost the backup ({e}); won the arbiter"),
+        );
         Ok(())
     }
 }
@@ -519,6 +543,12 @@ impl<S: EntrySource> Failover<S> {
             "{}: log ended at exit {exit} ({cause}); every received entry replayed; asking the arbiter",
             t.arbiter.candidate
         );
+        METRICS.state.set(
+            ReplicaState::TakingOver,
+            Role::Backup,
+            t.epoch,
+            &format!("the log ended at exit {exit} ({cause}); asking the arbiter"),
+        );
         let arbitration = t.arbiter.decide(t.epoch)?;
         let mut report = TakeoverReport {
             cause,
@@ -529,6 +559,12 @@ impl<S: EntrySource> Failover<S> {
             log_end_unix_ns,
         };
         if !arbitration.won {
+            METRICS.state.set(
+                ReplicaState::Deposed,
+                Role::Backup,
+                t.epoch,
+                &format!("{} won epoch {}", arbitration.winner, arbitration.epoch),
+            );
             self.report = Some(report);
             return Err(EngineError::Deposed {
                 epoch: t.epoch,
@@ -540,6 +576,12 @@ impl<S: EntrySource> Failover<S> {
             .port
             .register(&t.key, t.session, epoch, Duration::from_secs(5))?;
         if newest > epoch {
+            METRICS.state.set(
+                ReplicaState::Deposed,
+                Role::Backup,
+                epoch,
+                &format!("the service front knows epoch {newest}"),
+            );
             self.report = Some(report);
             return Err(EngineError::Deposed {
                 epoch,
@@ -575,6 +617,14 @@ impl<S: EntrySource> Failover<S> {
         );
         self.report = Some(report);
         self.mode = Mode::Live(Box::new(recorder));
+        METRICS.failovers.inc();
+        METRICS.state.set_peer(None);
+        METRICS.state.set(
+            ReplicaState::Unprotected,
+            Role::Primary,
+            epoch,
+            &format!("took over at exit {exit}: the primary's log ended"),
+        );
         Ok(())
     }
 }

@@ -628,12 +628,27 @@ fn accept_loop(listening: Listening, worker: Worker) {
     }
 }
 
+/// Counts a join the primary served in the metrics.
+fn count_join(r: &JoinReport) {
+    use ftvm_metrics::METRICS;
+    match &r.error {
+        None => {
+            METRICS.joins_completed.inc();
+            METRICS.join_pause.observe_ns((r.pause_ms * 1e6) as u64);
+            METRICS.join_duration.observe_ns((r.total_ms * 1e6) as u64);
+        }
+        Some(e) if e.starts_with("refused") => METRICS.joins_refused.inc(),
+        Some(_) => METRICS.joins_failed.inc(),
+    }
+}
+
 /// Serves the joiners the accept loop hands over, one at a time (`busy` is set for each).
 fn serve_loop(conns: std::sync::mpsc::Receiver<Conn>, mut worker: Worker) {
     for conn in conns {
         let report = worker.serve(conn);
         worker.shared.busy.store(false, Ordering::Release);
         if let Some(r) = report {
+            count_join(&r);
             match &r.error {
                 None => tracing::info!(
                     "a backup joined at exit {}: pause {:.2} ms (state {:.2}, joiner's check {:.2}, \
@@ -686,6 +701,7 @@ fn send_refusal(conn: &mut Conn, why: &str) {
 /// Authenticates the joiner and refuses it with `why` (a joiner that fails authentication
 /// learns nothing).
 fn refuse(mut conn: Conn, settings: &JoinSettings, epoch: u64, why: &str) {
+    ftvm_metrics::METRICS.joins_refused.inc();
     if authenticate(&mut conn, settings, epoch).is_ok() {
         send_refusal(&mut conn, why);
     }

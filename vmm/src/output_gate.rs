@@ -77,6 +77,7 @@ impl OutputGate {
             };
             let took = h.held_at.elapsed();
             self.latency.saturating_record(took.as_nanos() as u64);
+            ftvm_metrics::METRICS.commit.observe(took);
             let id = h
                 .bytes
                 .get(..4)

@@ -450,6 +450,12 @@ impl Front {
         self.addr
     }
 
+    /// Reads the front's counters from any thread (for the metrics endpoint).
+    pub fn stats_reader(&self) -> impl Fn() -> FrontStats + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || state.lock().map(|s| s.stats.clone()).unwrap_or_default()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> FrontStats {
         self.state

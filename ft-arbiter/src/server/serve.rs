@@ -161,12 +161,20 @@ impl ArbiterServer {
 
     /// The server's counters so far.
     pub fn stats(&self) -> ServerStats {
-        let c = &self.shared.counters;
-        ServerStats {
-            connections: c.connections.load(Ordering::Relaxed),
-            refused: c.refused.load(Ordering::Relaxed),
-            requests: c.requests.load(Ordering::Relaxed),
-            decisions: c.decisions.load(Ordering::Relaxed),
+        self.stats_reader()()
+    }
+
+    /// Reads the server's counters from any thread (for a metrics endpoint).
+    pub fn stats_reader(&self) -> impl Fn() -> ServerStats + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || {
+            let c = &shared.counters;
+            ServerStats {
+                connections: c.connections.load(Ordering::Relaxed),
+                refused: c.refused.load(Ordering::Relaxed),
+                requests: c.requests.load(Ordering::Relaxed),
+                decisions: c.decisions.load(Ordering::Relaxed),
+            }
         }
     }
 

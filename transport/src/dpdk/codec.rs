@@ -103,7 +103,7 @@ pub(super) fn classify<'a>(
         && body[2] == VERSION
         && u32_at(body, 4) == tag;
     if !ok {
-        DpdkStats::inc(&stats.garbage);
+        DpdkStats::garbage(&stats.garbage, 1);
         return None;
     }
     Some((body[3], u64_at(body, 8), body))

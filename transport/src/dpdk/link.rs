@@ -3,7 +3,6 @@
 //! [`DpdkBackupLink`] (receiving, ACKs).
 
 use std::net::TcpStream;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,7 +143,7 @@ impl PrimaryLink for DpdkPrimaryLink {
                 || body.len() < ACK_HDR
                 || ack >= self.rt.next_seq()
             {
-                DpdkStats::inc(&self.cfg.stats.garbage);
+                DpdkStats::garbage(&self.cfg.stats.garbage, 1);
                 continue;
             }
             let log_acked = u64_at(body, 16);
@@ -264,7 +263,7 @@ impl BackupLink for DpdkBackupLink {
                 continue;
             };
             if kind != T_DATA {
-                DpdkStats::inc(&stats.garbage);
+                DpdkStats::garbage(&stats.garbage, 1);
                 continue;
             }
             answer = true;
@@ -286,7 +285,7 @@ impl BackupLink for DpdkBackupLink {
                     DpdkStats::inc(&stats.too_far);
                 }
                 Piece::Backlogged => DpdkStats::inc(&stats.backlogged),
-                Piece::Garbage => DpdkStats::inc(&stats.garbage),
+                Piece::Garbage => DpdkStats::garbage(&stats.garbage, 1),
             }
         }
         rx.clear();
@@ -310,11 +309,7 @@ impl BackupLink for DpdkBackupLink {
     fn consume(&mut self) -> Result<(), ChannelError> {
         let bad = self.frames.consume(&mut self.spent);
         if bad > 0 {
-            let g = &self.cfg.stats.garbage;
-            g.store(
-                g.load(Ordering::Relaxed).wrapping_add(bad),
-                Ordering::Relaxed,
-            );
+            DpdkStats::garbage(&self.cfg.stats.garbage, bad);
         }
         Ok(())
     }

@@ -191,6 +191,15 @@ impl DpdkStats {
         );
     }
 
+    /// Counts `n` packets that are not ours (the `garbage` counter), in the metrics too.
+    pub(super) fn garbage(counter: &AtomicU64, n: u64) {
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+        ftvm_metrics::METRICS.frames_rejected[ftvm_metrics::RejectCause::Garbage as usize].add(n);
+    }
+
     /// Reads one counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
