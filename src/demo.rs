@@ -50,6 +50,11 @@ pub struct DemoArgs {
     /// backup and delay its ACKs).
     #[arg(long, default_value_t = 0)]
     pub client_core: usize,
+    /// Give both replicas a metrics endpoint (`--metrics 127.0.0.1:0`), and scrape both
+    /// (`/metrics`, `/status`) when the client is done, before the pair stops: the scrapes go
+    /// into the JSON summary (`metrics`).
+    #[arg(long)]
+    pub metrics: bool,
     /// Kill the primary with SIGKILL after this many requests and let the backup take over
     /// (through the arbiter and the service front); then report the failover.
     #[arg(long)]
@@ -176,6 +181,40 @@ pub struct DemoSummary {
     pub ft_throughput_ratio: Option<f64>,
     pub ft_requests_per_sec: f64,
     pub unreplicated_requests_per_sec: Option<f64>,
+    /// With `--metrics`: both replicas scraped after the client finished.
+    pub metrics: Option<DemoMetrics>,
+}
+
+/// Both replicas' metrics endpoints, scraped while the pair still ran.
+#[derive(Debug, serde::Serialize)]
+pub struct DemoMetrics {
+    pub primary_endpoint: String,
+    pub backup_endpoint: String,
+    /// The Prometheus exposition each served.
+    pub primary_exposition: String,
+    pub backup_exposition: String,
+    /// The status each served (what `ftvm status --json` shows).
+    pub primary_status: ftvm_metrics::Status,
+    pub backup_status: ftvm_metrics::Status,
+}
+
+/// Scrapes both replicas' endpoints.
+fn scrape_pair(primary: &Ready, backup: &Ready) -> anyhow::Result<DemoMetrics> {
+    let timeout = std::time::Duration::from_secs(5);
+    let endpoint = |r: &Ready| {
+        r.metrics
+            .clone()
+            .with_context(|| format!("the {} announced no metrics endpoint", r.role))
+    };
+    let (pe, be) = (endpoint(primary)?, endpoint(backup)?);
+    Ok(DemoMetrics {
+        primary_exposition: ftvm_metrics::status::get(&pe, "/metrics", timeout)?,
+        backup_exposition: ftvm_metrics::status::get(&be, "/metrics", timeout)?,
+        primary_status: ftvm_metrics::fetch_status(&pe, timeout)?,
+        backup_status: ftvm_metrics::fetch_status(&be, timeout)?,
+        primary_endpoint: pe,
+        backup_endpoint: be,
+    })
 }
 
 struct Node {
@@ -719,7 +758,11 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
     println!("  starting backup (core 1) …");
     let mut bargs = node_args("backup", &dir, &key, 1, args);
     bargs.extend(["--listen".into(), sock.display().to_string()]);
-    let (backup, _) = Node::spawn("backup", &bargs)?;
+    let metrics_flag = ["--metrics".to_string(), "127.0.0.1:0".to_string()];
+    if args.metrics {
+        bargs.extend(metrics_flag.clone());
+    }
+    let (backup, backup_ready) = Node::spawn("backup", &bargs)?;
     println!("  starting primary (core 0) …");
     let mut pargs = node_args("primary", &dir, &key, 0, args);
     pargs.extend([
@@ -728,9 +771,26 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         "--service".into(),
         "127.0.0.1:0".into(),
     ]);
+    if args.metrics {
+        pargs.extend(metrics_flag);
+    }
     let (primary, serving) = Node::spawn("primary", &pargs)?;
     println!("  primary serving {} ({})", serving.addr, serving.detail);
+    if let (Some(p), Some(b)) = (&serving.metrics, &backup_ready.metrics) {
+        println!(
+            "  metrics: primary http://{p}/metrics, backup http://{b}/metrics (ftvm status ADDR)"
+        );
+    }
     let ft = drive(&serving, args, "FT pair")?;
+    let metrics = if args.metrics {
+        let m = scrape_pair(&serving, &backup_ready).context("scraping the replicas' metrics")?;
+        for (name, st) in [("primary", &m.primary_status), ("backup", &m.backup_status)] {
+            print!("{}", crate::status::render(st, &format!("{name} endpoint")));
+        }
+        Some(m)
+    } else {
+        None
+    };
     println!("  stopping the pair at a logged exit …");
     let primary_result = primary.stop();
     let backup_result = backup.wait();
@@ -787,6 +847,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         ft_throughput_ratio: solo_rate.map(|s| ft.throughput / s),
         ft_requests_per_sec: ft.throughput,
         unreplicated_requests_per_sec: solo_rate,
+        metrics,
     };
     print_summary(&summary, &ft, &b);
     if let Some(path) = &args.json {

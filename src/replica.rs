@@ -1194,6 +1194,9 @@ pub(crate) fn backup_on(args: &BackupArgs, vm: Vm, epoch: u64) -> anyhow::Result
     tracing::debug!("accepting the primary's channel");
     let b = listener.backup(cfg).context("accepting the primary")?;
     tracing::debug!("the primary's channel is up");
+    METRICS
+        .state
+        .set_peer(Some(format!("the primary, through {medium}")));
     if start.joined.is_some() {
         METRICS.joins_completed.inc();
     }
