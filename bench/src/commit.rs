@@ -310,7 +310,7 @@ pub struct Round {
     overhead_ns: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -622,9 +622,28 @@ fn backup_loop<L: BackupLink>(mut backup: transport::Backup<L>) -> anyhow::Resul
     Ok(entries)
 }
 
+/// What one measured run of commits does.
+#[derive(Debug, Clone, Copy)]
+pub struct Commits {
+    /// Input bytes per commit (0: the output marker alone).
+    pub payload: usize,
+    pub warmup: u64,
+    pub count: u64,
+}
+
+impl From<&CommitArgs> for Commits {
+    fn from(a: &CommitArgs) -> Self {
+        Commits {
+            payload: a.payload,
+            warmup: a.warmup,
+            count: a.count,
+        }
+    }
+}
+
 fn primary_loop<L: PrimaryLink>(
     mut primary: transport::Primary<L>,
-    args: &CommitArgs,
+    args: &Commits,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let input = vec![0xA5u8; args.payload];
@@ -773,17 +792,23 @@ pub fn with_pair<J: PrimaryJob>(
     out
 }
 
-struct CommitJob<'a>(&'a CommitArgs);
+/// Commits on a connected primary.
+struct CommitJob(Commits);
 
-impl PrimaryJob for CommitJob<'_> {
+impl PrimaryJob for CommitJob {
     type Output = Histogram<u64>;
     fn run<L: PrimaryLink>(self, primary: transport::Primary<L>) -> anyhow::Result<Histogram<u64>> {
-        primary_loop(primary, self.0)
+        primary_loop(primary, &self.0)
     }
 }
 
 fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram<u64>> {
-    with_pair(medium, args.primary_core, args.backup_core, CommitJob(args))
+    with_pair(
+        medium,
+        args.primary_core,
+        args.backup_core,
+        CommitJob(args.into()),
+    )
 }
 
 fn join(handle: std::thread::JoinHandle<anyhow::Result<u64>>) -> anyhow::Result<u64> {

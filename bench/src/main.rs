@@ -9,6 +9,7 @@
 mod commit;
 mod idle;
 mod join;
+mod metrics_cost;
 mod pin;
 mod raw;
 mod report;
@@ -38,6 +39,9 @@ enum Command {
     /// What an idle pair costs (CPU, VM exits) and the latency of requests that find it idle,
     /// per guest (interrupt-driven vs polling), in alternating rounds.
     Idle(idle::IdleArgs),
+    /// What a replica's metrics cost the commit path: commits over shm without and with them,
+    /// in alternating rounds.
+    MetricsCost(metrics_cost::MetricsCostArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         Command::Throughput(args) => throughput::run(&args),
         Command::Join(args) => join::run(&args),
         Command::Idle(args) => idle::run(&args),
+        Command::MetricsCost(args) => metrics_cost::run(&args),
     };
     // DPDK media leave memif sockets and the EAL's runtime directory behind otherwise.
     #[cfg(feature = "dpdk")]
