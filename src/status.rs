@@ -148,12 +148,19 @@ pub fn render(s: &Status, addr: &str) -> String {
             " (no channel now)"
         }
     );
-    o += &format!(
-        "  lag         ACK {} entries; replay {} entries, {:.2} ms\n",
-        l.ack_lag_entries,
-        l.replay_lag_entries,
-        l.replay_lag_ns as f64 / 1e6
-    );
+    o += &match r.role {
+        // The primary knows both lags, and estimates the replay lag's time.
+        ftvm_metrics::Role::Primary => format!(
+            "  lag         ACK {} entries; replay {} entries, {:.2} ms\n",
+            l.ack_lag_entries,
+            l.replay_lag_entries,
+            l.replay_lag_ns as f64 / 1e6
+        ),
+        _ => format!(
+            "  lag         replay {} entries received and not yet replayed\n",
+            l.replay_lag_entries
+        ),
+    };
     let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} µs"));
     o += &format!(
         "  commit      p50 {}, p99 {} ({} outputs over the last {:.0} s)\n",
