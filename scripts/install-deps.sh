@@ -18,6 +18,7 @@ packages=(
   libibverbs-dev    # rdma-sys (transport feature rdma): verbs headers and libibverbs
   librdmacm-dev     # rdma-sys: rdma_cm headers and librdmacm
   iproute2          # ip: the veth pairs of the DPDK af_packet/af_xdp tests and bench rows
+  chromium          # headless: the bench report's rendering test opens the page and screenshots it
 )
 packages+=("$@")
 

@@ -796,6 +796,8 @@ fn campaign(
     };
     let mut etcd_down: Option<usize> = None;
     let outcome = (|| -> anyhow::Result<()> {
+        let mut progress =
+            crate::progress::Progress::new("faults", faults, "faults").no_plain_lines();
         for i in 1..=faults {
             // Under load: wait for `fault_every` more requests.
             let target = load.done.load(Ordering::Acquire) + args.fault_every;
@@ -926,7 +928,7 @@ fn campaign(
                 cluster.restart(m)?;
                 summary.etcd_member_restarts += 1;
             }
-            println!(
+            progress.println(&format!(
                 "  fault {i}/{faults} {:<13} victim {}: live in {:>7.1} ms (takeover {}), protected \
                  in {:>7.1} ms (epoch {}, {} serves{})",
                 kind.name(),
@@ -942,8 +944,8 @@ fn campaign(
                 } else {
                     ""
                 }
-            );
-            let _ = std::io::stdout().flush();
+            ));
+            progress.set(i);
             summary.faults.push(rec);
             // Only this fault's lines are looked at again: memory stays bounded.
             for s in slots.iter() {

@@ -279,18 +279,9 @@ fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<Client
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.protocol = workload(args);
     w.timeout = Duration::from_secs(2);
-    let step = (args.requests / 50).max(1);
-    let report = client::run(addr, &w, |done| {
-        if done % step == 0 || done == args.requests {
-            print!(
-                "\r  {label}: {done}/{} requests ({:.0}%)",
-                args.requests,
-                100.0 * done as f64 / args.requests as f64
-            );
-            let _ = std::io::stdout().flush();
-        }
-    })?;
-    println!();
+    let mut progress = crate::progress::Progress::new(label, args.requests, "requests");
+    let report = client::run(addr, &w, |done| progress.set(done))?;
+    progress.finish();
     Ok(report)
 }
 
@@ -497,7 +488,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.protocol = workload(args);
     w.verify = true;
-    let step = (args.requests / 50).max(1);
+    let mut progress = crate::progress::Progress::new("requests", args.requests, "requests");
     let killed: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>> =
         Default::default();
     let mut killer = None;
@@ -518,26 +509,21 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
                     *k = Some((std::time::Instant::now(), vmm::failover::unix_ns()));
                 }
             }));
-            print!("\n  killing the primary after {done} requests (+{jitter} µs); the client keeps going\n");
+            progress.println(&format!(
+                "  killing the primary after {done} requests (+{jitter} µs); the client keeps going"
+            ));
         }
         if args.reprotect && joiner.is_none() && front.stats().epoch > first_epoch {
-            print!(
-                "\n  the backup serves in epoch {}: a new backup joins it …\n",
+            progress.println(&format!(
+                "  the backup serves in epoch {}: a new backup joins it …",
                 front.stats().epoch
-            );
+            ));
             let jargs = jargs.clone();
             joiner = Some(std::thread::spawn(move || Node::spawn("joiner", &jargs)));
         }
-        if done % step == 0 || done == args.requests {
-            print!(
-                "\r  requests: {done}/{} ({:.0}%)",
-                args.requests,
-                100.0 * done as f64 / args.requests as f64
-            );
-            let _ = std::io::stdout().flush();
-        }
+        progress.set(done);
     })?;
-    println!();
+    progress.finish();
     if let Some(k) = killer {
         let _ = k.join();
     }

@@ -42,6 +42,9 @@ enum Command {
     /// What a replica's metrics cost the commit path: commits over shm without and with them,
     /// in alternating rounds.
     MetricsCost(metrics_cost::MetricsCostArgs),
+    /// One self-contained HTML page of the results in a directory (the JSON of commit,
+    /// throughput, join, metrics-cost and fault campaigns), with plots.
+    Report(report::ReportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Command::Join(args) => join::run(&args),
         Command::Idle(args) => idle::run(&args),
         Command::MetricsCost(args) => metrics_cost::run(&args),
+        Command::Report(args) => report::run(&args).map(|_| ()),
     };
     // DPDK media leave memif sockets and the EAL's runtime directory behind otherwise.
     #[cfg(feature = "dpdk")]

@@ -1,5 +1,10 @@
 //! Result files next to the printed table: CSV for spreadsheets, and an SVG bar chart of
-//! commit latency against the raw medium, so a run can be looked at without other tools.
+//! commit latency against the raw medium, so a run can be looked at without other tools; and
+//! `bench report DIR`, one self-contained HTML page of every result found in a directory
+//! ([`inputs`] reads them, [`page`] draws them).
+
+pub mod inputs;
+pub mod page;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -57,6 +62,12 @@ pub fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> anyhow::Result
 /// Writes a grouped bar chart (log-scale µs): commit p50, commit p99 and raw p50 per medium.
 pub fn write_svg(path: &Path, title: &str, groups: &[Bars]) -> anyhow::Result<()> {
     create_parent(path)?;
+    std::fs::write(path, bars_svg(title, groups))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// [`write_svg`]'s chart as SVG text.
+pub fn bars_svg(title: &str, groups: &[Bars]) -> String {
     let (w, h, left, bottom, top) = (
         160.0 * groups.len().max(1) as f64 + 120.0,
         420.0,
@@ -112,7 +123,7 @@ pub fn write_svg(path: &Path, title: &str, groups: &[Bars]) -> anyhow::Result<()
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
             x0 + 57.0,
             h - bottom + 18.0,
-            g.label
+            esc(&g.label)
         );
     }
     for (j, (name, color)) in colors.iter().enumerate() {
@@ -126,7 +137,7 @@ pub fn write_svg(path: &Path, title: &str, groups: &[Bars]) -> anyhow::Result<()
         );
     }
     svg.push_str("</svg>\n");
-    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
+    svg
 }
 
 /// One line of [`write_lines_svg`]: points (x, y) joined in x order.
@@ -164,6 +175,12 @@ pub fn write_lines_svg(
     series: &[Series],
 ) -> anyhow::Result<()> {
     create_parent(path)?;
+    std::fs::write(path, lines_svg(title, x_label, series))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// [`write_lines_svg`]'s chart as SVG text.
+pub fn lines_svg(title: &str, x_label: &str, series: &[Series]) -> String {
     let (w, h, left, right, bottom, top) = (760.0, 460.0, 80.0, 170.0, 60.0, 50.0);
     let ok = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && x > 0.0 && y > 0.0;
     let pts = || {
@@ -214,9 +231,10 @@ pub fn write_lines_svg(
     }
     let _ = writeln!(
         svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{x_label}</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
         left + plot_w / 2.0,
-        h - bottom + 40.0
+        h - bottom + 40.0,
+        esc(x_label)
     );
     for (i, s) in series.iter().enumerate() {
         let mut points: Vec<(f64, f64)> = s.points.iter().copied().filter(ok).collect();
@@ -263,15 +281,32 @@ pub fn write_lines_svg(
             s.color,
             w - right + 46.0,
             ly + 4.0,
-            s.name
+            esc(&s.name)
         );
     }
     svg.push_str("</svg>\n");
-    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
+    svg
 }
 
 /// An SVG document's opening: size, white background, the title centred on top.
+/// `text` with the characters HTML and SVG give meaning to escaped.
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn svg_start(w: f64, h: f64, title: &str) -> String {
+    let title = esc(title);
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -282,4 +317,88 @@ fn svg_start(w: f64, h: f64, title: &str) -> String {
         w / 2.0
     );
     svg
+}
+
+/// `bench report`.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// The directory the results are in (`--json` files of `bench commit`, `throughput`,
+    /// `metrics-cost`, `bench join`'s `join.json`, campaign reports); one level of
+    /// subdirectories is read too.
+    pub dir: std::path::PathBuf,
+    /// Where to write the page (default DIR/report.html).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// `seconds` since the Unix epoch as `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_stamp(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64;
+    let rem = seconds % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+/// Writes the report page; returns its path.
+pub fn run(args: &ReportArgs) -> anyhow::Result<std::path::PathBuf> {
+    let scan = inputs::scan(&args.dir)?;
+    anyhow::ensure!(
+        !scan.inputs.is_empty(),
+        "no results in {} (left out: {})",
+        args.dir.display(),
+        scan.skipped
+            .iter()
+            .map(|(p, why)| format!("{} ({why})", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let html = page::render(&args.dir, &scan, &utc_stamp(now));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.dir.join("report.html"));
+    create_parent(&out)?;
+    std::fs::write(&out, html).with_context(|| format!("writing {}", out.display()))?;
+    for i in &scan.inputs {
+        println!("  {}: {}", i.content.kind(), i.path.display());
+    }
+    for (p, why) in &scan.skipped {
+        println!("  left out {} ({why})", p.display());
+    }
+    println!("wrote {}", out.display());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_stamps_are_civil_dates() {
+        assert_eq!(super::utc_stamp(0), "1970-01-01 00:00 UTC");
+        assert_eq!(super::utc_stamp(951_782_400), "2000-02-29 00:00 UTC");
+        assert_eq!(super::utc_stamp(1_796_444_619), "2026-12-05 04:23 UTC");
+    }
+
+    #[test]
+    fn text_is_escaped_for_html() {
+        assert_eq!(
+            super::esc(r#"<a href="x">&'"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
 }
