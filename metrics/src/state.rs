@@ -153,10 +153,6 @@ impl StateCell {
                 return;
             }
             tracing::info!(
-                from = v.state.name(),
-                to = state.name(),
-                role = role.name(),
-                epoch,
                 "replica state: {} -> {} ({} in epoch {epoch}): {cause}",
                 v.state,
                 state,
