@@ -797,7 +797,7 @@ fn campaign(
     let mut etcd_down: Option<usize> = None;
     let outcome = (|| -> anyhow::Result<()> {
         let mut progress =
-            crate::progress::Progress::new("faults", faults, "faults").no_plain_lines();
+            ftvm_metrics::progress::Progress::new("faults", faults, "faults").no_plain_lines();
         for i in 1..=faults {
             // Under load: wait for `fault_every` more requests.
             let target = load.done.load(Ordering::Acquire) + args.fault_every;

@@ -279,7 +279,7 @@ fn drive(service: &Ready, args: &DemoArgs, label: &str) -> anyhow::Result<Client
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.protocol = workload(args);
     w.timeout = Duration::from_secs(2);
-    let mut progress = crate::progress::Progress::new(label, args.requests, "requests");
+    let mut progress = ftvm_metrics::progress::Progress::new(label, args.requests, "requests");
     let report = client::run(addr, &w, |done| progress.set(done))?;
     progress.finish();
     Ok(report)
@@ -488,7 +488,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     let mut w = Workload::new(args.requests, args.seed, args.keys, args.get_percent);
     w.protocol = workload(args);
     w.verify = true;
-    let mut progress = crate::progress::Progress::new("requests", args.requests, "requests");
+    let mut progress = ftvm_metrics::progress::Progress::new("requests", args.requests, "requests");
     let killed: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, u64)>>> =
         Default::default();
     let mut killer = None;

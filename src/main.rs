@@ -7,7 +7,6 @@ mod check_guest;
 mod client;
 mod demo;
 mod node;
-mod progress;
 mod ready;
 mod replica;
 mod status;

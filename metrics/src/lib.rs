@@ -7,11 +7,14 @@
 //! same way; the log channel's numbers are the channel's own counters, read at scrape time
 //! through a [`log::LogProbe`]. Everything else (failovers, joins, arbiter decisions,
 //! rejected frames) happens a few times per failure.
+//!
+//! [`progress`] shows long runs to the person watching (a bar on a terminal, lines otherwise).
 
 pub mod counter;
 pub mod expose;
 pub mod histogram;
 pub mod log;
+pub mod progress;
 pub mod server;
 pub mod state;
 pub mod status;

@@ -599,6 +599,8 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     };
     let mut expected_s = (stats::total_target_ms(mem_mib) / 1e3).max(0.5);
     let mut seen = Vec::new();
+    let mut progress = ftvm_metrics::progress::Progress::new(&format!("{mem_mib} MiB"), n, "joins")
+        .no_plain_lines();
     for i in 0..n {
         run.keep_filling()?;
         let raw = bulk::copy(
@@ -770,7 +772,7 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
             );
         };
         let loss_seen_ms = lost_at.duration_since(killed).as_secs_f64() * 1e3;
-        eprintln!(
+        progress.println(&format!(
             "  {mem_mib} MiB join {}/{n}{}: pause {pause:.2} ms, total {total:.0} ms (seen {seen_protected_ms:.0} ms), \
              raw {raw_mib_s:.0} MiB/s, client max {:.1} ms (without a join {:.1} ms), {} errors{}; loss seen in {loss_seen_ms:.0} ms",
             i + 1,
@@ -779,7 +781,8 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
             base.max_response_ms,
             c.errors(),
             if covered { "" } else { " (client ended before protection)" }
-        );
+        ));
+        progress.set(i + 1);
         if !covered {
             expected_s *= 2.0;
         }

@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Write};
 
 /// One run's progress towards `total` steps.
+#[derive(Debug)]
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     label: String,
