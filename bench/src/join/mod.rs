@@ -599,8 +599,9 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
     };
     let mut expected_s = (stats::total_target_ms(mem_mib) / 1e3).max(0.5);
     let mut seen = Vec::new();
-    let mut progress = ftvm_metrics::progress::Progress::new(&format!("{mem_mib} MiB"), n, "joins")
-        .no_plain_lines();
+    let mut progress =
+        ftvm_metrics::progress::Progress::new(&format!("{mem_mib} MiB"), u64::from(n), "joins")
+            .no_plain_lines();
     for i in 0..n {
         run.keep_filling()?;
         let raw = bulk::copy(
@@ -782,7 +783,7 @@ fn run_size(args: &JoinArgs, ftvm: &Path, mem_mib: u64) -> anyhow::Result<JoinRo
             c.errors(),
             if covered { "" } else { " (client ended before protection)" }
         ));
-        progress.set(i + 1);
+        progress.set(u64::from(i) + 1);
         if !covered {
             expected_s *= 2.0;
         }

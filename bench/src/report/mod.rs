@@ -329,6 +329,10 @@ pub struct ReportArgs {
     /// Where to write the page (default DIR/report.html).
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// A paragraph for the page's header (how the results were made, the machine); repeat
+    /// for more.
+    #[arg(long)]
+    pub note: Vec<String>,
 }
 
 /// `seconds` since the Unix epoch as `YYYY-MM-DD HH:MM UTC`.
@@ -368,7 +372,7 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<std::path::PathBuf> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let html = page::render(&args.dir, &scan, &utc_stamp(now));
+    let html = page::render(&args.dir, &scan, &utc_stamp(now), &args.note);
     let out = args
         .out
         .clone()

@@ -530,8 +530,9 @@ fn metrics_cost_section(m: &MetricsCost) -> String {
     o
 }
 
-/// The page for `scan` of `dir`, generated at `when` (a UTC time stamp).
-pub fn render(dir: &Path, scan: &Scan, when: &str) -> String {
+/// The page for `scan` of `dir`, generated at `when` (a UTC time stamp), with `notes` as
+/// paragraphs in its header.
+pub fn render(dir: &Path, scan: &Scan, when: &str, notes: &[String]) -> String {
     let mut o = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>ftvm results</title>\
          <style>{STYLE}</style></head><body>\n<h1>ftvm results</h1>\n<p>From <code>{}</code>, \
@@ -540,6 +541,9 @@ pub fn render(dir: &Path, scan: &Scan, when: &str) -> String {
         esc(when),
         scan.inputs.len()
     );
+    for n in notes {
+        let _ = writeln!(o, "<p>{}</p>", esc(n));
+    }
     o += "<ul>";
     for i in &scan.inputs {
         let _ = write!(
