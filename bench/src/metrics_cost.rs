@@ -61,6 +61,9 @@ struct Round {
     overhead_ns: f64,
     /// The difference of the means (finer than the p50s, which move in the clock's steps).
     mean_overhead_ns: f64,
+    /// The difference of the means of the commits up to each side's p90 (as fine as the
+    /// means, without their sensitivity to a few long stalls): the cost estimate.
+    trimmed_overhead_ns: f64,
     scrapes: u64,
 }
 
@@ -75,7 +78,8 @@ struct Report {
     median_ratio: f64,
     median_overhead_ns: f64,
     median_mean_overhead_ns: f64,
-    /// The median overhead as a share of the median p50 without metrics, %.
+    median_trimmed_overhead_ns: f64,
+    /// The median trimmed-mean overhead as a share of the median p50 without metrics, %.
     overhead_percent: f64,
     target_percent: f64,
     met: bool,
@@ -136,14 +140,14 @@ impl PrimaryJob for Alternating<'_> {
             primary.wait_acked(seq)?;
             // The output gate reads the clock for its own latency record either way: the
             // metrics observe that reading.
-            let released = start.elapsed();
+            let released = start.elapsed().as_nanos() as u64;
             if on {
                 // What the VMM adds for a request: its NET_RX and NET_TX exits and the request
                 // counted (engine), the released output's latency observed (output gate).
                 METRICS.exit(ExitKind::NetRx);
                 METRICS.requests.add_single(1);
                 METRICS.exit(ExitKind::NetTx);
-                METRICS.commit.observe(released);
+                METRICS.commit.observe_ns(released);
             }
             std::hint::black_box(released);
             let took = start.elapsed();
@@ -157,6 +161,24 @@ impl PrimaryJob for Alternating<'_> {
         ))?;
         primary.wait_acked(end)?;
         Ok(hist)
+    }
+}
+
+/// The mean of the values up to the histogram's p90.
+fn trimmed_mean(h: &Histogram<u64>) -> f64 {
+    let cut = h.value_at_quantile(0.9);
+    let (mut sum, mut n) = (0f64, 0u64);
+    for v in h.iter_recorded() {
+        if v.value_iterated_to() > cut {
+            break;
+        }
+        sum += v.value_iterated_to() as f64 * v.count_at_value() as f64;
+        n += v.count_at_value();
+    }
+    if n == 0 {
+        f64::NAN
+    } else {
+        sum / n as f64
     }
 }
 
@@ -191,7 +213,7 @@ pub fn run(args: &MetricsCostArgs) -> anyhow::Result<()> {
         args.payload, args.count, args.block, args.rounds, args.scrape_ms
     );
     println!(
-        "{:>5} {:>11} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>8}",
+        "{:>5} {:>11} {:>11} {:>11} {:>11} {:>8} {:>9} {:>10} {:>10} {:>8}",
         "round",
         "off p50 ns",
         "on p50 ns",
@@ -200,6 +222,7 @@ pub fn run(args: &MetricsCostArgs) -> anyhow::Result<()> {
         "ratio",
         "+ns p50",
         "+ns mean",
+        "+ns ≤p90",
         "scrapes"
     );
     let mut rounds = Vec::new();
@@ -217,10 +240,11 @@ pub fn run(args: &MetricsCostArgs) -> anyhow::Result<()> {
             ratio: q(&on, 0.5) / q(&off, 0.5),
             overhead_ns: q(&on, 0.5) - q(&off, 0.5),
             mean_overhead_ns: on.mean() - off.mean(),
+            trimmed_overhead_ns: trimmed_mean(&on) - trimmed_mean(&off),
             scrapes,
         };
         println!(
-            "{:>5} {:>11.0} {:>11.0} {:>11.0} {:>11.0} {:>8.4} {:>9.1} {:>10.1} {:>8}",
+            "{:>5} {:>11.0} {:>11.0} {:>11.0} {:>11.0} {:>8.4} {:>9.1} {:>10.1} {:>10.1} {:>8}",
             r.round,
             r.off_p50_ns,
             r.on_p50_ns,
@@ -229,6 +253,7 @@ pub fn run(args: &MetricsCostArgs) -> anyhow::Result<()> {
             r.ratio,
             r.overhead_ns,
             r.mean_overhead_ns,
+            r.trimmed_overhead_ns,
             r.scrapes
         );
         rounds.push(r);
@@ -236,8 +261,11 @@ pub fn run(args: &MetricsCostArgs) -> anyhow::Result<()> {
     let median_ratio = median(rounds.iter().map(|r| r.ratio).collect());
     let median_overhead_ns = median(rounds.iter().map(|r| r.overhead_ns).collect());
     let median_mean_overhead_ns = median(rounds.iter().map(|r| r.mean_overhead_ns).collect());
+    let median_trimmed_overhead_ns = median(rounds.iter().map(|r| r.trimmed_overhead_ns).collect());
     let base = median(rounds.iter().map(|r| r.off_p50_ns).collect());
-    let overhead_percent = 100.0 * median_overhead_ns / base;
+    // The cost estimate: the difference of the trimmed means (the p50s move in the clock's
+    // 10 ns steps here; the full means with a few long stalls), against the commit p50.
+    let overhead_percent = 100.0 * median_trimmed_overhead_ns / base;
     let report = Report {
         medium: "shm",
         payload: args.payload,
@@ -247,17 +275,20 @@ pub fn run(args: &MetricsCostArgs) -> anyhow::Result<()> {
         median_ratio,
         median_overhead_ns,
         median_mean_overhead_ns,
+        median_trimmed_overhead_ns,
         overhead_percent,
         target_percent: 1.0,
         met: overhead_percent <= 1.0,
         rounds,
     };
     println!(
-        "median of the rounds: ratio {:.4}, {:+.1} ns per commit (means: {:+.1} ns) = {:+.2} % \
-         of the commit p50 ({:.0} ns) without metrics; target <= 1 %: {}",
+        "median of the rounds: ratio of p50s {:.4} ({:+.1} ns), difference of means {:+.1} ns, \
+         of means up to p90 {:+.1} ns = {:+.2} % of the commit p50 ({:.0} ns) without metrics; \
+         target <= 1 %: {}",
         report.median_ratio,
         report.median_overhead_ns,
         report.median_mean_overhead_ns,
+        report.median_trimmed_overhead_ns,
         report.overhead_percent,
         base,
         if report.met { "met" } else { "NOT met" }

@@ -2,6 +2,7 @@
 //! or out-of-order frames, a closed socket, a silent peer. Each is refused with its own typed
 //! error, nothing panics, nothing hangs, and no bad frame reaches the backup's buffer.
 
+use ftvm_metrics::RejectCause;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -234,6 +235,11 @@ fn backup_error_after(bytes: Vec<u8>) -> ChannelError {
     err
 }
 
+/// The process's count of refused frames of `cause` (tests run in parallel: only ever more).
+fn rejected(cause: RejectCause) -> u64 {
+    ftvm_metrics::METRICS.frames_rejected[cause as usize].get()
+}
+
 fn frame(epoch: u64, first_seq: u64) -> Vec<u8> {
     logfmt::encode_frame(
         epoch,
@@ -248,7 +254,13 @@ fn frame(epoch: u64, first_seq: u64) -> Vec<u8> {
 
 #[test]
 fn garbage_after_the_handshake_is_a_corrupt_frame() {
+    let before = rejected(RejectCause::Corrupt);
     let err = backup_error_after(vec![0xEE; 100]);
+    assert!(
+        rejected(RejectCause::Corrupt) > before,
+        "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
+        RejectCause::Corrupt.name()
+    );
     assert!(
         matches!(
             err,
@@ -263,7 +275,13 @@ fn a_frame_with_a_bad_crc_is_never_applied() {
     let mut bad = frame(5, 2);
     let last = bad.len() - 1;
     bad[last] ^= 1;
+    let before = rejected(RejectCause::Corrupt);
     let err = backup_error_after(bad);
+    assert!(
+        rejected(RejectCause::Corrupt) > before,
+        "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
+        RejectCause::Corrupt.name()
+    );
     assert!(
         matches!(
             err,
@@ -275,7 +293,13 @@ fn a_frame_with_a_bad_crc_is_never_applied() {
 
 #[test]
 fn a_sequence_gap_is_refused() {
+    let before = rejected(RejectCause::SequenceGap);
     let err = backup_error_after(frame(5, 7));
+    assert!(
+        rejected(RejectCause::SequenceGap) > before,
+        "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
+        RejectCause::SequenceGap.name()
+    );
     assert!(
         matches!(
             err,
@@ -290,7 +314,13 @@ fn a_sequence_gap_is_refused() {
 
 #[test]
 fn a_frame_from_an_older_epoch_is_refused() {
+    let before = rejected(RejectCause::StaleEpoch);
     let err = backup_error_after(frame(4, 2));
+    assert!(
+        rejected(RejectCause::StaleEpoch) > before,
+        "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
+        RejectCause::StaleEpoch.name()
+    );
     assert!(
         matches!(
             err,

@@ -76,8 +76,9 @@ impl OutputGate {
                 break;
             };
             let took = h.held_at.elapsed();
-            self.latency.saturating_record(took.as_nanos() as u64);
-            ftvm_metrics::METRICS.commit.observe(took);
+            let ns = took.as_nanos() as u64;
+            self.latency.saturating_record(ns);
+            ftvm_metrics::METRICS.commit.observe_ns(ns);
             let id = h
                 .bytes
                 .get(..4)

@@ -111,6 +111,7 @@ pub struct MetricsCost {
     pub block: u64,
     pub median_ratio: f64,
     pub median_overhead_ns: f64,
+    pub median_trimmed_overhead_ns: Option<f64>,
     pub overhead_percent: f64,
     pub met: bool,
     pub rounds: Vec<MetricsCostRound>,
