@@ -31,6 +31,7 @@ pub mod dpdk;
 #[path = "dpdk/retransmit.rs"]
 mod dpdk_retransmit;
 pub mod error;
+pub mod fuzz;
 pub mod handshake;
 pub mod medium;
 pub mod poll;

@@ -40,7 +40,12 @@ pub(super) struct DecisionLog {
     failed: Option<String>,
 }
 
-fn encode_record(pair: &str, winner: &str, epoch: u64, joins_at: Option<&str>) -> Vec<u8> {
+pub(super) fn encode_record(
+    pair: &str,
+    winner: &str,
+    epoch: u64,
+    joins_at: Option<&str>,
+) -> Vec<u8> {
     let mut body = Vec::with_capacity(MAX_RECORD_BODY);
     body.extend_from_slice(&epoch.to_le_bytes());
     put_str(&mut body, pair);
@@ -57,7 +62,7 @@ fn encode_record(pair: &str, winner: &str, epoch: u64, joins_at: Option<&str>) -
 
 /// One record at the start of `buf`: `(pair, its decision, record length)`, or `None` if the
 /// bytes there are not a whole valid record.
-fn decode_record(buf: &[u8]) -> Option<(String, Record, usize)> {
+pub(super) fn decode_record(buf: &[u8]) -> Option<(String, Record, usize)> {
     let mut c = Cursor(buf);
     let mut b = [0u8; 4];
     b.copy_from_slice(c.bytes(4)?);

@@ -24,6 +24,7 @@
 
 mod client;
 mod decision_log;
+pub mod fuzz;
 mod protocol;
 mod serve;
 mod session;
