@@ -177,7 +177,7 @@ mod tests {
                 }
                 // Mutate the mutant now and then, so mutations pile up.
                 let r = xorshift(&mut state);
-                current = mutate(if r % 3 == 0 { &current } else { &seed }, r);
+                current = mutate(if r.is_multiple_of(3) { &current } else { &seed }, r);
             }
         }
         assert_eq!(runs, seeds().len() * 3000);
