@@ -75,30 +75,25 @@ pub fn run(args: &ArbiterArgs) -> anyhow::Result<()> {
             )?;
             let reader = server.stats_reader();
             ftvm_metrics::METRICS.set_source(Box::new(move || {
+                use ftvm_metrics::Sample;
                 let s = reader();
-                let c = |name, help, value: u64| ftvm_metrics::Sample {
-                    name,
-                    help,
-                    counter: true,
-                    value: value as f64,
-                };
                 vec![
-                    c(
+                    Sample::counter(
                         "ftvm_arbiter_server_connections",
                         "Connections accepted.",
                         s.connections,
                     ),
-                    c(
+                    Sample::counter(
                         "ftvm_arbiter_server_refused",
                         "Connections refused (failed handshake, too many).",
                         s.refused,
                     ),
-                    c(
+                    Sample::counter(
                         "ftvm_arbiter_server_requests",
                         "Requests answered.",
                         s.requests,
                     ),
-                    c(
+                    Sample::counter(
                         "ftvm_arbiter_server_decisions",
                         "Test-and-sets that recorded a new decision.",
                         s.decisions,

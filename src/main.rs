@@ -149,49 +149,43 @@ fn main() {
 
 /// The front's counters as metrics.
 fn front_samples(f: &vmm::service::FrontStats) -> Vec<ftvm_metrics::Sample> {
-    let c = |name, help, value: u64| ftvm_metrics::Sample {
-        name,
-        help,
-        counter: true,
-        value: value as f64,
-    };
+    use ftvm_metrics::Sample;
     vec![
-        c(
+        Sample::counter(
             "ftvm_front_requests",
             "Client requests passed to the serving replica.",
             f.requests,
         ),
-        c(
+        Sample::counter(
             "ftvm_front_responses",
             "Responses passed back to clients.",
             f.responses,
         ),
-        c(
+        Sample::counter(
             "ftvm_front_fenced_responses",
             "Responses dropped because their epoch is older than the newest registered.",
             f.fenced,
         ),
-        c(
+        Sample::counter(
             "ftvm_front_refused_registrations",
             "Registrations refused (bad tag, wrong session, or an older epoch).",
             f.refused,
         ),
-        c(
+        Sample::counter(
             "ftvm_front_parked_requests",
             "Requests that arrived while no replica was registered.",
             f.parked,
         ),
-        c(
+        Sample::counter(
             "ftvm_front_ignored",
             "Malformed or unexpected datagrams ignored.",
             f.ignored,
         ),
-        ftvm_metrics::Sample {
-            name: "ftvm_front_epoch",
-            help: "The newest epoch registered.",
-            counter: false,
-            value: f.epoch as f64,
-        },
+        Sample::gauge(
+            "ftvm_front_epoch",
+            "The newest epoch registered.",
+            f.epoch as f64,
+        ),
     ]
 }
 

@@ -641,11 +641,18 @@ impl From<&CommitArgs> for Commits {
     }
 }
 
-fn primary_loop<L: PrimaryLink>(
+/// Commits one by one (an input entry, an output marker, the wait for its ACK), timing each;
+/// `after_ack(i, start)` runs after commit `i`'s ACK, inside its time, and says which of the
+/// `arms` histograms it goes into (`bench metrics-cost` adds its work there).
+pub fn commit_loop<L: PrimaryLink>(
     mut primary: transport::Primary<L>,
     args: &Commits,
-) -> anyhow::Result<Histogram<u64>> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    arms: usize,
+    mut after_ack: impl FnMut(u64, Instant) -> usize,
+) -> anyhow::Result<Vec<Histogram<u64>>> {
+    let mut hist = (0..arms.max(1))
+        .map(|_| Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3))
+        .collect::<Result<Vec<_>, _>>()?;
     let input = vec![0xA5u8; args.payload];
     let mut exit = 0u64;
     for i in 0..args.warmup + args.count {
@@ -670,11 +677,14 @@ fn primary_loop<L: PrimaryLink>(
             },
         ))?;
         primary.wait_acked(seq)?;
+        let arm = after_ack(i, start);
         let took = start.elapsed();
         transport::trace::primary(transport::trace::PrimaryPoint::Done);
         transport::trace::primary_next();
         if i >= args.warmup {
-            hist.saturating_record(took.as_nanos() as u64);
+            if let Some(h) = hist.get_mut(arm) {
+                h.saturating_record(took.as_nanos() as u64);
+            }
         }
     }
     let end = primary.append(&Entry::new(
@@ -683,6 +693,15 @@ fn primary_loop<L: PrimaryLink>(
     ))?;
     primary.wait_acked(end)?;
     Ok(hist)
+}
+
+fn primary_loop<L: PrimaryLink>(
+    primary: transport::Primary<L>,
+    args: &Commits,
+) -> anyhow::Result<Histogram<u64>> {
+    commit_loop(primary, args, 1, |_, _| 0)?
+        .pop()
+        .context("the commit loop's histogram")
 }
 
 /// Work the primary does once its end of the channel is up; generic over the medium's link.

@@ -9,15 +9,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ftvm_metrics::{ExitKind, METRICS};
 use hdrhistogram::Histogram;
-use logfmt::{ControlOp, Entry, Event, Position};
 use serde::Serialize;
 use transport::PrimaryLink;
 
-use crate::commit::{median, with_pair, Medium, PrimaryJob};
+use crate::commit::{commit_loop, median, with_pair, Commits, Medium, PrimaryJob};
 
 #[derive(clap::Args, Debug)]
 pub struct MetricsCostArgs {
@@ -107,37 +106,16 @@ impl PrimaryJob for Alternating<'_> {
 
     fn run<L: PrimaryLink>(
         self,
-        mut primary: transport::Primary<L>,
+        primary: transport::Primary<L>,
     ) -> anyhow::Result<[Histogram<u64>; 2]> {
         let args = self.0;
-        let mut hist = [
-            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
-            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
-        ];
-        let input = vec![0xA5u8; args.payload];
-        let mut exit = 0u64;
-        for i in 0..args.warmup + args.count {
+        let commits = Commits {
+            payload: args.payload,
+            warmup: args.warmup,
+            count: args.count,
+        };
+        let mut h = commit_loop(primary, &commits, 2, |i, start| {
             let on = (i / args.block) % 2 == 1;
-            exit += 1;
-            let start = Instant::now();
-            if !input.is_empty() {
-                primary.append(&Entry::new(
-                    Position::at_exit(exit),
-                    Event::DeviceInput {
-                        device: 1,
-                        data: &input,
-                    },
-                ))?;
-            }
-            let seq = primary.append(&Entry::new(
-                Position::at_exit(exit),
-                Event::OutputMarker {
-                    device: 2,
-                    len: args.payload as u32,
-                    digest: i,
-                },
-            ))?;
-            primary.wait_acked(seq)?;
             // The output gate reads the clock for its own latency record either way: the
             // metrics observe that reading.
             let released = start.elapsed().as_nanos() as u64;
@@ -150,17 +128,13 @@ impl PrimaryJob for Alternating<'_> {
                 METRICS.commit.observe_ns(released);
             }
             std::hint::black_box(released);
-            let took = start.elapsed();
-            if i >= args.warmup {
-                hist[usize::from(on)].saturating_record(took.as_nanos() as u64);
-            }
+            usize::from(on)
+        })?
+        .into_iter();
+        match (h.next(), h.next()) {
+            (Some(off), Some(on)) => Ok([off, on]),
+            _ => anyhow::bail!("the commit loop returned fewer than two histograms"),
         }
-        let end = primary.append(&Entry::new(
-            Position::at_exit(exit + 1),
-            Event::Control(ControlOp::Shutdown),
-        ))?;
-        primary.wait_acked(end)?;
-        Ok(hist)
     }
 }
 

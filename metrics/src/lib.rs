@@ -143,6 +143,28 @@ pub struct Sample {
     pub value: f64,
 }
 
+impl Sample {
+    /// A counter's sample.
+    pub fn counter(name: &'static str, help: &'static str, value: u64) -> Sample {
+        Sample {
+            name,
+            help,
+            counter: true,
+            value: value as f64,
+        }
+    }
+
+    /// A gauge's sample.
+    pub fn gauge(name: &'static str, help: &'static str, value: f64) -> Sample {
+        Sample {
+            name,
+            help,
+            counter: false,
+            value,
+        }
+    }
+}
+
 /// Reads a process's own numbers (the front's, the arbiter server's) at each scrape.
 pub type Source = Box<dyn Fn() -> Vec<Sample> + Send + Sync>;
 
