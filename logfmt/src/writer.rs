@@ -214,6 +214,9 @@ impl<'a> FrameWriter<'a> {
 #[derive(Debug, Clone)]
 pub struct FrameBuf {
     buf: Vec<u8>,
+    /// Bytes kept free after the largest frame, for whoever sends the frame to append
+    /// something (a transport's authentication trailer); see [`FrameBuf::with_room`].
+    room: usize,
     progress: Progress,
 }
 
@@ -222,8 +225,16 @@ impl FrameBuf {
     /// 40-byte header, every [`push`](Self::push) and [`finish`](Self::finish) fails with
     /// [`EncodeError::BufferFull`]. The frame starts empty, with epoch and sequence number 0.
     pub fn new(capacity: usize) -> Self {
+        Self::with_room(capacity, 0)
+    }
+
+    /// As [`new`](Self::new), with `room` more bytes after the largest frame, which
+    /// [`finish_with_room`](Self::finish_with_room) lends out right after the frame. They are
+    /// not part of the frame.
+    pub fn with_room(capacity: usize, room: usize) -> Self {
         Self {
-            buf: vec![0; capacity],
+            buf: vec![0; capacity + room],
+            room,
             progress: Progress::new(0, 0),
         }
     }
@@ -243,8 +254,8 @@ impl FrameBuf {
 
     /// The header part and the body part of the buffer.
     fn parts(&mut self) -> Result<(&mut [u8; FRAME_HEADER_LEN], &mut [u8]), EncodeError> {
-        let available = self.buf.len();
-        self.buf
+        let available = self.buf.len() - self.room;
+        self.buf[..available]
             .split_first_chunk_mut::<FRAME_HEADER_LEN>()
             .ok_or(EncodeError::BufferFull {
                 needed: FRAME_HEADER_LEN,
@@ -276,6 +287,21 @@ impl FrameBuf {
         })
     }
 
+    /// As [`finish`](Self::finish), and lends out the frame followed by the buffer's extra
+    /// room ([`with_room`](Self::with_room)) for the caller to fill.
+    pub fn finish_with_room(&mut self) -> Result<&mut [u8], EncodeError> {
+        let progress = self.progress;
+        let (header, body) = self.parts()?;
+        let len = progress.seal(header, body)?;
+        let available = self.buf.len();
+        self.buf
+            .get_mut(..len + self.room)
+            .ok_or(EncodeError::BufferFull {
+                needed: len + self.room,
+                available,
+            })
+    }
+
     /// The frame's length so far in bytes, header included.
     #[inline]
     pub const fn len(&self) -> usize {
@@ -297,14 +323,14 @@ impl FrameBuf {
     /// The largest frame the buffer holds, header included.
     #[inline]
     pub fn capacity(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.room
     }
 
     /// The bytes still available for entries (see [`FrameWriter::remaining`]).
     #[inline]
     pub fn remaining(&self) -> usize {
         self.progress
-            .remaining(self.buf.len().saturating_sub(FRAME_HEADER_LEN))
+            .remaining(self.capacity().saturating_sub(FRAME_HEADER_LEN))
     }
 
     /// The fencing epoch the frame is written for.

@@ -75,15 +75,18 @@ pub enum RejectCause {
     SequenceGap,
     /// Not a frame of this protocol at all (e.g. a stray packet on a DPDK port).
     Garbage,
+    /// A frame or ACK without a valid tag: forged, altered, replayed or reordered.
+    Unauthenticated,
 }
 
 impl RejectCause {
     /// Every cause, in label order.
-    pub const ALL: [RejectCause; 4] = [
+    pub const ALL: [RejectCause; 5] = [
         RejectCause::Corrupt,
         RejectCause::StaleEpoch,
         RejectCause::SequenceGap,
         RejectCause::Garbage,
+        RejectCause::Unauthenticated,
     ];
 
     /// The `cause` label.
@@ -93,6 +96,7 @@ impl RejectCause {
             RejectCause::StaleEpoch => "stale_epoch",
             RejectCause::SequenceGap => "sequence_gap",
             RejectCause::Garbage => "garbage",
+            RejectCause::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -181,7 +185,7 @@ pub struct Metrics {
     /// Guest requests taken in (network inputs logged or replayed).
     pub requests: Counter,
     /// Frames refused by [`RejectCause`].
-    pub frames_rejected: [Counter; 4],
+    pub frames_rejected: [Counter; RejectCause::ALL.len()],
     /// Times the peer was silent past the heartbeat timeout.
     pub heartbeats_missed: Counter,
     /// Times this replica went on live after its peer failed (a backup's takeover, or a primary
@@ -230,7 +234,7 @@ impl Metrics {
             commit: Histogram::new(),
             exits: [const { Counter::new() }; 6],
             requests: Counter::new(),
-            frames_rejected: [const { Counter::new() }; 4],
+            frames_rejected: [const { Counter::new() }; RejectCause::ALL.len()],
             heartbeats_missed: Counter::new(),
             failovers: Counter::new(),
             joins_completed: Counter::new(),

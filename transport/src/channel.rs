@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 
 use logfmt::{Entry, Event, FrameBuf, FrameHeader, FrameView};
 
+use crate::auth::{
+    AckOpener, AckSealer, ChannelCrypto, FrameOpener, FrameSealer, SessionKeys, TRAILER_LEN,
+};
 use crate::error::ChannelError;
 use crate::handshake::{GuestIdentity, MediumKind, PreSharedKey, SessionParams};
 use crate::poll::PollPolicy;
@@ -47,6 +50,9 @@ pub struct ChannelConfig {
     pub epoch: u64,
     /// The pre-shared key for the handshake.
     pub key: PreSharedKey,
+    /// What protects frames and ACKs after the handshake ([`crate::auth`]); both sides must
+    /// use the same. Default: [`ChannelCrypto::Auth`].
+    pub crypto: ChannelCrypto,
     /// What this side runs, compared in the handshake: the peer must run the same (opaque
     /// here; all zero by default).
     pub guest: GuestIdentity,
@@ -100,6 +106,7 @@ impl ChannelConfig {
             epoch,
             key,
             guest: GuestIdentity::default(),
+            crypto: ChannelCrypto::Auth,
             heartbeat_interval: Duration::from_millis(5),
             heartbeat_timeout: Duration::from_millis(200),
             handshake_timeout: Duration::from_secs(5),
@@ -124,6 +131,7 @@ impl ChannelConfig {
             medium,
             key: self.key.clone(),
             guest: self.guest,
+            crypto: self.crypto,
         }
     }
 
@@ -348,6 +356,9 @@ pub trait PrimaryLink: Send {
     fn block(&mut self, _timeout: Duration) -> Result<bool, ChannelError> {
         Ok(false)
     }
+    /// From now on, accept only ACKs sealed under this opener's key ([`crate::auth`]). A
+    /// medium whose ACK has no room for a seal ignores it (see the medium's documentation).
+    fn seal_acks(&mut self, _opener: AckOpener) {}
 }
 
 /// What a backup's ACK says; every medium carries all of it.
@@ -386,6 +397,8 @@ pub trait BackupLink: Send {
     fn block(&mut self, _timeout: Duration) -> Result<bool, ChannelError> {
         Ok(false)
     }
+    /// From now on, seal every ACK with this sealer ([`PrimaryLink::seal_acks`]).
+    fn seal_acks(&mut self, _sealer: AckSealer) {}
 }
 
 /// Longest pause between two runs of the medium's peer check ([`PrimaryLink::check_peer`]).
@@ -632,6 +645,34 @@ pub struct LogWriter {
     /// When the open batch got its first entry.
     batch_started: Option<Instant>,
     max_batch_delay: Option<Duration>,
+    /// Seals every frame (crypto `auth`); `None` with crypto `none`.
+    sealer: Option<FrameSealer>,
+}
+
+/// A frame buffer for frames of at most `max` bytes on the medium: with a sealer, the frame
+/// itself is [`TRAILER_LEN`] bytes smaller and the buffer keeps room for its trailer.
+fn frame_buf(max: usize, sealed: bool) -> FrameBuf {
+    if sealed {
+        FrameBuf::with_room(max - TRAILER_LEN, TRAILER_LEN)
+    } else {
+        FrameBuf::new(max)
+    }
+}
+
+/// Finishes `frame` and, with a sealer, appends its trailer: the bytes that go on the medium.
+fn seal_frame<'a>(
+    frame: &'a mut FrameBuf,
+    sealer: &mut Option<FrameSealer>,
+    heartbeat: bool,
+) -> Result<&'a [u8], ChannelError> {
+    Ok(match sealer {
+        Some(sealer) => {
+            let bytes = frame.finish_with_room()?;
+            sealer.seal(bytes, heartbeat);
+            bytes
+        }
+        None => frame.finish()?,
+    })
 }
 
 impl LogWriter {
@@ -752,7 +793,7 @@ impl LogWriter {
         if self.frame.is_empty() {
             return Ok(());
         }
-        let bytes = self.frame.finish()?;
+        let bytes = seal_frame(&mut self.frame, &mut self.sealer, false)?;
         let len = bytes.len();
         let mut throttled: Option<Instant> = None;
         loop {
@@ -808,6 +849,8 @@ pub struct Sender<L: PrimaryLink> {
     heard_undated: bool,
     /// A frame went out directly (not through a round) and the clock was not read for it.
     sent_undated: bool,
+    /// Seals heartbeats (crypto `auth`).
+    sealer: Option<FrameSealer>,
 }
 
 impl<L: PrimaryLink> Sender<L> {
@@ -900,7 +943,7 @@ impl<L: PrimaryLink> Sender<L> {
             // An empty frame: it carries the epoch and the next sequence number, no entries.
             let idle = self.consumer_is_idle();
             self.heartbeat.reset(self.epoch, self.sent_seq + 1);
-            let frame = self.heartbeat.finish()?;
+            let frame = seal_frame(&mut self.heartbeat, &mut self.sealer, true)?;
             if idle && self.link.offer(frame)? {
                 ChannelStats::add(&self.shared.stats.heartbeats, 1);
             }
@@ -1014,8 +1057,17 @@ fn primary_ring(capacity: usize) -> Result<ring::HeapRing, ChannelError> {
 impl<L: PrimaryLink> Primary<L> {
     /// Builds the primary's end over a connected, authenticated link. `resume_seq` is the
     /// sequence number the backup expects next (1 for a new log).
-    pub fn new(link: L, config: ChannelConfig, resume_seq: u64) -> Result<Self, ChannelError> {
+    pub fn new(
+        mut link: L,
+        config: ChannelConfig,
+        resume_seq: u64,
+        keys: &SessionKeys,
+    ) -> Result<Self, ChannelError> {
         config.validate()?;
+        let sealed = config.crypto == ChannelCrypto::Auth;
+        if sealed {
+            link.seal_acks(keys.ack_opener());
+        }
         let (producer, consumer) = primary_ring(config.ring_capacity)?;
         let shared = Arc::new(PrimaryShared::default());
         let resume_seq = resume_seq.max(1);
@@ -1032,7 +1084,7 @@ impl<L: PrimaryLink> Primary<L> {
         Ok(Primary {
             writer: LogWriter {
                 producer,
-                frame: FrameBuf::new(config.max_frame_bytes),
+                frame: frame_buf(config.max_frame_bytes, sealed),
                 epoch: config.epoch,
                 next_seq: resume_seq,
                 lag: LagControl::new(&config),
@@ -1040,6 +1092,7 @@ impl<L: PrimaryLink> Primary<L> {
                 frames_flushed: 0,
                 batch_started: None,
                 max_batch_delay: config.max_batch_delay,
+                sealer: sealed.then(|| keys.frame_sealer()),
             },
             sender: Sender {
                 link,
@@ -1047,13 +1100,14 @@ impl<L: PrimaryLink> Primary<L> {
                 shared,
                 epoch: config.epoch,
                 sent_seq: resume_seq - 1,
-                heartbeat: FrameBuf::new(logfmt::FRAME_HEADER_LEN),
+                heartbeat: frame_buf(logfmt::FRAME_HEADER_LEN + TRAILER_LEN, sealed),
                 heartbeat_interval: config.heartbeat_interval,
                 last_sent: now,
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
                 heard_undated: false,
                 sent_undated: false,
+                sealer: sealed.then(|| keys.frame_sealer()),
             },
             config,
             metrics,
@@ -1079,6 +1133,7 @@ impl<L: PrimaryLink> Primary<L> {
                 pumps: s.pumps,
                 heard_undated: s.heard_undated,
                 sent_undated: s.sent_undated,
+                sealer: s.sealer,
             },
             config: self.config,
             metrics: self.metrics,
@@ -1112,7 +1167,7 @@ impl<L: PrimaryLink> Primary<L> {
         if sender.can_offer_direct()? {
             let entry_count = writer.frame.entry_count();
             let last_seq = writer.next_seq - 1;
-            let frame = writer.frame.finish()?;
+            let frame = seal_frame(&mut writer.frame, &mut writer.sealer, false)?;
             trace::primary(PrimaryPoint::Sealed);
             let len = frame.len();
             if sender.offer_direct(frame, entry_count, last_seq)? {
@@ -1305,6 +1360,8 @@ pub struct Receiver<L: BackupLink> {
     liveness: Liveness,
     pumps: u32,
     stats: Arc<ChannelStats>,
+    /// Checks every frame's trailer (crypto `auth`).
+    opener: Option<FrameOpener>,
 }
 
 impl<L: BackupLink> Receiver<L> {
@@ -1386,8 +1443,13 @@ impl<L: BackupLink> Receiver<L> {
 
     fn accept_frames(&mut self) -> Result<(bool, bool), ChannelError> {
         let mut accepted = false;
-        while let Some(bytes) = self.link.peek()? {
+        while let Some(sealed) = self.link.peek()? {
             let since = trace::stamp();
+            // The tag first: nothing in a frame is looked at before it proves its origin.
+            let (bytes, counter) = match &self.opener {
+                Some(opener) => opener.verify(sealed)?,
+                None => (sealed, 0),
+            };
             let (frame, len) = FrameView::parse(bytes)?;
             if len != bytes.len() {
                 return Err(ChannelError::CorruptMessage(format!(
@@ -1412,6 +1474,9 @@ impl<L: BackupLink> Receiver<L> {
             }
             self.epoch = frame.epoch();
             self.expected += count;
+            if let Some(opener) = &mut self.opener {
+                opener.accept(counter);
+            }
             self.link.consume()?;
             if count > 0 {
                 trace::backup(BackupPoint::Landed);
@@ -1500,12 +1565,17 @@ impl<L: BackupLink> Backup<L> {
     /// Builds the backup's end over a connected, authenticated link; `expected` is the sequence
     /// number of the next entry (1 for a new log), `epoch` the primary's epoch from the handshake.
     pub fn new(
-        link: L,
+        mut link: L,
         config: ChannelConfig,
         expected: u64,
         epoch: u64,
+        keys: &SessionKeys,
     ) -> Result<Self, ChannelError> {
         config.validate()?;
+        let sealed = config.crypto == ChannelCrypto::Auth;
+        if sealed {
+            link.seal_acks(keys.ack_sealer());
+        }
         let (producer, frames) = ring::heap(config.ring_capacity)?;
         let stats = Arc::new(ChannelStats::default());
         let now = Instant::now();
@@ -1529,6 +1599,7 @@ impl<L: BackupLink> Backup<L> {
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
                 stats: stats.clone(),
+                opener: sealed.then(|| keys.frame_opener()),
             },
             frames,
             cursor: Cursor::default(),
@@ -1556,6 +1627,7 @@ impl<L: BackupLink> Backup<L> {
                 liveness: r.liveness,
                 pumps: r.pumps,
                 stats: r.stats,
+                opener: r.opener,
             },
             frames: self.frames,
             cursor: self.cursor,

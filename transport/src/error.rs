@@ -77,6 +77,23 @@ pub enum ChannelError {
     /// The peer could not prove it holds the pre-shared key.
     #[error("peer failed pre-shared-key authentication: keys differ")]
     PeerNotAuthenticated,
+    /// A frame or ACK after the handshake without a valid tag: forged, altered, replayed or
+    /// reordered ([`crate::auth`]). Nothing in it was applied or counted.
+    #[error("unauthenticated {what} refused: {reason}")]
+    Unauthenticated {
+        /// `frame` or `ACK`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The two sides were configured with different channel protection (`--channel-crypto`).
+    #[error("channel crypto mismatch: this side uses '{ours}', the peer '{theirs}' (both must use the same --channel-crypto)")]
+    CryptoMismatch {
+        /// Ours.
+        ours: crate::auth::ChannelCrypto,
+        /// The peer's (its name, or the byte it sent).
+        theirs: String,
+    },
     /// The peer broke the handshake protocol (e.g. garbage on the socket).
     #[error("bad handshake: {0}")]
     BadHandshake(String),
@@ -219,6 +236,7 @@ impl ChannelError {
             }
             ChannelError::StaleEpoch { .. } => Some(RejectCause::StaleEpoch),
             ChannelError::SequenceGap { .. } => Some(RejectCause::SequenceGap),
+            ChannelError::Unauthenticated { .. } => Some(RejectCause::Unauthenticated),
             _ => None,
         }
     }

@@ -54,6 +54,7 @@ pub fn params() -> SessionParams {
         key: PreSharedKey::new(b"fuzzing-key-nobody-else-knows".to_vec())
             .unwrap_or_else(|_| unreachable_key()),
         guest: GuestIdentity::default(),
+        crypto: crate::auth::ChannelCrypto::Auth,
     }
 }
 
@@ -101,6 +102,12 @@ pub fn seeds() -> Vec<Vec<u8>> {
         m[8..16].copy_from_slice(&p.session_id.to_le_bytes());
         m[16..24].copy_from_slice(&p.epoch.to_le_bytes());
         m[56..60].copy_from_slice(&(p.medium as u32).to_le_bytes());
+        // The crypto mode: the Hello's byte 60, the Challenge's byte 88.
+        match kind {
+            1 => m[60] = p.crypto as u8,
+            _ if len > 88 => m[88] = p.crypto as u8,
+            _ => {}
+        }
         m
     };
     // A Hello (64 + 40 bytes) then a Response (40), as a primary sends them; a Challenge

@@ -19,8 +19,8 @@
 //!
 //! | message | bytes | layout |
 //! |---|---|---|
-//! | Hello | 104 | magic, type 1, role, version u16 @6, session u64 @8, epoch u64 @16, nonce_p @24..56, medium u32 @56, 0 @60..64, guest_p @64..104 |
-//! | Challenge | 136 | magic, type 2, status @5, version u16 @6, session u64 @8, epoch u64 @16, nonce_b @24..56, mac_b @56..88, 0 @88..96, guest_b @96..136 |
+//! | Hello | 104 | magic, type 1, role, version u16 @6, session u64 @8, epoch u64 @16, nonce_p @24..56, medium u32 @56, crypto u8 @60, 0 @61..64, guest_p @64..104 |
+//! | Challenge | 136 | magic, type 2, status @5, version u16 @6, session u64 @8, epoch u64 @16, nonce_b @24..56, mac_b @56..88, crypto u8 @88, 0 @89..96, guest_b @96..136 |
 //! | Response | 40 | magic, type 3, status @5, 0 @6..8, mac_p @8..40 |
 //! | Welcome | 24 + info | magic, type 4, status @5, 0 @6..8, resume_seq u64 @8, info length u32 @16, 0 @20..24, then the medium info |
 //!
@@ -36,7 +36,14 @@
 //! protocol version 2, and each side reads the guest identity that follows only once the
 //! version matches, so a peer of another version is refused by name
 //! ([`ChannelError::VersionMismatch`]) rather than timed out. A refusal before authentication
-//! (version, session, medium, epoch) is a 96-byte Challenge with no nonce, MAC or identity.
+//! (version, session, medium, crypto mode, epoch) is a 96-byte Challenge with no nonce, MAC or
+//! identity; it carries the backup's crypto mode, so a mode mismatch names both modes
+//! ([`ChannelError::CryptoMismatch`]).
+//!
+//! Both sides then derive the data phase's session keys ([`SessionKeys`]: HKDF-SHA256 of the
+//! key, salted with both nonces, per direction), returned in [`Accepted`] and
+//! [`PrimaryHello`]; with crypto `auth` every frame and ACK after the handshake is sealed with
+//! them ([`crate::auth`]).
 //!
 //! All integers little-endian; every message starts with `b"FTHS"` and a type byte.
 
@@ -45,12 +52,14 @@ use std::io::{Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::auth::{ChannelCrypto, SessionKeys};
 use crate::control;
 use crate::error::ChannelError;
 
 /// The channel protocol version this build speaks (handshake and data phase). Version 3 added
-/// the guest identity to the Hello and the Challenge.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// the guest identity to the Hello and the Challenge; version 4 the channel crypto mode
+/// (Hello @60, Challenge @88) and, in the data phase, sealed frames and ACKs ([`crate::auth`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 const MAGIC: [u8; 4] = *b"FTHS";
 const HELLO: u8 = 1;
@@ -257,6 +266,8 @@ pub struct SessionParams {
     pub key: PreSharedKey,
     /// What this side runs; the peer must run the same.
     pub guest: GuestIdentity,
+    /// What protects the data phase; the peer must use the same.
+    pub crypto: ChannelCrypto,
 }
 
 /// Reasons a backup refuses a primary, as carried in Challenge and Welcome.
@@ -274,6 +285,8 @@ enum Status {
     MediumUnavailable = 6,
     /// After authentication: the two sides run different guests (Response or Welcome).
     GuestMismatch = 7,
+    /// Before authentication: the two sides use different channel crypto modes.
+    CryptoMismatch = 8,
 }
 
 /// Longest reason text a [`backup_refuse_medium`] sends.
@@ -288,6 +301,8 @@ pub struct Accepted {
     pub resume_seq: u64,
     /// Medium-specific set-up data (for shared memory: where the ring is).
     pub medium_info: Vec<u8>,
+    /// The data phase's keys.
+    pub keys: SessionKeys,
 }
 
 fn read_msg<S: Read>(
@@ -351,6 +366,22 @@ fn nonce() -> Result<[u8; 32], ChannelError> {
     Ok(n)
 }
 
+fn crypto_name(b: u8) -> String {
+    ChannelCrypto::from_u8(b).map_or_else(|| format!("unknown mode {b}"), |c| c.name().into())
+}
+
+/// The data phase's keys, from the Hello and the Challenge both sides hold.
+fn session_keys(key: &PreSharedKey, hello: &[u8], challenge: &[u8]) -> SessionKeys {
+    SessionKeys::derive(
+        &key.0,
+        &hello[24..56],
+        &challenge[24..56],
+        u64_at(hello, 8),
+        u64_at(hello, 16),
+        u32_at(hello, 56),
+    )
+}
+
 fn refusal(status: u8, theirs: u16, params_session: u64, their_session: u64) -> ChannelError {
     match status {
         s if s == Status::VersionMismatch as u8 => ChannelError::VersionMismatch {
@@ -392,6 +423,7 @@ pub fn primary_handshake<S: Read + Write>(
     hello[16..24].copy_from_slice(&params.epoch.to_le_bytes());
     hello[24..56].copy_from_slice(&nonce()?);
     hello[56..60].copy_from_slice(&(params.medium as u32).to_le_bytes());
+    hello[60] = params.crypto as u8;
     hello[HELLO_HEAD..].copy_from_slice(&params.guest.encode());
     write_msg(stream, &hello, "sending hello")?;
 
@@ -406,6 +438,12 @@ pub fn primary_handshake<S: Read + Write>(
     let status = challenge[5];
     let their_version = u16_at(&challenge, 6);
     let their_session = u64_at(&challenge, 8);
+    if status == Status::CryptoMismatch as u8 {
+        return Err(ChannelError::CryptoMismatch {
+            ours: params.crypto,
+            theirs: crypto_name(challenge[88]),
+        });
+    }
     if status != Status::Ok as u8 {
         return Err(refusal(
             status,
@@ -496,6 +534,7 @@ pub fn primary_handshake<S: Read + Write>(
         epoch: params.epoch,
         resume_seq,
         medium_info,
+        keys: session_keys(&params.key, &hello, &challenge),
     })
 }
 
@@ -504,6 +543,8 @@ pub fn primary_handshake<S: Read + Write>(
 pub struct PrimaryHello {
     /// The primary's fencing epoch.
     pub epoch: u64,
+    /// The data phase's keys.
+    pub keys: SessionKeys,
 }
 
 /// The backup's side, in two steps so the medium can be set up between authentication and the
@@ -533,6 +574,7 @@ pub fn backup_authenticate<S: Read + Write>(
     challenge[6..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     challenge[8..16].copy_from_slice(&params.session_id.to_le_bytes());
     challenge[16..24].copy_from_slice(&params.epoch.to_le_bytes());
+    challenge[88] = params.crypto as u8;
     let (status, err) = if their_version != PROTOCOL_VERSION {
         (
             Status::VersionMismatch,
@@ -551,6 +593,14 @@ pub fn backup_authenticate<S: Read + Write>(
         )
     } else if their_medium != Some(params.medium) {
         (Status::MediumMismatch, Some(ChannelError::MediumMismatch))
+    } else if hello[60] != params.crypto as u8 {
+        (
+            Status::CryptoMismatch,
+            Some(ChannelError::CryptoMismatch {
+                ours: params.crypto,
+                theirs: crypto_name(hello[60]),
+            }),
+        )
     } else if their_epoch < params.epoch {
         (
             Status::StaleEpoch,
@@ -615,7 +665,10 @@ pub fn backup_authenticate<S: Read + Write>(
             response[5]
         )));
     }
-    Ok(PrimaryHello { epoch: their_epoch })
+    Ok(PrimaryHello {
+        epoch: their_epoch,
+        keys: session_keys(&params.key, &hello, &challenge),
+    })
 }
 
 /// Second step of the backup's side, when the medium could not be set up after all (its device
@@ -679,6 +732,7 @@ mod tests {
                 image_digest: [0x11; 32],
                 mem_size: 16 << 20,
             },
+            crypto: ChannelCrypto::Auth,
         }
     }
 

@@ -21,6 +21,7 @@
 //! Where an ordinary bounded queue of owned items is needed (free buffers, for example), use
 //! `crossbeam-queue`; the ring is for records that must live in a particular memory region.
 
+pub mod auth;
 pub mod channel;
 pub mod control;
 #[cfg(feature = "dpdk")]

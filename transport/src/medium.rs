@@ -374,6 +374,9 @@ impl PrimaryLink for AnyPrimaryLink {
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
         each!(AnyPrimaryLink, self, l => l.block(timeout))
     }
+    fn seal_acks(&mut self, opener: crate::auth::AckOpener) {
+        each!(AnyPrimaryLink, self, l => l.seal_acks(opener))
+    }
 }
 
 impl BackupLink for AnyBackupLink {
@@ -398,6 +401,9 @@ impl BackupLink for AnyBackupLink {
     }
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
         each!(AnyBackupLink, self, l => l.block(timeout))
+    }
+    fn seal_acks(&mut self, sealer: crate::auth::AckSealer) {
+        each!(AnyBackupLink, self, l => l.seal_acks(sealer))
     }
 }
 

@@ -194,7 +194,7 @@ pub fn backup_on_prepared(
         stream,
     };
     let resume = config.resume_seq;
-    Backup::new(link, config, resume, hello.epoch)
+    Backup::new(link, config, resume, hello.epoch, &hello.keys)
 }
 
 /// Connects to a backup's control socket, authenticates, maps the backup's ring and returns the
@@ -245,7 +245,7 @@ pub fn primary_on(
         stream,
         last_beats: 0,
     };
-    Primary::new(link, config, accepted.resume_seq)
+    Primary::new(link, config, accepted.resume_seq, &accepted.keys)
 }
 
 /// The primary's shared-memory link.

@@ -6,21 +6,25 @@
 //! ([`ChannelConfig::blocking`]) waits sleep in `poll(2)` until the socket is readable, trading
 //! latency (a kernel wake-up per message) for CPU.
 //!
-//! ACK message, little-endian: `b"FTAK"`, u32 zero, u64 epoch, u64 cumulative acked sequence,
-//! u64 replayed sequence (see [`Ack`](crate::channel::Ack)).
+//! ACK message (56 bytes), little-endian: `b"FTAK"`, u32 zero, u64 epoch, u64 cumulative acked
+//! sequence, u64 replayed sequence (see [`Ack`](crate::channel::Ack)), then the 24-byte seal
+//! ([`crate::auth`]; zero with `--channel-crypto none`). With crypto `auth` each frame is
+//! followed by its 24-byte trailer, and the primary accepts only ACKs whose seal verifies.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use crate::auth::{AckOpener, AckSealer, ChannelCrypto, ACK_SEAL_LEN, TRAILER_LEN};
 use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
 use crate::handshake::{self, MediumKind};
 
 const ACK_MAGIC: [u8; 4] = *b"FTAK";
-const ACK_LEN: usize = 32;
+const ACK_BODY: usize = 32;
+const ACK_LEN: usize = ACK_BODY + ACK_SEAL_LEN;
 
 /// Waits in `poll(2)` until `fd` is readable (or writable, if asked) or `timeout` passes.
 pub(crate) fn poll_fd(fd: i32, writable: bool, timeout: Duration) -> Result<bool, ChannelError> {
@@ -70,8 +74,9 @@ pub fn primary_on(
         inbox: vec![0; 4096],
         inbox_len: 0,
         closed: false,
+        acks: None,
     };
-    Primary::new(link, config, accepted.resume_seq)
+    Primary::new(link, config, accepted.resume_seq, &accepted.keys)
 }
 
 /// Accepts one primary on `listener`, runs the handshake and returns the backup's channel end.
@@ -108,8 +113,14 @@ pub fn backup_on(
         peeked: 0,
         max_frame,
         ack_pending: None,
+        trailer: if config.crypto == ChannelCrypto::Auth {
+            TRAILER_LEN
+        } else {
+            0
+        },
+        sealer: None,
     };
-    Backup::new(link, config, resume, hello.epoch)
+    Backup::new(link, config, resume, hello.epoch, &hello.keys)
 }
 
 /// The primary's TCP link.
@@ -123,6 +134,8 @@ pub struct TcpPrimaryLink {
     inbox_len: usize,
     /// The backup hung up after its last ACKs were reported.
     closed: bool,
+    /// Checks every ACK's seal (crypto `auth`).
+    acks: Option<AckOpener>,
 }
 
 impl PrimaryLink for TcpPrimaryLink {
@@ -189,7 +202,10 @@ impl PrimaryLink for TcpPrimaryLink {
                             w.copy_from_slice(&msg[at..at + 8]);
                             u64::from_le_bytes(w)
                         };
-                        let (seq, replayed) = (word(16), word(24));
+                        let (epoch, seq, replayed) = (word(8), word(16), word(24));
+                        if let Some(opener) = &mut self.acks {
+                            opener.open(epoch, seq, replayed, &msg[ACK_BODY..])?;
+                        }
                         if replayed > seq {
                             return Err(ChannelError::CorruptMessage(format!(
                                 "ACK of entry {seq} says entry {replayed} was replayed"
@@ -212,6 +228,10 @@ impl PrimaryLink for TcpPrimaryLink {
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {
         poll_fd(self.stream.as_raw_fd(), !self.pending.is_empty(), timeout)
     }
+
+    fn seal_acks(&mut self, opener: AckOpener) {
+        self.acks = Some(opener);
+    }
 }
 
 /// The backup's TCP link.
@@ -227,6 +247,10 @@ pub struct TcpBackupLink {
     max_frame: usize,
     /// An ACK the socket had no room for; cumulative, so only the newest matters.
     ack_pending: Option<[u8; ACK_LEN]>,
+    /// Bytes after each frame: its authentication trailer (crypto `auth`) or none.
+    trailer: usize,
+    /// Seals every ACK (crypto `auth`).
+    sealer: Option<AckSealer>,
 }
 
 impl TcpBackupLink {
@@ -257,7 +281,7 @@ impl TcpBackupLink {
                 self.ack_pending = None;
                 Ok(())
             }
-            // A partial write of 24 bytes on an almost-full socket: the stream is now out of
+            // A partial write of 56 bytes on an almost-full socket: the stream is now out of
             // step, so treat it as fatal rather than send a torn ACK.
             Ok(_) => Err(ChannelError::CorruptMessage("partial ACK write".into())),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
@@ -275,7 +299,7 @@ impl BackupLink for TcpBackupLink {
         if have < logfmt::FRAME_HEADER_LEN {
             return Ok(None);
         }
-        let len = logfmt::peek_frame_len(&self.inbox[self.start..self.end])?;
+        let len = logfmt::peek_frame_len(&self.inbox[self.start..self.end])? + self.trailer;
         if len > self.max_frame {
             return Err(ChannelError::FrameTooLarge {
                 len,
@@ -318,7 +342,14 @@ impl BackupLink for TcpBackupLink {
         msg[8..16].copy_from_slice(&ack.epoch.to_le_bytes());
         msg[16..24].copy_from_slice(&ack.received.to_le_bytes());
         msg[24..32].copy_from_slice(&ack.replayed.to_le_bytes());
+        if let Some(sealer) = &mut self.sealer {
+            msg[ACK_BODY..].copy_from_slice(&sealer.seal(ack.epoch, ack.received, ack.replayed));
+        }
         self.send_ack(msg)
+    }
+
+    fn seal_acks(&mut self, sealer: AckSealer) {
+        self.sealer = Some(sealer);
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {

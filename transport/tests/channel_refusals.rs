@@ -8,6 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use logfmt::{Entry, Event, Position};
+use transport::auth::{ChannelCrypto, FrameSealer, SessionKeys, TRAILER_LEN};
 use transport::handshake::{self, MediumKind, SessionParams};
 use transport::{shm, tcp, ChannelConfig, ChannelError, PreSharedKey};
 
@@ -97,10 +98,16 @@ fn other_protocol_version_is_refused_with_both_versions_named() {
         transport::PROTOCOL_VERSION
     );
     assert_eq!(
-        challenge[24..],
-        [0u8; 72],
+        challenge[24..88],
+        [0u8; 64],
         "no nonce or MAC for a refused peer"
     );
+    assert_eq!(
+        challenge[88],
+        ChannelCrypto::Auth as u8,
+        "the backup's crypto mode"
+    );
+    assert_eq!(challenge[89..], [0u8; 7]);
     let err = backup.join().expect("thread").expect_err("refused");
     assert!(
         matches!(
@@ -183,8 +190,9 @@ fn a_silent_backup_times_out_the_handshake() {
 }
 
 /// Completes a real handshake as the primary on a raw socket, then lets the test write
-/// whatever bytes it likes as "frames".
-fn raw_primary(addr: std::net::SocketAddr) -> TcpStream {
+/// whatever bytes it likes as "frames"; returns the session's keys too, so the test can seal
+/// what it writes as a real primary would.
+fn raw_primary(addr: std::net::SocketAddr) -> (TcpStream, SessionKeys) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
@@ -194,14 +202,24 @@ fn raw_primary(addr: std::net::SocketAddr) -> TcpStream {
         medium: MediumKind::Tcp,
         key: PreSharedKey::new(KEY.to_vec()).expect("key"),
         guest: transport::GuestIdentity::default(),
+        crypto: ChannelCrypto::Auth,
     };
-    handshake::primary_handshake(&mut s, &params).expect("handshake");
-    s
+    let accepted = handshake::primary_handshake(&mut s, &params).expect("handshake");
+    (s, accepted.keys)
 }
 
-/// Sends `bytes` after a valid frame and returns the backup's error, checking that only the
-/// valid frame reached the backup's buffer.
-fn backup_error_after(bytes: Vec<u8>) -> ChannelError {
+/// `frame` followed by its authentication trailer, as the channel sends it.
+fn sealed(sealer: &mut FrameSealer, frame: &[u8]) -> Vec<u8> {
+    let mut b = frame.to_vec();
+    b.resize(frame.len() + TRAILER_LEN, 0);
+    sealer.seal(&mut b, false);
+    b
+}
+
+/// Sends what `bad` makes (given the session's sealer, which has sealed one valid frame) after
+/// that valid frame and returns the backup's error, checking that only the valid frame reached
+/// the backup's buffer and was acknowledged.
+fn backup_error_after(bad: impl FnOnce(&mut FrameSealer, &[u8]) -> Vec<u8>) -> ChannelError {
     let (l, addr) = listener();
     let backup = std::thread::spawn(move || {
         let mut b = tcp::accept(&l, config(KEY)).expect("accept");
@@ -218,15 +236,17 @@ fn backup_error_after(bytes: Vec<u8>) -> ChannelError {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    let mut s = raw_primary(addr);
+    let (mut s, keys) = raw_primary(addr);
+    let mut sealer = keys.frame_sealer();
     let good = logfmt::encode_frame(
         5,
         1,
         &[Entry::new(Position::at_exit(1), Event::Clock { ns: 42 })],
     )
     .expect("encode");
+    let good = sealed(&mut sealer, &good);
     s.write_all(&good).expect("good frame");
-    s.write_all(&bytes).expect("bad bytes");
+    s.write_all(&bad(&mut sealer, &good)).expect("bad bytes");
     // Hang up: the backup must report the bad bytes (which come first), not the hang-up.
     drop(s);
     let (err, delivered, acked) = backup.join().expect("thread");
@@ -255,7 +275,7 @@ fn frame(epoch: u64, first_seq: u64) -> Vec<u8> {
 #[test]
 fn garbage_after_the_handshake_is_a_corrupt_frame() {
     let before = rejected(RejectCause::Corrupt);
-    let err = backup_error_after(vec![0xEE; 100]);
+    let err = backup_error_after(|_, _| vec![0xEE; 100]);
     assert!(
         rejected(RejectCause::Corrupt) > before,
         "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
@@ -276,7 +296,8 @@ fn a_frame_with_a_bad_crc_is_never_applied() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     let before = rejected(RejectCause::Corrupt);
-    let err = backup_error_after(bad);
+    // Sealed after the damage: the tag is right, the CRC is not (a primary's memory error).
+    let err = backup_error_after(|s, _| sealed(s, &bad));
     assert!(
         rejected(RejectCause::Corrupt) > before,
         "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
@@ -294,7 +315,7 @@ fn a_frame_with_a_bad_crc_is_never_applied() {
 #[test]
 fn a_sequence_gap_is_refused() {
     let before = rejected(RejectCause::SequenceGap);
-    let err = backup_error_after(frame(5, 7));
+    let err = backup_error_after(|s, _| sealed(s, &frame(5, 7)));
     assert!(
         rejected(RejectCause::SequenceGap) > before,
         "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
@@ -315,7 +336,7 @@ fn a_sequence_gap_is_refused() {
 #[test]
 fn a_frame_from_an_older_epoch_is_refused() {
     let before = rejected(RejectCause::StaleEpoch);
-    let err = backup_error_after(frame(4, 2));
+    let err = backup_error_after(|s, _| sealed(s, &frame(4, 2)));
     assert!(
         rejected(RejectCause::StaleEpoch) > before,
         "counted in ftvm_log_frames_rejected_total{{cause=\"{}\"}}",
@@ -338,12 +359,65 @@ fn an_oversized_frame_header_is_refused_before_buffering() {
     let mut huge = frame(5, 2);
     // Claim a 15 MiB body: within the format's limit, beyond the channel's frame limit.
     huge[28..32].copy_from_slice(&(15u32 << 20).to_le_bytes());
-    let err = backup_error_after(huge);
+    let err = backup_error_after(|s, _| sealed(s, &huge));
     assert!(matches!(err, ChannelError::FrameTooLarge { .. }), "{err:?}");
 }
 
 #[test]
 fn a_closed_primary_socket_is_peer_closed() {
-    let err = backup_error_after(Vec::new());
+    let err = backup_error_after(|_, _| Vec::new());
     assert!(matches!(err, ChannelError::PeerClosed), "{err:?}");
+}
+
+#[test]
+fn a_well_formed_frame_without_a_valid_tag_is_never_applied() {
+    // Right CRC, current epoch, next sequence number: everything but the key.
+    let before = rejected(RejectCause::Unauthenticated);
+    let err = backup_error_after(|_, _| {
+        let mut forged = frame(5, 2);
+        forged.extend_from_slice(&[0u8; TRAILER_LEN]);
+        forged
+    });
+    assert!(
+        matches!(err, ChannelError::Unauthenticated { what: "frame", .. }),
+        "{err:?}"
+    );
+    assert!(rejected(RejectCause::Unauthenticated) > before);
+    // Sealed under another session's keys.
+    let err = backup_error_after(|_, _| {
+        sealed(&mut SessionKeys::for_test(9).frame_sealer(), &frame(5, 2))
+    });
+    assert!(
+        matches!(err, ChannelError::Unauthenticated { what: "frame", .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_replayed_frame_is_refused() {
+    // The valid frame again, byte for byte (its sequence number would be a repeat too, but the
+    // tag's counter refuses it first).
+    let err = backup_error_after(|_, good| good.to_vec());
+    assert!(
+        matches!(&err, ChannelError::Unauthenticated { what: "frame", reason } if reason.contains("replayed")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn another_channel_crypto_is_refused_on_both_sides_naming_both() {
+    let (l, addr) = listener();
+    let backup = std::thread::spawn(move || tcp::accept(&l, config(KEY)).map(|_| ()));
+    let mut none = config(KEY);
+    none.crypto = ChannelCrypto::None;
+    let primary = tcp::connect(addr, none).map(|_| ());
+    let backup = backup.join().expect("thread");
+    assert!(
+        matches!(&primary, Err(ChannelError::CryptoMismatch { ours: ChannelCrypto::None, theirs }) if theirs == "auth"),
+        "{primary:?}"
+    );
+    assert!(
+        matches!(&backup, Err(ChannelError::CryptoMismatch { ours: ChannelCrypto::Auth, theirs }) if theirs == "none"),
+        "{backup:?}"
+    );
 }

@@ -232,6 +232,7 @@ fn session() -> SessionParams {
         medium: MediumKind::Rdma,
         key: PreSharedKey::new(KEY.to_vec()).expect("key"),
         guest: transport::GuestIdentity::default(),
+        crypto: transport::auth::ChannelCrypto::Auth,
     }
 }
 

@@ -33,6 +33,8 @@ pub(super) fn params(key: PreSharedKey) -> SessionParams {
         key,
         // Arbiter connections carry no guest.
         guest: transport::GuestIdentity::default(),
+        // The arbiter's messages are sealed by its own session layer (below).
+        crypto: transport::auth::ChannelCrypto::Auth,
     }
 }
 

@@ -13,6 +13,7 @@ use super::reassembly::{Piece, Reassembly};
 use super::retransmit::{Retransmit, Went};
 use super::wire::{Sent, Wire};
 use super::{DpdkConfig, DpdkStats};
+use crate::auth::ACK_SEAL_LEN;
 use crate::channel::{Ack, BackupLink, BackupNews, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -27,6 +28,10 @@ pub struct DpdkPrimaryLink {
     /// The packets sent and not yet acknowledged, and what to send again when.
     pub(super) rt: Retransmit,
     pub(super) epoch: u64,
+    /// Checks every ACK/NACK packet's seal (crypto `auth`); a packet whose seal fails is
+    /// dropped and counted (on a shared L2 segment anyone can send one, and the next real ACK
+    /// supersedes it).
+    pub(super) acks: Option<crate::auth::AckOpener>,
 }
 
 impl DpdkPrimaryLink {
@@ -146,6 +151,20 @@ impl PrimaryLink for DpdkPrimaryLink {
                 DpdkStats::garbage(&self.cfg.stats.garbage, 1);
                 continue;
             }
+            if let Some(opener) = &mut self.acks {
+                let sealed = body
+                    .get(ACK_HDR..ACK_HDR + ACK_SEAL_LEN)
+                    .ok_or_else(|| ChannelError::Unauthenticated {
+                        what: "ACK",
+                        reason: "an ACK packet without its seal".into(),
+                    })
+                    .and_then(|seal| opener.open_msg(&body[..ACK_HDR], seal));
+                if let Err(e) = sealed {
+                    tracing::debug!("dropped an ACK packet: {e}");
+                    ftvm_metrics::METRICS.rejected(ftvm_metrics::RejectCause::Unauthenticated);
+                    continue;
+                }
+            }
             let log_acked = u64_at(body, 16);
             let epoch = u64_at(body, 24);
             let replayed = u64_at(body, 32);
@@ -193,6 +212,10 @@ impl PrimaryLink for DpdkPrimaryLink {
         // Nothing to sleep on for a polled port.
         Ok(PollPolicy::nap(timeout))
     }
+
+    fn seal_acks(&mut self, opener: crate::auth::AckOpener) {
+        self.acks = Some(opener);
+    }
 }
 
 /// The backup's DPDK link.
@@ -215,6 +238,8 @@ pub struct DpdkBackupLink {
     /// ACK for it (which carries the packet ACK too) is expected next. Sent on its own only if
     /// the channel does not ACK before the next receive.
     pub(super) ack_owed: bool,
+    /// Seals every ACK/NACK packet (crypto `auth`).
+    pub(super) sealer: Option<crate::auth::AckSealer>,
 }
 
 impl DpdkBackupLink {
@@ -227,7 +252,12 @@ impl DpdkBackupLink {
         self.ack_owed = false;
         // An ACK that finds no room is not retried: a later one supersedes it.
         self.wire
-            .send_ack(kind, self.frames.expected - 1, self.log)
+            .send_ack(
+                kind,
+                self.frames.expected - 1,
+                self.log,
+                self.sealer.as_mut(),
+            )
             .map(|_| ())
     }
 }
@@ -320,6 +350,10 @@ impl BackupLink for DpdkBackupLink {
         self.spent.clear();
         self.wire.refill();
         sent
+    }
+
+    fn seal_acks(&mut self, sealer: crate::auth::AckSealer) {
+        self.sealer = Some(sealer);
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {

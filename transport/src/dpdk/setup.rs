@@ -143,9 +143,10 @@ pub fn backup_on(
         },
         nacked: 0,
         ack_owed: false,
+        sealer: None,
     };
     let resume = config.resume_seq;
-    Backup::new(link, config, resume, hello.epoch)
+    Backup::new(link, config, resume, hello.epoch, &hello.keys)
 }
 
 /// Connects to a backup's control address and sets up the primary's channel end over `port`
@@ -206,8 +207,9 @@ pub fn primary_on(
         rt: Retransmit::new(dpdk.window, dpdk.rto_initial, dpdk.rto_max, Instant::now()),
         cfg: dpdk,
         epoch: accepted.epoch.max(config.epoch),
+        acks: None,
     };
-    Primary::new(link, config, accepted.resume_seq)
+    Primary::new(link, config, accepted.resume_seq, &accepted.keys)
 }
 
 fn no_port() -> ChannelError {

@@ -52,9 +52,21 @@ impl Wire {
     }
 
     /// Sends an ACK or NACK, written straight into the mbuf.
-    pub(super) fn send_ack(&mut self, kind: u8, ack: u64, log: Ack) -> Result<Sent, ChannelError> {
+    /// With a sealer, the packet's header is followed by its seal ([`crate::auth`]).
+    pub(super) fn send_ack(
+        &mut self,
+        kind: u8,
+        ack: u64,
+        log: Ack,
+        sealer: Option<&mut crate::auth::AckSealer>,
+    ) -> Result<Sent, ChannelError> {
         let (peer, mac, tag) = (self.peer, self.mac, self.tag);
-        self.send_with(ETHER_HDR_LEN + ACK_HDR, |b| {
+        let seal_len = if sealer.is_some() {
+            crate::auth::ACK_SEAL_LEN
+        } else {
+            0
+        };
+        self.send_with(ETHER_HDR_LEN + ACK_HDR + seal_len, |b| {
             b[0..6].copy_from_slice(&peer.0);
             b[6..12].copy_from_slice(&mac.0);
             b[12..14].copy_from_slice(&ETHERTYPE_FTVM.to_be_bytes());
@@ -67,6 +79,10 @@ impl Wire {
             h[16..24].copy_from_slice(&log.received.to_le_bytes());
             h[24..32].copy_from_slice(&log.epoch.to_le_bytes());
             h[32..40].copy_from_slice(&log.replayed.to_le_bytes());
+            if let Some(sealer) = sealer {
+                let seal = sealer.seal_msg(&h[..ACK_HDR]);
+                h[ACK_HDR..ACK_HDR + seal.len()].copy_from_slice(&seal);
+            }
         })
     }
 

@@ -110,7 +110,7 @@ pub fn primary_on(
         wcs: [NO_COMPLETION; 16],
         ep,
     };
-    Primary::new(link, config, accepted.resume_seq)
+    Primary::new(link, config, accepted.resume_seq, &accepted.keys)
 }
 
 /// Accepts one primary on `listener` (the TCP handshake socket) and sets up the backup's channel
@@ -227,7 +227,7 @@ pub fn backup_on(
         ep,
     };
     let resume = config.resume_seq;
-    Backup::new(link, config, resume, hello.epoch)
+    Backup::new(link, config, resume, hello.epoch, &hello.keys)
 }
 
 #[cfg(test)]
