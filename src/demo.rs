@@ -73,6 +73,10 @@ pub struct DemoArgs {
     /// Heartbeat timeout of the pair, ms (how long a silent peer is given).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
+    /// What protects the log channel's frames and ACKs (`auth` or `none`; see `ftvm primary
+    /// --help`).
+    #[arg(long, default_value = "auth")]
+    pub channel_crypto: transport::auth::ChannelCrypto,
     /// With `--kill-primary-after`: once the backup has taken over, start a new backup that
     /// joins it by live state transfer, so the run ends protected again.
     #[arg(long, requires = "kill_primary_after")]
@@ -326,6 +330,8 @@ fn node_args(role: &str, dir: &Path, key: &Path, core: usize, args: &DemoArgs) -
         core.to_string(),
         "--json".into(),
         dir.join(format!("{role}.json")).display().to_string(),
+        "--channel-crypto".into(),
+        args.channel_crypto.to_string(),
     ]);
     a
 }

@@ -58,6 +58,11 @@ pub struct Common {
     /// Heartbeat timeout in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
+    /// What protects every log frame and ACK after the handshake: `auth` (a GMAC tag on each,
+    /// keys derived from the pre-shared key in the handshake) or `none` (only the handshake is
+    /// authenticated). Both replicas must use the same.
+    #[arg(long, default_value = "auth")]
+    pub channel_crypto: transport::auth::ChannelCrypto,
     /// How long a replica whose guest has nothing to do keeps polling before it sleeps, µs:
     /// the primary's NET_RX waits this long for a request, a backup whose guest waits in `hlt`
     /// spins this long for the next entry. A request that arrives within it is served at
@@ -570,6 +575,17 @@ fn channel_config(c: &Common, epoch: u64) -> anyhow::Result<ChannelConfig> {
     let mut cfg = ChannelConfig::new(c.session, epoch, read_key(c)?);
     cfg.heartbeat_timeout = Duration::from_millis(c.heartbeat_timeout_ms);
     cfg.heartbeat_interval = cfg.heartbeat_timeout / 10;
+    cfg.crypto = c.channel_crypto;
+    if cfg.crypto == transport::auth::ChannelCrypto::None {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::warn!(
+                "--channel-crypto none: log frames and ACKs are NOT authenticated after the \
+                 handshake; anyone who can write to the log link can feed the backup inputs or \
+                 release outputs early"
+            )
+        });
+    }
     cfg.max_lag_time = (c.max_lag_ms > 0).then(|| Duration::from_millis(c.max_lag_ms));
     cfg.max_lag_bytes = c.max_lag_bytes;
     cfg.max_lag_entries = c.max_lag_entries;

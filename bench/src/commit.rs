@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use logfmt::{ControlOp, Entry, Event, Position};
 use serde::Serialize;
+use transport::auth::ChannelCrypto;
 #[cfg(feature = "dpdk")]
 use transport::dpdk;
 use transport::{BackupLink, ChannelConfig, PollPolicy, PreSharedKey, PrimaryLink};
@@ -125,6 +126,11 @@ pub struct CommitArgs {
     /// bench built with `--features trace`.
     #[arg(long)]
     trace: bool,
+    /// Channel protection modes to measure (comma separated: `auth`, `none`). With more than
+    /// one, each round measures the raw medium and then a commit run per mode, back to back,
+    /// and the table adds what `auth` costs per commit beyond `none` (median of the rounds).
+    #[arg(long, value_delimiter = ',', default_value = "auth")]
+    crypto: Vec<ChannelCrypto>,
     #[command(flatten)]
     rdma: RdmaArgs,
 }
@@ -279,6 +285,8 @@ impl RdmaArgs {
 #[derive(Debug, Serialize)]
 pub struct CommitRow {
     transport: String,
+    /// The channel protection mode (`auth`, `none`).
+    crypto: String,
     payload_bytes: usize,
     count: u64,
     commit_p50_us: f64,
@@ -323,9 +331,10 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-pub fn channel_config(medium: Medium) -> anyhow::Result<ChannelConfig> {
+pub fn channel_config(medium: Medium, crypto: ChannelCrypto) -> anyhow::Result<ChannelConfig> {
     let key = PreSharedKey::new(b"ftvm-bench-pre-shared-key".to_vec())?;
     let mut cfg = ChannelConfig::new(0xBE7C, 1, key);
+    cfg.crypto = crypto;
     cfg.blocking = medium == Medium::Tcp;
     cfg.poll = PollPolicy::BUSY;
     if medium == Medium::Rdma {
@@ -390,6 +399,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     let mut traces = serde_json::Map::new();
+    let mut auth_costs = serde_json::Map::new();
     let _ = RDMA_ARGS.set(args.rdma.clone());
     #[cfg(feature = "rdma")]
     let rdma_devices = if args.transports.contains(&Medium::Rdma) {
@@ -407,8 +417,15 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             bail!("--transport {}: {}", medium.name(), raw::NO_DPDK);
             #[cfg(feature = "dpdk")]
             {
-                let frame = commit_frame_len(args.payload)?;
-                (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN))
+                // With `auth` the frame has its trailer and the ACK its seal.
+                let auth = args.crypto.contains(&ChannelCrypto::Auth);
+                let (trailer, seal) = if auth {
+                    (transport::auth::TRAILER_LEN, transport::auth::ACK_SEAL_LEN)
+                } else {
+                    (0, 0)
+                };
+                let frame = commit_frame_len(args.payload)? + trailer;
+                (frame + dpdk::DATA_HEADER_LEN, Some(dpdk::ACK_LEN + seal))
             }
         } else {
             (args.payload.max(8), None)
@@ -427,14 +444,14 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             raw::ping_pong(medium.raw(), &raw_config)
                 .with_context(|| format!("raw ping-pong over {}", medium.name()))
         };
-        let measure = || -> anyhow::Result<(Histogram<u64>, Vec<TraceStep>)> {
+        let measure = |crypto: ChannelCrypto| -> anyhow::Result<(Histogram<u64>, Vec<TraceStep>)> {
             if args.trace {
                 // Every frame of the run gets a row: warm-up, measured, and the last ones.
                 transport::trace::start((args.warmup + args.count) as usize + 64);
             }
             let rate = TscRate::begin();
-            let commit = measure_commit(medium, args)
-                .with_context(|| format!("commit latency over {}", medium.name()))?;
+            let commit = measure_commit(medium, crypto, args)
+                .with_context(|| format!("commit latency over {} ({crypto})", medium.name()))?;
             let steps = if args.trace {
                 trace_steps(args, rate.per_ns())
             } else {
@@ -442,19 +459,25 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             };
             Ok((commit, steps))
         };
-        let mut commit = Histogram::<u64>::new(3)?;
-        let mut raw = Histogram::<u64>::new(3)?;
+        let modes = &args.crypto;
+        let mut commit = Vec::new();
         let mut steps = Vec::new();
         let mut rounds = Vec::new();
+        for _ in modes {
+            commit.push(Histogram::<u64>::new(3)?);
+            steps.push(Vec::new());
+            rounds.push(Vec::new());
+        }
+        let mut raw = Histogram::<u64>::new(3)?;
         // A channel over DPDK closes its ports: a veth end gives one channel per process.
         let n_rounds = match medium.dpdk_kind() {
-            Some(kind) if kind.channels() < args.rounds as usize => {
+            Some(kind) if kind.channels() < args.rounds as usize * modes.len() => {
+                let n = (kind.channels() / modes.len()).max(1);
                 println!(
-                    "  {}: {} round(s) only (one channel per veth end and process)",
+                    "  {}: {n} round(s) only (one channel per veth end and process)",
                     medium.name(),
-                    kind.channels()
                 );
-                kind.channels() as u32
+                n as u32
             }
             _ => args.rounds,
         };
@@ -462,49 +485,71 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             // The channel closes its DPDK ports when it is done, and the raw ping-pong gives
             // its pair back: the raw medium goes first, so both run over the same two ports.
             let r = raw_ping_pong()?;
-            let (c, s) = measure()?;
-            let (raw_p50, commit_p50) = (us(&r, 0.5), us(&c, 0.5));
-            let this = Round {
-                raw_p50_us: raw_p50,
-                commit_p50_us: commit_p50,
-                ratio: commit_p50 / raw_p50.max(f64::MIN_POSITIVE),
-                overhead_ns: (commit_p50 - raw_p50) * 1e3,
-            };
-            if n_rounds > 1 {
-                println!(
-                    "  {} round {}/{}: raw p50 {:.2} µs, commit p50 {:.2} µs, ratio {:.2}",
-                    medium.name(),
-                    round + 1,
-                    n_rounds,
-                    this.raw_p50_us,
-                    this.commit_p50_us,
-                    this.ratio
-                );
-            }
-            rounds.push(this);
-            commit.add(&c)?;
+            let raw_p50 = us(&r, 0.5);
             raw.add(&r)?;
-            steps = s;
+            for (m, &crypto) in modes.iter().enumerate() {
+                let (c, s) = measure(crypto)?;
+                let commit_p50 = us(&c, 0.5);
+                let this = Round {
+                    raw_p50_us: raw_p50,
+                    commit_p50_us: commit_p50,
+                    ratio: commit_p50 / raw_p50.max(f64::MIN_POSITIVE),
+                    overhead_ns: (commit_p50 - raw_p50) * 1e3,
+                };
+                if n_rounds > 1 || modes.len() > 1 {
+                    println!(
+                        "  {} ({crypto}) round {}/{}: raw p50 {:.2} µs, commit p50 {:.2} µs, ratio {:.2}",
+                        medium.name(),
+                        round + 1,
+                        n_rounds,
+                        this.raw_p50_us,
+                        this.commit_p50_us,
+                        this.ratio
+                    );
+                }
+                rounds[m].push(this);
+                commit[m].add(&c)?;
+                steps[m] = s;
+            }
         }
-        let row = CommitRow {
-            transport: medium.name().into(),
-            payload_bytes: args.payload,
-            count: args.count,
-            commit_p50_us: us(&commit, 0.5),
-            commit_p90_us: us(&commit, 0.9),
-            commit_p99_us: us(&commit, 0.99),
-            commit_p999_us: us(&commit, 0.999),
-            commit_max_us: commit.max() as f64 / 1000.0,
-            raw_p50_us: us(&raw, 0.5),
-            raw_p99_us: us(&raw, 0.99),
-            raw_request_bytes: payload,
-            raw_reply_bytes: reply.unwrap_or(payload),
-            overhead_ratio_p50: us(&commit, 0.5) / us(&raw, 0.5).max(f64::MIN_POSITIVE),
-            ratio_median: median(rounds.iter().map(|r| r.ratio).collect()),
-            overhead_ns_median: median(rounds.iter().map(|r| r.overhead_ns).collect()),
-            rounds,
+        // What `auth` adds to a commit beyond `none`, round by round.
+        let at = |c: ChannelCrypto| modes.iter().position(|&m| m == c);
+        let auth_cost = match (at(ChannelCrypto::Auth), at(ChannelCrypto::None)) {
+            (Some(a), Some(n)) => Some(median(
+                rounds[a]
+                    .iter()
+                    .zip(&rounds[n])
+                    .map(|(a, n)| (a.commit_p50_us - n.commit_p50_us) * 1e3)
+                    .collect(),
+            )),
+            _ => None,
         };
-        println!(
+        for (m, &crypto) in modes.iter().enumerate() {
+            let (commit, steps, rounds) = (&commit[m], &steps[m], std::mem::take(&mut rounds[m]));
+            let row = CommitRow {
+                transport: if modes.len() > 1 {
+                    format!("{} ({crypto})", medium.name())
+                } else {
+                    medium.name().into()
+                },
+                crypto: crypto.name().into(),
+                payload_bytes: args.payload,
+                count: args.count,
+                commit_p50_us: us(commit, 0.5),
+                commit_p90_us: us(commit, 0.9),
+                commit_p99_us: us(commit, 0.99),
+                commit_p999_us: us(commit, 0.999),
+                commit_max_us: commit.max() as f64 / 1000.0,
+                raw_p50_us: us(&raw, 0.5),
+                raw_p99_us: us(&raw, 0.99),
+                raw_request_bytes: payload,
+                raw_reply_bytes: reply.unwrap_or(payload),
+                overhead_ratio_p50: us(commit, 0.5) / us(&raw, 0.5).max(f64::MIN_POSITIVE),
+                ratio_median: median(rounds.iter().map(|r| r.ratio).collect()),
+                overhead_ns_median: median(rounds.iter().map(|r| r.overhead_ns).collect()),
+                rounds,
+            };
+            println!(
             "{:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.1} | {:>9.2} {:>9.2} | {:>7.2} {:>9.0} | {}/{}",
             row.transport,
             row.commit_p50_us,
@@ -519,20 +564,30 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             row.raw_request_bytes,
             row.raw_reply_bytes
         );
-        if args.trace {
-            println!(
-                "  {} step by step (p50 / mean, ns per commit):",
-                row.transport
-            );
-            for step in &steps {
+            if args.trace {
                 println!(
-                    "    {:<32} {:>9.0} {:>9.0}",
-                    step.step, step.p50_ns, step.mean_ns
+                    "  {} step by step (p50 / mean, ns per commit):",
+                    row.transport
                 );
+                for step in steps {
+                    println!(
+                        "    {:<32} {:>9.0} {:>9.0}",
+                        step.step, step.p50_ns, step.mean_ns
+                    );
+                }
+                traces.insert(row.transport.clone(), serde_json::to_value(steps)?);
             }
-            traces.insert(row.transport.clone(), serde_json::to_value(&steps)?);
+            if crypto == ChannelCrypto::Auth {
+                if let Some(cost) = auth_cost {
+                    println!(
+                    "  {}: auth costs {cost:+.0} ns per commit over none (median of {n_rounds} rounds' p50 differences)",
+                    medium.name()
+                );
+                    auth_costs.insert(medium.name().to_string(), serde_json::json!(cost));
+                }
+            }
+            rows.push(row);
         }
-        rows.push(row);
     }
     if let Some(path) = &args.json {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -540,6 +595,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         }
         let mut json = serde_json::json!({
             "rows": rows,
+            "auth_cost_ns": auth_costs,
             "frame_crc32c": logfmt::crc::implementation().name(),
         });
         if args.trace {
@@ -777,6 +833,7 @@ fn sides(medium: Medium) -> anyhow::Result<(transport::Medium, transport::Medium
 /// dials it from this thread, pinned to `primary_core`, and runs `job`.
 pub fn with_pair<J: PrimaryJob>(
     medium: Medium,
+    crypto: ChannelCrypto,
     primary_core: usize,
     backup_core: usize,
     job: J,
@@ -784,7 +841,7 @@ pub fn with_pair<J: PrimaryJob>(
     let (backup_side, primary_side) = sides(medium)?;
     let mut listener = transport::Listener::bind(&backup_side)?;
     let dial = primary_side.with_address(listener.local_addr());
-    let cfg = channel_config(medium)?;
+    let cfg = channel_config(medium, crypto)?;
     // Threads that poll DPDK ports are registered lcores (mempool caches).
     let lcore = medium.is_dpdk();
     let backup = std::thread::spawn(move || -> anyhow::Result<u64> {
@@ -798,7 +855,7 @@ pub fn with_pair<J: PrimaryJob>(
     });
     pin(primary_core);
     let run = || {
-        transport::medium::dial_primary(&dial, channel_config(medium)?)
+        transport::medium::dial_primary(&dial, channel_config(medium, crypto)?)
             .map_err(anyhow::Error::from)
             .and_then(|p| job.run(p))
     };
@@ -821,9 +878,14 @@ impl PrimaryJob for CommitJob {
     }
 }
 
-fn measure_commit(medium: Medium, args: &CommitArgs) -> anyhow::Result<Histogram<u64>> {
+fn measure_commit(
+    medium: Medium,
+    crypto: ChannelCrypto,
+    args: &CommitArgs,
+) -> anyhow::Result<Histogram<u64>> {
     with_pair(
         medium,
+        crypto,
         args.primary_core,
         args.backup_core,
         CommitJob(args.into()),

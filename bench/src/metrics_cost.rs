@@ -169,6 +169,7 @@ fn run_round(args: &MetricsCostArgs) -> anyhow::Result<([Histogram<u64>; 2], u64
     });
     let h = with_pair(
         Medium::Shm,
+        transport::auth::ChannelCrypto::Auth,
         args.primary_core,
         args.backup_core,
         Alternating(args),

@@ -97,8 +97,14 @@ pub fn run(args: &ThroughputArgs) -> anyhow::Result<()> {
     crate::raw::memif::want(&kinds)?;
     let mut rows = Vec::new();
     for &medium in &args.transports {
-        let (seconds, stats) = with_pair(medium, args.primary_core, args.backup_core, Job(args))
-            .with_context(|| format!("throughput over {}", medium.name()))?;
+        let (seconds, stats) = with_pair(
+            medium,
+            transport::auth::ChannelCrypto::Auth,
+            args.primary_core,
+            args.backup_core,
+            Job(args),
+        )
+        .with_context(|| format!("throughput over {}", medium.name()))?;
         let rate = args.count as f64 / seconds;
         let row = ThroughputRow {
             transport: medium.name().into(),
