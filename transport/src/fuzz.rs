@@ -158,6 +158,179 @@ pub fn mutate(seed: &[u8], r: u64) -> Vec<u8> {
     m
 }
 
+/// The log stream after the handshake: what a backup makes of any bytes on the medium.
+pub mod log_stream {
+    use std::time::Duration;
+
+    use logfmt::{Entry, Event, Position};
+
+    use crate::auth::{SessionKeys, TRAILER_LEN};
+    use crate::channel::{Ack, Backup, BackupLink, ChannelConfig};
+    use crate::error::ChannelError;
+    use crate::PreSharedKey;
+
+    const EPOCH: u64 = 5;
+    const MAX_FRAME: usize = 4096;
+
+    /// The session keys the genuine frames are sealed with (the fuzzer never learns them from
+    /// anything but the genuine frames themselves).
+    fn keys() -> SessionKeys {
+        SessionKeys::for_test(0x42)
+    }
+
+    /// A backup link over fixed bytes, framed as TCP frames them (frame, then its trailer).
+    /// A test double for a medium, named as one.
+    #[derive(Debug)]
+    struct BytesLink<'a> {
+        bytes: &'a [u8],
+        at: usize,
+        peeked: usize,
+    }
+
+    impl BackupLink for BytesLink<'_> {
+        fn peek(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+            let rest = &self.bytes[self.at..];
+            if rest.len() < logfmt::FRAME_HEADER_LEN {
+                return Ok(None);
+            }
+            let len = logfmt::peek_frame_len(rest)? + TRAILER_LEN;
+            if len > MAX_FRAME {
+                return Err(ChannelError::FrameTooLarge {
+                    len,
+                    max: MAX_FRAME,
+                });
+            }
+            if rest.len() < len {
+                return Ok(None);
+            }
+            self.peeked = len;
+            Ok(Some(&rest[..len]))
+        }
+        fn consume(&mut self) -> Result<(), ChannelError> {
+            self.at += self.peeked;
+            self.peeked = 0;
+            Ok(())
+        }
+        fn ack(&mut self, _ack: Ack) -> Result<(), ChannelError> {
+            Ok(())
+        }
+    }
+
+    /// The genuine sealed frames (frame bytes with trailer), in the order a primary sends them:
+    /// three data frames and a heartbeat between them.
+    pub fn genuine() -> Vec<Vec<u8>> {
+        let mut data = keys().frame_sealer();
+        let mut beats = keys().frame_sealer();
+        let mut out = Vec::new();
+        let mut seal = |frame: Vec<u8>, beat: bool| {
+            let mut b = frame;
+            b.resize(b.len() + TRAILER_LEN, 0);
+            if beat {
+                beats.seal(&mut b, true);
+            } else {
+                data.seal(&mut b, false);
+            }
+            out.push(b);
+        };
+        let e = |exit: u64, ev: Event<'static>| Entry::new(Position::at_exit(exit), ev);
+        let frame = |seq: u64, entries: &[Entry<'_>]| {
+            logfmt::encode_frame(EPOCH, seq, entries).unwrap_or_default()
+        };
+        seal(frame(1, &[e(1, Event::Clock { ns: 7 })]), false);
+        seal(
+            frame(
+                2,
+                &[
+                    e(
+                        2,
+                        Event::DeviceInput {
+                            device: 1,
+                            data: b"set k v",
+                        },
+                    ),
+                    e(3, Event::Interrupt { vector: 33 }),
+                ],
+            ),
+            false,
+        );
+        seal(frame(4, &[]), true);
+        seal(
+            frame(
+                4,
+                &[e(
+                    4,
+                    Event::OutputMarker {
+                        device: 1,
+                        len: 2,
+                        digest: logfmt::digest(b"ok"),
+                    },
+                )],
+            ),
+            false,
+        );
+        out
+    }
+
+    /// The seed: the genuine frames back to back.
+    pub fn seed() -> Vec<u8> {
+        genuine().concat()
+    }
+
+    /// Feeds `data` to a backup as the medium's bytes. Must hold: no panic; the backup stops
+    /// (a typed error, or the end of the bytes) after a bounded number of rounds; and every
+    /// frame it delivers is one of the genuine frames, each at most once and in order — bytes
+    /// without the session key can make it deliver nothing else. Returns how many frames it
+    /// delivered.
+    pub fn check(data: &[u8]) -> Result<usize, String> {
+        let key = PreSharedKey::new(b"log-stream-fuzzing-key".to_vec())
+            .map_err(|e| format!("key: {e}"))?;
+        let mut config = ChannelConfig::new(0x5EED, EPOCH, key);
+        config.max_frame_bytes = MAX_FRAME;
+        config.ring_capacity = 64 * 1024;
+        config.heartbeat_timeout = Duration::from_secs(3600);
+        let link = BytesLink {
+            bytes: data,
+            at: 0,
+            peeked: 0,
+        };
+        let mut backup =
+            Backup::new(link, config, 1, EPOCH, &keys()).map_err(|e| format!("backup: {e}"))?;
+        let genuine: Vec<Vec<u8>> = genuine()
+            .into_iter()
+            .map(|g| g[..g.len() - TRAILER_LEN].to_vec())
+            .collect();
+        let mut next = 0usize;
+        let mut delivered = 0usize;
+        let mut bad = None;
+        for _ in 0..data.len() / logfmt::FRAME_HEADER_LEN + 2 {
+            let r = backup.poll(|frame| {
+                let bytes = frame.as_bytes();
+                match genuine[next..].iter().position(|g| g == bytes) {
+                    Some(k) => {
+                        next += k + 1;
+                        delivered += 1;
+                    }
+                    None => {
+                        bad.get_or_insert_with(|| format!("delivered a frame that is not a genuine one, or again or out of order: {bytes:02x?}"));
+                    }
+                }
+            });
+            if let Some(b) = bad.take() {
+                return Err(b);
+            }
+            match r {
+                Ok(0) => return Ok(delivered),
+                Ok(_) => {}
+                Err(e) if e.to_string().is_empty() => {
+                    return Err("an error without a reason".into())
+                }
+                Err(_) => return Ok(delivered),
+            }
+        }
+        Err("the backup did not stop".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +361,75 @@ mod tests {
             }
         }
         assert_eq!(runs, seeds().len() * 3000);
+    }
+
+    #[test]
+    fn no_bytes_on_the_log_stream_make_the_backup_deliver_anything_not_genuine() {
+        let seed = log_stream::seed();
+        log_stream::check(&seed).expect("the seed");
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut current = seed.clone();
+        let mut runs = 0;
+        for _ in 0..20_000 {
+            if let Err(v) = log_stream::check(&current) {
+                panic!("{v}: input {current:02x?}");
+            }
+            runs += 1;
+            let r = xorshift(&mut state);
+            current = mutate(if r.is_multiple_of(3) { &current } else { &seed }, r);
+        }
+        assert_eq!(runs, 20_000);
+    }
+
+    #[test]
+    fn the_genuine_log_stream_is_delivered_whole() {
+        // The check's own control: the seed's three data frames all get through, so a mutant
+        // that changes nothing is not "refused" for a wrong reason.
+        let seed = log_stream::seed();
+        let data = log_stream::genuine();
+        assert_eq!(data.len(), 4);
+        assert_eq!(log_stream::check(&seed), Ok(3), "the three data frames");
+        // The second frame's last tag bit flipped: refused; the frame before it delivered.
+        let mut bad = seed.clone();
+        let at = data[0].len() + data[1].len() - 1;
+        bad[at] ^= 1;
+        assert_eq!(log_stream::check(&bad), Ok(1));
+        // A replayed first frame after the whole stream: nothing more.
+        let mut again = seed.clone();
+        again.extend_from_slice(&data[0]);
+        assert_eq!(log_stream::check(&again), Ok(3));
+    }
+
+    /// The seed files `scripts/fuzz.sh` starts the cargo-fuzz targets from
+    /// (`fuzz/seeds/<target>/`) are the seeds these checks use.
+    #[test]
+    fn the_checked_in_fuzz_seeds_are_current() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+        let want: Vec<(String, Vec<u8>)> =
+            std::iter::once(("log_stream/genuine.bin".to_string(), log_stream::seed()))
+                .chain(
+                    seeds()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, s)| (format!("handshake/seed-{i}.bin"), s)),
+                )
+                .collect();
+        if std::env::var_os("FTVM_WRITE_FUZZ_SEEDS").is_some() {
+            for (name, bytes) in &want {
+                let path = root.join(name);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).expect("seed directory");
+                }
+                std::fs::write(path, bytes).expect("write seed");
+            }
+        }
+        for (name, bytes) in want {
+            let have = std::fs::read(root.join(&name)).unwrap_or_default();
+            assert!(
+                have == bytes,
+                "fuzz/seeds/{name} is stale: FTVM_WRITE_FUZZ_SEEDS=1 cargo test -p transport --lib checked_in_fuzz_seeds"
+            );
+        }
     }
 
     #[test]

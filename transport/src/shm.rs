@@ -13,14 +13,19 @@
 //! Mapping layout: the ring region (`ring::region_len(capacity)` bytes, see [`crate::ring`]),
 //! padded to 4 KiB, then a 4 KiB control page: offset 0 the backup's cumulative ACK (u64),
 //! offset 8 the backup's heartbeat counter (u64), offset 16 the backup's replay position (u64).
+//! With `--channel-crypto auth`, offset 64 holds the sealed ACK under a sequence lock: version
+//! (u64, odd while the backup writes), epoch, received, replayed (u64 each) and the 24-byte seal
+//! ([`crate::auth`]); the primary takes ACKs only from there, and only once the seal verifies
+//! (a bad seal ends the channel).
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::{AckOpener, AckSealer, ACK_SEAL_LEN};
 use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -67,7 +72,54 @@ impl Control {
     fn replayed(&self) -> &AtomicU64 {
         self.word(2)
     }
+
+    /// The sealed ACK's words: version, epoch, received, replayed, then the seal's three.
+    fn sealed(&self, index: usize) -> &AtomicU64 {
+        self.word(SEALED_ACK + index)
+    }
+
+    /// Publishes a sealed ACK (the backup: the only writer).
+    fn write_sealed(&self, ack: &Ack, seal: &[u8; ACK_SEAL_LEN]) {
+        // Even before a write, odd during it (a writer that died mid-write left it odd).
+        let v = self.sealed(0).load(Ordering::Relaxed);
+        let v = v.wrapping_add(v & 1);
+        self.sealed(0).store(v.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.sealed(1).store(ack.epoch, Ordering::Relaxed);
+        self.sealed(2).store(ack.received, Ordering::Relaxed);
+        self.sealed(3).store(ack.replayed, Ordering::Relaxed);
+        for (i, chunk) in seal.chunks_exact(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            self.sealed(4 + i)
+                .store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+        self.sealed(0).store(v.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Reads the sealed ACK if it is not being written: (version, epoch, received, replayed,
+    /// seal).
+    fn read_sealed(&self) -> Option<(u64, Ack, [u8; ACK_SEAL_LEN])> {
+        let v = self.sealed(0).load(Ordering::Acquire);
+        if v % 2 == 1 {
+            return None;
+        }
+        let ack = Ack {
+            epoch: self.sealed(1).load(Ordering::Relaxed),
+            received: self.sealed(2).load(Ordering::Relaxed),
+            replayed: self.sealed(3).load(Ordering::Relaxed),
+        };
+        let mut seal = [0u8; ACK_SEAL_LEN];
+        for (i, chunk) in seal.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&self.sealed(4 + i).load(Ordering::Relaxed).to_le_bytes());
+        }
+        fence(Ordering::Acquire);
+        (self.sealed(0).load(Ordering::Relaxed) == v).then_some((v, ack, seal))
+    }
 }
+
+/// Word index of the sealed ACK on the control page.
+const SEALED_ACK: usize = 8;
 
 /// Listens for a primary on a Unix socket at `path` (a stale socket file there is replaced).
 pub fn listen(path: impl AsRef<Path>) -> Result<UnixListener, ChannelError> {
@@ -192,6 +244,7 @@ pub fn backup_on_prepared(
         consumer,
         control,
         stream,
+        sealer: None,
     };
     let resume = config.resume_seq;
     Backup::new(link, config, resume, hello.epoch, &hello.keys)
@@ -244,6 +297,8 @@ pub fn primary_on(
         control,
         stream,
         last_beats: 0,
+        acks: None,
+        sealed: (0, 0, 0),
     };
     Primary::new(link, config, accepted.resume_seq, &accepted.keys)
 }
@@ -255,6 +310,9 @@ pub struct ShmPrimaryLink {
     control: Control,
     stream: UnixStream,
     last_beats: u64,
+    /// Checks the sealed ACK (crypto `auth`), with the last version checked and what it said.
+    acks: Option<AckOpener>,
+    sealed: (u64, u64, u64),
 }
 
 impl PrimaryLink for ShmPrimaryLink {
@@ -271,8 +329,22 @@ impl PrimaryLink for ShmPrimaryLink {
     }
 
     fn poll(&mut self) -> Result<BackupNews, ChannelError> {
-        let acked = self.control.acked().load(Ordering::Acquire);
-        let replayed = self.control.replayed().load(Ordering::Acquire);
+        let (acked, replayed) = match &mut self.acks {
+            None => (
+                self.control.acked().load(Ordering::Acquire),
+                self.control.replayed().load(Ordering::Acquire),
+            ),
+            Some(opener) => {
+                if let Some((v, ack, seal)) = self.control.read_sealed() {
+                    if v != self.sealed.0 {
+                        opener.open(ack.epoch, ack.received, ack.replayed, &seal)?;
+                        self.sealed = (v, ack.received, ack.replayed);
+                    }
+                }
+                // (Being written right now: the last checked one; the new one next poll.)
+                (self.sealed.1, self.sealed.2)
+            }
+        };
         let beats = self.control.beats().load(Ordering::Relaxed);
         let heard = beats != self.last_beats;
         self.last_beats = beats;
@@ -293,6 +365,17 @@ impl PrimaryLink for ShmPrimaryLink {
         // Nothing to sleep on for memory; sleep briefly so blocking mode stays cheap.
         Ok(crate::poll::PollPolicy::nap(timeout))
     }
+
+    fn seal_acks(&mut self, opener: AckOpener) {
+        // ACKs count from what the plain words say now (the resume point); a sealed ACK left
+        // on the page by an earlier session (another key) is not looked at.
+        self.sealed = (
+            self.control.sealed(0).load(Ordering::Acquire),
+            self.control.acked().load(Ordering::Acquire),
+            self.control.replayed().load(Ordering::Acquire),
+        );
+        self.acks = Some(opener);
+    }
 }
 
 /// The backup's shared-memory link.
@@ -301,6 +384,8 @@ pub struct ShmBackupLink {
     consumer: Consumer<Arc<SharedRegion>>,
     control: Control,
     stream: UnixStream,
+    /// Seals every ACK (crypto `auth`).
+    sealer: Option<AckSealer>,
 }
 
 impl BackupLink for ShmBackupLink {
@@ -319,8 +404,16 @@ impl BackupLink for ShmBackupLink {
             .replayed()
             .store(ack.replayed, Ordering::Release);
         self.control.acked().store(ack.received, Ordering::Release);
+        if let Some(sealer) = &mut self.sealer {
+            let seal = sealer.seal(ack.epoch, ack.received, ack.replayed);
+            self.control.write_sealed(&ack, &seal);
+        }
         self.control.beats().fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    fn seal_acks(&mut self, sealer: AckSealer) {
+        self.sealer = Some(sealer);
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {
