@@ -13,6 +13,7 @@
 //!   refuses unless its own memory and register digests equal the primary's;
 //! - [`state`]: the vCPU state's encoding.
 
+pub mod fuzz;
 pub mod sink;
 pub mod source;
 pub mod state;

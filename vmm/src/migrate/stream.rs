@@ -462,6 +462,13 @@ impl<R: Read> ChunkReader<R> {
                 what: format!("{count} pages in {len} bytes"),
             });
         }
+        if head[12..16] != [0; 4] {
+            return Err(MigrateError::Malformed {
+                index,
+                kind: kind.name(),
+                what: format!("bytes 12..16 must be zero: {:02x?}", &head[12..16]),
+            });
+        }
         self.unread = Some(UnreadPages {
             crc: crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &head),
             stored: u32_at(&h, 12),
@@ -603,9 +610,22 @@ impl<R: Read> ChunkReader<R> {
                 Err(malformed(format!("{} bytes, expected {n}", p.len())))
             }
         };
+        // The format's zero fields are zero: every payload has one encoding.
+        let zero = |range: std::ops::Range<usize>| {
+            let (a, b) = (range.start, range.end);
+            if p[a..b].iter().all(|&x| x == 0) {
+                Ok(())
+            } else {
+                Err(malformed(format!(
+                    "bytes {a}..{b} must be zero: {:02x?}",
+                    &p[a..b]
+                )))
+            }
+        };
         Ok(match kind {
             Kind::Header => {
                 want(HEADER_LEN)?;
+                zero(4..8)?;
                 let version = u32_at(p, 0);
                 if version != STREAM_VERSION {
                     return Err(MigrateError::Mismatch {
@@ -631,6 +651,7 @@ impl<R: Read> ChunkReader<R> {
                 if !pages_fit(p.len(), count) {
                     return Err(malformed(format!("{count} pages in {} bytes", p.len())));
                 }
+                zero(12..16)?;
                 Chunk::Pages {
                     first: u64_at(p, 0),
                     data: &p[16..],
@@ -638,6 +659,7 @@ impl<R: Read> ChunkReader<R> {
             }
             Kind::Zeros => {
                 want(16)?;
+                zero(12..16)?;
                 Chunk::Zeros {
                     first: u64_at(p, 0),
                     count: u32_at(p, 8),
@@ -645,6 +667,7 @@ impl<R: Read> ChunkReader<R> {
             }
             Kind::RoundEnd => {
                 want(16)?;
+                zero(4..8)?;
                 Chunk::RoundEnd {
                     round: u32_at(p, 0),
                     pages: u64_at(p, 8),
@@ -671,6 +694,10 @@ impl<R: Read> ChunkReader<R> {
             Kind::Refused => Chunk::Refused(String::from_utf8_lossy(p).into_owned()),
             Kind::Verdict => {
                 want(24)?;
+                if p[0] > 1 {
+                    return Err(malformed(format!("verdict byte {} (0 or 1)", p[0])));
+                }
+                zero(1..8)?;
                 Chunk::Verdict {
                     ok: p[0] == 1,
                     pages: u64_at(p, 8),
