@@ -140,6 +140,12 @@ impl SessionKeys {
         SessionKeys { frames, acks }
     }
 
+    /// The two direction keys: the connecting end's (the primary's: frames), the accepting
+    /// end's (the backup's: ACKs). For [`crate::session`].
+    pub(crate) fn directions(&self) -> ([u8; 16], [u8; 16]) {
+        (self.frames, self.acks)
+    }
+
     /// Keys from fixed bytes: for tests and benches that build a channel without a handshake.
     pub fn for_test(seed: u8) -> Self {
         SessionKeys {

@@ -40,6 +40,7 @@ pub mod poll;
 pub mod rdma;
 pub mod region;
 pub mod ring;
+pub mod session;
 pub mod shm;
 pub mod tcp;
 pub mod trace;

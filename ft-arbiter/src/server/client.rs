@@ -10,11 +10,12 @@ use transport::handshake::{primary_handshake, SessionParams};
 use transport::{ChannelError, PreSharedKey};
 
 use super::protocol::{Request, Response};
-use super::session::{self, Sealed};
+use super::session::{self, Sealed, MAX_MESSAGE};
 use crate::{
     validate_candidate, validate_joins_at, validate_pair_id, validate_request, Arbiter,
     ArbiterError, Decision, Record,
 };
+use transport::session::End;
 
 /// A client of an [`ArbiterServer`](super::ArbiterServer): an [`Arbiter`] over TCP.
 #[derive(Debug)]
@@ -60,9 +61,14 @@ impl ServerArbiter {
                         .and_then(|()| stream.set_read_timeout(Some(self.io_timeout)))
                         .and_then(|()| stream.set_write_timeout(Some(self.io_timeout)));
                     setup.map_err(|e| ArbiterError::unavailable("configuring a socket", e))?;
-                    primary_handshake(&mut stream, &self.params).map_err(handshake_error)?;
-                    return Sealed::open(stream, self.params.key.clone(), true)
-                        .map_err(|e| ArbiterError::unavailable("arbiter nonce exchange", e));
+                    let accepted =
+                        primary_handshake(&mut stream, &self.params).map_err(handshake_error)?;
+                    return Ok(Sealed::new(
+                        stream,
+                        &accepted.keys,
+                        End::Connecting,
+                        MAX_MESSAGE,
+                    ));
                 }
                 Err(e) => last = Some(e),
             }

@@ -14,8 +14,9 @@ use transport::PreSharedKey;
 
 use super::decision_log::DecisionLog;
 use super::protocol::{Request, Response};
-use super::session::{self, Sealed};
+use super::session::{self, Sealed, MAX_MESSAGE};
 use crate::ArbiterError;
+use transport::session::End;
 
 /// Most connections a server serves at once; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -274,17 +275,18 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
     }
     // The server plays the handshake's listening role.
     let authenticated = backup_authenticate(&mut stream, &shared.params)
-        .and_then(|_| backup_welcome(&mut stream, 0, SERVER_INFO));
-    if let Err(e) = authenticated {
-        if !shared.stop.load(Ordering::SeqCst) {
-            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "arbiter: refused a client: {e}");
+        .and_then(|hello| backup_welcome(&mut stream, 0, SERVER_INFO).map(|()| hello));
+    let hello = match authenticated {
+        Ok(hello) => hello,
+        Err(e) => {
+            if !shared.stop.load(Ordering::SeqCst) {
+                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "arbiter: refused a client: {e}");
+            }
+            return;
         }
-        return;
-    }
-    let Ok(mut stream) = Sealed::open(stream, shared.params.key.clone(), false) else {
-        return;
     };
+    let mut stream = Sealed::new(stream, &hello.keys, End::Accepting, MAX_MESSAGE);
     if stream
         .get_ref()
         .set_read_timeout(Some(IDLE_TIMEOUT))
