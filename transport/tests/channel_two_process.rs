@@ -37,6 +37,9 @@ fn config() -> ChannelConfig {
 /// its medium description and listens through `transport::medium`, as `ftvm backup` does.
 fn backup(medium: &str, address: &str) -> Result<(), String> {
     let mut cfg = config();
+    // The tests time the primary's detection of a lost backup; the backup's own patience with
+    // a silent primary only has to outlast a stall of this shared host.
+    cfg.heartbeat_timeout = INTEGRITY_TIMEOUT;
     cfg.blocking = medium == "tcp-blocking";
     let mut listener = Listener::bind(&describe(medium, address)?).map_err(|e| e.to_string())?;
     println!("LISTENING {}", listener.local_addr());
@@ -68,7 +71,17 @@ fn spawn_backup(medium: &str, address: &str) -> Result<(BackupProcess, String), 
 
 /// The primary's end over `medium`, dialing the backup at `addr`.
 fn connect(medium: &str, addr: &str) -> Result<AnyPrimary, String> {
+    connect_with(medium, addr, config().heartbeat_timeout)
+}
+
+/// The heartbeat timeout of the million-entry runs, which test integrity, not detection: CI
+/// saw a 300 ms timeout trip after 1.3 s of silence on the loaded 2-core host (the primary
+/// itself had not run its check for a second).
+const INTEGRITY_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn connect_with(medium: &str, addr: &str, timeout: Duration) -> Result<AnyPrimary, String> {
     let mut cfg = config();
+    cfg.heartbeat_timeout = timeout;
     cfg.blocking = medium == "tcp-blocking";
     medium::dial_primary(&describe(medium, addr)?, cfg).map_err(|e| e.to_string())
 }
@@ -89,7 +102,7 @@ fn address_for(medium: &str) -> String {
 
 fn million_entries(medium: &str) -> Result<(), String> {
     let (mut backup, addr) = spawn_backup(medium, &address_for(medium))?;
-    let mut p = connect(medium, &addr)?;
+    let mut p = connect_with(medium, &addr, INTEGRITY_TIMEOUT)?;
     let started = Instant::now();
     send_stream(&mut p, ENTRIES, 0x5EED, |_| String::new())?;
     commit(&mut p, ENTRIES + 1)?;
