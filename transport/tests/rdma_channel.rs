@@ -151,6 +151,8 @@ fn raw_hello() -> [u8; 104] {
     h[16..24].copy_from_slice(&1u64.to_le_bytes());
     h[24..56].copy_from_slice(&[0x42; 32]);
     h[56..60].copy_from_slice(&(MediumKind::Rdma as u32).to_le_bytes());
+    // The channel crypto mode (protocol 4): the backup's default, so the hello reaches the MAC.
+    h[60] = transport::auth::ChannelCrypto::Auth as u8;
     h
 }
 
