@@ -192,8 +192,22 @@ fn nonce(counter: u64) -> [u8; 12] {
     n
 }
 
+/// Whether `tag` is the GMAC of `aad` under `cipher` with nonce `counter` (checked in constant
+/// time by AES-GCM's own decryption of an empty plaintext).
+pub(crate) fn gmac_verifies(cipher: &Aes128Gcm, counter: u64, aad: &[u8], tag: &[u8]) -> bool {
+    tag.len() == 16
+        && cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&nonce(counter)),
+                aad,
+                &mut [],
+                Tag::from_slice(tag),
+            )
+            .is_ok()
+}
+
 /// GMAC: the tag of AES-GCM over an empty plaintext with `aad` as associated data.
-fn gmac(cipher: &Aes128Gcm, counter: u64, aad: &[u8]) -> Tag {
+pub(crate) fn gmac(cipher: &Aes128Gcm, counter: u64, aad: &[u8]) -> Tag {
     let n = nonce(counter);
     match cipher.encrypt_in_place_detached(Nonce::from_slice(&n), aad, &mut []) {
         Ok(tag) => tag,
@@ -276,13 +290,7 @@ impl FrameOpener {
         let mut c = [0u8; 8];
         c.copy_from_slice(&bytes[at..at + 8]);
         let counter = u64::from_le_bytes(c);
-        let n = nonce(counter);
-        let tag = Tag::from_slice(&bytes[at + 8..]);
-        if self
-            .cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&n), &bytes[..at + 8], &mut [], tag)
-            .is_err()
-        {
+        if !gmac_verifies(&self.cipher, counter, &bytes[..at + 8], &bytes[at + 8..]) {
             return Err(ChannelError::Unauthenticated {
                 what: "frame",
                 reason: "its tag does not verify (forged, altered, or from another session)".into(),
@@ -418,16 +426,7 @@ impl AckOpener {
         c.copy_from_slice(&seal[..8]);
         let counter = u64::from_le_bytes(c);
         let (aad, n) = ack_aad(msg, &c);
-        if self
-            .cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&nonce(counter)),
-                &aad[..n],
-                &mut [],
-                Tag::from_slice(&seal[8..]),
-            )
-            .is_err()
-        {
+        if !gmac_verifies(&self.cipher, counter, &aad[..n], &seal[8..]) {
             return Err(ChannelError::Unauthenticated {
                 what: "ACK",
                 reason: "its tag does not verify (forged or altered)".into(),

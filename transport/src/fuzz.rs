@@ -126,6 +126,14 @@ pub fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
+/// The next value of a xorshift64 generator (the corpus tests' deterministic mutation source).
+pub fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
 /// `seed` changed by one of a few mutations chosen by `r` (a deterministic generator's output).
 pub fn mutate(seed: &[u8], r: u64) -> Vec<u8> {
     let mut m = seed.to_vec();
@@ -334,13 +342,6 @@ pub mod log_stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn xorshift(s: &mut u64) -> u64 {
-        *s ^= *s << 13;
-        *s ^= *s >> 7;
-        *s ^= *s << 17;
-        *s
-    }
 
     #[test]
     fn no_bytes_make_either_side_accept_the_handshake() {

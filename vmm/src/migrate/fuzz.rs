@@ -207,7 +207,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use transport::fuzz::mutate;
+    use transport::fuzz::{mutate, xorshift};
 
     #[test]
     fn the_seeds_are_read_whole() {
@@ -233,9 +233,7 @@ mod tests {
                     );
                 }
                 runs += 1;
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
+                xorshift(&mut state);
                 current = mutate(
                     if state.is_multiple_of(3) {
                         &current
