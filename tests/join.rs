@@ -392,6 +392,99 @@ fn a_corrupted_state_stream_is_refused_and_a_later_join_succeeds() {
     client_ok(client.wait_with_output().expect("client"));
 }
 
+/// Forwards one connection `listen` → `to` as someone on the path who knows the stream format
+/// but not the key: in the primary's first PAGES chunk it changes a page byte and writes the
+/// chunk's CRC again, so the chunk is well-formed and its checksum right.
+fn rewriting_relay(to: String) -> String {
+    use vmm::migrate::stream::{checksum, Kind, CHUNK_HEADER_LEN};
+    let l = TcpListener::bind("127.0.0.1:0").expect("relay");
+    let addr = l.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        let Ok((mut joiner, _)) = l.accept() else {
+            return;
+        };
+        let Ok(mut primary) = TcpStream::connect(&to) else {
+            return;
+        };
+        let (mut j2, mut p2) = (
+            joiner.try_clone().expect("clone"),
+            primary.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut j2, &mut p2);
+        });
+        // Bytes from the primary not yet forwarded: held from the first PAGES chunk's header
+        // until the whole chunk is in.
+        let mut held: Vec<u8> = Vec::new();
+        let mut done = false;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = match primary.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if done {
+                if joiner.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                continue;
+            }
+            held.extend_from_slice(&buf[..n]);
+            const PAGES: &[u8] = b"FTJN\x02";
+            let Some(at) = held.windows(5).position(|w| w == PAGES) else {
+                // Hold back only a tail that may begin the header (it can straddle reads).
+                let tail = (1..PAGES.len())
+                    .rev()
+                    .find(|&k| held.ends_with(&PAGES[..k]))
+                    .unwrap_or(0);
+                let keep = held.len() - tail;
+                if joiner.write_all(&held[..keep]).is_err() {
+                    break;
+                }
+                held.drain(..keep);
+                continue;
+            };
+            let Some(h) = held.get(at..at + CHUNK_HEADER_LEN) else {
+                continue;
+            };
+            let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+            let start = at + CHUNK_HEADER_LEN;
+            if held.len() < start + len {
+                continue;
+            }
+            held[start + 16 + 100] ^= 0x01;
+            let mut header = [0u8; CHUNK_HEADER_LEN];
+            header.copy_from_slice(&held[at..start]);
+            let crc = checksum(Kind::Pages, &header, &held[start..start + len]);
+            held[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+            done = true;
+            if joiner.write_all(&held).is_err() {
+                break;
+            }
+        }
+    });
+    addr
+}
+
+/// Someone on the path rewrites a page and its chunk's CRC (the format is public, the CRC no
+/// secret): the joiner's tag check refuses the chunk before the state is used, and says so.
+#[test]
+fn a_rewritten_chunk_with_a_right_checksum_is_refused_as_not_authentic() {
+    let mut pair = primary("rewrite");
+    let relay = rewriting_relay(pair.join_addr.clone());
+    let (mut bad, joined) = pair.joiner_at("bad", &relay, &pair.key.clone(), &[]);
+    assert!(!joined, "a rewritten stream must not be loaded");
+    assert_ne!(bad.wait(LONG), Some(0));
+    let log = bad.log();
+    assert!(
+        log.contains("not authentic") && log.contains("PAGES"),
+        "the tag, not the CRC, refused it:\n{log}"
+    );
+    assert!(pair.primary.wait_for_log("a join failed", LONG));
+    let (good, joined) = pair.joiner("good", &[]);
+    assert!(joined, "{}", good.log());
+}
+
 /// The joiner dies in the middle of the transfer (stopped while the primary copies memory,
 /// then SIGKILLed): the primary drops the transfer without ever stopping its guest, serves on
 /// unprotected, and a later joiner gets the pair protected.

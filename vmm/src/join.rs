@@ -29,7 +29,9 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use transport::auth::{ChannelCrypto, SessionKeys};
 use transport::handshake::{self, MediumKind};
+use transport::session::{ChunkTags, End};
 use transport::{AnyPrimary, ChannelConfig, Medium};
 
 use crate::migrate::sink::{restore_with, Expect, Restored};
@@ -690,9 +692,37 @@ fn authenticate(
     Ok(handshake::primary_handshake(conn, &params)?)
 }
 
+/// The state stream's writer to the other side: every chunk sealed under the handshake's
+/// keys, unless the channel's crypto is `none`. `end` is this side's end of the handshake.
+fn stream_writer<W: Write>(
+    out: W,
+    keys: &SessionKeys,
+    crypto: ChannelCrypto,
+    end: End,
+) -> ChunkWriter<W> {
+    match crypto {
+        ChannelCrypto::Auth => ChunkWriter::sealed(out, ChunkTags::sending(keys, end)),
+        ChannelCrypto::None => ChunkWriter::new(out),
+    }
+}
+
+/// The state stream's reader from the other side: every chunk must carry a valid tag, unless
+/// the channel's crypto is `none`.
+fn stream_reader<R: Read>(
+    input: R,
+    keys: &SessionKeys,
+    crypto: ChannelCrypto,
+    end: End,
+) -> ChunkReader<R> {
+    match crypto {
+        ChannelCrypto::Auth => ChunkReader::sealed(input, ChunkTags::receiving(keys, end)),
+        ChannelCrypto::None => ChunkReader::new(input),
+    }
+}
+
 /// Tells an authenticated joiner why it is refused (best effort: it may be gone).
-fn send_refusal(conn: &mut Conn, why: &str) {
-    let mut w = ChunkWriter::new(conn);
+fn send_refusal(conn: &mut Conn, keys: &SessionKeys, crypto: ChannelCrypto, why: &str) {
+    let mut w = stream_writer(conn, keys, crypto, End::Connecting);
     let _ = w.refused(why);
     let _ = w.flush();
     tracing::warn!("refused a joiner: {why}");
@@ -702,8 +732,8 @@ fn send_refusal(conn: &mut Conn, why: &str) {
 /// learns nothing).
 fn refuse(mut conn: Conn, settings: &JoinSettings, epoch: u64, why: &str) {
     ftvm_metrics::METRICS.joins_refused.inc();
-    if authenticate(&mut conn, settings, epoch).is_ok() {
-        send_refusal(&mut conn, why);
+    if let Ok(a) = authenticate(&mut conn, settings, epoch) {
+        send_refusal(&mut conn, &a.keys, settings.channel.crypto, why);
     }
 }
 
@@ -723,7 +753,7 @@ impl Worker {
         let request = match self.check(&accepted.medium_info) {
             Ok(r) => r,
             Err(why) => {
-                send_refusal(&mut conn, &why);
+                send_refusal(&mut conn, &accepted.keys, s.channel.crypto, &why);
                 return Some(JoinReport {
                     error: Some(format!("refused: {why}")),
                     ..Default::default()
@@ -738,7 +768,7 @@ impl Worker {
             auth_ms: ms_since(started),
             ..Default::default()
         };
-        let r = self.transfer(&mut conn, &request, epoch, &mut report);
+        let r = self.transfer(&mut conn, &accepted.keys, &request, epoch, &mut report);
         report.total_ms = ms_since(started);
         // The vCPU thread waits for an answer only once it handed its state over.
         let vcpu_waiting = report.exit > 0;
@@ -800,6 +830,7 @@ impl Worker {
     fn transfer(
         &mut self,
         conn: &mut Conn,
+        keys: &SessionKeys,
         request: &JoinRequest,
         epoch: u64,
         report: &mut JoinReport,
@@ -809,7 +840,9 @@ impl Worker {
         while self.handover.try_recv().is_ok() {}
         let log = self.memory.start_dirty_log().map_err(MigrateError::from)?;
         let reader = conn.try_clone().map_err(io("the join connection"))?;
-        let mut w = ChunkWriter::new(BufWriter::with_capacity(1 << 20, &mut *conn));
+        let crypto = s.channel.crypto;
+        let out = BufWriter::with_capacity(1 << 20, &mut *conn);
+        let mut w = stream_writer(out, keys, crypto, End::Connecting);
         let mut pre = Precopy::new(log, s.precopy.clone());
         let header = Header {
             mem_size: s.mem_size,
@@ -825,7 +858,7 @@ impl Worker {
         // Wait until the joiner has loaded every round (it echoes each ROUND_END), so that
         // the pause holds only the last pages, not the joiner's backlog.
         let last = report.rounds.len() as u32 - 1;
-        let mut r = ChunkReader::new(BufReader::new(reader));
+        let mut r = stream_reader(BufReader::new(reader), keys, crypto, End::Connecting);
         loop {
             match r.next_chunk()? {
                 Chunk::RoundEnd { round, .. } if round >= last => break,
@@ -984,7 +1017,7 @@ fn join_keeping(
     conn.set_timeouts(Some(channel.handshake_timeout))
         .map_err(io("the join connection"))?;
     let params = channel.session_params(MediumKind::Join);
-    handshake::backup_authenticate(&mut conn, &params)?;
+    let hello = handshake::backup_authenticate(&mut conn, &params)?;
     handshake::backup_welcome(&mut conn, 1, &request.encode())?;
     // The rounds may pause between chunks for as long as the primary's guest keeps it busy.
     conn.set_timeouts(Some(channel.handshake_timeout.max(Duration::from_secs(30))))
@@ -1008,8 +1041,9 @@ fn join_keeping(
     };
     // A small buffer: a page run's bytes (up to 1 MiB) are read past it, straight into guest
     // memory, once the little it holds is used up.
-    let mut r = ChunkReader::new(BufReader::with_capacity(32 << 10, source));
-    let mut w = ChunkWriter::new(writer);
+    let input = BufReader::with_capacity(32 << 10, source);
+    let mut r = stream_reader(input, &hello.keys, channel.crypto, End::Accepting);
+    let mut w = stream_writer(writer, &hello.keys, channel.crypto, End::Accepting);
     let restored = match restore_with(&mut r, vm, &expect, &mut |round, pages| {
         // Each round loaded: the primary waits for the last one before it stops its guest.
         w.round_end(round, pages)?;

@@ -63,6 +63,9 @@ pub struct JoinArgs {
     /// The log channel's medium once joined.
     #[arg(long, value_enum, default_value = "shm")]
     transport: LogMedium,
+    /// The channel's crypto, which also seals the join's state stream (`auth`) or not (`none`).
+    #[arg(long, default_value = "auth")]
+    channel_crypto: transport::auth::ChannelCrypto,
     /// Where join.json, join.csv, joins.csv and join.svg go.
     #[arg(long, default_value = "target/bench/join")]
     out: PathBuf,
@@ -154,6 +157,7 @@ pub struct JoinRow {
     mem_mib: u64,
     join_addr: JoinLink,
     transport: LogMedium,
+    channel_crypto: String,
     joins: usize,
     pause_p50_ms: f64,
     pause_p99_ms: f64,
@@ -383,6 +387,8 @@ impl Run<'_> {
             s(name),
             s("--mem-mib"),
             s(self.mem_mib),
+            s("--channel-crypto"),
+            s(self.args.channel_crypto),
             s("--transport"),
             s(match self.args.transport {
                 LogMedium::Shm => "shm",
@@ -894,6 +900,7 @@ fn row(args: &JoinArgs, mem_mib: u64, samples: Vec<JoinSample>, fill_failures: u
         mem_mib,
         join_addr: args.join_addr,
         transport: args.transport,
+        channel_crypto: args.channel_crypto.to_string(),
         joins: measured.len(),
         pause_p50_ms: stats::percentile_ms(&pause, 0.5),
         pause_p99_ms: pause_p99,

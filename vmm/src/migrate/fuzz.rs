@@ -10,11 +10,49 @@
 //! UTF-8 or is longer than the writer's 4 KiB is the one exception: it is read lossily, for the
 //! person reading it); and the vCPU and device state inside decode to values that encode back
 //! to the same bytes.
+//!
+//! A stream whose first chunk is sealed is read as a joiner with crypto `auth` reads it: every
+//! chunk must carry a valid tag under [`SessionKeys::for_test`]'s keys (the seeds are sealed
+//! under them), so what is accepted is exactly what the keys' holder wrote — written again by
+//! a sealed writer it gives back the same bytes, tags included. Any other stream is read
+//! as crypto `none` reads it (tags skipped unchecked; a sealed chunk there ends the canonical
+//! comparison, since its tag cannot be written again without the keys).
+
+use transport::auth::SessionKeys;
+use transport::session::{ChunkTags, End, CHUNK_TAG_LEN};
 
 use super::state::VcpuState;
-use super::stream::{page_hash, Chunk, ChunkReader, ChunkWriter, Header, Next};
+use super::stream::{page_hash, Chunk, ChunkReader, ChunkWriter, Header, Next, FLAG_SEALED};
 use crate::join::DeviceState;
 use crate::vm::PAGE_SIZE;
+
+/// The keys of the sealed seeds.
+fn keys() -> SessionKeys {
+    SessionKeys::for_test(7)
+}
+
+/// A reader of `data` as this check reads it (see the module documentation).
+fn reader(data: &[u8], sealed: bool) -> ChunkReader<&[u8]> {
+    if sealed {
+        ChunkReader::sealed(data, ChunkTags::receiving(&keys(), End::Accepting))
+    } else {
+        ChunkReader::new(data)
+    }
+}
+
+/// A writer whose chunks [`reader`] accepts.
+fn writer(sealed: bool) -> ChunkWriter<Vec<u8>> {
+    if sealed {
+        ChunkWriter::sealed(Vec::new(), ChunkTags::sending(&keys(), End::Connecting))
+    } else {
+        ChunkWriter::new(Vec::new())
+    }
+}
+
+/// Whether the chunk at the start of `b` says it is sealed.
+fn is_sealed(b: &[u8]) -> bool {
+    b.get(5).is_some_and(|f| f & FLAG_SEALED != 0)
+}
 
 /// Writes `c` again; `Ok(false)` for a REFUSED chunk that cannot be written back byte for
 /// byte (see the module documentation).
@@ -55,9 +93,10 @@ fn payload(data: &[u8], start: usize, end: usize) -> &[u8] {
 /// Reads `data` as a state stream both ways and checks the properties above. Returns how many
 /// chunks were accepted.
 pub fn check(data: &[u8]) -> Result<usize, String> {
+    let sealed = is_sealed(data);
     // By whole chunks.
-    let mut r = ChunkReader::new(data);
-    let mut out = ChunkWriter::new(Vec::new());
+    let mut r = reader(data, sealed);
+    let mut out = writer(sealed);
     let mut accepted = 0usize;
     let mut canonical_upto = 0usize;
     let mut comparable = true;
@@ -91,10 +130,16 @@ pub fn check(data: &[u8]) -> Result<usize, String> {
             _ => {}
         }
         let end_chunk = matches!(c, Chunk::End | Chunk::Refused(_));
+        let tagged = is_sealed(&data[start..]);
         let end = start + super::stream::CHUNK_HEADER_LEN + chunk_len(&data[start..]);
+        if tagged != sealed {
+            // Read as crypto `none` reads a sealed chunk: its tag is not ours to write.
+            comparable = false;
+        }
         if comparable && !rewrite(&mut out, &c, payload(data, start, end))? {
             comparable = false;
         }
+        let end = end + if tagged { CHUNK_TAG_LEN } else { 0 };
         if comparable {
             canonical_upto = end;
         }
@@ -109,7 +154,7 @@ pub fn check(data: &[u8]) -> Result<usize, String> {
         ));
     }
     // As the joiner reads: page bytes straight into place.
-    let mut r2 = ChunkReader::new(data);
+    let mut r2 = reader(data, sealed);
     let mut accepted2 = 0usize;
     while let Ok(next) = r2.next_placing() {
         match next {
@@ -148,9 +193,16 @@ fn chunk_len(b: &[u8]) -> usize {
 }
 
 /// A real stream as a primary sends it: HEADER, a round of PAGES and ZEROS, ROUND_END, VCPU,
-/// DEVICE, HASHES, END; and a joiner's answer (ROUND_END, VERDICT), and a REFUSED.
+/// DEVICE, HASHES, END; and a joiner's answer (ROUND_END, VERDICT), and a REFUSED: unsealed,
+/// then the same sealed.
 pub fn seeds() -> Vec<Vec<u8>> {
-    let mut w = ChunkWriter::new(Vec::new());
+    let mut out = seeds_of(false);
+    out.extend(seeds_of(true));
+    out
+}
+
+fn seeds_of(sealed: bool) -> Vec<Vec<u8>> {
+    let mut w = writer(sealed);
     let header = Header {
         mem_size: 16 << 20,
         image_digest: [0x11; 32],
@@ -190,12 +242,12 @@ pub fn seeds() -> Vec<Vec<u8>> {
         w.end()
     })();
     let mut out = vec![std::mem::take(w.get_mut())];
-    let mut answer = ChunkWriter::new(Vec::new());
+    let mut answer = writer(sealed);
     let answered = answer
         .round_end(0, 32)
         .and_then(|()| answer.verdict(true, 0xAB, 0xCD));
     out.push(std::mem::take(answer.get_mut()));
-    let mut refused = ChunkWriter::new(Vec::new());
+    let mut refused = writer(sealed);
     let _ = refused.refused("the joiner runs another guest");
     out.push(std::mem::take(refused.get_mut()));
     if stream.is_err() || answered.is_err() {
@@ -212,10 +264,15 @@ mod tests {
     #[test]
     fn the_seeds_are_read_whole() {
         let s = seeds();
-        assert_eq!(s.len(), 3);
-        assert_eq!(check(&s[0]), Ok(8));
-        assert_eq!(check(&s[1]), Ok(2));
-        assert_eq!(check(&s[2]), Ok(1));
+        assert_eq!(s.len(), 6);
+        for sealed in [0, 3] {
+            assert_eq!(check(&s[sealed]), Ok(8));
+            assert_eq!(check(&s[sealed + 1]), Ok(2));
+            assert_eq!(check(&s[sealed + 2]), Ok(1));
+        }
+        // The sealed stream is the unsealed one with the flag and a tag per chunk.
+        assert_eq!(s[3].len(), s[0].len() + 8 * CHUNK_TAG_LEN);
+        assert!(is_sealed(&s[3]) && !is_sealed(&s[0]));
     }
 
     #[test]
@@ -244,7 +301,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(runs, 9000);
+        assert_eq!(runs, 18000);
     }
 
     /// `fuzz/seeds/join_stream/` holds these seeds for `scripts/fuzz.sh`
@@ -265,6 +322,51 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    #[test]
+    fn a_sealed_stream_accepts_only_what_the_keys_holder_wrote() {
+        let genuine = &seeds()[3];
+        // Every single changed byte (past the first chunk's flags, which pick the mode) is
+        // refused at or before its chunk: the stream's accepted prefix never includes it.
+        let mut r = reader(genuine, true);
+        let mut ends = Vec::new();
+        while r.next_chunk().is_ok() {
+            ends.push(r.bytes() as usize);
+        }
+        assert_eq!(ends.len(), 8);
+        for at in (6..genuine.len()).step_by(97) {
+            let mut bad = genuine.clone();
+            bad[at] ^= 0x01;
+            let chunk = ends.iter().position(|&e| at < e).expect("inside a chunk");
+            let mut r = reader(&bad, true);
+            let mut accepted = 0;
+            while r.next_chunk().is_ok() {
+                accepted += 1;
+            }
+            assert_eq!(accepted, chunk, "byte {at} flipped: chunk {chunk} accepted");
+        }
+        // Chunks dropped or swapped: the tags count chunks.
+        let mut dropped = genuine[..ends[0]].to_vec();
+        dropped.extend_from_slice(&genuine[ends[1]..]);
+        let mut r = reader(&dropped, true);
+        r.next_chunk().expect("the header");
+        let err = r.next_chunk().expect_err("chunk 1 dropped");
+        assert!(
+            matches!(err, super::super::MigrateError::Unauthenticated { .. }),
+            "{err}"
+        );
+        // Another session's keys: the first chunk is refused.
+        let mut r = ChunkReader::sealed(
+            &genuine[..],
+            ChunkTags::receiving(&SessionKeys::for_test(8), End::Accepting),
+        );
+        assert!(r.next_chunk().is_err());
+        // An unsealed stream where a sealed one is expected.
+        let plain = &seeds()[0];
+        let mut r = ChunkReader::sealed(&plain[..], ChunkTags::receiving(&keys(), End::Accepting));
+        let err = r.next_chunk().expect_err("unsealed");
+        assert!(err.to_string().contains("unsealed"), "{err}");
     }
 
     #[test]

@@ -62,6 +62,17 @@ pub enum MigrateError {
         /// Checksum of its bytes.
         computed: u32,
     },
+    /// A chunk of an authenticated stream without a valid tag: altered, forged, replayed or
+    /// reordered by someone without the session's keys, or not sealed at all.
+    #[error("chunk {index} ({kind}) is not authentic: {what}")]
+    Unauthenticated {
+        /// Chunk number.
+        index: u64,
+        /// Its kind's name.
+        kind: &'static str,
+        /// Why.
+        what: String,
+    },
     /// Not a chunk at all.
     #[error("chunk {index}: bad magic {found:02x?}")]
     BadMagic {

@@ -1,9 +1,13 @@
 //! The state stream's chunks. Every chunk is a 16-byte header — magic `FTJN`, `u8 kind`,
-//! `u8 flags` (0), `u16 reserved` (0), `u32 payload length`, `u32 CRC32C` over the header's
-//! first 12 bytes and the payload — followed by the payload. All integers little-endian. The
-//! payloads (see `vmm/MIGRATION.md`) are built and parsed only here.
+//! `u8 flags`, `u16 reserved` (0), `u32 payload length`, `u32 CRC32C` over the header's
+//! first 12 bytes and the payload — followed by the payload and, when the flags say
+//! [`FLAG_SEALED`], a 16-byte tag ([`transport::session::ChunkTags`]) over the chunk's number,
+//! header and payload. All integers little-endian. The payloads (see `vmm/MIGRATION.md`) are
+//! built and parsed only here.
 
 use std::io::{Read, Write};
+
+use transport::session::{ChunkTag, ChunkTags, CHUNK_TAG_LEN};
 
 use super::MigrateError;
 pub use crate::vm::page_hash;
@@ -13,6 +17,8 @@ use crate::vm::PAGE_SIZE;
 pub const MAGIC: [u8; 4] = *b"FTJN";
 /// Chunk header length.
 pub const CHUNK_HEADER_LEN: usize = 16;
+/// The flags bit of a sealed chunk: a [`CHUNK_TAG_LEN`]-byte tag follows its payload.
+pub const FLAG_SEALED: u8 = 1;
 /// Version of the stream format (in the [`Header`] chunk).
 pub const STREAM_VERSION: u32 = 2;
 /// Most pages in one `PAGES` chunk (1 MiB of page data).
@@ -140,6 +146,22 @@ fn crc_of_hashes(crc: u32, hashes: &[u64]) -> u32 {
     hashes.iter().fold(crc, |crc, &h| crc_of_hash(crc, h))
 }
 
+/// The CRC32C a chunk with header `h` (its first 12 bytes count) and `payload` carries, as a
+/// reader computes it (a PAGES payload's pages through their hashes). For tools and tests that
+/// rewrite chunks; the CRC is no secret, which is why a sealed stream also carries tags.
+pub fn checksum(kind: Kind, h: &[u8; CHUNK_HEADER_LEN], payload: &[u8]) -> u32 {
+    let start = crc32c::crc32c(&h[..12]);
+    if kind == Kind::Pages && payload.len() >= 16 {
+        payload[16..]
+            .chunks(PAGE_SIZE)
+            .fold(crc32c::crc32c_append(start, &payload[..16]), |crc, page| {
+                crc_of_hash(crc, page_hash(page))
+            })
+    } else {
+        crc32c::crc32c_append(start, payload)
+    }
+}
+
 /// Whether a PAGES payload of `len` bytes holds its 16-byte head and then exactly `count`
 /// pages, 1 to [`MAX_PAGES_PER_CHUNK`].
 fn pages_fit(len: usize, count: u32) -> bool {
@@ -228,15 +250,26 @@ pub struct ChunkWriter<W: Write> {
     out: W,
     bytes: u64,
     scratch: Vec<u8>,
+    tags: Option<ChunkTags>,
 }
 
 impl<W: Write> ChunkWriter<W> {
-    /// Chunks go to `out` (buffer it: chunks are written in a few pieces each).
+    /// Chunks go to `out` (buffer it: chunks are written in a few pieces each), unsealed
+    /// (crypto `none`, tests).
     pub fn new(out: W) -> Self {
         ChunkWriter {
             out,
             bytes: 0,
             scratch: Vec::with_capacity(64),
+            tags: None,
+        }
+    }
+
+    /// Chunks go to `out`, each sealed with the next of `tags`.
+    pub fn sealed(out: W, tags: ChunkTags) -> Self {
+        ChunkWriter {
+            tags: Some(tags),
+            ..Self::new(out)
         }
     }
 
@@ -276,16 +309,31 @@ impl<W: Write> ChunkWriter<W> {
         let mut h = [0u8; CHUNK_HEADER_LEN];
         h[..4].copy_from_slice(&MAGIC);
         h[4] = kind as u8;
+        if self.tags.is_some() {
+            h[5] = FLAG_SEALED;
+        }
         h[8..12].copy_from_slice(&(len as u32).to_le_bytes());
         let crc = rest(crc32c::crc32c_append(crc32c::crc32c(&h[..12]), head));
         h[12..16].copy_from_slice(&crc.to_le_bytes());
+        let tag = self.tags.as_mut().map(|tags| {
+            let mut t = tags.begin();
+            t.update(&h);
+            t.update(head);
+            t.update(body);
+            t.finish()
+        });
         let io = MigrateError::io("sending the state");
         self.out
             .write_all(&h)
             .and_then(|()| self.out.write_all(head))
             .and_then(|()| self.out.write_all(body))
+            .and_then(|()| match &tag {
+                Some(t) => self.out.write_all(t),
+                None => Ok(()),
+            })
             .map_err(io)?;
-        self.bytes += (CHUNK_HEADER_LEN + len) as u64;
+        let sealed = if tag.is_some() { CHUNK_TAG_LEN } else { 0 };
+        self.bytes += (CHUNK_HEADER_LEN + len + sealed) as u64;
         Ok(())
     }
 
@@ -383,6 +431,8 @@ pub struct ChunkReader<R: Read> {
     bytes: u64,
     /// A PAGES chunk whose page bytes are still in the stream ([`Self::next_placing`]).
     unread: Option<UnreadPages>,
+    /// Checks every chunk's tag (and refuses unsealed chunks); without, tags are skipped.
+    tags: Option<ChunkTags>,
 }
 
 /// A PAGES chunk read up to its page bytes.
@@ -392,6 +442,10 @@ struct UnreadPages {
     crc: u32,
     stored: u32,
     len: usize,
+    /// The chunk is sealed: its tag follows the pages.
+    sealed: bool,
+    /// Its tag so far (header and the payload's first 16 bytes), when tags are checked.
+    tag: Option<ChunkTag>,
 }
 
 /// What [`ChunkReader::next_placing`] read: a whole chunk, or a PAGES chunk whose page bytes
@@ -410,7 +464,8 @@ pub enum Next<'a> {
 }
 
 impl<R: Read> ChunkReader<R> {
-    /// Chunks come from `input`.
+    /// Chunks come from `input`; a sealed chunk's tag is skipped, not checked (a stored
+    /// stream, whose keys are gone, or crypto `none`).
     pub fn new(input: R) -> Self {
         ChunkReader {
             input,
@@ -418,7 +473,54 @@ impl<R: Read> ChunkReader<R> {
             index: 0,
             bytes: 0,
             unread: None,
+            tags: None,
         }
+    }
+
+    /// Chunks come from `input`, and every one must be sealed with the next of `tags`: an
+    /// unsealed chunk, or one whose tag does not verify, is refused
+    /// ([`MigrateError::Unauthenticated`]).
+    pub fn sealed(input: R, tags: ChunkTags) -> Self {
+        ChunkReader {
+            tags: Some(tags),
+            ..Self::new(input)
+        }
+    }
+
+    /// Reads a sealed chunk's tag after its payload and checks it against `tag` (if tags are
+    /// checked).
+    fn check_tag(
+        &mut self,
+        kind: Kind,
+        sealed: bool,
+        tag: Option<ChunkTag>,
+    ) -> Result<usize, MigrateError> {
+        if !sealed {
+            return Ok(0);
+        }
+        let mut stored = [0u8; CHUNK_TAG_LEN];
+        self.input
+            .read_exact(&mut stored)
+            .map_err(MigrateError::io("a chunk's tag"))?;
+        if tag.is_some_and(|t| !t.verifies(&stored)) {
+            return Err(MigrateError::Unauthenticated {
+                index: self.index,
+                kind: kind.name(),
+                what: "its tag does not verify (altered, forged, replayed, reordered, or from \
+                       another session)"
+                    .into(),
+            });
+        }
+        Ok(CHUNK_TAG_LEN)
+    }
+
+    /// Starts a chunk's tag over its header, if tags are checked.
+    fn begin_tag(&mut self, h: &[u8; CHUNK_HEADER_LEN]) -> Option<ChunkTag> {
+        self.tags.as_mut().map(|tags| {
+            let mut t = tags.begin();
+            t.update(h);
+            t
+        })
     }
 
     /// Bytes read so far.
@@ -469,10 +571,16 @@ impl<R: Read> ChunkReader<R> {
                 what: format!("bytes 12..16 must be zero: {:02x?}", &head[12..16]),
             });
         }
+        let mut tag = self.begin_tag(&h);
+        if let Some(t) = &mut tag {
+            t.update(&head);
+        }
         self.unread = Some(UnreadPages {
             crc: crc32c::crc32c_append(crc32c::crc32c(&h[..12]), &head),
             stored: u32_at(&h, 12),
             len,
+            sealed: h[5] & FLAG_SEALED != 0,
+            tag,
         });
         Ok(Next::Pages {
             first: u64_at(&head, 0),
@@ -519,8 +627,13 @@ impl<R: Read> ChunkReader<R> {
                 computed,
             });
         }
+        let mut tag = unread.tag;
+        if let Some(t) = &mut tag {
+            t.update(dst);
+        }
+        let sealed = self.check_tag(Kind::Pages, unread.sealed, tag)?;
         self.index += 1;
-        self.bytes += (CHUNK_HEADER_LEN + unread.len) as u64;
+        self.bytes += (CHUNK_HEADER_LEN + unread.len + sealed) as u64;
         Ok(())
     }
 
@@ -550,8 +663,15 @@ impl<R: Read> ChunkReader<R> {
             kind: kind.name(),
             what,
         };
-        if h[5] != 0 || h[6..8] != [0, 0] {
+        if h[5] & !FLAG_SEALED != 0 || h[6..8] != [0, 0] {
             return Err(malformed(format!("flags/reserved bytes {:02x?}", &h[5..8])));
+        }
+        if self.tags.is_some() && h[5] & FLAG_SEALED == 0 {
+            return Err(MigrateError::Unauthenticated {
+                index,
+                kind: kind.name(),
+                what: "an unsealed chunk in an authenticated stream".into(),
+            });
         }
         let len = u32_at(&h, 8) as usize;
         if len > MAX_PAYLOAD {
@@ -600,8 +720,13 @@ impl<R: Read> ChunkReader<R> {
                 computed,
             });
         }
+        let mut tag = self.begin_tag(&h);
+        if let Some(t) = &mut tag {
+            t.update(&self.buf);
+        }
+        let sealed = self.check_tag(kind, h[5] & FLAG_SEALED != 0, tag)?;
         self.index += 1;
-        self.bytes += (CHUNK_HEADER_LEN + len) as u64;
+        self.bytes += (CHUNK_HEADER_LEN + len + sealed) as u64;
         let p = &self.buf[..];
         let want = |n: usize| {
             if p.len() == n {
@@ -747,6 +872,19 @@ mod tests {
         r.read_pages(&mut dst, &mut hashes).expect("intact");
         assert_eq!(hashes[1], page_hash(&[2u8; PAGE_SIZE]));
         assert!(matches!(r.next_placing(), Ok(Next::Chunk(Chunk::End))));
+    }
+
+    #[test]
+    fn checksum_is_what_the_writer_writes() {
+        let stream = three_pages();
+        let mut h = [0u8; CHUNK_HEADER_LEN];
+        h.copy_from_slice(&stream[..CHUNK_HEADER_LEN]);
+        let len = u32_at(&h, 8) as usize;
+        let payload = &stream[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + len];
+        assert_eq!(checksum(Kind::Pages, &h, payload), u32_at(&h, 12));
+        let end = &stream[CHUNK_HEADER_LEN + len..];
+        h.copy_from_slice(&end[..CHUNK_HEADER_LEN]);
+        assert_eq!(checksum(Kind::End, &h, &[]), u32_at(&h, 12));
     }
 
     #[test]
