@@ -596,7 +596,7 @@ pub fn run(args: &DemoArgs, faults: u64) -> anyhow::Result<CampaignSummary> {
             bail!("--arbiter-kind etcd needs a build with the cargo feature `etcd` (the default)")
         }
     };
-    let front = vmm::service::Front::spawn(std::net::UdpSocket::bind("127.0.0.1:0")?, psk, 1)?;
+    let front = vmm::service::Front::bind(([127, 0, 0, 1], 0).into(), psk, 1)?;
     let service = front.local_addr();
     println!(
         "ftvm demo: a self-healing pair (two `ftvm node`s, TCP log channel through relays) behind \

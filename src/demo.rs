@@ -425,7 +425,7 @@ pub fn run_failover(args: &DemoArgs, kill_after: u64) -> anyhow::Result<Failover
     // backup's they would preempt it and delay its ACKs (or, for long, its heartbeat checks).
     crate::replica::pin(Some(args.client_core));
     let psk = transport::PreSharedKey::from_file(&key)?;
-    let front = vmm::service::Front::spawn(std::net::UdpSocket::bind("127.0.0.1:0")?, psk, 1)?;
+    let front = vmm::service::Front::bind(([127, 0, 0, 1], 0).into(), psk, 1)?;
     let service = front.local_addr();
     let sock = dir.join("backup.sock");
     println!(

@@ -168,8 +168,14 @@ fn front_samples(f: &vmm::service::FrontStats) -> Vec<ftvm_metrics::Sample> {
         ),
         Sample::counter(
             "ftvm_front_refused_registrations",
-            "Registrations refused (bad tag, wrong session, or an older epoch).",
+            "Connections refused in the handshake (another key or pair) and registrations \
+             refused (an older epoch, or the newest held by another replica).",
             f.refused,
+        ),
+        Sample::counter(
+            "ftvm_front_unauthenticated_datagrams",
+            "Datagrams from the registered replica's address whose seal did not verify.",
+            f.unauthenticated,
         ),
         Sample::counter(
             "ftvm_front_parked_requests",
@@ -217,8 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Front(args) => {
             let key = transport::PreSharedKey::from_file(&args.key_file)?;
-            let socket = std::net::UdpSocket::bind(args.listen)?;
-            let front = vmm::service::Front::spawn(socket, key, args.session)?;
+            let front = vmm::service::Front::bind(args.listen, key, args.session)?;
             let _metrics = status::start_metrics(
                 args.metrics.as_deref(),
                 ftvm_metrics::Process::Front,

@@ -17,7 +17,7 @@ mod arbiters;
 mod common;
 
 use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -447,8 +447,7 @@ fn node_args(role: &str, key: &Path, arbiter: &str, front: SocketAddr, core: u8)
 fn start_pair(scratch: &Scratch, arbiter: &str, over_cable: bool) -> Pair {
     let key = scratch.key();
     let psk = PreSharedKey::from_file(&key).expect("key");
-    let front =
-        Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("front"), psk, 1).expect("front");
+    let front = Front::bind(([127, 0, 0, 1], 0).into(), psk, 1).expect("front");
     let mut b = node_args("backup", &key, arbiter, front.local_addr(), 1);
     let mut p = node_args("primary", &key, arbiter, front.local_addr(), 0);
     p.extend([s("--service"), s("127.0.0.1:0")]);
@@ -778,8 +777,7 @@ fn a_downed_veth_between_the_replicas_leaves_exactly_one_live() {
         let veths = Veths::new();
         let psk = PreSharedKey::from_file(&key).expect("key");
         // The front listens on every address: the primary reaches it over the service veth.
-        let front =
-            Front::spawn(UdpSocket::bind("0.0.0.0:0").expect("front"), psk, 1).expect("front");
+        let front = Front::bind(([0, 0, 0, 0], 0).into(), psk, 1).expect("front");
         let port = front.local_addr().port();
         let service_front: SocketAddr = format!("10.78.0.2:{port}").parse().expect("addr");
         let mut b = node_args("backup", &key, &arbiter, service_front, 1);

@@ -168,12 +168,7 @@ impl Site {
         let arbiter = ft_arbiter::ArbiterSpec::File(dir.path().join("store"));
         arbiter.init().expect("arbiter store");
         let psk = transport::PreSharedKey::from_file(&key).expect("key");
-        let front = vmm::service::Front::spawn(
-            std::net::UdpSocket::bind("127.0.0.1:0").expect("front socket"),
-            psk,
-            1,
-        )
-        .expect("front");
+        let front = vmm::service::Front::bind(([127, 0, 0, 1], 0).into(), psk, 1).expect("front");
         Site {
             dir,
             key,

@@ -170,6 +170,8 @@ pub enum MediumKind {
     Rdma = 5,
     /// A backup joining a running primary: the state transfer's connection, not a log channel.
     Join = 6,
+    /// A replica registering with (or a node probing) the service front, not a log channel.
+    Front = 7,
 }
 
 impl MediumKind {
@@ -181,6 +183,7 @@ impl MediumKind {
             4 => Some(MediumKind::Dpdk),
             5 => Some(MediumKind::Rdma),
             6 => Some(MediumKind::Join),
+            7 => Some(MediumKind::Front),
             _ => None,
         }
     }

@@ -136,6 +136,74 @@ impl<S> Sealed<S> {
     }
 }
 
+/// Bytes a sealed datagram carries after its body: counter (8) and tag (16).
+pub const DATAGRAM_SEAL_LEN: usize = 24;
+
+/// Sealed datagrams of one session, both directions (see the module documentation):
+/// `| body | counter: u64 LE | tag: 16 bytes |`, the tag GMAC under the sender's direction key
+/// over the body and the counter, the counter also the nonce. Counters start at 1 and rise by
+/// one per datagram sent; a receiver takes a datagram only if its tag verifies and its counter is
+/// above every one it took before, so a lost datagram costs nothing but itself, and a replayed,
+/// reordered, reflected or forged one is dropped. Shared between threads: sealing takes the
+/// next counter atomically, so no nonce is used twice.
+pub struct Datagrams {
+    tx: Aes128Gcm,
+    rx: Aes128Gcm,
+    sent: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Datagrams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::sync::atomic::Ordering::Relaxed;
+        f.debug_struct("Datagrams")
+            .field("sent", &self.sent.load(Relaxed))
+            .field("taken", &self.taken.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datagrams {
+    /// The datagrams of the session whose handshake gave `keys`, this side being `end`.
+    pub fn new(keys: &SessionKeys, end: End) -> Self {
+        let (a, b) = keys.directions();
+        let (tx, rx) = match end {
+            End::Connecting => (a, b),
+            End::Accepting => (b, a),
+        };
+        Datagrams {
+            tx: Aes128Gcm::new((&tx).into()),
+            rx: Aes128Gcm::new((&rx).into()),
+            sent: std::sync::atomic::AtomicU64::new(0),
+            taken: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Appends the seal to `datagram` (its body).
+    pub fn seal(&self, datagram: &mut Vec<u8>) {
+        let counter = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        datagram.extend_from_slice(&counter.to_le_bytes());
+        let tag = gmac(&self.tx, counter, datagram);
+        datagram.extend_from_slice(&tag);
+    }
+
+    /// The body of a sealed datagram from the other side, if its tag verifies and its counter
+    /// is above every one taken before (then it is taken); `None` otherwise.
+    pub fn open<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let at = datagram.len().checked_sub(DATAGRAM_SEAL_LEN)?;
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&datagram[at..at + 8]);
+        let counter = u64::from_le_bytes(c);
+        if !gmac_verifies(&self.rx, counter, &datagram[..at + 8], &datagram[at + 8..]) {
+            return None;
+        }
+        // Taken only if above the last taken (a replay or a reordering is not).
+        let prev = self.taken.fetch_max(counter, AcqRel);
+        (counter > prev).then_some(&datagram[..at])
+    }
+}
+
 /// The context string of [`ChunkTags`]' key derivation.
 const CHUNK_TAG_CONTEXT: &str = "ftvm 2026-12 session bulk-stream chunk tag v1";
 
@@ -315,6 +383,46 @@ mod tests {
         let (_, mut other) = pair(&SessionKeys::for_test(2));
         other.stream.input.extend(good.iter().copied());
         assert!(other.read_message().is_err());
+    }
+
+    #[test]
+    fn datagrams_open_once_in_order_and_only_from_the_other_side() {
+        let keys = SessionKeys::for_test(3);
+        let front = Datagrams::new(&keys, End::Accepting);
+        let replica = Datagrams::new(&keys, End::Connecting);
+        let mut one = b"request one".to_vec();
+        front.seal(&mut one);
+        let mut two = b"request two".to_vec();
+        front.seal(&mut two);
+        assert_eq!(one.len(), 11 + DATAGRAM_SEAL_LEN);
+        assert_eq!(replica.open(&one), Some(&b"request one"[..]));
+        // Replayed: refused.
+        assert_eq!(replica.open(&one), None);
+        assert_eq!(replica.open(&two), Some(&b"request two"[..]));
+        // Reordered (an older one after a newer): refused.
+        let mut three = b"3".to_vec();
+        front.seal(&mut three);
+        let mut four = b"4".to_vec();
+        front.seal(&mut four);
+        assert!(replica.open(&four).is_some());
+        assert_eq!(replica.open(&three), None);
+        // Reflected: a side's own datagram. Altered: any byte. Too short.
+        let mut mine = b"response".to_vec();
+        replica.seal(&mut mine);
+        assert_eq!(replica.open(&mine), None);
+        for i in 0..mine.len() {
+            let fresh = Datagrams::new(&keys, End::Accepting);
+            let mut bad = mine.clone();
+            bad[i] ^= 4;
+            assert_eq!(fresh.open(&bad), None, "byte {i} altered and taken");
+        }
+        assert_eq!(front.open(&mine), Some(&b"response"[..]));
+        assert_eq!(front.open(&[0u8; 23]), None);
+        // Another session's keys.
+        let other = Datagrams::new(&SessionKeys::for_test(4), End::Connecting);
+        let mut five = b"5".to_vec();
+        front.seal(&mut five);
+        assert_eq!(other.open(&five), None);
     }
 
     #[test]

@@ -15,26 +15,40 @@
 //! drops any response whose epoch is older than the newest it has seen (a fencing token, as in
 //! Chubby's sequencers). In production the front's role is played by whatever owns the service
 //! address (a load balancer, a virtual IP on a router); on one machine it is this small UDP
-//! relay. Replicas register with an HMAC-tagged message over the pair's pre-shared key, so only
-//! a holder of the key can claim an epoch, and an epoch can only move forward.
+//! relay.
 //!
-//! # Wire format (UDP, little-endian)
+//! # The front's session (ftvm's one session layer)
 //!
-//! Every replica↔front datagram starts with an 8-byte header: magic `FTSV`, version 1, a kind
+//! The front listens on TCP at the same address and port as its UDP service socket. A replica
+//! registers, and a node probes, over a TCP connection that starts with the channel's
+//! handshake ([`transport::handshake`], medium `Front`, the pair's session id and key: a peer
+//! with another key or pair is refused there, with the reason) and then carries
+//! [`transport::session::Sealed`] messages. So a registration cannot be forged, altered or
+//! replayed, even by someone who captured an earlier one or hijacks the connection, and a
+//! probe's answer cannot be forged. The datagrams between the front and its registered replica
+//! (requests and responses) are sealed with the same connection's keys
+//! ([`transport::session::Datagrams`]: a counter and a GMAC tag each); the front forwards a
+//! response only if its seal verifies under the active registration's keys, so a datagram with
+//! a spoofed source address reaches no client, and the replica takes only the front's genuine
+//! requests. The registration's TCP connection stays open while the replica lives.
+//!
+//! # Messages (little-endian)
+//!
+//! Every message and datagram starts with an 8-byte header: magic `FTSV`, version 2, a kind
 //! byte, two zero bytes.
 //!
-//! | kind | direction | body |
-//! |---|---|---|
-//! | 1 REGISTER | replica → front | session u64, epoch u64, nonce u64, tag 16 B (HMAC-SHA256 of header and body, truncated) |
-//! | 2 REGISTERED | front → replica | epoch u64 (the front's newest), accepted u8 |
-//! | 3 REQUEST | front → replica | client address (18 B: IPv6 or v4-mapped, port u16), the client's bytes |
-//! | 4 RESPONSE | replica → front | epoch u64, client address (18 B), the guest's bytes |
-//! | 5 PROBE | node → front | session u64, nonce u64, tag 16 B (as REGISTER's) |
-//! | 6 STATUS | front → node | nonce u64 (the probe's), epoch u64 (the front's newest) |
+//! | kind | on | direction | body after the header |
+//! |---|---|---|---|
+//! | 1 REGISTER | TCP, sealed | replica → front | epoch u64, the replica's UDP address (18 B: IPv6 or v4-mapped, port u16) |
+//! | 2 REGISTERED | TCP, sealed | front → replica | epoch u64 (the front's newest), accepted u8 |
+//! | 3 REQUEST | UDP, sealed | front → replica | client address (18 B), the client's bytes |
+//! | 4 RESPONSE | UDP, sealed | replica → front | epoch u64, client address (18 B), the guest's bytes |
+//! | 5 PROBE | TCP, sealed | node → front | nothing |
+//! | 6 STATUS | TCP, sealed | front → node | epoch u64 (the front's newest) |
 //!
 //! A PROBE claims nothing: a node about to start a new pair asks whether the front already
 //! serves one (newest epoch above 0), so that a node with another pair id never starts a second
-//! pair behind a live one. The front answers only authentic probes for its own session.
+//! pair behind a live one.
 //!
 //! Clients speak the guest's own protocol to the front, unchanged.
 //!
@@ -53,26 +67,30 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::net::{TcpListener, TcpStream};
+
+use transport::handshake::{self, MediumKind, SessionParams};
+use transport::session::{Datagrams, End, Sealed};
 use transport::PreSharedKey;
 
 use crate::engine::EngineError;
 
 const MAGIC: &[u8; 4] = b"FTSV";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HEADER: usize = 8;
 const ADDR_LEN: usize = 18;
-const TAG_LEN: usize = 16;
-const REGISTER_LEN: usize = HEADER + 24 + TAG_LEN;
 const KIND_REGISTER: u8 = 1;
 const KIND_REGISTERED: u8 = 2;
 const KIND_REQUEST: u8 = 3;
 const KIND_RESPONSE: u8 = 4;
 const KIND_PROBE: u8 = 5;
 const KIND_STATUS: u8 = 6;
-const PROBE_LEN: usize = HEADER + 16 + TAG_LEN;
-const TAG_LABEL: &[u8] = b"ftvm-front-register-v1";
 /// Largest datagram handled.
 const MAX_DATAGRAM: usize = 65536;
+/// Largest message on a front connection.
+const MAX_MESSAGE: usize = 64;
+/// What the front's handshake Welcome carries.
+const FRONT_INFO: &[u8] = b"ftvm front";
 
 fn header(kind: u8) -> [u8; HEADER] {
     [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], VERSION, kind, 0, 0]
@@ -111,78 +129,87 @@ fn decode_addr(b: &[u8]) -> Option<SocketAddr> {
     })
 }
 
-fn register_message(key: &PreSharedKey, session: u64, epoch: u64, nonce: u64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(REGISTER_LEN);
-    m.extend_from_slice(&header(KIND_REGISTER));
-    m.extend_from_slice(&session.to_le_bytes());
-    m.extend_from_slice(&epoch.to_le_bytes());
-    m.extend_from_slice(&nonce.to_le_bytes());
-    let tag = key.tag(TAG_LABEL, &[&m]);
-    m.extend_from_slice(&tag[..TAG_LEN]);
-    m
+/// The handshake parameters of a front connection for pair `session`: medium `Front`, no
+/// guest, always sealed (like the arbiter's, whatever the log channel's crypto).
+fn front_params(key: &PreSharedKey, session: u64, epoch: u64) -> SessionParams {
+    SessionParams {
+        session_id: session,
+        epoch,
+        medium: MediumKind::Front,
+        key: key.clone(),
+        guest: transport::GuestIdentity::default(),
+        crypto: transport::auth::ChannelCrypto::Auth,
+    }
 }
 
-fn probe_message(key: &PreSharedKey, session: u64, nonce: u64) -> Vec<u8> {
-    let mut m = Vec::with_capacity(PROBE_LEN);
-    m.extend_from_slice(&header(KIND_PROBE));
-    m.extend_from_slice(&session.to_le_bytes());
-    m.extend_from_slice(&nonce.to_le_bytes());
-    let tag = key.tag(TAG_LABEL, &[&m]);
-    m.extend_from_slice(&tag[..TAG_LEN]);
-    m
+fn other(context: &'static str, e: impl ToString) -> EngineError {
+    EngineError::Io {
+        context,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Connects to the front at `front` and runs the handshake as the connecting end; retries a
+/// refused or failed connection (the front not up yet) every 20 ms until `deadline`. A
+/// handshake refusal (another key or pair) is not retried.
+fn dial_front(
+    front: SocketAddr,
+    params: &SessionParams,
+    deadline: Instant,
+    context: &'static str,
+) -> Result<(Sealed<TcpStream>, transport::auth::SessionKeys), EngineError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(EngineError::Io {
+                context,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no front answers at {front}"),
+                ),
+            });
+        }
+        let mut stream = match TcpStream::connect_timeout(&front, left) {
+            Ok(s) => s,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20).min(left));
+                continue;
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .and_then(|()| stream.set_read_timeout(Some(left)))
+            .and_then(|()| stream.set_write_timeout(Some(left)))
+            .map_err(io(context))?;
+        let accepted = handshake::primary_handshake(&mut stream, params)
+            .map_err(|e| other(context, format!("the front at {front}: {e}")))?;
+        let keys = accepted.keys.clone();
+        return Ok((
+            Sealed::new(stream, &accepted.keys, End::Connecting, MAX_MESSAGE),
+            keys,
+        ));
+    }
 }
 
 /// Asks the front at `front` for the newest epoch it has registered for pair `session`
 /// (0: none yet), without claiming anything. A front that does not answer within `timeout`
-/// (down, or it has another key or session: it ignores such probes) is an error.
+/// (down), or refuses the handshake (it has another key or pair), is an error.
 pub fn probe_front(
     front: SocketAddr,
     key: &PreSharedKey,
     session: u64,
     timeout: Duration,
 ) -> Result<u64, EngineError> {
-    let bind = if front.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let socket = UdpSocket::bind(bind).map_err(io("probing the service front"))?;
-    socket
-        .set_read_timeout(Some(Duration::from_millis(20)))
-        .map_err(io("probing the service front"))?;
-    let mut nonce = [0u8; 8];
-    getrandom::getrandom(&mut nonce).map_err(|e| EngineError::Io {
-        context: "drawing a probe nonce",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let nonce = u64::from_le_bytes(nonce);
-    let msg = probe_message(key, session, nonce);
-    let mut buf = [0u8; 64];
+    const CONTEXT: &str = "probing the service front";
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        socket
-            .send_to(&msg, front)
-            .map_err(io("probing the service front"))?;
-        if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let b = &buf[..n];
-            if from == front && kind_of(b) == Some(KIND_STATUS) && u64_at(b, HEADER) == Some(nonce)
-            {
-                if let Some(epoch) = u64_at(b, HEADER + 8) {
-                    return Ok(epoch);
-                }
-            }
-        }
+    let (mut conn, _) = dial_front(front, &front_params(key, session, 0), deadline, CONTEXT)?;
+    conn.write_message(&header(KIND_PROBE))
+        .map_err(io(CONTEXT))?;
+    let b = conn.read_message().map_err(io(CONTEXT))?;
+    match (kind_of(&b), u64_at(&b, HEADER)) {
+        (Some(KIND_STATUS), Some(epoch)) if b.len() == HEADER + 8 => Ok(epoch),
+        _ => Err(other(CONTEXT, format!("a malformed answer from {front}"))),
     }
-    Err(EngineError::Io {
-        context: "probing the service front",
-        source: std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "no answer from {front} within {timeout:?} (down, or its key or pair session \
-                 is not this node's)"
-            ),
-        ),
-    })
 }
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -200,6 +227,16 @@ pub struct ServicePort {
     /// `Some(front)` when clients are reached through a [`Front`].
     front: Option<SocketAddr>,
     buf: Vec<u8>,
+    /// The registration's session (shared with [`Self::try_clone`]'s handles): its datagram
+    /// seals, and the TCP connection kept open while this replica is registered.
+    link: Arc<Mutex<Option<FrontLink>>>,
+}
+
+/// A registration at the front.
+#[derive(Debug)]
+struct FrontLink {
+    datagrams: Arc<Datagrams>,
+    _conn: Sealed<TcpStream>,
 }
 
 impl ServicePort {
@@ -210,6 +247,7 @@ impl ServicePort {
             socket,
             front: None,
             buf: vec![0; MAX_DATAGRAM],
+            link: Arc::default(),
         })
     }
 
@@ -221,6 +259,7 @@ impl ServicePort {
             socket,
             front: Some(front),
             buf: vec![0; MAX_DATAGRAM],
+            link: Arc::default(),
         })
     }
 
@@ -234,9 +273,11 @@ impl ServicePort {
         self.front
     }
 
-    /// Claims `epoch` at the front (retrying every 20 ms until `timeout`). Returns the front's
-    /// newest epoch: equal to `epoch` when accepted; greater when this replica is deposed (it
-    /// must then release nothing). A direct port has nothing to register and returns `epoch`.
+    /// Claims `epoch` at the front, over an authenticated connection (retrying until
+    /// `timeout` while the front is not up, or holds `epoch` for another replica). Returns the
+    /// front's newest epoch: equal to `epoch` when accepted; greater when this replica is
+    /// deposed (it must then release nothing). A direct port has nothing to register and
+    /// returns `epoch`.
     pub fn register(
         &mut self,
         key: &PreSharedKey,
@@ -244,52 +285,64 @@ impl ServicePort {
         epoch: u64,
         timeout: Duration,
     ) -> Result<u64, EngineError> {
+        const CONTEXT: &str = "registering with the service front";
         let Some(front) = self.front else {
             return Ok(epoch);
         };
-        let mut nonce = [0u8; 8];
-        getrandom::getrandom(&mut nonce).map_err(|e| EngineError::Io {
-            context: "drawing a registration nonce",
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let msg = register_message(key, session, epoch, u64::from_le_bytes(nonce));
         let deadline = Instant::now() + timeout;
+        let params = front_params(key, session, epoch);
         loop {
-            self.socket
-                .send_to(&msg, front)
-                .map_err(io("registering with the service front"))?;
-            let resend = Instant::now() + Duration::from_millis(20);
-            while Instant::now() < resend {
-                match self.socket.recv_from(&mut self.buf) {
-                    Ok((n, from)) if from == front => {
-                        let b = &self.buf[..n];
-                        if kind_of(b) == Some(KIND_REGISTERED) {
-                            if let (Some(newest), Some(&accepted)) = (u64_at(b, HEADER), b.get(16))
-                            {
-                                if accepted == 1 || newest > epoch {
-                                    return Ok(newest);
-                                }
-                            }
-                        }
-                        // A request that raced the registration: the front resends pending ones.
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Err(e) => return Err(io("registering with the service front")(e)),
-                }
+            let (mut conn, keys) = dial_front(front, &params, deadline, CONTEXT)?;
+            // The address the front sends requests to: ours, with the connection's local IP
+            // if the socket is bound to any address.
+            let mut udp = self.socket.local_addr().map_err(io(CONTEXT))?;
+            if udp.ip().is_unspecified() {
+                udp.set_ip(conn.get_ref().local_addr().map_err(io(CONTEXT))?.ip());
             }
+            let mut m = header(KIND_REGISTER).to_vec();
+            m.extend_from_slice(&epoch.to_le_bytes());
+            encode_addr(udp, &mut m);
+            conn.write_message(&m).map_err(io(CONTEXT))?;
+            let b = conn.read_message().map_err(io(CONTEXT))?;
+            let (Some(KIND_REGISTERED), Some(newest), Some(&accepted)) =
+                (kind_of(&b), u64_at(&b, HEADER), b.get(HEADER + 8))
+            else {
+                return Err(other(CONTEXT, format!("a malformed answer from {front}")));
+            };
+            if accepted == 1 {
+                // Idle from now on: it only has to stay open.
+                conn.get_ref().set_read_timeout(None).map_err(io(CONTEXT))?;
+                let link = FrontLink {
+                    datagrams: Arc::new(Datagrams::new(&keys, End::Connecting)),
+                    _conn: conn,
+                };
+                *self.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+                return Ok(newest);
+            }
+            if newest > epoch {
+                return Ok(newest);
+            }
+            // Our epoch is held by another replica's registration: wait for it to go.
             if Instant::now() >= deadline {
                 return Err(EngineError::Io {
-                    context: "registering with the service front",
+                    context: CONTEXT,
                     source: std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("no answer from {front} within {timeout:?}"),
+                        format!("{front} kept epoch {epoch} for another replica for {timeout:?}"),
                     ),
                 });
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The registration's datagram seals, if registered.
+    fn datagrams(&self) -> Option<Arc<Datagrams>> {
+        self.link
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|l| l.datagrams.clone())
     }
 
     /// The next client request, if one is waiting: its bytes (at most `max` are copied into
@@ -312,8 +365,17 @@ impl ServicePort {
                     return Ok(Some(from));
                 }
                 Some(front) => {
-                    // Only the front's REQUESTs are requests; anything else is dropped.
-                    if from != front || kind_of(b) != Some(KIND_REQUEST) {
+                    // Only the front's sealed REQUESTs are requests; anything else is dropped.
+                    if from != front {
+                        continue;
+                    }
+                    let Some(d) = self.datagrams() else {
+                        continue;
+                    };
+                    let Some(b) = d.open(b) else {
+                        continue;
+                    };
+                    if kind_of(b) != Some(KIND_REQUEST) {
                         continue;
                     }
                     let Some(client) = decode_addr(&b[HEADER..]) else {
@@ -359,11 +421,16 @@ impl ServicePort {
         let result = match self.front {
             None => self.socket.send_to(bytes, to),
             Some(front) => {
-                let mut m = Vec::with_capacity(HEADER + 8 + ADDR_LEN + bytes.len());
+                // Unregistered (or deposed before registering): nothing can reach a client.
+                let Some(d) = self.datagrams() else {
+                    return Ok(());
+                };
+                let mut m = Vec::with_capacity(HEADER + 8 + ADDR_LEN + bytes.len() + 24);
                 m.extend_from_slice(&header(KIND_RESPONSE));
                 m.extend_from_slice(&epoch.to_le_bytes());
                 encode_addr(to, &mut m);
                 m.extend_from_slice(bytes);
+                d.seal(&mut m);
                 self.socket.send_to(&m, front)
             }
         };
@@ -380,6 +447,7 @@ impl ServicePort {
             socket: self.socket.try_clone().map_err(io("service socket"))?,
             front: self.front,
             buf: Vec::new(),
+            link: self.link.clone(),
         })
     }
 }
@@ -393,8 +461,12 @@ pub struct FrontStats {
     pub responses: u64,
     /// Responses dropped because their epoch was older than the newest registered one.
     pub fenced: u64,
-    /// Registrations refused (bad tag, wrong session, or an epoch older than the newest).
+    /// Connections refused in the handshake (another key or pair), and registrations refused
+    /// (an epoch older than the newest, or the newest held by another replica).
     pub refused: u64,
+    /// Datagrams from the registered replica's address whose seal did not verify (forged,
+    /// altered or replayed).
+    pub unauthenticated: u64,
     /// Client requests that arrived while no replica was registered (kept for the next one).
     pub parked: u64,
     /// Malformed or unexpected datagrams ignored.
@@ -406,10 +478,24 @@ pub struct FrontStats {
 #[derive(Debug, Default)]
 struct FrontState {
     stats: FrontStats,
+    /// The replica holding the newest epoch, if it is registered.
+    active: Option<Active>,
+    /// The newest epoch registered.
+    newest: u64,
+    /// Each client's latest request that has not been answered yet.
+    pending: HashMap<SocketAddr, Vec<u8>>,
     /// When the first response of each epoch was forwarded.
     first_response: BTreeMap<u64, Instant>,
     /// When each epoch was registered.
     registered_at: BTreeMap<u64, Instant>,
+}
+
+/// A registered replica.
+#[derive(Debug)]
+struct Active {
+    addr: SocketAddr,
+    epoch: u64,
+    datagrams: Arc<Datagrams>,
 }
 
 /// The service front: owns the service address, forwards requests to the replica holding the
@@ -423,19 +509,57 @@ pub struct Front {
 }
 
 impl Front {
-    /// Serves on `socket` (the service address) for FT pair `session`, accepting registrations
-    /// tagged with `key`, on a thread of its own.
-    pub fn spawn(socket: UdpSocket, key: PreSharedKey, session: u64) -> Result<Self, EngineError> {
+    /// Serves at `addr` (the service address: UDP for clients and replicas' datagrams, TCP on
+    /// the same port for registrations and probes) for FT pair `session`, with pre-shared key
+    /// `key`, on threads of its own. Port 0 picks a port free for both.
+    pub fn bind(addr: SocketAddr, key: PreSharedKey, session: u64) -> Result<Self, EngineError> {
+        const CONTEXT: &str = "binding the front's address";
+        if addr.port() != 0 {
+            let socket = UdpSocket::bind(addr).map_err(io(CONTEXT))?;
+            let listener = TcpListener::bind(addr).map_err(io(CONTEXT))?;
+            return Self::start(socket, listener, key, session);
+        }
+        // An ephemeral UDP port may be taken on the TCP side (the two ranges are shared).
+        let mut last = None;
+        for _ in 0..64 {
+            let socket = UdpSocket::bind(addr).map_err(io(CONTEXT))?;
+            let at = socket.local_addr().map_err(io(CONTEXT))?;
+            match TcpListener::bind(at) {
+                Ok(listener) => return Self::start(socket, listener, key, session),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(io(CONTEXT)(last.unwrap_or_else(|| {
+            std::io::Error::other("no port free for both UDP and TCP")
+        })))
+    }
+
+    fn start(
+        socket: UdpSocket,
+        listener: TcpListener,
+        key: PreSharedKey,
+        session: u64,
+    ) -> Result<Self, EngineError> {
         let addr = socket.local_addr().map_err(io("front socket"))?;
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
             .map_err(io("front socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("the front's TCP listener"))?;
         let state = Arc::new(Mutex::new(FrontState::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
+        let udp = socket.try_clone().map_err(io("front socket"))?;
+        let params = front_params(&key, session, 0);
+        let (st2, sp2) = (state.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("ftvm-front-tcp".into())
+            .spawn(move || accept_loop(listener, udp, params, st2, sp2))
+            .map_err(io("starting the front thread"))?;
         let thread = std::thread::Builder::new()
             .name("ftvm-front".into())
-            .spawn(move || front_loop(socket, key, session, st, sp))
+            .spawn(move || front_loop(socket, st, sp))
             .map_err(io("starting the front thread"))?;
         Ok(Front {
             addr,
@@ -486,20 +610,143 @@ impl Drop for Front {
     }
 }
 
-fn front_loop(
-    socket: UdpSocket,
-    key: PreSharedKey,
-    session: u64,
+/// Sends `request` from `client` to the active replica, sealed.
+fn forward(socket: &UdpSocket, active: &Active, client: SocketAddr, request: &[u8]) {
+    let mut out = Vec::with_capacity(HEADER + ADDR_LEN + request.len() + 24);
+    out.extend_from_slice(&header(KIND_REQUEST));
+    encode_addr(client, &mut out);
+    out.extend_from_slice(request);
+    active.datagrams.seal(&mut out);
+    let _ = socket.send_to(&out, active.addr);
+}
+
+/// Accepts registration and probe connections until `stop`.
+fn accept_loop(
+    listener: TcpListener,
+    udp: UdpSocket,
+    params: SessionParams,
     state: Arc<Mutex<FrontState>>,
     stop: Arc<AtomicBool>,
 ) {
+    let params = Arc::new(params);
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let (params, state) = (params.clone(), state.clone());
+        let Ok(udp) = udp.try_clone() else { continue };
+        let _ = std::thread::Builder::new()
+            .name("ftvm-front-conn".into())
+            .spawn(move || serve_connection(stream, &udp, &params, &state));
+    }
+}
+
+/// One replica's (or node's) connection: the handshake, then REGISTER and PROBE messages
+/// until it closes.
+fn serve_connection(
+    mut stream: TcpStream,
+    udp: &UdpSocket,
+    params: &SessionParams,
+    state: &Mutex<FrontState>,
+) {
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let timeout = Some(Duration::from_secs(5));
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_read_timeout(timeout))
+        .and_then(|()| stream.set_write_timeout(timeout));
+    if setup.is_err() {
+        return;
+    }
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let hello = match handshake::backup_authenticate(&mut stream, params)
+        .and_then(|hello| handshake::backup_welcome(&mut stream, 0, FRONT_INFO).map(|()| hello))
+    {
+        Ok(hello) => hello,
+        Err(e) => {
+            lock().stats.refused += 1;
+            tracing::warn!(%peer, "front: refused a connection: {e}");
+            return;
+        }
+    };
+    // A registered replica's connection idles for as long as it lives.
+    if stream.set_read_timeout(None).is_err() {
+        return;
+    }
+    let mut conn = Sealed::new(stream, &hello.keys, End::Accepting, MAX_MESSAGE);
+    loop {
+        let Ok(b) = conn.read_message() else {
+            // Closed, or a message that failed authentication: the connection ends.
+            return;
+        };
+        let answer = match kind_of(&b) {
+            Some(KIND_REGISTER) if b.len() == HEADER + 8 + ADDR_LEN => {
+                let (Some(epoch), Some(addr)) = (u64_at(&b, HEADER), decode_addr(&b[HEADER + 8..]))
+                else {
+                    return;
+                };
+                let mut st = lock();
+                let accepted = epoch > st.newest
+                    || (epoch == st.newest && st.active.as_ref().is_none_or(|a| a.addr == addr));
+                let fresh = accepted && (epoch > st.newest || st.active.is_none());
+                if accepted {
+                    st.newest = epoch;
+                    st.active = Some(Active {
+                        addr,
+                        epoch,
+                        datagrams: Arc::new(Datagrams::new(&hello.keys, End::Accepting)),
+                    });
+                    st.stats.epoch = epoch;
+                    st.registered_at.entry(epoch).or_insert_with(Instant::now);
+                } else {
+                    st.stats.refused += 1;
+                }
+                let mut reply = header(KIND_REGISTERED).to_vec();
+                reply.extend_from_slice(&st.newest.to_le_bytes());
+                reply.push(u8::from(accepted));
+                // The answer first, then the waiting requests: the replica takes its keys from
+                // the answer before it reads them.
+                if conn.write_message(&reply).is_err() {
+                    return;
+                }
+                if fresh {
+                    let st = &mut *st;
+                    if let Some(active) = &st.active {
+                        for (client, request) in &st.pending {
+                            forward(udp, active, *client, request);
+                            st.stats.requests += 1;
+                        }
+                    }
+                }
+                continue;
+            }
+            Some(KIND_PROBE) if b.len() == HEADER => {
+                let mut reply = header(KIND_STATUS).to_vec();
+                reply.extend_from_slice(&lock().newest.to_le_bytes());
+                reply
+            }
+            _ => {
+                lock().stats.ignored += 1;
+                return;
+            }
+        };
+        if conn.write_message(&answer).is_err() {
+            return;
+        }
+    }
+}
+
+/// The UDP side: client requests to the active replica, its sealed responses to clients.
+fn front_loop(socket: UdpSocket, state: Arc<Mutex<FrontState>>, stop: Arc<AtomicBool>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    // The replica holding the newest epoch, if it is registered.
-    let mut active: Option<(SocketAddr, u64)> = None;
-    let mut newest = 0u64;
-    // Each client's latest request that has not been answered yet.
-    let mut pending: HashMap<SocketAddr, Vec<u8>> = HashMap::new();
-    let mut out = Vec::with_capacity(MAX_DATAGRAM);
     while !stop.load(Ordering::Relaxed) {
         // A read timeout (the stop flag's polling interval) or any other receive error: the
         // front keeps serving; `stop` is what ends it.
@@ -508,114 +755,68 @@ fn front_loop(
         };
         let b = &buf[..n];
         let Ok(mut st) = state.lock() else { return };
-        match kind_of(b) {
-            Some(KIND_REGISTER) => {
-                let fields = (u64_at(b, HEADER), u64_at(b, HEADER + 8));
-                let authentic = n == REGISTER_LEN
-                    && key.verify_tag(TAG_LABEL, &[&b[..HEADER + 24]], &b[HEADER + 24..]);
-                let accepted = match fields {
-                    (Some(s), Some(epoch)) if authentic && s == session => {
-                        epoch > newest || (epoch == newest && active.is_none_or(|(a, _)| a == from))
-                    }
-                    _ => false,
-                };
-                let mut fresh = false;
-                if accepted {
-                    let epoch = fields.1.unwrap_or_default();
-                    fresh = epoch > newest || active.is_none();
-                    newest = epoch;
-                    active = Some((from, epoch));
-                    st.stats.epoch = epoch;
-                    st.registered_at.entry(epoch).or_insert_with(Instant::now);
-                } else {
-                    st.stats.refused += 1;
+        let st = &mut *st;
+        if !b.starts_with(MAGIC) {
+            // A client request (the guest's protocol).
+            st.pending.insert(from, b.to_vec());
+            match &st.active {
+                Some(active) => {
+                    forward(&socket, active, from, b);
+                    st.stats.requests += 1;
                 }
-                // The answer first, then the waiting requests: the replica reads them in order.
-                let mut reply = header(KIND_REGISTERED).to_vec();
-                reply.extend_from_slice(&newest.to_le_bytes());
-                reply.push(u8::from(accepted));
-                let _ = socket.send_to(&reply, from);
-                if fresh {
-                    // A new replica: give it every request still waiting for an answer.
-                    for (client, request) in &pending {
-                        out.clear();
-                        out.extend_from_slice(&header(KIND_REQUEST));
-                        encode_addr(*client, &mut out);
-                        out.extend_from_slice(request);
-                        let _ = socket.send_to(&out, from);
-                        st.stats.requests += 1;
-                    }
-                }
+                None => st.stats.parked += 1,
             }
-            Some(KIND_RESPONSE) => {
-                let (Some(epoch), Some(client)) =
-                    (u64_at(b, HEADER), b.get(HEADER + 8..).and_then(decode_addr))
-                else {
-                    st.stats.ignored += 1;
-                    continue;
-                };
-                // The fence: only the registered holder of the newest epoch reaches clients.
-                if epoch < newest || active.is_none_or(|(a, e)| a != from || e != epoch) {
-                    st.stats.fenced += 1;
-                    continue;
-                }
-                let body = &b[HEADER + 8 + ADDR_LEN..];
-                if pending
-                    .get(&client)
-                    .is_some_and(|r| r.get(..4) == body.get(..4))
-                {
-                    pending.remove(&client);
-                }
-                if socket.send_to(body, client).is_ok() {
-                    st.stats.responses += 1;
-                    st.first_response.entry(epoch).or_insert_with(Instant::now);
-                }
-            }
-            Some(KIND_PROBE) => {
-                let authentic = n == PROBE_LEN
-                    && key.verify_tag(TAG_LABEL, &[&b[..HEADER + 16]], &b[HEADER + 16..]);
-                match (u64_at(b, HEADER), u64_at(b, HEADER + 8)) {
-                    (Some(s), Some(nonce)) if authentic && s == session => {
-                        let mut reply = header(KIND_STATUS).to_vec();
-                        reply.extend_from_slice(&nonce.to_le_bytes());
-                        reply.extend_from_slice(&newest.to_le_bytes());
-                        let _ = socket.send_to(&reply, from);
-                    }
-                    _ => st.stats.refused += 1,
-                }
-            }
-            Some(_) => st.stats.ignored += 1,
-            None => {
-                // A client request (the guest's protocol).
-                pending.insert(from, b.to_vec());
-                match active {
-                    Some((replica, _)) => {
-                        out.clear();
-                        out.extend_from_slice(&header(KIND_REQUEST));
-                        encode_addr(from, &mut out);
-                        out.extend_from_slice(b);
-                        let _ = socket.send_to(&out, replica);
-                        st.stats.requests += 1;
-                    }
-                    None => st.stats.parked += 1,
-                }
-            }
+            continue;
+        }
+        // Only the active replica's sealed RESPONSEs; a deposed replica's (other keys, older
+        // epoch) are fenced.
+        let Some(active) = st.active.as_ref().filter(|a| a.addr == from) else {
+            st.stats.fenced += 1;
+            continue;
+        };
+        let Some(b) = active.datagrams.open(b) else {
+            st.stats.unauthenticated += 1;
+            continue;
+        };
+        let (Some(KIND_RESPONSE), Some(epoch), Some(client)) = (
+            kind_of(b),
+            u64_at(b, HEADER),
+            b.get(HEADER + 8..).and_then(decode_addr),
+        ) else {
+            st.stats.ignored += 1;
+            continue;
+        };
+        // The fence: only the registered holder of the newest epoch reaches clients.
+        if epoch < st.newest || epoch != active.epoch {
+            st.stats.fenced += 1;
+            continue;
+        }
+        let body = &b[HEADER + 8 + ADDR_LEN..];
+        if st
+            .pending
+            .get(&client)
+            .is_some_and(|r| r.get(..4) == body.get(..4))
+        {
+            st.pending.remove(&client);
+        }
+        if socket.send_to(body, client).is_ok() {
+            st.stats.responses += 1;
+            st.first_response.entry(epoch).or_insert_with(Instant::now);
         }
     }
-}
-
-/// Test and tool helper: a registration datagram, as a replica would send it.
-#[doc(hidden)]
-pub fn encode_registration(key: &PreSharedKey, session: u64, epoch: u64, nonce: u64) -> Vec<u8> {
-    register_message(key, session, epoch, nonce)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     fn key(b: u8) -> PreSharedKey {
         PreSharedKey::new(vec![b; 32]).expect("key")
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:0".parse().expect("addr")
     }
 
     fn replica(front: SocketAddr) -> ServicePort {
@@ -644,8 +845,7 @@ mod tests {
 
     #[test]
     fn a_probe_reads_the_newest_epoch_and_claims_nothing() {
-        let front =
-            Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("bind"), key(1), 7).expect("front");
+        let front = Front::bind(local(), key(1), 7).expect("front");
         let at = front.local_addr();
         let t = Duration::from_secs(2);
         assert_eq!(probe_front(at, &key(1), 7, t).expect("probe"), 0);
@@ -675,8 +875,7 @@ mod tests {
     #[test]
     fn forwards_to_the_newest_epoch_and_fences_older_ones() {
         let k = key(7);
-        let front = Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("bind"), k.clone(), 9)
-            .expect("front");
+        let front = Front::bind(local(), k.clone(), 9).expect("front");
         let addr = front.local_addr();
         let mut old = replica(addr);
         let mut new = replica(addr);
@@ -716,30 +915,51 @@ mod tests {
     }
 
     #[test]
-    fn refuses_forged_and_foreign_registrations() {
+    fn refuses_foreign_registrations_and_unsealed_or_replayed_responses() {
         let k = key(7);
-        let front = Front::spawn(UdpSocket::bind("127.0.0.1:0").expect("bind"), k.clone(), 9)
-            .expect("front");
+        let front = Front::bind(local(), k.clone(), 9).expect("front");
         let addr = front.local_addr();
         let mut r = replica(addr);
-        let short = Duration::from_millis(200);
-        // Wrong key, wrong session: refused (no REGISTERED with accepted = 1 ever comes).
-        assert!(r.register(&key(8), 9, 5, short).is_err());
-        assert!(r.register(&k, 10, 5, short).is_err());
-        // A tampered datagram (epoch changed after tagging).
-        let mut m = encode_registration(&k, 9, 5, 1);
-        m[HEADER + 8] = 6;
-        let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        s.send_to(&m, addr).expect("send");
-        // Garbage with the magic and without.
-        s.send_to(b"FTSV\x01\x04\0\0", addr).expect("send");
-        s.send_to(b"FTSV\x01\x09\0\0xxxx", addr).expect("send");
-        std::thread::sleep(Duration::from_millis(100));
-        let stats = front.stats();
-        assert_eq!(stats.epoch, 0);
-        assert!(stats.refused >= 3, "{stats:?}");
-        assert!(stats.ignored >= 2, "{stats:?}");
-        // The real key still works.
+        let short = Duration::from_millis(300);
+        // Wrong key, wrong session: refused in the handshake, with the reason.
+        let err = r.register(&key(8), 9, 5, short).expect_err("wrong key");
+        assert!(err.to_string().contains("front"), "{err}");
+        let err = r.register(&k, 10, 5, short).expect_err("wrong session");
+        assert!(err.to_string().contains("session"), "{err}");
+        // Bytes that are not a handshake.
+        let mut t = TcpStream::connect(addr).expect("connect");
+        let _ = t.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut sink = Vec::new();
+        let _ = t.read_to_end(&mut sink);
+        assert_eq!(front.stats().epoch, 0);
+        assert!(front.stats().refused >= 3, "{:?}", front.stats());
+        // The real key works.
         assert_eq!(r.register(&k, 9, 5, short).expect("register"), 5);
+        let c = client();
+        c.send_to(b"\x01\0\0\0ask", addr).expect("send");
+        let (_, to) = recv_request(&mut r);
+        // A response without a seal, from the replica's own address: dropped and counted.
+        let mut m = header(KIND_RESPONSE).to_vec();
+        m.extend_from_slice(&5u64.to_le_bytes());
+        encode_addr(to, &mut m);
+        m.extend_from_slice(b"\x01\0\0\0forged");
+        r.socket.send_to(&m, addr).expect("send");
+        // A genuine sealed response, then the same datagram again (a replay).
+        let mut genuine = header(KIND_RESPONSE).to_vec();
+        genuine.extend_from_slice(&5u64.to_le_bytes());
+        encode_addr(to, &mut genuine);
+        genuine.extend_from_slice(b"\x01\0\0\0answer");
+        r.datagrams().expect("registered").seal(&mut genuine);
+        r.socket.send_to(&genuine, addr).expect("send");
+        r.socket.send_to(&genuine, addr).expect("send");
+        let mut buf = [0u8; 64];
+        let (n, _) = c.recv_from(&mut buf).expect("the genuine response");
+        assert_eq!(&buf[..n], b"\x01\0\0\0answer");
+        assert!(
+            c.recv_from(&mut buf).is_err(),
+            "a forged or replayed response arrived"
+        );
+        assert_eq!(front.stats().unauthenticated, 2, "{:?}", front.stats());
+        assert_eq!(front.stats().responses, 1);
     }
 }
