@@ -363,9 +363,15 @@ fn start_arbiter_server(scratch: &Scratch, key: &Path, listen: &str) -> Proc {
 /// A TCP cable between the primary and the backup that the test can cut without closing it:
 /// after [`Cable::cut`] bytes are swallowed in both directions, so each side hears only
 /// silence, as across a failed switch.
+///
+/// It can also play a man in the middle ([`Cable::hold`], [`Cable::to_primary`]): keep the
+/// primary's bytes from the backup, and send the primary bytes of its own.
 struct Cable {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<u8>>>,
+    primary: Arc<Mutex<Option<TcpStream>>>,
 }
 
 impl Cable {
@@ -373,7 +379,10 @@ impl Cable {
         let listener = TcpListener::bind("127.0.0.1:0").expect("cable listener");
         let addr = listener.local_addr().expect("cable address");
         let cut = Arc::new(AtomicBool::new(false));
-        let c = cut.clone();
+        let hold = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let to_primary: Arc<Mutex<Option<TcpStream>>> = Arc::default();
+        let (c, h, kept, tp) = (cut.clone(), hold.clone(), held.clone(), to_primary.clone());
         std::thread::spawn(move || {
             let Ok((primary, _)) = listener.accept() else {
                 return;
@@ -381,14 +390,16 @@ impl Cable {
             let Ok(backup) = TcpStream::connect(backup) else {
                 return;
             };
-            for (from, to) in [
-                (primary.try_clone(), backup.try_clone()),
-                (backup.try_clone(), primary.try_clone()),
-            ] {
+            *tp.lock().unwrap_or_else(|e| e.into_inner()) = primary.try_clone().ok();
+            let pumps = [
+                (primary.try_clone(), backup.try_clone(), true),
+                (backup.try_clone(), primary.try_clone(), false),
+            ];
+            for (from, to, from_primary) in pumps {
                 let (Ok(mut from), Ok(mut to)) = (from, to) else {
                     return;
                 };
-                let cut = c.clone();
+                let (cut, hold, kept, tp) = (c.clone(), h.clone(), kept.clone(), tp.clone());
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 1 << 16];
                     loop {
@@ -396,8 +407,20 @@ impl Cable {
                             Ok(0) | Err(_) => return,
                             Ok(n) => {
                                 // Cut: swallow, but keep both connections open.
-                                if !cut.load(Ordering::Relaxed) && to.write_all(&buf[..n]).is_err()
-                                {
+                                if cut.load(Ordering::Relaxed) {
+                                    continue;
+                                }
+                                if from_primary && hold.load(Ordering::Relaxed) {
+                                    kept.lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .extend_from_slice(&buf[..n]);
+                                    continue;
+                                }
+                                // Towards the primary, one writer at a time (the test may
+                                // inject).
+                                let _guard = (!from_primary)
+                                    .then(|| tp.lock().unwrap_or_else(|e| e.into_inner()));
+                                if to.write_all(&buf[..n]).is_err() {
                                     return;
                                 }
                             }
@@ -408,11 +431,36 @@ impl Cable {
             // The two pump threads own clones; keep these alive until the process ends.
             std::mem::forget((primary, backup));
         });
-        Cable { addr, cut }
+        Cable {
+            addr,
+            cut,
+            hold,
+            held,
+            primary: to_primary,
+        }
     }
 
     fn cut(&self) {
         self.cut.store(true, Ordering::Relaxed);
+    }
+
+    /// From now on the primary's bytes stop here (kept, see [`Cable::held`]).
+    fn hold(&self) {
+        self.hold.store(true, Ordering::Relaxed);
+    }
+
+    /// What the primary sent since [`Cable::hold`].
+    fn held(&self) -> Vec<u8> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sends `bytes` to the primary as if from the backup.
+    fn to_primary(&self, bytes: &[u8]) {
+        let mut p = self.primary.lock().unwrap_or_else(|e| e.into_inner());
+        p.as_mut()
+            .expect("the primary is connected")
+            .write_all(bytes)
+            .expect("injecting");
     }
 }
 
@@ -445,11 +493,28 @@ fn node_args(role: &str, key: &Path, arbiter: &str, front: SocketAddr, core: u8)
 
 /// Starts a pair: over TCP through a cuttable cable, or over shared memory.
 fn start_pair(scratch: &Scratch, arbiter: &str, over_cable: bool) -> Pair {
+    start_pair_with(scratch, arbiter, over_cable, &[], 300)
+}
+
+/// As [`start_pair`], with `extra` arguments for both replicas and their heartbeat timeout.
+fn start_pair_with(
+    scratch: &Scratch,
+    arbiter: &str,
+    over_cable: bool,
+    extra: &[String],
+    heartbeat_timeout_ms: u64,
+) -> Pair {
     let key = scratch.key();
     let psk = PreSharedKey::from_file(&key).expect("key");
     let front = Front::bind(([127, 0, 0, 1], 0).into(), psk, 1).expect("front");
     let mut b = node_args("backup", &key, arbiter, front.local_addr(), 1);
     let mut p = node_args("primary", &key, arbiter, front.local_addr(), 0);
+    for args in [&mut b, &mut p] {
+        if let Some(i) = args.iter().position(|a| a == "--heartbeat-timeout-ms") {
+            args[i + 1] = s(heartbeat_timeout_ms);
+        }
+        args.extend(extra.iter().cloned());
+    }
     p.extend([s("--service"), s("127.0.0.1:0")]);
     let (backup, cable) = if over_cable {
         b.extend([s("--transport"), s("tcp"), s("--listen"), s("127.0.0.1:0")]);
@@ -584,6 +649,112 @@ fn a_cut_channel_leaves_exactly_one_replica_live() {
         });
     }
     println!("cut channel winners: {winners:?}");
+}
+
+/// A forged ACK from the middle of the log channel, with real processes: the cable keeps the
+/// primary's frames from the backup once armed, a client sends one update, and when the
+/// primary's frame with the update's output marker has reached the cable, the cable sends the
+/// primary an ACK for it — well-formed, the right epoch and sequence, no valid seal. Returns how
+/// many responses the front passed on in the first epoch after the cable started holding
+/// (released on the forged ACK's word), and whether the client saw a consistent history.
+fn forged_ack_run(crypto: &str) -> (u64, bool) {
+    let scratch = Scratch::new(&format!("forged-ack-{crypto}"));
+    let arbiter = scratch.file_arbiter();
+    let _turn = turn();
+    // A long heartbeat timeout: the backup must not give up on the held channel before the
+    // forgery is tried.
+    let extra = [s("--channel-crypto"), s(crypto)];
+    let pair = start_pair_with(&scratch, &arbiter, true, &extra, 5000);
+    let front = pair.front.local_addr();
+    client_ok(start_client(front, 20, 1));
+    let epoch = pair.first_epoch;
+    let before = pair.front.responses_in(epoch);
+    let cable = pair.cable.as_ref().expect("cable");
+    cable.hold();
+    // Its own keys: its model of the store starts empty.
+    let client = Command::new(FTVM)
+        .args(["client", "--service", &front.to_string(), "--requests", "3"])
+        .args([
+            "--seed",
+            "2",
+            "--keys",
+            "5",
+            "--key-prefix",
+            "mitm-",
+            "--verify",
+        ])
+        .args(["--timeout-ms", "60000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the client");
+    // Wait for the frame with the output marker of the update (an observable event).
+    let trailer = if crypto == "auth" { 24 } else { 0 };
+    let marker = wait_for(Duration::from_secs(20), || {
+        let held = cable.held();
+        let mut at = 0;
+        let mut marker = None;
+        while let Ok((frame, len)) = logfmt::FrameView::parse(&held[at..]) {
+            for (seq, entry) in frame.entries_with_seq() {
+                if matches!(entry.event, logfmt::Event::OutputMarker { .. }) {
+                    marker = Some((frame.epoch(), seq));
+                }
+            }
+            at += len + trailer;
+        }
+        marker
+    })
+    .expect("the update's output marker reached the cable");
+    let (frame_epoch, seq) = marker;
+    // `FTAK`, 0, epoch, received, replayed, and 24 bytes where the seal goes.
+    let mut ack = vec![0u8; 56];
+    ack[..4].copy_from_slice(b"FTAK");
+    ack[8..16].copy_from_slice(&frame_epoch.to_le_bytes());
+    ack[16..24].copy_from_slice(&seq.to_le_bytes());
+    ack[24..32].copy_from_slice(&seq.to_le_bytes());
+    cable.to_primary(&ack);
+    let out = client.wait_with_output().expect("client");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let consistent = out.status.success() && text.contains("\"acknowledged_lost\": 0");
+    if !consistent {
+        println!("client:\n{text}");
+    }
+    (pair.front.responses_in(epoch) - before, consistent)
+}
+
+fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_forged_ack_releases_no_output_in_real_processes() {
+    let (early, consistent) = forged_ack_run("auth");
+    assert_eq!(
+        early, 0,
+        "an output was released in the old epoch on a forged ACK's word"
+    );
+    assert!(consistent, "the client saw a consistent history");
+}
+
+#[test]
+fn without_tags_the_forged_ack_releases_the_output() {
+    // The control: with `--channel-crypto none` the same forgery works (so the test above can
+    // fail for the right reason).
+    let (early, _) = forged_ack_run("none");
+    assert_eq!(early, 1, "the forged ACK released the update's response");
 }
 
 #[test]

@@ -486,6 +486,8 @@ struct FrontState {
     pending: HashMap<SocketAddr, Vec<u8>>,
     /// When the first response of each epoch was forwarded.
     first_response: BTreeMap<u64, Instant>,
+    /// Responses forwarded per epoch.
+    responses_by_epoch: BTreeMap<u64, u64>,
     /// When each epoch was registered.
     registered_at: BTreeMap<u64, Instant>,
 }
@@ -592,6 +594,14 @@ impl Front {
     pub fn first_response_at_or_after(&self, epoch: u64) -> Option<Instant> {
         let s = self.state.lock().ok()?;
         s.first_response.range(epoch..).map(|(_, t)| *t).min()
+    }
+
+    /// Responses stamped with `epoch` passed on to clients so far.
+    pub fn responses_in(&self, epoch: u64) -> u64 {
+        self.state
+            .lock()
+            .map(|s| s.responses_by_epoch.get(&epoch).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// When a replica first registered an epoch of at least `epoch`.
@@ -802,6 +812,7 @@ fn front_loop(socket: UdpSocket, state: Arc<Mutex<FrontState>>, stop: Arc<Atomic
         if socket.send_to(body, client).is_ok() {
             st.stats.responses += 1;
             st.first_response.entry(epoch).or_insert_with(Instant::now);
+            *st.responses_by_epoch.entry(epoch).or_default() += 1;
         }
     }
 }
