@@ -73,7 +73,7 @@ pub struct DemoArgs {
     /// Heartbeat timeout of the pair, ms (how long a silent peer is given).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
-    /// What protects the log channel's frames and ACKs (`auth` or `none`; see `ftvm primary
+    /// What protects the log channel's frames and ACKs (`auth`, `encrypt` or `none`; see `ftvm primary
     /// --help`).
     #[arg(long, default_value = "auth")]
     pub channel_crypto: transport::auth::ChannelCrypto,

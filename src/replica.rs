@@ -59,7 +59,8 @@ pub struct Common {
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_timeout_ms: u64,
     /// What protects every log frame and ACK after the handshake: `auth` (a GMAC tag on each,
-    /// keys derived from the pre-shared key in the handshake) or `none` (only the handshake is
+    /// keys derived from the pre-shared key in the handshake), `encrypt` (as `auth`, and each
+    /// frame's body encrypted with AES-128-GCM) or `none` (only the handshake is
     /// authenticated). Both replicas must use the same.
     #[arg(long, default_value = "auth")]
     pub channel_crypto: transport::auth::ChannelCrypto,

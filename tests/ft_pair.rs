@@ -116,3 +116,18 @@ fn a_non_deterministic_guest_is_caught_at_its_first_output() {
         "divergence reported at the exit of the first output\n{log}"
     );
 }
+
+#[test]
+fn an_encrypted_log_keeps_the_pair_in_step() {
+    assert_in_step(
+        &[
+            "--requests",
+            "2000",
+            "--no-baseline",
+            "--channel-crypto",
+            "encrypt",
+        ],
+        2_000,
+        4,
+    );
+}

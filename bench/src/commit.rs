@@ -126,9 +126,10 @@ pub struct CommitArgs {
     /// bench built with `--features trace`.
     #[arg(long)]
     trace: bool,
-    /// Channel protection modes to measure (comma separated: `auth`, `none`). With more than
-    /// one, each round measures the raw medium and then a commit run per mode, back to back,
-    /// and the table adds what `auth` costs per commit beyond `none` (median of the rounds).
+    /// Channel protection modes to measure (comma separated: `auth`, `encrypt`, `none`). With
+    /// more than one, each round measures the raw medium and then a commit run per mode, back
+    /// to back, and the table adds what `auth` and `encrypt` cost per commit beyond `none`
+    /// (median of the rounds).
     #[arg(long, value_delimiter = ',', default_value = "auth")]
     crypto: Vec<ChannelCrypto>,
     #[command(flatten)]
@@ -400,6 +401,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut traces = serde_json::Map::new();
     let mut auth_costs = serde_json::Map::new();
+    let mut encrypt_costs = serde_json::Map::new();
     let _ = RDMA_ARGS.set(args.rdma.clone());
     #[cfg(feature = "rdma")]
     let rdma_devices = if args.transports.contains(&Medium::Rdma) {
@@ -418,7 +420,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             #[cfg(feature = "dpdk")]
             {
                 // With `auth` the frame has its trailer and the ACK its seal.
-                let auth = args.crypto.contains(&ChannelCrypto::Auth);
+                let auth = args.crypto.iter().any(|c| c.seals());
                 let (trailer, seal) = if auth {
                     (transport::auth::TRAILER_LEN, transport::auth::ACK_SEAL_LEN)
                 } else {
@@ -512,9 +514,9 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
                 steps[m] = s;
             }
         }
-        // What `auth` adds to a commit beyond `none`, round by round.
+        // What `auth` and `encrypt` add to a commit beyond `none`, round by round.
         let at = |c: ChannelCrypto| modes.iter().position(|&m| m == c);
-        let auth_cost = match (at(ChannelCrypto::Auth), at(ChannelCrypto::None)) {
+        let cost_of = |c: ChannelCrypto| match (at(c), at(ChannelCrypto::None)) {
             (Some(a), Some(n)) => Some(median(
                 rounds[a]
                     .iter()
@@ -524,6 +526,10 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
             )),
             _ => None,
         };
+        let costs = [
+            (ChannelCrypto::Auth, cost_of(ChannelCrypto::Auth)),
+            (ChannelCrypto::Encrypt, cost_of(ChannelCrypto::Encrypt)),
+        ];
         for (m, &crypto) in modes.iter().enumerate() {
             let (commit, steps, rounds) = (&commit[m], &steps[m], std::mem::take(&mut rounds[m]));
             let row = CommitRow {
@@ -577,14 +583,20 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
                 }
                 traces.insert(row.transport.clone(), serde_json::to_value(steps)?);
             }
-            if crypto == ChannelCrypto::Auth {
-                if let Some(cost) = auth_cost {
-                    println!(
-                    "  {}: auth costs {cost:+.0} ns per commit over none (median of {n_rounds} rounds' p50 differences)",
+            for (mode, cost) in costs {
+                let (Some(cost), true) = (cost, crypto == mode) else {
+                    continue;
+                };
+                println!(
+                    "  {}: {mode} costs {cost:+.0} ns per commit over none (median of {n_rounds} rounds' p50 differences)",
                     medium.name()
                 );
-                    auth_costs.insert(medium.name().to_string(), serde_json::json!(cost));
-                }
+                let into = if mode == ChannelCrypto::Auth {
+                    &mut auth_costs
+                } else {
+                    &mut encrypt_costs
+                };
+                into.insert(medium.name().to_string(), serde_json::json!(cost));
             }
             rows.push(row);
         }
@@ -596,6 +608,7 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
         let mut json = serde_json::json!({
             "rows": rows,
             "auth_cost_ns": auth_costs,
+            "encrypt_cost_ns": encrypt_costs,
             "frame_crc32c": logfmt::crc::implementation().name(),
         });
         if args.trace {

@@ -26,6 +26,15 @@
 //! ACK's epoch, received and replayed positions ([`AckSealer`], [`AckOpener`]). Media whose
 //! ACK is a message (TCP, DPDK) carry it; see each medium for what it does.
 //!
+//! `--channel-crypto encrypt` also hides the log: the frame's body is encrypted with
+//! AES-128-GCM under the same key, counter and nonce (the tag then covers the ciphertext, and
+//! the header and counter as associated data). The header stays in clear — media read the
+//! frame's length from it — except its CRC field, which is zero on the wire (a CRC of the
+//! plaintext would let anyone test guesses of it); the backup decrypts into a buffer of its
+//! own, writes the CRC of the plaintext back and then checks the frame as usual, so its ring,
+//! journal and everything after see exactly the frames of `auth`. ACKs are sealed as in
+//! `auth` (they carry positions, no guest data).
+//!
 //! `--channel-crypto none` turns all of this off (no trailer, no seals); both sides must agree,
 //! which the handshake checks.
 
@@ -53,15 +62,23 @@ pub enum ChannelCrypto {
     /// Every frame and ACK carries a GMAC tag (the default).
     #[default]
     Auth = 1,
+    /// As `Auth`, and every frame's body is encrypted (AES-128-GCM).
+    Encrypt = 2,
 }
 
 impl ChannelCrypto {
-    /// The option's name (`none`, `auth`).
+    /// The option's name (`none`, `auth`, `encrypt`).
     pub const fn name(self) -> &'static str {
         match self {
             ChannelCrypto::None => "none",
             ChannelCrypto::Auth => "auth",
+            ChannelCrypto::Encrypt => "encrypt",
         }
+    }
+
+    /// Whether frames carry a trailer and ACKs a seal (`auth` and `encrypt`).
+    pub const fn seals(self) -> bool {
+        !matches!(self, ChannelCrypto::None)
     }
 
     /// The mode a handshake byte names.
@@ -69,6 +86,7 @@ impl ChannelCrypto {
         match v {
             0 => Some(ChannelCrypto::None),
             1 => Some(ChannelCrypto::Auth),
+            2 => Some(ChannelCrypto::Encrypt),
             _ => None,
         }
     }
@@ -87,9 +105,9 @@ impl std::str::FromStr for ChannelCrypto {
         match s {
             "auth" => Ok(ChannelCrypto::Auth),
             "none" => Ok(ChannelCrypto::None),
-            "encrypt" => Err("channel crypto 'encrypt' is not built yet: use auth or none".into()),
+            "encrypt" => Ok(ChannelCrypto::Encrypt),
             other => Err(format!(
-                "unknown channel crypto '{other}': use auth or none"
+                "unknown channel crypto '{other}': use auth, encrypt or none"
             )),
         }
     }
@@ -174,6 +192,7 @@ impl SessionKeys {
             cipher: Aes128Gcm::new((&self.frames).into()),
             last_data: 0,
             last_beat: HEARTBEAT_CLASS,
+            encrypt: false,
         }
     }
 
@@ -221,6 +240,7 @@ pub struct FrameSealer {
     cipher: Aes128Gcm,
     data: u64,
     beats: u64,
+    encrypt: bool,
 }
 
 impl std::fmt::Debug for FrameSealer {
@@ -238,7 +258,14 @@ impl FrameSealer {
             cipher: Aes128Gcm::new(key.into()),
             data: 0,
             beats: HEARTBEAT_CLASS,
+            encrypt: false,
         }
+    }
+
+    /// This sealer also encrypts each frame's body (crypto `encrypt`).
+    pub fn encrypting(mut self, encrypt: bool) -> Self {
+        self.encrypt = encrypt;
+        self
     }
 
     /// Seals `buf` in place: `buf` is a frame followed by [`TRAILER_LEN`] bytes of room, which
@@ -253,9 +280,38 @@ impl FrameSealer {
         };
         let at = buf.len() - TRAILER_LEN;
         buf[at..at + 8].copy_from_slice(&counter.to_le_bytes());
+        if self.encrypt && at >= FRAME_HEADER_LEN {
+            buf[CRC_FIELD..FRAME_HEADER_LEN].fill(0);
+            let aad = header_aad(&buf[..FRAME_HEADER_LEN], &buf[at..at + 8]);
+            let (frame, trailer) = buf.split_at_mut(at);
+            let body = &mut frame[FRAME_HEADER_LEN..];
+            match self.cipher.encrypt_in_place_detached(
+                Nonce::from_slice(&nonce(counter)),
+                &aad,
+                body,
+            ) {
+                Ok(tag) => trailer[8..].copy_from_slice(&tag),
+                // Only a plaintext over GCM's 64 GiB limit fails; a frame is at most 16 MiB.
+                Err(_) => unreachable!("a frame body over AES-GCM's limit"),
+            }
+            return;
+        }
         let tag = gmac(&self.cipher, counter, &buf[..at + 8]);
         buf[at + 8..].copy_from_slice(&tag);
     }
+}
+
+/// A logfmt frame header's length.
+const FRAME_HEADER_LEN: usize = logfmt::FRAME_HEADER_LEN;
+/// Where the header's CRC field starts (it ends the header).
+const CRC_FIELD: usize = FRAME_HEADER_LEN - 4;
+
+/// An encrypted frame's associated data: its header (CRC field zero) and its counter.
+fn header_aad(header: &[u8], counter: &[u8]) -> [u8; FRAME_HEADER_LEN + 8] {
+    let mut aad = [0u8; FRAME_HEADER_LEN + 8];
+    aad[..FRAME_HEADER_LEN].copy_from_slice(&header[..FRAME_HEADER_LEN]);
+    aad[FRAME_HEADER_LEN..].copy_from_slice(&counter[..8]);
+    aad
 }
 
 /// The backup's frame checker.
@@ -263,6 +319,7 @@ pub struct FrameOpener {
     cipher: Aes128Gcm,
     last_data: u64,
     last_beat: u64,
+    encrypt: bool,
 }
 
 impl std::fmt::Debug for FrameOpener {
@@ -275,6 +332,85 @@ impl std::fmt::Debug for FrameOpener {
 }
 
 impl FrameOpener {
+    /// This opener decrypts each frame's body (crypto `encrypt`): use
+    /// [`decrypt`](Self::decrypt), not [`verify`](Self::verify).
+    pub fn decrypting(mut self, encrypt: bool) -> Self {
+        self.encrypt = encrypt;
+        self
+    }
+
+    /// Whether frames are encrypted.
+    pub fn encrypts(&self) -> bool {
+        self.encrypt
+    }
+
+    /// As [`verify`](Self::verify), for an encrypted frame: checks its tag and decrypts it
+    /// into `plain` (the frame, its CRC written back), returning the counter. Nothing is
+    /// decrypted unless the tag verifies.
+    pub fn decrypt(&self, bytes: &[u8], plain: &mut Vec<u8>) -> Result<u64, ChannelError> {
+        let Some(at) = bytes
+            .len()
+            .checked_sub(TRAILER_LEN)
+            .filter(|&at| at >= FRAME_HEADER_LEN)
+        else {
+            return Err(ChannelError::Unauthenticated {
+                what: "frame",
+                reason: format!("{} bytes: too short for an encrypted frame", bytes.len()),
+            });
+        };
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&bytes[at..at + 8]);
+        let counter = u64::from_le_bytes(c);
+        self.check_order(counter)?;
+        plain.clear();
+        plain.extend_from_slice(&bytes[..at]);
+        let aad = header_aad(&bytes[..FRAME_HEADER_LEN], &bytes[at..at + 8]);
+        let tag = &bytes[at + 8..];
+        let ok = bytes[CRC_FIELD..FRAME_HEADER_LEN] == [0; 4]
+            && self
+                .cipher
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(&nonce(counter)),
+                    &aad,
+                    &mut plain[FRAME_HEADER_LEN..],
+                    Tag::from_slice(tag),
+                )
+                .is_ok();
+        if !ok {
+            plain.clear();
+            return Err(ChannelError::Unauthenticated {
+                what: "frame",
+                reason: "its tag does not verify (forged, altered, or from another session)".into(),
+            });
+        }
+        let crc = logfmt::crc::crc32c_append(
+            logfmt::crc::crc32c(&plain[..CRC_FIELD]),
+            &plain[FRAME_HEADER_LEN..],
+        );
+        plain[CRC_FIELD..FRAME_HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        Ok(counter)
+    }
+
+    /// Refuses a counter that is not above the last accepted one of its class.
+    fn check_order(&self, counter: u64) -> Result<(), ChannelError> {
+        let last = if counter & HEARTBEAT_CLASS != 0 {
+            self.last_beat
+        } else {
+            self.last_data
+        };
+        if counter <= last {
+            return Err(ChannelError::Unauthenticated {
+                what: "frame",
+                reason: format!(
+                    "counter {} is not above the last accepted {} (a replayed or reordered frame)",
+                    counter & !HEARTBEAT_CLASS,
+                    last & !HEARTBEAT_CLASS
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks a sealed frame (`bytes`: frame and trailer) and returns the frame and its
     /// counter, without remembering anything: call [`accept`](Self::accept) with the counter
     /// once the frame is taken (a frame left on the medium for lack of room is checked again
@@ -296,21 +432,7 @@ impl FrameOpener {
                 reason: "its tag does not verify (forged, altered, or from another session)".into(),
             });
         }
-        let last = if counter & HEARTBEAT_CLASS != 0 {
-            self.last_beat
-        } else {
-            self.last_data
-        };
-        if counter <= last {
-            return Err(ChannelError::Unauthenticated {
-                what: "frame",
-                reason: format!(
-                    "counter {} is not above the last accepted {} (a replayed or reordered frame)",
-                    counter & !HEARTBEAT_CLASS,
-                    last & !HEARTBEAT_CLASS
-                ),
-            });
-        }
+        self.check_order(counter)?;
         Ok((&bytes[..at], counter))
     }
 
@@ -494,6 +616,68 @@ mod tests {
         assert!(other.open(&good).is_err());
         let mut o = keys.frame_opener();
         assert!(o.open(&good[..5]).is_err(), "shorter than a trailer");
+    }
+
+    /// A real logfmt frame holding `data` as a device input.
+    fn frame_with(data: &[u8]) -> Vec<u8> {
+        let mut f = logfmt::FrameBuf::new(4096);
+        f.reset(3, 10);
+        f.push(&logfmt::Entry::new(
+            logfmt::Position::at_exit(1),
+            logfmt::Event::DeviceInput { device: 1, data },
+        ))
+        .expect("push");
+        f.finish().expect("finish").to_vec()
+    }
+
+    #[test]
+    fn an_encrypted_frame_hides_its_body_and_decrypts_to_the_same_frame() {
+        let keys = SessionKeys::for_test(9);
+        let mut s = keys.frame_sealer().encrypting(true);
+        let o = keys.frame_opener().decrypting(true);
+        assert!(o.encrypts());
+        let secret = b"set password hunter2-hunter2";
+        let frame = frame_with(secret);
+        let wire = sealed(&mut s, &frame, false);
+        // Header in clear (media read the length), CRC field zero, body unreadable.
+        assert_eq!(wire[..CRC_FIELD], frame[..CRC_FIELD]);
+        assert_eq!(wire[CRC_FIELD..FRAME_HEADER_LEN], [0; 4]);
+        assert!(
+            !wire.windows(8).any(|w| w == &secret[..8]),
+            "plaintext on the wire"
+        );
+        let mut plain = Vec::new();
+        let counter = o.decrypt(&wire, &mut plain).expect("decrypts");
+        assert_eq!(plain, frame, "the very frame, CRC included");
+        logfmt::FrameView::parse(&plain).expect("a valid frame");
+        // Any byte changed, or other keys: refused, nothing decrypted.
+        for i in 0..wire.len() {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x10;
+            let mut out = Vec::new();
+            assert!(
+                o.decrypt(&bad, &mut out).is_err(),
+                "byte {i} changed and accepted"
+            );
+            assert!(out.is_empty());
+        }
+        let other = SessionKeys::for_test(10).frame_opener().decrypting(true);
+        assert!(other.decrypt(&wire, &mut plain).is_err());
+        // Replayed: refused once accepted.
+        let mut o = o;
+        o.accept(counter);
+        assert!(o.decrypt(&wire, &mut plain).is_err());
+        // A heartbeat (no body) and a frame too short.
+        let beat = sealed(&mut s, &frame[..FRAME_HEADER_LEN], true);
+        assert!(o.decrypt(&beat, &mut plain).is_ok());
+        assert!(o.decrypt(&wire[..30], &mut plain).is_err());
+        // `encrypt` and the others by name.
+        assert_eq!(
+            "encrypt".parse::<ChannelCrypto>(),
+            Ok(ChannelCrypto::Encrypt)
+        );
+        assert_eq!(ChannelCrypto::from_u8(2), Some(ChannelCrypto::Encrypt));
+        assert!(ChannelCrypto::Encrypt.seals() && !ChannelCrypto::None.seals());
     }
 
     #[test]

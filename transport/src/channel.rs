@@ -1064,7 +1064,8 @@ impl<L: PrimaryLink> Primary<L> {
         keys: &SessionKeys,
     ) -> Result<Self, ChannelError> {
         config.validate()?;
-        let sealed = config.crypto == ChannelCrypto::Auth;
+        let sealed = config.crypto.seals();
+        let encrypt = config.crypto == ChannelCrypto::Encrypt;
         if sealed {
             link.seal_acks(keys.ack_opener());
         }
@@ -1092,7 +1093,7 @@ impl<L: PrimaryLink> Primary<L> {
                 frames_flushed: 0,
                 batch_started: None,
                 max_batch_delay: config.max_batch_delay,
-                sealer: sealed.then(|| keys.frame_sealer()),
+                sealer: sealed.then(|| keys.frame_sealer().encrypting(encrypt)),
             },
             sender: Sender {
                 link,
@@ -1107,7 +1108,7 @@ impl<L: PrimaryLink> Primary<L> {
                 pumps: 0,
                 heard_undated: false,
                 sent_undated: false,
-                sealer: sealed.then(|| keys.frame_sealer()),
+                sealer: sealed.then(|| keys.frame_sealer().encrypting(encrypt)),
             },
             config,
             metrics,
@@ -1360,8 +1361,10 @@ pub struct Receiver<L: BackupLink> {
     liveness: Liveness,
     pumps: u32,
     stats: Arc<ChannelStats>,
-    /// Checks every frame's trailer (crypto `auth`).
+    /// Checks every frame's trailer (crypto `auth` and `encrypt`).
     opener: Option<FrameOpener>,
+    /// The frame decrypted (crypto `encrypt`).
+    plain: Vec<u8>,
 }
 
 impl<L: BackupLink> Receiver<L> {
@@ -1447,6 +1450,10 @@ impl<L: BackupLink> Receiver<L> {
             let since = trace::stamp();
             // The tag first: nothing in a frame is looked at before it proves its origin.
             let (bytes, counter) = match &self.opener {
+                Some(opener) if opener.encrypts() => {
+                    let counter = opener.decrypt(sealed, &mut self.plain)?;
+                    (&self.plain[..], counter)
+                }
                 Some(opener) => opener.verify(sealed)?,
                 None => (sealed, 0),
             };
@@ -1572,7 +1579,8 @@ impl<L: BackupLink> Backup<L> {
         keys: &SessionKeys,
     ) -> Result<Self, ChannelError> {
         config.validate()?;
-        let sealed = config.crypto == ChannelCrypto::Auth;
+        let sealed = config.crypto.seals();
+        let encrypt = config.crypto == ChannelCrypto::Encrypt;
         if sealed {
             link.seal_acks(keys.ack_sealer());
         }
@@ -1599,7 +1607,8 @@ impl<L: BackupLink> Backup<L> {
                 liveness: Liveness::new(&config, now),
                 pumps: 0,
                 stats: stats.clone(),
-                opener: sealed.then(|| keys.frame_opener()),
+                opener: sealed.then(|| keys.frame_opener().decrypting(encrypt)),
+                plain: Vec::new(),
             },
             frames,
             cursor: Cursor::default(),
@@ -1628,6 +1637,7 @@ impl<L: BackupLink> Backup<L> {
                 pumps: r.pumps,
                 stats: r.stats,
                 opener: r.opener,
+                plain: r.plain,
             },
             frames: self.frames,
             cursor: self.cursor,

@@ -16,7 +16,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use crate::auth::{AckOpener, AckSealer, ChannelCrypto, ACK_SEAL_LEN, TRAILER_LEN};
+use crate::auth::{AckOpener, AckSealer, ACK_SEAL_LEN, TRAILER_LEN};
 use crate::channel::{Ack, Backup, BackupLink, BackupNews, ChannelConfig, Primary, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -113,7 +113,7 @@ pub fn backup_on(
         peeked: 0,
         max_frame,
         ack_pending: None,
-        trailer: if config.crypto == ChannelCrypto::Auth {
+        trailer: if config.crypto.seals() {
             TRAILER_LEN
         } else {
             0

@@ -701,7 +701,10 @@ fn stream_writer<W: Write>(
     end: End,
 ) -> ChunkWriter<W> {
     match crypto {
-        ChannelCrypto::Auth => ChunkWriter::sealed(out, ChunkTags::sending(keys, end)),
+        // `encrypt` seals the state stream as `auth` does (it is not encrypted).
+        ChannelCrypto::Auth | ChannelCrypto::Encrypt => {
+            ChunkWriter::sealed(out, ChunkTags::sending(keys, end))
+        }
         ChannelCrypto::None => ChunkWriter::new(out),
     }
 }
@@ -715,7 +718,9 @@ fn stream_reader<R: Read>(
     end: End,
 ) -> ChunkReader<R> {
     match crypto {
-        ChannelCrypto::Auth => ChunkReader::sealed(input, ChunkTags::receiving(keys, end)),
+        ChannelCrypto::Auth | ChannelCrypto::Encrypt => {
+            ChunkReader::sealed(input, ChunkTags::receiving(keys, end))
+        }
         ChannelCrypto::None => ChunkReader::new(input),
     }
 }
