@@ -134,6 +134,11 @@ impl<S> Sealed<S> {
     pub fn get_ref(&self) -> &S {
         &self.stream
     }
+
+    /// The underlying stream, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
 }
 
 /// Bytes a sealed datagram carries after its body: counter (8) and tag (16).

@@ -129,6 +129,68 @@ fn decode_addr(b: &[u8]) -> Option<SocketAddr> {
     })
 }
 
+/// A message on a front connection (after its seal was checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontMessage {
+    /// A replica claims `epoch`; requests go to `udp`.
+    Register {
+        /// The epoch claimed.
+        epoch: u64,
+        /// The replica's UDP address.
+        udp: SocketAddr,
+    },
+    /// A node asks for the newest epoch.
+    Probe,
+}
+
+impl FrontMessage {
+    /// Its bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            FrontMessage::Register { epoch, udp } => {
+                let mut m = header(KIND_REGISTER).to_vec();
+                m.extend_from_slice(&epoch.to_le_bytes());
+                encode_addr(*udp, &mut m);
+                m
+            }
+            FrontMessage::Probe => header(KIND_PROBE).to_vec(),
+        }
+    }
+
+    /// Parses a message; `None` for anything but exactly a REGISTER or a PROBE.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        match kind_of(b)? {
+            KIND_REGISTER if b.len() == HEADER + 8 + ADDR_LEN && b[6..8] == [0, 0] => {
+                Some(FrontMessage::Register {
+                    epoch: u64_at(b, HEADER)?,
+                    udp: decode_addr(&b[HEADER + 8..])?,
+                })
+            }
+            KIND_PROBE if b.len() == HEADER && b[6..8] == [0, 0] => Some(FrontMessage::Probe),
+            _ => None,
+        }
+    }
+}
+
+/// A REQUEST datagram's client and bytes (after its seal was checked).
+fn decode_request(b: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    if kind_of(b)? != KIND_REQUEST {
+        return None;
+    }
+    let client = decode_addr(b.get(HEADER..)?)?;
+    Some((client, &b[HEADER + ADDR_LEN..]))
+}
+
+/// A RESPONSE datagram's epoch, client and bytes (after its seal was checked).
+fn decode_response(b: &[u8]) -> Option<(u64, SocketAddr, &[u8])> {
+    if kind_of(b)? != KIND_RESPONSE {
+        return None;
+    }
+    let epoch = u64_at(b, HEADER)?;
+    let client = decode_addr(b.get(HEADER + 8..)?)?;
+    Some((epoch, client, &b[HEADER + 8 + ADDR_LEN..]))
+}
+
 /// The handshake parameters of a front connection for pair `session`: medium `Front`, no
 /// guest, always sealed (like the arbiter's, whatever the log channel's crypto).
 fn front_params(key: &PreSharedKey, session: u64, epoch: u64) -> SessionParams {
@@ -203,7 +265,7 @@ pub fn probe_front(
     const CONTEXT: &str = "probing the service front";
     let deadline = Instant::now() + timeout;
     let (mut conn, _) = dial_front(front, &front_params(key, session, 0), deadline, CONTEXT)?;
-    conn.write_message(&header(KIND_PROBE))
+    conn.write_message(&FrontMessage::Probe.encode())
         .map_err(io(CONTEXT))?;
     let b = conn.read_message().map_err(io(CONTEXT))?;
     match (kind_of(&b), u64_at(&b, HEADER)) {
@@ -299,9 +361,7 @@ impl ServicePort {
             if udp.ip().is_unspecified() {
                 udp.set_ip(conn.get_ref().local_addr().map_err(io(CONTEXT))?.ip());
             }
-            let mut m = header(KIND_REGISTER).to_vec();
-            m.extend_from_slice(&epoch.to_le_bytes());
-            encode_addr(udp, &mut m);
+            let m = FrontMessage::Register { epoch, udp }.encode();
             conn.write_message(&m).map_err(io(CONTEXT))?;
             let b = conn.read_message().map_err(io(CONTEXT))?;
             let (Some(KIND_REGISTERED), Some(newest), Some(&accepted)) =
@@ -375,13 +435,9 @@ impl ServicePort {
                     let Some(b) = d.open(b) else {
                         continue;
                     };
-                    if kind_of(b) != Some(KIND_REQUEST) {
-                        continue;
-                    }
-                    let Some(client) = decode_addr(&b[HEADER..]) else {
+                    let Some((client, body)) = decode_request(b) else {
                         continue;
                     };
-                    let body = &b[HEADER + ADDR_LEN..];
                     out.extend_from_slice(&body[..body.len().min(max)]);
                     return Ok(Some(client));
                 }
@@ -697,12 +753,8 @@ fn serve_connection(
             // Closed, or a message that failed authentication: the connection ends.
             return;
         };
-        let answer = match kind_of(&b) {
-            Some(KIND_REGISTER) if b.len() == HEADER + 8 + ADDR_LEN => {
-                let (Some(epoch), Some(addr)) = (u64_at(&b, HEADER), decode_addr(&b[HEADER + 8..]))
-                else {
-                    return;
-                };
+        let answer = match FrontMessage::decode(&b) {
+            Some(FrontMessage::Register { epoch, udp: addr }) => {
                 let mut st = lock();
                 let accepted = epoch > st.newest
                     || (epoch == st.newest && st.active.as_ref().is_none_or(|a| a.addr == addr));
@@ -738,12 +790,12 @@ fn serve_connection(
                 }
                 continue;
             }
-            Some(KIND_PROBE) if b.len() == HEADER => {
+            Some(FrontMessage::Probe) => {
                 let mut reply = header(KIND_STATUS).to_vec();
                 reply.extend_from_slice(&lock().newest.to_le_bytes());
                 reply
             }
-            _ => {
+            None => {
                 lock().stats.ignored += 1;
                 return;
             }
@@ -788,11 +840,7 @@ fn front_loop(socket: UdpSocket, state: Arc<Mutex<FrontState>>, stop: Arc<Atomic
             st.stats.unauthenticated += 1;
             continue;
         };
-        let (Some(KIND_RESPONSE), Some(epoch), Some(client)) = (
-            kind_of(b),
-            u64_at(b, HEADER),
-            b.get(HEADER + 8..).and_then(decode_addr),
-        ) else {
+        let Some((epoch, client, body)) = decode_response(b) else {
             st.stats.ignored += 1;
             continue;
         };
@@ -801,7 +849,6 @@ fn front_loop(socket: UdpSocket, state: Arc<Mutex<FrontState>>, stop: Arc<Atomic
             st.stats.fenced += 1;
             continue;
         }
-        let body = &b[HEADER + 8 + ADDR_LEN..];
         if st
             .pending
             .get(&client)
@@ -814,6 +861,132 @@ fn front_loop(socket: UdpSocket, state: Arc<Mutex<FrontState>>, stop: Arc<Atomic
             st.first_response.entry(epoch).or_insert_with(Instant::now);
             *st.responses_by_epoch.entry(epoch).or_default() += 1;
         }
+    }
+}
+
+/// What must hold for any bytes on a front connection after its handshake, and for any
+/// datagrams from the front to its replica — the check the cargo-fuzz target
+/// (`fuzz/fuzz_targets/front.rs`, nightly) and the corpus test below (stable) both run.
+///
+/// The input is `u32 LE n`, then `n` bytes read as the front reads a registration connection
+/// (sealed messages under [`transport::auth::SessionKeys::for_test`]'s keys), then datagrams
+/// (`u16 LE length`, bytes) as the replica reads requests. Must hold: no panic; the messages
+/// taken are exactly the genuine seed messages, in order, each once, and decode to what was
+/// sent; the datagrams taken are genuine requests, each at most once, in order, decoding to what
+/// the front sealed. Without the keys, bytes can make the front take no other registration and
+/// the replica no other request.
+pub mod fuzz {
+    use super::*;
+    use transport::auth::SessionKeys;
+    use transport::fuzz::Scripted;
+
+    fn keys() -> SessionKeys {
+        SessionKeys::for_test(0x3C)
+    }
+
+    /// The genuine messages of the seed, as a replica sends them.
+    pub fn messages() -> Vec<FrontMessage> {
+        let udp = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        vec![
+            FrontMessage::Register {
+                epoch: 5,
+                udp: udp(4000),
+            },
+            FrontMessage::Probe,
+            FrontMessage::Register {
+                epoch: 6,
+                udp: SocketAddr::from((Ipv6Addr::LOCALHOST, 4001)),
+            },
+        ]
+    }
+
+    /// The genuine requests of the seed: client and bytes.
+    pub fn requests() -> Vec<(SocketAddr, Vec<u8>)> {
+        (0..4u16)
+            .map(|i| {
+                (
+                    SocketAddr::from(([10, 0, 0, 1], 5000 + i)),
+                    format!("get key-{i}").into_bytes(),
+                )
+            })
+            .collect()
+    }
+
+    /// The seed: the genuine messages sealed, then the genuine requests sealed.
+    pub fn seed() -> Vec<u8> {
+        let mut replica = Sealed::new(Scripted::new(&[]), &keys(), End::Connecting, MAX_MESSAGE);
+        for m in messages() {
+            let _ = replica.write_message(&m.encode());
+        }
+        let stream = std::mem::take(&mut replica.get_mut().written);
+        let front = Datagrams::new(&keys(), End::Accepting);
+        let mut out = (stream.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(&stream);
+        for (client, bytes) in requests() {
+            let mut d = header(KIND_REQUEST).to_vec();
+            encode_addr(client, &mut d);
+            d.extend_from_slice(&bytes);
+            front.seal(&mut d);
+            out.extend_from_slice(&(d.len() as u16).to_le_bytes());
+            out.extend_from_slice(&d);
+        }
+        out
+    }
+
+    /// Runs the check (see the module documentation); returns how many messages and datagrams
+    /// were taken.
+    pub fn check(data: &[u8]) -> Result<usize, String> {
+        let n = data
+            .get(..4)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .min(data.len().saturating_sub(4));
+        let stream = data.get(4..4 + n).unwrap_or(&[]);
+        let mut rest = data.get(4 + n..).unwrap_or(&[]);
+        // The front's side of a registration connection.
+        let genuine = messages();
+        let mut front = Sealed::new(Scripted::new(stream), &keys(), End::Accepting, MAX_MESSAGE);
+        let mut taken = 0usize;
+        while let Ok(b) = front.read_message() {
+            let want = genuine
+                .get(taken)
+                .ok_or("a message beyond the genuine ones was taken")?;
+            if b != want.encode() {
+                return Err(format!("message {taken} taken but not the genuine one"));
+            }
+            if FrontMessage::decode(&b).as_ref() != Some(want) {
+                return Err(format!("message {taken} decodes to something else"));
+            }
+            taken += 1;
+        }
+        // The replica's side of the datagrams.
+        let requests = requests();
+        let replica = Datagrams::new(&keys(), End::Connecting);
+        let mut last: Option<usize> = None;
+        let mut datagrams = 0usize;
+        while rest.len() >= 2 {
+            let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+            let end = (2 + len).min(rest.len());
+            let d = &rest[2..end];
+            rest = &rest[end..];
+            let Some(body) = replica.open(d) else {
+                continue;
+            };
+            let Some((client, bytes)) = decode_request(body) else {
+                return Err("a sealed datagram that is not a request was taken".into());
+            };
+            let Some(i) = requests
+                .iter()
+                .position(|(c, b)| *c == client && b.as_slice() == bytes)
+            else {
+                return Err("a request that the front never sent was taken".into());
+            };
+            if last.is_some_and(|l| i <= l) {
+                return Err(format!("request {i} taken again or out of order"));
+            }
+            last = Some(i);
+            datagrams += 1;
+        }
+        Ok(taken + datagrams)
     }
 }
 
@@ -870,6 +1043,58 @@ mod tests {
         let short = Duration::from_millis(200);
         assert!(probe_front(at, &key(2), 7, short).is_err());
         assert!(probe_front(at, &key(1), 8, short).is_err());
+    }
+
+    #[test]
+    fn no_bytes_make_the_front_or_replica_take_what_was_not_sent() {
+        let seed = fuzz::seed();
+        assert_eq!(fuzz::check(&seed), Ok(3 + 4), "the seed is taken whole");
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut current = seed.clone();
+        for _ in 0..4000 {
+            if let Err(v) = fuzz::check(&current) {
+                panic!("{v}: {current:02x?}");
+            }
+            transport::fuzz::xorshift(&mut state);
+            let base = if state.is_multiple_of(3) {
+                &current
+            } else {
+                &seed
+            };
+            current = transport::fuzz::mutate(base, state);
+        }
+    }
+
+    /// `fuzz/seeds/front/` holds the seed for `scripts/fuzz.sh`
+    /// (`FTVM_WRITE_FUZZ_SEEDS=1 cargo test -p vmm --lib front_seed` writes it).
+    #[test]
+    fn the_checked_in_front_seed_is_current() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/front/seed-0.bin");
+        if std::env::var_os("FTVM_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(path.parent().expect("dir")).expect("seed directory");
+            std::fs::write(&path, fuzz::seed()).expect("write seed");
+        }
+        assert!(
+            std::fs::read(&path).unwrap_or_default() == fuzz::seed(),
+            "{} is stale: FTVM_WRITE_FUZZ_SEEDS=1 cargo test -p vmm --lib front_seed",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn messages_round_trip_and_nothing_else_decodes() {
+        for m in fuzz::messages() {
+            assert_eq!(FrontMessage::decode(&m.encode()), Some(m));
+        }
+        let reg = fuzz::messages()[0].encode();
+        assert_eq!(FrontMessage::decode(&reg[..reg.len() - 1]), None);
+        let mut bad = reg.clone();
+        bad[4] = 1;
+        assert_eq!(FrontMessage::decode(&bad), None, "version 1");
+        let mut bad = reg;
+        bad[7] = 1;
+        assert_eq!(FrontMessage::decode(&bad), None, "reserved bytes");
     }
 
     #[test]
