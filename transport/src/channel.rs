@@ -399,6 +399,11 @@ pub trait BackupLink: Send {
     }
     /// From now on, seal every ACK with this sealer ([`PrimaryLink::seal_acks`]).
     fn seal_acks(&mut self, _sealer: AckSealer) {}
+    /// The channel has ended (the primary is gone, deposed, or broke the protocol): make sure
+    /// nothing it still sends can land. Media whose peer writes into this side's memory
+    /// (RDMA) revoke that access here; the others stop reading, which the channel does anyway.
+    /// Called once, at the channel's first error.
+    fn fence(&mut self) {}
 }
 
 /// Longest pause between two runs of the medium's peer check ([`PrimaryLink::check_peer`]).
@@ -1365,12 +1370,25 @@ pub struct Receiver<L: BackupLink> {
     opener: Option<FrameOpener>,
     /// The frame decrypted (crypto `encrypt`).
     plain: Vec<u8>,
+    /// The medium was fenced (after the channel's first error).
+    fenced: bool,
 }
 
 impl<L: BackupLink> Receiver<L> {
     /// One round of work: accept every complete frame that fits in the backup ring, ACK, and
-    /// check liveness. Returns whether anything moved. Never blocks.
+    /// check liveness. Returns whether anything moved. Never blocks. The first error fences the
+    /// medium ([`BackupLink::fence`]): the channel is over, and its primary may write nothing
+    /// more.
     pub fn pump(&mut self) -> Result<bool, ChannelError> {
+        let r = self.pump_once();
+        if r.is_err() && !self.fenced {
+            self.fenced = true;
+            self.link.fence();
+        }
+        r
+    }
+
+    fn pump_once(&mut self) -> Result<bool, ChannelError> {
         let mut accepted = false;
         let mut acked_now = false;
         loop {
@@ -1609,6 +1627,7 @@ impl<L: BackupLink> Backup<L> {
                 stats: stats.clone(),
                 opener: sealed.then(|| keys.frame_opener().decrypting(encrypt)),
                 plain: Vec::new(),
+                fenced: false,
             },
             frames,
             cursor: Cursor::default(),
@@ -1638,6 +1657,7 @@ impl<L: BackupLink> Backup<L> {
                 stats: r.stats,
                 opener: r.opener,
                 plain: r.plain,
+                fenced: r.fenced,
             },
             frames: self.frames,
             cursor: self.cursor,

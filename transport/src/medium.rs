@@ -405,6 +405,10 @@ impl BackupLink for AnyBackupLink {
     fn seal_acks(&mut self, sealer: crate::auth::AckSealer) {
         each!(AnyBackupLink, self, l => l.seal_acks(sealer))
     }
+
+    fn fence(&mut self) {
+        each!(AnyBackupLink, self, l => l.fence())
+    }
 }
 
 /// The primary's channel end over any medium.

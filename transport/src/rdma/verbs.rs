@@ -462,6 +462,17 @@ impl Endpoint {
         self.modify(&mut attr, mask, "moving the queue pair to RTS")
     }
 
+    /// Moves the queue pair to the error state: from now on it neither sends nor takes any
+    /// packet, so the peer's writes into memory registered here fail at the peer (retries
+    /// exhausted) instead of landing. Irreversible for this queue pair.
+    pub fn fence(&mut self) -> Result<(), ChannelError> {
+        // SAFETY: all-zero is a valid `ibv_qp_attr`.
+        let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        let mask = ibv_qp_attr_mask::IBV_QP_STATE.0;
+        self.modify(&mut attr, mask, "moving the queue pair to ERR (fencing the peer)")
+    }
+
     /// The queue pair's current state (`ibv_qp_state`); a system call, so call it at heartbeat
     /// pace only.
     pub fn qp_state(&self) -> Result<u32, ChannelError> {
