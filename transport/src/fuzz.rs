@@ -11,6 +11,8 @@ use std::io::{Read, Write};
 use crate::handshake::{self, GuestIdentity, MediumKind, SessionParams, PROTOCOL_VERSION};
 use crate::PreSharedKey;
 
+pub mod rdma_setup;
+
 /// A stream whose reads return a fixed input (then end) and whose writes are kept.
 #[derive(Debug)]
 pub struct Scripted<'a> {
@@ -413,6 +415,12 @@ mod tests {
                         .into_iter()
                         .enumerate()
                         .map(|(i, s)| (format!("handshake/seed-{i}.bin"), s)),
+                )
+                .chain(
+                    rdma_setup::seeds()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, s)| (format!("rdma_setup/seed-{i}.bin"), s)),
                 )
                 .collect();
         if std::env::var_os("FTVM_WRITE_FUZZ_SEEDS").is_some() {
