@@ -62,9 +62,12 @@ for t in "${list[@]}"; do
     echo "==> $t: $runs runs"
     start=$(date +%s)
     log="target/fuzz-corpus/$t.log"
+    # The seed directories are found from the repository root, before the `cd fuzz` below
+    # (looked up inside it, `fuzz/seeds/<target>` never existed and no seeds were passed).
+    seed_dirs=()
+    for d in $(seeds_for "$t"); do seed_dirs+=("../$d"); done
     set +e
-    # shellcheck disable=SC2046
-    (cd fuzz && cargo +nightly fuzz run "$t" "../$corpus" $(for d in $(seeds_for "$t"); do echo "../$d"; done) -- \
+    (cd fuzz && cargo +nightly fuzz run "$t" "../$corpus" ${seed_dirs[@]+"${seed_dirs[@]}"} -- \
         -runs="$runs" -timeout="$timeout" -print_final_stats=1) >"$log" 2>&1
     rc=$?
     set -e

@@ -11,6 +11,9 @@ use std::io::{Read, Write};
 use crate::handshake::{self, GuestIdentity, MediumKind, SessionParams, PROTOCOL_VERSION};
 use crate::PreSharedKey;
 
+pub mod dpdk_packets;
+pub mod rdma_setup;
+
 /// A stream whose reads return a fixed input (then end) and whose writes are kept.
 #[derive(Debug)]
 pub struct Scripted<'a> {
@@ -413,6 +416,18 @@ mod tests {
                         .into_iter()
                         .enumerate()
                         .map(|(i, s)| (format!("handshake/seed-{i}.bin"), s)),
+                )
+                .chain(
+                    dpdk_packets::seeds()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, s)| (format!("dpdk_packets/seed-{i}.bin"), s)),
+                )
+                .chain(
+                    rdma_setup::seeds()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, s)| (format!("rdma_setup/seed-{i}.bin"), s)),
                 )
                 .collect();
         if std::env::var_os("FTVM_WRITE_FUZZ_SEEDS").is_some() {

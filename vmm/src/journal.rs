@@ -20,6 +20,8 @@ use crate::engine::EngineError;
 use crate::record::LogSink;
 use crate::replay::EntrySource;
 
+pub mod fuzz;
+
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> EngineError {
     move |source| EngineError::Io { context, source }
 }
@@ -163,7 +165,12 @@ impl JournalSource {
     /// Reads the whole journal at `path`.
     pub fn open(path: &Path) -> Result<Self, EngineError> {
         let bytes = std::fs::read(path).map_err(io("reading the journal"))?;
-        Ok(JournalSource {
+        Ok(Self::from_bytes(bytes))
+    }
+
+    /// A journal already in memory (the bytes of a journal file).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        JournalSource {
             bytes,
             at: 0,
             checked: None,
@@ -174,7 +181,14 @@ impl JournalSource {
             expected: 1,
             epoch: 0,
             received: 0,
-        })
+        }
+    }
+
+    /// Offset in the journal of the frame being replayed, or of the next frame to check: after
+    /// the log ended, the length of the journal (a clean end) or where the frame that was
+    /// refused starts (every byte before it was checked and its entries handed out).
+    pub fn position(&self) -> usize {
+        self.at
     }
 
     /// A journal whose first entry is `seq` (a backup that joined a running primary journals
@@ -199,9 +213,16 @@ impl JournalSource {
         })?;
         let (frame, _) = FrameView::parse(bytes)?;
         transport::channel::follows(&frame, self.expected, self.epoch)?;
-        self.epoch = frame.epoch();
         let count = frame.entry_count();
-        self.expected += u64::from(count);
+        // A frame that uses sequence number u64::MAX leaves no number for the next entry.
+        let next = self.expected.checked_add(u64::from(count)).ok_or_else(|| {
+            ChannelError::CorruptMessage(format!(
+                "journal frame at offset {} runs out of sequence numbers",
+                self.at
+            ))
+        })?;
+        self.epoch = frame.epoch();
+        self.expected = next;
         self.received += u64::from(count);
         if count == 0 {
             self.at += len;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use dpdk_sys::{Mbuf, ETHER_HDR_LEN};
 
-use super::codec::{classify, u64_at, DataHead, ACK_HDR, DATA_HDR, T_ACK, T_DATA, T_NACK};
-use super::reassembly::{Piece, Reassembly};
+use super::codec::{classify, u64_at, DataHead, ACK_HDR, DATA_HDR, T_ACK, T_NACK};
+use super::reassembly::{Packet, Reassembly};
 use super::retransmit::{Retransmit, Went};
 use super::wire::{Sent, Wire};
 use super::{DpdkConfig, DpdkStats};
@@ -18,6 +18,12 @@ use crate::channel::{Ack, BackupLink, BackupNews, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
 use crate::poll::PollPolicy;
+
+impl Packet for Mbuf {
+    fn data(&self) -> &[u8] {
+        Mbuf::data(self)
+    }
+}
 
 /// The primary's DPDK link: the packet I/O around its retransmission state (`Retransmit`).
 #[derive(Debug)]
@@ -93,7 +99,7 @@ impl PrimaryLink for DpdkPrimaryLink {
                 let (peer, mac, tag) = (self.wire.peer, self.wire.mac, self.wire.tag);
                 match self
                     .wire
-                    .send_with(len, |b| head.write(b, peer, mac, tag, chunk))?
+                    .send_with(len, |b| head.write(b, peer.0, mac.0, tag, chunk))?
                 {
                     Sent::Yes => sent = true,
                     Sent::Full => direct = false,
@@ -104,8 +110,8 @@ impl PrimaryLink for DpdkPrimaryLink {
             buf.resize(len, 0);
             head.write(
                 &mut buf,
-                self.wire.peer,
-                self.wire.mac,
+                self.wire.peer.0,
+                self.wire.mac.0,
                 self.wire.tag,
                 chunk,
             );
@@ -136,8 +142,8 @@ impl PrimaryLink for DpdkPrimaryLink {
         let mut nack: Option<u64> = None;
         for m in rx.iter().take(n) {
             let Some((kind, ack, body)) = classify(
-                self.wire.mac,
-                self.wire.peer,
+                self.wire.mac.0,
+                self.wire.peer.0,
                 self.wire.tag,
                 &self.cfg.stats,
                 m.data(),
@@ -223,7 +229,7 @@ impl PrimaryLink for DpdkPrimaryLink {
 pub struct DpdkBackupLink {
     /// Before `wire`: fields drop in order, and frames kept in their mbufs go back to the
     /// port's pool before the port and pool handles do.
-    pub(super) frames: Reassembly,
+    pub(super) frames: Reassembly<Mbuf>,
     /// Consumed frames' mbufs, freed after the ACK for them went out (freeing is not on the
     /// way to the ACK).
     pub(super) spent: Vec<Mbuf>,
@@ -283,39 +289,10 @@ impl BackupLink for DpdkBackupLink {
         let mut answer = false;
         let stats = &self.cfg.stats;
         for m in rx.drain(..) {
-            let Some((kind, seq, _)) = classify(
-                self.wire.mac,
-                self.wire.peer,
-                self.wire.tag,
-                stats,
-                m.data(),
-            ) else {
-                continue;
-            };
-            if kind != T_DATA {
-                DpdkStats::garbage(&stats.garbage, 1);
-                continue;
-            }
-            answer = true;
-            crate::trace::backup_arrived();
-            let m = match self.frames.data_whole(seq, m) {
-                Ok(()) => {
-                    took = true;
-                    continue;
-                }
-                Err(m) => m,
-            };
-            let body = m.data().get(ETHER_HDR_LEN..).unwrap_or(&[]);
-            match self.frames.data(seq, body) {
-                Piece::Taken => took = true,
-                Piece::Duplicate => DpdkStats::inc(&stats.duplicates),
-                Piece::Buffered => DpdkStats::inc(&stats.out_of_order),
-                Piece::Gap => {
-                    DpdkStats::inc(&stats.out_of_order);
-                    DpdkStats::inc(&stats.too_far);
-                }
-                Piece::Backlogged => DpdkStats::inc(&stats.backlogged),
-                Piece::Garbage => DpdkStats::garbage(&stats.garbage, 1),
+            let (mac, peer, tag) = (self.wire.mac.0, self.wire.peer.0, self.wire.tag);
+            if let Some(taken) = self.frames.packet(mac, peer, tag, stats, m) {
+                answer = true;
+                took |= taken;
             }
         }
         rx.clear();

@@ -47,32 +47,54 @@
 //! Packets with our ethertype that do not parse (or carry another link tag, or come from
 //! another MAC) are counted in [`DpdkStats::garbage`] and ignored.
 
-mod codec;
+//!
+//! # Without the `dpdk` feature
+//! The packet format (`codec`), the backup's reassembly (`reassembly`) and the counters
+//! ([`DpdkStats`]) are plain code over bytes: they build without DPDK, for the `dpdk_packets`
+//! fuzz check ([`crate::fuzz::dpdk_packets`]). The port I/O, the links, the set-up and
+//! [`DpdkConfig`] need the feature.
+
+pub(crate) mod codec;
+#[cfg(feature = "dpdk")]
 mod link;
-mod reassembly;
+pub(crate) mod reassembly;
+// The retransmission state machine does no I/O either: its unit tests run without the feature.
+#[cfg(any(feature = "dpdk", test))]
 mod retransmit;
+#[cfg(feature = "dpdk")]
 mod setup;
+#[cfg(feature = "dpdk")]
 mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "dpdk")]
 use std::sync::Arc;
+#[cfg(feature = "dpdk")]
 use std::time::Duration;
 
+#[cfg(feature = "dpdk")]
 use dpdk_sys::DpdkError;
 
+#[cfg(feature = "dpdk")]
 use crate::channel::ChannelConfig;
+#[cfg(feature = "dpdk")]
 use crate::error::ChannelError;
 
 pub use self::codec::{ACK_LEN, DATA_HEADER_LEN};
+#[cfg(feature = "dpdk")]
 pub use self::link::{DpdkBackupLink, DpdkPrimaryLink};
+#[cfg(feature = "dpdk")]
 pub use self::setup::{accept, backup_on, connect, primary_on};
 
+#[cfg(feature = "dpdk")]
 use self::codec::DATA_HDR;
 
 /// Smallest MTU we accept (a piece must hold something useful).
+#[cfg(feature = "dpdk")]
 const MIN_MTU: usize = 256;
 
 /// Medium-specific settings, next to the [`ChannelConfig`].
+#[cfg(feature = "dpdk")]
 #[derive(Debug, Clone)]
 pub struct DpdkConfig {
     /// Ethernet payload size (our header included), at most what the port carries; default 1500.
@@ -98,6 +120,7 @@ pub struct DpdkConfig {
     pub stats: Arc<DpdkStats>,
 }
 
+#[cfg(feature = "dpdk")]
 impl Default for DpdkConfig {
     fn default() -> Self {
         DpdkConfig {
@@ -113,6 +136,7 @@ impl Default for DpdkConfig {
     }
 }
 
+#[cfg(feature = "dpdk")]
 impl DpdkConfig {
     pub(super) fn piece_len(&self) -> usize {
         self.mtu - DATA_HDR
@@ -184,7 +208,7 @@ impl DpdkStats {
     /// Counts one. Each side's counters are written by the thread that drives its link only
     /// (share one `DpdkStats` between the two ends of a channel and counts may be lost), so a
     /// plain load and store does: no locked read-modify-write per packet.
-    pub(super) fn inc(counter: &AtomicU64) {
+    pub(crate) fn inc(counter: &AtomicU64) {
         counter.store(
             counter.load(Ordering::Relaxed).wrapping_add(1),
             Ordering::Relaxed,
@@ -192,7 +216,7 @@ impl DpdkStats {
     }
 
     /// Counts `n` packets that are not ours (the `garbage` counter), in the metrics too.
-    pub(super) fn garbage(counter: &AtomicU64, n: u64) {
+    pub(crate) fn garbage(counter: &AtomicU64, n: u64) {
         counter.store(
             counter.load(Ordering::Relaxed).wrapping_add(n),
             Ordering::Relaxed,
@@ -206,6 +230,7 @@ impl DpdkStats {
     }
 }
 
+#[cfg(feature = "dpdk")]
 pub(super) fn dpdk_err(context: &'static str, e: DpdkError) -> ChannelError {
     ChannelError::Io {
         context,

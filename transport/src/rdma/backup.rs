@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::scan::Scanner;
 use super::setup::{AckBlock, RemoteRegion, ACK_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
 use crate::channel::{Ack, BackupLink};
@@ -20,9 +21,8 @@ pub struct RdmaBackupLink {
     pub(super) ep: Endpoint,
     pub(super) consumer: Consumer<Arc<HeapRegion>>,
     pub(super) ring: Arc<HeapRegion>,
-    pub(super) capacity: u64,
-    /// The producer's head, as far as the seals found so far (see `scan.rs`).
-    pub(super) head: u64,
+    /// How far the seals found so far go (see `scan.rs`).
+    pub(super) scanner: Scanner,
     pub(super) sq: SendQueue,
     /// Source slots for ACK writes the device cannot take inline.
     pub(super) acks: Arc<HeapRegion>,
@@ -30,12 +30,6 @@ pub struct RdmaBackupLink {
     pub(super) peer: RemoteRegion,
     /// An ACK the send queue had no room for; cumulative, so only the newest matters.
     pub(super) pending: Option<[u8; ACK_LEN]>,
-    /// Since when a seal's bytes have not added up (they may still be in flight).
-    pub(super) bad_sum_since: Option<Instant>,
-    /// The check word of the short seal at `head` (what an untouched head position holds).
-    pub(super) last_check: u64,
-    /// The check word of the doorbell seal last dealt with.
-    pub(super) last_bell_check: u64,
     pub(super) beats: u64,
     pub(super) stream: TcpStream,
     pub(super) wcs: [Completion; 16],
@@ -45,8 +39,8 @@ impl std::fmt::Debug for RdmaBackupLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RdmaBackupLink")
             .field("ep", &self.ep)
-            .field("capacity", &self.capacity)
-            .field("head", &self.head)
+            .field("capacity", &self.scanner.capacity)
+            .field("head", &self.scanner.head)
             .finish_non_exhaustive()
     }
 }
@@ -120,7 +114,7 @@ impl BackupLink for RdmaBackupLink {
         if self.sq.in_flight() >= self.sq.signal_every() {
             self.reap()?;
         }
-        let arrived = self.scan()?;
+        let arrived = self.scanner.scan(&*self.ring, Instant::now)?;
         if let Some(msg) = self.pending {
             self.send_ack(msg)?;
         }

@@ -2,6 +2,7 @@
 
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 
+use super::scan::Scanner;
 use super::setup::{
     PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, DOORBELL_LEN, FLAG_SEALED, SEAL_LEN,
     SETUP_LEN,
@@ -207,8 +208,7 @@ pub fn backup_on(
     let link = RdmaBackupLink {
         consumer,
         ring: ring_mem,
-        capacity: capacity as u64,
-        head: 0,
+        scanner: Scanner::new(capacity as u64),
         sq,
         acks: ack_mem,
         ack_mr,
@@ -218,9 +218,6 @@ pub fn backup_on(
             rkey: primary.rkey,
         },
         pending: None,
-        bad_sum_since: None,
-        last_check: 0,
-        last_bell_check: 0,
         beats: 0,
         stream,
         wcs: [NO_COMPLETION; 16],

@@ -98,32 +98,49 @@
 //! peer (the channel's heartbeat timeout) and a write outside the peer's registered region
 //! ([`ChannelError::RdmaOutOfBounds`], refused before it is posted) all surface as typed errors;
 //! nothing waits without a bound.
+//!
+//! # Without the `rdma` feature
+//! The set-up messages ([`setup`]) and the backup's seal scanning (`scan`) are plain code over
+//! bytes and memory: they build without libibverbs, for the `rdma_setup` fuzz check
+//! ([`crate::fuzz::rdma_setup`]). The queue pairs, the two links and the connection set-up need
+//! the feature.
 
+#[cfg(feature = "rdma")]
 mod backup;
+#[cfg(feature = "rdma")]
 mod connect;
+#[cfg(feature = "rdma")]
 mod primary;
-mod scan;
+pub(crate) mod scan;
 pub mod setup;
+#[cfg(feature = "rdma")]
 pub mod verbs;
 
 use std::net::IpAddr;
+#[cfg(feature = "rdma")]
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ChannelError;
+#[cfg(feature = "rdma")]
 use crate::region::HeapRegion;
+#[cfg(feature = "rdma")]
 use crate::ring::RingError;
 
+#[cfg(feature = "rdma")]
 pub use self::backup::RdmaBackupLink;
+#[cfg(feature = "rdma")]
 pub use self::connect::{accept, backup_on, connect, primary_on};
+#[cfg(feature = "rdma")]
 pub use self::primary::RdmaPrimaryLink;
+#[cfg(feature = "rdma")]
 pub use self::verbs::device_names;
 
 /// Receive work requests carry this bit in their ids, send requests never do.
 pub const RECV_TAG: u64 = 1 << 63;
 /// With a backlog of unreleased frames, every this many frames the primary also writes the
 /// seal into the doorbell block, so the backup's walk over record headers stays short.
-pub(super) const DOORBELL_EVERY: u32 = 16;
+pub(crate) const DOORBELL_EVERY: u32 = 16;
 /// Record headers the backup's scan follows at most per poll (the doorbell seals keep the
 /// distance between two readable seals to about `DOORBELL_EVERY` frames).
 pub(super) const WALK_LIMIT: usize = 64;
@@ -200,6 +217,7 @@ impl Default for RdmaConfig {
     }
 }
 
+#[cfg(feature = "rdma")]
 pub(super) fn heap(len: usize) -> Result<Arc<HeapRegion>, ChannelError> {
     Ok(Arc::new(HeapRegion::new(len).map_err(RingError::from)?))
 }

@@ -125,6 +125,10 @@ impl PeerInfo {
         if u16_at(4) != VERSION {
             return bad(format!("set-up format version {}", u16_at(4)));
         }
+        // Reserved bytes are zero: a message is accepted only in the one form `encode` writes.
+        if u64_at(56) != 0 {
+            return bad(format!("reserved bytes {:02x?} not zero", &bytes[56..]));
+        }
         if bytes[6] != role as u8 {
             return bad(format!(
                 "expected a {role:?} message, got role {}",
@@ -598,5 +602,17 @@ mod tests {
         );
         // Unknown flags are refused.
         refused(PeerInfo { flags: 4, ..ok }, Role::Backup);
+    }
+
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        // Found by the rdma_setup fuzz check: the reserved tail was ignored, so a message
+        // other than the one `encode` writes was accepted.
+        let mut msg = backup_info().encode();
+        msg[63] = 1;
+        assert!(matches!(
+            PeerInfo::decode(&msg, Role::Backup, 1024),
+            Err(ChannelError::RdmaSetup(m)) if m.contains("reserved")
+        ));
     }
 }
