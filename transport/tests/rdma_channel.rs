@@ -658,6 +658,75 @@ fn main() -> ExitCode {
     libtest_mimic::run(&args, trial_list(Some(s))).exit_code()
 }
 
+/// A deposed primary is fenced: the backup's channel ends (the primary went silent past the
+/// backup's heartbeat timeout, as a paused primary does), which moves the backup's queue pair to
+/// ERR while the backup process lives on; the primary then wakes up and writes its next frame,
+/// which must fail at the primary (retries exhausted, or its queue pair in error) instead of
+/// landing in the backup's ring. The frames before the silence were sealed, and so were the
+/// ACKs that released them.
+fn a_deposed_primary_is_fenced(s: &Sides) -> Result<(), String> {
+    let (l, addr) = listener_b(s)?;
+    let b_cfg = s.b.clone();
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<(String, u64)>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let backup = std::thread::spawn(move || -> Result<(), String> {
+        let mut cfg = config();
+        cfg.heartbeat_timeout = Duration::from_millis(400);
+        let mut b = rdma::accept(&l, cfg, &b_cfg).map_err(|e| e.to_string())?;
+        let mut last = 0;
+        let err = loop {
+            match b.poll(|f| last = f.last_seq().unwrap_or(last)) {
+                Ok(_) => std::thread::sleep(Duration::from_micros(100)),
+                Err(e) => break e,
+            }
+        };
+        let _ = ended_tx.send((err.to_string(), last));
+        // Alive, fenced, until the primary has tried: its queue pair is in ERR, not destroyed.
+        let _ = done_rx.recv_timeout(Duration::from_secs(60));
+        drop(b);
+        Ok(())
+    });
+    let mut cfg = config();
+    // The primary's own patience is long: the error it gets must be the fence, not its timer.
+    cfg.heartbeat_timeout = Duration::from_secs(60);
+    let mut p = rdma::connect(addr.to_string().as_str(), cfg, &s.a).map_err(|e| e.to_string())?;
+    let seq = commit(&mut p, 1)?;
+    // Silence: the backup gives up on this primary and fences it.
+    let (why, last) = ended_rx
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the backup's channel never ended".to_string())?;
+    if last != seq {
+        return Err(format!("the backup had {last} of {seq} entries"));
+    }
+    // The primary wakes up and writes on.
+    let started = Instant::now();
+    let next = p.append(&stream::marker(2)).map_err(|e| e.to_string())?;
+    let err = loop {
+        match p.pump() {
+            Err(e) => break e,
+            Ok(_) if p.acked() >= next => {
+                return Err("a write after the fence was acknowledged".into());
+            }
+            Ok(_) if started.elapsed() > Duration::from_secs(30) => {
+                return Err("the deposed primary's write neither failed nor landed".into());
+            }
+            Ok(_) => std::thread::sleep(Duration::from_micros(200)),
+        }
+    };
+    let _ = done_tx.send(());
+    backup
+        .join()
+        .map_err(|_| "the backup thread panicked".to_string())??;
+    println!(
+        "  rdma: backup ended ({why}); the deposed primary's next write failed after {:.1?}: {err}",
+        started.elapsed()
+    );
+    match err {
+        ChannelError::RdmaCompletion { .. } | ChannelError::RdmaQpError => Ok(()),
+        other => Err(format!("expected a failed RDMA write, got {other}")),
+    }
+}
+
 type Test = fn(&Sides) -> Result<(), String>;
 
 /// The tests, each run against `sides` (`None`: only listed).
@@ -671,6 +740,7 @@ fn trial_list(sides: Option<std::sync::Arc<Sides>>) -> Vec<libtest_mimic::Trial>
         ("million_entries", |s| stream_entries(s, entries())),
         ("backup_killed", |s| backup_lost(s, Loss::Killed)),
         ("backup_frozen", |s| backup_lost(s, Loss::Frozen)),
+        ("a_deposed_primary_is_fenced", a_deposed_primary_is_fenced),
     ];
     tests
         .into_iter()

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::scan::Scanner;
-use super::setup::{AckBlock, RemoteRegion, ACK_LEN};
+use super::setup::{AckBlock, RemoteRegion, SEALED_ACK_LEN};
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
+use crate::auth::AckSealer;
 use crate::channel::{Ack, BackupLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -28,8 +29,13 @@ pub struct RdmaBackupLink {
     pub(super) acks: Arc<HeapRegion>,
     pub(super) ack_mr: Registered,
     pub(super) peer: RemoteRegion,
-    /// An ACK the send queue had no room for; cumulative, so only the newest matters.
-    pub(super) pending: Option<[u8; ACK_LEN]>,
+    /// An ACK the send queue had no room for (its bytes and length); cumulative, so only the
+    /// newest matters.
+    pub(super) pending: Option<([u8; SEALED_ACK_LEN], usize)>,
+    /// Seals every ACK (crypto `auth`/`encrypt`).
+    pub(super) sealer: Option<AckSealer>,
+    /// The queue pair was fenced (moved to ERR) when the channel ended.
+    pub(super) fenced: bool,
     pub(super) beats: u64,
     pub(super) stream: TcpStream,
     pub(super) wcs: [Completion; 16],
@@ -58,31 +64,38 @@ impl RdmaBackupLink {
 }
 
 impl RdmaBackupLink {
-    pub(super) fn send_ack(&mut self, msg: [u8; ACK_LEN]) -> Result<(), ChannelError> {
+    /// Writes `len` bytes of `msg` (a plain or a sealed ACK block) into the primary's ACK
+    /// block.
+    pub(super) fn send_ack(
+        &mut self,
+        msg: [u8; SEALED_ACK_LEN],
+        len: usize,
+    ) -> Result<(), ChannelError> {
         if self.sq.room() < 1 {
             self.reap()?;
             if self.sq.room() < 1 {
-                self.pending = Some(msg);
+                self.pending = Some((msg, len));
                 return Ok(());
             }
         }
         // Slot of the request about to be posted; it is reused `depth` requests later, by which
         // time this one has completed (the queue never holds more than `depth`).
-        let slots = self.ack_mr.len / ACK_LEN as u64;
+        let len = len.min(SEALED_ACK_LEN);
+        let slots = self.ack_mr.len / SEALED_ACK_LEN as u64;
         let slot = (self.sq.posted() + 1) % slots;
-        let at = slot as usize * ACK_LEN;
-        debug_assert!(at + ACK_LEN <= self.acks.len());
-        // SAFETY: `slot < slots`, so the ACK_LEN bytes lie inside the registered slot region owned by
-        // `self`; the NIC reads them only for a request posted from this slot, which completed
-        // before the slot came round again.
+        let at = slot as usize * SEALED_ACK_LEN;
+        debug_assert!(at + SEALED_ACK_LEN <= self.acks.len());
+        // SAFETY: `slot < slots`, so the `len` ≤ SEALED_ACK_LEN bytes lie inside the registered
+        // slot region owned by `self`; the NIC reads them only for a request posted from this
+        // slot, which completed before the slot came round again.
         unsafe {
-            std::ptr::copy_nonoverlapping(msg.as_ptr(), self.acks.as_ptr().add(at), ACK_LEN);
+            std::ptr::copy_nonoverlapping(msg.as_ptr(), self.acks.as_ptr().add(at), len);
         }
         let local = self.ack_mr.addr + at as u64;
         let write = RdmaWrite {
             local,
-            len: ACK_LEN as u32,
-            remote: self.peer.target(0, ACK_LEN as u64)?,
+            len: len as u32,
+            remote: self.peer.target(0, len as u64)?,
             imm: None,
             send: false,
         };
@@ -115,8 +128,8 @@ impl BackupLink for RdmaBackupLink {
             self.reap()?;
         }
         let arrived = self.scanner.scan(&*self.ring, Instant::now)?;
-        if let Some(msg) = self.pending {
-            self.send_ack(msg)?;
+        if let Some((msg, len)) = self.pending {
+            self.send_ack(msg, len)?;
         }
         Ok(arrived)
     }
@@ -135,7 +148,37 @@ impl BackupLink for RdmaBackupLink {
             beats: self.beats,
             replayed: ack.replayed,
         };
-        self.send_ack(block.encode())
+        let mut msg = [0u8; SEALED_ACK_LEN];
+        match &mut self.sealer {
+            Some(sealer) => {
+                let seal = sealer.seal_msg(&block.fields());
+                msg = block.encode_sealed(&seal);
+                self.send_ack(msg, SEALED_ACK_LEN)
+            }
+            None => {
+                msg[..super::setup::ACK_LEN].copy_from_slice(&block.encode());
+                self.send_ack(msg, super::setup::ACK_LEN)
+            }
+        }
+    }
+
+    fn seal_acks(&mut self, sealer: AckSealer) {
+        self.sealer = Some(sealer);
+    }
+
+    fn fence(&mut self) {
+        if self.fenced {
+            return;
+        }
+        self.fenced = true;
+        // The channel is over: the primary that wrote into our ring may be deposed (or only
+        // paused, and about to wake up). With the queue pair in ERR nothing it writes can land.
+        match self.ep.fence() {
+            Ok(()) => tracing::info!(
+                "RDMA: the log channel ended; queue pair fenced (ERR): the primary can write nothing more into this ring"
+            ),
+            Err(e) => tracing::warn!("RDMA: could not fence the queue pair: {e}"),
+        }
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {

@@ -4,8 +4,8 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 
 use super::scan::Scanner;
 use super::setup::{
-    PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, ACK_LEN, DOORBELL_LEN, FLAG_SEALED, SEAL_LEN,
-    SETUP_LEN,
+    PeerInfo, RemoteRegion, Role, ACK_BLOCK_LEN, DOORBELL_LEN, FLAG_SEALED, SEALED_ACK_LEN,
+    SEAL_LEN, SETUP_LEN,
 };
 use super::verbs::{Endpoint, SendQueue, NO_COMPLETION};
 use super::{heap, RdmaBackupLink, RdmaConfig, RdmaPrimaryLink};
@@ -107,6 +107,7 @@ pub fn primary_on(
         last_acked: 0,
         heard_pending: false,
         torn_reads: 0,
+        opener: None,
         stream,
         wcs: [NO_COMPLETION; 16],
         ep,
@@ -159,8 +160,8 @@ pub fn backup_on(
             true,
         )?;
         let slots = ep.sq_depth as usize;
-        let ack_mem = heap(slots * ACK_LEN)?;
-        let ack_mr = ep.register(&ack_mem, 0, slots * ACK_LEN, false)?;
+        let ack_mem = heap(slots * SEALED_ACK_LEN)?;
+        let ack_mr = ep.register(&ack_mem, 0, slots * SEALED_ACK_LEN, false)?;
         ep.to_init()?;
         Ok((ep, ring_mem, consumer, ring_mr, ack_mem, ack_mr))
     };
@@ -218,6 +219,8 @@ pub fn backup_on(
             rkey: primary.rkey,
         },
         pending: None,
+        sealer: None,
+        fenced: false,
         beats: 0,
         stream,
         wcs: [NO_COMPLETION; 16],

@@ -82,6 +82,15 @@
 //! poll later, which takes a clock read off the output-commit path (in an emulated guest a clock
 //! read can cost microseconds).
 //!
+//! With crypto `auth` or `encrypt` the block is *sealed*: 64 bytes, the four fields, a check
+//! word that also covers the seal, and the seal ([`crate::auth::AckSealer`]: a counter and a
+//! GMAC tag over the four fields under the backup-to-primary session key). A read that raced
+//! the write fails the check word and is retried; a whole block whose seal does not verify, or
+//! whose counter is not above the last one taken (a replay), is a forgery and ends the channel
+//! ([`ChannelError::Unauthenticated`](crate::ChannelError::Unauthenticated)), as over TCP.
+//! Frames carry their trailer here as on every medium (the seal scanning above only says where
+//! to look; the channel checks each frame's tag before anything else).
+//!
 //! ACKs go by RDMA WRITE rather than SEND because the write does strictly less work per ACK: no
 //! receive to consume, no receive completion for the responder to generate, and on the primary
 //! no completion to poll and no receive to repost — the ACK is one memory read. Neither side
@@ -90,6 +99,24 @@
 //! # Measurements
 //! Numbers measured on this medium (soft-RoCE in the CI guest), with the commands that produced
 //! them, are in `docs/rdma.md`; the README's "RDMA / soft-RoCE" section has the summary.
+//!
+//! # What someone on the fabric can do, and fencing
+//! The rkeys travel only inside the authenticated handshake, and the backup exposes only its
+//! ring's data area and doorbell block (the primary only its ACK block), each to its own
+//! queue pair: RC queue pairs take packets only from the one peer they are connected to.
+//! Someone who can inject packets on the fabric and has learned an rkey and a queue pair's
+//! PSN could still place bytes there. What the tags guarantee is that such bytes are never
+//! taken for a frame or an ACK: a frame without a valid tag under the session's key is refused
+//! before it is parsed, a forged ACK ends the channel. What they cannot stop is someone
+//! scribbling (denial of service: the channel ends with a typed error and the pair fails
+//! over).
+//!
+//! A deposed primary (paused past the timeout, say, and the backup took over) must not write
+//! into the ring of the replica that replaced it: the backup moves its queue pair to the error
+//! state at the channel's first error ([`crate::channel::BackupLink::fence`], before it asks the
+//! arbiter), so from then on the old primary's writes fail at the old primary (retries
+//! exhausted) instead of landing, as Mu fences a deposed leader by revoking its RDMA
+//! permissions. The soft-RoCE test `a_deposed_primary_is_fenced` checks it.
 //!
 //! # Failures
 //! A failed completion ([`ChannelError::RdmaCompletion`], e.g. retries exceeded once the peer's

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::setup::{
-    seal_sum, AckBlock, HeadSeal, RemoteRegion, ACK_WORDS, SEAL_LEN, SHORT_SEAL_LEN,
+    seal_sum, AckBlock, HeadSeal, RemoteRegion, ACK_WORDS, SEALED_ACK_WORDS, SEAL_LEN,
+    SHORT_SEAL_LEN,
 };
 use super::verbs::{post_writes, reap, Completion, Endpoint, RdmaWrite, Registered, SendQueue};
 use super::DOORBELL_EVERY;
+use crate::auth::AckOpener;
 use crate::channel::{BackupNews, PrimaryLink};
 use crate::control;
 use crate::error::ChannelError;
@@ -46,6 +48,8 @@ pub struct RdmaPrimaryLink {
     pub(super) last_acked: u64,
     pub(super) heard_pending: bool,
     pub(super) torn_reads: u64,
+    /// Checks every ACK's seal (crypto `auth`/`encrypt`).
+    pub(super) opener: Option<AckOpener>,
     pub(super) stream: TcpStream,
     pub(super) wcs: [Completion; 16],
 }
@@ -237,6 +241,31 @@ impl PrimaryLink for RdmaPrimaryLink {
             let check = self.ack_word(ACK_WORDS - 1);
             if check == self.last_ack_check {
                 None
+            } else if let Some(opener) = &mut self.opener {
+                let mut words = [0; SEALED_ACK_WORDS];
+                for (i, w) in words.iter_mut().enumerate() {
+                    *w = if i == ACK_WORDS - 1 {
+                        check
+                    } else {
+                        // The ACK block is 64 bytes: the sealed block fills it.
+                        self.acks.word(8 * i).load(Ordering::Acquire)
+                    };
+                }
+                match AckBlock::from_sealed_words(words) {
+                    Some((block, seal)) => {
+                        // A whole block whose seal does not verify is a forgery (or a replay):
+                        // the channel ends, as over TCP.
+                        opener.open_msg(&block.fields(), &seal)?;
+                        self.last_ack_check = check;
+                        Some(block)
+                    }
+                    None => {
+                        if words != [0; SEALED_ACK_WORDS] {
+                            self.torn_reads += 1;
+                        }
+                        None
+                    }
+                }
             } else {
                 let mut words = [0; ACK_WORDS];
                 for (i, w) in words.iter_mut().enumerate().take(ACK_WORDS - 1) {
@@ -295,6 +324,10 @@ impl PrimaryLink for RdmaPrimaryLink {
         control::check_peer(&mut self.stream, "RDMA")?;
         self.reap()?;
         self.ep.check_qp()
+    }
+
+    fn seal_acks(&mut self, opener: AckOpener) {
+        self.opener = Some(opener);
     }
 
     fn block(&mut self, timeout: Duration) -> Result<bool, ChannelError> {

@@ -263,6 +263,13 @@ pub struct AckBlock {
 pub const ACK_LEN: usize = 40;
 /// Words of an encoded [`AckBlock`] (the last is the check word).
 pub const ACK_WORDS: usize = ACK_LEN / 8;
+/// Bytes of a sealed [`AckBlock`] (crypto `auth`/`encrypt`): the block, its check word then
+/// covering the seal too, and the seal ([`crate::auth::AckSealer`]: counter and GMAC tag over
+/// the block's four fields). Exactly the primary's [`ACK_BLOCK_LEN`].
+pub const SEALED_ACK_LEN: usize = ACK_LEN + crate::auth::ACK_SEAL_LEN;
+/// Words of a sealed [`AckBlock`]; the check word is still word [`ACK_WORDS`]` - 1`.
+pub const SEALED_ACK_WORDS: usize = SEALED_ACK_LEN / 8;
+const _: () = assert!(SEALED_ACK_LEN as u64 == ACK_BLOCK_LEN);
 
 fn mix(mut x: u64) -> u64 {
     // splitmix64's finaliser: non-linear, so a block assembled from two different writes does
@@ -287,6 +294,55 @@ impl AckBlock {
         b[24..32].copy_from_slice(&self.replayed.to_le_bytes());
         b[32..40].copy_from_slice(&self.check().to_le_bytes());
         b
+    }
+
+    /// What a sealed block's tag covers: its four fields, little-endian.
+    pub fn fields(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[..8].copy_from_slice(&self.acked.to_le_bytes());
+        b[8..16].copy_from_slice(&self.tail.to_le_bytes());
+        b[16..24].copy_from_slice(&self.beats.to_le_bytes());
+        b[24..32].copy_from_slice(&self.replayed.to_le_bytes());
+        b
+    }
+
+    /// A sealed block's check word: over the fields and the seal's three words, so a read that
+    /// raced the write (in the fields or in the seal) is told from a forgery.
+    fn sealed_check(&self, seal: &[u8; crate::auth::ACK_SEAL_LEN]) -> u64 {
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&seal[8 * i..8 * i + 8]);
+            u64::from_le_bytes(a)
+        };
+        mix(w(2) ^ mix(w(1) ^ mix(w(0) ^ mix(self.check() ^ 0x5345_414c_4544_0000))))
+    }
+
+    /// The sealed block's bytes: the fields, the check word, the seal.
+    pub fn encode_sealed(&self, seal: &[u8; crate::auth::ACK_SEAL_LEN]) -> [u8; SEALED_ACK_LEN] {
+        let mut b = [0u8; SEALED_ACK_LEN];
+        b[..32].copy_from_slice(&self.fields());
+        b[32..40].copy_from_slice(&self.sealed_check(seal).to_le_bytes());
+        b[40..].copy_from_slice(seal);
+        b
+    }
+
+    /// A sealed block and its seal from its words, or `None` if the check word does not match
+    /// (nothing written yet, or a read that raced the backup's write). The seal is not checked
+    /// here.
+    pub fn from_sealed_words(
+        words: [u64; SEALED_ACK_WORDS],
+    ) -> Option<(Self, [u8; crate::auth::ACK_SEAL_LEN])> {
+        let block = AckBlock {
+            acked: words[0],
+            tail: words[1],
+            beats: words[2],
+            replayed: words[3],
+        };
+        let mut seal = [0u8; crate::auth::ACK_SEAL_LEN];
+        for (i, w) in words[ACK_WORDS..].iter().enumerate() {
+            seal[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        (block.sealed_check(&seal) == words[ACK_WORDS - 1]).then_some((block, seal))
     }
 
     /// The block from its words, or `None` if the check word does not match (nothing written
@@ -489,6 +545,56 @@ mod tests {
             })
         ));
         assert!(r.target(u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn sealed_ack_blocks_tell_tearing_from_forgery() {
+        let keys = crate::auth::SessionKeys::for_test(4);
+        let mut sealer = keys.ack_sealer();
+        let mut opener = keys.ack_opener();
+        let block = |beats: u64| AckBlock {
+            acked: 40 + beats,
+            tail: 0x2000,
+            beats,
+            replayed: 30,
+        };
+        let words = |b: [u8; SEALED_ACK_LEN]| {
+            let mut w = [0u64; SEALED_ACK_WORDS];
+            for (i, c) in b.chunks_exact(8).enumerate() {
+                let mut x = [0u8; 8];
+                x.copy_from_slice(c);
+                w[i] = u64::from_le_bytes(x);
+            }
+            w
+        };
+        let one = block(1).encode_sealed(&sealer.seal_msg(&block(1).fields()));
+        let two = block(2).encode_sealed(&sealer.seal_msg(&block(2).fields()));
+        let (b, seal) = AckBlock::from_sealed_words(words(one)).expect("whole");
+        assert_eq!(b, block(1));
+        opener.open_msg(&b.fields(), &seal).expect("genuine");
+        // Torn between two genuine writes (in the fields or in the seal): not a block at all.
+        for split in 1..SEALED_ACK_LEN {
+            let mut torn = two;
+            torn[..split].copy_from_slice(&one[..split]);
+            if torn != one && torn != two {
+                assert!(
+                    AckBlock::from_sealed_words(words(torn)).is_none(),
+                    "split {split}"
+                );
+            }
+        }
+        // Whole, with a valid check word, but not sealed with the key: a forgery, refused by the
+        // seal; and the genuine block again: a replay.
+        let forged = block(3).encode_sealed(&[7; crate::auth::ACK_SEAL_LEN]);
+        let (b, seal) = AckBlock::from_sealed_words(words(forged)).expect("well-formed");
+        assert!(opener.open_msg(&b.fields(), &seal).is_err());
+        let (b, seal) = AckBlock::from_sealed_words(words(one)).expect("whole");
+        assert!(opener.open_msg(&b.fields(), &seal).is_err(), "replayed");
+        let (b, seal) = AckBlock::from_sealed_words(words(two)).expect("whole");
+        opener
+            .open_msg(&b.fields(), &seal)
+            .expect("the next genuine one");
+        assert!(AckBlock::from_sealed_words([0; SEALED_ACK_WORDS]).is_none());
     }
 
     #[test]

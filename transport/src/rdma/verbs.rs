@@ -470,7 +470,11 @@ impl Endpoint {
         let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = ibv_qp_state::IBV_QPS_ERR;
         let mask = ibv_qp_attr_mask::IBV_QP_STATE.0;
-        self.modify(&mut attr, mask, "moving the queue pair to ERR (fencing the peer)")
+        self.modify(
+            &mut attr,
+            mask,
+            "moving the queue pair to ERR (fencing the peer)",
+        )
     }
 
     /// The queue pair's current state (`ibv_qp_state`); a system call, so call it at heartbeat
