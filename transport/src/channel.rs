@@ -1231,6 +1231,11 @@ impl<L: PrimaryLink> Primary<L> {
         self.writer.stats()
     }
 
+    /// The medium underneath.
+    pub fn link(&self) -> &L {
+        self.sender.link()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &ChannelConfig {
         &self.config
@@ -1587,6 +1592,11 @@ pub struct Backup<L: BackupLink> {
 }
 
 impl<L: BackupLink> Backup<L> {
+    /// The medium underneath.
+    pub fn link(&self) -> &L {
+        self.receiver.link()
+    }
+
     /// Builds the backup's end over a connected, authenticated link; `expected` is the sequence
     /// number of the next entry (1 for a new log), `epoch` the primary's epoch from the handshake.
     pub fn new(

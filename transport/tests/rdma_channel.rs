@@ -680,7 +680,17 @@ fn a_deposed_primary_is_fenced(s: &Sides) -> Result<(), String> {
                 Err(e) => break e,
             }
         };
-        let _ = ended_tx.send((err.to_string(), last));
+        let state = b
+            .link()
+            .qp_state()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let _ = ended_tx.send((
+            format!(
+                "{err}; fenced {}, queue pair state {state}",
+                b.link().fenced()
+            ),
+            last,
+        ));
         // Alive, fenced, until the primary has tried: its queue pair is in ERR, not destroyed.
         let _ = done_rx.recv_timeout(Duration::from_secs(60));
         drop(b);
@@ -701,6 +711,7 @@ fn a_deposed_primary_is_fenced(s: &Sides) -> Result<(), String> {
     // The primary wakes up and writes on.
     let started = Instant::now();
     let next = p.append(&stream::marker(2)).map_err(|e| e.to_string())?;
+    p.flush().map_err(|e| e.to_string())?;
     let err = loop {
         match p.pump() {
             Err(e) => break e,
@@ -708,7 +719,13 @@ fn a_deposed_primary_is_fenced(s: &Sides) -> Result<(), String> {
                 return Err("a write after the fence was acknowledged".into());
             }
             Ok(_) if started.elapsed() > Duration::from_secs(30) => {
-                return Err("the deposed primary's write neither failed nor landed".into());
+                let _ = done_tx.send(());
+                return Err(format!(
+                    "the deposed primary's write neither failed nor landed (backup: {why}; \
+                     primary: queue pair state {:?}, {} frames sent)",
+                    p.link().qp_state(),
+                    p.stats().frames
+                ));
             }
             Ok(_) => std::thread::sleep(Duration::from_micros(200)),
         }

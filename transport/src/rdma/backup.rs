@@ -34,8 +34,10 @@ pub struct RdmaBackupLink {
     pub(super) pending: Option<([u8; SEALED_ACK_LEN], usize)>,
     /// Seals every ACK (crypto `auth`/`encrypt`).
     pub(super) sealer: Option<AckSealer>,
-    /// The queue pair was fenced (moved to ERR) when the channel ended.
+    /// The ring's registration was revoked when the channel ended.
     pub(super) fenced: bool,
+    /// The remote key of the ring's registration (data area and doorbell block).
+    pub(super) ring_rkey: u32,
     pub(super) beats: u64,
     pub(super) stream: TcpStream,
     pub(super) wcs: [Completion; 16],
@@ -52,6 +54,16 @@ impl std::fmt::Debug for RdmaBackupLink {
 }
 
 impl RdmaBackupLink {
+    /// Whether the queue pair was fenced ([`BackupLink::fence`]).
+    pub fn fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// The queue pair's state (`ibv_qp_state`; a system call).
+    pub fn qp_state(&self) -> Result<u32, ChannelError> {
+        self.ep.qp_state()
+    }
+
     /// Reaps the completions of ACK writes (send-queue room). The backup posts no receives, so a
     /// receive completion cannot happen; one would be the primary's protocol violation.
     pub(super) fn reap(&mut self) -> Result<(), ChannelError> {
@@ -172,12 +184,18 @@ impl BackupLink for RdmaBackupLink {
         }
         self.fenced = true;
         // The channel is over: the primary that wrote into our ring may be deposed (or only
-        // paused, and about to wake up). With the queue pair in ERR nothing it writes can land.
-        match self.ep.fence() {
-            Ok(()) => tracing::info!(
-                "RDMA: the log channel ended; queue pair fenced (ERR): the primary can write nothing more into this ring"
+        // paused, and about to wake up). With the ring's registration gone, its next write gets
+        // a remote access error and lands nowhere (its queue pair then goes to ERR).
+        match self.ep.revoke(self.ring_rkey) {
+            Ok(_) => tracing::info!(
+                "RDMA: the log channel ended; the ring's registration revoked: the primary can write nothing more into it"
             ),
-            Err(e) => tracing::warn!("RDMA: could not fence the queue pair: {e}"),
+            Err(e) => {
+                tracing::warn!("RDMA: could not revoke the ring's registration ({e}); moving the queue pair to ERR");
+                if let Err(e) = self.ep.fence() {
+                    tracing::warn!("RDMA: could not fence the queue pair either: {e}");
+                }
+            }
         }
     }
 

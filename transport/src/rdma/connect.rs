@@ -221,6 +221,7 @@ pub fn backup_on(
         pending: None,
         sealer: None,
         fenced: false,
+        ring_rkey: ring_mr.rkey,
         beats: 0,
         stream,
         wcs: [NO_COMPLETION; 16],

@@ -112,11 +112,13 @@
 //! over).
 //!
 //! A deposed primary (paused past the timeout, say, and the backup took over) must not write
-//! into the ring of the replica that replaced it: the backup moves its queue pair to the error
-//! state at the channel's first error ([`crate::channel::BackupLink::fence`], before it asks the
-//! arbiter), so from then on the old primary's writes fail at the old primary (retries
-//! exhausted) instead of landing, as Mu fences a deposed leader by revoking its RDMA
-//! permissions. The soft-RoCE test `a_deposed_primary_is_fenced` checks it.
+//! into the ring of the replica that replaced it: at the channel's first error
+//! ([`crate::channel::BackupLink::fence`], before it asks the arbiter) the backup deregisters
+//! its ring's memory region, so from then on the old primary's writes get a remote access error
+//! and land nowhere, as Mu fences a deposed leader by revoking its RDMA permissions. (Moving the
+//! queue pair to ERR instead was tried first: soft-RoCE then drops the writes silently and the
+//! writer kept retrying for 30 s without an error.) The soft-RoCE test
+//! `a_deposed_primary_is_fenced` checks it.
 //!
 //! # Failures
 //! A failed completion ([`ChannelError::RdmaCompletion`], e.g. retries exceeded once the peer's

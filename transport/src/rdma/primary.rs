@@ -67,6 +67,11 @@ impl std::fmt::Debug for RdmaPrimaryLink {
 }
 
 impl RdmaPrimaryLink {
+    /// The queue pair's state (`ibv_qp_state`; a system call).
+    pub fn qp_state(&self) -> Result<u32, ChannelError> {
+        self.ep.qp_state()
+    }
+
     /// Reads of the ACK block that raced the backup's write and were retried.
     pub fn torn_reads(&self) -> u64 {
         self.torn_reads

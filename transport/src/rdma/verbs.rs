@@ -462,9 +462,31 @@ impl Endpoint {
         self.modify(&mut attr, mask, "moving the queue pair to RTS")
     }
 
+    /// Revokes the peer's access to the registration whose remote key is `rkey`: deregisters
+    /// it, so a write with that key gets a remote access error (NAK) at once and lands nowhere,
+    /// and the writer's queue pair goes to its error state. The memory stays allocated (its
+    /// owner's `Arc`). `false` if no registration has that key.
+    pub fn revoke(&mut self, rkey: u32) -> Result<bool, ChannelError> {
+        // SAFETY: every `mr` in `mrs` is a live registration of this endpoint.
+        let Some(i) = self
+            .mrs
+            .iter()
+            .position(|(mr, _)| unsafe { (**mr).rkey } == rkey)
+        else {
+            return Ok(false);
+        };
+        let (mr, _region) = self.mrs.swap_remove(i);
+        // SAFETY: `mr` is live and removed from `mrs`, so it is deregistered exactly once; the
+        // region it covers outlives the call (`_region`).
+        let rc = unsafe { ibv_dereg_mr(mr) };
+        check_rc("deregistering memory (fencing the peer)", rc)?;
+        Ok(true)
+    }
+
     /// Moves the queue pair to the error state: from now on it neither sends nor takes any
-    /// packet, so the peer's writes into memory registered here fail at the peer (retries
-    /// exhausted) instead of landing. Irreversible for this queue pair.
+    /// packet. (A peer's writes are then dropped silently, and soft-RoCE's requester was seen
+    /// to keep retrying them for 30 s without an error: [`Endpoint::revoke`] is what fences a
+    /// peer promptly.) Irreversible for this queue pair.
     pub fn fence(&mut self) -> Result<(), ChannelError> {
         // SAFETY: all-zero is a valid `ibv_qp_attr`.
         let mut attr: ibv_qp_attr = unsafe { std::mem::zeroed() };
