@@ -33,6 +33,7 @@
 mod args;
 mod eal;
 mod error;
+pub mod intr;
 mod mbuf;
 mod mempool;
 mod port;

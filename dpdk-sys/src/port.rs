@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{check, DpdkError};
 use crate::ffi;
+use crate::intr;
 use crate::{Mbuf, Mempool};
 
 /// Ports owned by a live [`Port`] handle (bit per port id), so two handles never drive the same
@@ -94,14 +95,20 @@ impl std::fmt::Debug for Port {
 
 impl Drop for Port {
     fn drop(&mut self) {
-        // SAFETY: we own the port (CLAIMED); stop is harmless on a stopped port, and close
-        // releases the device; nothing polls its queues any more (&mut self).
-        unsafe {
-            if self.started {
-                ffi::rte_eth_dev_stop(self.id);
-            }
-            ffi::rte_eth_dev_close(self.id);
+        // One teardown at a time, never overlapping the interrupt thread's work for this port
+        // or its peer (see `intr`): stopping one end of a memif pair makes the interrupt thread
+        // disconnect the other end.
+        let _one = intr::TEARDOWN.lock().unwrap_or_else(|e| e.into_inner());
+        intr::barrier(intr::BARRIER_TIMEOUT);
+        if self.started {
+            // SAFETY: we own the port (CLAIMED), it is started, and nothing polls its queues
+            // any more (&mut self).
+            unsafe { ffi::rte_eth_dev_stop(self.id) };
+            intr::barrier(intr::BARRIER_TIMEOUT);
         }
+        // SAFETY: we own the port and it is stopped; close releases the device. The interrupt
+        // thread has nothing of this port's left to handle (barrier above).
+        unsafe { ffi::rte_eth_dev_close(self.id) };
         CLAIMED.fetch_and(!(1u64 << self.id), Ordering::SeqCst);
     }
 }
@@ -179,10 +186,16 @@ impl Port {
     /// Stops the port (`rte_eth_dev_stop`); [`Port::start`] restarts it.
     pub fn stop(&mut self) -> Result<(), DpdkError> {
         if self.started {
+            let _one = intr::TEARDOWN.lock().unwrap_or_else(|e| e.into_inner());
+            intr::barrier(intr::BARRIER_TIMEOUT);
             // SAFETY: the port is started and nobody is polling it (&mut self).
-            check("rte_eth_dev_stop", unsafe {
+            let rc = check("rte_eth_dev_stop", unsafe {
                 ffi::rte_eth_dev_stop(self.id)
-            })?;
+            });
+            // What the stop set off on the interrupt thread (e.g. the peer's disconnect) is
+            // over before anyone stops or closes another port.
+            intr::barrier(intr::BARRIER_TIMEOUT);
+            rc?;
             self.started = false;
         }
         Ok(())

@@ -307,13 +307,12 @@ pub fn give_back_kind(kind: Kind, pair: MemifPair) {
     }
 }
 
-/// Removes the memif sockets' directory and the EAL's runtime directory; does nothing if
-/// DPDK was never set up. The EAL itself stays (it cannot be initialised again in this
-/// process), so call this once, before exiting.
+/// Closes the ports still unused and removes the memif sockets' directory and the EAL's
+/// runtime directory; does nothing if DPDK was never set up. The EAL itself stays (it cannot
+/// be initialised again in this process), so call this once, before exiting.
 ///
-/// The ports still unused are left open (forgotten): closing both ends of a memif pair in
-/// one process just before it exits crashed it now and then (SIGSEGV in DPDK's
-/// `eal-intr-thread`, inside net_memif's disconnect handling).
+/// (Closing both ends of a memif pair just before exiting used to crash the process now and
+/// then, in DPDK's interrupt thread: `dpdk_sys::intr` says why and how `Port` avoids it.)
 pub fn cleanup() {
     if let Some(Ok(state)) = STATE.get() {
         for p in state
@@ -322,7 +321,7 @@ pub fn cleanup() {
             .unwrap_or_else(|e| e.into_inner())
             .iter_mut()
         {
-            std::mem::forget(std::mem::take(p));
+            p.clear();
         }
         let _ = std::fs::remove_dir_all(&state.dir);
         let _ = std::fs::remove_dir_all(state.eal.runtime_dir());
