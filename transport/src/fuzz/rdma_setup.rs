@@ -442,14 +442,25 @@ impl Model {
     /// Whether a seal that holds over the ring's bytes as they are says `[from, to)` was written.
     fn sealed(&self, from: u64, to: u64) -> bool {
         let cap = CAPACITY;
-        let sum = |s: u64, e: u64| {
-            seal_sum(
-                (s..e)
-                    .step_by(8)
-                    .map(|p| self.word(RING_HEADER_LEN + (p & (cap - 1)) as usize)),
-            )
-        };
+        // The data area as it is, read once: the search below sums many ranges of it.
+        let mut data = [0u64; CAPACITY as usize / 8];
+        for (k, w) in data.iter_mut().enumerate() {
+            *w = self.word(RING_HEADER_LEN + 8 * k);
+        }
         let crosses = |s: u64, e: u64| (s & (cap - 1)) + (e - s) > cap;
+        // Only called for ranges that do not cross the end of the data area; `e` is a head,
+        // so 8-aligned. A forged seal may give an unaligned start: read that one word by word.
+        let sum = |s: u64, e: u64| {
+            if !s.is_multiple_of(8) {
+                return seal_sum(
+                    (s..e)
+                        .step_by(8)
+                        .map(|p| self.word(RING_HEADER_LEN + (p & (cap - 1)) as usize)),
+                );
+            }
+            let first = (s & (cap - 1)) as usize / 8;
+            seal_sum(data[first..first + (e - s) as usize / 8].iter().copied())
+        };
         let bell = RING_HEADER_LEN + cap as usize;
         if let Some(seal) = HeadSeal::from_words([
             self.word(bell),
