@@ -299,6 +299,8 @@ pub fn primary_on(
         last_beats: 0,
         acks: None,
         sealed: (0, 0, 0),
+        sealed_at_beats: 0,
+        sealed_retry: true,
     };
     Primary::new(link, config, accepted.resume_seq, &accepted.keys)
 }
@@ -313,6 +315,10 @@ pub struct ShmPrimaryLink {
     /// Checks the sealed ACK (crypto `auth`), with the last version checked and what it said.
     acks: Option<AckOpener>,
     sealed: (u64, u64, u64),
+    /// The beat counter when the sealed block was last read, and whether it was being written
+    /// then (read it again).
+    sealed_at_beats: u64,
+    sealed_retry: bool,
 }
 
 impl PrimaryLink for ShmPrimaryLink {
@@ -335,13 +341,25 @@ impl PrimaryLink for ShmPrimaryLink {
                 self.control.replayed().load(Ordering::Acquire),
             ),
             Some(opener) => {
-                if let Some((v, ack, seal)) = self.control.read_sealed() {
-                    if v != self.sealed.0 {
-                        opener.open(ack.epoch, ack.received, ack.replayed, &seal)?;
-                        self.sealed = (v, ack.received, ack.replayed);
+                // The backup bumps the beat counter after each sealed ACK it wrote, so the
+                // sealed block (a cache line of its own) is only read when something new may
+                // be there: spinning on it would pull the line away from the backup while it
+                // writes the next ACK, word after word.
+                let beats = self.control.beats().load(Ordering::Acquire);
+                if beats != self.sealed_at_beats || self.sealed_retry {
+                    self.sealed_at_beats = beats;
+                    match self.control.read_sealed() {
+                        Some((v, ack, seal)) => {
+                            self.sealed_retry = false;
+                            if v != self.sealed.0 {
+                                opener.open(ack.epoch, ack.received, ack.replayed, &seal)?;
+                                self.sealed = (v, ack.received, ack.replayed);
+                            }
+                        }
+                        // Being written right now: the last checked one; read again next poll.
+                        None => self.sealed_retry = true,
                     }
                 }
-                // (Being written right now: the last checked one; the new one next poll.)
                 (self.sealed.1, self.sealed.2)
             }
         };
@@ -400,14 +418,16 @@ impl BackupLink for ShmBackupLink {
     }
 
     fn ack(&mut self, ack: Ack) -> Result<(), ChannelError> {
-        self.control
-            .replayed()
-            .store(ack.replayed, Ordering::Release);
-        self.control.acked().store(ack.received, Ordering::Release);
+        // Sealed block first: the primary reads it once it sees the beat counter move, and the
+        // plain words and the counter share the other line it spins on, written last together.
         if let Some(sealer) = &mut self.sealer {
             let seal = sealer.seal(ack.epoch, ack.received, ack.replayed);
             self.control.write_sealed(&ack, &seal);
         }
+        self.control
+            .replayed()
+            .store(ack.replayed, Ordering::Release);
+        self.control.acked().store(ack.received, Ordering::Release);
         self.control.beats().fetch_add(1, Ordering::Release);
         Ok(())
     }
