@@ -337,16 +337,17 @@ fn joiners_that_must_be_refused_are_and_the_primary_serves_on() {
     drop(b);
 }
 
-/// Forwards one connection `listen` → `to`, flipping one byte of the primary's stream after
-/// `after` bytes.
-fn corrupting_relay(to: String, after: usize) -> String {
+/// A relay for one connection: listens on a fresh loopback port (returned), connects the one
+/// joiner it accepts to `to`, copies the joiner's bytes to the primary as they are, and hands
+/// the primary's direction to `forward(primary, joiner)`.
+fn relay(to: String, forward: impl FnOnce(TcpStream, TcpStream) + Send + 'static) -> String {
     let l = TcpListener::bind("127.0.0.1:0").expect("relay");
     let addr = l.local_addr().expect("addr").to_string();
     std::thread::spawn(move || {
-        let Ok((mut joiner, _)) = l.accept() else {
+        let Ok((joiner, _)) = l.accept() else {
             return;
         };
-        let Ok(mut primary) = TcpStream::connect(&to) else {
+        let Ok(primary) = TcpStream::connect(&to) else {
             return;
         };
         let (mut j2, mut p2) = (
@@ -356,6 +357,15 @@ fn corrupting_relay(to: String, after: usize) -> String {
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut j2, &mut p2);
         });
+        forward(primary, joiner);
+    });
+    addr
+}
+
+/// Forwards one connection `listen` → `to`, flipping one byte of the primary's stream after
+/// `after` bytes.
+fn corrupting_relay(to: String, after: usize) -> String {
+    relay(to, move |mut primary, mut joiner| {
         let mut seen = 0usize;
         let mut buf = vec![0u8; 65536];
         loop {
@@ -371,8 +381,7 @@ fn corrupting_relay(to: String, after: usize) -> String {
                 break;
             }
         }
-    });
-    addr
+    })
 }
 
 #[test]
@@ -397,22 +406,7 @@ fn a_corrupted_state_stream_is_refused_and_a_later_join_succeeds() {
 /// chunk's CRC again, so the chunk is well-formed and its checksum right.
 fn rewriting_relay(to: String) -> String {
     use vmm::migrate::stream::{checksum, Kind, CHUNK_HEADER_LEN};
-    let l = TcpListener::bind("127.0.0.1:0").expect("relay");
-    let addr = l.local_addr().expect("addr").to_string();
-    std::thread::spawn(move || {
-        let Ok((mut joiner, _)) = l.accept() else {
-            return;
-        };
-        let Ok(mut primary) = TcpStream::connect(&to) else {
-            return;
-        };
-        let (mut j2, mut p2) = (
-            joiner.try_clone().expect("clone"),
-            primary.try_clone().expect("clone"),
-        );
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut j2, &mut p2);
-        });
+    relay(to, move |mut primary, mut joiner| {
         // Bytes from the primary not yet forwarded: held from the first PAGES chunk's header
         // until the whole chunk is in.
         let mut held: Vec<u8> = Vec::new();
@@ -462,8 +456,7 @@ fn rewriting_relay(to: String) -> String {
                 break;
             }
         }
-    });
-    addr
+    })
 }
 
 /// Someone on the path rewrites a page and its chunk's CRC (the format is public, the CRC no
