@@ -108,6 +108,12 @@ pub fn node(args: &NodeArgs) -> anyhow::Result<NodeSummary> {
             // arbiter) is not the live pair's, and a second pair must not start behind it.
             let newest = vmm::service::probe_front(front, &key, common.session, PROBE_TIMEOUT)
                 .context("asking the service front whether it serves a pair already")?;
+            // The live primary wins at the arbiter before it registers with the front: if the
+            // front serves, a decision of the same pair must be readable now. (The other node
+            // may have won between our question and our probe: ask again before refusing.)
+            if newest > 0 && ask(&mut *arbiter, &pair, &stop, &mut retry)?.is_some() {
+                continue;
+            }
             if newest > 0 {
                 return Err(Refused(format!(
                     "the arbiter has no decision for pair {pair}, but the service front {front} \
