@@ -4,10 +4,11 @@
 # any target found a crash or a hang. CI runs the same checks on stable as corpus tests
 # (`cargo test`, see fuzz/README.md); this is the long run.
 #
-#   scripts/fuzz.sh [--runs N] [--targets a,b,...] [--timeout S]
+#   scripts/fuzz.sh [--runs N] [--targets a,b,...] [--timeout S] [--jobs J]
 #
 # Defaults: 10,000,000 runs per target, every target, 10 s per input before it counts as a
-# hang. Installs the nightly toolchain and cargo-fuzz if they are missing. Findings go to
+# hang, one process. With --jobs J, J libFuzzer workers share a target's corpus and each runs
+# N/J inputs (the runs column is their sum). Installs the nightly toolchain and cargo-fuzz if they are missing. Findings go to
 # fuzz/artifacts/<target>/, the grown corpus to target/fuzz-corpus/<target>/ (not in git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,12 +16,14 @@ cd "$(dirname "$0")/.."
 runs=10000000
 targets=""
 timeout=10
+jobs=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) runs="$2"; shift 2 ;;
         --targets) targets="$2"; shift 2 ;;
         --timeout) timeout="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        --jobs) jobs="$2"; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "fuzz.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -66,13 +69,26 @@ for t in "${list[@]}"; do
     # (looked up inside it, `fuzz/seeds/<target>` never existed and no seeds were passed).
     seed_dirs=()
     for d in $(seeds_for "$t"); do seed_dirs+=("../$d"); done
+    par=()
+    if [ "$jobs" -gt 1 ]; then
+        par=(-jobs="$jobs" -workers="$jobs")
+        rm -f fuzz/fuzz-*.log
+    fi
     set +e
     (cd fuzz && cargo +nightly fuzz run "$t" "../$corpus" ${seed_dirs[@]+"${seed_dirs[@]}"} -- \
-        -runs="$runs" -timeout="$timeout" -print_final_stats=1) >"$log" 2>&1
+        -runs="$(( runs / jobs ))" "${par[@]+"${par[@]}"}" -timeout="$timeout" \
+        -print_final_stats=1) >"$log" 2>&1
     rc=$?
     set -e
     secs=$(( $(date +%s) - start ))
-    done_runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    if [ "$jobs" -gt 1 ]; then
+        # libFuzzer copies each worker's fuzz/fuzz-<job>.log into its own output when the
+        # worker exits: the runs are the sum of the workers' final stats.
+        rm -f fuzz/fuzz-*.log
+        done_runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{s+=$1} END {print s+0}')
+    else
+        done_runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    fi
     crashes=$(find "fuzz/artifacts/$t" -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
     if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
         failed=1

@@ -177,12 +177,22 @@ fn words<const N: usize>(b: &[u8]) -> [u64; N] {
     w
 }
 
-/// The payload of genuine frame `i`.
-fn genuine(i: usize) -> Vec<u8> {
+/// The payload of genuine frame `i` (built once per process: the payloads repeat every
+/// 7 x 256 frames, and building them for every frame was a large part of each fuzz run).
+fn genuine(i: usize) -> &'static [u8] {
     const LENS: [usize; 7] = [24, 200, 8, 64, 120, 16, 256];
-    (0..LENS[i % LENS.len()])
-        .map(|j| (i * 31 + j * 7 + 1) as u8)
-        .collect()
+    const PERIOD: usize = LENS.len() * 256;
+    static PAYLOADS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    let all = PAYLOADS.get_or_init(|| {
+        (0..PERIOD)
+            .map(|i| {
+                (0..LENS[i % LENS.len()])
+                    .map(|j| (i * 31 + j * 7 + 1) as u8)
+                    .collect()
+            })
+            .collect()
+    });
+    &all[i % PERIOD]
 }
 
 /// The backup's ring and scanner, and a model primary writing into it.
@@ -202,9 +212,9 @@ struct Model {
     /// frame they carry with the number of words of its doorbell write (the last ones): the
     /// record is complete once only those are left.
     pending: VecDeque<(usize, u64)>,
-    pending_frame: Option<(u64, Vec<u8>, usize)>,
+    pending_frame: Option<(u64, &'static [u8], usize)>,
     /// Genuine frames whose record writes landed completely, not consumed yet (end, payload).
-    landed: VecDeque<(u64, Vec<u8>)>,
+    landed: VecDeque<(u64, &'static [u8])>,
     /// Ends of every genuine frame whose record write landed.
     ends: Vec<u64>,
     consumed: usize,
@@ -294,7 +304,7 @@ impl Model {
         ring::tail_word(&*self.mirror).store(tail, std::sync::atomic::Ordering::Release);
         let payload = genuine(self.next);
         match self.producer.try_reserve(payload.len()) {
-            Ok(slot) => slot.copy_from_slice(&payload),
+            Ok(slot) => slot.copy_from_slice(payload),
             Err(RingError::Full { .. }) => return Ok(()),
             Err(e) => return Err(format!("the model primary's producer: {e}")),
         }
@@ -313,9 +323,8 @@ impl Model {
                     .load(std::sync::atomic::Ordering::Relaxed),
             )
         };
-        let mut writes = Vec::new();
         let (start, rec_off) = if new - old > to_end {
-            writes.push((data + offset as usize, mirror_word(offset)));
+            self.pending.push_back((data + offset as usize, mirror_word(offset)));
             (old + to_end, 0)
         } else {
             (old, offset)
@@ -327,7 +336,7 @@ impl Model {
             sum: seal_sum((0..len / 8).map(|i| mirror_word(rec_off + 8 * i))),
         };
         for i in 0..len / 8 {
-            writes.push((
+            self.pending.push_back((
                 data + (rec_off + 8 * i) as usize,
                 mirror_word(rec_off + 8 * i),
             ));
@@ -338,19 +347,18 @@ impl Model {
         self.since_doorbell += 1;
         let bell = !in_ring || (old > tail && self.since_doorbell >= DOORBELL_EVERY);
         if in_ring {
-            writes.push((data + end_off as usize, seal.end));
-            writes.push((data + end_off as usize + 8, seal.ring_check()));
+            self.pending.push_back((data + end_off as usize, seal.end));
+            self.pending.push_back((data + end_off as usize + 8, seal.ring_check()));
         }
         let bell_words = if bell { SEAL_LEN / 8 } else { 0 };
         if bell {
             let at = data + cap as usize;
             for (k, w) in words::<4>(&seal.encode()).into_iter().enumerate() {
-                writes.push((at + 8 * k, w));
+                self.pending.push_back((at + 8 * k, w));
             }
             self.since_doorbell = 0;
         }
         self.sent = new;
-        self.pending.extend(writes);
         self.pending_frame = Some((new, payload, bell_words));
         self.land(torn);
         Ok(())
