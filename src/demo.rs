@@ -77,6 +77,10 @@ pub struct DemoArgs {
     /// --help`).
     #[arg(long, default_value = "auth")]
     pub channel_crypto: transport::auth::ChannelCrypto,
+    /// The replicas' `--ack-kick-us`: an output that waited this long for its ACK kicks the
+    /// backup (µs; 0: never).
+    #[arg(long, default_value_t = vmm::record::ACK_KICK_US)]
+    pub ack_kick_us: u64,
     /// With `--kill-primary-after`: once the backup has taken over, start a new backup that
     /// joins it by live state transfer, so the run ends protected again.
     #[arg(long, requires = "kill_primary_after")]
@@ -179,6 +183,8 @@ pub struct DemoSummary {
     pub backup_registers_digest: String,
     pub commit_p50_us: f64,
     pub commit_p99_us: f64,
+    /// Times an output's wait for its ACK kicked the backup (`--ack-kick-us`).
+    pub ack_kicks: u64,
     pub log_bytes: u64,
     pub vm_exits: u64,
     pub primary_exits_per_sec: f64,
@@ -332,6 +338,8 @@ fn node_args(role: &str, dir: &Path, key: &Path, core: usize, args: &DemoArgs) -
         dir.join(format!("{role}.json")).display().to_string(),
         "--channel-crypto".into(),
         args.channel_crypto.to_string(),
+        "--ack-kick-us".into(),
+        args.ack_kick_us.to_string(),
     ]);
     a
 }
@@ -833,6 +841,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         backup_registers_digest: b.registers_digest.clone(),
         commit_p50_us: p.commit_p50_us,
         commit_p99_us: p.commit_p99_us,
+        ack_kicks: p.ack_kicks,
         log_bytes: p.log_bytes,
         vm_exits: p.exits,
         primary_exits_per_sec: p.exits_per_sec,
@@ -880,8 +889,8 @@ fn print_summary(s: &DemoSummary, ft: &ClientReport, b: &NodeSummary) {
         s.log_bytes as f64 / s.requests.max(1) as f64
     );
     println!(
-        "  commit latency      p50 {:.2} µs, p99 {:.2} µs",
-        s.commit_p50_us, s.commit_p99_us
+        "  commit latency      p50 {:.2} µs, p99 {:.2} µs ({} ACK kicks)",
+        s.commit_p50_us, s.commit_p99_us, s.ack_kicks
     );
     let verdict = if s.primary_memory_hash.is_empty() || s.backup_memory_hash.is_empty() {
         "a replica did not finish: not compared"

@@ -70,6 +70,12 @@ pub struct Common {
     /// polling latency; one after it pays the wake-up (`bench idle` measures both sides).
     #[arg(long, default_value_t = 500)]
     pub idle_spin_us: u64,
+    /// A primary whose output has waited this long for its ACK kicks the backup's vCPU thread
+    /// (a signal: `KVM_RUN` returns, the backup acknowledges, the guest runs on), µs; 0:
+    /// never. Shared memory only (the backup on the same host); the backup acknowledges
+    /// otherwise at its guest's next exit.
+    #[arg(long, default_value_t = vmm::record::ACK_KICK_US)]
+    pub ack_kick_us: u64,
     /// Lag control: the primary waits while its backup's replay trails by more than this much
     /// time (ms; 0: no time bound) — about what a failover then has to drain.
     #[arg(long, default_value_t = 100)]
@@ -391,6 +397,9 @@ pub struct NodeSummary {
     pub outputs_committed: u64,
     pub commit_p50_us: f64,
     pub commit_p99_us: f64,
+    /// Primary: times an output's wait for its ACK kicked the backup (`--ack-kick-us`).
+    #[serde(default)]
+    pub ack_kicks: u64,
     pub requests: u64,
     pub outputs_checked: u64,
     pub divergence: Option<String>,
@@ -563,6 +572,7 @@ fn arbiter_client(
 fn record_config(c: &Common) -> RecordConfig {
     RecordConfig {
         idle_wait: Duration::from_micros(c.idle_spin_us),
+        ack_kick: Duration::from_micros(c.ack_kick_us),
         ..RecordConfig::default()
     }
 }
@@ -752,6 +762,7 @@ fn fill_gate<S: LogSink>(summary: &mut NodeSummary, rec: &Recorder<S>) {
     summary.outputs_committed = gate.released();
     summary.commit_p50_us = gate.latency().value_at_quantile(0.5) as f64 / 1000.0;
     summary.commit_p99_us = gate.latency().value_at_quantile(0.99) as f64 / 1000.0;
+    summary.ack_kicks = ftvm_metrics::METRICS.ack_kicks.get();
     summary.log_bytes = rec.log().log_bytes();
     summary.requests = rec.requests();
     summary.first_output_exit = rec.first_output_exit();

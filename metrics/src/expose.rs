@@ -203,6 +203,13 @@ fn replica(m: &Metrics, e: &mut DescriptorEncoder) -> Res {
         None,
         m.failovers.get(),
     )?;
+    counter(
+        e,
+        "ftvm_ack_kicks",
+        "Times the primary kicked its backup's vCPU thread for an ACK an output waited for.",
+        None,
+        m.ack_kicks.get(),
+    )?;
     counters(
         e,
         "ftvm_joins",

@@ -191,6 +191,8 @@ pub struct Metrics {
     /// Times this replica went on live after its peer failed (a backup's takeover, or a primary
     /// going on alone after losing its backup), having won the arbiter.
     pub failovers: Counter,
+    /// Times the primary kicked its backup for an ACK an output was waiting for.
+    pub ack_kicks: Counter,
     /// Joins served (primary) or made (backup): completed and failed.
     pub joins_completed: Counter,
     pub joins_failed: Counter,
@@ -237,6 +239,7 @@ impl Metrics {
             frames_rejected: [const { Counter::new() }; RejectCause::ALL.len()],
             heartbeats_missed: Counter::new(),
             failovers: Counter::new(),
+            ack_kicks: Counter::new(),
             joins_completed: Counter::new(),
             joins_failed: Counter::new(),
             joins_refused: Counter::new(),

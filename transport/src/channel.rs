@@ -359,6 +359,12 @@ pub trait PrimaryLink: Send {
     /// From now on, accept only ACKs sealed under this opener's key ([`crate::auth`]). A
     /// medium whose ACK has no room for a seal ignores it (see the medium's documentation).
     fn seal_acks(&mut self, _opener: AckOpener) {}
+    /// Asks the backup to acknowledge now, not at its guest's next exit ([`crate::kick`]);
+    /// returns whether a kick was sent. Media that cannot reach the backup's thread (another
+    /// host) send none.
+    fn kick(&mut self) -> bool {
+        false
+    }
 }
 
 /// What a backup's ACK says; every medium carries all of it.
@@ -404,6 +410,11 @@ pub trait BackupLink: Send {
     /// (RDMA) revoke that access here; the others stop reading, which the channel does anyway.
     /// Called once, at the channel's first error.
     fn fence(&mut self) {}
+    /// The calling thread (the one that pumps this channel) may be kicked by the primary from
+    /// now on ([`crate::kick`]); returns whether this medium supports it.
+    fn enable_kicks(&mut self) -> bool {
+        false
+    }
 }
 
 /// Longest pause between two runs of the medium's peer check ([`PrimaryLink::check_peer`]).
@@ -1231,6 +1242,11 @@ impl<L: PrimaryLink> Primary<L> {
         self.writer.stats()
     }
 
+    /// Asks the backup to acknowledge now ([`PrimaryLink::kick`]); whether a kick was sent.
+    pub fn kick(&mut self) -> bool {
+        self.sender.link.kick()
+    }
+
     /// The medium underneath.
     pub fn link(&self) -> &L {
         self.sender.link()
@@ -1595,6 +1611,12 @@ impl<L: BackupLink> Backup<L> {
     /// The medium underneath.
     pub fn link(&self) -> &L {
         self.receiver.link()
+    }
+
+    /// The calling thread may be kicked by the primary from now on ([`BackupLink::enable_kicks`]):
+    /// call it from the thread that pumps this channel. Whether the medium supports it.
+    pub fn enable_kicks(&mut self) -> bool {
+        self.receiver.link.enable_kicks()
     }
 
     /// Builds the backup's end over a connected, authenticated link; `expected` is the sequence

@@ -31,6 +31,7 @@ pub mod dpdk;
 pub mod error;
 pub mod fuzz;
 pub mod handshake;
+pub mod kick;
 pub mod medium;
 pub mod poll;
 // Without the feature: the set-up messages and the seal scanning only (plain code, fuzzed).

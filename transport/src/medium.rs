@@ -377,6 +377,10 @@ impl PrimaryLink for AnyPrimaryLink {
     fn seal_acks(&mut self, opener: crate::auth::AckOpener) {
         each!(AnyPrimaryLink, self, l => l.seal_acks(opener))
     }
+    #[inline]
+    fn kick(&mut self) -> bool {
+        each!(AnyPrimaryLink, self, l => l.kick())
+    }
 }
 
 impl BackupLink for AnyBackupLink {
@@ -408,6 +412,10 @@ impl BackupLink for AnyBackupLink {
 
     fn fence(&mut self) {
         each!(AnyBackupLink, self, l => l.fence())
+    }
+
+    fn enable_kicks(&mut self) -> bool {
+        each!(AnyBackupLink, self, l => l.enable_kicks())
     }
 }
 

@@ -12,7 +12,9 @@
 //!
 //! Mapping layout: the ring region (`ring::region_len(capacity)` bytes, see [`crate::ring`]),
 //! padded to 4 KiB, then a 4 KiB control page: offset 0 the backup's cumulative ACK (u64),
-//! offset 8 the backup's heartbeat counter (u64), offset 16 the backup's replay position (u64).
+//! offset 8 the backup's heartbeat counter (u64), offset 16 the backup's replay position (u64),
+//! offset 24 the id of the backup thread the primary may kick (u64, 0 for none; see
+//! [`crate::kick`]).
 //! With `--channel-crypto auth`, offset 64 holds the sealed ACK under a sequence lock: version
 //! (u64, odd while the backup writes), epoch, received, replayed (u64 each) and the 24-byte seal
 //! ([`crate::auth`]); the primary takes ACKs only from there, and only once the seal verifies
@@ -71,6 +73,11 @@ impl Control {
 
     fn replayed(&self) -> &AtomicU64 {
         self.word(2)
+    }
+
+    /// The thread id the primary may kick ([`crate::kick`]); 0: none.
+    fn kick_tid(&self) -> &AtomicU64 {
+        self.word(3)
     }
 
     /// The sealed ACK's words: version, epoch, received, replayed, then the seal's three.
@@ -292,10 +299,12 @@ pub fn primary_on(
     let control = Control::new(region, control_offset(producer.capacity()))?;
     control::write_all(&mut stream, b"A", "confirming the mapping")?;
     control::go_nonblocking(&stream)?;
+    let backup_pid = crate::kick::peer_pid(&stream);
     let link = ShmPrimaryLink {
         producer,
         control,
         stream,
+        backup_pid,
         last_beats: 0,
         acks: None,
         sealed: (0, 0, 0),
@@ -319,6 +328,9 @@ pub struct ShmPrimaryLink {
     /// then (read it again).
     sealed_at_beats: u64,
     sealed_retry: bool,
+    /// The backup process, as the kernel knows the set-up socket's peer: kicks go only to
+    /// its threads.
+    backup_pid: Option<i32>,
 }
 
 impl PrimaryLink for ShmPrimaryLink {
@@ -394,6 +406,14 @@ impl PrimaryLink for ShmPrimaryLink {
         );
         self.acks = Some(opener);
     }
+
+    fn kick(&mut self) -> bool {
+        let tid = self.control.kick_tid().load(Ordering::Relaxed);
+        match (self.backup_pid, i32::try_from(tid)) {
+            (Some(pid), Ok(tid)) if tid > 0 => crate::kick::kick(pid, tid),
+            _ => false,
+        }
+    }
 }
 
 /// The backup's shared-memory link.
@@ -434,6 +454,17 @@ impl BackupLink for ShmBackupLink {
 
     fn seal_acks(&mut self, sealer: AckSealer) {
         self.sealer = Some(sealer);
+    }
+
+    fn enable_kicks(&mut self) -> bool {
+        if !crate::kick::install_handler() {
+            return false;
+        }
+        let tid = crate::kick::current_tid();
+        self.control
+            .kick_tid()
+            .store(u64::try_from(tid).unwrap_or(0), Ordering::Release);
+        true
     }
 
     fn check_peer(&mut self) -> Result<(), ChannelError> {

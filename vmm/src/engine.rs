@@ -55,6 +55,11 @@ pub trait EventSource {
     fn pause_after(&mut self, _exit: u64) -> bool {
         false
     }
+    /// The run loop starts on this thread (the vCPU's): e.g. let the primary kick it.
+    fn on_vcpu_thread(&mut self) {}
+    /// A signal ended `KVM_RUN` before the guest's next exit (not an exit; the guest runs on
+    /// right after): e.g. the primary kicked this backup to acknowledge what it sent.
+    fn interrupted(&mut self) {}
 }
 
 /// Why the run loop stopped with an error.
@@ -164,8 +169,9 @@ pub fn run(
     let mut exit = first_exit.max(1) - 1;
     let mut irqs = Vec::new();
     let mut buf = Vec::with_capacity(NET_BUF_LEN);
+    source.on_vcpu_thread();
     loop {
-        match vm.run()? {
+        match vm.run_with(&mut || source.interrupted())? {
             VmExit::Hypercall { op } => {
                 exit += 1;
                 if source.should_stop(exit)? {

@@ -387,6 +387,13 @@ impl<L: PrimaryLink> LogSink for FailoverSink<L> {
             SinkState::Alone(n) => n.epoch(),
         }
     }
+
+    fn kick(&mut self) -> bool {
+        match &mut self.state {
+            SinkState::Replicated(p) => p.kick(),
+            SinkState::Alone(_) => false,
+        }
+    }
 }
 
 /// The log of a replica serving live: replicated to a backup over any medium, or alone (and
@@ -678,6 +685,22 @@ impl<S: EntrySource> EventSource for Failover<S> {
         match &mut self.mode {
             Mode::Live(r) => r.pause_after(exit),
             _ => false,
+        }
+    }
+
+    fn on_vcpu_thread(&mut self) {
+        match &mut self.mode {
+            Mode::Replay(r) => r.on_vcpu_thread(),
+            Mode::Live(r) => r.on_vcpu_thread(),
+            _ => {}
+        }
+    }
+
+    fn interrupted(&mut self) {
+        match &mut self.mode {
+            Mode::Replay(r) => r.interrupted(),
+            Mode::Live(r) => r.interrupted(),
+            _ => {}
         }
     }
 }

@@ -15,6 +15,7 @@ use transport::{PreSharedKey, PrimaryLink};
 use crate::engine::{EngineError, EventSource, NET_DEVICE, NET_RX_VECTOR, TIMER_VECTOR};
 use crate::output_gate::OutputGate;
 use crate::service::ServicePort;
+use ftvm_metrics::METRICS;
 
 /// Longest sleep of a primary whose guest waits for an interrupt: the channel (heartbeats, ACKs)
 /// and the stop flag are serviced at least this often.
@@ -39,6 +40,11 @@ pub trait LogSink {
     fn log_bytes(&self) -> u64;
     /// The fencing epoch this replica runs in (stamped on every released output).
     fn epoch(&self) -> u64;
+    /// Asks the backup to acknowledge now ([`transport::PrimaryLink::kick`]); whether a kick
+    /// was sent.
+    fn kick(&mut self) -> bool {
+        false
+    }
 }
 
 impl<L: PrimaryLink> LogSink for transport::Primary<L> {
@@ -60,6 +66,9 @@ impl<L: PrimaryLink> LogSink for transport::Primary<L> {
     }
     fn log_bytes(&self) -> u64 {
         self.stats().bytes
+    }
+    fn kick(&mut self) -> bool {
+        transport::Primary::kick(self)
     }
     fn epoch(&self) -> u64 {
         self.config().epoch
@@ -121,10 +130,17 @@ pub struct RecordConfig {
     /// the next exit (which, at ~8 µs per exit and slow ring-0 code here, is ~10 µs away). Zero
     /// gives the pure "primary never waits" rule.
     pub commit_spin: Duration,
+    /// When an output has waited this long for its ACK while the vCPU spins
+    /// ([`Self::commit_spin`]), kick the backup ([`transport::kick`]: same host only) so it
+    /// acknowledges now instead of at its guest's next exit. Zero: never.
+    pub ack_kick: Duration,
     /// The guest clock's value at the start of this recorder: 0 for a fresh guest, the last
     /// replayed clock value for a backup that goes live (the guest's clock never runs back).
     pub clock_base_ns: u64,
 }
+
+/// [`RecordConfig::ack_kick`]'s default, µs.
+pub const ACK_KICK_US: u64 = 4;
 
 impl Default for RecordConfig {
     fn default() -> Self {
@@ -132,6 +148,7 @@ impl Default for RecordConfig {
             tick: Duration::from_millis(10),
             idle_wait: Duration::from_micros(500),
             commit_spin: Duration::from_micros(30),
+            ack_kick: Duration::from_micros(ACK_KICK_US),
             clock_base_ns: 0,
         }
     }
@@ -421,9 +438,24 @@ impl<S: LogSink> EventSource for Recorder<S> {
         self.gate.hold(seq, bytes, produced);
         self.release()?;
         if self.gate.pending() > 0 && !self.config.commit_spin.is_zero() {
-            let until = Instant::now() + self.config.commit_spin;
-            while self.gate.pending() > 0 && Instant::now() < until {
+            let start = Instant::now();
+            let until = start + self.config.commit_spin;
+            let mut kick = (!self.config.ack_kick.is_zero()).then(|| start + self.config.ack_kick);
+            loop {
                 self.service()?;
+                if self.gate.pending() == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= until {
+                    break;
+                }
+                if kick.is_some_and(|at| now >= at) {
+                    kick = None;
+                    if self.log.kick() {
+                        METRICS.ack_kicks.inc();
+                    }
+                }
             }
         }
         Ok(())

@@ -41,6 +41,11 @@ pub trait EntrySource {
     fn stats(&self) -> Option<StatsSnapshot> {
         None
     }
+    /// The calling thread (the vCPU's) may be kicked by the primary from now on
+    /// ([`transport::kick`]); whether the source supports it.
+    fn enable_kicks(&mut self) -> bool {
+        false
+    }
 }
 
 impl<L: BackupLink> EntrySource for Backup<L> {
@@ -68,6 +73,9 @@ impl<L: BackupLink> EntrySource for Backup<L> {
     }
     fn stats(&self) -> Option<StatsSnapshot> {
         Some(Backup::stats(self))
+    }
+    fn enable_kicks(&mut self) -> bool {
+        Backup::enable_kicks(self)
     }
 }
 
@@ -376,6 +384,22 @@ impl<S: EntrySource> Replayer<S> {
 }
 
 impl<S: EntrySource> EventSource for Replayer<S> {
+    fn on_vcpu_thread(&mut self) {
+        if self.source.enable_kicks() {
+            tracing::debug!("the primary may kick this vCPU thread to get its ACKs sooner");
+        }
+    }
+
+    fn interrupted(&mut self) {
+        // Acknowledge what arrived while the guest ran; a failed channel is noticed here as at
+        // the next exit (the entries received before it are still replayed).
+        if self.ended.is_none() {
+            if let Err(e) = self.source.pump() {
+                self.end(e);
+            }
+        }
+    }
+
     fn should_stop(&mut self, exit: u64) -> Result<bool, EngineError> {
         Ok(matches!(
             self.front(exit)?.entry.event,

@@ -263,7 +263,14 @@ impl Vm {
     /// Runs the vCPU until the next guest-visible exit. `EINTR`/`EAGAIN` from `KVM_RUN` (a
     /// signal, an immediate exit) are retried transparently and are not exits.
     pub fn run(&mut self) -> Result<VmExit, VmError> {
-        self.run_to_exit(false).map(|(exit, _)| exit)
+        self.run_to_exit(false, &mut || {}).map(|(exit, _)| exit)
+    }
+
+    /// Like [`Vm::run`], calling `on_signal` each time a signal ended `KVM_RUN` early (e.g. a
+    /// primary's kick, [`transport::kick`]) before the guest runs on: the guest sees nothing of
+    /// it, and it is not an exit.
+    pub fn run_with(&mut self, on_signal: &mut dyn FnMut()) -> Result<VmExit, VmError> {
+        self.run_to_exit(false, on_signal).map(|(exit, _)| exit)
     }
 
     /// Like [`Vm::run`], one guest instruction at a time (KVM single-step): returns the exit and
@@ -280,7 +287,7 @@ impl Vm {
                 kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
             ))
             .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
-        let result = self.run_to_exit(true);
+        let result = self.run_to_exit(true, &mut || {});
         self.vcpu
             .set_guest_debug(&debug(0))
             .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
@@ -290,7 +297,11 @@ impl Vm {
     /// The run loop of [`Vm::run`]; with `stepping`, KVM's single-step exits are counted (the
     /// count is returned with the exit) instead of returned.
     #[inline(always)]
-    fn run_to_exit(&mut self, stepping: bool) -> Result<(VmExit, u64), VmError> {
+    fn run_to_exit(
+        &mut self,
+        stepping: bool,
+        on_signal: &mut dyn FnMut(),
+    ) -> Result<(VmExit, u64), VmError> {
         let mut steps = 0;
         loop {
             match self.vcpu.run() {
@@ -302,7 +313,8 @@ impl Vm {
                     }
                     return Ok((classify(exit), steps));
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR => on_signal(),
+                Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(e) => {
                     return Err(VmError::Kvm {
                         op: "KVM_RUN",

@@ -324,7 +324,8 @@ impl Model {
             )
         };
         let (start, rec_off) = if new - old > to_end {
-            self.pending.push_back((data + offset as usize, mirror_word(offset)));
+            self.pending
+                .push_back((data + offset as usize, mirror_word(offset)));
             (old + to_end, 0)
         } else {
             (old, offset)
@@ -348,7 +349,8 @@ impl Model {
         let bell = !in_ring || (old > tail && self.since_doorbell >= DOORBELL_EVERY);
         if in_ring {
             self.pending.push_back((data + end_off as usize, seal.end));
-            self.pending.push_back((data + end_off as usize + 8, seal.ring_check()));
+            self.pending
+                .push_back((data + end_off as usize + 8, seal.ring_check()));
         }
         let bell_words = if bell { SEAL_LEN / 8 } else { 0 };
         if bell {
