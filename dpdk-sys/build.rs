@@ -122,6 +122,10 @@ fn main() {
         .allowlist_function("rte_socket_id")
         .allowlist_function("rte_strerror")
         .allowlist_function("rte_ether_.*")
+        .allowlist_function("rte_intr_instance_alloc")
+        .allowlist_function("rte_intr_fd_set")
+        .allowlist_function("rte_intr_type_set")
+        .allowlist_function("rte_intr_callback_register")
         .allowlist_function("ftvm_.*")
         // Types the safe layer reads field by field.
         .allowlist_type("rte_ether_hdr")

@@ -25,6 +25,18 @@ struct EalInner {
 
 impl Drop for EalInner {
     fn drop(&mut self) {
+        // DPDK 22.11's cleanup unmaps the EAL's memory without stopping the interrupt thread,
+        // which reads every interrupt source's handle (some live in that memory) whenever a
+        // descriptor wakes it: core dumps of the crash left after `intr`'s port barriers show
+        // the thread in `rte_intr_fd_get` and the main thread in the cleanup's `munmap` (or,
+        // with two barriers before the cleanup, already in `exit`). So the thread is parked
+        // for good first, after everything pending (see `intr::park`).
+        let _one = crate::intr::TEARDOWN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !crate::intr::park(crate::intr::BARRIER_TIMEOUT) {
+            tracing::warn!("EAL's interrupt thread could not be parked before rte_eal_cleanup");
+        }
         // SAFETY: the EAL was initialised by Eal::init, and this is the last handle: every
         // Mempool and Port holds an Eal clone, so none is alive any more (a mempool with mbufs
         // still out leaks its Eal clone instead, and then we never get here).

@@ -15,7 +15,8 @@
 //! and waits for the alarm's callback, which the single interrupt thread runs only after the
 //! callbacks before it have returned. [`crate::Port`] stops and closes ports under one lock
 //! and with a barrier before and after each stop, so a port's teardown never overlaps work the
-//! interrupt thread is doing for it or for its peer.
+//! interrupt thread is doing for it or for its peer. Before `rte_eal_cleanup`, [`park`] stops
+//! the interrupt thread for good (the cleanup unmaps memory that thread still reads).
 
 use std::ffi::c_void;
 use std::sync::{Arc, Condvar, Mutex};
@@ -54,6 +55,73 @@ pub fn barrier(timeout: Duration) -> bool {
     if rc != 0 {
         // SAFETY: the alarm was not set, so the callback will never take the reference back.
         drop(unsafe { Arc::from_raw(arg.cast_const().cast::<Signal>()) });
+        return false;
+    }
+    let done = signal.0.lock().unwrap_or_else(|e| e.into_inner());
+    let (done, _) = signal
+        .1
+        .wait_timeout_while(done, timeout, |done| !*done)
+        .unwrap_or_else(|e| e.into_inner());
+    *done
+}
+
+unsafe extern "C" fn park_here(arg: *mut c_void) {
+    // SAFETY: as in `reached`: the reference `park` gave up, taken back exactly once.
+    let signal = unsafe { Arc::from_raw(arg.cast_const().cast::<Signal>()) };
+    *signal.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    signal.1.notify_all();
+    drop(signal);
+    // The interrupt thread stays here until the process exits.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Parks EAL's interrupt thread for good, after everything pending when this was called: it
+/// runs a callback that never returns. For [`crate::Eal`]'s cleanup only: DPDK 22.11's
+/// `rte_eal_cleanup` unmaps the EAL's memory without stopping that thread, which goes on
+/// reading every interrupt source's handle whenever a descriptor wakes it (core dumps: the
+/// thread in `rte_intr_fd_get`, the main thread in `munmap` inside the cleanup, or already in
+/// `exit`). A parked thread reads nothing; the process's exit ends it.
+///
+/// The callback is an interrupt source of its own (an eventfd, signalled once), not an alarm:
+/// the cleanup unregisters the alarms' source synchronously, which waits for a running alarm
+/// callback, so a parked alarm would hang it. Nothing in the cleanup knows this source. Its
+/// handle and descriptor are left for the process's exit. Returns whether the thread was
+/// parked within `timeout`.
+pub(crate) fn park(timeout: Duration) -> bool {
+    // SAFETY: eventfd takes an initial value and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: allocates a private (malloc'd, not in the EAL's memory) handle, or returns null.
+    // 0 is RTE_INTR_INSTANCE_F_PRIVATE (a UINT32_C macro, which bindgen does not evaluate).
+    let handle = unsafe { ffi::rte_intr_instance_alloc(0) };
+    // SAFETY: `handle` is checked for null before each use; the setters only write the handle.
+    let set = !handle.is_null()
+        && unsafe { ffi::rte_intr_fd_set(handle, fd) } == 0
+        && unsafe { ffi::rte_intr_type_set(handle, ffi::RTE_INTR_HANDLE_EXT) } == 0;
+    if !set {
+        // SAFETY: our own descriptor, not registered anywhere.
+        unsafe { libc::close(fd) };
+        return false;
+    }
+    let signal: Arc<Signal> = Arc::new((Mutex::new(false), Condvar::new()));
+    let arg = Arc::into_raw(Arc::clone(&signal))
+        .cast_mut()
+        .cast::<c_void>();
+    // SAFETY: `park_here` matches rte_intr_callback_fn; `arg` stays valid until the callback
+    // takes it back (it owns one reference of the Arc); the handle lives for good.
+    let rc = unsafe { ffi::rte_intr_callback_register(handle, Some(park_here), arg) };
+    if rc != 0 {
+        // SAFETY: not registered, so the callback will never take the reference back.
+        drop(unsafe { Arc::from_raw(arg.cast_const().cast::<Signal>()) });
+        return false;
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from `one` to our eventfd, which wakes the interrupt thread.
+    if unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) } != 8 {
         return false;
     }
     let done = signal.0.lock().unwrap_or_else(|e| e.into_inner());
