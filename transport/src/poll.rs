@@ -135,7 +135,7 @@ impl Poller {
         } else if self.step < spins + yields {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(self.park);
+            sleep_once(self.park);
             self.park = (self.park * 2).min(self.policy.max_park);
         }
         self.step = self.step.saturating_add(1);
@@ -154,6 +154,20 @@ impl Poller {
     pub fn is_past_spinning(&self) -> bool {
         self.step >= u64::from(self.policy.spins) || self.step % 1024 == 1023
     }
+}
+
+/// Sleeps up to `d`, and less if a signal arrives: one `nanosleep`, not restarted (unlike
+/// `std::thread::sleep`). A poll loop re-checks its condition anyway, and a backup's vCPU thread
+/// napping while its guest is idle then wakes at once when the primary kicks it
+/// ([`crate::kick`]).
+fn sleep_once(d: Duration) {
+    let ts = libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+    };
+    // SAFETY: nanosleep reads `ts` and may write the remaining time into a null pointer's place
+    // (none asked for); an interruption (EINTR) just ends the nap.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
 }
 
 #[cfg(test)]
