@@ -6,14 +6,14 @@
 #
 #   scripts/ack-kick.sh [--rounds R] [--requests N] [--kicks 0,4,...] [--out DIR]
 #
-# Defaults: 3 rounds, 10,000 requests, settings 0 (never kick) and 4 µs, ./ack-kick-results.
+# Defaults: 3 rounds, 10,000 requests, settings 0 (never kick) and 20 µs (the default), ./ack-kick-results.
 # Needs a release build (`cargo build --release`) and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 rounds=3
 requests=10000
-kicks="0,4"
+kicks="0,20"
 out="ack-kick-results"
 while [ $# -gt 0 ]; do
     case "$1" in

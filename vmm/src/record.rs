@@ -140,7 +140,7 @@ pub struct RecordConfig {
 }
 
 /// [`RecordConfig::ack_kick`]'s default, µs.
-pub const ACK_KICK_US: u64 = 4;
+pub const ACK_KICK_US: u64 = 20;
 
 impl Default for RecordConfig {
     fn default() -> Self {
