@@ -420,3 +420,91 @@ fn counting_instructions_leaves_the_guest_as_running_does() -> Result<(), VmErro
     assert_eq!(stepped.registers_digest()?, ran.registers_digest()?);
     Ok(())
 }
+
+/// A signal that ends `KVM_RUN` early (the primary's ACK kick, `transport::kick`) is not an
+/// exit: `Vm::run_with` calls its hook and runs the guest on, and the guest ends exactly as a
+/// run that was never signalled (same exits, memory and registers). The guest fills pages
+/// request after request (long stretches without exits) while another thread kicks its vCPU
+/// thread, until a kick has landed inside `KVM_RUN`; an unsignalled VM then serves the same
+/// requests.
+#[test]
+fn a_signal_inside_kvm_run_is_not_an_exit() -> Result<(), VmError> {
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::sync::Arc;
+    let mem = 8 << 20;
+    let fill = |i: u32| fill_request(i, vmm::kv::KV_FILL_FIRST_PAGE as u32, 256, u64::from(i));
+    // Serves request `i` and runs on to the next NET_RX that finds none.
+    fn serve(
+        vm: &mut vmm::vm::Vm,
+        dev: &mut Device,
+        req: Vec<u8>,
+        on_signal: &mut dyn FnMut(),
+    ) -> Result<(), VmError> {
+        dev.requests.push_back(req);
+        for _ in 0..100 {
+            let exit = vm.run_with(on_signal)?;
+            if dev.respond(vm, exit)? == Some(Stop::Idle) {
+                return Ok(());
+            }
+        }
+        panic!("the request was not served within 100 exits");
+    }
+    let device = || Device {
+        clock_base: 1,
+        clock_step: 1,
+        random: RANDOM,
+        stop_when_idle: true,
+        ..Default::default()
+    };
+
+    assert!(transport::kick::install_handler());
+    let tid = Arc::new(AtomicI32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (tid, done) = (tid.clone(), done.clone());
+        std::thread::spawn(move || -> Result<_, VmError> {
+            let mut vm = new_vm(mem, GUEST_POLLING_IMAGE);
+            let mut dev = device();
+            let mut signals = 0u64;
+            tid.store(transport::kick::current_tid(), Ordering::SeqCst);
+            let mut served = 0;
+            while signals == 0 && served < 10_000 {
+                served += 1;
+                serve(&mut vm, &mut dev, fill(served), &mut || signals += 1)?;
+            }
+            done.store(true, Ordering::SeqCst);
+            Ok((
+                served,
+                signals,
+                vm.exit_count(),
+                vm.memory_hash(),
+                vm.registers_digest()?,
+            ))
+        })
+    };
+    // SAFETY: getpid has no arguments and cannot fail.
+    let me = unsafe { libc::getpid() };
+    while !done.load(Ordering::SeqCst) {
+        let t = tid.load(Ordering::SeqCst);
+        if t != 0 {
+            transport::kick::kick(me, t);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+    let (served, signals, exits, memory, registers) = worker.join().expect("vCPU thread")?;
+    assert!(
+        signals > 0,
+        "no kick landed inside KVM_RUN in {served} requests"
+    );
+    let mut plain = new_vm(mem, GUEST_POLLING_IMAGE);
+    let mut dev = device();
+    for i in 1..=served {
+        serve(&mut plain, &mut dev, fill(i), &mut || {
+            panic!("nobody signals this VM")
+        })?;
+    }
+    assert_eq!(exits, plain.exit_count());
+    assert_eq!(memory, plain.memory_hash());
+    assert_eq!(registers, plain.registers_digest()?);
+    Ok(())
+}
