@@ -13,7 +13,9 @@
 //! Same host only (the shared-memory medium): the backup's vCPU thread publishes its thread id
 //! in the shared control page ([`crate::shm`]); the primary signals it with `tgkill`, whose
 //! process id comes from the kernel (`SO_PEERCRED` of the set-up socket), not from the page,
-//! so a wrong thread id can reach no thread outside the backup process. The signal is
+//! so a wrong thread id can reach no thread outside the backup process. The backup clears the
+//! thread id when its channel ends (`fence`), so a primary that has not noticed yet does not
+//! interrupt its system calls during a takeover. The signal is
 //! [`signal()`] (the first real-time signal), whose handler does nothing and restarts
 //! interrupted system calls (`SA_RESTART`): a kick only ends `KVM_RUN`.
 

@@ -456,6 +456,12 @@ impl BackupLink for ShmBackupLink {
         self.sealer = Some(sealer);
     }
 
+    fn fence(&mut self) {
+        // The channel is over: no more kicks (a primary that has not noticed yet could
+        // otherwise interrupt this thread's system calls during a takeover).
+        self.control.kick_tid().store(0, Ordering::Release);
+    }
+
     fn enable_kicks(&mut self) -> bool {
         if !crate::kick::install_handler() {
             return false;
