@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI): installs what the tests need, then runs formatting,
-# lints, the whole test suite, the RDMA medium on soft-RoCE (in a QEMU guest), and the ring under miri.
+# lints, the whole test suite, the RDMA medium on soft-RoCE (in a QEMU guest), and the ring under miri;
+# then prints the current commit/raw and FT/unreplicated ratios (reported, not enforced).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -47,3 +48,10 @@ scripts/softroce-ci.sh
 
 step "miri: the ring's unit tests under the interpreter's UB and data-race checks"
 scripts/miri-ring.sh
+
+step "the current numbers (reported, not enforced): output commit against the raw medium in alternating rounds, and ftvm demo (FT/unreplicated throughput, commit latency, ACK kicks)"
+cargo build --release -p bench -p ftvm
+target/release/bench commit --transport tcp-spin,shm --rounds 3 --count 20000 \
+    || echo "(bench commit failed: a measurement, not a test)"
+target/release/ftvm demo --requests 3000 \
+    || echo "(ftvm demo failed: a measurement, not a test)"
