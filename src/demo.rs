@@ -81,6 +81,10 @@ pub struct DemoArgs {
     /// backup (µs; 0: never).
     #[arg(long, default_value_t = vmm::record::ACK_KICK_US)]
     pub ack_kick_us: u64,
+    /// The replicas' `--ack-helper-us`: an output that waited this long for its ACK wakes the
+    /// backup's ACK helper (µs; 0: never).
+    #[arg(long, default_value_t = vmm::record::ACK_HELPER_US)]
+    pub ack_helper_us: u64,
     /// With `--kill-primary-after`: once the backup has taken over, start a new backup that
     /// joins it by live state transfer, so the run ends protected again.
     #[arg(long, requires = "kill_primary_after")]
@@ -185,6 +189,8 @@ pub struct DemoSummary {
     pub commit_p99_us: f64,
     /// Times an output's wait for its ACK kicked the backup (`--ack-kick-us`).
     pub ack_kicks: u64,
+    /// Times an output's wait for its ACK woke the backup's ACK helper (`--ack-helper-us`).
+    pub ack_helps: u64,
     pub log_bytes: u64,
     pub vm_exits: u64,
     pub primary_exits_per_sec: f64,
@@ -340,6 +346,8 @@ fn node_args(role: &str, dir: &Path, key: &Path, core: usize, args: &DemoArgs) -
         args.channel_crypto.to_string(),
         "--ack-kick-us".into(),
         args.ack_kick_us.to_string(),
+        "--ack-helper-us".into(),
+        args.ack_helper_us.to_string(),
     ]);
     a
 }
@@ -842,6 +850,7 @@ pub fn run_pair(args: &DemoArgs) -> anyhow::Result<DemoSummary> {
         commit_p50_us: p.commit_p50_us,
         commit_p99_us: p.commit_p99_us,
         ack_kicks: p.ack_kicks,
+        ack_helps: p.ack_helps,
         log_bytes: p.log_bytes,
         vm_exits: p.exits,
         primary_exits_per_sec: p.exits_per_sec,
@@ -889,8 +898,8 @@ fn print_summary(s: &DemoSummary, ft: &ClientReport, b: &NodeSummary) {
         s.log_bytes as f64 / s.requests.max(1) as f64
     );
     println!(
-        "  commit latency      p50 {:.2} µs, p99 {:.2} µs ({} ACK kicks)",
-        s.commit_p50_us, s.commit_p99_us, s.ack_kicks
+        "  commit latency      p50 {:.2} µs, p99 {:.2} µs ({} ACK helper wake-ups, {} kicks)",
+        s.commit_p50_us, s.commit_p99_us, s.ack_helps, s.ack_kicks
     );
     let verdict = if s.primary_memory_hash.is_empty() || s.backup_memory_hash.is_empty() {
         "a replica did not finish: not compared"

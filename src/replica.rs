@@ -76,6 +76,11 @@ pub struct Common {
     /// otherwise at its guest's next exit.
     #[arg(long, default_value_t = vmm::record::ACK_KICK_US)]
     pub ack_kick_us: u64,
+    /// A primary whose output has waited this long for its ACK wakes the backup's ACK helper
+    /// thread and yields its core to it until the ACK comes, µs; 0: never. Shared memory only;
+    /// the helper answers in a few µs where a kick crosses cores.
+    #[arg(long, default_value_t = vmm::record::ACK_HELPER_US)]
+    pub ack_helper_us: u64,
     /// Lag control: the primary waits while its backup's replay trails by more than this much
     /// time (ms; 0: no time bound) — about what a failover then has to drain.
     #[arg(long, default_value_t = 100)]
@@ -400,6 +405,9 @@ pub struct NodeSummary {
     /// Primary: times an output's wait for its ACK kicked the backup (`--ack-kick-us`).
     #[serde(default)]
     pub ack_kicks: u64,
+    /// Primary: times an output's wait for its ACK woke the backup's ACK helper.
+    #[serde(default)]
+    pub ack_helps: u64,
     pub requests: u64,
     pub outputs_checked: u64,
     pub divergence: Option<String>,
@@ -573,6 +581,7 @@ fn record_config(c: &Common) -> RecordConfig {
     RecordConfig {
         idle_wait: Duration::from_micros(c.idle_spin_us),
         ack_kick: Duration::from_micros(c.ack_kick_us),
+        ack_helper: Duration::from_micros(c.ack_helper_us),
         ..RecordConfig::default()
     }
 }
@@ -763,6 +772,7 @@ fn fill_gate<S: LogSink>(summary: &mut NodeSummary, rec: &Recorder<S>) {
     summary.commit_p50_us = gate.latency().value_at_quantile(0.5) as f64 / 1000.0;
     summary.commit_p99_us = gate.latency().value_at_quantile(0.99) as f64 / 1000.0;
     summary.ack_kicks = ftvm_metrics::METRICS.ack_kicks.get();
+    summary.ack_helps = ftvm_metrics::METRICS.ack_helps.get();
     summary.log_bytes = rec.log().log_bytes();
     summary.requests = rec.requests();
     summary.first_output_exit = rec.first_output_exit();
@@ -1028,7 +1038,7 @@ struct Start {
     joined: Option<JoinedSummary>,
 }
 
-fn replay<L: transport::BackupLink>(
+fn replay<L: transport::BackupLink + 'static>(
     mut vm: Vm,
     b: transport::Backup<L>,
     args: &BackupArgs,

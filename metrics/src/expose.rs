@@ -210,6 +210,13 @@ fn replica(m: &Metrics, e: &mut DescriptorEncoder) -> Res {
         None,
         m.ack_kicks.get(),
     )?;
+    counter(
+        e,
+        "ftvm_ack_helps",
+        "Times the primary woke its backup's ACK helper thread for an ACK an output waited for.",
+        None,
+        m.ack_helps.get(),
+    )?;
     counters(
         e,
         "ftvm_joins",

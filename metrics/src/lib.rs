@@ -193,6 +193,8 @@ pub struct Metrics {
     pub failovers: Counter,
     /// Times the primary kicked its backup for an ACK an output was waiting for.
     pub ack_kicks: Counter,
+    /// Times the primary woke its backup's ACK helper for an ACK an output was waiting for.
+    pub ack_helps: Counter,
     /// Joins served (primary) or made (backup): completed and failed.
     pub joins_completed: Counter,
     pub joins_failed: Counter,
@@ -240,6 +242,7 @@ impl Metrics {
             heartbeats_missed: Counter::new(),
             failovers: Counter::new(),
             ack_kicks: Counter::new(),
+            ack_helps: Counter::new(),
             joins_completed: Counter::new(),
             joins_failed: Counter::new(),
             joins_refused: Counter::new(),

@@ -365,6 +365,12 @@ pub trait PrimaryLink: Send {
     fn kick(&mut self) -> bool {
         false
     }
+    /// Wakes the backup's ACK helper ([`Backup::start_ack_helper`]), which then runs on this
+    /// thread's core: the caller should yield the core while it waits for the ACK. Whether
+    /// there is a helper to wake.
+    fn wake_ack_helper(&mut self) -> bool {
+        false
+    }
 }
 
 /// What a backup's ACK says; every medium carries all of it.
@@ -410,6 +416,12 @@ pub trait BackupLink: Send {
     /// (RDMA) revoke that access here; the others stop reading, which the channel does anyway.
     /// Called once, at the channel's first error.
     fn fence(&mut self) {}
+    /// What an ACK helper thread sleeps on and the primary wakes it through
+    /// ([`Backup::start_ack_helper`]); `None` for media whose primary cannot reach this host's
+    /// threads.
+    fn ack_helper(&mut self) -> Option<Arc<dyn HelperWake>> {
+        None
+    }
     /// The calling thread (the one that pumps this channel) may be kicked by the primary from
     /// now on ([`crate::kick`]); returns whether this medium supports it.
     fn enable_kicks(&mut self) -> bool {
@@ -1247,6 +1259,12 @@ impl<L: PrimaryLink> Primary<L> {
         self.sender.link.kick()
     }
 
+    /// Wakes the backup's ACK helper ([`PrimaryLink::wake_ack_helper`]); yield the core while
+    /// waiting for the ACK. Whether there is one.
+    pub fn wake_ack_helper(&mut self) -> bool {
+        self.sender.link.wake_ack_helper()
+    }
+
     /// The medium underneath.
     pub fn link(&self) -> &L {
         self.sender.link()
@@ -1596,9 +1614,14 @@ struct Cursor {
 /// The backup's end with the receiver run inline. The replica reads entries in place with
 /// [`Backup::next_entry`] and [`Backup::advance`] (the frame-level [`Backup::poll`] is for
 /// callers that consume whole frames at once; use one or the other).
+///
+/// The receiver sits behind a mutex so that an ACK helper thread ([`Backup::start_ack_helper`])
+/// can pump it too, when the primary asks for an ACK while the replica's thread is inside its
+/// guest; without one the lock is never contended.
 #[derive(Debug)]
 pub struct Backup<L: BackupLink> {
-    receiver: Receiver<L>,
+    receiver: Arc<Mutex<Receiver<L>>>,
+    helper: Option<AckHelper>,
     frames: Consumer<Arc<HeapRegion>>,
     cursor: Cursor,
     config: ChannelConfig,
@@ -1607,16 +1630,130 @@ pub struct Backup<L: BackupLink> {
     metrics: ftvm_metrics::LogHandle,
 }
 
+/// What an ACK helper thread sleeps on and is woken through (a medium whose primary can reach
+/// this host's threads: shared memory).
+pub trait HelperWake: Send + Sync + std::fmt::Debug {
+    /// The wake counter now.
+    fn current(&self) -> u32;
+    /// Sleeps until the wake counter is no longer `seen`, or `timeout` passed.
+    fn wait(&self, seen: u32, timeout: Duration);
+    /// Wakes the helper (to make it notice a stop).
+    fn wake(&self);
+    /// The core the primary asked from last (the helper runs there: the primary's thread
+    /// yields it while it waits for the ACK), if it said.
+    fn core(&self) -> Option<usize>;
+    /// The helper is there (`true`) or gone.
+    fn set_ready(&self, ready: bool);
+}
+
+/// A thread that pumps the backup's receiver when the primary wakes it ([`HelperWake`]).
+#[derive(Debug)]
+struct AckHelper {
+    stop: Arc<AtomicBool>,
+    wake: Arc<dyn HelperWake>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for AckHelper {
+    fn drop(&mut self) {
+        self.wake.set_ready(false);
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Pins the calling thread to `core`.
+fn pin_to(core: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it (core is bounded by
+    // the set's size, checked); sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if core >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return false;
+        }
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
 impl<L: BackupLink> Backup<L> {
-    /// The medium underneath.
-    pub fn link(&self) -> &L {
-        self.receiver.link()
+    fn rx(&self) -> std::sync::MutexGuard<'_, Receiver<L>> {
+        self.receiver.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the medium underneath.
+    pub fn with_link<R>(&self, f: impl FnOnce(&L) -> R) -> R {
+        f(&self.rx().link)
     }
 
     /// The calling thread may be kicked by the primary from now on ([`BackupLink::enable_kicks`]):
     /// call it from the thread that pumps this channel. Whether the medium supports it.
     pub fn enable_kicks(&mut self) -> bool {
-        self.receiver.link.enable_kicks()
+        self.rx().link.enable_kicks()
+    }
+
+    /// Starts a thread that pumps this channel (validates, lands and acknowledges frames)
+    /// whenever the primary wakes it ([`BackupLink::ack_helper`]: shared memory): the primary
+    /// does so when an output waits for its ACK, and yields its core to the helper meanwhile, so
+    /// the ACK comes without waiting for this replica's next exit and without a signal to
+    /// another core. Whether the medium has one (one helper per channel end).
+    pub fn start_ack_helper(&mut self) -> bool
+    where
+        L: 'static,
+    {
+        if self.helper.is_some() {
+            return true;
+        }
+        let Some(wake) = self.rx().link.ack_helper() else {
+            return false;
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let receiver = self.receiver.clone();
+        let thread = {
+            let (stop, wake) = (stop.clone(), wake.clone());
+            std::thread::Builder::new()
+                .name("ftvm-ack-helper".into())
+                .spawn(move || {
+                    let mut seen = wake.current();
+                    let mut pinned = None;
+                    while !stop.load(Ordering::SeqCst) {
+                        wake.wait(seen, Duration::from_millis(100));
+                        let now = wake.current();
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                        if let Some(core) = wake.core() {
+                            if pinned != Some(core) && pin_to(core) {
+                                pinned = Some(core);
+                            }
+                        }
+                        // Busy: the replica's thread is pumping, and acknowledges itself.
+                        if let Ok(mut r) = receiver.try_lock() {
+                            // An error ends the channel; the replica's thread meets it too.
+                            let _ = r.pump();
+                        }
+                    }
+                })
+        };
+        match thread {
+            Ok(t) => {
+                wake.set_ready(true);
+                self.helper = Some(AckHelper {
+                    stop,
+                    wake,
+                    thread: Some(t),
+                });
+                true
+            }
+            Err(e) => {
+                tracing::warn!("no ACK helper thread: {e}");
+                false
+            }
+        }
     }
 
     /// Builds the backup's end over a connected, authenticated link; `expected` is the sequence
@@ -1644,7 +1781,8 @@ impl<L: BackupLink> Backup<L> {
             .log
             .attach(Arc::new(BackupProbe(stats.clone())));
         Ok(Backup {
-            receiver: Receiver {
+            helper: None,
+            receiver: Arc::new(Mutex::new(Receiver {
                 link,
                 producer,
                 epoch: epoch.max(config.epoch),
@@ -1660,7 +1798,7 @@ impl<L: BackupLink> Backup<L> {
                 opener: sealed.then(|| keys.frame_opener().decrypting(encrypt)),
                 plain: Vec::new(),
                 fenced: false,
-            },
+            })),
             frames,
             cursor: Cursor::default(),
             config,
@@ -1671,10 +1809,16 @@ impl<L: BackupLink> Backup<L> {
 
     /// The same end over another link type that wraps this one (e.g. the medium layer's
     /// [`crate::medium::AnyBackupLink`]); all state is kept.
-    pub fn map_link<M: BackupLink>(self, wrap: impl FnOnce(L) -> M) -> Backup<M> {
-        let r = self.receiver;
+    pub fn map_link<M: BackupLink>(mut self, wrap: impl FnOnce(L) -> M) -> Backup<M> {
+        // The helper holds the other handle on the receiver: stop it first.
+        drop(self.helper.take());
+        let r = match Arc::try_unwrap(self.receiver) {
+            Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+            Err(_) => unreachable!("the only other handle was the helper's, joined above"),
+        };
         Backup {
-            receiver: Receiver {
+            helper: None,
+            receiver: Arc::new(Mutex::new(Receiver {
                 link: wrap(r.link),
                 producer: r.producer,
                 epoch: r.epoch,
@@ -1690,7 +1834,7 @@ impl<L: BackupLink> Backup<L> {
                 opener: r.opener,
                 plain: r.plain,
                 fenced: r.fenced,
-            },
+            })),
             frames: self.frames,
             cursor: self.cursor,
             config: self.config,
@@ -1706,14 +1850,14 @@ impl<L: BackupLink> Backup<L> {
     /// If the channel fails, every frame that was acknowledged before the failure is still
     /// handed to `f` first; then the error is returned.
     pub fn poll(&mut self, mut f: impl FnMut(&FrameView<'_>)) -> Result<usize, ChannelError> {
-        let pumped = self.receiver.pump();
+        let pumped = self.rx().pump();
         let mut n = 0;
         while let Some(bytes) = self.frames.read()? {
             // Our own ring holds only frames the receiver validated, CRC included.
             let (frame, _) = FrameView::parse_validated(bytes)?;
             f(&frame);
             if let Some(last) = frame.last_seq() {
-                self.receiver.replayed = last;
+                self.rx().replayed = last;
             }
             n += 1;
         }
@@ -1725,7 +1869,7 @@ impl<L: BackupLink> Backup<L> {
     /// Does the medium's work once (accept frames, acknowledge them, report the replay
     /// position, check liveness) without blocking; returns whether anything moved.
     pub fn pump(&mut self) -> Result<bool, ChannelError> {
-        self.receiver.pump()
+        self.rx().pump()
     }
 
     /// The next entry not yet replayed, read in place from the backup's ring, if one has landed;
@@ -1758,7 +1902,7 @@ impl<L: BackupLink> Backup<L> {
         if !std::mem::take(&mut c.current) {
             return;
         }
-        self.receiver.replayed = c.first_seq + u64::from(c.index);
+        let replayed = c.first_seq + u64::from(c.index);
         c.index += 1;
         c.offset = c.next;
         if c.index >= c.count {
@@ -1766,6 +1910,7 @@ impl<L: BackupLink> Backup<L> {
             self.frames.advance_peeked();
             self.frames.release();
         }
+        self.rx().replayed = replayed;
     }
 
     /// Pumps until an entry is ready for [`Backup::next_entry`] (`Ok(true)`) or `timeout`
@@ -1786,7 +1931,7 @@ impl<L: BackupLink> Backup<L> {
         let deadline = Instant::now() + timeout;
         let mut poller = policy.poller();
         loop {
-            let pumped = self.receiver.pump();
+            let pumped = self.rx().pump();
             if self.frames.has_records()? {
                 return Ok(true);
             }
@@ -1795,7 +1940,7 @@ impl<L: BackupLink> Backup<L> {
                 return Ok(false);
             }
             if self.config.blocking {
-                self.receiver.link.block(self.config.heartbeat_interval)?;
+                self.rx().link.block(self.config.heartbeat_interval)?;
             } else {
                 poller.wait();
             }
@@ -1805,7 +1950,7 @@ impl<L: BackupLink> Backup<L> {
     /// The sequence number of the last entry replayed (as set by [`Backup::advance`], or by
     /// [`Backup::poll`] when it handed a frame over).
     pub fn replayed(&self) -> u64 {
-        self.receiver.replayed
+        self.rx().replayed
     }
 
     /// Polls until at least one frame was handed to `f` or `timeout` passed (`Ok(0)`), waiting
@@ -1826,7 +1971,7 @@ impl<L: BackupLink> Backup<L> {
                 return Ok(0);
             }
             if self.config.blocking {
-                self.receiver.link.block(self.config.heartbeat_interval)?;
+                self.rx().link.block(self.config.heartbeat_interval)?;
             } else {
                 poller.wait();
             }
@@ -1835,12 +1980,12 @@ impl<L: BackupLink> Backup<L> {
 
     /// The last sequence number acknowledged.
     pub fn acked(&self) -> u64 {
-        self.receiver.acked()
+        self.rx().acked()
     }
 
     /// The newest epoch seen.
     pub fn epoch(&self) -> u64 {
-        self.receiver.epoch()
+        self.rx().epoch()
     }
 
     /// Counters of this end.

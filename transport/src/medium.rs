@@ -381,6 +381,9 @@ impl PrimaryLink for AnyPrimaryLink {
     fn kick(&mut self) -> bool {
         each!(AnyPrimaryLink, self, l => l.kick())
     }
+    fn wake_ack_helper(&mut self) -> bool {
+        each!(AnyPrimaryLink, self, l => l.wake_ack_helper())
+    }
 }
 
 impl BackupLink for AnyBackupLink {
@@ -416,6 +419,10 @@ impl BackupLink for AnyBackupLink {
 
     fn enable_kicks(&mut self) -> bool {
         each!(AnyBackupLink, self, l => l.enable_kicks())
+    }
+
+    fn ack_helper(&mut self) -> Option<std::sync::Arc<dyn crate::channel::HelperWake>> {
+        each!(AnyBackupLink, self, l => l.ack_helper())
     }
 }
 

@@ -14,7 +14,9 @@
 //! padded to 4 KiB, then a 4 KiB control page: offset 0 the backup's cumulative ACK (u64),
 //! offset 8 the backup's heartbeat counter (u64), offset 16 the backup's replay position (u64),
 //! offset 24 the id of the backup thread the primary may kick (u64, 0 for none; see
-//! [`crate::kick`]).
+//! [`crate::kick`]); offsets 32, 40 and 48 the backup's ACK helper: its wake counter (a futex
+//! on the low 32 bits), the primary's core plus one, and whether the helper runs (see
+//! [`Backup::start_ack_helper`](crate::channel::Backup::start_ack_helper)).
 //! With `--channel-crypto auth`, offset 64 holds the sealed ACK under a sequence lock: version
 //! (u64, odd while the backup writes), epoch, received, replayed (u64 each) and the 24-byte seal
 //! ([`crate::auth`]); the primary takes ACKs only from there, and only once the seal verifies
@@ -78,6 +80,21 @@ impl Control {
     /// The thread id the primary may kick ([`crate::kick`]); 0: none.
     fn kick_tid(&self) -> &AtomicU64 {
         self.word(3)
+    }
+
+    /// The ACK helper's wake counter (a futex on its low 32 bits; [`Backup::start_ack_helper`]).
+    fn helper_wakes(&self) -> &AtomicU64 {
+        self.word(4)
+    }
+
+    /// The core the primary's thread waits on, plus one (0: not said).
+    fn helper_core(&self) -> &AtomicU64 {
+        self.word(5)
+    }
+
+    /// Whether the backup's ACK helper is running.
+    fn helper_ready(&self) -> &AtomicU64 {
+        self.word(6)
     }
 
     /// The sealed ACK's words: version, epoch, received, replayed, then the seal's three.
@@ -407,12 +424,109 @@ impl PrimaryLink for ShmPrimaryLink {
         self.acks = Some(opener);
     }
 
+    fn wake_ack_helper(&mut self) -> bool {
+        if self.control.helper_ready().load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        // SAFETY: sched_getcpu has no arguments.
+        let core = unsafe { libc::sched_getcpu() };
+        if let Ok(core) = u64::try_from(core) {
+            self.control
+                .helper_core()
+                .store(core + 1, Ordering::Relaxed);
+        }
+        self.control.helper_wakes().fetch_add(1, Ordering::AcqRel);
+        futex_wake(self.control.helper_wakes());
+        true
+    }
+
     fn kick(&mut self) -> bool {
         let tid = self.control.kick_tid().load(Ordering::Relaxed);
         match (self.backup_pid, i32::try_from(tid)) {
             (Some(pid), Ok(tid)) if tid > 0 => crate::kick::kick(pid, tid),
             _ => false,
         }
+    }
+}
+
+/// The ACK helper's side of the control page.
+#[derive(Debug)]
+struct ShmHelperWake {
+    region: Arc<SharedRegion>,
+    offset: usize,
+}
+
+impl ShmHelperWake {
+    fn control(&self) -> Control {
+        Control {
+            region: self.region.clone(),
+            offset: self.offset,
+        }
+    }
+}
+
+/// FUTEX_WAIT (not private: the word is in a mapping two processes share) on the low half of
+/// `word` while it holds `seen`, for at most `timeout`.
+fn futex_wait(word: &AtomicU64, seen: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(60) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: the address is an aligned, mapped 8-byte atomic whose low half (little-endian)
+    // is the 32-bit futex word; the kernel only reads it and `ts`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            seen,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0,
+        )
+    };
+}
+
+/// FUTEX_WAKE of one waiter on `word`'s low half.
+fn futex_wake(word: &AtomicU64) {
+    // SAFETY: as in `futex_wait`; FUTEX_WAKE reads nothing but the address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            1,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0,
+        )
+    };
+}
+
+impl crate::channel::HelperWake for ShmHelperWake {
+    fn current(&self) -> u32 {
+        self.control().helper_wakes().load(Ordering::Acquire) as u32
+    }
+
+    fn wait(&self, seen: u32, timeout: Duration) {
+        futex_wait(self.control().helper_wakes(), seen, timeout);
+    }
+
+    fn wake(&self) {
+        let c = self.control();
+        c.helper_wakes().fetch_add(1, Ordering::AcqRel);
+        futex_wake(c.helper_wakes());
+    }
+
+    fn core(&self) -> Option<usize> {
+        let c = self.control().helper_core().load(Ordering::Relaxed);
+        usize::try_from(c).ok()?.checked_sub(1)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.control()
+            .helper_ready()
+            .store(u64::from(ready), Ordering::Release);
     }
 }
 
@@ -454,6 +568,13 @@ impl BackupLink for ShmBackupLink {
 
     fn seal_acks(&mut self, sealer: AckSealer) {
         self.sealer = Some(sealer);
+    }
+
+    fn ack_helper(&mut self) -> Option<Arc<dyn crate::channel::HelperWake>> {
+        Some(Arc::new(ShmHelperWake {
+            region: self.control.region.clone(),
+            offset: self.control.offset,
+        }))
     }
 
     fn fence(&mut self) {

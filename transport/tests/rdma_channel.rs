@@ -680,15 +680,15 @@ fn a_deposed_primary_is_fenced(s: &Sides) -> Result<(), String> {
                 Err(e) => break e,
             }
         };
-        let state = b
-            .link()
-            .qp_state()
-            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let (state, fenced) = b.with_link(|l| {
+            (
+                l.qp_state()
+                    .map_or_else(|e| e.to_string(), |s| s.to_string()),
+                l.fenced(),
+            )
+        });
         let _ = ended_tx.send((
-            format!(
-                "{err}; fenced {}, queue pair state {state}",
-                b.link().fenced()
-            ),
+            format!("{err}; fenced {fenced}, queue pair state {state}"),
             last,
         ));
         // Alive, fenced, until the primary has tried: its queue pair is in ERR, not destroyed.

@@ -394,6 +394,13 @@ impl<L: PrimaryLink> LogSink for FailoverSink<L> {
             SinkState::Alone(_) => false,
         }
     }
+
+    fn wake_ack_helper(&mut self) -> bool {
+        match &mut self.state {
+            SinkState::Replicated(p) => p.wake_ack_helper(),
+            SinkState::Alone(_) => false,
+        }
+    }
 }
 
 /// The log of a replica serving live: replicated to a backup over any medium, or alone (and

@@ -45,6 +45,11 @@ pub trait LogSink {
     fn kick(&mut self) -> bool {
         false
     }
+    /// Wakes the backup's ACK helper ([`transport::Primary::wake_ack_helper`]); whether there
+    /// is one (then yield the core while waiting).
+    fn wake_ack_helper(&mut self) -> bool {
+        false
+    }
 }
 
 impl<L: PrimaryLink> LogSink for transport::Primary<L> {
@@ -69,6 +74,9 @@ impl<L: PrimaryLink> LogSink for transport::Primary<L> {
     }
     fn kick(&mut self) -> bool {
         transport::Primary::kick(self)
+    }
+    fn wake_ack_helper(&mut self) -> bool {
+        transport::Primary::wake_ack_helper(self)
     }
     fn epoch(&self) -> u64 {
         self.config().epoch
@@ -134,6 +142,9 @@ pub struct RecordConfig {
     /// ([`Self::commit_spin`]), kick the backup ([`transport::kick`]: same host only) so it
     /// acknowledges now instead of at its guest's next exit. Zero: never.
     pub ack_kick: Duration,
+    /// When an output has waited this long for its ACK, wake the backup's ACK helper thread
+    /// (same host only) and yield this core to it until the ACK comes. Zero: never.
+    pub ack_helper: Duration,
     /// The guest clock's value at the start of this recorder: 0 for a fresh guest, the last
     /// replayed clock value for a backup that goes live (the guest's clock never runs back).
     pub clock_base_ns: u64,
@@ -141,6 +152,8 @@ pub struct RecordConfig {
 
 /// [`RecordConfig::ack_kick`]'s default, µs.
 pub const ACK_KICK_US: u64 = 20;
+/// [`RecordConfig::ack_helper`]'s default, µs.
+pub const ACK_HELPER_US: u64 = 3;
 
 impl Default for RecordConfig {
     fn default() -> Self {
@@ -149,6 +162,7 @@ impl Default for RecordConfig {
             idle_wait: Duration::from_micros(500),
             commit_spin: Duration::from_micros(30),
             ack_kick: Duration::from_micros(ACK_KICK_US),
+            ack_helper: Duration::from_micros(ACK_HELPER_US),
             clock_base_ns: 0,
         }
     }
@@ -441,6 +455,9 @@ impl<S: LogSink> EventSource for Recorder<S> {
             let start = Instant::now();
             let until = start + self.config.commit_spin;
             let mut kick = (!self.config.ack_kick.is_zero()).then(|| start + self.config.ack_kick);
+            let mut help =
+                (!self.config.ack_helper.is_zero()).then(|| start + self.config.ack_helper);
+            let mut yielding = false;
             loop {
                 self.service()?;
                 if self.gate.pending() == 0 {
@@ -450,7 +467,18 @@ impl<S: LogSink> EventSource for Recorder<S> {
                 if now >= until {
                     break;
                 }
-                if kick.is_some_and(|at| now >= at) {
+                if help.is_some_and(|at| now >= at) {
+                    help = None;
+                    if self.log.wake_ack_helper() {
+                        METRICS.ack_helps.inc();
+                        yielding = true;
+                        kick = None;
+                    }
+                }
+                if yielding {
+                    // The helper runs on this core: let it.
+                    std::thread::yield_now();
+                } else if kick.is_some_and(|at| now >= at) {
                     kick = None;
                     if self.log.kick() {
                         METRICS.ack_kicks.inc();

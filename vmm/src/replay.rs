@@ -46,9 +46,14 @@ pub trait EntrySource {
     fn enable_kicks(&mut self) -> bool {
         false
     }
+    /// Starts the source's ACK helper thread ([`transport::Backup::start_ack_helper`]);
+    /// whether it has one.
+    fn start_ack_helper(&mut self) -> bool {
+        false
+    }
 }
 
-impl<L: BackupLink> EntrySource for Backup<L> {
+impl<L: BackupLink + 'static> EntrySource for Backup<L> {
     fn next_entry(&mut self) -> Result<Option<LoggedEntry<'_>>, ChannelError> {
         Backup::next_entry(self)
     }
@@ -76,6 +81,9 @@ impl<L: BackupLink> EntrySource for Backup<L> {
     }
     fn enable_kicks(&mut self) -> bool {
         Backup::enable_kicks(self)
+    }
+    fn start_ack_helper(&mut self) -> bool {
+        Backup::start_ack_helper(self)
     }
 }
 
@@ -387,6 +395,9 @@ impl<S: EntrySource> EventSource for Replayer<S> {
     fn on_vcpu_thread(&mut self) {
         if self.source.enable_kicks() {
             tracing::debug!("the primary may kick this vCPU thread to get its ACKs sooner");
+        }
+        if self.source.start_ack_helper() {
+            tracing::debug!("an ACK helper thread answers the primary's wake-ups");
         }
     }
 
