@@ -1622,6 +1622,8 @@ struct Cursor {
 pub struct Backup<L: BackupLink> {
     receiver: Arc<Mutex<Receiver<L>>>,
     helper: Option<AckHelper>,
+    /// The replay position not yet handed to the receiver (its lock was the helper's).
+    replayed: Option<u64>,
     frames: Consumer<Arc<HeapRegion>>,
     cursor: Cursor,
     config: ChannelConfig,
@@ -1682,6 +1684,38 @@ fn pin_to(core: usize) -> bool {
 impl<L: BackupLink> Backup<L> {
     fn rx(&self) -> std::sync::MutexGuard<'_, Receiver<L>> {
         self.receiver.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pumps the receiver from the replica's thread, unless the ACK helper is pumping it right
+    /// now (`Ok(false)`: the helper does the same work). Never waits for the lock: a thread
+    /// blocked on it would need a wake-up from the helper's core, which on our hosts costs
+    /// 25 µs or more.
+    fn pump_here(&mut self) -> Result<bool, ChannelError> {
+        let mut r = match self.receiver.try_lock() {
+            Ok(r) => r,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        if let Some(replayed) = self.replayed.take() {
+            r.replayed = replayed;
+        }
+        r.pump()
+    }
+
+    /// Records the replay position: in the receiver now if its lock is free, else at the next
+    /// pump.
+    fn set_replayed(&mut self, replayed: u64) {
+        match self.receiver.try_lock() {
+            Ok(mut r) => {
+                r.replayed = replayed;
+                self.replayed = None;
+            }
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                e.into_inner().replayed = replayed;
+                self.replayed = None;
+            }
+            Err(std::sync::TryLockError::WouldBlock) => self.replayed = Some(replayed),
+        }
     }
 
     /// Runs `f` on the medium underneath.
@@ -1782,6 +1816,7 @@ impl<L: BackupLink> Backup<L> {
             .attach(Arc::new(BackupProbe(stats.clone())));
         Ok(Backup {
             helper: None,
+            replayed: None,
             receiver: Arc::new(Mutex::new(Receiver {
                 link,
                 producer,
@@ -1818,6 +1853,7 @@ impl<L: BackupLink> Backup<L> {
         };
         Backup {
             helper: None,
+            replayed: self.replayed,
             receiver: Arc::new(Mutex::new(Receiver {
                 link: wrap(r.link),
                 producer: r.producer,
@@ -1850,18 +1886,22 @@ impl<L: BackupLink> Backup<L> {
     /// If the channel fails, every frame that was acknowledged before the failure is still
     /// handed to `f` first; then the error is returned.
     pub fn poll(&mut self, mut f: impl FnMut(&FrameView<'_>)) -> Result<usize, ChannelError> {
-        let pumped = self.rx().pump();
+        let pumped = self.pump_here();
         let mut n = 0;
+        let mut last_replayed = None;
         while let Some(bytes) = self.frames.read()? {
             // Our own ring holds only frames the receiver validated, CRC included.
             let (frame, _) = FrameView::parse_validated(bytes)?;
             f(&frame);
             if let Some(last) = frame.last_seq() {
-                self.rx().replayed = last;
+                last_replayed = Some(last);
             }
             n += 1;
         }
         self.frames.release();
+        if let Some(last) = last_replayed {
+            self.set_replayed(last);
+        }
         pumped?;
         Ok(n)
     }
@@ -1869,7 +1909,7 @@ impl<L: BackupLink> Backup<L> {
     /// Does the medium's work once (accept frames, acknowledge them, report the replay
     /// position, check liveness) without blocking; returns whether anything moved.
     pub fn pump(&mut self) -> Result<bool, ChannelError> {
-        self.rx().pump()
+        self.pump_here()
     }
 
     /// The next entry not yet replayed, read in place from the backup's ring, if one has landed;
@@ -1910,7 +1950,7 @@ impl<L: BackupLink> Backup<L> {
             self.frames.advance_peeked();
             self.frames.release();
         }
-        self.rx().replayed = replayed;
+        self.set_replayed(replayed);
     }
 
     /// Pumps until an entry is ready for [`Backup::next_entry`] (`Ok(true)`) or `timeout`
@@ -1931,7 +1971,7 @@ impl<L: BackupLink> Backup<L> {
         let deadline = Instant::now() + timeout;
         let mut poller = policy.poller();
         loop {
-            let pumped = self.rx().pump();
+            let pumped = self.pump_here();
             if self.frames.has_records()? {
                 return Ok(true);
             }
@@ -1950,7 +1990,7 @@ impl<L: BackupLink> Backup<L> {
     /// The sequence number of the last entry replayed (as set by [`Backup::advance`], or by
     /// [`Backup::poll`] when it handed a frame over).
     pub fn replayed(&self) -> u64 {
-        self.rx().replayed
+        self.replayed.unwrap_or_else(|| self.rx().replayed)
     }
 
     /// Polls until at least one frame was handed to `f` or `timeout` passed (`Ok(0)`), waiting
