@@ -1,5 +1,9 @@
 //! Kicking a backup's vCPU thread so it acknowledges now, not at its next exit.
 //!
+//! (The first remedy is the backup's ACK helper, `Backup::start_ack_helper`, which the primary
+//! wakes on its own core; a kick is the fallback when there is no helper. On our nested hosts a
+//! kick reaches the ACK 25–30 µs after it is sent, a helper 8–10 µs.)
+//!
 //! A backup acknowledges log frames from the thread that runs its guest: while that thread is
 //! inside `KVM_RUN`, frames wait in the medium until the guest's next exit, and the primary's
 //! outputs wait with them (tens to hundreds of µs on our nested hosts). A receiver thread of
