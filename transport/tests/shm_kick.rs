@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use logfmt::{Entry, Event, Position};
-use transport::{shm, ChannelConfig, PreSharedKey};
+use transport::shm::{ShmBackupLink, ShmPrimaryLink};
+use transport::{shm, Backup, ChannelConfig, PreSharedKey, Primary};
 
 const KEY: &[u8] = b"kick-tests-shared-key-0123";
 
@@ -19,22 +20,60 @@ fn config() -> ChannelConfig {
     c
 }
 
+type Ready = std::sync::mpsc::Sender<()>;
+
+/// A primary connected to a backup whose thread runs `backup` (which says when it is ready),
+/// once it is ready; the directory holds the set-up socket.
+fn pair(
+    backup: impl FnOnce(Backup<ShmBackupLink>, Ready) -> Result<u64, String> + Send + 'static,
+) -> (
+    Primary<ShmPrimaryLink>,
+    std::thread::JoinHandle<Result<u64, String>>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("pair.sock");
+    let l = shm::listen(&sock).expect("listen");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let b = shm::accept(&l, config()).map_err(|e| e.to_string())?;
+        backup(b, ready_tx)
+    });
+    let p = shm::connect(&sock, config()).expect("connect");
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("backup ready");
+    (p, thread, dir)
+}
+
+/// Appends a 64-byte input at exit `at` and sends it; its sequence number.
+fn send_input(p: &mut Primary<ShmPrimaryLink>, at: u64) -> u64 {
+    let data = [at as u8; 64];
+    let seq = p
+        .append(&Entry::new(
+            Position::at_exit(at),
+            Event::DeviceInput {
+                device: 0,
+                data: &data,
+            },
+        ))
+        .expect("append");
+    p.flush().expect("flush");
+    p.pump().expect("pump");
+    seq
+}
+
 #[test]
 fn a_blocked_backup_acknowledges_when_kicked() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let sock = dir.path().join("kick.sock");
-    let l = shm::listen(&sock).expect("listen");
     let stop = Arc::new(AtomicBool::new(false));
     let wakeups = Arc::new(AtomicU64::new(0));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let backup = {
+    let (mut p, backup, _dir) = {
         let (stop, wakeups) = (stop.clone(), wakeups.clone());
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut b = shm::accept(&l, config()).map_err(|e| e.to_string())?;
+        pair(move |mut b, ready| {
             if !b.enable_kicks() {
                 return Err("shared memory refused kicks".into());
             }
-            ready_tx.send(()).map_err(|e| e.to_string())?;
+            ready.send(()).map_err(|e| e.to_string())?;
             while !stop.load(Ordering::SeqCst) {
                 // Stands in for KVM_RUN: returns only when a signal's handler ran.
                 // SAFETY: pause(2) has no arguments and touches no memory.
@@ -48,22 +87,7 @@ fn a_blocked_backup_acknowledges_when_kicked() {
             Ok(b.acked())
         })
     };
-    let mut p = shm::connect(&sock, config()).expect("connect");
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("backup ready");
-    let data = [7u8; 64];
-    let seq = p
-        .append(&Entry::new(
-            Position::at_exit(1),
-            Event::DeviceInput {
-                device: 0,
-                data: &data,
-            },
-        ))
-        .expect("append");
-    p.flush().expect("flush");
-    p.pump().expect("pump");
+    let seq = send_input(&mut p, 1);
     assert_eq!(
         wakeups.load(Ordering::SeqCst),
         0,
@@ -93,20 +117,15 @@ fn a_blocked_backup_acknowledges_when_kicked() {
 
 #[test]
 fn the_ack_helper_acknowledges_while_the_backup_thread_is_blocked() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let sock = dir.path().join("helper.sock");
-    let l = shm::listen(&sock).expect("listen");
     let stop = Arc::new(AtomicBool::new(false));
     let pumps = Arc::new(AtomicU64::new(0));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let backup = {
+    let (mut p, backup, _dir) = {
         let (stop, pumps) = (stop.clone(), pumps.clone());
-        std::thread::spawn(move || -> Result<u64, String> {
-            let mut b = shm::accept(&l, config()).map_err(|e| e.to_string())?;
+        pair(move |mut b, ready| {
             if !b.start_ack_helper() {
                 return Err("shared memory has no ACK helper".into());
             }
-            ready_tx.send(()).map_err(|e| e.to_string())?;
+            ready.send(()).map_err(|e| e.to_string())?;
             // Stands in for a vCPU thread inside its guest: it never pumps until told to stop.
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1));
@@ -116,24 +135,9 @@ fn the_ack_helper_acknowledges_while_the_backup_thread_is_blocked() {
             Ok(b.acked())
         })
     };
-    let mut p = shm::connect(&sock, config()).expect("connect");
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("backup ready");
-    let data = [9u8; 64];
     let deadline = Instant::now() + Duration::from_secs(10);
     for at in 1..=3u64 {
-        let seq = p
-            .append(&Entry::new(
-                Position::at_exit(at),
-                Event::DeviceInput {
-                    device: 0,
-                    data: &data,
-                },
-            ))
-            .expect("append");
-        p.flush().expect("flush");
-        p.pump().expect("pump");
+        let seq = send_input(&mut p, at);
         assert!(p.wake_ack_helper(), "no helper to wake");
         while p.acked() < seq {
             assert!(Instant::now() < deadline, "the helper did not acknowledge");
