@@ -1746,12 +1746,14 @@ impl<L: BackupLink> Backup<L> {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let receiver = self.receiver.clone();
+        // Read before the primary may wake it (it does only once the helper is ready, below):
+        // a wake-up between the thread's start and its first read would otherwise be lost.
+        let mut seen = wake.current();
         let thread = {
             let (stop, wake) = (stop.clone(), wake.clone());
             std::thread::Builder::new()
                 .name("ftvm-ack-helper".into())
                 .spawn(move || {
-                    let mut seen = wake.current();
                     let mut pinned = None;
                     while !stop.load(Ordering::SeqCst) {
                         wake.wait(seen, Duration::from_millis(100));
