@@ -77,9 +77,10 @@ pub struct Common {
     #[arg(long, default_value_t = vmm::record::ACK_KICK_US)]
     pub ack_kick_us: u64,
     /// A primary whose output has waited this long for its ACK wakes the backup's ACK helper
-    /// thread and yields its core to it until the ACK comes, µs; 0: never. Shared memory only;
-    /// the helper answers in a few µs where a kick crosses cores.
-    #[arg(long, default_value_t = vmm::record::ACK_HELPER_US)]
+    /// thread and yields its core to it until the ACK comes, µs; 0: never (the default here;
+    /// `ftvm demo` uses 3). Shared memory only; the helper answers in a few µs where a kick
+    /// crosses cores.
+    #[arg(long, default_value_t = 0)]
     pub ack_helper_us: u64,
     /// Lag control: the primary waits while its backup's replay trails by more than this much
     /// time (ms; 0: no time bound) — about what a failover then has to drain.

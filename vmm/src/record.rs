@@ -152,7 +152,9 @@ pub struct RecordConfig {
 
 /// [`RecordConfig::ack_kick`]'s default, µs.
 pub const ACK_KICK_US: u64 = 20;
-/// [`RecordConfig::ack_helper`]'s default, µs.
+/// The ACK helper's wake-up threshold `ftvm demo` uses, µs ([`RecordConfig::ack_helper`] is
+/// off by default: with a CPU-starved backup, lag control's peaks grew with it — see the
+/// README).
 pub const ACK_HELPER_US: u64 = 3;
 
 impl Default for RecordConfig {
@@ -162,7 +164,7 @@ impl Default for RecordConfig {
             idle_wait: Duration::from_micros(500),
             commit_spin: Duration::from_micros(30),
             ack_kick: Duration::from_micros(ACK_KICK_US),
-            ack_helper: Duration::from_micros(ACK_HELPER_US),
+            ack_helper: Duration::ZERO,
             clock_base_ns: 0,
         }
     }
