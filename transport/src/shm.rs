@@ -97,6 +97,12 @@ impl Control {
         self.word(6)
     }
 
+    /// Counts one wake-up of the ACK helper and wakes it.
+    fn wake_helper(&self) {
+        self.helper_wakes().fetch_add(1, Ordering::AcqRel);
+        futex_wake(self.helper_wakes());
+    }
+
     /// The sealed ACK's words: version, epoch, received, replayed, then the seal's three.
     fn sealed(&self, index: usize) -> &AtomicU64 {
         self.word(SEALED_ACK + index)
@@ -435,8 +441,7 @@ impl PrimaryLink for ShmPrimaryLink {
                 .helper_core()
                 .store(core + 1, Ordering::Relaxed);
         }
-        self.control.helper_wakes().fetch_add(1, Ordering::AcqRel);
-        futex_wake(self.control.helper_wakes());
+        self.control.wake_helper();
         true
     }
 
@@ -451,19 +456,7 @@ impl PrimaryLink for ShmPrimaryLink {
 
 /// The ACK helper's side of the control page.
 #[derive(Debug)]
-struct ShmHelperWake {
-    region: Arc<SharedRegion>,
-    offset: usize,
-}
-
-impl ShmHelperWake {
-    fn control(&self) -> Control {
-        Control {
-            region: self.region.clone(),
-            offset: self.offset,
-        }
-    }
-}
+struct ShmHelperWake(Control);
 
 /// FUTEX_WAIT (not private: the word is in a mapping two processes share) on the low half of
 /// `word` while it holds `seen`, for at most `timeout`.
@@ -505,26 +498,24 @@ fn futex_wake(word: &AtomicU64) {
 
 impl crate::channel::HelperWake for ShmHelperWake {
     fn current(&self) -> u32 {
-        self.control().helper_wakes().load(Ordering::Acquire) as u32
+        self.0.helper_wakes().load(Ordering::Acquire) as u32
     }
 
     fn wait(&self, seen: u32, timeout: Duration) {
-        futex_wait(self.control().helper_wakes(), seen, timeout);
+        futex_wait(self.0.helper_wakes(), seen, timeout);
     }
 
     fn wake(&self) {
-        let c = self.control();
-        c.helper_wakes().fetch_add(1, Ordering::AcqRel);
-        futex_wake(c.helper_wakes());
+        self.0.wake_helper();
     }
 
     fn core(&self) -> Option<usize> {
-        let c = self.control().helper_core().load(Ordering::Relaxed);
+        let c = self.0.helper_core().load(Ordering::Relaxed);
         usize::try_from(c).ok()?.checked_sub(1)
     }
 
     fn set_ready(&self, ready: bool) {
-        self.control()
+        self.0
             .helper_ready()
             .store(u64::from(ready), Ordering::Release);
     }
@@ -571,10 +562,10 @@ impl BackupLink for ShmBackupLink {
     }
 
     fn ack_helper(&mut self) -> Option<Arc<dyn crate::channel::HelperWake>> {
-        Some(Arc::new(ShmHelperWake {
+        Some(Arc::new(ShmHelperWake(Control {
             region: self.control.region.clone(),
             offset: self.control.offset,
-        }))
+        })))
     }
 
     fn fence(&mut self) {
